@@ -1,4 +1,4 @@
-//! `sluicectl policy` (placeholder until its issue lands).
+//! `sluicectl policy check` (placeholder until its issue lands).
 
 use std::process::ExitCode;
 
