@@ -1,0 +1,414 @@
+//! The crate's own domain types: a snapshot of the objects NetworkPolicy is about.
+//!
+//! These types are deliberately smaller than the Kubernetes API objects and carry the
+//! distinctions that change a verdict in the type itself, so a consumer (the evaluator,
+//! the compiler) cannot forget them:
+//!
+//! - a rule's peer list is [`Peers::Any`] (the manifest's `from`/`to` was missing or
+//!   `[]`) or a non-empty [`Peers::Listed`];
+//! - a rule's port list is [`Ports::Any`] (`ports` missing or `[]`) or a non-empty
+//!   [`Ports::Listed`];
+//! - a policy's rule list being empty (`ingress` missing or `ingress: []`) means "no
+//!   traffic allowed by this policy" when the policy has that type, while one rule
+//!   with `Peers::Any` and `Ports::Any` (`ingress: [{}]`) means "everything allowed";
+//! - [`PolicyTypes`] holds the *effective* types, defaulting already applied;
+//! - a pod peer's namespace scope is either the policy's own namespace or a selector
+//!   ([`NamespaceScope`]), never an `Option` whose `None` could be misread.
+//!
+//! Everything is ordered (`BTreeMap`, derived `Ord`) so that iterating a [`Cluster`]
+//! is deterministic and rendered output can be byte-for-byte stable.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::selector::LabelSelector;
+
+/// Labels of a namespace or pod: key → value, ordered.
+pub type Labels = BTreeMap<String, String>;
+
+/// The label every namespace carries automatically since Kubernetes 1.21, whose value
+/// is the namespace's name; [`Cluster::namespace_labels`] adds it so that selectors
+/// written against it work even when a manifest omits it.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// An L4 protocol a policy port or a container port names. Kubernetes defaults a
+/// missing protocol to TCP; so does [`Protocol::default`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// All protocols NetworkPolicy can name, in a fixed order.
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// The Kubernetes spelling: `TCP`, `UDP`, `SCTP`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A protocol name that is not TCP, UDP or SCTP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown protocol {0:?} (expected TCP, UDP or SCTP)")]
+pub struct UnknownProtocol(pub String);
+
+impl std::str::FromStr for Protocol {
+    type Err = UnknownProtocol;
+
+    /// Accepts the Kubernetes spelling, case-insensitively (CLI users type `tcp`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_uppercase().as_str() {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            _ => Err(UnknownProtocol(s.to_string())),
+        }
+    }
+}
+
+/// `namespace/name`: identity of a pod or a policy. Orders by namespace, then name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NamespacedName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A namespace and its labels as written in the manifest (without the automatic
+/// [`NAMESPACE_NAME_LABEL`]; ask [`Cluster::namespace_labels`] for the effective set).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+/// A port one of the pod's containers declares (`spec.containers[].ports[]`). Only
+/// these give meaning to a named port in a policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerPort {
+    /// `name`, when the container port has one (named ports resolve against it).
+    pub name: Option<String>,
+    /// `containerPort`.
+    pub port: u16,
+    /// `protocol`, TCP when the manifest omits it.
+    pub protocol: Protocol,
+}
+
+/// A pod: what NetworkPolicy can see of it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    /// `status.podIPs` (or `status.podIP`); empty while the pod has no address yet.
+    /// For a hostNetwork pod these are its node's addresses.
+    pub ips: Vec<IpAddr>,
+    /// `spec.nodeName`; `None` while unscheduled.
+    pub node: Option<String>,
+    /// Every container's declared ports, in manifest order.
+    pub ports: Vec<ContainerPort>,
+    /// `spec.hostNetwork`. Such a pod shares its node's network namespace: no
+    /// podSelector selects it (neither as a policy target nor as a peer); its traffic
+    /// is the node's traffic.
+    pub host_network: bool,
+}
+
+impl Pod {
+    pub fn key(&self) -> NamespacedName {
+        NamespacedName::new(&self.namespace, &self.name)
+    }
+
+    /// The port numbers a named port means on this pod for `protocol`: every declared
+    /// container port with that name *and* protocol. Usually zero or one; empty means
+    /// the name matches nothing on this pod.
+    pub fn resolve_named_port(&self, name: &str, protocol: Protocol) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .ports
+            .iter()
+            .filter(|p| p.protocol == protocol && p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+/// A node and its addresses (`status.addresses[]` of type InternalIP/ExternalIP).
+/// Traffic from any of these addresses to a pod on this node is from "the node".
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Node {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Which directions a policy isolates, *after* upstream defaulting: when the manifest
+/// has no `spec.policyTypes`, ingress is always isolated and egress only when the
+/// policy has at least one egress rule. Build it with [`PolicyTypes::defaulted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyTypes {
+    pub ingress: bool,
+    pub egress: bool,
+}
+
+/// One entry of `spec.policyTypes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyType {
+    Ingress,
+    Egress,
+}
+
+impl PolicyTypes {
+    /// Applies the upstream default: `declared` is `spec.policyTypes` (`None` when the
+    /// field is absent or empty), `has_egress_rules` whether `spec.egress` has at least
+    /// one rule.
+    pub fn defaulted(declared: Option<&[PolicyType]>, has_egress_rules: bool) -> Self {
+        match declared {
+            Some(types) if !types.is_empty() => PolicyTypes {
+                ingress: types.contains(&PolicyType::Ingress),
+                egress: types.contains(&PolicyType::Egress),
+            },
+            _ => PolicyTypes {
+                ingress: true,
+                egress: has_egress_rules,
+            },
+        }
+    }
+}
+
+/// Which namespaces a pod peer draws its pods from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NamespaceScope {
+    /// No `namespaceSelector` in the peer: only the policy's own namespace.
+    PolicyNamespace,
+    /// `namespaceSelector` present: every namespace whose (effective) labels match.
+    /// An empty selector (`namespaceSelector: {}`) means every namespace.
+    Matching(LabelSelector),
+}
+
+/// A peer that names pods: `podSelector` and/or `namespaceSelector` in ONE peer entry,
+/// which upstream ANDs (pods matching `pods` inside namespaces in `namespaces`).
+/// Two separate peer entries are ORed; they are two `Peer`s.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodPeer {
+    pub namespaces: NamespaceScope,
+    /// `podSelector`; a missing one (peer with only `namespaceSelector`) is stored as
+    /// the empty selector, which matches every pod. hostNetwork pods never match.
+    pub pods: LabelSelector,
+}
+
+/// `ipBlock`: addresses in `cidr` but in none of `except`. Matched against the packet's
+/// address whatever it belongs to (a pod, a node or an external host): upstream says
+/// ipBlock is meant for cluster-external addresses, but its e2e suite and the common
+/// implementations (Calico, kube-router) match pod IPs too, and so do we.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpBlock {
+    pub cidr: IpNet,
+    /// Each entry lies inside `cidr` (validated at conversion).
+    pub except: Vec<IpNet>,
+}
+
+impl IpBlock {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.cidr.contains(&ip) && !self.except.iter().any(|e| e.contains(&ip))
+    }
+}
+
+/// One entry of a rule's `from` (ingress) or `to` (egress) list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    Pods(PodPeer),
+    IpBlock(IpBlock),
+}
+
+/// The peers a rule admits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peers {
+    /// `from`/`to` missing or `[]`: any source (ingress) or destination (egress),
+    /// pod or not, inside the cluster or out.
+    Any,
+    /// At least one peer; traffic matches when it matches any of them (OR).
+    Listed(Vec<Peer>),
+}
+
+/// What one policy port entry matches, for its [`PolicyPort::protocol`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortMatch {
+    /// No `port`: every port of the protocol.
+    All,
+    /// `port` as a number, with `endPort` when given: `start..=end`, inclusive.
+    /// A single port has `start == end`.
+    Numbers { start: u16, end: u16 },
+    /// `port` as a name: resolved on the *destination* pod with
+    /// [`Pod::resolve_named_port`] (same name and protocol). Matches nothing when the
+    /// destination is not a pod or no container of it declares the name.
+    Named(String),
+}
+
+/// One entry of a rule's `ports` list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyPort {
+    pub protocol: Protocol,
+    pub port: PortMatch,
+}
+
+/// The destination ports a rule admits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Ports {
+    /// `ports` missing or `[]`: every port of every protocol.
+    Any,
+    /// At least one entry; traffic matches when it matches any of them (OR).
+    Listed(Vec<PolicyPort>),
+}
+
+/// One ingress or egress rule: traffic is allowed by it when it matches `peers` AND
+/// `ports`. For ingress `peers` are sources (`from`), for egress destinations (`to`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rule {
+    pub peers: Peers,
+    pub ports: Ports,
+}
+
+impl Rule {
+    /// `{}`: a rule that allows everything.
+    pub fn allow_all() -> Self {
+        Rule {
+            peers: Peers::Any,
+            ports: Ports::Any,
+        }
+    }
+}
+
+/// A `networking.k8s.io/v1` NetworkPolicy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetworkPolicy {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.podSelector`, applied to non-hostNetwork pods of `namespace` only. It is
+    /// required upstream; `{}` (empty) selects every pod of the namespace.
+    pub pod_selector: LabelSelector,
+    /// `spec.ingress`; empty when missing or `[]`. Only meaningful when
+    /// `policy_types.ingress`; then an empty list allows no ingress.
+    pub ingress: Vec<Rule>,
+    /// `spec.egress`; as `ingress`, for `policy_types.egress`.
+    pub egress: Vec<Rule>,
+    /// Effective policy types (defaulting applied).
+    pub policy_types: PolicyTypes,
+}
+
+impl NetworkPolicy {
+    pub fn key(&self) -> NamespacedName {
+        NamespacedName::new(&self.namespace, &self.name)
+    }
+
+    /// Whether this policy applies to `pod` (selects it as a target). hostNetwork pods
+    /// and pods of other namespaces are never selected.
+    pub fn selects(&self, pod: &Pod) -> bool {
+        !pod.host_network
+            && pod.namespace == self.namespace
+            && self.pod_selector.matches(&pod.labels)
+    }
+}
+
+/// A consistent snapshot of everything policy depends on, keyed for deterministic
+/// iteration. Pods of namespaces missing from `namespaces` still work: their namespace
+/// is taken to have only the automatic [`NAMESPACE_NAME_LABEL`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cluster {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<NamespacedName, Pod>,
+    pub nodes: BTreeMap<String, Node>,
+    pub policies: BTreeMap<NamespacedName, NetworkPolicy>,
+}
+
+impl Cluster {
+    /// Inserts or replaces by key.
+    pub fn add_namespace(&mut self, ns: Namespace) {
+        self.namespaces.insert(ns.name.clone(), ns);
+    }
+    pub fn add_pod(&mut self, pod: Pod) {
+        self.pods.insert(pod.key(), pod);
+    }
+    pub fn add_node(&mut self, node: Node) {
+        self.nodes.insert(node.name.clone(), node);
+    }
+    pub fn add_policy(&mut self, policy: NetworkPolicy) {
+        self.policies.insert(policy.key(), policy);
+    }
+
+    /// The labels namespaceSelectors see: the manifest's labels plus
+    /// `kubernetes.io/metadata.name=<name>` (which the API server always sets).
+    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+        let mut labels = self
+            .namespaces
+            .get(namespace)
+            .map(|ns| ns.labels.clone())
+            .unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string());
+        labels
+    }
+
+    /// Policies that select `pod`, in key order.
+    pub fn policies_selecting<'a>(
+        &'a self,
+        pod: &'a Pod,
+    ) -> impl Iterator<Item = &'a NetworkPolicy> + 'a {
+        self.policies.values().filter(move |p| p.selects(pod))
+    }
+
+    /// Whether the pod peer `peer`, written in a policy of `policy_namespace`, names
+    /// `pod`. hostNetwork pods are never named by a pod peer.
+    pub fn pod_peer_matches(&self, policy_namespace: &str, peer: &PodPeer, pod: &Pod) -> bool {
+        if pod.host_network || !peer.pods.matches(&pod.labels) {
+            return false;
+        }
+        match &peer.namespaces {
+            NamespaceScope::PolicyNamespace => pod.namespace == policy_namespace,
+            NamespaceScope::Matching(sel) => sel.matches(&self.namespace_labels(&pod.namespace)),
+        }
+    }
+
+    /// The pod (not hostNetwork) that owns `ip`, if any. When two pods claim the same
+    /// address (a stale object), the first in key order wins.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.pods
+            .values()
+            .find(|p| !p.host_network && p.ips.contains(&ip))
+    }
+
+    /// The node owning `ip` as one of its addresses, if any.
+    pub fn node_by_ip(&self, ip: IpAddr) -> Option<&Node> {
+        self.nodes.values().find(|n| n.addresses.contains(&ip))
+    }
+}
