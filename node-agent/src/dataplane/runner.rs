@@ -1,0 +1,182 @@
+//! Command execution at the OS boundary: `iptables-restore`, `iptables-save`, `ipset`.
+//!
+//! The dataplane decides what text to feed which tool; a [`CommandRunner`] runs it.
+//! [`ExecRunner`] execs for real; [`RecordingRunner`] records every call and answers
+//! from a script so reconcile logic is tested without a kernel.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// One finished command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandOutput {
+    pub fn ok(stdout: impl Into<String>) -> CommandOutput {
+        CommandOutput {
+            status: 0,
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot start `{program}`: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("`{program} {args}` exited with {status}: {stderr}")]
+    Failed {
+        program: String,
+        args: String,
+        status: i32,
+        stderr: String,
+    },
+}
+
+/// Runs a program with arguments and optional stdin, waiting for it to finish.
+pub trait CommandRunner: Send + Sync {
+    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>)
+    -> Result<CommandOutput, RunError>;
+
+    /// Like [`CommandRunner::run`] but a non-zero exit is an error.
+    fn run_ok(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<CommandOutput, RunError> {
+        let out = self.run(program, args, stdin)?;
+        if out.success() {
+            Ok(out)
+        } else {
+            Err(RunError::Failed {
+                program: program.to_string(),
+                args: args.join(" "),
+                status: out.status,
+                stderr: out.stderr.trim().to_string(),
+            })
+        }
+    }
+}
+
+/// Execs the program for real, in the calling thread's network namespace.
+#[derive(Debug, Default, Clone)]
+pub struct ExecRunner;
+
+impl CommandRunner for ExecRunner {
+    fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<CommandOutput, RunError> {
+        let spawn_err = |source| RunError::Spawn {
+            program: program.to_string(),
+            source,
+        };
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_err)?;
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin was piped");
+            // A tool that exits early (bad input) closes its end; the exit status and
+            // stderr then say why, so a broken pipe here is not the error to report.
+            let _ = pipe.write_all(input.as_bytes());
+        }
+        let out = child.wait_with_output().map_err(spawn_err)?;
+        Ok(CommandOutput {
+            status: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+}
+
+/// One call seen by a [`RecordingRunner`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedCall {
+    pub program: String,
+    pub args: Vec<String>,
+    pub stdin: Option<String>,
+}
+
+impl RecordedCall {
+    /// `program arg1 arg2`, for assertions.
+    pub fn command_line(&self) -> String {
+        std::iter::once(self.program.as_str())
+            .chain(self.args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+type Responder = dyn Fn(&RecordedCall) -> CommandOutput + Send + Sync;
+
+/// Records every call; answers through a responder (default: success, empty output).
+#[derive(Clone)]
+pub struct RecordingRunner {
+    calls: Arc<Mutex<Vec<RecordedCall>>>,
+    responder: Arc<Responder>,
+}
+
+impl Default for RecordingRunner {
+    fn default() -> Self {
+        RecordingRunner::new(|_| CommandOutput::ok(""))
+    }
+}
+
+impl RecordingRunner {
+    pub fn new(responder: impl Fn(&RecordedCall) -> CommandOutput + Send + Sync + 'static) -> Self {
+        RecordingRunner {
+            calls: Arc::new(Mutex::new(Vec::new())),
+            responder: Arc::new(responder),
+        }
+    }
+
+    pub fn calls(&self) -> Vec<RecordedCall> {
+        self.calls.lock().expect("recorder lock").clone()
+    }
+
+    pub fn clear(&self) {
+        self.calls.lock().expect("recorder lock").clear();
+    }
+}
+
+impl CommandRunner for RecordingRunner {
+    fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<CommandOutput, RunError> {
+        let call = RecordedCall {
+            program: program.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            stdin: stdin.map(str::to_string),
+        };
+        let out = (self.responder)(&call);
+        self.calls.lock().expect("recorder lock").push(call);
+        Ok(out)
+    }
+}
