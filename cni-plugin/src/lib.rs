@@ -6,3 +6,4 @@
 
 pub mod delegate;
 pub mod protocol;
+pub mod veth;
