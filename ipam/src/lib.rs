@@ -1,1 +1,30 @@
-//! placeholder
+//! sluice IPAM: the cluster pool cut into per-node blocks, and per-pod addresses from
+//! a node's blocks that are never handed out twice.
+//!
+//! - [`allocator`]: which address a pod gets (pure, property-tested).
+//! - [`blocks`]: pool → blocks, block names, the claiming policy, orphan release.
+//! - [`store`]: where block claims live (directory; Kubernetes with feature `kube`).
+//! - [`state`]: the node's allocation state on disk (lock + atomic replace).
+//! - [`node_blocks`]: the file in which the agent publishes a node's blocks.
+//! - [`config`]: the conflist's `ipam` section.
+//! - [`node_ipam`]: ADD, DEL, CHECK, GC and STATUS for one node.
+//! - [`error`]: the operations' errors and their CNI codes.
+
+pub mod allocator;
+pub mod atomic_file;
+pub mod block_on;
+pub mod blocks;
+pub mod config;
+pub mod error;
+pub mod node_blocks;
+pub mod node_ipam;
+pub mod state;
+pub mod store;
+
+pub use allocator::{Allocation, Allocator, AttachmentKey, block_capacity, tunnel_address};
+pub use blocks::{Pool, block_name, claim_block, parse_block_name, release_orphan_blocks};
+pub use config::{IpamConfig, IpamSettings};
+pub use error::IpamError;
+pub use node_ipam::{Assigned, NodeIpam};
+pub use state::StateDir;
+pub use store::{BlockClaim, BlockStore, ClaimOutcome, StoreError, dir::DirStore};

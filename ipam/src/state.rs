@@ -1,0 +1,290 @@
+//! The node's allocation state on disk: `<stateDir>/allocations.json`, changed only
+//! under an exclusive lock on `<stateDir>/lock` (std `File::lock`, an flock that the
+//! kernel drops when the holder dies, so a killed ADD never wedges the node) and
+//! replaced atomically (see [`crate::atomic_file`]).
+//!
+//! A state file that does not parse or breaks an allocator invariant is reported,
+//! never reset: starting over would hand out addresses that running pods still hold.
+
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::allocator::Allocator;
+use crate::atomic_file::write_atomic;
+
+pub const STATE_FILE: &str = "allocations.json";
+pub const LOCK_FILE: &str = "lock";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "IPAM state directory {dir} is not writable ({source}); make it writable by the \
+         CNI plugin (root) or point ipam.stateDir at a writable directory"
+    )]
+    NotWritable {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "IPAM state file {path} is corrupt: {reason}. sluice-ipam will not reset it, because \
+         that could give running pods' addresses to new pods. Repair it (`sluicectl ipam show \
+         --state-dir {}` shows what still parses), or move it aside and recreate every pod \
+         on this node"
+        , path.parent().unwrap_or(Path::new(".")).display()
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("IPAM state {path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The on-disk form: the allocator with a format version.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StateFile {
+    version: u32,
+    #[serde(flatten)]
+    allocator: Allocator,
+}
+
+/// A node's IPAM state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: impl Into<PathBuf>) -> StateDir {
+        StateDir { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// Lock the state exclusively (creating the directory when missing) and load it.
+    /// Blocks while another process holds the lock.
+    pub fn lock(&self) -> Result<LockedState, StateError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| self.write_error("create", &self.dir, e))?;
+        let lock_path = self.dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| self.write_error("open lock", &lock_path, e))?;
+        lock.lock().map_err(|e| StateError::Io {
+            path: lock_path,
+            op: "lock",
+            source: e,
+        })?;
+        let allocator = self.load()?;
+        Ok(LockedState {
+            _lock: lock,
+            dir: self.clone(),
+            allocator,
+        })
+    }
+
+    /// Lock exclusively only if the state directory exists (DEL and GC on a node that
+    /// never allocated have nothing to do and must not create it).
+    pub fn lock_existing(&self) -> Result<Option<LockedState>, StateError> {
+        if !self.dir.exists() {
+            return Ok(None);
+        }
+        self.lock().map(Some)
+    }
+
+    /// A consistent snapshot for readers (`sluicectl ipam show`, the agent), taken
+    /// under a shared lock so it never sees a half-finished change.
+    pub fn snapshot(&self) -> Result<Allocator, StateError> {
+        let lock_path = self.dir.join(LOCK_FILE);
+        let lock = match File::open(&lock_path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(StateError::Io {
+                    path: lock_path,
+                    op: "open lock",
+                    source: e,
+                });
+            }
+        };
+        if let Some(l) = &lock {
+            l.lock_shared().map_err(|e| StateError::Io {
+                path: lock_path.clone(),
+                op: "lock",
+                source: e,
+            })?;
+        }
+        self.load()
+    }
+
+    fn load(&self) -> Result<Allocator, StateError> {
+        let path = self.state_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Allocator::new()),
+            Err(e) => {
+                return Err(StateError::Io {
+                    path,
+                    op: "read",
+                    source: e,
+                });
+            }
+        };
+        let corrupt = |reason: String| StateError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let file: StateFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if file.version != FORMAT_VERSION {
+            return Err(corrupt(format!(
+                "format version {} (this sluice-ipam reads version {FORMAT_VERSION})",
+                file.version
+            )));
+        }
+        file.allocator
+            .validate()
+            .map_err(|e| corrupt(e.to_string()))?;
+        Ok(file.allocator)
+    }
+
+    fn write_error(&self, op: &'static str, path: &Path, e: std::io::Error) -> StateError {
+        match e.kind() {
+            ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
+                StateError::NotWritable {
+                    dir: self.dir.clone(),
+                    source: e,
+                }
+            }
+            _ => StateError::Io {
+                path: path.to_path_buf(),
+                op,
+                source: e,
+            },
+        }
+    }
+}
+
+/// The state, loaded under the exclusive lock; the lock is held until this is dropped.
+pub struct LockedState {
+    _lock: File,
+    dir: StateDir,
+    pub allocator: Allocator,
+}
+
+impl LockedState {
+    /// Write the allocator back atomically. Until this returns nothing is changed on
+    /// disk; a crash before the rename leaves the previous state intact.
+    pub fn commit(&self) -> Result<(), StateError> {
+        let file = StateFile {
+            version: FORMAT_VERSION,
+            allocator: self.allocator.clone(),
+        };
+        let bytes = serde_json::to_vec(&file).expect("state serializes");
+        let path = self.dir.state_path();
+        // The lock makes us the only writer, so a fixed temporary name is safe, and a
+        // leftover from a killed writer is simply overwritten.
+        write_atomic(&path, &bytes, "tmp").map_err(|e| self.dir.write_error("write", &path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocator::AttachmentKey;
+
+    fn owned() -> Vec<ipnet::Ipv4Net> {
+        vec!["10.244.1.0/24".parse().unwrap()]
+    }
+
+    #[test]
+    fn committed_state_is_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path().join("ipam"));
+        let mut l = s.lock().unwrap();
+        l.allocator
+            .allocate(&AttachmentKey::new("c", "eth0"), &owned(), 7)
+            .unwrap();
+        l.commit().unwrap();
+        drop(l);
+        let snap = s.snapshot().unwrap();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap.allocations().next().unwrap().allocated_unix, 7);
+    }
+
+    #[test]
+    fn uncommitted_changes_are_not_persisted() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        let mut l = s.lock().unwrap();
+        l.allocator
+            .allocate(&AttachmentKey::new("c", "eth0"), &owned(), 0)
+            .unwrap();
+        drop(l);
+        assert!(s.snapshot().unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_state_is_reported_and_left_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        let path = d.path().join(STATE_FILE);
+        std::fs::write(&path, b"{\"version\":1,\"blocks\":[").unwrap();
+        let Err(err) = s.lock() else {
+            panic!("corrupt state accepted")
+        };
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("will not reset"), "{err}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"{\"version\":1,\"blocks\":["
+        );
+    }
+
+    #[test]
+    fn missing_state_dir_is_not_created_by_lock_existing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path().join("absent"));
+        assert!(s.lock_existing().unwrap().is_none());
+        assert!(!d.path().join("absent").exists());
+        assert!(s.snapshot().unwrap().is_empty());
+    }
+
+    #[test]
+    fn exclusive_lock_serializes_two_holders() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        let l = s.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || {
+            let _l2 = s2.lock().unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "second lock got in"
+        );
+        drop(l);
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("second lock after release");
+        t.join().unwrap();
+    }
+}
