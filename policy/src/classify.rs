@@ -1,0 +1,251 @@
+//! The compiled rule model executed in-process, as the kernel would run it, on one
+//! packet. It exists so the compiler can be checked against the reference evaluator
+//! without a kernel (`tests/dataplane_differential.rs`), and so a node's verdict on a
+//! packet can be explained rule by rule.
+//!
+//! Semantics modelled: netfilter chain traversal (jump, goto, return, falling off a
+//! user chain = return, falling off a built-in chain = its policy, taken as ACCEPT
+//! since the rest of the host's rules are not sluice's), interface matches with `+`
+//! wildcards, addresses, protocol and destination port, conntrack state, the
+//! packet mark (`MARK --set-xmark`), and ipset lookups: hash:ip, hash:net with the
+//! most specific entry deciding (so `nomatch` excludes), hash:ip,port.
+
+use std::net::Ipv4Addr;
+
+use crate::compile::{CtState, Match, Ruleset, SetDirection, SetKind, SetMember, Table, Target};
+use crate::model::Protocol;
+
+/// The netfilter hook (built-in chain of the filter table) a packet traverses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// Routed through the node: in one interface, out another.
+    Forward,
+    /// Addressed to the node itself (no output interface).
+    Input,
+    /// Sent by the node itself (no input interface).
+    Output,
+}
+
+impl Hook {
+    pub fn chain(self) -> &'static str {
+        match self {
+            Hook::Forward => "FORWARD",
+            Hook::Input => "INPUT",
+            Hook::Output => "OUTPUT",
+        }
+    }
+}
+
+/// A packet as the filter table sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub hook: Hook,
+    pub in_iface: Option<String>,
+    pub out_iface: Option<String>,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: Protocol,
+    pub dport: u16,
+    pub ct: CtState,
+}
+
+/// What the filter table decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Accept,
+    Drop,
+}
+
+/// A verdict and the rules that led to it: `(chain, rule index)` of every rule that
+/// matched, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    pub verdict: Verdict,
+    pub trace: Vec<(String, usize)>,
+}
+
+/// A ruleset the kernel would also refuse (or loop on).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    #[error("rule {chain}[{index}] jumps to chain {target}, which does not exist")]
+    NoSuchChain {
+        chain: String,
+        index: usize,
+        target: String,
+    },
+    #[error("rule {chain}[{index}] uses ipset {set}, which does not exist")]
+    NoSuchSet {
+        chain: String,
+        index: usize,
+        set: String,
+    },
+    #[error("chain nesting deeper than {0}: a loop")]
+    TooDeep(usize),
+}
+
+/// The kernel's own limit on nested jumps is about this deep too.
+const MAX_DEPTH: usize = 64;
+
+fn set_contains(kind: SetKind, members: &std::collections::BTreeSet<SetMember>, ip: Ipv4Addr, proto: Protocol, port: u16) -> bool {
+    match kind {
+        SetKind::HashIp => members.contains(&SetMember::Ip(ip)),
+        SetKind::HashIpPort => members.contains(&SetMember::IpPort {
+            ip,
+            protocol: proto,
+            port,
+        }),
+        SetKind::HashNet => {
+            // The most specific entry containing the address decides.
+            let best = members
+                .iter()
+                .filter_map(|m| match m {
+                    SetMember::Net { net, nomatch } if net.contains(&ip) => {
+                        Some((net.prefix_len(), *nomatch))
+                    }
+                    _ => None,
+                })
+                .max_by_key(|(len, _)| *len);
+            matches!(best, Some((_, false)))
+        }
+    }
+}
+
+struct Frame<'a> {
+    chain: &'a str,
+    rules: &'a [crate::compile::Rule],
+    next: usize,
+}
+
+/// Runs `packet` through `table` of `ruleset`, starting at the built-in chain of its
+/// hook: sluice's jumps into its own chains, then (if nothing decided) the built-in
+/// policy, ACCEPT.
+pub fn classify(
+    ruleset: &Ruleset,
+    table: Table,
+    packet: &Packet,
+) -> Result<Classification, ClassifyError> {
+    let builtin: Vec<crate::compile::Rule> = ruleset
+        .jumps
+        .iter()
+        .filter(|j| j.table == table && j.chain == packet.hook.chain())
+        .map(|j| j.rule.clone())
+        .collect();
+    let mut mark: u32 = 0;
+    let mut trace = Vec::new();
+    let mut stack: Vec<Frame> = vec![Frame {
+        chain: packet.hook.chain(),
+        rules: &builtin,
+        next: 0,
+    }];
+    let chains = ruleset.tables.get(&table);
+
+    while let Some(frame) = stack.last_mut() {
+        let rules = frame.rules;
+        let Some(rule) = rules.get(frame.next) else {
+            stack.pop();
+            continue;
+        };
+        let index = frame.next;
+        let chain_name = frame.chain;
+        frame.next += 1;
+
+        let mut matched = true;
+        for m in &rule.matches {
+            let ok = match m {
+                Match::InInterface(i) => packet.in_iface.as_deref().is_some_and(|n| i.matches(n)),
+                Match::OutInterface(i) => {
+                    packet.out_iface.as_deref().is_some_and(|n| i.matches(n))
+                }
+                Match::Source { net, negated } => net.contains(&packet.src) != *negated,
+                Match::Destination { net, negated } => net.contains(&packet.dst) != *negated,
+                Match::Protocol(p) => packet.protocol == *p,
+                Match::DestinationPorts { start, end } => (*start..=*end).contains(&packet.dport),
+                Match::Set { name, direction } => {
+                    let set = ruleset.sets.get(name).ok_or_else(|| ClassifyError::NoSuchSet {
+                        chain: chain_name.to_string(),
+                        index,
+                        set: name.clone(),
+                    })?;
+                    let ip = match direction {
+                        SetDirection::Src => packet.src,
+                        SetDirection::Dst | SetDirection::DstDstPort => packet.dst,
+                    };
+                    set_contains(set.kind, &set.members, ip, packet.protocol, packet.dport)
+                }
+                Match::CtState(states) => states.contains(&packet.ct),
+                Match::Mark { value, mask } => mark & mask == *value,
+            };
+            if !ok {
+                matched = false;
+                break;
+            }
+        }
+        if !matched {
+            continue;
+        }
+        trace.push((chain_name.to_string(), index));
+
+        let lookup = |target: &str| {
+            chains
+                .and_then(|t| t.get(target))
+                .ok_or_else(|| ClassifyError::NoSuchChain {
+                    chain: chain_name.to_string(),
+                    index,
+                    target: target.to_string(),
+                })
+        };
+        match &rule.target {
+            Target::Accept => {
+                return Ok(Classification {
+                    verdict: Verdict::Accept,
+                    trace,
+                });
+            }
+            Target::Drop => {
+                return Ok(Classification {
+                    verdict: Verdict::Drop,
+                    trace,
+                });
+            }
+            Target::Return => {
+                stack.pop();
+                // RETURN from the built-in chain itself means its policy.
+            }
+            Target::SetMark { value, mask } => mark = (mark & !mask) ^ value,
+            Target::Jump(target) => {
+                let chain = lookup(target)?;
+                if stack.len() >= MAX_DEPTH {
+                    return Err(ClassifyError::TooDeep(MAX_DEPTH));
+                }
+                stack.push(Frame {
+                    chain: &chain.name,
+                    rules: &chain.rules,
+                    next: 0,
+                });
+            }
+            Target::Goto(target) => {
+                let chain = lookup(target)?;
+                // A goto replaces the current frame. From the built-in chain itself, the
+                // kernel returns to its policy when the target falls off, so the
+                // built-in frame stays, finished.
+                if stack.len() > 1 {
+                    stack.pop();
+                } else if let Some(base) = stack.last_mut() {
+                    base.next = base.rules.len();
+                }
+                if stack.len() >= MAX_DEPTH {
+                    return Err(ClassifyError::TooDeep(MAX_DEPTH));
+                }
+                stack.push(Frame {
+                    chain: &chain.name,
+                    rules: &chain.rules,
+                    next: 0,
+                });
+            }
+        }
+    }
+    Ok(Classification {
+        verdict: Verdict::Accept,
+        trace,
+    })
+}

@@ -1,0 +1,890 @@
+//! The compiler: a [`Cluster`] and one node's view of it in, a structured rule model
+//! out ([`Ruleset`]: tables → chains → rules, plus ipsets), ready to render as
+//! `iptables-restore` and `ipset restore` text, to diff, or to execute in-process.
+//!
+//! # Chain layout (filter table, IPv4)
+//!
+//! ```text
+//! FORWARD ─► SLUICE-FORWARD ─(-i/-o slc+|slx+)─► SLUICE-FWD-POD
+//!              1. ESTABLISHED,RELATED ACCEPT   2. INVALID DROP
+//!              3. clear mark, -j SLUICE-FROM-POD (egress of the source pod)
+//!              4. clear mark, -j SLUICE-TO-POD   (ingress of the destination pod)
+//!              5. ACCEPT
+//! INPUT ───► SLUICE-INPUT ─(-i slc+|slx+)─► SLUICE-IN-POD
+//!              ESTABLISHED,RELATED RETURN, INVALID DROP, -j SLUICE-FROM-POD
+//!              (then back to the host's own INPUT rules)
+//! SLUICE-FROM-POD: -i <veth> -s <podIP> -g SLUICE-FW-<veth>; -i <veth> -j DROP (spoofed);
+//!                  ... one pair per local pod, then -i <nsprefix>+ -j DROP for every
+//!                  namespace with an egress policy (a pod we do not know yet).
+//! SLUICE-TO-POD:   -o <veth> -g SLUICE-TW-<veth>; ...; -o <nsprefix>+ -j DROP for every
+//!                  namespace with an ingress policy.
+//! SLUICE-TW-<veth> (isolated pod): -j SLUICE-PI-<policy>; mark? RETURN; ...; DROP
+//! SLUICE-TW-<veth> (not isolated): empty, so the pod's dispatch rule never changes
+//!                  when it becomes isolated: only its own chain is rewritten.
+//! SLUICE-PI-<policy>: one rule per (peer, port) of each ingress rule, each setting
+//!                  the allow mark: `-m set --match-set SLUICE-P-… src -p tcp
+//!                  --dport 80 -j MARK --set-xmark 0x10000/0x10000`.
+//! ```
+//!
+//! Decisions, and why:
+//! - Rule count is O(policies selecting local pods + local pods): peers are ipsets, so
+//!   a pod joining a peer is one set member, and a policy's chain is shared by all the
+//!   local pods it selects (kube-router's pods × policies blow-up is what this avoids).
+//! - Named ports resolve per destination pod through one hash:ip,port set per
+//!   (name, protocol), keyed by the destination address, so policy chains stay shared
+//!   even when the name means a different number on each pod.
+//! - Egress policy applies to pod → node traffic too (INPUT path), as upstream treats
+//!   the node's address like any other destination; traffic the policy allows is then
+//!   left to the host's own INPUT rules (RETURN, not ACCEPT).
+//! - Traffic from the node itself to its pods leaves through OUTPUT, never FORWARD, so
+//!   it is never policed (kubelet probes). Everything forwarded to a pod (other nodes,
+//!   NodePort traffic DNATed by kube-proxy, SNATed or not) is.
+//! - Allowed forwarded pod traffic is ACCEPTed, as Calico does by default: a host whose
+//!   FORWARD policy is DROP (Docker sets it) must not black-hole pods.
+//! - The allow mark is bit 0x10000, clear of kube-proxy's 0x4000 (masq) and 0x8000
+//!   (drop); [`MARK_ALLOW`] is cleared before each direction is evaluated.
+//! - IPv4 only: IPv6 pod addresses and ipBlocks are ignored by this (iptables, not
+//!   ip6tables) rule model.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::model::{
+    Cluster, IpBlock, NetworkPolicy, Peer, Peers, Pod, PodPeer, PortMatch, Ports, Protocol,
+};
+use crate::names::{self, Direction};
+
+/// The mark bit a policy rule sets when it allows a packet.
+pub const MARK_ALLOW: u32 = 0x10000;
+/// All mark bits sluice may use (allow, and one spare). Disjoint from kube-proxy's
+/// 0x4000/0x8000 and from Calico's default 0xffff0000 is not a concern: sluice and
+/// Calico never run together.
+pub const MARK_MASK: u32 = 0x30000;
+
+/// An iptables table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Raw,
+    Mangle,
+    Nat,
+    Filter,
+}
+
+impl Table {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Table::Raw => "raw",
+            Table::Mangle => "mangle",
+            Table::Nat => "nat",
+            Table::Filter => "filter",
+        }
+    }
+}
+
+/// An interface match: `eth0`, or a prefix `slc+` when `wildcard`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Interface {
+    pub name: String,
+    pub wildcard: bool,
+}
+
+impl Interface {
+    pub fn exact(name: impl Into<String>) -> Self {
+        Interface {
+            name: name.into(),
+            wildcard: false,
+        }
+    }
+    pub fn prefix(name: impl Into<String>) -> Self {
+        Interface {
+            name: name.into(),
+            wildcard: true,
+        }
+    }
+    /// Whether a packet's interface `iface` matches, as the kernel decides it.
+    pub fn matches(&self, iface: &str) -> bool {
+        if self.wildcard {
+            iface.starts_with(&self.name)
+        } else {
+            iface == self.name
+        }
+    }
+}
+
+/// Which packet fields an ipset lookup uses (`--match-set NAME src|dst|dst,dst`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetDirection {
+    /// Source address.
+    Src,
+    /// Destination address.
+    Dst,
+    /// Destination address and destination port (hash:ip,port).
+    DstDstPort,
+}
+
+/// Conntrack states sluice matches on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CtState {
+    New,
+    Established,
+    Related,
+    Invalid,
+}
+
+impl CtState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CtState::New => "NEW",
+            CtState::Established => "ESTABLISHED",
+            CtState::Related => "RELATED",
+            CtState::Invalid => "INVALID",
+        }
+    }
+}
+
+/// One match of a rule; a rule matches when all of its matches do.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Match {
+    InInterface(Interface),
+    OutInterface(Interface),
+    Source { net: Ipv4Net, negated: bool },
+    Destination { net: Ipv4Net, negated: bool },
+    Protocol(Protocol),
+    /// Destination port range, inclusive; needs a [`Match::Protocol`] before it.
+    DestinationPorts { start: u16, end: u16 },
+    Set { name: String, direction: SetDirection },
+    CtState(Vec<CtState>),
+    Mark { value: u32, mask: u32 },
+}
+
+/// What a rule does when it matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    /// `-g`: like a jump, but a RETURN goes back to the chain that jumped here.
+    Goto(String),
+    /// `-j MARK --set-xmark value/mask`: `mark = (mark & !mask) ^ value`, and go on.
+    SetMark { value: u32, mask: u32 },
+}
+
+/// One rule: its matches, ANDed, and its target. Its identity comment
+/// (`sluice:<hash>`) is computed when rendering, from the chain and position.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub target: Target,
+}
+
+impl Rule {
+    pub fn new(matches: Vec<Match>, target: Target) -> Self {
+        Rule { matches, target }
+    }
+}
+
+/// A chain sluice owns, written whole.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Chain {
+    pub name: String,
+    pub rules: Vec<Rule>,
+}
+
+/// A rule sluice needs in a built-in chain (the agent inserts it at the top, once,
+/// and checks it is still there; it is never part of a chain rewrite).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BuiltinJump {
+    pub table: Table,
+    /// `FORWARD`, `INPUT`, `POSTROUTING`, ...
+    pub chain: String,
+    pub rule: Rule,
+}
+
+/// The kind of an ipset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetKind {
+    /// `hash:ip`: pod addresses.
+    HashIp,
+    /// `hash:net`: ipBlocks, excepts as `nomatch`.
+    HashNet,
+    /// `hash:ip,port`: named ports resolved per pod.
+    HashIpPort,
+}
+
+impl SetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetKind::HashIp => "hash:ip",
+            SetKind::HashNet => "hash:net",
+            SetKind::HashIpPort => "hash:ip,port",
+        }
+    }
+}
+
+/// One member of an ipset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetMember {
+    Ip(Ipv4Addr),
+    /// `nomatch`: a lookup whose most specific hit is this entry does not match.
+    Net {
+        net: Ipv4Net,
+        nomatch: bool,
+    },
+    IpPort {
+        ip: Ipv4Addr,
+        protocol: Protocol,
+        port: u16,
+    },
+}
+
+/// An ipset sluice owns.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IpSet {
+    pub name: String,
+    pub kind: SetKind,
+    pub members: BTreeSet<SetMember>,
+}
+
+/// The whole compiled dataplane of one node: chains per table, sets, and the jumps
+/// from built-in chains. The agent may add chains of its own (NAT outgoing, IPIP
+/// accept) before rendering, so everything is written in one restore per table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub tables: BTreeMap<Table, BTreeMap<String, Chain>>,
+    pub sets: BTreeMap<String, IpSet>,
+    pub jumps: Vec<BuiltinJump>,
+}
+
+impl Ruleset {
+    /// Adds (or replaces) a chain in `table`.
+    pub fn add_chain(&mut self, table: Table, chain: Chain) {
+        self.tables
+            .entry(table)
+            .or_default()
+            .insert(chain.name.clone(), chain);
+    }
+
+    pub fn chain(&self, table: Table, name: &str) -> Option<&Chain> {
+        self.tables.get(&table).and_then(|t| t.get(name))
+    }
+
+    /// Rules in chains sluice owns (built-in jumps excluded).
+    pub fn rule_count(&self) -> usize {
+        self.tables
+            .values()
+            .flat_map(|t| t.values())
+            .map(|c| c.rules.len())
+            .sum()
+    }
+
+    pub fn chain_count(&self) -> usize {
+        self.tables.values().map(|t| t.len()).sum()
+    }
+
+    pub fn set_member_count(&self) -> usize {
+        self.sets.values().map(|s| s.members.len()).sum()
+    }
+}
+
+/// How the caller names interfaces. The agent implements it with
+/// `sluice_cni::veth` (this crate must not depend on the CNI plugin); tests use fakes.
+pub trait InterfaceNames {
+    /// The host-side veth of a pod on this node.
+    fn host_veth(&self, pod: &Pod) -> String;
+    /// The prefix every host-side veth of a pod of `namespace` starts with
+    /// (`slcXXXX`), used to fail closed on pods not known yet.
+    fn namespace_prefix(&self, namespace: &str) -> String;
+}
+
+/// A name the caller handed in that would break the restore text or the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("interface name {name:?} for {what} is not a valid Linux interface name")]
+    BadInterface { name: String, what: String },
+}
+
+/// IFNAMSIZ - 1.
+const MAX_IFACE_LEN: usize = 15;
+
+fn check_iface(name: &str, what: impl FnOnce() -> String) -> Result<(), CompileError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IFACE_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CompileError::BadInterface {
+            name: name.to_string(),
+            what: what(),
+        })
+    }
+}
+
+fn comment_free_rule(matches: Vec<Match>, target: Target) -> Rule {
+    Rule::new(matches, target)
+}
+
+fn mark_is_allow() -> Match {
+    Match::Mark {
+        value: MARK_ALLOW,
+        mask: MARK_ALLOW,
+    }
+}
+
+fn clear_allow() -> Target {
+    Target::SetMark {
+        value: 0,
+        mask: MARK_ALLOW,
+    }
+}
+
+fn set_allow() -> Target {
+    Target::SetMark {
+        value: MARK_ALLOW,
+        mask: MARK_ALLOW,
+    }
+}
+
+fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// Precomputed lookups over the cluster, so set contents cost O(pods) per set rather
+/// than re-deriving namespace labels for every pod.
+struct Index<'a> {
+    cluster: &'a Cluster,
+    /// Non-hostNetwork pods by namespace.
+    pods_by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(cluster: &'a Cluster) -> Self {
+        let mut pods_by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+        for pod in cluster.pods.values().filter(|p| !p.host_network) {
+            pods_by_ns.entry(&pod.namespace).or_default().push(pod);
+        }
+        Index {
+            cluster,
+            pods_by_ns,
+        }
+    }
+
+    fn pod_peer_members(&self, policy_ns: &str, peer: &PodPeer) -> BTreeSet<SetMember> {
+        let mut members = BTreeSet::new();
+        for (ns, pods) in &self.pods_by_ns {
+            let in_scope = match &peer.namespaces {
+                crate::model::NamespaceScope::PolicyNamespace => *ns == policy_ns,
+                crate::model::NamespaceScope::Matching(sel) => {
+                    sel.matches(&self.cluster.namespace_labels(ns))
+                }
+            };
+            if !in_scope {
+                continue;
+            }
+            for pod in pods.iter().filter(|p| peer.pods.matches(&p.labels)) {
+                members.extend(pod.ips.iter().filter_map(v4).map(SetMember::Ip));
+            }
+        }
+        members
+    }
+
+    fn named_port_members(&self, name: &str, protocol: Protocol) -> BTreeSet<SetMember> {
+        let mut members = BTreeSet::new();
+        for pod in self.pods_by_ns.values().flatten() {
+            for port in pod.resolve_named_port(name, protocol) {
+                for ip in pod.ips.iter().filter_map(v4) {
+                    members.insert(SetMember::IpPort { ip, protocol, port });
+                }
+            }
+        }
+        members
+    }
+}
+
+/// The hash:net members of an ipBlock: the CIDR (split in two halves when it is /0,
+/// which hash:net cannot hold) and each except as `nomatch`. An except equal to a
+/// positive entry removes it instead (ipset refuses one net both ways).
+fn ip_block_members(cidr: Ipv4Net, except: &[Ipv4Net]) -> BTreeSet<SetMember> {
+    let mut nets: BTreeMap<Ipv4Net, bool> = BTreeMap::new();
+    let positives: Vec<Ipv4Net> = if cidr.prefix_len() == 0 {
+        vec![
+            Ipv4Net::new(Ipv4Addr::new(0, 0, 0, 0), 1).expect("valid /1"),
+            Ipv4Net::new(Ipv4Addr::new(128, 0, 0, 0), 1).expect("valid /1"),
+        ]
+    } else {
+        vec![cidr.trunc()]
+    };
+    for p in positives {
+        nets.insert(p, false);
+    }
+    for e in except {
+        let e = e.trunc();
+        if nets.get(&e) == Some(&false) {
+            nets.remove(&e);
+        } else if e.prefix_len() > 0 {
+            nets.insert(e, true);
+        }
+        // An except of /0 would leave nothing: no positive survives it.
+        if e.prefix_len() == 0 {
+            nets.clear();
+            break;
+        }
+    }
+    // A nomatch entry with no positive around it can never matter; drop it so the set
+    // stays minimal (and so an all-excepted block is an empty set).
+    let positives: Vec<Ipv4Net> = nets
+        .iter()
+        .filter(|(_, nomatch)| !**nomatch)
+        .map(|(n, _)| *n)
+        .collect();
+    nets.into_iter()
+        .filter(|(n, nomatch)| !*nomatch || positives.iter().any(|p| p.contains(n)))
+        .map(|(net, nomatch)| SetMember::Net { net, nomatch })
+        .collect()
+}
+
+/// What one policy-rule entry matches on the peer side.
+enum PeerMatch {
+    Any,
+    Set(String),
+}
+
+/// What one policy-rule entry matches on the port side.
+enum PortSpec {
+    Any,
+    Protocol(Protocol),
+    Range(Protocol, u16, u16),
+    Named(Protocol, String),
+}
+
+struct Compiler<'a> {
+    index: Index<'a>,
+    ruleset: Ruleset,
+}
+
+impl<'a> Compiler<'a> {
+    fn peer_matches(&mut self, policy: &NetworkPolicy, peers: &Peers) -> Vec<PeerMatch> {
+        let listed = match peers {
+            Peers::Any => return vec![PeerMatch::Any],
+            Peers::Listed(list) => list,
+        };
+        let mut out = Vec::new();
+        for peer in listed {
+            match peer {
+                Peer::Pods(pp) => {
+                    let name = names::pod_peer_set(&policy.namespace, pp);
+                    if !self.ruleset.sets.contains_key(&name) {
+                        let members = self.index.pod_peer_members(&policy.namespace, pp);
+                        self.add_set(name.clone(), SetKind::HashIp, members);
+                    }
+                    out.push(PeerMatch::Set(name));
+                }
+                Peer::IpBlock(block) => {
+                    let IpNet::V4(cidr) = block.cidr else {
+                        continue; // an IPv6 block names no IPv4 packet
+                    };
+                    let name = names::ip_block_set(block);
+                    if !self.ruleset.sets.contains_key(&name) {
+                        let except: Vec<Ipv4Net> = v4_excepts(block);
+                        let members = ip_block_members(cidr, &except);
+                        self.add_set(name.clone(), SetKind::HashNet, members);
+                    }
+                    out.push(PeerMatch::Set(name));
+                }
+            }
+        }
+        out
+    }
+
+    fn port_specs(&mut self, ports: &Ports) -> Vec<PortSpec> {
+        let listed = match ports {
+            Ports::Any => return vec![PortSpec::Any],
+            Ports::Listed(list) => list,
+        };
+        let mut out = Vec::new();
+        for p in listed {
+            match &p.port {
+                PortMatch::All => out.push(PortSpec::Protocol(p.protocol)),
+                PortMatch::Numbers { start, end } => {
+                    if start <= end {
+                        out.push(PortSpec::Range(p.protocol, *start, *end));
+                    }
+                }
+                PortMatch::Named(name) => {
+                    let set = names::named_port_set(name, p.protocol);
+                    if !self.ruleset.sets.contains_key(&set) {
+                        let members = self.index.named_port_members(name, p.protocol);
+                        self.add_set(set, SetKind::HashIpPort, members);
+                    }
+                    out.push(PortSpec::Named(p.protocol, name.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    fn add_set(&mut self, name: String, kind: SetKind, members: BTreeSet<SetMember>) {
+        self.ruleset.sets.insert(
+            name.clone(),
+            IpSet {
+                name,
+                kind,
+                members,
+            },
+        );
+    }
+
+    /// The chain of one policy in one direction: every (peer, port) pair of every rule
+    /// sets the allow mark. Order within the chain does not change the outcome (marks
+    /// only accumulate), so duplicates are dropped.
+    fn policy_chain(&mut self, policy: &NetworkPolicy, direction: Direction) -> Chain {
+        let (rules, set_dir) = match direction {
+            Direction::Ingress => (&policy.ingress, SetDirection::Src),
+            Direction::Egress => (&policy.egress, SetDirection::Dst),
+        };
+        let mut out: Vec<Rule> = Vec::new();
+        let mut seen: BTreeSet<Rule> = BTreeSet::new();
+        for rule in rules {
+            let peers = self.peer_matches(policy, &rule.peers);
+            let ports = self.port_specs(&rule.ports);
+            for peer in &peers {
+                for port in &ports {
+                    let mut matches = Vec::new();
+                    if let PeerMatch::Set(name) = peer {
+                        matches.push(Match::Set {
+                            name: name.clone(),
+                            direction: set_dir,
+                        });
+                    }
+                    match port {
+                        PortSpec::Any => {}
+                        PortSpec::Protocol(proto) => matches.push(Match::Protocol(*proto)),
+                        PortSpec::Range(proto, start, end) => {
+                            matches.push(Match::Protocol(*proto));
+                            matches.push(Match::DestinationPorts {
+                                start: *start,
+                                end: *end,
+                            });
+                        }
+                        PortSpec::Named(proto, name) => {
+                            matches.push(Match::Protocol(*proto));
+                            matches.push(Match::Set {
+                                name: names::named_port_set(name, *proto),
+                                direction: SetDirection::DstDstPort,
+                            });
+                        }
+                    }
+                    let r = comment_free_rule(matches, set_allow());
+                    if seen.insert(r.clone()) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        Chain {
+            name: names::policy_chain(&policy.key(), direction),
+            rules: out,
+        }
+    }
+
+    /// A pod's chain for one direction: not isolated → empty (RETURN, allowed);
+    /// isolated → each selecting policy in key order, returning as soon as one allowed,
+    /// and DROP when none did.
+    fn pod_chain(&mut self, name: String, policies: &[&NetworkPolicy], dir: Direction) -> Chain {
+        let mut rules = Vec::new();
+        if !policies.is_empty() {
+            for policy in policies {
+                let chain_name = names::policy_chain(&policy.key(), dir);
+                let exists = self
+                    .ruleset
+                    .chain(Table::Filter, &chain_name)
+                    .is_some();
+                if !exists {
+                    let chain = self.policy_chain(policy, dir);
+                    self.ruleset.add_chain(Table::Filter, chain);
+                }
+                rules.push(comment_free_rule(vec![], Target::Jump(chain_name)));
+                rules.push(comment_free_rule(vec![mark_is_allow()], Target::Return));
+            }
+            rules.push(comment_free_rule(vec![], Target::Drop));
+        }
+        Chain { name, rules }
+    }
+}
+
+fn v4_excepts(block: &IpBlock) -> Vec<Ipv4Net> {
+    block
+        .except
+        .iter()
+        .filter_map(|e| match e {
+            IpNet::V4(n) => Some(*n),
+            IpNet::V6(_) => None,
+        })
+        .collect()
+}
+
+fn pod_iface_prefixes() -> impl Iterator<Item = Interface> {
+    names::POD_IFACE_PREFIXES.into_iter().map(Interface::prefix)
+}
+
+fn jump_rule(chain: &str) -> Rule {
+    Rule::new(vec![], Target::Jump(chain.to_string()))
+}
+
+/// Compiles the dataplane of node `node`: the local pods are the cluster's
+/// non-hostNetwork pods whose `spec.nodeName` is `node`.
+pub fn compile(
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+) -> Result<Ruleset, CompileError> {
+    let mut c = Compiler {
+        index: Index::new(cluster),
+        ruleset: Ruleset::default(),
+    };
+
+    let local: Vec<&Pod> = cluster
+        .pods
+        .values()
+        .filter(|p| !p.host_network && p.node.as_deref() == Some(node))
+        .collect();
+
+    let mut from_pod = Vec::new();
+    let mut to_pod = Vec::new();
+    let mut seen_veths: BTreeMap<String, String> = BTreeMap::new();
+    for pod in &local {
+        let veth = ifaces.host_veth(pod);
+        check_iface(&veth, || format!("pod {}", pod.key()))?;
+        if let Some(other) = seen_veths.insert(veth.clone(), pod.key().to_string()) {
+            // Two pods on one interface would police each other; the hash must differ.
+            return Err(CompileError::BadInterface {
+                name: veth,
+                what: format!("pod {} (also used by {other})", pod.key()),
+            });
+        }
+        let ingress: Vec<&NetworkPolicy> = cluster
+            .policies_selecting(pod)
+            .filter(|p| p.policy_types.ingress)
+            .collect();
+        let egress: Vec<&NetworkPolicy> = cluster
+            .policies_selecting(pod)
+            .filter(|p| p.policy_types.egress)
+            .collect();
+        let tw = names::pod_ingress_chain(&veth);
+        let fw = names::pod_egress_chain(&veth);
+        let tw_chain = c.pod_chain(tw.clone(), &ingress, Direction::Ingress);
+        let fw_chain = c.pod_chain(fw.clone(), &egress, Direction::Egress);
+        c.ruleset.add_chain(Table::Filter, tw_chain);
+        c.ruleset.add_chain(Table::Filter, fw_chain);
+
+        let iface = Interface::exact(&veth);
+        to_pod.push(Rule::new(
+            vec![Match::OutInterface(iface.clone())],
+            Target::Goto(tw),
+        ));
+        // Anti-spoofing: only the pod's own addresses may leave its veth.
+        for ip in pod.ips.iter().filter_map(v4) {
+            from_pod.push(Rule::new(
+                vec![
+                    Match::InInterface(iface.clone()),
+                    Match::Source {
+                        net: Ipv4Net::from(ip),
+                        negated: false,
+                    },
+                ],
+                Target::Goto(fw.clone()),
+            ));
+        }
+        from_pod.push(Rule::new(vec![Match::InInterface(iface)], Target::Drop));
+    }
+
+    // Fail closed for pods sluice does not know yet (created after this snapshot) in
+    // namespaces where some policy of that direction exists: their veth starts with
+    // the namespace prefix but matched no rule above.
+    let mut ingress_ns = BTreeSet::new();
+    let mut egress_ns = BTreeSet::new();
+    for p in cluster.policies.values() {
+        if p.policy_types.ingress {
+            ingress_ns.insert(p.namespace.as_str());
+        }
+        if p.policy_types.egress {
+            egress_ns.insert(p.namespace.as_str());
+        }
+    }
+    let prefix_for = |ns: &str| -> Result<String, CompileError> {
+        let prefix = ifaces.namespace_prefix(ns);
+        check_iface(&prefix, || format!("namespace prefix of {ns}"))?;
+        Ok(prefix)
+    };
+    let mut egress_prefixes = BTreeSet::new();
+    for ns in egress_ns {
+        egress_prefixes.insert(prefix_for(ns)?);
+    }
+    let mut ingress_prefixes = BTreeSet::new();
+    for ns in ingress_ns {
+        ingress_prefixes.insert(prefix_for(ns)?);
+    }
+    for prefix in egress_prefixes {
+        from_pod.push(Rule::new(
+            vec![Match::InInterface(Interface::prefix(prefix))],
+            Target::Drop,
+        ));
+    }
+    for prefix in ingress_prefixes {
+        to_pod.push(Rule::new(
+            vec![Match::OutInterface(Interface::prefix(prefix))],
+            Target::Drop,
+        ));
+    }
+
+    let filter = Table::Filter;
+    c.ruleset.add_chain(
+        filter,
+        Chain {
+            name: names::CHAIN_FROM_POD.into(),
+            rules: from_pod,
+        },
+    );
+    c.ruleset.add_chain(
+        filter,
+        Chain {
+            name: names::CHAIN_TO_POD.into(),
+            rules: to_pod,
+        },
+    );
+
+    let established = Match::CtState(vec![CtState::Related, CtState::Established]);
+    let invalid = Match::CtState(vec![CtState::Invalid]);
+
+    let mut forward = Vec::new();
+    for iface in pod_iface_prefixes() {
+        forward.push(Rule::new(
+            vec![Match::InInterface(iface.clone())],
+            Target::Goto(names::CHAIN_FWD_POD.into()),
+        ));
+        forward.push(Rule::new(
+            vec![Match::OutInterface(iface)],
+            Target::Goto(names::CHAIN_FWD_POD.into()),
+        ));
+    }
+    c.ruleset.add_chain(
+        filter,
+        Chain {
+            name: names::CHAIN_FORWARD.into(),
+            rules: forward,
+        },
+    );
+    c.ruleset.add_chain(
+        filter,
+        Chain {
+            name: names::CHAIN_FWD_POD.into(),
+            rules: vec![
+                Rule::new(vec![established.clone()], Target::Accept),
+                Rule::new(vec![invalid.clone()], Target::Drop),
+                Rule::new(vec![], clear_allow()),
+                jump_rule(names::CHAIN_FROM_POD),
+                Rule::new(vec![], clear_allow()),
+                jump_rule(names::CHAIN_TO_POD),
+                Rule::new(vec![], Target::Accept),
+            ],
+        },
+    );
+
+    let input = pod_iface_prefixes()
+        .map(|iface| {
+            Rule::new(
+                vec![Match::InInterface(iface)],
+                Target::Goto(names::CHAIN_IN_POD.into()),
+            )
+        })
+        .collect();
+    c.ruleset.add_chain(
+        filter,
+        Chain {
+            name: names::CHAIN_INPUT.into(),
+            rules: input,
+        },
+    );
+    c.ruleset.add_chain(
+        filter,
+        Chain {
+            name: names::CHAIN_IN_POD.into(),
+            rules: vec![
+                Rule::new(vec![established], Target::Return),
+                Rule::new(vec![invalid], Target::Drop),
+                Rule::new(vec![], clear_allow()),
+                jump_rule(names::CHAIN_FROM_POD),
+            ],
+        },
+    );
+
+    c.ruleset.jumps = vec![
+        BuiltinJump {
+            table: filter,
+            chain: "FORWARD".into(),
+            rule: jump_rule(names::CHAIN_FORWARD),
+        },
+        BuiltinJump {
+            table: filter,
+            chain: "INPUT".into(),
+            rule: jump_rule(names::CHAIN_INPUT),
+        },
+    ];
+    Ok(c.ruleset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn members(cidr: &str, except: &[&str]) -> Vec<String> {
+        let except: Vec<Ipv4Net> = except.iter().map(|e| net(e)).collect();
+        ip_block_members(net(cidr), &except)
+            .into_iter()
+            .map(|m| match m {
+                SetMember::Net { net, nomatch } => {
+                    format!("{net}{}", if nomatch { " nomatch" } else { "" })
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ip_block_except_becomes_nomatch() {
+        assert_eq!(
+            members("172.16.0.0/16", &["172.16.8.0/24"]),
+            ["172.16.0.0/16", "172.16.8.0/24 nomatch"]
+        );
+    }
+
+    #[test]
+    fn slash_zero_is_split_because_hash_net_cannot_hold_it() {
+        assert_eq!(
+            members("0.0.0.0/0", &["10.0.0.0/8"]),
+            ["0.0.0.0/1", "10.0.0.0/8 nomatch", "128.0.0.0/1"]
+        );
+    }
+
+    #[test]
+    fn an_except_equal_to_a_half_removes_that_half() {
+        assert_eq!(members("0.0.0.0/0", &["128.0.0.0/1"]), ["0.0.0.0/1"]);
+    }
+
+    #[test]
+    fn host_bits_in_a_cidr_are_truncated() {
+        assert_eq!(members("10.1.2.3/8", &[]), ["10.0.0.0/8"]);
+    }
+}

@@ -1,0 +1,265 @@
+//! Names of the chains and ipsets sluice owns, and the hashes that identify them.
+//!
+//! Every object carries the `SLUICE-` prefix so the agent can find (and only touch)
+//! its own. iptables chain names are limited to 28 characters (`XT_EXTENSION_MAXNAMELEN`
+//! 29 with the NUL), ipset names to 31 (`IPSET_MAXNAMELEN` 32). Names derived from user
+//! objects (policy keys, selectors, CIDRs) are a fixed-length hash of a canonical,
+//! unambiguous encoding, so equal objects share one chain or set and the length bound
+//! holds whatever the user wrote.
+
+use std::fmt::Write as _;
+
+use sha2::{Digest, Sha256};
+
+use crate::model::{IpBlock, NamespaceScope, NamespacedName, PodPeer, Protocol};
+use crate::selector::{LabelSelector, Operator};
+
+/// Prefix of every chain and ipset sluice owns.
+pub const PREFIX: &str = "SLUICE-";
+/// Longest iptables chain name the kernel accepts.
+pub const MAX_CHAIN_LEN: usize = 28;
+/// Longest ipset name the kernel accepts.
+pub const MAX_SET_LEN: usize = 31;
+
+/// Jumped to from the built-in `FORWARD`: picks out traffic to or from pod interfaces.
+pub const CHAIN_FORWARD: &str = "SLUICE-FORWARD";
+/// Jumped to from the built-in `INPUT`: picks out traffic from pods to the node.
+pub const CHAIN_INPUT: &str = "SLUICE-INPUT";
+/// Forwarded traffic that touches a pod interface: conntrack, then egress, then ingress.
+pub const CHAIN_FWD_POD: &str = "SLUICE-FWD-POD";
+/// Pod → node traffic: conntrack, then egress.
+pub const CHAIN_IN_POD: &str = "SLUICE-IN-POD";
+/// Egress dispatch: `-i <veth>` → the pod's egress chain (with anti-spoofing).
+pub const CHAIN_FROM_POD: &str = "SLUICE-FROM-POD";
+/// Ingress dispatch: `-o <veth>` → the pod's ingress chain.
+pub const CHAIN_TO_POD: &str = "SLUICE-TO-POD";
+
+/// Interface-name prefixes of every sluice pod interface: `slc` for Kubernetes pods,
+/// `slx` for containers outside Kubernetes.
+pub const POD_IFACE_PREFIXES: [&str; 2] = ["slc", "slx"];
+
+/// 64 bits of SHA-256 of `data`, as 16 lowercase hex digits. Stable across platforms
+/// and releases (unlike `std`'s hasher), which byte-for-byte determinism needs.
+pub fn hash16(data: &[u8]) -> String {
+    let digest = Sha256::digest(data);
+    let mut out = String::with_capacity(16);
+    for byte in &digest[..8] {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+/// Characters that may appear verbatim in a chain name derived from an interface name.
+fn plain_iface(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn iface_chain(kind: &str, veth: &str) -> String {
+    let readable = format!("{PREFIX}{kind}-{veth}");
+    if readable.len() <= MAX_CHAIN_LEN && plain_iface(veth) {
+        readable
+    } else {
+        format!("{PREFIX}{kind}-{}", hash16(veth.as_bytes()))
+    }
+}
+
+/// The per-pod ingress chain ("to workload"), named after its host-side veth when the
+/// name fits (`SLUICE-TW-slc0123abcdef01`), hashed otherwise.
+pub fn pod_ingress_chain(veth: &str) -> String {
+    iface_chain("TW", veth)
+}
+
+/// The per-pod egress chain ("from workload").
+pub fn pod_egress_chain(veth: &str) -> String {
+    iface_chain("FW", veth)
+}
+
+/// Direction of a policy chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+/// The chain holding one policy's rules for one direction, shared by every local pod
+/// the policy selects: `SLUICE-PI-<hash>` / `SLUICE-PE-<hash>` of `namespace/name`.
+pub fn policy_chain(policy: &NamespacedName, direction: Direction) -> String {
+    let kind = match direction {
+        Direction::Ingress => "PI",
+        Direction::Egress => "PE",
+    };
+    let mut key = String::new();
+    push_str(&mut key, &policy.namespace);
+    push_str(&mut key, &policy.name);
+    format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
+}
+
+/// The hash:ip set of the pods a pod peer names. The policy's namespace is part of the
+/// identity only when the peer is scoped to it, so the same namespaceSelector peer
+/// written in two namespaces shares one set.
+pub fn pod_peer_set(policy_namespace: &str, peer: &PodPeer) -> String {
+    let mut key = String::from("pods;");
+    match &peer.namespaces {
+        NamespaceScope::PolicyNamespace => {
+            key.push_str("ns=");
+            push_str(&mut key, policy_namespace);
+        }
+        NamespaceScope::Matching(sel) => {
+            key.push_str("nssel=");
+            push_selector(&mut key, sel);
+        }
+    }
+    key.push_str("podsel=");
+    push_selector(&mut key, &peer.pods);
+    format!("{PREFIX}P-{}", hash16(key.as_bytes()))
+}
+
+/// The hash:net set of one ipBlock (its CIDR, its excepts as `nomatch`).
+pub fn ip_block_set(block: &IpBlock) -> String {
+    let mut excepts: Vec<String> = block.except.iter().map(|e| e.to_string()).collect();
+    excepts.sort();
+    excepts.dedup();
+    let mut key = format!("net;{};", block.cidr);
+    for e in excepts {
+        push_str(&mut key, &e);
+    }
+    format!("{PREFIX}N-{}", hash16(key.as_bytes()))
+}
+
+/// The hash:ip,port set resolving a named port: `ip,proto:port` of every pod that
+/// declares a container port with this name and protocol.
+pub fn named_port_set(name: &str, protocol: Protocol) -> String {
+    let mut key = format!("port;{};", protocol.as_str());
+    push_str(&mut key, name);
+    format!("{PREFIX}NP-{}", hash16(key.as_bytes()))
+}
+
+/// The scratch set a full sync fills and then swaps with `set` (`SLUICE-T-…`), so a
+/// set is never observed half-filled.
+pub fn temp_set(set: &str) -> String {
+    let rest = set.strip_prefix(PREFIX).unwrap_or(set);
+    format!("{PREFIX}T-{rest}")
+}
+
+/// Length-prefixed, so that no two different inputs encode the same way.
+fn push_str(out: &mut String, s: &str) {
+    let _ = write!(out, "{}:{s};", s.len());
+}
+
+/// A canonical encoding: labels already ordered, requirements sorted and deduplicated
+/// (their order in the manifest does not change the meaning).
+fn push_selector(out: &mut String, sel: &LabelSelector) {
+    out.push('{');
+    for (k, v) in &sel.match_labels {
+        push_str(out, k);
+        push_str(out, v);
+    }
+    let mut reqs: Vec<_> = sel.match_expressions.iter().collect();
+    reqs.sort();
+    reqs.dedup();
+    out.push('|');
+    for r in reqs {
+        push_str(out, &r.key);
+        match &r.operator {
+            Operator::In(values) | Operator::NotIn(values) => {
+                out.push_str(if matches!(r.operator, Operator::In(_)) {
+                    "in("
+                } else {
+                    "notin("
+                });
+                for v in values {
+                    push_str(out, v);
+                }
+                out.push(')');
+            }
+            Operator::Exists => out.push_str("exists"),
+            Operator::DoesNotExist => out.push_str("!exists"),
+        }
+    }
+    out.push('}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selector::Requirement;
+
+    #[test]
+    fn every_derived_name_fits_the_kernel_limits() {
+        let long = "x".repeat(300);
+        let key = NamespacedName::new(&long, &long);
+        assert!(policy_chain(&key, Direction::Ingress).len() <= MAX_CHAIN_LEN);
+        assert!(pod_ingress_chain(&long).len() <= MAX_CHAIN_LEN);
+        assert!(pod_egress_chain("slc0123456789ab").len() <= MAX_CHAIN_LEN);
+        let peer = PodPeer {
+            namespaces: NamespaceScope::PolicyNamespace,
+            pods: LabelSelector::from_labels([(long.clone(), long.clone())]),
+        };
+        let set = pod_peer_set(&long, &peer);
+        assert!(set.len() <= MAX_SET_LEN);
+        assert!(temp_set(&set).len() <= MAX_SET_LEN);
+        let np = named_port_set(&long, Protocol::Sctp);
+        assert!(temp_set(&np).len() <= MAX_SET_LEN, "{}", temp_set(&np));
+        for name in [CHAIN_FORWARD, CHAIN_INPUT, CHAIN_FWD_POD, CHAIN_IN_POD] {
+            assert!(name.len() <= MAX_CHAIN_LEN);
+        }
+    }
+
+    #[test]
+    fn veth_names_stay_readable_and_odd_ones_are_hashed() {
+        assert_eq!(pod_ingress_chain("slc1a2b3c4d5e6f"), "SLUICE-TW-slc1a2b3c4d5e6f");
+        // A space or quote would break the restore text; such names get hashed.
+        let odd = pod_egress_chain("eth 0\"");
+        assert!(odd.starts_with("SLUICE-FW-") && !odd.contains(' '));
+    }
+
+    #[test]
+    fn requirement_order_does_not_change_a_set_name() {
+        let a = Requirement {
+            key: "a".into(),
+            operator: Operator::Exists,
+        };
+        let b = Requirement {
+            key: "b".into(),
+            operator: Operator::DoesNotExist,
+        };
+        let peer = |reqs: Vec<Requirement>| PodPeer {
+            namespaces: NamespaceScope::PolicyNamespace,
+            pods: LabelSelector {
+                match_labels: Default::default(),
+                match_expressions: reqs,
+            },
+        };
+        assert_eq!(
+            pod_peer_set("ns", &peer(vec![a.clone(), b.clone()])),
+            pod_peer_set("ns", &peer(vec![b, a]))
+        );
+    }
+
+    #[test]
+    fn scope_is_part_of_a_pod_set_identity_only_when_it_is_the_policy_namespace() {
+        let own = PodPeer {
+            namespaces: NamespaceScope::PolicyNamespace,
+            pods: LabelSelector::everything(),
+        };
+        assert_ne!(pod_peer_set("x", &own), pod_peer_set("y", &own));
+        let sel = PodPeer {
+            namespaces: NamespaceScope::Matching(LabelSelector::everything()),
+            pods: LabelSelector::everything(),
+        };
+        assert_eq!(pod_peer_set("x", &sel), pod_peer_set("y", &sel));
+    }
+
+    #[test]
+    fn length_prefixing_keeps_concatenations_apart() {
+        let a = NamespacedName::new("ab", "c");
+        let b = NamespacedName::new("a", "bc");
+        assert_ne!(
+            policy_chain(&a, Direction::Ingress),
+            policy_chain(&b, Direction::Ingress)
+        );
+    }
+}
