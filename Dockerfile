@@ -1,0 +1,45 @@
+# The sluice image: the node agent, the two CNI binaries its install-cni init
+# container copies onto the host, and the userspace tools the agent executes.
+#
+#   make image                      # docker build -t sluice:0.1.0 .
+#   docker build --build-arg RUST_TARGET=aarch64-unknown-linux-musl ...  # on an arm64 builder
+#
+# Not built in this repository's CI (no container engine there); see docs/install.md
+# for what has and has not been verified.
+
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=bookworm
+
+FROM docker.io/library/rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+ARG RUST_TARGET=x86_64-unknown-linux-musl
+# Static (musl) binaries: `sluice` and `sluice-ipam` are copied onto the host and
+# run there by the container runtime, whose libc we cannot know.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends musl-tools \
+ && rm -rf /var/lib/apt/lists/* \
+ && rustup target add "${RUST_TARGET}"
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --target "${RUST_TARGET}" \
+      -p sluice-cni -p sluice-ipam -p sluice-agent -p sluicectl --bins \
+ && mkdir /out \
+ && for bin in sluice sluice-ipam sluice-agent sluicectl; do \
+      cp "target/${RUST_TARGET}/release/${bin}" /out/; \
+    done
+
+FROM docker.io/library/debian:${DEBIAN_RELEASE}-slim
+# iptables ships both backends (iptables-legacy-* and iptables-nft-*): the agent
+# uses whichever already holds the host's rules. ipset for policy peer sets,
+# iproute2 and conntrack for operators debugging from inside the pod, kmod so
+# modprobe works against the host's /lib/modules (mounted read-only).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables ipset iproute2 conntrack kmod \
+ && rm -rf /var/lib/apt/lists/*
+# /opt/sluice/bin is where `sluice-agent install-cni` copies the CNI binaries from
+# (its --source-bin-dir default); on PATH for the agent and operators.
+COPY --from=build /out/ /opt/sluice/bin/
+ENV PATH=/opt/sluice/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+LABEL org.opencontainers.image.title="sluice" \
+      org.opencontainers.image.description="sluice node agent and CNI plugins" \
+      org.opencontainers.image.licenses="Apache-2.0"
+CMD ["sluice-agent", "run"]
