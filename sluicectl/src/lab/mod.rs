@@ -1,10 +1,153 @@
-//! `sluicectl lab` (placeholder until its issue lands).
+//! `sluicectl lab`: a multi-node sluice cluster on one Linux host, in network
+//! namespaces, driven through the real CNI binary and the real agent, probed with
+//! real packets.
+//!
+//! ```text
+//! sluicectl lab up    --name NAME [--nodes N] [--encap auto|ipip|vxlan|none] [--pool CIDR]
+//! sluicectl lab apply --name NAME -f PATH [-f PATH ...] [--prune]
+//! sluicectl lab probe --name NAME --from NS/POD|ip:ADDR|node:NODE
+//!                     --to NS/POD|ip:ADDR|node:NODE:PORT --port N [--protocol TCP|UDP|SCTP]
+//!                     [--timeout-ms MS] [-o text|json]
+//! sluicectl lab probe --name NAME --probes FILE -o json
+//! sluicectl lab matrix --name NAME [-o text|json]
+//! sluicectl lab status --name NAME [-o text|json]
+//! sluicectl lab delete --name NAME -f PATH
+//! sluicectl lab down  --name NAME
+//! ```
+//! One file per subcommand; `state` is what they share, `netns` is the OS boundary.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct Args {}
+pub mod agents;
+pub mod cni;
+pub mod external;
+pub mod manifests;
+pub mod matrix;
+pub mod names;
+pub mod netns;
+pub mod pods;
+pub mod probe;
+pub mod serve;
+pub mod services;
+pub mod state;
+pub mod status;
+pub mod topology;
 
-pub fn exec(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Build the underlay, the nodes, and start an agent on each.
+    Up(topology::UpArgs),
+    /// Create or update Namespaces, Pods, NetworkPolicies and NodePort Services.
+    Apply(pods::ApplyArgs),
+    /// Remove the objects in the files (pods through CNI DEL).
+    Delete(pods::DeleteArgs),
+    /// Send one real connection (or a file of them) and report connected/blocked.
+    Probe(probe::ProbeArgs),
+    /// Probe every pod from every pod on every declared port.
+    Matrix(matrix::MatrixArgs),
+    /// Nodes, pods, addresses and agent health.
+    Status(status::StatusArgs),
+    /// Remove everything the lab made.
+    Down(topology::DownArgs),
+    /// Echo server run inside pods and outside hosts (internal).
+    #[command(hide = true)]
+    Serve(serve::ServeArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Command::Up(a) => {
+            let requested = a.encap;
+            let st = topology::up(a)?;
+            let why = match requested {
+                state::Encap::Auto if st.encap == state::Encap::Ipip => {
+                    "auto: this kernel has ipip"
+                }
+                state::Encap::Auto => "auto: this kernel has no ipip, so vxlan",
+                _ => "as requested",
+            };
+            println!(
+                "lab {} up: {} nodes on {}, encapsulation {} ({why}), pool {}",
+                st.name,
+                st.nodes.len(),
+                st.underlay_cidr,
+                st.encap.as_str(),
+                st.pool
+            );
+            for n in &st.nodes {
+                println!("  {}  netns {}  uplink {}", n.name, n.netns, n.uplink_ip);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply(a) => pods::apply(a),
+        Command::Delete(a) => pods::delete(a),
+        Command::Probe(a) => probe::exec(a),
+        Command::Matrix(a) => matrix::exec(a),
+        Command::Status(a) => status::exec(a),
+        Command::Down(a) => {
+            topology::down(&a.name)?;
+            println!("lab {} down", a.name);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(a) => serve::exec(a),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("invalid lab name {0:?}: lowercase letters, digits and '-', at most 24 characters")]
+    BadName(String),
+    #[error("no lab named {0:?} (run `sluicectl lab up --name {0}` first)")]
+    NoSuchLab(String),
+    #[error("lab {0:?} already exists (run `sluicectl lab down --name {0}` first)")]
+    Exists(String),
+    #[error("lab state {0} is corrupt: {1}")]
+    CorruptState(PathBuf, String),
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("could not run {0}: {1}")]
+    Spawn(String, std::io::Error),
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("entering network namespace {0}: {1}")]
+    Setns(String, nix::Error),
+    #[error("binary {0} not found (build it with `cargo build --workspace --bins`, or set {1})")]
+    MissingBinary(String, String),
+    #[error("agent on {0} exited; its log {1} ends with:\n{2}")]
+    AgentDied(String, PathBuf, String),
+    #[error("agents not ready in time: {0}")]
+    NotReady(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{file}: {message}")]
+    Manifest { file: String, message: String },
+    #[error("CNI {command} for pod {pod} failed: {message}")]
+    Cni {
+        command: String,
+        pod: String,
+        message: String,
+    },
+    #[error("teardown left errors: {}", .0.join("; "))]
+    Teardown(Vec<String>),
+    #[error("probe cannot be sent: {0}")]
+    Probe(String),
+}
+
+impl LabError {
+    pub fn io(path: &Path, e: std::io::Error) -> LabError {
+        LabError::Io(path.to_path_buf(), e)
+    }
 }

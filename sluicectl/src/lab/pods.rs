@@ -1,0 +1,448 @@
+//! `lab apply` and `lab delete`: objects into the lab.
+//!
+//! Namespaces, NetworkPolicies and Services are written into the shared manifests
+//! directory the agents watch. A new Pod is scheduled (to `spec.nodeName`, or to the
+//! node with the fewest pods), gets a named namespace, is wired by exec'ing the
+//! node's CNI chain (the real `sluice`) inside the node namespace, gets an echo
+//! server for every declared container port, and is then written to the manifests
+//! directory with `spec.nodeName` and `status.podIP`, the way the API server would
+//! show it to the agents after kubelet reported the sandbox.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use serde_json::{Value, json};
+
+use super::manifests::{self, Object};
+use super::state::{self, LabPaths, LabState, ObjectKey, PodState, Protocol};
+use super::{LabError, cni, external, names, netns, serve, services};
+
+#[derive(clap::Args)]
+pub struct ApplyArgs {
+    #[arg(long)]
+    pub name: String,
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<PathBuf>,
+    /// Delete objects a previous apply of these files made that they no longer hold.
+    #[arg(long)]
+    pub prune: bool,
+}
+
+#[derive(clap::Args)]
+pub struct DeleteArgs {
+    #[arg(long)]
+    pub name: String,
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// The manifests-dir file of an object: `Kind_namespace_name.yaml` (`_` never occurs
+/// in Kubernetes names, so this cannot collide).
+pub fn manifest_path(paths: &LabPaths, kind: &str, namespace: &str, name: &str) -> PathBuf {
+    if namespace.is_empty() {
+        paths.manifests().join(format!("{kind}_{name}.yaml"))
+    } else {
+        paths
+            .manifests()
+            .join(format!("{kind}_{namespace}_{name}.yaml"))
+    }
+}
+
+pub fn write_manifest(
+    paths: &LabPaths,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    value: &Value,
+) -> Result<(), LabError> {
+    let p = manifest_path(paths, kind, namespace, name);
+    let text = serde_yaml_ng::to_string(value).expect("JSON values serialize as YAML");
+    state::write_atomic(&p, text.as_bytes())
+}
+
+fn remove_manifest(paths: &LabPaths, key: &ObjectKey) {
+    let _ = std::fs::remove_file(manifest_path(paths, &key.kind, &key.namespace, &key.name));
+}
+
+/// The API server labels every namespace with its own name; policies select on it.
+fn namespace_object(v: &Value, name: &str) -> Value {
+    let mut v = v.clone();
+    if !v["metadata"]["labels"].is_object() {
+        v["metadata"]["labels"] = json!({});
+    }
+    v["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
+    v
+}
+
+/// Pick a node: `spec.nodeName` if given (it must exist), else the node with the
+/// fewest pods, lowest index first. Pure, for tests.
+pub fn schedule(
+    requested: Option<&str>,
+    nodes: &[String],
+    load: &BTreeMap<String, usize>,
+) -> Result<String, LabError> {
+    if let Some(n) = requested {
+        return if nodes.iter().any(|x| x == n) {
+            Ok(n.to_string())
+        } else {
+            Err(LabError::Usage(format!(
+                "spec.nodeName {n:?} is not a lab node ({})",
+                nodes.join(", ")
+            )))
+        };
+    }
+    nodes
+        .iter()
+        .min_by_key(|n| load.get(*n).copied().unwrap_or(0))
+        .cloned()
+        .ok_or_else(|| LabError::Usage("the lab has no nodes".into()))
+}
+
+fn pod_object(o: &Object, pod: &PodState, host_ip: std::net::Ipv4Addr) -> Value {
+    let mut v = o.value.clone();
+    v["metadata"]["namespace"] = json!(pod.namespace);
+    v["metadata"]["uid"] = json!(pod.uid);
+    v["spec"]["nodeName"] = json!(pod.node);
+    v["status"] = json!({
+        "phase": "Running",
+        "hostIP": host_ip.to_string(),
+        "podIP": pod.ip.to_string(),
+        "podIPs": [{"ip": pod.ip.to_string()}],
+    });
+    v
+}
+
+fn create_pod(st: &mut LabState, paths: &LabPaths, o: &Object) -> Result<(), LabError> {
+    let v = &o.value;
+    let (ns, name) = (o.key.namespace.clone(), o.key.name.clone());
+    if v["spec"]["hostNetwork"].as_bool() == Some(true) {
+        return Err(LabError::Usage(format!(
+            "pod {ns}/{name}: hostNetwork pods are not supported by the lab"
+        )));
+    }
+    let ports = manifests::pod_ports(v, &o.source)?;
+    let node_names: Vec<String> = st.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut load = BTreeMap::new();
+    for p in st.pods.values() {
+        *load.entry(p.node.clone()).or_insert(0) += 1;
+    }
+    let node_name = schedule(v["spec"]["nodeName"].as_str(), &node_names, &load)?;
+    let node = st
+        .node(&node_name)
+        .expect("scheduled to a lab node")
+        .clone();
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let uid = v["metadata"]["uid"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| names::pod_uid(&st.name, &ns, &name, nonce));
+    let pod_ns = names::pod_netns(&st.name, &ns, &name);
+    let cid = names::container_id(&st.name, &ns, &name, &uid);
+    netns::add(&pod_ns)?;
+    let netns_path = netns::path(&pod_ns);
+    let sb = cni::Sandbox {
+        namespace: &ns,
+        name: &name,
+        uid: &uid,
+        container_id: &cid,
+        netns_path: &netns_path,
+    };
+    let result = match cni::add(&node, &sb) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = netns::delete(&pod_ns);
+            return Err(e);
+        }
+    };
+    let Some(ip) = cni::result_ipv4(&result) else {
+        let _ = cni::del(&node, &sb);
+        let _ = netns::delete(&pod_ns);
+        return Err(LabError::Cni {
+            command: "ADD".into(),
+            pod: format!("{ns}/{name}"),
+            message: format!("result has no IPv4 address: {result}"),
+        });
+    };
+    let sctp = serve::sctp_supported();
+    let (served, unserved): (Vec<_>, Vec<_>) = ports
+        .iter()
+        .cloned()
+        .partition(|p| p.protocol != Protocol::Sctp || sctp);
+    for p in &unserved {
+        eprintln!(
+            "note: pod {ns}/{name} declares SCTP {}; this kernel has no SCTP sockets, so it is not served (probes to it are errors)",
+            p.port
+        );
+    }
+    let mut pod = PodState {
+        namespace: ns.clone(),
+        name: name.clone(),
+        uid,
+        node: node_name.clone(),
+        netns: pod_ns.clone(),
+        container_id: cid,
+        ip,
+        ports: served.clone(),
+        labels: manifests::labels(v),
+        server_pid: None,
+        unserved,
+    };
+    // Record before starting anything else so a failure below is still cleaned up.
+    st.pods.insert(pod.key(), pod.clone());
+    state::save(st)?;
+    if !served.is_empty() {
+        let pid = serve::spawn(&pod_ns, &served, paths, &pod_ns)?;
+        pod.server_pid = Some(pid);
+        st.pods.insert(pod.key(), pod.clone());
+        state::save(st)?;
+    }
+    external::route_pod(st, ip, node.uplink_ip)?;
+    write_manifest(
+        paths,
+        "Pod",
+        &ns,
+        &name,
+        &pod_object(o, &pod, node.uplink_ip),
+    )?;
+    println!("pod/{ns}/{name} created on {node_name} with {ip} (netns {pod_ns})");
+    Ok(())
+}
+
+/// Re-apply of an existing pod: labels (and served ports) change in place, the
+/// sandbox stays, as with `kubectl apply` of a label change.
+fn update_pod(st: &mut LabState, paths: &LabPaths, o: &Object) -> Result<(), LabError> {
+    let key = format!("{}/{}", o.key.namespace, o.key.name);
+    let mut pod = st.pods[&key].clone();
+    pod.labels = manifests::labels(&o.value);
+    let ports = manifests::pod_ports(&o.value, &o.source)?;
+    let sctp = serve::sctp_supported();
+    let (served, unserved): (Vec<_>, Vec<_>) = ports
+        .into_iter()
+        .partition(|p| p.protocol != Protocol::Sctp || sctp);
+    if served != pod.ports {
+        if let Some(pid) = pod.server_pid.take() {
+            netns::kill_pid(pid);
+        }
+        if !served.is_empty() {
+            pod.server_pid = Some(serve::spawn(&pod.netns, &served, paths, &pod.netns)?);
+        }
+        pod.ports = served;
+    }
+    pod.unserved = unserved;
+    let host_ip = st.node(&pod.node).map(|n| n.uplink_ip).expect("pod's node");
+    write_manifest(
+        paths,
+        "Pod",
+        &pod.namespace,
+        &pod.name,
+        &pod_object(o, &pod, host_ip),
+    )?;
+    st.pods.insert(key, pod);
+    state::save(st)
+}
+
+/// Remove a pod: stop its server, CNI DEL through the chain, delete its namespace.
+pub fn delete_pod(st: &mut LabState, paths: &LabPaths, key: &str) -> Result<(), LabError> {
+    let Some(pod) = st.pods.get(key).cloned() else {
+        return Ok(());
+    };
+    let mut errors = Vec::new();
+    if let Some(pid) = pod.server_pid {
+        netns::kill_pid(pid);
+    }
+    // The agent sees the pod go first (as it would when the API object is deleted).
+    remove_manifest(
+        paths,
+        &ObjectKey {
+            kind: "Pod".into(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+        },
+    );
+    if let Some(node) = st.node(&pod.node).cloned() {
+        let netns_path = netns::path(&pod.netns);
+        let sb = cni::Sandbox {
+            namespace: &pod.namespace,
+            name: &pod.name,
+            uid: &pod.uid,
+            container_id: &pod.container_id,
+            netns_path: &netns_path,
+        };
+        if let Err(e) = cni::del(&node, &sb) {
+            errors.push(e.to_string());
+        }
+    }
+    let _ = external::unroute_pod(st, pod.ip);
+    if let Err(e) = netns::delete(&pod.netns) {
+        errors.push(e.to_string());
+    }
+    st.pods.remove(key);
+    state::save(st)?;
+    println!("pod/{key} deleted");
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(LabError::Teardown(errors))
+    }
+}
+
+fn delete_object(st: &mut LabState, paths: &LabPaths, key: &ObjectKey) -> Result<(), LabError> {
+    match key.kind.as_str() {
+        "Pod" => delete_pod(st, paths, &format!("{}/{}", key.namespace, key.name)),
+        _ => {
+            remove_manifest(paths, key);
+            println!("{} deleted", key.to_string().to_lowercase());
+            Ok(())
+        }
+    }
+}
+
+pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let paths = LabPaths::new(&args.name);
+    let _lock = state::lock(&paths)?;
+    let mut st = state::load(&args.name)?;
+    let objects = manifests::load(&args.files)?;
+    // Validate every Service before changing anything.
+    for o in objects.iter().filter(|o| o.key.kind == "Service") {
+        manifests::service_node_ports(o)?;
+    }
+
+    // Namespaces: declared ones, plus any that pods or policies live in (the API
+    // server would refuse those objects; the lab makes the namespace instead).
+    let mut namespaces: BTreeSet<String> = BTreeSet::new();
+    for o in &objects {
+        if o.key.kind == "Namespace" {
+            write_manifest(
+                &paths,
+                "Namespace",
+                "",
+                &o.key.name,
+                &namespace_object(&o.value, &o.key.name),
+            )?;
+            namespaces.insert(o.key.name.clone());
+        }
+    }
+    for o in &objects {
+        let ns = &o.key.namespace;
+        if !ns.is_empty()
+            && !namespaces.contains(ns)
+            && !manifest_path(&paths, "Namespace", "", ns).exists()
+        {
+            let v = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+            write_manifest(&paths, "Namespace", "", ns, &namespace_object(&v, ns))?;
+            namespaces.insert(ns.clone());
+        }
+    }
+    // Policies before pods, so a new pod's policy is already known to its agent.
+    for o in objects
+        .iter()
+        .filter(|o| o.key.kind == "NetworkPolicy" || o.key.kind == "Service")
+    {
+        write_manifest(&paths, &o.key.kind, &o.key.namespace, &o.key.name, &o.value)?;
+        println!("{} configured", o.key.to_string().to_lowercase());
+    }
+    for o in objects.iter().filter(|o| o.key.kind == "Pod") {
+        let key = format!("{}/{}", o.key.namespace, o.key.name);
+        if st.pods.contains_key(&key) {
+            update_pod(&mut st, &paths, o)?;
+            println!("pod/{key} configured");
+        } else {
+            create_pod(&mut st, &paths, o)?;
+        }
+    }
+
+    // What each file applied, for the next `--prune`.
+    let mut by_source: BTreeMap<String, Vec<ObjectKey>> = BTreeMap::new();
+    for o in &objects {
+        by_source
+            .entry(o.source.clone())
+            .or_default()
+            .push(o.key.clone());
+    }
+    for (source, keys) in by_source {
+        let old = st.applied.insert(source, keys.clone()).unwrap_or_default();
+        if args.prune {
+            let now: BTreeSet<_> = keys.into_iter().collect();
+            for k in old.into_iter().filter(|k| !now.contains(k)) {
+                delete_object(&mut st, &paths, &k)?;
+            }
+        }
+    }
+    state::save(&st)?;
+    services::sync(&st, &paths)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
+    let paths = LabPaths::new(&args.name);
+    let _lock = state::lock(&paths)?;
+    let mut st = state::load(&args.name)?;
+    let objects = manifests::load(&args.files)?;
+    let mut errors = Vec::new();
+    // Pods first, namespaces last: the reverse of creation.
+    let rank = |k: &str| match k {
+        "Pod" => 0,
+        "Service" => 1,
+        "NetworkPolicy" => 2,
+        _ => 3,
+    };
+    let mut keys: Vec<&ObjectKey> = objects.iter().map(|o| &o.key).collect();
+    keys.sort_by_key(|k| rank(&k.kind));
+    for k in keys {
+        if let Err(e) = delete_object(&mut st, &paths, k) {
+            errors.push(e.to_string());
+        }
+        for v in st.applied.values_mut() {
+            v.retain(|x| x != k);
+        }
+    }
+    state::save(&st)?;
+    services::sync(&st, &paths)?;
+    if errors.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(LabError::Teardown(errors).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_go_to_their_node_name_or_to_the_least_loaded_node() {
+        let nodes = vec!["node-1".to_string(), "node-2".to_string()];
+        let mut load = BTreeMap::new();
+        assert_eq!(schedule(None, &nodes, &load).unwrap(), "node-1");
+        load.insert("node-1".to_string(), 1);
+        assert_eq!(schedule(None, &nodes, &load).unwrap(), "node-2");
+        assert_eq!(schedule(Some("node-1"), &nodes, &load).unwrap(), "node-1");
+        assert!(schedule(Some("node-9"), &nodes, &load).is_err());
+    }
+
+    #[test]
+    fn namespaces_get_the_name_label_the_api_server_adds() {
+        let v = namespace_object(
+            &json!({"kind": "Namespace", "metadata": {"name": "foo", "labels": {"region": "a"}}}),
+            "foo",
+        );
+        assert_eq!(
+            v["metadata"]["labels"]["kubernetes.io/metadata.name"],
+            "foo"
+        );
+        assert_eq!(v["metadata"]["labels"]["region"], "a");
+    }
+
+    #[test]
+    fn manifest_file_names_cannot_collide_across_namespaces() {
+        let p = LabPaths::new("t");
+        assert_ne!(
+            manifest_path(&p, "Pod", "a-b", "c"),
+            manifest_path(&p, "Pod", "a", "b-c")
+        );
+    }
+}
