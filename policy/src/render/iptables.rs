@@ -6,9 +6,12 @@
 //! not own. Jumps from built-in chains are not part of it: the agent inserts each
 //! [`BuiltinJumpSpec`] once (`-I <chain> 1 <spec>`) after checking with `-C`.
 //!
-//! Every rule starts with `-m comment --comment "sluice:<hash>"`, where the hash covers
+//! Every rule carries `-m comment --comment "sluice:<hash>"`, where the hash covers
 //! the chain name, the previous rule's hash and the rule's own text (as Calico's felix
-//! does), so identical text at another position has another identity.
+//! does), so identical text at another position has another identity. Rules are
+//! written in `iptables-save`'s own layout (address/interface/protocol header, then the
+//! comment, then match modules and target) so that what the kernel prints back equals
+//! what was written, line for line.
 
 use std::fmt::Write as _;
 
@@ -37,39 +40,36 @@ fn proto(p: Protocol) -> &'static str {
     }
 }
 
-/// The rule's matches and target, without the identity comment.
-pub fn rule_body(rule: &Rule) -> String {
-    let mut out = String::new();
-    let mut last_proto = None;
+/// A rule's text in the two parts `iptables-save` prints around the comment: the
+/// address/interface/protocol header (always first, in the kernel's fixed order
+/// `-s -d -i -o -p`), and the match modules and target (in the rule's order). Keeping
+/// save's layout lets the agent compare what it wrote with what the kernel holds.
+pub fn rule_parts(rule: &Rule) -> (String, String) {
+    let mut src = None;
+    let mut dst = None;
+    let mut in_if = None;
+    let mut out_if = None;
+    let mut protocol = None;
+    let mut rest: Vec<String> = Vec::new();
     for m in &rule.matches {
-        if !out.is_empty() {
-            out.push(' ');
-        }
         match m {
-            Match::InInterface(i) => {
-                let _ = write!(out, "-i {}", iface(i));
-            }
-            Match::OutInterface(i) => {
-                let _ = write!(out, "-o {}", iface(i));
-            }
+            Match::InInterface(i) => in_if = Some(format!("-i {}", iface(i))),
+            Match::OutInterface(i) => out_if = Some(format!("-o {}", iface(i))),
             Match::Source { net, negated } => {
-                let _ = write!(out, "{}-s {net}", if *negated { "! " } else { "" });
+                src = Some(format!("{}-s {net}", if *negated { "! " } else { "" }))
             }
             Match::Destination { net, negated } => {
-                let _ = write!(out, "{}-d {net}", if *negated { "! " } else { "" });
+                dst = Some(format!("{}-d {net}", if *negated { "! " } else { "" }))
             }
-            Match::Protocol(p) => {
-                last_proto = Some(*p);
-                let _ = write!(out, "-p {}", proto(*p));
-            }
+            Match::Protocol(p) => protocol = Some(*p),
             Match::DestinationPorts { start, end } => {
-                // The port match module is named after the protocol (as iptables-save
-                // prints it); without a protocol the rule would be rejected anyway.
-                let module = proto(last_proto.unwrap_or(Protocol::Tcp));
+                // The port module is named after the protocol, as iptables-save prints
+                // it; a port without a protocol is refused by the kernel anyway.
+                let module = proto(protocol.unwrap_or(Protocol::Tcp));
                 if start == end {
-                    let _ = write!(out, "-m {module} --dport {start}");
+                    rest.push(format!("-m {module} --dport {start}"));
                 } else {
-                    let _ = write!(out, "-m {module} --dport {start}:{end}");
+                    rest.push(format!("-m {module} --dport {start}:{end}"));
                 }
             }
             Match::Set { name, direction } => {
@@ -78,35 +78,40 @@ pub fn rule_body(rule: &Rule) -> String {
                     SetDirection::Dst => "dst",
                     SetDirection::DstDstPort => "dst,dst",
                 };
-                let _ = write!(out, "-m set --match-set {name} {dir}");
+                rest.push(format!("-m set --match-set {name} {dir}"));
             }
             Match::CtState(states) => {
                 let list: Vec<&str> = states.iter().map(|s: &CtState| s.as_str()).collect();
-                let _ = write!(out, "-m conntrack --ctstate {}", list.join(","));
+                rest.push(format!("-m conntrack --ctstate {}", list.join(",")));
             }
             Match::Mark { value, mask } => {
-                let _ = write!(out, "-m mark --mark {value:#x}/{mask:#x}");
+                rest.push(format!("-m mark --mark {value:#x}/{mask:#x}"));
             }
         }
     }
-    if !out.is_empty() {
-        out.push(' ');
+    rest.push(match &rule.target {
+        Target::Accept => "-j ACCEPT".to_string(),
+        Target::Drop => "-j DROP".to_string(),
+        Target::Return => "-j RETURN".to_string(),
+        Target::Jump(c) => format!("-j {c}"),
+        Target::Goto(c) => format!("-g {c}"),
+        Target::SetMark { value, mask } => format!("-j MARK --set-xmark {value:#x}/{mask:#x}"),
+    });
+    let header: Vec<String> = [src, dst, in_if, out_if, protocol.map(|p| format!("-p {}", proto(p)))]
+        .into_iter()
+        .flatten()
+        .collect();
+    (header.join(" "), rest.join(" "))
+}
+
+/// The rule's text without the identity comment (what its hash covers).
+pub fn rule_body(rule: &Rule) -> String {
+    let (header, rest) = rule_parts(rule);
+    if header.is_empty() {
+        rest
+    } else {
+        format!("{header} {rest}")
     }
-    match &rule.target {
-        Target::Accept => out.push_str("-j ACCEPT"),
-        Target::Drop => out.push_str("-j DROP"),
-        Target::Return => out.push_str("-j RETURN"),
-        Target::Jump(c) => {
-            let _ = write!(out, "-j {c}");
-        }
-        Target::Goto(c) => {
-            let _ = write!(out, "-g {c}");
-        }
-        Target::SetMark { value, mask } => {
-            let _ = write!(out, "-j MARK --set-xmark {value:#x}/{mask:#x}");
-        }
-    }
-    out
 }
 
 /// The identity hash of a rule at its position in `chain`.
@@ -127,11 +132,20 @@ pub fn chain_rule_specs(chain: &Chain) -> Vec<String> {
         .rules
         .iter()
         .map(|r| {
-            let body = rule_body(r);
+            let (header, rest) = rule_parts(r);
+            let body = if header.is_empty() {
+                rest.clone()
+            } else {
+                format!("{header} {rest}")
+            };
             let hash = rule_hash(&chain.name, &previous, &body);
-            let spec = format!("-m comment --comment \"{COMMENT_PREFIX}{hash}\" {body}");
+            let comment = format!("-m comment --comment \"{COMMENT_PREFIX}{hash}\"");
             previous = hash;
-            spec
+            if header.is_empty() {
+                format!("{comment} {rest}")
+            } else {
+                format!("{header} {comment} {rest}")
+            }
         })
         .collect()
 }
