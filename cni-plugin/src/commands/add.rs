@@ -1,0 +1,242 @@
+//! ADD: wire one pod (DESIGN.md "Wiring a pod"). Every step that creates something
+//! is recorded, and on any failure the record is undone in reverse, IPAM DEL
+//! included, so a failed ADD leaves nothing behind.
+
+use std::path::Path;
+
+use serde_json::Value;
+use sluice_cni::delegate;
+use sluice_cni::protocol::{CniResult, Command};
+
+use super::Ctx;
+use crate::agent_status;
+use crate::error::PluginError;
+use crate::log::log;
+use crate::mtu;
+use crate::netlink::{Netlink, VethPeer, parse_mac};
+use crate::netns::Netns;
+use crate::sysctl;
+use crate::wiring::{self, HOST_MAC, Plan};
+
+/// What has been created so far, to undo on failure.
+enum Done {
+    Ipam(std::path::PathBuf),
+    HostVeth(u32),
+}
+
+pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
+    if ctx.plugin.require_agent {
+        let r = agent_status::read(&ctx.plugin.agent_status_file);
+        if !r.is_ready() {
+            return Err(PluginError::AgentNotReady(r.reason().to_owned()));
+        }
+    }
+    let Some(ipam) = ctx.conf.ipam.as_ref() else {
+        return Err(PluginError::Config(
+            "the sluice plugin needs an \"ipam\" section (e.g. sluice-ipam or host-local)".into(),
+        ));
+    };
+    let netns_path = ctx.env.netns.as_deref().unwrap_or(Path::new(""));
+    let netns = Netns::open(netns_path)?;
+    let ifname = ctx.env.ifname();
+    let host_ifname = ctx.host_ifname();
+
+    let mut host = Netlink::open()?;
+    let mut pod = netns.run(Netlink::open)??;
+
+    // Refuse before IPAM runs, so a refused ADD allocates nothing.
+    if pod.link_by_name(ifname)?.is_some() {
+        return Err(PluginError::IfnameTaken {
+            ifname: ifname.to_owned(),
+            netns: netns_path.to_owned(),
+        });
+    }
+    if let Some(old) = host.link_by_name(&host_ifname)? {
+        // By the naming rule the name belongs to this pod: a veth left by an
+        // earlier sandbox of the same pod whose DEL never came. Anything else is
+        // not ours to delete.
+        if old.kind.as_deref() != Some("veth") {
+            return Err(PluginError::HostNameTaken {
+                name: host_ifname,
+                kind: old.kind.unwrap_or_else(|| "unknown".into()),
+            });
+        }
+        log!(
+            "removing stale host interface {host_ifname} (alias {:?})",
+            old.alias
+        );
+        host.del_link(old.index)?;
+    }
+    let (mtu, source) = mtu::resolve(
+        ctx.plugin.mtu,
+        &ctx.plugin.mtu_file,
+        |p| std::fs::read_to_string(p),
+        || uplink(&mut host),
+    )?;
+    if !matches!(source, mtu::MtuSource::Config | mtu::MtuSource::File) {
+        log!(
+            "MTU file {} missing: using {mtu} from {source:?} minus IPIP overhead",
+            ctx.plugin.mtu_file.display()
+        );
+    }
+    let pod_mac = requested_mac(ctx)?;
+
+    let mut done = Vec::new();
+    let outcome = wire(
+        ctx,
+        &netns,
+        &mut host,
+        &mut pod,
+        &mut done,
+        &ipam.plugin_type,
+        mtu,
+        pod_mac,
+    );
+    match outcome {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            log!("ADD failed: {e}; rolling back");
+            rollback(ctx, &mut host, done);
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn wire(
+    ctx: &Ctx<'_>,
+    netns: &Netns,
+    host: &mut Netlink,
+    pod: &mut Netlink,
+    done: &mut Vec<Done>,
+    ipam_type: &str,
+    mtu: u32,
+    pod_mac: Option<[u8; 6]>,
+) -> Result<Value, PluginError> {
+    let ipam_path = delegate::find_in_path(ipam_type, &ctx.env.path)?;
+    let ipam_result = delegate::ipam_add(&ipam_path, &ctx.conf.bytes)?;
+    done.push(Done::Ipam(ipam_path));
+    let address = wiring::pod_address(&ipam_result).ok_or_else(|| PluginError::NoIpv4 {
+        ipam: ipam_type.to_owned(),
+    })?;
+    if ipam_result.ips.iter().any(|ip| ip.address.addr().is_ipv6()) {
+        log!("IPAM returned IPv6 addresses too; sluice wires IPv4 only and leaves them out");
+    }
+    let plan = Plan {
+        host_ifname: ctx.host_ifname(),
+        pod_ifname: ctx.env.ifname().to_owned(),
+        address,
+        mtu,
+        alias: ctx.alias(),
+    };
+
+    host.add_veth(
+        &plan.host_ifname,
+        HOST_MAC,
+        mtu,
+        &VethPeer {
+            name: &plan.pod_ifname,
+            netns_fd: netns.raw_fd(),
+            mac: pod_mac,
+        },
+    )?;
+    let host_link = host.link_by_name(&plan.host_ifname)?.ok_or_else(|| {
+        PluginError::Config(format!("{} vanished after creation", plan.host_ifname))
+    })?;
+    done.push(Done::HostVeth(host_link.index));
+    for (key, value) in sysctl::HOST_VETH {
+        sysctl::write(key, &plan.host_ifname, value)?;
+    }
+    host.set_up(host_link.index, Some(&plan.alias))?;
+
+    let pod_link = pod.link_by_name(&plan.pod_ifname)?.ok_or_else(|| {
+        PluginError::Config(format!("{} did not appear in the pod", plan.pod_ifname))
+    })?;
+    pod.set_up(pod_link.index, None)?;
+    pod.add_address(pod_link.index, ipnet::IpNet::V4(plan.address))?;
+    for r in plan.pod_routes(pod_link.index) {
+        pod.add_route4(&r, false)?;
+    }
+    // Replace: a route for this address left by a pod whose veth is already gone
+    // cannot exist (it dies with the link), but one added by hand might.
+    host.add_route4(&plan.host_route(host_link.index), true)?;
+
+    let prev = ctx
+        .conf
+        .prev_result
+        .as_ref()
+        .map(CniResult::parse)
+        .transpose()?;
+    let dns = ctx
+        .conf
+        .dns
+        .clone()
+        .filter(|d| !d.is_empty())
+        .unwrap_or(ipam_result.dns);
+    let mac = pod_link.mac.unwrap_or_default();
+    let netns_str = ctx
+        .env
+        .netns
+        .as_deref()
+        .unwrap_or(Path::new(""))
+        .display()
+        .to_string();
+    log!(
+        "wired {} <-> {} {} mtu {mtu}",
+        plan.host_ifname,
+        plan.pod_ifname,
+        plan.address
+    );
+    Ok(plan
+        .result(mac, &netns_str, dns, prev)
+        .render(ctx.conf.cni_version))
+}
+
+fn rollback(ctx: &Ctx<'_>, host: &mut Netlink, done: Vec<Done>) {
+    for step in done.into_iter().rev() {
+        match step {
+            // Deleting the host end removes the pod end, the pod's address and
+            // routes, and the host /32 route with it.
+            Done::HostVeth(index) => {
+                if let Err(e) = host.del_link(index) {
+                    log!("rollback: deleting link {index}: {e}");
+                }
+            }
+            Done::Ipam(path) => {
+                if let Err(e) = delegate::ipam_verb(&path, Command::Del, &ctx.conf.bytes) {
+                    log!("rollback: IPAM DEL: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// `MAC=` from CNI_ARGS, or `runtimeConfig.mac` (the `mac` capability).
+fn requested_mac(ctx: &Ctx<'_>) -> Result<Option<[u8; 6]>, PluginError> {
+    let s = ctx.env.args.mac.clone().or_else(|| {
+        ctx.conf
+            .runtime_config_key("mac")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    });
+    match s {
+        None => Ok(None),
+        Some(s) => parse_mac(&s).map(Some).ok_or_else(|| {
+            PluginError::Config(format!("requested MAC {s:?} is not aa:bb:cc:dd:ee:ff"))
+        }),
+    }
+}
+
+/// The default-route device and its MTU, for the MTU fallback.
+fn uplink(host: &mut Netlink) -> Option<(String, u32)> {
+    let routes = host.routes4().ok()?;
+    let oif = routes
+        .iter()
+        .find(|r| r.dst.prefix_len() == 0 && r.oif.is_some())?
+        .oif?;
+    host.links()
+        .ok()?
+        .into_iter()
+        .find(|l| l.index == oif)
+        .and_then(|l| Some((l.name, l.mtu?)))
+}

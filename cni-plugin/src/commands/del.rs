@@ -1,0 +1,73 @@
+//! DEL: remove the attachment, succeeding in every case real runtimes produce —
+//! repeated DEL, no `prevResult`, empty `CNI_NETNS`, a namespace already gone,
+//! links already gone. Every step runs even when an earlier one failed; failures
+//! are reported together at the end.
+
+use sluice_cni::delegate;
+use sluice_cni::protocol::Command;
+
+use super::Ctx;
+use crate::error::{Errors, PluginError};
+use crate::log::log;
+use crate::netlink::Netlink;
+use crate::netns::{Netns, NetnsError};
+
+pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
+    let mut errors = Errors::default();
+    let host_ifname = ctx.host_ifname();
+    let alias = ctx.alias();
+
+    if let Some(mut host) = errors.keep(Netlink::open()) {
+        match errors.keep(host.del_link_by_name(&host_ifname)) {
+            Some(true) => log!("deleted {host_ifname}"),
+            // Not under the expected name: the ADD may have seen different
+            // CNI_ARGS (a runtime that sends K8S_POD_* on ADD only). The alias
+            // records the attachment itself.
+            Some(false) => {
+                if let Some(links) = errors.keep(host.links()) {
+                    for l in links.iter().filter(|l| l.alias.as_deref() == Some(&alias)) {
+                        if errors.keep(host.del_link(l.index)).is_some() {
+                            log!("deleted {} (found by alias)", l.name);
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    // The pod end normally went with the host end; remove it too if it survived
+    // (the host end was renamed or moved by hand).
+    if let Some(path) = ctx.env.netns.as_deref() {
+        match Netns::open(path) {
+            Ok(ns) => {
+                let ifname = ctx.env.ifname();
+                let r = ns.run(|| -> Result<bool, PluginError> {
+                    let mut pod = Netlink::open()?;
+                    match pod.link_by_name(ifname)? {
+                        Some(l) if l.kind.as_deref() == Some("veth") => {
+                            pod.del_link(l.index)?;
+                            Ok(true)
+                        }
+                        _ => Ok(false),
+                    }
+                });
+                match r {
+                    Ok(Ok(true)) => log!("deleted {ifname} inside {}", path.display()),
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => errors.push(e),
+                    Err(e) => errors.push(e.into()),
+                }
+            }
+            Err(NetnsError::Missing(_)) => {
+                log!("netns {} is gone; nothing to do inside it", path.display())
+            }
+            Err(e) => errors.push(e.into()),
+        }
+    }
+
+    if let Some(Some(path)) = errors.keep(ctx.ipam_path()) {
+        errors.keep(delegate::ipam_verb(&path, Command::Del, &ctx.conf.bytes));
+    }
+    errors.finish()
+}

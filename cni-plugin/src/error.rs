@@ -1,0 +1,239 @@
+//! Everything that can fail in the plugin, and the one place that turns it into a
+//! CNI error code. Codes 1–99 are the spec's; 100 and up are sluice's and are
+//! listed here so an operator can look them up.
+
+use std::path::PathBuf;
+
+use sluice_cni::delegate::DelegateError;
+use sluice_cni::protocol::{CniError, ErrorCode};
+
+use crate::netlink::NetlinkError;
+use crate::netns::NetnsError;
+use crate::sysctl::SysctlError;
+
+/// 103: a netlink request (link, address, route) failed.
+pub const CODE_NETLINK: u32 = 103;
+/// 104: a network namespace could not be opened or entered.
+pub const CODE_NETNS: u32 = 104;
+/// 105: `CNI_IFNAME` already exists inside the pod.
+pub const CODE_IFNAME_TAKEN: u32 = 105;
+/// 106: the host-side name is held by an interface that is not a sluice veth.
+pub const CODE_HOST_NAME_TAKEN: u32 = 106;
+/// 107: a sysctl could not be written.
+pub const CODE_SYSCTL: u32 = 107;
+/// 108: the agent's MTU file exists but cannot be used.
+pub const CODE_MTU_FILE: u32 = 108;
+/// 110: CHECK found the attachment differs from what ADD made.
+pub const CODE_CHECK_FAILED: u32 = 110;
+/// 111: the IPAM plugin returned no IPv4 address.
+pub const CODE_NO_IPV4: u32 = 111;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// Already a CNI error (protocol parsing, a verb not allowed in this version).
+    #[error(transparent)]
+    Cni(#[from] CniError),
+    #[error(transparent)]
+    Delegate(#[from] DelegateError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Sysctl(#[from] SysctlError),
+    #[error("{0}")]
+    Config(String),
+    #[error("interface {ifname} already exists in network namespace {netns}")]
+    IfnameTaken { ifname: String, netns: PathBuf },
+    #[error("host interface name {name} is taken by a {kind} interface that sluice did not create")]
+    HostNameTaken { name: String, kind: String },
+    #[error("IPAM plugin {ipam} returned no IPv4 address")]
+    NoIpv4 { ipam: String },
+    #[error("MTU file {path}: {detail}")]
+    MtuFile { path: PathBuf, detail: String },
+    #[error("{0}")]
+    AgentNotReady(String),
+    #[error("CHECK failed: {}", .0.join("; "))]
+    Check(Vec<String>),
+    /// Teardown (DEL, GC) keeps going past failures and reports them together.
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Several(Vec<PluginError>),
+}
+
+impl From<PluginError> for CniError {
+    fn from(e: PluginError) -> CniError {
+        let sluice = |code: u32, msg: String, hint: &str| {
+            CniError::new(ErrorCode::Sluice(code), msg).with_details(hint)
+        };
+        match e {
+            PluginError::Cni(c) => c,
+            PluginError::Delegate(d) => d.into(),
+            PluginError::Netns(NetnsError::Missing(p)) => CniError::new(
+                ErrorCode::UnknownContainer,
+                format!("network namespace {} does not exist", p.display()),
+            )
+            .with_details("the sandbox is gone; nothing was configured"),
+            PluginError::Netns(n) => sluice(
+                CODE_NETNS,
+                n.to_string(),
+                "CNI_NETNS must name a network namespace (/run/netns/<name> or /proc/<pid>/ns/net)",
+            ),
+            PluginError::Netlink(n) => sluice(
+                CODE_NETLINK,
+                n.to_string(),
+                "the kernel refused a link/address/route change; see the plugin log",
+            ),
+            PluginError::Sysctl(s) => sluice(CODE_SYSCTL, s.to_string(), "is /proc/sys writable?"),
+            PluginError::Config(m) => CniError::new(ErrorCode::InvalidNetworkConfig, m),
+            e @ PluginError::IfnameTaken { .. } => sluice(
+                CODE_IFNAME_TAKEN,
+                e.to_string(),
+                "pick another CNI_IFNAME, or DEL the attachment that holds it",
+            ),
+            e @ PluginError::HostNameTaken { .. } => sluice(
+                CODE_HOST_NAME_TAKEN,
+                e.to_string(),
+                "remove or rename that interface; sluice never deletes interfaces it did not make",
+            ),
+            e @ PluginError::NoIpv4 { .. } => sluice(
+                CODE_NO_IPV4,
+                e.to_string(),
+                "sluice wires IPv4 pods: give the IPAM plugin an IPv4 range",
+            ),
+            e @ PluginError::MtuFile { .. } => sluice(
+                CODE_MTU_FILE,
+                e.to_string(),
+                "the agent writes one number; fix or remove the file, or set mtu in the config",
+            ),
+            PluginError::AgentNotReady(m) => CniError::new(ErrorCode::TryAgainLater, m),
+            e @ PluginError::Check(_) => sluice(
+                CODE_CHECK_FAILED,
+                e.to_string(),
+                "the pod's network was changed after ADD; recreate the pod",
+            ),
+            PluginError::Several(mut v) => match v.len() {
+                1 => v.remove(0).into(),
+                _ => {
+                    let all = v
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    let first: CniError = v.remove(0).into();
+                    first.with_details(all)
+                }
+            },
+        }
+    }
+}
+
+/// Collects teardown errors so DEL and GC do everything they can before reporting.
+#[derive(Default)]
+pub struct Errors(Vec<PluginError>);
+
+impl Errors {
+    pub fn keep<T>(&mut self, r: Result<T, impl Into<PluginError>>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let e = e.into();
+                crate::log::log!("error (continuing): {e}");
+                self.0.push(e);
+                None
+            }
+        }
+    }
+
+    pub fn push(&mut self, e: PluginError) {
+        crate::log::log!("error (continuing): {e}");
+        self.0.push(e);
+    }
+
+    pub fn finish(self) -> Result<(), PluginError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(PluginError::Several(self.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_its_code() {
+        let table: Vec<(PluginError, u32)> = vec![
+            (
+                PluginError::Netns(NetnsError::Missing("/run/netns/x".into())),
+                3,
+            ),
+            (PluginError::Config("bad".into()), 7),
+            (PluginError::AgentNotReady("starting".into()), 11),
+            (
+                PluginError::Netlink(NetlinkError::Kernel {
+                    op: "x".into(),
+                    errno: libc::EPERM,
+                }),
+                CODE_NETLINK,
+            ),
+            (
+                PluginError::IfnameTaken {
+                    ifname: "eth0".into(),
+                    netns: "/x".into(),
+                },
+                CODE_IFNAME_TAKEN,
+            ),
+            (
+                PluginError::HostNameTaken {
+                    name: "slc".into(),
+                    kind: "bridge".into(),
+                },
+                CODE_HOST_NAME_TAKEN,
+            ),
+            (
+                PluginError::NoIpv4 {
+                    ipam: "host-local".into(),
+                },
+                CODE_NO_IPV4,
+            ),
+            (
+                PluginError::MtuFile {
+                    path: "/f".into(),
+                    detail: "x".into(),
+                },
+                CODE_MTU_FILE,
+            ),
+            (PluginError::Check(vec!["x".into()]), CODE_CHECK_FAILED),
+            (
+                PluginError::Delegate(DelegateError::NotFound {
+                    plugin: "p".into(),
+                    searched: "/x".into(),
+                }),
+                sluice_cni::delegate::CODE_PLUGIN_NOT_FOUND,
+            ),
+        ];
+        for (e, code) in table {
+            let shown = e.to_string();
+            let c: CniError = e.into();
+            assert_eq!(c.code, code, "{shown}");
+            assert!(!c.msg.is_empty());
+        }
+    }
+
+    #[test]
+    fn several_errors_report_the_first_code_and_all_messages() {
+        let e = PluginError::Several(vec![
+            PluginError::Config("first".into()),
+            PluginError::Check(vec!["second".into()]),
+        ]);
+        let c: CniError = e.into();
+        assert_eq!(c.code, 7);
+        assert!(
+            c.details.contains("first") && c.details.contains("second"),
+            "{}",
+            c.details
+        );
+    }
+}
