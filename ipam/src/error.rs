@@ -8,7 +8,8 @@ use crate::config::ConfigError;
 use crate::state::StateError;
 use crate::store::StoreError;
 
-/// CNI error codes `sluice-ipam` returns. 1–99 are the spec's; 100 and up are ours.
+/// CNI error codes `sluice-ipam` returns. 1–99 are the spec's; ours start at 110
+/// (100–109 belong to the `sluice` plugin: 100 internal error, 101–102 delegation).
 pub mod codes {
     /// Spec: I/O failure.
     pub const IO_FAILURE: u32 = 5;
@@ -18,15 +19,15 @@ pub mod codes {
     /// claiming another one).
     pub const TRY_AGAIN_LATER: u32 = 11;
     /// Every block of the pool is claimed by some node.
-    pub const POOL_EXHAUSTED: u32 = 100;
+    pub const POOL_EXHAUSTED: u32 = 110;
     /// The state directory cannot be written.
-    pub const STATE_NOT_WRITABLE: u32 = 101;
+    pub const STATE_NOT_WRITABLE: u32 = 111;
     /// The state file is corrupt (and was left alone).
-    pub const STATE_CORRUPT: u32 = 102;
+    pub const STATE_CORRUPT: u32 = 112;
     /// The block store failed or holds a damaged entry.
-    pub const BLOCK_STORE: u32 = 103;
+    pub const BLOCK_STORE: u32 = 113;
     /// CHECK: the attachment holds no address, or not the one the runtime has.
-    pub const CHECK_FAILED: u32 = 104;
+    pub const CHECK_FAILED: u32 = 114;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,22 +105,6 @@ impl IpamError {
             IpamError::NotAllocated { .. } | IpamError::AddressMismatch { .. } => {
                 codes::CHECK_FAILED
             }
-        }
-    }
-
-    /// The short `msg` of the CNI error object (`details` carries the full text).
-    pub fn cni_msg(&self) -> &'static str {
-        match self {
-            IpamError::Config(_) => "invalid IPAM configuration",
-            IpamError::State(StateError::NotWritable { .. }) => "IPAM state directory not writable",
-            IpamError::State(StateError::Corrupt { .. }) => "IPAM state file corrupt",
-            IpamError::State(StateError::Io { .. }) => "IPAM state I/O failure",
-            IpamError::NoBlockPublished { .. } => "no IPAM block published for this node",
-            IpamError::NodeBlocksFull { .. } => "this node's IPAM blocks are full",
-            IpamError::PoolExhausted { .. } => "IP pool exhausted",
-            IpamError::Store(_) => "IPAM block store failure",
-            IpamError::NotAllocated { .. } => "no address allocated",
-            IpamError::AddressMismatch { .. } => "allocated address differs",
         }
     }
 }

@@ -32,10 +32,8 @@ pub enum StateError {
     },
     #[error(
         "IPAM state file {path} is corrupt: {reason}. sluice-ipam will not reset it, because \
-         that could give running pods' addresses to new pods. Repair it (`sluicectl ipam show \
-         --state-dir {}` shows what still parses), or move it aside and recreate every pod \
-         on this node"
-        , path.parent().unwrap_or(Path::new(".")).display()
+         that could give running pods' addresses to new pods. Repair it by hand, or move it \
+         aside and then delete and recreate every pod on this node"
     )]
     Corrupt { path: PathBuf, reason: String },
     #[error("IPAM state {path}: {op}: {source}")]
