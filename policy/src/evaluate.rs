@@ -17,6 +17,8 @@
 //!   the docs say "the only allowed connections into the pod are those from the pod's
 //!   node and those allowed by the ingress list". Egress from a pod to its own node
 //!   is *not* special.
+//! - A pod can always reach itself (seed 002: "a pod cannot block access to itself";
+//!   upstream e2e `AllowLoopback`): the packet never leaves its network namespace.
 //! - Replies of an allowed connection are always allowed: a probe is always the
 //!   connection's first packet, so this evaluator never sees a reply.
 //! - An address given as `ip:` that belongs to a pod (or node) *is* that pod (node):
@@ -177,6 +179,8 @@ pub enum Side {
     NotIsolated,
     /// Ingress from the destination pod's own node: always allowed.
     OwnNode,
+    /// A pod talking to itself: never leaves its namespace, so never policed.
+    Loopback,
     /// Isolated by `isolating`; the first matching rule (in policy key order) allowed
     /// it. `also` counts further rules that would have allowed it.
     Allowed {
@@ -230,6 +234,7 @@ impl Evaluation {
             Side::NotPoliced => format!("egress: {} is not a policed pod", self.from),
             Side::NotIsolated => format!("egress: no policy isolates {} for egress", self.from),
             Side::OwnNode => "egress: own node".to_string(),
+            Side::Loopback => format!("egress: {} talks to itself (loopback)", self.from),
             Side::Allowed { isolating, by, .. } => format!(
                 "egress: isolated by [{}], allowed by {} egress[{}]",
                 names(isolating),
@@ -251,6 +256,7 @@ impl Evaluation {
                 "ingress: {} is the destination pod's own node (always allowed)",
                 self.from
             ),
+            Side::Loopback => "ingress: loopback never leaves the pod".to_string(),
             Side::Allowed { isolating, by, .. } => format!(
                 "ingress: isolated by [{}], allowed by {} ingress[{}]",
                 names(isolating),
@@ -469,7 +475,10 @@ pub fn evaluate(cluster: &Cluster, probe: &Probe) -> Result<Evaluation, Evaluate
     let dst_pod = pod_of(cluster, &to);
     let src_pod = pod_of(cluster, &from);
 
+    let loopback = matches!((&from, &to), (Resolved::Pod { pod: a, .. }, Resolved::Pod { pod: b, .. }) if a == b);
+
     let egress = match src_pod {
+        _ if loopback => Side::Loopback,
         None => Side::NotPoliced,
         Some(src) => judge(
             cluster
@@ -484,6 +493,7 @@ pub fn evaluate(cluster: &Cluster, probe: &Probe) -> Result<Evaluation, Evaluate
     };
 
     let ingress = match dst_pod {
+        _ if loopback => Side::Loopback,
         None => Side::NotPoliced,
         Some(dst) => {
             let from_own_node = matches!(&from, Resolved::Node { node, .. }
