@@ -445,6 +445,11 @@ impl RouteTable for Netlink {
                 }
                 let ip = m.attributes.iter().find_map(|a| match a {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                    // In an AF_BRIDGE (FDB) message the parser cannot know the remote's
+                    // family and hands back raw bytes.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                        <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                    }
                     _ => None,
                 });
                 let mac = m.attributes.iter().find_map(|a| match a {
