@@ -152,6 +152,33 @@ pub fn supported_versions(path: &Path) -> Result<Vec<String>, DelegateError> {
         .unwrap_or_default())
 }
 
+/// The config to hand the plugin at `path`: the runtime's bytes unchanged, except
+/// that a 1.1.0 config given to a plugin that does not speak 1.1.0 (the reference
+/// `host-local` 1.1.1 stops at 1.0.0) is relabelled with the newest version both
+/// speak. ADD/DEL/CHECK are unchanged between 1.0.0 and 1.1.0, so this only
+/// spares a 1.1.0 runtime a needless "incompatible CNI versions". Costs one VERSION
+/// exec, and only for 1.1.0 configs.
+pub fn config_for(path: &Path, conf: &crate::protocol::NetConf) -> Result<Vec<u8>, DelegateError> {
+    if conf.cni_version < Version::V1_1_0 {
+        return Ok(conf.bytes.clone());
+    }
+    let theirs = supported_versions(path)?;
+    if theirs.iter().any(|v| v == conf.cni_version.as_str()) {
+        return Ok(conf.bytes.clone());
+    }
+    let Some(best) = crate::protocol::SUPPORTED_VERSIONS
+        .into_iter()
+        .rev()
+        .find(|v| theirs.iter().any(|t| t == v.as_str()))
+    else {
+        // Nothing in common: let the plugin say so itself.
+        return Ok(conf.bytes.clone());
+    };
+    let mut raw = conf.raw.clone();
+    raw["cniVersion"] = best.as_str().into();
+    Ok(raw.to_string().into_bytes())
+}
+
 /// STATUS or GC through the IPAM plugin, only when it speaks 1.1.0 (the verbs do
 /// not exist before; the reference `host-local` 1.1.1 predates them and would fail
 /// with "unknown CNI_COMMAND"). Returns whether the delegate was called.
@@ -243,6 +270,39 @@ mod tests {
         let p = script(&d, "garbage", "echo not-json");
         let e: CniError = ipam_add(&p, b"{}").unwrap_err().into();
         assert_eq!(e.code, CODE_PLUGIN_FAILED);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_1_1_0_config_is_relabelled_for_a_1_0_0_delegate_and_kept_otherwise() {
+        let d = tempdir("relabel");
+        let old = script(
+            &d,
+            "old",
+            r#"echo '{"cniVersion":"1.0.0","supportedVersions":["0.3.1","0.4.0","1.0.0"]}'"#,
+        );
+        let conf = crate::protocol::NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"sluice","ipam":{"type":"old"},"x":1}"#,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&config_for(&old, &conf).unwrap()).unwrap();
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert_eq!(v["x"], 1);
+        let new = script(
+            &d,
+            "new",
+            r#"echo '{"cniVersion":"1.1.0","supportedVersions":["1.0.0","1.1.0"]}'"#,
+        );
+        assert_eq!(config_for(&new, &conf).unwrap(), conf.bytes);
+        let c100 = crate::protocol::NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"sluice"}"#,
+        )
+        .unwrap();
+        // No VERSION call at all below 1.1.0: a missing binary is not touched.
+        assert_eq!(
+            config_for(Path::new("/nonexistent"), &c100).unwrap(),
+            c100.bytes
+        );
         let _ = std::fs::remove_dir_all(d);
     }
 

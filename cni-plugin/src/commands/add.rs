@@ -20,7 +20,8 @@ use crate::wiring::{self, HOST_MAC, Plan};
 
 /// What has been created so far, to undo on failure.
 enum Done {
-    Ipam(std::path::PathBuf),
+    /// The IPAM plugin and the config it was given.
+    Ipam(std::path::PathBuf, Vec<u8>),
     HostVeth(u32),
 }
 
@@ -96,7 +97,7 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         Ok(v) => Ok(v),
         Err(e) => {
             log!("ADD failed: {e}; rolling back");
-            rollback(ctx, &mut host, done);
+            rollback(&mut host, done);
             Err(e)
         }
     }
@@ -114,8 +115,9 @@ fn wire(
     pod_mac: Option<[u8; 6]>,
 ) -> Result<Value, PluginError> {
     let ipam_path = delegate::find_in_path(ipam_type, &ctx.env.path)?;
-    let ipam_result = delegate::ipam_add(&ipam_path, &ctx.conf.bytes)?;
-    done.push(Done::Ipam(ipam_path));
+    let ipam_conf = delegate::config_for(&ipam_path, ctx.conf)?;
+    let ipam_result = delegate::ipam_add(&ipam_path, &ipam_conf)?;
+    done.push(Done::Ipam(ipam_path, ipam_conf));
     let address = wiring::pod_address(&ipam_result).ok_or_else(|| PluginError::NoIpv4 {
         ipam: ipam_type.to_owned(),
     })?;
@@ -192,7 +194,7 @@ fn wire(
         .render(ctx.conf.cni_version))
 }
 
-fn rollback(ctx: &Ctx<'_>, host: &mut Netlink, done: Vec<Done>) {
+fn rollback(host: &mut Netlink, done: Vec<Done>) {
     for step in done.into_iter().rev() {
         match step {
             // Deleting the host end removes the pod end, the pod's address and
@@ -202,8 +204,8 @@ fn rollback(ctx: &Ctx<'_>, host: &mut Netlink, done: Vec<Done>) {
                     log!("rollback: deleting link {index}: {e}");
                 }
             }
-            Done::Ipam(path) => {
-                if let Err(e) = delegate::ipam_verb(&path, Command::Del, &ctx.conf.bytes) {
+            Done::Ipam(path, conf) => {
+                if let Err(e) = delegate::ipam_verb(&path, Command::Del, &conf) {
                     log!("rollback: IPAM DEL: {e}");
                 }
             }

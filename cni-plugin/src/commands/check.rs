@@ -23,7 +23,8 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     })?;
     let prev = CniResult::parse(prev)?;
     if let Some(path) = ctx.ipam_path()? {
-        delegate::ipam_verb(&path, Command::Check, &ctx.conf.bytes)?;
+        let conf = delegate::config_for(&path, ctx.conf)?;
+        delegate::ipam_verb(&path, Command::Check, &conf)?;
     }
     // The address ADD reported for our pod interface.
     let pod_index = prev.interfaces.iter().position(|i| {

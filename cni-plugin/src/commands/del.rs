@@ -67,7 +67,9 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     }
 
     if let Some(Some(path)) = errors.keep(ctx.ipam_path()) {
-        errors.keep(delegate::ipam_verb(&path, Command::Del, &ctx.conf.bytes));
+        if let Some(conf) = errors.keep(delegate::config_for(&path, ctx.conf)) {
+            errors.keep(delegate::ipam_verb(&path, Command::Del, &conf));
+        }
     }
     errors.finish()
 }

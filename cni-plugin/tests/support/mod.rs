@@ -1,0 +1,333 @@
+//! Shared fixtures for the plugin's root integration tests: exec the built `sluice`
+//! binary exactly as a runtime does (env + stdin, result or error on stdout), a
+//! "node" namespace with an uplink and a default route via a fake gateway, pods as
+//! `NetnsHolder`s, both IPAM plugins, and the no-leftover check.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+use sluice_testkit::{NetnsHolder, bin_path, sh, try_sh};
+
+pub const NODE_IP: &str = "192.168.77.2";
+pub const GATEWAY_IP: &str = "192.168.77.1";
+pub const UPLINK: &str = "up0";
+
+/// Make the calling thread's (fresh) namespace look like a node: an uplink with an
+/// address and a default route via a gateway that need not answer. Proxy ARP only
+/// answers for 169.254.1.1 when the node has a route to it, hence the default.
+pub fn setup_node() {
+    sh(&format!(
+        "ip link add {UPLINK} type veth peer name gw0 && ip addr add {NODE_IP}/24 dev {UPLINK} \
+         && ip link set {UPLINK} up && ip link set gw0 up && ip route add default via {GATEWAY_IP}"
+    ));
+}
+
+/// Links of the calling thread's namespace.
+pub fn links() -> Vec<String> {
+    links_in(None)
+}
+
+pub fn links_in(pod: Option<&NetnsHolder>) -> Vec<String> {
+    let cmd = "ip -o link show";
+    let out = match pod {
+        Some(p) => p.exec(cmd),
+        None => sh(cmd),
+    };
+    out.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .collect()
+}
+
+/// The node holds nothing but what [`setup_node`] made: no link, no route of ours.
+pub fn assert_no_node_leftovers() {
+    let mut l = links();
+    l.sort();
+    assert_eq!(l, ["gw0", "lo", UPLINK], "leftover links on the node");
+    let routes = sh("ip -4 route show");
+    let unexpected: Vec<&str> = routes
+        .lines()
+        .filter(|r| !r.starts_with("default via") && !r.contains(UPLINK))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "leftover routes on the node: {unexpected:?}"
+    );
+}
+
+/// A pod namespace holds nothing but `lo`.
+pub fn assert_pod_empty(pod: &NetnsHolder) {
+    assert_eq!(links_in(Some(pod)), ["lo"], "leftover links in the pod");
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipam {
+    HostLocal,
+    SluiceIpam,
+}
+
+impl Ipam {
+    /// The `ipam` section for this plugin, state under `dir`.
+    pub fn section(self, dir: &Path) -> Value {
+        match self {
+            Ipam::HostLocal => json!({
+                "type": "host-local",
+                "dataDir": dir.join("host-local"),
+                "ranges": [[{"subnet": "10.99.0.0/24"}]]
+            }),
+            Ipam::SluiceIpam => json!({
+                "type": "sluice-ipam",
+                "nodeName": "node-1",
+                "pool": "10.98.0.0/16",
+                "blockSize": 24,
+                "stateDir": dir.join("sluice-ipam"),
+                "blockStore": {"type": "dir", "path": dir.join("blocks")}
+            }),
+        }
+    }
+
+    /// Everything the IPAM plugin has recorded, as one string: a container id
+    /// that appears here still holds an address.
+    pub fn allocations(self, dir: &Path) -> String {
+        let root = match self {
+            Ipam::HostLocal => dir.join("host-local"),
+            Ipam::SluiceIpam => dir.join("sluice-ipam"),
+        };
+        let mut all = String::new();
+        for f in walk(&root) {
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            if name == "lock" || name.starts_with("last_reserved") {
+                continue;
+            }
+            all += &std::fs::read_to_string(&f).unwrap_or_default();
+            all.push('\n');
+        }
+        all
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A private CNI bin directory: the built `sluice` and `sluice-ipam` plus the
+/// reference plugins, as a runtime's CNI_PATH would hold them.
+pub struct CniBin {
+    pub dir: PathBuf,
+}
+
+impl CniBin {
+    pub fn new(root: &Path) -> CniBin {
+        let dir = root.join("bin");
+        std::fs::create_dir_all(&dir).unwrap();
+        symlink(bin_path("sluice"), dir.join("sluice")).unwrap();
+        if let Some(ipam) = sluice_ipam_bin() {
+            symlink(ipam, dir.join("sluice-ipam")).unwrap();
+        }
+        for p in ["host-local", "portmap", "bridge", "loopback"] {
+            let src = Path::new("/usr/lib/cni").join(p);
+            if src.exists() {
+                symlink(src, dir.join(p)).unwrap();
+            }
+        }
+        CniBin { dir }
+    }
+
+    pub fn sluice(&self) -> PathBuf {
+        self.dir.join("sluice")
+    }
+}
+
+/// The built `sluice-ipam`, if it exists (tests/run.sh builds every binary).
+pub fn sluice_ipam_bin() -> Option<PathBuf> {
+    std::panic::catch_unwind(|| bin_path("sluice-ipam")).ok()
+}
+
+/// A sluice network config with `ipam`, state and log under `dir`.
+pub fn conf(version: &str, ipam: Ipam, dir: &Path) -> Value {
+    json!({
+        "cniVersion": version,
+        "name": "sluice-test",
+        "type": "sluice",
+        "mtu": 0,
+        "mtuFile": dir.join("mtu"),
+        "logFile": dir.join("cni.log"),
+        "ipam": ipam.section(dir)
+    })
+}
+
+/// One plugin invocation, as a runtime makes it.
+pub struct Call {
+    pub command: &'static str,
+    pub container_id: String,
+    pub netns: Option<PathBuf>,
+    pub ifname: String,
+    pub args: String,
+    pub cni_path: Option<String>,
+    pub stdin: Vec<u8>,
+    pub unset: Vec<&'static str>,
+}
+
+impl Call {
+    pub fn new(
+        command: &'static str,
+        container_id: &str,
+        netns: Option<&Path>,
+        conf: &Value,
+    ) -> Call {
+        Call {
+            command,
+            container_id: container_id.to_owned(),
+            netns: netns.map(Path::to_owned),
+            ifname: "eth0".into(),
+            args: String::new(),
+            cni_path: None,
+            stdin: conf.to_string().into_bytes(),
+            unset: vec![],
+        }
+    }
+
+    pub fn k8s(mut self, namespace: &str, pod: &str) -> Call {
+        self.args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={}",
+            self.container_id
+        );
+        self
+    }
+
+    /// Run `plugin` in the calling thread's namespace (the node).
+    pub fn run(&self, bins: &CniBin) -> Outcome {
+        let mut cmd = Command::new(bins.sluice());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", self.command)
+            .env("CNI_CONTAINERID", &self.container_id)
+            .env("CNI_NETNS", self.netns.as_deref().unwrap_or(Path::new("")))
+            .env("CNI_IFNAME", &self.ifname)
+            .env("CNI_ARGS", &self.args)
+            .env(
+                "CNI_PATH",
+                self.cni_path
+                    .clone()
+                    .unwrap_or_else(|| bins.dir.display().to_string()),
+            );
+        for v in &self.unset {
+            cmd.env_remove(v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sluice");
+        {
+            use std::io::Write;
+            let _ = child.stdin.take().unwrap().write_all(&self.stdin);
+        }
+        let out = child.wait_with_output().unwrap();
+        Outcome {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    /// The result JSON of a successful call.
+    pub fn result(&self) -> Value {
+        assert!(
+            self.success,
+            "plugin failed: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", self.stdout))
+    }
+
+    /// A successful call that prints nothing (DEL, CHECK, GC, STATUS).
+    pub fn assert_silent_ok(&self) {
+        assert!(
+            self.success,
+            "plugin failed: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        assert_eq!(self.stdout.trim(), "", "success must print nothing");
+    }
+
+    /// The error object of a failed call; checks it is exactly one JSON object.
+    pub fn error(&self) -> Value {
+        assert!(!self.success, "expected failure, got: {}", self.stdout);
+        let v: Value = serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "error output is not one JSON object ({e}): {:?}",
+                self.stdout
+            )
+        });
+        assert!(v["code"].is_u64() && v["msg"].is_string(), "{v}");
+        v
+    }
+
+    pub fn code(&self) -> u64 {
+        self.error()["code"].as_u64().unwrap()
+    }
+}
+
+/// `busybox ping` one packet, true when answered.
+pub fn ping_from(pod: Option<&NetnsHolder>, dst: &str) -> bool {
+    let cmd = format!("busybox ping -c 1 -W 2 {dst}");
+    match pod {
+        Some(p) => p.try_exec(&cmd).status.success(),
+        None => try_sh(&cmd).status.success(),
+    }
+}
+
+pub fn sysctl(key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/sys/net/{key}"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// The pod's IPv4 address from a result (without prefix).
+pub fn result_ip(result: &Value) -> String {
+    let a = result["ips"][0]["address"]
+        .as_str()
+        .expect("ips[0].address");
+    a.split('/').next().unwrap().to_owned()
+}
+
+/// Which IPAM plugins to run a scenario with: host-local always, sluice-ipam once
+/// it is built (tests/run.sh builds it; in CI it must be).
+pub fn ipams() -> Vec<Ipam> {
+    let mut v = vec![Ipam::HostLocal];
+    if sluice_ipam_bin().is_some() {
+        v.push(Ipam::SluiceIpam);
+    } else if sluice_testkit::privileged_required() {
+        panic!("sluice-ipam is not built; tests/run.sh builds every binary first");
+    } else {
+        eprintln!("NOTE: sluice-ipam not built; running with host-local only");
+    }
+    v
+}
