@@ -66,10 +66,10 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
         }
     }
 
-    if let Some(Some(path)) = errors.keep(ctx.ipam_path()) {
-        if let Some(conf) = errors.keep(delegate::config_for(&path, ctx.conf)) {
-            errors.keep(delegate::ipam_verb(&path, Command::Del, &conf));
-        }
+    if let Some(Some(path)) = errors.keep(ctx.ipam_path())
+        && let Some(conf) = errors.keep(delegate::config_for(&path, ctx.conf))
+    {
+        errors.keep(delegate::ipam_verb(&path, Command::Del, &conf));
     }
     errors.finish()
 }
