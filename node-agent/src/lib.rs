@@ -1,5 +1,27 @@
 //! sluice-agent: the node agent. It watches a datastore (Kubernetes or a directory of
-//! manifests), computes the node's desired state (policy chains and ipsets, NAT, tunnel
-//! and routes) and applies it atomically, exposing health, readiness and metrics.
+//! manifests), computes the node's desired state (policy chains and ipsets, NAT,
+//! tunnel and routes) and applies it atomically, exposing health, readiness and
+//! metrics, and the status file the CNI plugin's STATUS verb reads.
+//!
+//! - [`config`]: flags and env of `run` and `install-cni`.
+//! - [`datastore`]: where state comes from (Kubernetes, a directory).
+//! - [`reconcile`]: snapshot → desired state, pure.
+//! - [`dataplane`]: owned iptables chains and ipsets, planned against the kernel.
+//! - [`agent`]: the loop that ties them together; [`health`], [`metrics`], [`status`].
+//! - [`install_cni`]: the init container's job.
 
+pub mod agent;
+pub mod config;
 pub mod dataplane;
+pub mod datastore;
+pub mod health;
+pub mod install_cni;
+pub mod metrics;
+pub mod reconcile;
+pub mod run;
+pub mod status;
+// Tunnel device, routes to other nodes' blocks and the pod MTU (agent-net).
+pub mod mtu;
+pub mod netlink;
+pub mod routes;
+pub mod tunnel;

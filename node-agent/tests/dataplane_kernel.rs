@@ -99,8 +99,22 @@ fn expected_owned(d: &DesiredDataplane, table: &str) -> Vec<String> {
     let t = &d.tables[table];
     let mut lines = Vec::new();
     for j in &t.jumps {
-        let plan = iptables::plan_table(table, &DesiredTable { chains: t.chains.clone(), jumps: vec![j.clone()] }, &Default::default()).unwrap();
-        let ins = plan.payload.unwrap().lines().find(|l| l.starts_with("-I ")).unwrap().to_string();
+        let plan = iptables::plan_table(
+            table,
+            &DesiredTable {
+                chains: t.chains.clone(),
+                jumps: vec![j.clone()],
+            },
+            &Default::default(),
+        )
+        .unwrap();
+        let ins = plan
+            .payload
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("-I "))
+            .unwrap()
+            .to_string();
         lines.push(ins.replacen(&format!("-I {} 1 ", j.from), &format!("-A {} ", j.from), 1));
     }
     let mut chains = t.chains.clone();
@@ -131,9 +145,17 @@ fn saved_rules_and_sets_are_the_rendered_text() {
             // Normalisation of the match text is iptables' business; compare the
             // rendered lines through the same normaliser by re-saving them.
             let want = expected_owned(&d, table);
-            assert_eq!(got.len(), want.len(), "{backend:?} {table}: {got:#?} vs {want:#?}");
+            assert_eq!(
+                got.len(),
+                want.len(),
+                "{backend:?} {table}: {got:#?} vs {want:#?}"
+            );
             got.iter_mut().zip(&want).for_each(|(g, w)| {
-                assert_eq!(iptables::comment_hash(g), iptables::comment_hash(w), "{backend:?}: {g} vs {w}");
+                assert_eq!(
+                    iptables::comment_hash(g),
+                    iptables::comment_hash(w),
+                    "{backend:?}: {g} vs {w}"
+                );
             });
         }
         let sets = sh("ipset save");
@@ -147,25 +169,34 @@ fn saved_rules_and_sets_are_the_rendered_text() {
 
 #[test]
 fn foreign_rules_are_byte_identical_after_ten_syncs() {
-    both_backends("foreign_rules_are_byte_identical_after_ten_syncs", |backend| {
-        install_foreign(backend);
-        let before = foreign_lines(backend);
-        assert!(before.iter().any(|l| l.contains("KUBE-SERVICES -d 10.96.0.10")));
-        let dp = Dataplane::new(ExecRunner, backend);
-        for i in 0..10 {
-            // Alternate the desired state so syncs really rewrite our chains and sets.
-            let extra = (i % 2 == 1).then_some("192.168.50.9");
-            let mut d = desired(extra);
-            if i % 3 == 2 {
-                d.tables.get_mut("filter").unwrap().chains[1].rules.insert(0, "-p udp --dport 53 -j ACCEPT".into());
+    both_backends(
+        "foreign_rules_are_byte_identical_after_ten_syncs",
+        |backend| {
+            install_foreign(backend);
+            let before = foreign_lines(backend);
+            assert!(
+                before
+                    .iter()
+                    .any(|l| l.contains("KUBE-SERVICES -d 10.96.0.10"))
+            );
+            let dp = Dataplane::new(ExecRunner, backend);
+            for i in 0..10 {
+                // Alternate the desired state so syncs really rewrite our chains and sets.
+                let extra = (i % 2 == 1).then_some("192.168.50.9");
+                let mut d = desired(extra);
+                if i % 3 == 2 {
+                    d.tables.get_mut("filter").unwrap().chains[1]
+                        .rules
+                        .insert(0, "-p udp --dport 53 -j ACCEPT".into());
+                }
+                dp.sync(&d).unwrap();
             }
-            dp.sync(&d).unwrap();
-        }
-        assert_eq!(foreign_lines(backend), before, "{backend:?}");
-        // And our jump is still exactly one per built-in chain.
-        let fwd = sh(&format!("{} -t filter", backend.save_cmd()));
-        assert_eq!(fwd.matches("-j SLUICE-FORWARD").count(), 1, "{fwd}");
-    });
+            assert_eq!(foreign_lines(backend), before, "{backend:?}");
+            // And our jump is still exactly one per built-in chain.
+            let fwd = sh(&format!("{} -t filter", backend.save_cmd()));
+            assert_eq!(fwd.matches("-j SLUICE-FORWARD").count(), 1, "{fwd}");
+        },
+    );
 }
 
 #[test]
@@ -175,12 +206,22 @@ fn hand_deleted_rule_is_restored_and_untouched_chains_are_not_rewritten() {
         let d = desired(None);
         dp.sync(&d).unwrap();
         let before = owned_lines(backend, "filter");
-        let victim = before.iter().find(|l| l.starts_with("-A SLUICE-TO-POD") && l.contains("DROP")).unwrap();
-        let legacy = if backend == Backend::Legacy { "iptables-legacy" } else { "iptables-nft" };
+        let victim = before
+            .iter()
+            .find(|l| l.starts_with("-A SLUICE-TO-POD") && l.contains("DROP"))
+            .unwrap();
+        let legacy = if backend == Backend::Legacy {
+            "iptables-legacy"
+        } else {
+            "iptables-nft"
+        };
         sh(&format!("{legacy} -D {}", &victim[3..]));
         assert_ne!(owned_lines(backend, "filter"), before);
         let report = dp.sync(&d).unwrap();
-        assert_eq!(report.chains_rewritten, 1, "only the damaged chain: {report:?}");
+        assert_eq!(
+            report.chains_rewritten, 1,
+            "only the damaged chain: {report:?}"
+        );
         assert_eq!(owned_lines(backend, "filter"), before);
         // The jump too.
         sh(&format!("{legacy} -D FORWARD 1"));
@@ -196,7 +237,9 @@ fn removed_chains_and_sets_are_deleted() {
         let dp = Dataplane::new(ExecRunner, backend);
         dp.sync(&desired(None)).unwrap();
         let mut smaller = DesiredDataplane::default();
-        smaller.tables.insert("filter".into(), DesiredTable::default());
+        smaller
+            .tables
+            .insert("filter".into(), DesiredTable::default());
         smaller.tables.insert("nat".into(), DesiredTable::default());
         let r = dp.sync(&smaller).unwrap();
         assert_eq!((r.chains_deleted, r.sets_destroyed), (3, 2), "{r:?}");

@@ -50,7 +50,10 @@ const HINT_CHAINS: [&str; 2] = [":KUBE-IPTABLES-HINT", ":KUBE-KUBELET-CANARY"];
 /// Pure decision from the two `*-save` outputs (either may be empty when the tool
 /// is missing or the kernel lacks that backend).
 pub fn choose_backend(legacy_save: &str, nft_save: &str) -> Backend {
-    let has_hint = |s: &str| s.lines().any(|l| HINT_CHAINS.iter().any(|h| l.starts_with(h)));
+    let has_hint = |s: &str| {
+        s.lines()
+            .any(|l| HINT_CHAINS.iter().any(|h| l.starts_with(h)))
+    };
     if has_hint(nft_save) {
         return Backend::Nft;
     }

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub enum SetKind {
     HashIp,
     HashNet,
+    HashIpPort,
 }
 
 impl SetKind {
@@ -18,6 +19,7 @@ impl SetKind {
         match self {
             SetKind::HashIp => "hash:ip",
             SetKind::HashNet => "hash:net",
+            SetKind::HashIpPort => "hash:ip,port",
         }
     }
 
@@ -25,6 +27,7 @@ impl SetKind {
         match s {
             "hash:ip" => Some(SetKind::HashIp),
             "hash:net" => Some(SetKind::HashNet),
+            "hash:ip,port" => Some(SetKind::HashIpPort),
             _ => None,
         }
     }
@@ -55,7 +58,20 @@ impl IpSet {
 
 /// `ipset save` prints a hash:net member of /32 as the bare address.
 fn normalize(member: &str) -> String {
-    member.strip_suffix("/32").unwrap_or(member).to_string()
+    match member.split_once(' ') {
+        Some((net, flags)) => format!("{} {flags}", net.strip_suffix("/32").unwrap_or(net)),
+        None => member.strip_suffix("/32").unwrap_or(member).to_string(),
+    }
+}
+
+/// Room for a large cluster's pods in one selector set (the kernel default is 65536).
+const MAXELEM: u32 = 1_048_576;
+
+fn create_line(name: &str, kind: SetKind) -> String {
+    format!(
+        "create {name} {} family inet hashsize 1024 maxelem {MAXELEM}",
+        kind.as_str()
+    )
 }
 
 /// A set as the kernel holds it; `kind` is `None` for types we never create.
@@ -75,11 +91,13 @@ pub fn parse_save(text: &str, prefix: &str) -> BTreeMap<String, SavedSet> {
                 sets.entry(name.to_string()).or_default().kind = w.next().and_then(SetKind::parse);
             }
             (Some("add"), Some(name)) if name.starts_with(prefix) => {
-                if let Some(m) = w.next() {
+                // The member is the rest of the line: `10.0.0.0/8 nomatch` is one.
+                let m = w.collect::<Vec<_>>().join(" ");
+                if !m.is_empty() {
                     sets.entry(name.to_string())
                         .or_default()
                         .members
-                        .insert(normalize(m));
+                        .insert(normalize(&m));
                 }
             }
             _ => {}
@@ -108,7 +126,10 @@ pub fn plan_sets(desired: &[IpSet], current: &BTreeMap<String, SavedSet>, prefix
         if have.is_some() && !kind_ok {
             // Same name, other type: build a replacement and swap it in atomically.
             let tmp = temp_name(&set.name);
-            out.push_str(&format!("create {tmp} {} family inet -exist\nflush {tmp}\n", set.kind.as_str()));
+            out.push_str(&format!(
+                "{} -exist\nflush {tmp}\n",
+                create_line(&tmp, set.kind)
+            ));
             for m in &set.members {
                 out.push_str(&format!("add {tmp} {m}\n"));
             }
@@ -117,7 +138,7 @@ pub fn plan_sets(desired: &[IpSet], current: &BTreeMap<String, SavedSet>, prefix
             continue;
         }
         if have.is_none() {
-            out.push_str(&format!("create {} {} family inet\n", set.name, set.kind.as_str()));
+            out.push_str(&format!("{}\n", create_line(&set.name, set.kind)));
         }
         let have = have.unwrap_or(&empty);
         for m in set.members.difference(&have.members) {
@@ -180,7 +201,8 @@ create SLUICE-OLD hash:net family inet\n";
             plan.restore.as_deref(),
             Some(
                 "add SLUICE-NODES 10.0.0.2\ndel SLUICE-NODES 10.0.0.9\n\
-create SLUICE-POOLS hash:net family inet\nadd SLUICE-POOLS 10.244.0.0/16\n"
+create SLUICE-POOLS hash:net family inet hashsize 1024 maxelem 1048576\n\
+add SLUICE-POOLS 10.244.0.0/16\n"
             )
         );
         assert_eq!(plan.destroy, ["SLUICE-OLD"]);
@@ -199,7 +221,10 @@ create SLUICE-POOLS hash:net family inet\nadd SLUICE-POOLS 10.244.0.0/16\n"
 
     #[test]
     fn host_routes_in_hash_net_compare_equal_to_saved_bare_addresses() {
-        let cur = parse_save("create SLUICE-X hash:net family inet\nadd SLUICE-X 10.1.1.1\n", "SLUICE-");
+        let cur = parse_save(
+            "create SLUICE-X hash:net family inet\nadd SLUICE-X 10.1.1.1\n",
+            "SLUICE-",
+        );
         let want = [IpSet::new("SLUICE-X", SetKind::HashNet).with(["10.1.1.1/32"])];
         assert_eq!(plan_sets(&want, &cur, "SLUICE-").restore, None);
     }
@@ -209,6 +234,9 @@ create SLUICE-POOLS hash:net family inet\nadd SLUICE-POOLS 10.244.0.0/16\n"
         let cur = parse_save("create SLUICE-X hash:ip family inet\n", "SLUICE-");
         let want = [IpSet::new("SLUICE-X", SetKind::HashNet).with(["10.0.0.0/8"])];
         let r = plan_sets(&want, &cur, "SLUICE-").restore.unwrap();
-        assert!(r.contains("swap SLUICE-X-T SLUICE-X\ndestroy SLUICE-X-T\n"), "{r}");
+        assert!(
+            r.contains("swap SLUICE-X-T SLUICE-X\ndestroy SLUICE-X-T\n"),
+            "{r}"
+        );
     }
 }

@@ -100,30 +100,43 @@ pub enum JumpPosition {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Jump {
     pub from: String,
-    pub to: String,
+    /// The rule without its comment, e.g. `-j SLUICE-FORWARD` (matches allowed).
+    pub rule: String,
     pub position: JumpPosition,
 }
 
 impl Jump {
+    /// An unconditional jump, first in the built-in chain.
     pub fn top(from: &str, to: &str) -> Jump {
         Jump {
             from: from.into(),
-            to: to.into(),
+            rule: format!("-j {to}"),
             position: JumpPosition::Top,
         }
     }
 
+    /// The owned chain this jump leads to.
+    pub fn target(&self) -> Option<&str> {
+        jump_target(&self.rule)
+    }
+
+    /// Unconditional: every packet of the built-in chain reaches the target.
+    pub fn is_unconditional(&self) -> bool {
+        self.rule.split_whitespace().count() == 2
+    }
+
     fn hash(&self) -> String {
         let mut h = Sha256::new();
-        h.update(format!("jump\0{}\0{}", self.from, self.to).as_bytes());
+        h.update(format!("jump\0{}\0{}", self.from, self.rule).as_bytes());
         hex::encode(&h.finalize()[..8])
     }
 
-    fn spec(&self) -> String {
+    /// What follows `-A <chain> ` for this jump, comment included.
+    pub fn spec(&self) -> String {
         format!(
-            "-m comment --comment \"{COMMENT_PREFIX}{}\" -j {}",
+            "-m comment --comment \"{COMMENT_PREFIX}{}\" {}",
             self.hash(),
-            self.to
+            self.rule
         )
     }
 }
@@ -160,11 +173,14 @@ impl DesiredTable {
             }
         }
         for j in &self.jumps {
-            if !names.contains(j.to.as_str()) {
-                return Err(IptablesError::DanglingJump {
-                    chain: j.from.clone(),
-                    target: j.to.clone(),
-                });
+            match j.target() {
+                Some(t) if names.contains(t) => {}
+                t => {
+                    return Err(IptablesError::DanglingJump {
+                        chain: j.from.clone(),
+                        target: t.unwrap_or("(none)").to_string(),
+                    });
+                }
             }
         }
         Ok(())
@@ -294,7 +310,9 @@ pub fn plan_table(
         let wanted: Vec<&Jump> = desired.jumps.iter().filter(|j| j.from == builtin).collect();
         let mut seen: BTreeSet<String> = BTreeSet::new();
         for line in current.chains.get(builtin).into_iter().flatten() {
-            let Some(hash) = comment_hash(line) else { continue };
+            let Some(hash) = comment_hash(line) else {
+                continue;
+            };
             let keep = wanted.iter().any(|j| j.hash() == hash) && seen.insert(hash);
             if !keep {
                 jump_deletes.push(format!("-D{}", &line[2..]));
@@ -312,7 +330,11 @@ pub fn plan_table(
     plan.jumps_inserted = jump_inserts.len();
     plan.jumps_deleted = jump_deletes.len();
 
-    if plan.rewritten.is_empty() && plan.deleted.is_empty() && jump_inserts.is_empty() && jump_deletes.is_empty() {
+    if plan.rewritten.is_empty()
+        && plan.deleted.is_empty()
+        && jump_inserts.is_empty()
+        && jump_deletes.is_empty()
+    {
         return Ok(plan);
     }
 
@@ -326,7 +348,11 @@ pub fn plan_table(
     for name in plan.rewritten.iter().chain(&plan.deleted) {
         out.push_str(&format!(":{name} - [0:0]\n"));
     }
-    for chain in desired.chains.iter().filter(|c| plan.rewritten.contains(&c.name)) {
+    for chain in desired
+        .chains
+        .iter()
+        .filter(|c| plan.rewritten.contains(&c.name))
+    {
         for line in chain.render_rules() {
             out.push_str(&line);
             out.push('\n');
@@ -458,7 +484,10 @@ mod tests {
             chains: vec![Chain::new("SLUICE-A").rule("-j SLUICE-B")],
             jumps: vec![],
         };
-        assert!(matches!(dangling.validate(), Err(IptablesError::DanglingJump { .. })));
+        assert!(matches!(
+            dangling.validate(),
+            Err(IptablesError::DanglingJump { .. })
+        ));
     }
 
     #[test]
@@ -467,7 +496,13 @@ mod tests {
             comment_hash("-A X -m comment --comment \"sluice:abc\" -j ACCEPT").as_deref(),
             Some("abc")
         );
-        assert_eq!(comment_hash("-A X -m comment --comment sluice:abc -j ACCEPT").as_deref(), Some("abc"));
-        assert_eq!(comment_hash("-A X -m comment --comment \"kube\" -j ACCEPT"), None);
+        assert_eq!(
+            comment_hash("-A X -m comment --comment sluice:abc -j ACCEPT").as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            comment_hash("-A X -m comment --comment \"kube\" -j ACCEPT"),
+            None
+        );
     }
 }

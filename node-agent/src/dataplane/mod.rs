@@ -104,11 +104,16 @@ impl<R: CommandRunner> Dataplane<R> {
                 .runner
                 .run_ok(self.backend.save_cmd(), &["-t", table], None)?
                 .stdout;
-            let current = iptables::parse_save(&saved).remove(table).unwrap_or_default();
+            let current = iptables::parse_save(&saved)
+                .remove(table)
+                .unwrap_or_default();
             let plan = iptables::plan_table(table, want, &current)?;
             if let Some(payload) = &plan.payload {
-                self.runner
-                    .run_ok(self.backend.restore_cmd(), &["--noflush", "-w"], Some(payload))?;
+                self.runner.run_ok(
+                    self.backend.restore_cmd(),
+                    &["--noflush", "-w"],
+                    Some(payload),
+                )?;
                 report.restores += 1;
                 tracing::debug!(
                     table,
@@ -187,10 +192,14 @@ mod tests {
         }
         saved.push_str("COMMIT\n");
         let rec = RecordingRunner::new(move |c: &RecordedCall| match c.program.as_str() {
-            "ipset" => CommandOutput::ok("create SLUICE-NODES hash:ip family inet\nadd SLUICE-NODES 10.0.0.1\n"),
+            "ipset" => CommandOutput::ok(
+                "create SLUICE-NODES hash:ip family inet\nadd SLUICE-NODES 10.0.0.1\n",
+            ),
             _ => CommandOutput::ok(saved.clone()),
         });
-        let report = Dataplane::new(rec.clone(), Backend::Legacy).sync(&d).unwrap();
+        let report = Dataplane::new(rec.clone(), Backend::Legacy)
+            .sync(&d)
+            .unwrap();
         assert!(!report.changed_anything(), "{report:?}");
         assert!(rec.calls().iter().all(|c| c.stdin.is_none()));
     }
@@ -208,7 +217,9 @@ mod tests {
                 CommandOutput::ok("")
             }
         });
-        let err = Dataplane::new(rec, Backend::Nft).sync(&desired()).unwrap_err();
+        let err = Dataplane::new(rec, Backend::Nft)
+            .sync(&desired())
+            .unwrap_err();
         assert!(err.to_string().contains("line 3 failed"), "{err}");
     }
 }

@@ -48,8 +48,12 @@ pub enum RunError {
 
 /// Runs a program with arguments and optional stdin, waiting for it to finish.
 pub trait CommandRunner: Send + Sync {
-    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>)
-    -> Result<CommandOutput, RunError>;
+    fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<CommandOutput, RunError>;
 
     /// Like [`CommandRunner::run`] but a non-zero exit is an error.
     fn run_ok(

@@ -1,0 +1,333 @@
+//! The agent's run loop: datastore → reconcile → apply, with health, metrics, the
+//! status file and retry with backoff.
+//!
+//! Order on start (a restart must neither open nor close traffic): serve /healthz
+//! (not ready), start the datastore, and touch nothing in the kernel until the first
+//! complete snapshot has arrived; the first apply then diffs against whatever a
+//! previous run left, rewriting only what differs. Nothing is ever flushed on exit or
+//! while the datastore is unreachable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_policy::NamespacedName;
+
+use crate::dataplane::{Dataplane, DataplaneError, ExecRunner, SyncReport};
+use crate::datastore::{Datastore, Snapshot, SnapshotReceiver};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::reconcile::{self, Desired, NodeSettings};
+use crate::status::{self, AgentStatus};
+
+/// Consecutive failed applies before the node reports not ready.
+pub const NOT_READY_AFTER_FAILURES: u32 = 3;
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("binding the health endpoint {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: crate::status::StatusError,
+    },
+}
+
+/// Tunnel devices and routes: the part of the node outside iptables. A trait so the
+/// loop is tested without netlink and so `--manage-routes=false` is a no-op.
+pub trait NodeNetwork: Send + Sync + 'static {
+    /// Bring tunnel and routes to `desired`; returns the number of routes programmed.
+    fn apply(&self, desired: &Desired) -> impl Future<Output = Result<usize, String>> + Send;
+}
+
+/// Leaves links and routes alone (policy and NAT only).
+pub struct NoNetwork;
+
+impl NodeNetwork for NoNetwork {
+    async fn apply(&self, _desired: &Desired) -> Result<usize, String> {
+        Ok(0)
+    }
+}
+
+/// The iptables/ipset side, behind a trait so the loop can run with a recording runner.
+pub trait PolicyDataplane: Send + Sync + 'static {
+    fn sync(
+        &self,
+        desired: &crate::dataplane::DesiredDataplane,
+    ) -> Result<SyncReport, DataplaneError>;
+}
+
+impl<R: crate::dataplane::CommandRunner + 'static> PolicyDataplane for Dataplane<R> {
+    fn sync(
+        &self,
+        desired: &crate::dataplane::DesiredDataplane,
+    ) -> Result<SyncReport, DataplaneError> {
+        Dataplane::sync(self, desired)
+    }
+}
+
+/// Everything the loop needs besides the snapshot stream.
+pub struct Loop<P, N> {
+    pub settings: NodeSettings,
+    pub dataplane: Arc<P>,
+    pub network: N,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub resync: Duration,
+    pub coalesce: Duration,
+}
+
+/// Tracks local pods from first sight with an address to policy applied.
+#[derive(Default)]
+pub struct EnforcementTracker {
+    pending: BTreeMap<NamespacedName, Instant>,
+    enforced: BTreeSet<NamespacedName>,
+}
+
+impl EnforcementTracker {
+    /// Note the local pods of a new snapshot; returns how many wait for an apply.
+    pub fn observe(&mut self, local: &BTreeSet<NamespacedName>, now: Instant) -> usize {
+        self.enforced.retain(|p| local.contains(p));
+        self.pending.retain(|p, _| local.contains(p));
+        for p in local {
+            if !self.enforced.contains(p) {
+                self.pending.entry(p.clone()).or_insert(now);
+            }
+        }
+        self.pending.len()
+    }
+
+    /// An apply covering `local` succeeded: every pending pod is now enforced.
+    /// Returns each one's wait.
+    pub fn applied(
+        &mut self,
+        local: &BTreeSet<NamespacedName>,
+        now: Instant,
+    ) -> Vec<(NamespacedName, Duration)> {
+        let done: Vec<NamespacedName> = self
+            .pending
+            .keys()
+            .filter(|p| local.contains(*p))
+            .cloned()
+            .collect();
+        done.into_iter()
+            .filter_map(|p| {
+                let t = self.pending.remove(&p)?;
+                self.enforced.insert(p.clone());
+                Some((p, now.saturating_duration_since(t)))
+            })
+            .collect()
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
+    /// One reconcile of `snap`: compute and apply. Errors are returned as text for
+    /// health; metrics are updated here.
+    async fn apply_once(
+        &self,
+        snap: &Snapshot,
+        tracker: &mut EnforcementTracker,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let desired = reconcile::desired(snap, &self.settings).map_err(|e| e.to_string())?;
+        for w in &desired.warnings {
+            tracing::warn!("{w}");
+        }
+        let waiting = tracker.observe(&desired.local_pods, started);
+        self.metrics.pods_waiting_for_policy.set(waiting as i64);
+        self.metrics
+            .rejected_policies
+            .set(snap.rejected_policies.len() as i64);
+        self.metrics.syncs.inc();
+
+        let dp = self.dataplane.clone();
+        let want = desired.dataplane.clone();
+        let report = tokio::task::spawn_blocking(move || dp.sync(&want))
+            .await
+            .map_err(|e| format!("dataplane task: {e}"))?;
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.restore_failures.inc();
+                return Err(e.to_string());
+            }
+        };
+        self.metrics
+            .rules_programmed
+            .set(desired.dataplane.rule_count() as i64);
+        self.metrics
+            .set_members_programmed
+            .set(desired.dataplane.set_member_count() as i64);
+        let now = Instant::now();
+        for (pod, wait) in tracker.applied(&desired.local_pods, now) {
+            self.metrics.add_to_enforced.observe(wait.as_secs_f64());
+            tracing::debug!(%pod, wait_ms = wait.as_millis() as u64, "pod policy enforced");
+        }
+        self.metrics
+            .pods_waiting_for_policy
+            .set(tracker.pending() as i64);
+
+        // Routes after policy: a route to a new block is harmless before its policy,
+        // but policy for a new pod must not wait for a slow netlink round.
+        let routes = self.network.apply(&desired).await?;
+        self.metrics.routes_programmed.set(routes as i64);
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        if report.changed_anything() {
+            tracing::info!(
+                chains_rewritten = report.chains_rewritten,
+                chains_deleted = report.chains_deleted,
+                jumps_changed = report.jumps_changed,
+                set_members_changed = report.set_members_changed,
+                rules = desired.dataplane.rule_count(),
+                ms = started.elapsed().as_millis() as u64,
+                "dataplane synced"
+            );
+        }
+        Ok(())
+    }
+
+    /// Run until the snapshot channel closes.
+    pub async fn run(self, mut rx: SnapshotReceiver) {
+        // Nothing is written before the first full sync.
+        loop {
+            self.health.heartbeat();
+            if rx.borrow_and_update().is_some() {
+                break;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+        tracing::info!("first full datastore sync received; applying");
+        let mut tracker = EnforcementTracker::default();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            self.health.heartbeat();
+            let snap = rx.borrow_and_update().clone().expect("set before the loop");
+            let wait = match self.apply_once(&snap, &mut tracker).await {
+                Ok(()) => {
+                    self.health.applied();
+                    backoff = BACKOFF_MIN;
+                    self.resync
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "apply failed; keeping what is programmed");
+                    self.health.failed(e, NOT_READY_AFTER_FAILURES);
+                    let w = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    w
+                }
+            };
+            tokio::select! {
+                r = rx.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    // Let a burst settle into one apply.
+                    tokio::time::sleep(self.coalesce).await;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// Keep the status file fresh: on every change of readiness and every [`status::REFRESH`].
+pub async fn status_writer(path: PathBuf, node: String, health: Arc<Health>) {
+    let mut last: Option<(bool, String)> = None;
+    let mut written = Instant::now() - status::REFRESH;
+    loop {
+        let v = health.view();
+        let now = (v.ready, v.reason.clone());
+        if last.as_ref() != Some(&now) || written.elapsed() >= status::REFRESH {
+            let s = AgentStatus {
+                ready: v.ready,
+                reason: v.reason,
+                node: node.clone(),
+                updated_unix: status::unix_now(),
+            };
+            match status::write_status(&path, &s) {
+                Ok(()) => {
+                    last = Some(now);
+                    written = Instant::now();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot write agent status file"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Run a datastore forever: if it fails fatally (bad config aside, e.g. a watch that
+/// cannot start), start it again after a pause. The last snapshot stays published.
+pub async fn supervise<D, F>(make: F, tx: crate::datastore::SnapshotSender)
+where
+    D: Datastore,
+    F: Fn() -> D + Send + 'static,
+{
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match make().run(tx.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(error = %e, retry_in_s = pause.as_secs(), "datastore stopped; keeping last state");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// The real dataplane for this host.
+pub fn exec_dataplane(
+    choice: crate::dataplane::BackendChoice,
+) -> Result<Dataplane<ExecRunner>, crate::dataplane::runner::RunError> {
+    let backend = crate::dataplane::backend::detect_backend(&ExecRunner, choice)?;
+    tracing::info!(backend = backend.name(), "iptables backend");
+    Ok(Dataplane::new(ExecRunner, backend))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: &str) -> NamespacedName {
+        NamespacedName::new("default", n)
+    }
+
+    #[test]
+    fn tracker_measures_from_first_sight_to_apply() {
+        let mut t = EnforcementTracker::default();
+        let t0 = Instant::now();
+        let local: BTreeSet<_> = [key("a")].into();
+        assert_eq!(t.observe(&local, t0), 1);
+        // Seen again before an apply: the clock does not restart.
+        assert_eq!(t.observe(&local, t0 + Duration::from_millis(50)), 1);
+        let done = t.applied(&local, t0 + Duration::from_millis(80));
+        assert_eq!(done, vec![(key("a"), Duration::from_millis(80))]);
+        assert_eq!(t.pending(), 0);
+        // Already enforced pods are not pending again.
+        assert_eq!(t.observe(&local, t0 + Duration::from_secs(1)), 0);
+        // A pod that left and came back (new incarnation) is measured again.
+        t.observe(&BTreeSet::new(), t0);
+        assert_eq!(t.observe(&local, t0), 1);
+    }
+}

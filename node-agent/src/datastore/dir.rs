@@ -1,0 +1,194 @@
+//! The directory datastore: kubectl-shaped manifests in a directory (re-read when a
+//! file's mtime or size changes; polling is enough for the lab and standalone hosts
+//! and needs no inotify limits), plus the ipam directory block store, where the agent
+//! claims its node's block at start so tunl0 has an address before any pod exists.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use sluice_ipam::blocks::{Pool, blocks_of, claim_block};
+use sluice_ipam::store::BlockStore;
+use sluice_ipam::store::dir::DirStore;
+
+use super::objects::{convert, parse_manifest_text};
+use super::{Datastore, DatastoreError, Snapshot, SnapshotSender};
+
+pub struct DirDatastore {
+    manifests: PathBuf,
+    store: DirStore,
+    pool: Pool,
+    node: String,
+    poll: Duration,
+}
+
+/// What identifies a file's content without reading it.
+type Stamp = (SystemTime, u64);
+
+impl DirDatastore {
+    pub fn new(
+        manifests: PathBuf,
+        block_store: PathBuf,
+        pool: Pool,
+        node: String,
+        poll: Duration,
+    ) -> Self {
+        DirDatastore {
+            manifests,
+            store: DirStore::new(block_store),
+            pool,
+            node,
+            poll,
+        }
+    }
+
+    /// Make sure this node holds a block; returns every claim in the pool.
+    async fn blocks(&self) -> Result<BTreeMap<ipnet::Ipv4Net, String>, DatastoreError> {
+        if blocks_of(&self.store, &self.pool, &self.node)
+            .await?
+            .is_empty()
+        {
+            let block = claim_block(&self.store, &self.pool, &self.node)
+                .await
+                .map_err(|source| DatastoreError::Claim {
+                    node: self.node.clone(),
+                    source,
+                })?;
+            tracing::info!(%block, node = %self.node, "claimed block");
+        }
+        Ok(self
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .filter(|c| self.pool.has_block(c.cidr))
+            .map(|c| (c.cidr, c.node))
+            .collect())
+    }
+}
+
+/// Manifest files under `dir` (recursively), sorted, with their stamps.
+fn scan(dir: &Path) -> Result<BTreeMap<PathBuf, Stamp>, DatastoreError> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|source| DatastoreError::Io {
+            path: d.clone(),
+            source,
+        })?;
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if path
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| matches!(x, "yaml" | "yml" | "json"))
+            {
+                out.insert(
+                    path,
+                    (
+                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        meta.len(),
+                    ),
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Per-file cache: a file that stops parsing keeps its last good objects, so a
+/// half-written edit never removes policies (and opens traffic) for a moment.
+#[derive(Default)]
+pub struct ManifestCache {
+    files: BTreeMap<PathBuf, (Stamp, Vec<Value>)>,
+}
+
+impl ManifestCache {
+    /// Re-read changed files; returns whether anything changed.
+    pub fn refresh(&mut self, dir: &Path) -> Result<bool, DatastoreError> {
+        let now = scan(dir)?;
+        let before = self.files.len();
+        self.files.retain(|p, _| now.contains_key(p));
+        let mut changed = self.files.len() != before;
+        for (path, stamp) in now {
+            if self.files.get(&path).is_some_and(|(s, _)| *s == stamp) {
+                continue;
+            }
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read manifest");
+                    continue;
+                }
+            };
+            match parse_manifest_text(&path.display().to_string(), &text) {
+                Ok(objects) => {
+                    self.files.insert(path, (stamp, objects));
+                    changed = true;
+                }
+                Err(e) => {
+                    // Keep the last good content; remember the stamp so the error is
+                    // logged once per edit, not once per poll.
+                    tracing::error!(error = %e, "manifest does not parse; keeping its previous content");
+                    let old = self.files.remove(&path).map(|(_, o)| o).unwrap_or_default();
+                    self.files.insert(path, (stamp, old));
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    pub fn objects(&self) -> Vec<Value> {
+        self.files
+            .values()
+            .flat_map(|(_, o)| o.iter().cloned())
+            .collect()
+    }
+}
+
+impl Datastore for DirDatastore {
+    async fn run(self, out: SnapshotSender) -> Result<(), DatastoreError> {
+        let mut cache = ManifestCache::default();
+        let mut last: Option<Arc<Snapshot>> = None;
+        loop {
+            let result: Result<Option<Snapshot>, DatastoreError> = async {
+                let changed = cache.refresh(&self.manifests)?;
+                let blocks = self.blocks().await?;
+                if !changed && last.as_ref().is_some_and(|l| l.blocks == blocks) {
+                    return Ok(None);
+                }
+                let conv = convert(&cache.objects());
+                for s in &conv.skipped {
+                    tracing::warn!(object = %s, "manifest object skipped");
+                }
+                Ok(Some(Snapshot {
+                    cluster: conv.cluster,
+                    rejected_policies: conv.rejected_policies,
+                    blocks,
+                }))
+            }
+            .await;
+            match result {
+                Ok(Some(snap)) if last.as_deref() != Some(&snap) => {
+                    let snap = Arc::new(snap);
+                    last = Some(snap.clone());
+                    if out.send(Some(snap)).is_err() {
+                        return Ok(()); // nobody listens: shutting down
+                    }
+                }
+                Ok(_) => {}
+                // An unreadable directory or block store is an outage: publish
+                // nothing, so the last programmed state stays.
+                Err(e) => {
+                    tracing::warn!(error = %e, "directory datastore unavailable; keeping last state")
+                }
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The Kubernetes datastore: one reflector per kind (Nodes, Pods, Namespaces,
+//! NetworkPolicies) with managed fields stripped before they are stored, a change
+//! signal that coalesces bursts into one snapshot, and the node's block claimed
+//! through the ipam crate's Kubernetes store and published to the node-blocks file
+//! the IPAM plugin reads.
+//!
+//! Every object is serialized to JSON and converted by [`super::objects`], the same
+//! path the directory datastore takes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use sluice_ipam::blocks::{Pool, blocks_of, claim_block};
+use sluice_ipam::store::BlockStore;
+use tokio::sync::Notify;
+
+use super::objects::convert;
+use super::{Datastore, DatastoreError, Snapshot, SnapshotSender};
+
+/// How often the block list is re-read (block claims change rarely: node joins).
+const BLOCK_POLL: Duration = Duration::from_secs(5);
+
+pub struct KubeDatastore<S> {
+    client: Client,
+    blocks: S,
+    pool: Pool,
+    node: String,
+    node_blocks_file: PathBuf,
+    coalesce: Duration,
+}
+
+impl<S: BlockStore + Send + Sync + 'static> KubeDatastore<S> {
+    pub fn new(
+        client: Client,
+        blocks: S,
+        pool: Pool,
+        node: String,
+        node_blocks_file: PathBuf,
+        coalesce: Duration,
+    ) -> Self {
+        KubeDatastore {
+            client,
+            blocks,
+            pool,
+            node,
+            node_blocks_file,
+            coalesce,
+        }
+    }
+
+    /// Claim a block if we hold none, publish ours for the IPAM plugin, and return
+    /// every claim in the pool.
+    async fn blocks(&self) -> Result<BTreeMap<ipnet::Ipv4Net, String>, DatastoreError> {
+        let mut own = blocks_of(&self.blocks, &self.pool, &self.node).await?;
+        if own.is_empty() {
+            let b = claim_block(&self.blocks, &self.pool, &self.node)
+                .await
+                .map_err(|source| DatastoreError::Claim {
+                    node: self.node.clone(),
+                    source,
+                })?;
+            tracing::info!(block = %b, "claimed block");
+            own.push(b);
+        }
+        let published = sluice_ipam::node_blocks::read(&self.node_blocks_file)?;
+        if published.as_ref().map(|p| &p.blocks) != Some(&own) {
+            sluice_ipam::node_blocks::write(
+                &self.node_blocks_file,
+                &sluice_ipam::node_blocks::NodeBlocks {
+                    node: self.node.clone(),
+                    blocks: own,
+                    updated_unix: crate::status::unix_now(),
+                },
+            )?;
+        }
+        Ok(self
+            .blocks
+            .list()
+            .await?
+            .into_iter()
+            .filter(|c| self.pool.has_block(c.cidr))
+            .map(|c| (c.cidr, c.node))
+            .collect())
+    }
+}
+
+/// Start a reflector for `K`; every event pokes `changed`.
+fn reflect<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map_ok(|ev| ev.modify(|o| o.managed_fields_mut().clear()));
+    let stream = reflector::reflector(writer, stream);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => changed.notify_one(),
+                // The backoff retries; the store keeps its last content meanwhile, so
+                // an API outage freezes the snapshot rather than emptying it.
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&Default::default()), error = %e, "watch error")
+                }
+            }
+        }
+    });
+    reader
+}
+
+fn to_json<K: Serialize + Resource<DynamicType = ()>>(objs: &[Arc<K>]) -> Vec<serde_json::Value> {
+    objs.iter()
+        .filter_map(|o| {
+            let mut v = serde_json::to_value(o.as_ref()).ok()?;
+            // Typed objects serialize without apiVersion/kind; the converter keys on kind.
+            v["kind"] = K::kind(&()).into();
+            v["apiVersion"] = K::api_version(&()).into();
+            Some(v)
+        })
+        .collect()
+}
+
+impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
+    async fn run(self, out: SnapshotSender) -> Result<(), DatastoreError> {
+        let changed = Arc::new(Notify::new());
+        let nodes = reflect(Api::<Node>::all(self.client.clone()), changed.clone());
+        let pods = reflect(Api::<Pod>::all(self.client.clone()), changed.clone());
+        let namespaces = reflect(Api::<Namespace>::all(self.client.clone()), changed.clone());
+        let policies = reflect(
+            Api::<NetworkPolicy>::all(self.client.clone()),
+            changed.clone(),
+        );
+        for (kind, ready) in [
+            ("Node", nodes.wait_until_ready().await),
+            ("Pod", pods.wait_until_ready().await),
+            ("Namespace", namespaces.wait_until_ready().await),
+            ("NetworkPolicy", policies.wait_until_ready().await),
+        ] {
+            ready.map_err(|e| DatastoreError::Watch {
+                kind,
+                reason: e.to_string(),
+            })?;
+        }
+        tracing::info!("initial list of every kind complete");
+
+        let mut last: Option<Arc<Snapshot>> = None;
+        let mut blocks = BTreeMap::new();
+        let mut next_block_poll = tokio::time::Instant::now();
+        loop {
+            if tokio::time::Instant::now() >= next_block_poll {
+                match self.blocks().await {
+                    Ok(b) => blocks = b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "block store unavailable; keeping last block list")
+                    }
+                }
+                next_block_poll = tokio::time::Instant::now() + BLOCK_POLL;
+            }
+            // Until our block is known there is nothing sensible to program.
+            if blocks.values().any(|n| *n == self.node) {
+                let mut objects = to_json(&nodes.state());
+                objects.extend(to_json(&namespaces.state()));
+                objects.extend(to_json(&pods.state()));
+                objects.extend(to_json(&policies.state()));
+                let conv = convert(&objects);
+                let snap = Snapshot {
+                    cluster: conv.cluster,
+                    rejected_policies: conv.rejected_policies,
+                    blocks: blocks.clone(),
+                };
+                if last.as_deref() != Some(&snap) {
+                    let snap = Arc::new(snap);
+                    last = Some(snap.clone());
+                    if out.send(Some(snap)).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            tokio::select! {
+                _ = changed.notified() => {
+                    // A burst (a deployment scaling up) arrives as many events: wait a
+                    // moment so it becomes one snapshot.
+                    tokio::time::sleep(self.coalesce).await;
+                }
+                _ = tokio::time::sleep_until(next_block_poll) => {}
+            }
+        }
+    }
+}
+
+/// Build a client from in-cluster config or KUBECONFIG.
+pub async fn client() -> Result<Client, DatastoreError> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| DatastoreError::KubeConfig(e.to_string()))?;
+    Ok(Client::try_from(config)?)
+}

@@ -1,0 +1,95 @@
+//! Where cluster state comes from. A datastore runs as a task and publishes whole
+//! [`Snapshot`]s on a `watch` channel: a burst of changes becomes one new value (the
+//! channel keeps only the latest), and the reconciler never sees a half-applied burst.
+//!
+//! - [`dir::DirDatastore`]: a directory of kubectl-shaped manifests plus the ipam
+//!   directory block store (standalone hosts, the lab).
+//! - [`kube::KubeDatastore`]: reflectors on the Kubernetes API plus the ipam
+//!   Kubernetes block store.
+//!
+//! Both feed the objects, as JSON, through one conversion ([`objects`]) into the
+//! policy crate's [`Cluster`], so the two backends cannot disagree on meaning.
+
+pub mod dir;
+pub mod kube;
+pub mod objects;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use sluice_policy::{Cluster, NamespacedName};
+
+pub use objects::Conversion;
+
+/// Everything the reconciler needs, complete as of one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Nodes, pods, namespaces and the policies that could be expressed.
+    pub cluster: Cluster,
+    /// Policies that could not be expressed, with the reason. The pods they select
+    /// are held fail-closed until the policy is fixed.
+    pub rejected_policies: BTreeMap<NamespacedName, RejectedPolicy>,
+    /// Every claimed block in the pool: block → owning node.
+    pub blocks: BTreeMap<Ipv4Net, String>,
+}
+
+/// A NetworkPolicy the engine cannot express, and what we still know of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedPolicy {
+    pub reason: String,
+    /// The raw `spec.podSelector`, so the pods it would select can still be found
+    /// (`None` when even that does not parse: then the whole namespace is held).
+    pub pod_selector: Option<sluice_policy::LabelSelector>,
+}
+
+impl Snapshot {
+    /// Blocks owned by `node`, ascending.
+    pub fn blocks_of(&self, node: &str) -> Vec<Ipv4Net> {
+        self.blocks
+            .iter()
+            .filter(|(_, n)| n.as_str() == node)
+            .map(|(b, _)| *b)
+            .collect()
+    }
+}
+
+/// The channel a datastore publishes on; `None` until the first full sync.
+pub type SnapshotSender = tokio::sync::watch::Sender<Option<Arc<Snapshot>>>;
+pub type SnapshotReceiver = tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    #[error("manifests directory {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("block store: {0}")]
+    Blocks(#[from] sluice_ipam::store::StoreError),
+    #[error("claiming a block for node {node}: {source}")]
+    Claim {
+        node: String,
+        #[source]
+        source: sluice_ipam::blocks::ClaimError,
+    },
+    #[error("publishing node blocks: {0}")]
+    NodeBlocks(#[from] sluice_ipam::node_blocks::NodeBlocksError),
+    #[error("Kubernetes client: {0}")]
+    Kube(#[from] ::kube::Error),
+    #[error("Kubernetes config: {0}")]
+    KubeConfig(String),
+    #[error("watch on {kind} ended: {reason}")]
+    Watch { kind: &'static str, reason: String },
+}
+
+/// A source of snapshots. `run` publishes a snapshot after the first complete read
+/// and after every change, and returns only on a fatal error. While the source is
+/// unreachable it publishes nothing, so the last programmed state stays in place.
+pub trait Datastore: Send + 'static {
+    fn run(
+        self,
+        out: SnapshotSender,
+    ) -> impl std::future::Future<Output = Result<(), DatastoreError>> + Send;
+}

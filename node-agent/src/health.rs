@@ -1,0 +1,192 @@
+//! `/healthz`, `/readyz` and `/metrics` over HTTP, and the shared health state the
+//! status file is written from.
+//!
+//! Liveness fails only when the reconcile loop has stopped making attempts (a wedged
+//! agent should be restarted); readiness needs the first full datastore sync and a
+//! successful apply, and is withdrawn while applies keep failing.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+struct Inner {
+    ready: bool,
+    reason: String,
+    last_attempt: Instant,
+    consecutive_failures: u32,
+    last_error: Option<String>,
+}
+
+/// Readiness and liveness as the reconcile loop reports them.
+pub struct Health {
+    inner: Mutex<Inner>,
+    /// The loop must attempt a sync at least this often to count as alive.
+    stall_after: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthView {
+    pub ready: bool,
+    pub reason: String,
+    pub live: bool,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
+impl Health {
+    pub fn new(stall_after: Duration) -> Health {
+        Health {
+            inner: Mutex::new(Inner {
+                ready: false,
+                reason: "waiting for the first full datastore sync".into(),
+                last_attempt: Instant::now(),
+                consecutive_failures: 0,
+                last_error: None,
+            }),
+            stall_after,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The loop is alive (called on every wake-up, even with nothing to do).
+    pub fn heartbeat(&self) {
+        self.lock().last_attempt = Instant::now();
+    }
+
+    pub fn applied(&self) {
+        let mut i = self.lock();
+        i.ready = true;
+        i.reason = "dataplane in sync".into();
+        i.consecutive_failures = 0;
+        i.last_error = None;
+        i.last_attempt = Instant::now();
+    }
+
+    /// A failed apply. The first failures keep readiness (what is programmed still
+    /// holds); after `threshold` in a row the node reports not ready so new pods wait.
+    pub fn failed(&self, error: String, threshold: u32) {
+        let mut i = self.lock();
+        i.consecutive_failures += 1;
+        i.last_attempt = Instant::now();
+        if i.consecutive_failures >= threshold {
+            i.ready = false;
+            i.reason = format!(
+                "dataplane apply failing ({} in a row): {error}",
+                i.consecutive_failures
+            );
+        }
+        i.last_error = Some(error);
+    }
+
+    pub fn view(&self) -> HealthView {
+        let i = self.lock().clone();
+        HealthView {
+            ready: i.ready,
+            reason: i.reason,
+            live: i.last_attempt.elapsed() < self.stall_after,
+            consecutive_failures: i.consecutive_failures,
+            last_error: i.last_error,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(AppState { health, metrics })
+}
+
+async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
+    let v = s.health.view();
+    if v.live {
+        (StatusCode::OK, "ok\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reconcile loop stalled\n".to_string(),
+        )
+    }
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let v = s.health.view();
+    let mut body = format!("{}\n", v.reason);
+    if let Some(e) = &v.last_error {
+        body.push_str(&format!(
+            "last error ({} in a row): {e}\n",
+            v.consecutive_failures
+        ));
+    }
+    let code = if v.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body)
+}
+
+async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+/// Serve on an already bound listener until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(health, metrics)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_applies_and_tolerates_a_blip() {
+        let h = Health::new(Duration::from_secs(60));
+        assert!(!h.view().ready);
+        h.applied();
+        assert!(h.view().ready);
+        h.failed("boom".into(), 3);
+        assert!(h.view().ready, "one failure keeps what is programmed ready");
+        h.failed("boom".into(), 3);
+        h.failed("boom".into(), 3);
+        let v = h.view();
+        assert!(!v.ready);
+        assert!(v.reason.contains("3 in a row"), "{}", v.reason);
+        h.applied();
+        assert!(h.view().ready);
+    }
+
+    #[test]
+    fn stalled_loop_is_not_live() {
+        let h = Health::new(Duration::from_millis(0));
+        assert!(!h.view().live);
+    }
+}

@@ -1,0 +1,96 @@
+//! Prometheus metrics of the agent, registered once and shared.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+pub struct Metrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub add_to_enforced: Histogram,
+    pub syncs: Counter,
+    pub restore_failures: Counter,
+    pub rules_programmed: Gauge,
+    pub set_members_programmed: Gauge,
+    pub pods_waiting_for_policy: Gauge,
+    pub routes_programmed: Gauge,
+    pub rejected_policies: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("sluice_agent");
+        // 1 ms … ~33 s: a no-op resync is milliseconds, a 10k-pod rewrite seconds.
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let add_to_enforced = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let m = Metrics {
+            sync_duration,
+            add_to_enforced,
+            syncs: Counter::default(),
+            restore_failures: Counter::default(),
+            rules_programmed: Gauge::default(),
+            set_members_programmed: Gauge::default(),
+            pods_waiting_for_policy: Gauge::default(),
+            routes_programmed: Gauge::default(),
+            rejected_policies: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sync_duration_seconds",
+            "Time to compute and apply one dataplane sync",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "add_to_enforced_seconds",
+            "From a local pod's first appearance with an IP to its policy chains applied",
+            m.add_to_enforced.clone(),
+        );
+        registry.register("syncs", "Dataplane syncs attempted", m.syncs.clone());
+        registry.register(
+            "restore_failures",
+            "Failed iptables-restore/ipset restore runs (retried with backoff)",
+            m.restore_failures.clone(),
+        );
+        registry.register(
+            "rules_programmed",
+            "iptables rules in chains sluice owns, as last applied",
+            m.rules_programmed.clone(),
+        );
+        registry.register(
+            "set_members_programmed",
+            "Members of ipsets sluice owns, as last applied",
+            m.set_members_programmed.clone(),
+        );
+        registry.register(
+            "pods_waiting_for_policy",
+            "Local pods with an address whose policy is not applied yet (held fail-closed)",
+            m.pods_waiting_for_policy.clone(),
+        );
+        registry.register(
+            "routes_programmed",
+            "Routes to pod blocks programmed by sluice",
+            m.routes_programmed.clone(),
+        );
+        registry.register(
+            "rejected_policies",
+            "NetworkPolicies the engine cannot express (their pods are held fail-closed)",
+            m.rejected_policies.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,318 @@
+//! Snapshot → desired node state, purely. The loop in [`crate::agent`] applies it.
+//!
+//! The policy crate compiles the snapshot into its rule model; this module turns that
+//! model into the dataplane's owned chains and sets and adds the agent's own rules:
+//!
+//! - tunnel guard (filter): IP protocol 4 (IPIP) or the VXLAN UDP port is accepted
+//!   only from known node addresses (ipset `SLUICE-NODES`), and never from a pod;
+//! - NAT outgoing (nat POSTROUTING): masquerade only what leaves the pool for a
+//!   destination outside the pool and the nodes, so traffic *to* a pod is never
+//!   SNATed and a NodePort client with `externalTrafficPolicy: Local` keeps its
+//!   address all the way to the pod's ingress policy (seed 001). tunl0 addresses get
+//!   no special treatment anywhere;
+//! - fail-closed: a policy that cannot be expressed becomes a deny-all policy with
+//!   the same pod selector (the whole namespace when even the selector is broken).
+//!
+//! Each hook joins the policy crate's chain for that built-in chain when it exists, so
+//! there is one jump per built-in chain.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use sluice_policy::compile::{self, CompileError, InterfaceNames, Ruleset, SetMember};
+use sluice_policy::render::{ipset as render_ipset, iptables as render_iptables};
+use sluice_policy::{LabelSelector, NamespacedName, NetworkPolicy, Pod, PolicyTypes};
+
+use crate::dataplane::{Chain, DesiredDataplane, DesiredTable, IpSet, Jump, SetKind};
+use crate::datastore::Snapshot;
+
+/// Node addresses: the only sources allowed to send us tunnel packets.
+pub const SET_NODES: &str = "SLUICE-NODES";
+/// The pod pool(s).
+pub const SET_POOLS: &str = "SLUICE-POOLS";
+pub const CHAIN_TUNNEL_IN: &str = "SLUICE-TUNNEL-IN";
+pub const CHAIN_NAT_OUTGOING: &str = "SLUICE-NAT-OUTGOING";
+
+/// How this node's traffic between nodes is carried, as far as filtering cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelFilter {
+    /// IP protocol 4.
+    Ipip,
+    /// UDP to this port.
+    Vxlan { port: u16 },
+    /// No encapsulation: nothing to guard.
+    None,
+}
+
+impl TunnelFilter {
+    fn match_text(self) -> Option<String> {
+        match self {
+            TunnelFilter::Ipip => Some("-p 4".into()),
+            TunnelFilter::Vxlan { port } => Some(format!("-p udp -m udp --dport {port}")),
+            TunnelFilter::None => None,
+        }
+    }
+}
+
+/// Node settings reconcile needs (from the command line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSettings {
+    pub node: String,
+    pub pool: Ipv4Net,
+    pub tunnel: TunnelFilter,
+    pub nat_outgoing: bool,
+    /// Overrides the Node object's address for this node.
+    pub node_ip: Option<Ipv4Addr>,
+}
+
+/// The host-side interface names, by the CNI plugin's own rule.
+pub struct VethNames;
+
+impl InterfaceNames for VethNames {
+    fn host_veth(&self, pod: &Pod) -> String {
+        sluice_cni::veth::host_veth_name(sluice_cni::veth::PodIdentity::Kubernetes {
+            namespace: &pod.namespace,
+            pod: &pod.name,
+        })
+    }
+
+    fn namespace_prefix(&self, namespace: &str) -> String {
+        sluice_cni::veth::namespace_iface_prefix(namespace)
+    }
+}
+
+/// One block of the pool, its node, and where to send its traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRoute {
+    pub node: String,
+    pub node_ip: Ipv4Addr,
+    pub block: Ipv4Net,
+}
+
+/// Everything the node should look like after one apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub dataplane: DesiredDataplane,
+    /// Every block whose owner's address is known (ours included).
+    pub blocks: Vec<BlockRoute>,
+    /// This node's blocks, ascending; tunl0 gets the first address of the first.
+    pub own_blocks: Vec<Ipv4Net>,
+    /// This node's address, when known.
+    pub node_ip: Option<Ipv4Addr>,
+    /// Local pods with an address: their policy is in force once this is applied.
+    pub local_pods: BTreeSet<NamespacedName>,
+    /// Things an operator should hear about (rejected policies, nodes without address).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("compiling policy: {0}")]
+    Compile(#[from] CompileError),
+    #[error("dataplane model: {0}")]
+    Dataplane(#[from] crate::dataplane::iptables::IptablesError),
+}
+
+fn first_v4(addrs: &[IpAddr]) -> Option<Ipv4Addr> {
+    addrs.iter().find_map(|a| match a {
+        IpAddr::V4(v) => Some(*v),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// A rejected policy's stand-in: deny everything, both directions, for the pods it
+/// would have selected. Its name cannot collide with a real policy (`:` is not
+/// allowed in object names).
+fn fail_closed_policy(key: &NamespacedName, selector: Option<&LabelSelector>) -> NetworkPolicy {
+    NetworkPolicy {
+        namespace: key.namespace.clone(),
+        name: format!("rejected:{}", key.name),
+        pod_selector: selector.cloned().unwrap_or_else(LabelSelector::everything),
+        ingress: Vec::new(),
+        egress: Vec::new(),
+        policy_types: PolicyTypes {
+            ingress: true,
+            egress: true,
+        },
+    }
+}
+
+/// Compute the desired state. Pure: no I/O, same input → same output.
+pub fn desired(snapshot: &Snapshot, settings: &NodeSettings) -> Result<Desired, ReconcileError> {
+    let mut out = Desired::default();
+    let mut cluster = snapshot.cluster.clone();
+    for (key, rejected) in &snapshot.rejected_policies {
+        out.warnings.push(format!(
+            "NetworkPolicy {key} cannot be enforced ({}); the pods it selects are held fail-closed",
+            rejected.reason
+        ));
+        let p = fail_closed_policy(key, rejected.pod_selector.as_ref());
+        cluster.add_policy(p);
+    }
+
+    let ruleset = compile::compile(&cluster, &settings.node, &VethNames)?;
+    out.dataplane = from_ruleset(&ruleset);
+
+    // Node addresses and block routes.
+    let mut node_ips: BTreeMap<&str, Ipv4Addr> = cluster
+        .nodes
+        .values()
+        .filter_map(|n| Some((n.name.as_str(), first_v4(&n.addresses)?)))
+        .collect();
+    if let Some(ip) = settings.node_ip {
+        node_ips.insert(settings.node.as_str(), ip);
+    }
+    out.node_ip = node_ips.get(settings.node.as_str()).copied();
+    for (block, node) in &snapshot.blocks {
+        if node == &settings.node {
+            out.own_blocks.push(*block);
+        }
+        match node_ips.get(node.as_str()) {
+            Some(ip) => out.blocks.push(BlockRoute {
+                node: node.clone(),
+                node_ip: *ip,
+                block: *block,
+            }),
+            None => out.warnings.push(format!(
+                "block {block} belongs to node {node}, whose address is unknown"
+            )),
+        }
+    }
+    let all_node_addrs: BTreeSet<String> = cluster
+        .nodes
+        .values()
+        .flat_map(|n| n.addresses.iter())
+        .filter(|a| a.is_ipv4())
+        .map(|a| a.to_string())
+        .chain(settings.node_ip.map(|a| a.to_string()))
+        .collect();
+
+    out.local_pods = cluster
+        .pods
+        .values()
+        .filter(|p| {
+            !p.host_network && p.node.as_deref() == Some(&settings.node) && !p.ips.is_empty()
+        })
+        .map(Pod::key)
+        .collect();
+
+    add_agent_rules(&mut out.dataplane, settings, all_node_addrs);
+    for t in out.dataplane.tables.values() {
+        t.validate()?;
+    }
+    Ok(out)
+}
+
+/// The policy crate's rule model as owned chains and sets.
+pub fn from_ruleset(ruleset: &Ruleset) -> DesiredDataplane {
+    let mut dp = DesiredDataplane::default();
+    for (table, chains) in &ruleset.tables {
+        let t = dp.tables.entry(table.as_str().to_string()).or_default();
+        for chain in chains.values() {
+            t.chains.push(Chain {
+                name: chain.name.clone(),
+                rules: chain.rules.iter().map(render_iptables::rule_body).collect(),
+            });
+        }
+    }
+    for j in &ruleset.jumps {
+        dp.tables
+            .entry(j.table.as_str().to_string())
+            .or_default()
+            .jumps
+            .push(Jump {
+                from: j.chain.clone(),
+                rule: render_iptables::rule_body(&j.rule),
+                position: crate::dataplane::iptables::JumpPosition::Top,
+            });
+    }
+    for set in ruleset.sets.values() {
+        let kind = match set.kind {
+            compile::SetKind::HashIp => SetKind::HashIp,
+            compile::SetKind::HashNet => SetKind::HashNet,
+            compile::SetKind::HashIpPort => SetKind::HashIpPort,
+        };
+        dp.sets
+            .push(IpSet::new(&set.name, kind).with(set.members.iter().map(member_text)));
+    }
+    dp
+}
+
+fn member_text(m: &SetMember) -> String {
+    render_ipset::member_text(m)
+}
+
+/// Put `rules` first in whatever owned chain `builtin` jumps to unconditionally, or in
+/// a chain of our own (`fallback`) with its own jump.
+fn hook(table: &mut DesiredTable, builtin: &str, fallback: &str, rules: Vec<String>) {
+    if rules.is_empty() {
+        return;
+    }
+    let target = table
+        .jumps
+        .iter()
+        .find(|j| j.from == builtin && j.is_unconditional())
+        .and_then(|j| j.target())
+        .map(str::to_string);
+    let name = match target {
+        Some(t) => t,
+        None => {
+            table.jumps.push(Jump::top(builtin, fallback));
+            fallback.to_string()
+        }
+    };
+    match table.chains.iter_mut().find(|c| c.name == name) {
+        Some(c) => {
+            let mut merged = rules;
+            merged.append(&mut c.rules);
+            c.rules = merged;
+        }
+        None => table.chains.push(Chain { name, rules }),
+    }
+}
+
+fn add_agent_rules(dp: &mut DesiredDataplane, s: &NodeSettings, node_addrs: BTreeSet<String>) {
+    dp.sets
+        .push(IpSet::new(SET_NODES, SetKind::HashIp).with(node_addrs));
+    dp.sets
+        .push(IpSet::new(SET_POOLS, SetKind::HashNet).with([s.pool.to_string()]));
+
+    let pod_ifaces = [sluice_cni::veth::K8S_PREFIX, sluice_cni::veth::OTHER_PREFIX];
+    if let Some(tunnel) = s.tunnel.match_text() {
+        let filter = dp.tables.entry("filter".into()).or_default();
+        let mut guard = Chain::new(CHAIN_TUNNEL_IN);
+        for p in pod_ifaces {
+            guard.push(format!("-i {p}+ -j DROP"));
+        }
+        guard.push(format!("-m set --match-set {SET_NODES} src -j RETURN"));
+        guard.push("-j DROP");
+        filter.chains.push(guard);
+        hook(
+            filter,
+            "INPUT",
+            "SLUICE-INPUT",
+            vec![format!("{tunnel} -j {CHAIN_TUNNEL_IN}")],
+        );
+        // A pod must not reach another node's tunnel endpoint with a hand-made
+        // encapsulated packet either.
+        let fwd = pod_ifaces
+            .iter()
+            .map(|p| format!("-i {p}+ {tunnel} -j DROP"))
+            .collect();
+        hook(filter, "FORWARD", "SLUICE-FORWARD", fwd);
+    }
+    if s.nat_outgoing {
+        let nat = dp.tables.entry("nat".into()).or_default();
+        nat.chains.push(Chain::new(CHAIN_NAT_OUTGOING).rule(format!(
+            "-m set --match-set {SET_POOLS} src -m set ! --match-set {SET_POOLS} dst \
+             -m set ! --match-set {SET_NODES} dst -j MASQUERADE"
+        )));
+        hook(
+            nat,
+            "POSTROUTING",
+            "SLUICE-POSTROUTING",
+            vec![format!("-j {CHAIN_NAT_OUTGOING}")],
+        );
+    }
+}

@@ -1,0 +1,174 @@
+//! `sluice-agent run`: wire the configured datastore, the dataplane, the health
+//! endpoint and the status file into the loop of [`crate::agent`].
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_ipam::blocks::{Pool, PoolError};
+
+use crate::agent::{self, AgentError, Loop, NoNetwork};
+use crate::config::{DatastoreKind, Encapsulation, RunConfig};
+use crate::datastore::dir::DirDatastore;
+use crate::datastore::kube::KubeDatastore;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::reconcile::{NodeSettings, TunnelFilter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("pool {pool} with /{block_size} blocks: {source}")]
+    Pool {
+        pool: ipnet::Ipv4Net,
+        block_size: u8,
+        #[source]
+        source: PoolError,
+    },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("detecting the iptables backend: {0}")]
+    Backend(#[from] crate::dataplane::runner::RunError),
+    #[error(transparent)]
+    Datastore(#[from] crate::datastore::DatastoreError),
+    #[error("--node-ip must be IPv4 (sluice's tunnels are IPv4), got {0}")]
+    NodeIpV6(IpAddr),
+}
+
+pub fn node_settings(cfg: &RunConfig) -> Result<NodeSettings, RunError> {
+    let node_ip = match cfg.node_ip {
+        None => None,
+        Some(IpAddr::V4(v)) => Some(v),
+        Some(v6) => return Err(RunError::NodeIpV6(v6)),
+    };
+    Ok(NodeSettings {
+        node: cfg.node_name.clone(),
+        pool: cfg.pool,
+        tunnel: match cfg.encapsulation {
+            Encapsulation::Ipip => TunnelFilter::Ipip,
+            Encapsulation::Vxlan => TunnelFilter::Vxlan {
+                port: cfg.vxlan_port,
+            },
+            Encapsulation::None => TunnelFilter::None,
+        },
+        nat_outgoing: cfg.nat_outgoing,
+        node_ip,
+    })
+}
+
+/// Run until a termination signal. Never flushes what it programmed.
+pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
+    let pool = Pool::new(cfg.pool, cfg.block_size).map_err(|source| RunError::Pool {
+        pool: cfg.pool,
+        block_size: cfg.block_size,
+        source,
+    })?;
+    let settings = node_settings(&cfg)?;
+    let health = Arc::new(Health::new(
+        cfg.resync_interval() * 3 + Duration::from_secs(30),
+    ));
+    let metrics = Arc::new(Metrics::new());
+
+    let listener = tokio::net::TcpListener::bind(cfg.health_addr)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: cfg.health_addr,
+            source,
+        })?;
+    tracing::info!(addr = %cfg.health_addr, "serving /healthz /readyz /metrics");
+    {
+        let (h, m) = (health.clone(), metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::health::serve(listener, h, m).await {
+                tracing::error!(error = %e, "health endpoint stopped");
+            }
+        });
+    }
+    tokio::spawn(agent::status_writer(
+        cfg.status_file.clone(),
+        cfg.node_name.clone(),
+        health.clone(),
+    ));
+
+    if cfg.mtu != 0 {
+        crate::status::write_atomic(&cfg.mtu_file, format!("{}\n", cfg.mtu).as_bytes(), 0o644)
+            .map_err(|source| AgentError::Write {
+                path: cfg.mtu_file.clone(),
+                source,
+            })?;
+    }
+
+    let dataplane = {
+        let choice = cfg.iptables_backend;
+        tokio::task::spawn_blocking(move || agent::exec_dataplane(choice))
+            .await
+            .expect("backend detection does not panic")?
+    };
+
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    match cfg.datastore {
+        DatastoreKind::Directory => {
+            let manifests = cfg.manifests_dir.clone().expect("clap requires it");
+            let blocks = cfg.block_store_dir.clone().expect("clap requires it");
+            let (node, poll) = (cfg.node_name.clone(), cfg.poll_interval());
+            let pool = pool.clone();
+            tokio::spawn(agent::supervise(
+                move || {
+                    DirDatastore::new(
+                        manifests.clone(),
+                        blocks.clone(),
+                        pool.clone(),
+                        node.clone(),
+                        poll,
+                    )
+                },
+                tx,
+            ));
+        }
+        DatastoreKind::Kubernetes => {
+            let client = crate::datastore::kube::client().await?;
+            let store = sluice_ipam::store::kube::KubeStore::new(client.clone());
+            let (node, file, coalesce) = (
+                cfg.node_name.clone(),
+                cfg.node_blocks_file.clone(),
+                cfg.coalesce(),
+            );
+            tokio::spawn(agent::supervise(
+                move || {
+                    KubeDatastore::new(
+                        client.clone(),
+                        store.clone(),
+                        pool.clone(),
+                        node.clone(),
+                        file.clone(),
+                        coalesce,
+                    )
+                },
+                tx,
+            ));
+        }
+    }
+
+    let lp = Loop {
+        settings,
+        dataplane: Arc::new(dataplane),
+        network: NoNetwork,
+        health,
+        metrics,
+        resync: cfg.resync_interval(),
+        coalesce: cfg.coalesce(),
+    };
+    tokio::select! {
+        _ = lp.run(rx) => {}
+        _ = shutdown_signal() => tracing::info!("terminating; programmed state stays in place"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
