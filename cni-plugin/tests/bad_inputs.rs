@@ -169,6 +169,19 @@ const CASES: &[Case] = &[
             p.exec("ip link add x0 type veth peer name x1 && ip link set x0 up && ip link set x1 up && ip route add 169.254.1.1/32 dev x0");
         },
     },
+    // Another pod already holds the address (two IPAM stores over one range):
+    // the host route exists, and ADD must not steal it.
+    Case {
+        name: "address already routed to another pod (after veth)",
+        code: 103,
+        make: |_, v, _, _| {
+            // A /30 leaves host-local exactly one address to give: 10.96.0.2.
+            v["ipam"]["ranges"][0][0]["subnet"] = "10.96.0.0/30".into();
+            sluice_testkit::sh(
+                "ip link add taken0 type veth peer name taken1 && ip link set taken0 up && ip route add 10.96.0.2/32 dev taken0",
+            );
+        },
+    },
 ];
 
 #[test]
@@ -230,6 +243,8 @@ fn every_bad_input_gets_its_code_and_leaves_nothing_behind() {
                     case.name
                 );
             }
+            // The fixture of the "already routed" case is not a leftover.
+            let _ = sluice_testkit::try_sh("ip link del taken0");
             // Nothing left behind, whatever the outcome.
             assert_no_node_leftovers();
             assert_eq!(

@@ -159,9 +159,10 @@ fn wire(
     for r in plan.pod_routes(pod_link.index) {
         pod.add_route4(&r, false)?;
     }
-    // Replace: a route for this address left by a pod whose veth is already gone
-    // cannot exist (it dies with the link), but one added by hand might.
-    host.add_route4(&plan.host_route(host_link.index), true)?;
+    // Exclusive, not replace: a route for this address can only exist if another
+    // live pod holds it (routes die with their link), i.e. IPAM handed out one
+    // address twice. Failing here keeps that pod's traffic where it is.
+    host.add_route4(&plan.host_route(host_link.index), false)?;
 
     let prev = ctx
         .conf
