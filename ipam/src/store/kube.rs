@@ -22,7 +22,6 @@ use crate::blocks::{block_name, parse_block_name};
     version = "v1",
     kind = "IPAMBlock",
     plural = "ipamblocks",
-    shortname = "ipamblock",
     printcolumn = r#"{"name":"CIDR","type":"string","jsonPath":".spec.cidr"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
