@@ -331,3 +331,47 @@ pub fn ipams() -> Vec<Ipam> {
     }
     v
 }
+
+/// A busybox-static root filesystem (`/bin/busybox` plus the applets the tests
+/// use) under `dir/rootfs`, and a tarball of it for `podman import`.
+pub fn busybox_rootfs(dir: &Path) -> (PathBuf, PathBuf) {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static installed");
+    for a in ["sh", "ping", "ip", "sleep", "cat", "ifconfig"] {
+        symlink("busybox", root.join("bin").join(a)).unwrap();
+    }
+    for d in ["proc", "sys", "dev", "etc", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let tar = dir.join("rootfs.tar");
+    sh(&format!(
+        "tar -C {} -cf {} .",
+        root.display(),
+        tar.display()
+    ));
+    (root, tar)
+}
+
+/// A conflist for real runtimes: sluice with `ipam`, chained with `portmap`.
+pub fn conflist(name: &str, ipam: Ipam, dir: &Path) -> Value {
+    let mut plugin = conf("1.0.0", ipam, dir);
+    plugin.as_object_mut().unwrap().remove("cniVersion");
+    plugin.as_object_mut().unwrap().remove("name");
+    if ipam == Ipam::HostLocal {
+        plugin["ipam"]["ranges"][0][0]["subnet"] = "10.95.0.0/24".into();
+    }
+    json!({
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [plugin, {"type": "portmap", "capabilities": {"portMappings": true}}]
+    })
+}
+
+/// Host-side sluice interfaces in the calling thread's namespace.
+pub fn sluice_links() -> Vec<String> {
+    links()
+        .into_iter()
+        .filter(|l| l.starts_with("slc") || l.starts_with("slx"))
+        .collect()
+}
