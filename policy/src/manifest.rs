@@ -62,8 +62,8 @@ pub enum ManifestError {
         origin: String,
         kind: String,
         object: String,
-        // Boxed: keeps every Result in this module small.
-        #[source]
+        // Boxed: keeps every Result in this module small. Not a `#[source]`: the
+        // message already includes it, and error chains would print it twice.
         error: Box<ConvertError>,
     },
     #[error("{origin}: document {document}: not an object (expected apiVersion/kind/metadata)")]

@@ -1,10 +1,239 @@
-//! `sluicectl policy check` (placeholder until its issue lands).
+//! `sluicectl policy check`: the reference evaluator on manifests, without a kernel.
+//!
+//! ```text
+//! sluicectl policy check -f PATH [-f PATH ...] \
+//!     --from NS/POD|ip:ADDR|node:NAME --to NS/POD|ip:ADDR \
+//!     --port N [--protocol TCP|UDP|SCTP] [-o text|json]
+//! sluicectl policy check -f PATH ... --probes FILE [-o json]
+//! ```
+//! JSON for one probe is `{"verdict":"allow"|"deny","reason":"..."}`; for `--probes`
+//! an array of those in input order. Exit 0 whenever the check ran, whatever the
+//! verdicts; non-zero on bad input.
 
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct Args {}
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use sluice_policy::Protocol;
+use sluice_policy::evaluate::{Endpoint, Evaluation, Probe, Resolved, Side, evaluate};
 
-pub fn exec(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+const AFTER_HELP: &str = "\
+Every probe is the first packet of a new connection (replies are always allowed).
+Endpoints: NS/POD, ip:ADDR (an address owned by a pod or node is that pod or node),
+node:NAME (source only: the node itself, e.g. kubelet).
+
+NodePort and ipBlock: with externalTrafficPolicy: Local the packet reaches the pod
+with the client's address, so `--from ip:CLIENT` is what the pod sees. With
+externalTrafficPolicy: Cluster a node that forwards the connection SNATs it to its
+own address: check `--from node:FORWARDING-NODE` instead. Allowing node or tunnel
+addresses in an ipBlock admits every forwarded flow, not just the client's.";
+
+#[derive(clap::Args)]
+#[command(after_help = AFTER_HELP)]
+pub struct Args {
+    /// Manifests: YAML or JSON files, or directories of them (recursively),
+    /// multi-document, as `kubectl get -o yaml` writes them.
+    #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
+    files: Vec<PathBuf>,
+    /// Source: NS/POD, ip:ADDR or node:NAME.
+    #[arg(
+        long,
+        value_name = "ENDPOINT",
+        required_unless_present = "probes",
+        conflicts_with = "probes"
+    )]
+    from: Option<Endpoint>,
+    /// Destination: NS/POD or ip:ADDR.
+    #[arg(
+        long,
+        value_name = "ENDPOINT",
+        required_unless_present = "probes",
+        conflicts_with = "probes"
+    )]
+    to: Option<Endpoint>,
+    /// Destination port.
+    #[arg(long, required_unless_present = "probes", conflicts_with = "probes")]
+    port: Option<u16>,
+    /// TCP (default), UDP or SCTP.
+    #[arg(long, default_value = "TCP", conflicts_with = "probes")]
+    protocol: Protocol,
+    /// JSON lines, one probe each: {"from":..,"to":..,"port":..,"protocol":..}
+    /// (protocol optional, TCP by default); `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    probes: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+/// One line of a `--probes` file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeLine {
+    from: String,
+    to: String,
+    port: u16,
+    #[serde(default)]
+    protocol: Option<String>,
+}
+
+pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
+    let (cluster, warnings) = super::load_cluster(&args.files)?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+
+    let probes = match &args.probes {
+        Some(path) => read_probes(path)?,
+        None => {
+            // clap guarantees these when --probes is absent.
+            let (Some(from), Some(to), Some(port)) = (args.from, args.to, args.port) else {
+                bail!("--from, --to and --port are required without --probes");
+            };
+            vec![Probe {
+                from,
+                to,
+                port,
+                protocol: args.protocol,
+            }]
+        }
+    };
+
+    let evaluations = probes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            evaluate(&cluster, p).with_context(|| {
+                if args.probes.is_some() {
+                    format!("probe {} ({} -> {})", i + 1, p.from, p.to)
+                } else {
+                    format!("{} -> {}", p.from, p.to)
+                }
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Output::Json => {
+            let items: Vec<serde_json::Value> = evaluations
+                .iter()
+                .map(|e| serde_json::json!({"verdict": e.verdict.as_str(), "reason": e.reason()}))
+                .collect();
+            let value = if args.probes.is_some() {
+                serde_json::Value::Array(items)
+            } else {
+                items.into_iter().next().unwrap_or_default()
+            };
+            writeln!(out, "{value}")?;
+        }
+        Output::Text => {
+            for (i, e) in evaluations.iter().enumerate() {
+                if i > 0 {
+                    writeln!(out)?;
+                }
+                write!(out, "{}", text(e))?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_probes(path: &PathBuf) -> anyhow::Result<Vec<Probe>> {
+    let name = path.display().to_string();
+    let reader: Box<dyn BufRead> = if name == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {name}"))?,
+        ))
+    };
+    let mut probes = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("reading {name}"))?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = || format!("{name}:{}", i + 1);
+        let raw: ProbeLine = serde_json::from_str(line).with_context(at)?;
+        probes.push(Probe {
+            from: raw.from.parse().with_context(at)?,
+            to: raw.to.parse().with_context(at)?,
+            port: raw.port,
+            protocol: match raw.protocol {
+                None => Protocol::Tcp,
+                Some(p) => p.parse().with_context(at)?,
+            },
+        });
+    }
+    Ok(probes)
+}
+
+fn list(policies: &[sluice_policy::NamespacedName]) -> String {
+    policies
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn side_text(side: &Side, direction: &str, endpoint: &Resolved) -> String {
+    match side {
+        Side::NotPoliced => format!("not policed ({endpoint} is not a pod a policy can select)"),
+        Side::NotIsolated => format!("not isolated (no policy selects it for {direction})"),
+        Side::OwnNode => "allowed: from the pod's own node (always)".to_string(),
+        Side::Loopback => "allowed: loopback (a pod can always reach itself)".to_string(),
+        Side::Allowed {
+            isolating,
+            by,
+            also,
+        } => {
+            let more = if *also > 0 {
+                format!(" (and {also} more rule(s))")
+            } else {
+                String::new()
+            };
+            format!(
+                "isolated by {}\n           allowed by {} {direction}[{}]{more}",
+                list(isolating),
+                by.policy,
+                by.rule
+            )
+        }
+        Side::Denied { isolating } => format!(
+            "isolated by {}\n           DENIED: no {direction} rule of these policies matches",
+            list(isolating)
+        ),
+    }
+}
+
+/// The human form: verdict first, then each side with its policies and rule.
+fn text(e: &Evaluation) -> String {
+    let mut s = format!(
+        "{}: {} -> {} {}/{}\n",
+        e.verdict.as_str().to_uppercase(),
+        e.from,
+        e.to,
+        e.protocol,
+        e.port
+    );
+    s += &format!("  egress:  {}\n", side_text(&e.egress, "egress", &e.from));
+    s += &format!("  ingress: {}\n", side_text(&e.ingress, "ingress", &e.to));
+    if let (Side::Denied { .. }, Resolved::Node { node, .. }) = (&e.ingress, &e.from) {
+        s += &format!(
+            "  note: traffic from node {node} is not the client's. A NodePort connection \
+forwarded by {node} (externalTrafficPolicy: Cluster) arrives SNATed to it; \
+externalTrafficPolicy: Local keeps the client's address for ipBlock rules.\n"
+        );
+    }
+    s
 }
