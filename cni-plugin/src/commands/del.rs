@@ -20,17 +20,9 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     if let Some(mut host) = errors.keep(Netlink::open()) {
         match errors.keep(host.del_link_by_name(&host_ifname)) {
             Some(true) => log!("deleted {host_ifname}"),
-            // Not under the expected name: the ADD may have seen different
-            // CNI_ARGS (a runtime that sends K8S_POD_* on ADD only). The alias
-            // records the attachment itself.
             Some(false) => {
-                if let Some(links) = errors.keep(host.links()) {
-                    for l in links.iter().filter(|l| l.alias.as_deref() == Some(&alias)) {
-                        if errors.keep(host.del_link(l.index)).is_some() {
-                            log!("deleted {} (found by alias)", l.name);
-                        }
-                    }
-                }
+                log!("{host_ifname} already gone");
+                by_alias(&mut host, &alias, &mut errors);
             }
             None => {}
         }
@@ -68,8 +60,23 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
 
     if let Some(Some(path)) = errors.keep(ctx.ipam_path())
         && let Some(conf) = errors.keep(delegate::config_for(&path, ctx.conf))
+        && errors
+            .keep(delegate::ipam_verb(&path, Command::Del, &conf))
+            .is_some()
     {
-        errors.keep(delegate::ipam_verb(&path, Command::Del, &conf));
+        log!("IPAM released the address");
     }
     errors.finish()
+}
+
+/// Not under the expected name: the ADD may have seen different CNI_ARGS (a
+/// runtime that sends K8S_POD_* on ADD only). The alias records the attachment.
+fn by_alias(host: &mut Netlink, alias: &str, errors: &mut Errors) {
+    if let Some(links) = errors.keep(host.links()) {
+        for l in links.iter().filter(|l| l.alias.as_deref() == Some(alias)) {
+            if errors.keep(host.del_link(l.index)).is_some() {
+                log!("deleted {} (found by alias)", l.name);
+            }
+        }
+    }
 }

@@ -147,6 +147,21 @@ impl CniBin {
         CniBin { dir }
     }
 
+    /// Like [`CniBin::new`], but the reference plugins are copies: a runtime that
+    /// finds plugins only in /usr/lib/cni gets this directory bind-mounted there,
+    /// where a symlink into /usr/lib/cni would point at itself.
+    pub fn new_copied(root: &Path) -> CniBin {
+        let bins = CniBin::new(root);
+        for p in ["host-local", "portmap", "bridge", "loopback"] {
+            let link = bins.dir.join(p);
+            if let Ok(target) = std::fs::read_link(&link) {
+                std::fs::remove_file(&link).unwrap();
+                std::fs::copy(target, &link).unwrap();
+            }
+        }
+        bins
+    }
+
     pub fn sluice(&self) -> PathBuf {
         self.dir.join("sluice")
     }
