@@ -316,6 +316,12 @@ fn selector(field: &str, raw: RawSelector) -> Result<LabelSelector, ConvertError
     })
 }
 
+/// Converts a `metav1.LabelSelector` on its own (`{}` selects everything), for callers
+/// that hold a selector outside a policy (e.g. of a policy that failed to convert).
+pub fn label_selector(value: &serde_json::Value) -> Result<LabelSelector, ConvertError> {
+    selector("selector", parse(value)?)
+}
+
 #[derive(Deserialize)]
 struct RawIpBlock {
     cidr: String,

@@ -20,11 +20,11 @@ pub mod diff;
 pub mod names;
 pub mod render;
 
+pub use evaluate::{Endpoint, Evaluation, Probe, Verdict, evaluate};
+pub use manifest::{ManifestError, Object, Parsed, parse_documents, parse_value};
 pub use model::{
     Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, NamespacedName,
     NetworkPolicy, Node, Peer, Peers, Pod, PodPeer, PolicyPort, PolicyType, PolicyTypes, PortMatch,
     Ports, Protocol, Rule,
 };
-pub use evaluate::{Endpoint, Evaluation, Probe, Verdict, evaluate};
-pub use manifest::{ManifestError, Object, Parsed, parse_documents};
 pub use selector::{LabelSelector, Operator, Requirement};

@@ -81,6 +81,14 @@ pub fn parse_documents(origin: &str, text: &str) -> Result<Parsed, ManifestError
     Ok(parsed)
 }
 
+/// Like [`parse_documents`] for one already-decoded value (an object, a `List`, or an
+/// array of them), e.g. an API object the agent serialized with serde_json.
+pub fn parse_value(origin: &str, value: &serde_json::Value) -> Result<Parsed, ManifestError> {
+    let mut parsed = Parsed::default();
+    collect(origin, 1, value, &mut parsed)?;
+    Ok(parsed)
+}
+
 fn split_documents(origin: &str, text: &str) -> Result<Vec<serde_json::Value>, ManifestError> {
     let trimmed = text.trim_start();
     let syntax = |document: usize, message: String| ManifestError::Syntax {
