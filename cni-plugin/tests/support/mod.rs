@@ -369,13 +369,27 @@ pub fn busybox_rootfs(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// A conflist for real runtimes: sluice with `ipam`, chained with `portmap`.
+/// With sluice-ipam it is `examples/sluice-standalone.conflist` itself, only its
+/// paths moved under `dir` and its name changed, so the example is proven to work.
 pub fn conflist(name: &str, ipam: Ipam, dir: &Path) -> Value {
+    if ipam == Ipam::SluiceIpam {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sluice-standalone.conflist");
+        let mut v: Value =
+            serde_json::from_str(&std::fs::read_to_string(example).unwrap()).unwrap();
+        v["name"] = name.into();
+        let p = &mut v["plugins"][0];
+        assert_eq!(p["type"], "sluice");
+        p["logFile"] = dir.join("cni.log").to_str().into();
+        p["mtuFile"] = dir.join("mtu").to_str().into();
+        p["ipam"]["stateDir"] = dir.join("sluice-ipam").to_str().into();
+        p["ipam"]["blockStore"]["path"] = dir.join("blocks").to_str().into();
+        return v;
+    }
     let mut plugin = conf("1.0.0", ipam, dir);
     plugin.as_object_mut().unwrap().remove("cniVersion");
     plugin.as_object_mut().unwrap().remove("name");
-    if ipam == Ipam::HostLocal {
-        plugin["ipam"]["ranges"][0][0]["subnet"] = "10.95.0.0/24".into();
-    }
+    plugin["ipam"]["ranges"][0][0]["subnet"] = "10.95.0.0/24".into();
     json!({
         "cniVersion": "1.0.0",
         "name": name,
