@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
 use ipnet::Ipv4Net;
 
 use crate::dataplane::BackendChoice;
+use crate::tunnel::{DEFAULT_VXLAN_PORT, DEFAULT_VXLAN_VNI, Encapsulation};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,16 +41,6 @@ pub enum DatastoreKind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Encapsulation {
-    /// IP-in-IP over tunl0 (IP protocol 4).
-    Ipip,
-    /// VXLAN (UDP), for clouds that drop protocol 4 and kernels without ipip.
-    Vxlan,
-    /// Plain routes: all nodes share one L2 segment.
-    None,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -63,7 +55,7 @@ node's network namespace (`ip netns exec node-1 sluice-agent run ...`) and give 
 --block-store-dir and --manifests-dir are shared by all nodes of the directory datastore.")]
 pub struct RunConfig {
     /// This node's name (the Node object's metadata.name).
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "SLUICE_NODE_NAME")]
     pub node_name: String,
 
     /// Where cluster state comes from.
@@ -110,21 +102,23 @@ pub struct RunConfig {
     #[arg(long, env = "SLUICE_NODE_IP")]
     pub node_ip: Option<IpAddr>,
 
-    /// Encapsulation between nodes.
-    #[arg(long, env = "SLUICE_ENCAPSULATION", value_enum, default_value = "ipip")]
+    /// Encapsulation between nodes: ipip (tunl0, IP protocol 4), vxlan (UDP; for clouds
+    /// that drop protocol 4 and kernels without ipip) or none (nodes share one L2 segment).
+    #[arg(long, env = "SLUICE_ENCAPSULATION", default_value = "ipip")]
     pub encapsulation: Encapsulation,
 
-    /// UDP port of VXLAN (only accepted from node addresses).
-    #[arg(long, env = "SLUICE_VXLAN_PORT", default_value_t = 4789)]
+    /// VXLAN UDP port (cluster-wide; accepted only from node addresses).
+    #[arg(long, env = "SLUICE_VXLAN_PORT", default_value_t = DEFAULT_VXLAN_PORT)]
     pub vxlan_port: u16,
 
-    /// Pod MTU; 0 = the uplink's MTU minus the encapsulation overhead.
+    /// VXLAN network identifier (cluster-wide).
+    #[arg(long, env = "SLUICE_VXLAN_VNI", default_value_t = DEFAULT_VXLAN_VNI)]
+    pub vxlan_vni: u32,
+
+    /// Pod MTU; 0 = the MTU of the uplink (the link holding the node address, else the
+    /// default route's device) minus the encapsulation overhead.
     #[arg(long, env = "SLUICE_MTU", default_value_t = 0)]
     pub mtu: u32,
-
-    /// Uplink interface for MTU detection. Default: the device of the default route.
-    #[arg(long, env = "SLUICE_UPLINK")]
-    pub uplink: Option<String>,
 
     /// Masquerade pod traffic leaving the pool for destinations outside pool and nodes.
     #[arg(long, env = "SLUICE_NAT_OUTGOING", default_value_t = true, action = clap::ArgAction::Set)]
@@ -240,7 +234,7 @@ pub struct InstallCniConfig {
     pub template: Option<PathBuf>,
 
     /// Node name substituted into the conflist.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "SLUICE_NODE_NAME")]
     pub node_name: String,
 
     /// MTU substituted into the conflist; 0 makes the plugin read --mtu-file.

@@ -17,6 +17,7 @@ pub mod datastore;
 pub mod health;
 pub mod install_cni;
 pub mod metrics;
+pub mod node_network;
 pub mod reconcile;
 pub mod run;
 pub mod status;

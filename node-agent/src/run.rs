@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use sluice_ipam::blocks::{Pool, PoolError};
 
-use crate::agent::{self, AgentError, Loop, NoNetwork};
-use crate::config::{DatastoreKind, Encapsulation, RunConfig};
+use crate::agent::{self, AgentError, Loop};
+use crate::config::{DatastoreKind, RunConfig};
+use crate::node_network::{KernelNetwork, Network};
+use crate::tunnel::{Encapsulation, VxlanSettings};
 use crate::datastore::dir::DirDatastore;
 use crate::datastore::kube::KubeDatastore;
 use crate::health::Health;
@@ -30,6 +32,8 @@ pub enum RunError {
     Backend(#[from] crate::dataplane::runner::RunError),
     #[error(transparent)]
     Datastore(#[from] crate::datastore::DatastoreError),
+    #[error("opening route netlink: {0}")]
+    Netlink(#[source] crate::netlink::NetlinkError),
     #[error("--node-ip must be IPv4 (sluice's tunnels are IPv4), got {0}")]
     NodeIpV6(IpAddr),
 }
@@ -148,10 +152,26 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         }
     }
 
+    let network = if cfg.manage_routes {
+        let netlink = crate::netlink::Netlink::open().map_err(RunError::Netlink)?;
+        Network::Kernel(Box::new(KernelNetwork {
+            netlink,
+            node: cfg.node_name.clone(),
+            encap: cfg.encapsulation,
+            vxlan: VxlanSettings {
+                vni: cfg.vxlan_vni,
+                port: cfg.vxlan_port,
+            },
+            mtu: cfg.mtu,
+            mtu_file: cfg.mtu_file.clone(),
+        }))
+    } else {
+        Network::Off
+    };
     let lp = Loop {
         settings,
         dataplane: Arc::new(dataplane),
-        network: NoNetwork,
+        network,
         health,
         metrics,
         resync: cfg.resync_interval(),
