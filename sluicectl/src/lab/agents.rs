@@ -22,34 +22,42 @@ pub fn status_file(node: &NodeState) -> std::path::PathBuf {
     node.root.join("run/sluice/agent-status.json")
 }
 
-/// The agent's command line for a node: every path moved under the node's root.
+/// The agent's command line for a node: every per-node path moved under the node's
+/// root; the manifests directory and the block store are shared by all nodes.
 pub fn command_line(st: &LabState, node: &NodeState, paths: &LabPaths) -> Vec<String> {
     let r = |s: &str| node.root.join(s).display().to_string();
-    vec![
+    let mut v: Vec<String> = vec![
         "run".into(),
         "--node-name".into(),
         node.name.clone(),
         "--datastore".into(),
-        "dir".into(),
+        "directory".into(),
         "--manifests-dir".into(),
         paths.manifests().display().to_string(),
         "--block-store-dir".into(),
         paths.blocks().display().to_string(),
         "--pool".into(),
         st.pool.to_string(),
-        "--encap".into(),
+        "--node-ip".into(),
+        node.uplink_ip.to_string(),
+        "--encapsulation".into(),
         st.encap.as_str().into(),
-        "--uplink".into(),
-        "eth0".into(),
+        "--nat-outgoing".into(),
+        st.nat_outgoing.to_string(),
         "--status-file".into(),
         r("run/sluice/agent-status.json"),
         "--mtu-file".into(),
         r("var/lib/sluice/mtu"),
         "--ipam-state-dir".into(),
         r("var/lib/sluice/ipam"),
-        "--listen".into(),
+        "--node-blocks-file".into(),
+        r("var/lib/sluice/ipam/node-blocks.json"),
+        "--health-addr".into(),
         format!("127.0.0.1:{HEALTH_PORT}"),
-    ]
+    ];
+    // The lab changes manifests in bursts and then probes: react quickly.
+    v.extend(["--poll-ms", "100", "--coalesce-ms", "50"].map(String::from));
+    v
 }
 
 pub fn start(
@@ -153,5 +161,78 @@ pub fn wait_ready(st: &LabState, timeout: Duration) -> Result<(), LabError> {
             return Err(LabError::NotReady(waiting.join("; ")));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The agent's `/metrics` inside its node namespace (plain HTTP/1.0, one request).
+pub fn scrape(node: &NodeState) -> Option<String> {
+    use std::io::{Read, Write};
+    netns::on_thread_in(&node.netns, || {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], HEALTH_PORT));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        Some(body)
+    })
+    .ok()
+    .flatten()
+}
+
+/// A sample's value from Prometheus text (`name value` or `name{..} value`).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        let n = n.split('{').next()?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+pub const SYNCS: &str = "sluice_agent_syncs_total";
+pub const WAITING: &str = "sluice_agent_pods_waiting_for_policy";
+
+/// Every agent's sync counter now (missing agents count as 0).
+pub fn sync_counts(st: &LabState) -> Vec<f64> {
+    st.nodes
+        .iter()
+        .map(|n| scrape(n).and_then(|t| metric(&t, SYNCS)).unwrap_or(0.0))
+        .collect()
+}
+
+/// After a change to the manifests: wait until every agent has run a sync since
+/// `before` and holds no pod waiting for policy. An agent with nothing to do may
+/// not sync at all, so running out of time is not an error; the caller's probes
+/// tell the truth either way.
+pub fn wait_synced(st: &LabState, before: &[f64], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done = st.nodes.iter().zip(before).all(|(n, b)| {
+            scrape(n).is_some_and(|t| {
+                metric(&t, SYNCS).unwrap_or(0.0) > *b && metric(&t, WAITING).unwrap_or(0.0) == 0.0
+            })
+        });
+        if done {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_values_are_read_from_prometheus_text() {
+        let t = "# HELP sluice_agent_syncs Dataplane syncs attempted\n# TYPE sluice_agent_syncs counter\nsluice_agent_syncs_total 7\nsluice_agent_pods_waiting_for_policy 0\nx{le=\"1\"} 3\n";
+        assert_eq!(metric(t, SYNCS), Some(7.0));
+        assert_eq!(metric(t, WAITING), Some(0.0));
+        assert_eq!(metric(t, "x"), Some(3.0));
+        assert_eq!(metric(t, "absent"), None);
     }
 }

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::manifests::{self, Object};
 use super::state::{self, LabPaths, LabState, ObjectKey, PodState, Protocol};
-use super::{LabError, cni, external, names, netns, serve, services};
+use super::{LabError, agents, cni, external, names, netns, serve, services};
 
 #[derive(clap::Args)]
 pub struct ApplyArgs {
@@ -306,6 +306,7 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let _lock = state::lock(&paths)?;
     let mut st = state::load(&args.name)?;
     let objects = manifests::load(&args.files)?;
+    let syncs_before = st.agents.then(|| agents::sync_counts(&st));
     // Validate every Service before changing anything.
     for o in objects.iter().filter(|o| o.key.kind == "Service") {
         manifests::service_node_ports(o)?;
@@ -374,7 +375,20 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
     state::save(&st)?;
     services::sync(&st, &paths)?;
+    settle(&st, syncs_before);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Give the agents the chance to program what was just written, so probes right
+/// after `apply` see the new policy.
+fn settle(st: &LabState, before: Option<Vec<f64>>) {
+    if let Some(before) = before
+        && !agents::wait_synced(st, &before, std::time::Duration::from_secs(10))
+    {
+        eprintln!(
+            "note: not every agent reported a sync within 10 s; probes may see the old state"
+        );
+    }
 }
 
 pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
@@ -382,6 +396,7 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let _lock = state::lock(&paths)?;
     let mut st = state::load(&args.name)?;
     let objects = manifests::load(&args.files)?;
+    let syncs_before = st.agents.then(|| agents::sync_counts(&st));
     let mut errors = Vec::new();
     // Pods first, namespaces last: the reverse of creation.
     let rank = |k: &str| match k {
@@ -402,6 +417,7 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     }
     state::save(&st)?;
     services::sync(&st, &paths)?;
+    settle(&st, syncs_before);
     if errors.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {

@@ -190,6 +190,10 @@ pub struct LabState {
     /// Source file (canonical path) → objects it applied last time (`--prune`).
     #[serde(default)]
     pub applied: BTreeMap<String, Vec<ObjectKey>>,
+    /// Whether the agents masquerade pod traffic leaving the pool (off by default in
+    /// the lab: its outside network routes pod addresses, as a BGP peer would).
+    #[serde(default)]
+    pub nat_outgoing: bool,
     /// Whether agents run (false only with the hidden `--no-agent`).
     #[serde(default = "yes")]
     pub agents: bool,

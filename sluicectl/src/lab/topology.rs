@@ -34,6 +34,11 @@ pub struct UpArgs {
     pub encap: Encap,
     #[arg(long, default_value = "10.244.0.0/16")]
     pub pool: ipnet::Ipv4Net,
+    /// Masquerade pod traffic leaving the pool. Off by default: the lab's gateway
+    /// routes every pod address to its node (like a BGP-peered network), so outside
+    /// hosts see pods' own addresses.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub nat_outgoing: bool,
     /// Build nodes without agents (debugging the topology alone).
     #[arg(long, hide = true)]
     pub no_agent: bool,
@@ -198,6 +203,7 @@ pub fn up(args: UpArgs) -> Result<LabState, LabError> {
         externals: Default::default(),
         applied: Default::default(),
         agents: !args.no_agent,
+        nat_outgoing: args.nat_outgoing,
     };
     // Save early: if anything below fails, `down` still finds what was made.
     for d in [paths.manifests(), paths.blocks(), paths.logs()] {
