@@ -16,7 +16,10 @@
 //! - Connections from a pod's own node to the pod are always allowed (kubelet probes);
 //!   the docs say "the only allowed connections into the pod are those from the pod's
 //!   node and those allowed by the ingress list". Egress from a pod to its own node
-//!   is *not* special.
+//!   is *not* special: the docs' ipBlock note says "to and from the node", but their
+//!   "Pod isolation" section (the normative one) exempts only ingress, so a pod
+//!   isolated for egress needs a rule to reach its node (the compiler polices the
+//!   INPUT path the same way).
 //! - A pod can always reach itself (seed 002: "a pod cannot block access to itself";
 //!   upstream e2e `AllowLoopback`): the packet never leaves its network namespace.
 //! - Replies of an allowed connection are always allowed: a probe is always the
