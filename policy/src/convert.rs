@@ -536,13 +536,9 @@ pub fn network_policy(object: &serde_json::Value) -> Result<NetworkPolicy, Conve
 
     let pod_selector = match spec.pod_selector {
         Some(s) => selector("spec.podSelector", s)?,
-        // Required upstream; kubectl always writes `podSelector: {}` at least.
-        None => {
-            return Err(invalid(
-                "spec.podSelector",
-                "is required (use {} for all pods)",
-            ));
-        }
+        // A Go struct, not a pointer, upstream: a missing podSelector decodes as the
+        // empty selector, i.e. every pod of the namespace (and is optional since 1.31).
+        None => LabelSelector::everything(),
     };
     let rules = |key: &str, peers_key: &str, raw: Option<Vec<RawRule>>| {
         raw.unwrap_or_default()
@@ -647,6 +643,16 @@ mod tests {
                 egress: true
             }
         );
+    }
+
+    #[test]
+    fn missing_pod_selector_selects_every_pod_like_an_empty_one() {
+        let p = network_policy(&json!({
+            "metadata": {"name": "p", "namespace": "x"},
+            "spec": {"policyTypes": ["Ingress"]}
+        }))
+        .unwrap();
+        assert!(p.pod_selector.is_empty());
     }
 
     #[test]

@@ -258,7 +258,8 @@ pub enum Peers {
     /// `from`/`to` missing or `[]`: any source (ingress) or destination (egress),
     /// pod or not, inside the cluster or out.
     Any,
-    /// At least one peer; traffic matches when it matches any of them (OR).
+    /// At least one peer (conversion never builds an empty list; one built by hand
+    /// matches nothing); traffic matches when it matches any of them (OR).
     Listed(Vec<Peer>),
 }
 
@@ -288,7 +289,8 @@ pub struct PolicyPort {
 pub enum Ports {
     /// `ports` missing or `[]`: every port of every protocol.
     Any,
-    /// At least one entry; traffic matches when it matches any of them (OR).
+    /// At least one entry (conversion never builds an empty list; one built by hand
+    /// matches nothing); traffic matches when it matches any of them (OR).
     Listed(Vec<PolicyPort>),
 }
 
@@ -315,8 +317,8 @@ impl Rule {
 pub struct NetworkPolicy {
     pub namespace: String,
     pub name: String,
-    /// `spec.podSelector`, applied to non-hostNetwork pods of `namespace` only. It is
-    /// required upstream; `{}` (empty) selects every pod of the namespace.
+    /// `spec.podSelector`, applied to non-hostNetwork pods of `namespace` only. `{}`
+    /// (empty, or the field missing) selects every pod of the namespace.
     pub pod_selector: LabelSelector,
     /// `spec.ingress`; empty when missing or `[]`. Only meaningful when
     /// `policy_types.ingress`; then an empty list allows no ingress.
