@@ -49,20 +49,51 @@ pub fn manifest_path(paths: &LabPaths, kind: &str, namespace: &str, name: &str) 
     }
 }
 
+/// Write an object into the agents' datastore; true when the file changed (an
+/// unchanged file is not rewritten, so the agents see no event).
 pub fn write_manifest(
     paths: &LabPaths,
     kind: &str,
     namespace: &str,
     name: &str,
     value: &Value,
-) -> Result<(), LabError> {
+) -> Result<bool, LabError> {
     let p = manifest_path(paths, kind, namespace, name);
     let text = serde_yaml_ng::to_string(value).expect("JSON values serialize as YAML");
-    state::write_atomic(&p, text.as_bytes())
+    if std::fs::read(&p).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(false);
+    }
+    state::write_atomic(&p, text.as_bytes())?;
+    Ok(true)
 }
 
-fn remove_manifest(paths: &LabPaths, key: &ObjectKey) {
-    let _ = std::fs::remove_file(manifest_path(paths, &key.kind, &key.namespace, &key.name));
+fn remove_manifest(paths: &LabPaths, key: &ObjectKey) -> bool {
+    std::fs::remove_file(manifest_path(paths, &key.kind, &key.namespace, &key.name)).is_ok()
+}
+
+/// A digest of what the agents act on (Pods, Namespaces, NetworkPolicies; Services
+/// are the kube-proxy stand-in's business): when it did not change, no agent will
+/// sync, so there is nothing to wait for.
+fn agent_view(paths: &LabPaths) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(paths.manifests())
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.retain(|p| {
+        p.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
+            ["Pod_", "Namespace_", "NetworkPolicy_"]
+                .iter()
+                .any(|k| f.starts_with(k))
+                && f.ends_with(".yaml")
+        })
+    });
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update(std::fs::read(&f).unwrap_or_default());
+    }
+    h.finalize().to_vec()
 }
 
 /// The API server labels every namespace with its own name; policies select on it.
@@ -190,6 +221,7 @@ fn create_pod(st: &mut LabState, paths: &LabPaths, o: &Object) -> Result<(), Lab
         labels: manifests::labels(v),
         server_pid: None,
         unserved,
+        extra_servers: Vec::new(),
     };
     // Record before starting anything else so a failure below is still cleaned up.
     st.pods.insert(pod.key(), pod.clone());
@@ -251,8 +283,12 @@ pub fn delete_pod(st: &mut LabState, paths: &LabPaths, key: &str) -> Result<(), 
         return Ok(());
     };
     let mut errors = Vec::new();
-    if let Some(pid) = pod.server_pid {
-        netns::kill_pid(pid);
+    for pid in pod
+        .server_pid
+        .iter()
+        .chain(pod.extra_servers.iter().map(|s| &s.pid))
+    {
+        netns::kill_pid(*pid);
     }
     // The agent sees the pod go first (as it would when the API object is deleted).
     remove_manifest(
@@ -306,7 +342,9 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let _lock = state::lock(&paths)?;
     let mut st = state::load(&args.name)?;
     let objects = manifests::load(&args.files)?;
-    let syncs_before = st.agents.then(|| agents::sync_counts(&st));
+    let syncs_before = st
+        .agents
+        .then(|| (agent_view(&paths), agents::sync_counts(&st)));
     // Validate every Service before changing anything.
     for o in objects.iter().filter(|o| o.key.kind == "Service") {
         manifests::service_node_ports(o)?;
@@ -375,16 +413,18 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
     state::save(&st)?;
     services::sync(&st, &paths)?;
-    settle(&st, syncs_before);
+    settle(&st, &paths, syncs_before);
     Ok(ExitCode::SUCCESS)
 }
 
 /// Give the agents the chance to program what was just written, so probes right
 /// after `apply` see the new policy.
-fn settle(st: &LabState, before: Option<Vec<f64>>) {
-    if let Some(before) = before
-        && !agents::wait_synced(st, &before, std::time::Duration::from_secs(10))
-    {
+fn settle(st: &LabState, paths: &LabPaths, before: Option<(Vec<u8>, Vec<f64>)>) {
+    let Some((view, counts)) = before else { return };
+    if agent_view(paths) == view {
+        return;
+    }
+    if !agents::wait_synced(st, &counts, std::time::Duration::from_secs(10)) {
         eprintln!(
             "note: not every agent reported a sync within 10 s; probes may see the old state"
         );
@@ -396,7 +436,9 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let _lock = state::lock(&paths)?;
     let mut st = state::load(&args.name)?;
     let objects = manifests::load(&args.files)?;
-    let syncs_before = st.agents.then(|| agents::sync_counts(&st));
+    let syncs_before = st
+        .agents
+        .then(|| (agent_view(&paths), agents::sync_counts(&st)));
     let mut errors = Vec::new();
     // Pods first, namespaces last: the reverse of creation.
     let rank = |k: &str| match k {
@@ -417,7 +459,7 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     }
     state::save(&st)?;
     services::sync(&st, &paths)?;
-    settle(&st, syncs_before);
+    settle(&st, &paths, syncs_before);
     if errors.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {

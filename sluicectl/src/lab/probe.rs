@@ -187,16 +187,15 @@ pub fn resolve(
                     "{to} declares {protocol} {port} but this kernel cannot serve it"
                 )));
             }
+            let ip = pod.ip;
             if !pod
                 .ports
                 .iter()
                 .any(|p| p.port == port && p.protocol == protocol)
             {
-                return Err(LabError::Probe(format!(
-                    "{to} declares no {protocol} port {port}, so nothing would answer"
-                )));
+                extra_server(st, &format!("{namespace}/{name}"), port, protocol)?;
             }
-            pod.ip
+            ip
         }
         Endpoint::Ip(a) => {
             external::ensure(st, *a)?;
@@ -223,6 +222,40 @@ pub fn resolve(
         protocol,
         timeout,
     })
+}
+
+/// A server for a port the pod does not declare, started on first use.
+fn extra_server(
+    st: &mut LabState,
+    key: &str,
+    port: u16,
+    protocol: Protocol,
+) -> Result<(), LabError> {
+    let pod = &st.pods[key];
+    if pod
+        .extra_servers
+        .iter()
+        .any(|s| s.port == port && s.protocol == protocol && netns::alive(s.pid))
+    {
+        return Ok(());
+    }
+    let paths = LabPaths::new(&st.name);
+    let tag = format!("{}-{}-{port}", pod.netns, protocol.lower());
+    let decl = DeclaredPort {
+        port,
+        protocol,
+        name: None,
+    };
+    let pid = serve::spawn(&pod.netns, std::slice::from_ref(&decl), &paths, &tag)?;
+    let pod = st.pods.get_mut(key).expect("present");
+    pod.extra_servers
+        .retain(|s| !(s.port == port && s.protocol == protocol));
+    pod.extra_servers.push(super::state::ExternalServer {
+        port,
+        protocol,
+        pid,
+    });
+    state::save(st)
 }
 
 fn nonce() -> String {

@@ -313,7 +313,6 @@ pub fn sync(st: &LabState, paths: &LabPaths) -> Result<(), LabError> {
         if nps.is_empty() && stale.is_empty() {
             continue;
         }
-        ensure_jumps(&node.netns)?;
         let r = render(&node.name, &nps, &st.pods, st.pool);
         let mut nat = r.nat.trim_end_matches("COMMIT\n").to_string();
         for c in stale.difference(&r.nat_chains) {
@@ -333,6 +332,8 @@ pub fn sync(st: &LabState, paths: &LabPaths) -> Result<(), LabError> {
             &["-w", "--noflush"],
             &r.filter,
         )?;
+        // jumps last: their target chains exist now
+        ensure_jumps(&node.netns)?;
     }
     Ok(())
 }
@@ -359,6 +360,7 @@ mod tests {
             labels: [("app".to_string(), app.to_string())].into(),
             server_pid: None,
             unserved: vec![],
+            extra_servers: vec![],
         }
     }
 

@@ -124,6 +124,10 @@ pub struct PodState {
     /// Ports not served because the kernel cannot (SCTP on this host).
     #[serde(default)]
     pub unserved: Vec<DeclaredPort>,
+    /// Servers started on first probe of a port the pod does not declare (declared
+    /// ports are informational in Kubernetes: a container may listen on any port).
+    #[serde(default)]
+    pub extra_servers: Vec<ExternalServer>,
 }
 
 impl PodState {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use super::{Output, agents, state};
+use super::{Output, agents, netns, state};
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
@@ -13,6 +13,26 @@ pub struct StatusArgs {
     pub name: String,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
     pub output: Output,
+}
+
+/// The address the agent gave the node's tunnel device (`tunl0` or `sluice.vxlan`):
+/// the source of traffic the node forwards into the tunnel after masquerade.
+pub fn tunnel_ip(ns: &str) -> Option<String> {
+    for dev in ["tunl0", "sluice.vxlan"] {
+        let Ok(out) = netns::run_in(ns, "ip", &["-4", "-o", "addr", "show", "dev", dev]) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(a) = text
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+        {
+            return Some(a.to_string());
+        }
+    }
+    None
 }
 
 pub fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -43,6 +63,7 @@ pub fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "underlay": st.underlay_cidr.to_string(),
                 "nodes": nodes.iter().map(|(n, h)| json!({
                     "name": n.name, "netns": n.netns, "uplinkIP": n.uplink_ip.to_string(),
+                    "tunnelIP": tunnel_ip(&n.netns),
                     "agent": h,
                 })).collect::<Vec<_>>(),
                 "pods": st.pods.values().map(|p| json!({

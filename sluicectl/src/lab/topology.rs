@@ -373,7 +373,7 @@ fn write_node_object(paths: &LabPaths, node: &str, ip: Ipv4Addr) -> Result<(), L
             {"type": "Hostname", "address": node}
         ]}
     });
-    super::pods::write_manifest(paths, "Node", "", node, &obj)
+    super::pods::write_manifest(paths, "Node", "", node, &obj).map(|_| ())
 }
 
 /// Remove everything the lab made. Keeps going past errors and reports them all.
