@@ -10,8 +10,12 @@
 //!   SNATed and a NodePort client with `externalTrafficPolicy: Local` keeps its
 //!   address all the way to the pod's ingress policy (seed 001). tunl0 addresses get
 //!   no special treatment anywhere;
-//! - fail-closed: a policy that cannot be expressed becomes a deny-all policy with
-//!   the same pod selector (the whole namespace when even the selector is broken).
+//! - fail-closed: a policy that cannot be expressed holds the pods it selects (the
+//!   whole namespace when even the selector is broken): their new connections are
+//!   dropped in both directions ahead of every allow, since policies are additive and
+//!   a deny-all stand-in alone would be overruled by any other policy that allows.
+//!   The stand-in is added too, so the namespace counts as having policy and its
+//!   not-yet-known pods stay fail-closed.
 //!
 //! Each hook joins the policy crate's chain for that built-in chain when it exists, so
 //! there is one jump per built-in chain.
@@ -33,6 +37,8 @@ pub const SET_NODES: &str = "SLUICE-NODES";
 pub const SET_POOLS: &str = "SLUICE-POOLS";
 pub const CHAIN_TUNNEL_IN: &str = "SLUICE-TUNNEL-IN";
 pub const CHAIN_NAT_OUTGOING: &str = "SLUICE-NAT-OUTGOING";
+/// New connections of pods selected by a policy that cannot be expressed.
+pub const CHAIN_HELD: &str = "SLUICE-HELD";
 
 /// How this node's traffic between nodes is carried, as far as filtering cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,7 +203,8 @@ pub fn desired(snapshot: &Snapshot, settings: &NodeSettings) -> Result<Desired, 
         .map(Pod::key)
         .collect();
 
-    add_agent_rules(&mut out.dataplane, settings, all_node_addrs);
+    let held = held_interfaces(snapshot, &cluster, &settings.node);
+    add_agent_rules(&mut out.dataplane, settings, all_node_addrs, held);
     for t in out.dataplane.tables.values() {
         t.validate()?;
     }
@@ -272,7 +279,47 @@ fn hook(table: &mut DesiredTable, builtin: &str, fallback: &str, rules: Vec<Stri
     }
 }
 
-fn add_agent_rules(dp: &mut DesiredDataplane, s: &NodeSettings, node_addrs: BTreeSet<String>) {
+/// `-i`/`-o` arguments for the interfaces of pods held by rejected policies:
+/// exact veths, or `slcXXXX+` for a namespace whose policy selector is unreadable.
+fn held_interfaces(snapshot: &Snapshot, cluster: &sluice_policy::Cluster, node: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (key, rejected) in &snapshot.rejected_policies {
+        match &rejected.pod_selector {
+            None => {
+                out.insert(format!("{}+", VethNames.namespace_prefix(&key.namespace)));
+            }
+            Some(sel) => {
+                for pod in cluster.pods.values().filter(|p| {
+                    !p.host_network && p.node.as_deref() == Some(node) && p.namespace == key.namespace
+                }) {
+                    if sel.matches(&pod.labels) {
+                        out.insert(VethNames.host_veth(pod));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn add_agent_rules(
+    dp: &mut DesiredDataplane,
+    s: &NodeSettings,
+    node_addrs: BTreeSet<String>,
+    held: BTreeSet<String>,
+) {
+    if !held.is_empty() {
+        let filter = dp.tables.entry("filter".into()).or_default();
+        let mut chain = Chain::new(CHAIN_HELD);
+        for iface in &held {
+            chain.push(format!("-o {iface} -j DROP"));
+            chain.push(format!("-i {iface} -j DROP"));
+        }
+        filter.chains.push(chain);
+        let jump = format!("-m conntrack --ctstate NEW -j {CHAIN_HELD}");
+        hook(filter, "FORWARD", "SLUICE-FORWARD", vec![jump.clone()]);
+        hook(filter, "INPUT", "SLUICE-INPUT", vec![jump]);
+    }
     dp.sets
         .push(IpSet::new(SET_NODES, SetKind::HashIp).with(node_addrs));
     dp.sets

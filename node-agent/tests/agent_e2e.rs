@@ -185,3 +185,120 @@ fn connect_echo(from: &Pod, ip: &str, port: u16) -> bool {
     ));
     out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "hello"
 }
+
+#[test]
+fn restart_under_load_opens_nothing_and_cuts_nothing() {
+    if !require_root("restart_under_load_opens_nothing_and_cuts_nothing") {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let (w, agent) = setup();
+    let web = w.pod("web");
+    let intruder = w.pod("intruder");
+    assert!(connect_echo(web, "10.244.1.11", 5432));
+    let mut established = Established::open(web, "10.244.1.11", 5432);
+
+    let stop = AtomicBool::new(false);
+    let (allowed_ok, allowed_failed, denied_passed, denied_blocked) =
+        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let second_log = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Relaxed) {
+                if connect_echo(web, "10.244.1.11", 5432) {
+                    allowed_ok.fetch_add(1, Relaxed);
+                } else {
+                    allowed_failed.fetch_add(1, Relaxed);
+                }
+            }
+        });
+        s.spawn(|| {
+            while !stop.load(Relaxed) {
+                if connect_echo(intruder, "10.244.1.11", 5432) {
+                    denied_passed.fetch_add(1, Relaxed);
+                } else {
+                    denied_blocked.fetch_add(1, Relaxed);
+                }
+            }
+        });
+        let mut ping_for = |d: Duration| {
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < d {
+                established.ping().expect("established connection survives");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        ping_for(Duration::from_secs(1));
+        agent.stop();
+        ping_for(Duration::from_millis(1500)); // no agent at all: rules hold
+        let again = w.start_agent(&["--encapsulation", "none", "--iptables-backend", "nft"]);
+        w.wait_ready(&again, Duration::from_secs(20));
+        ping_for(Duration::from_secs(2)); // resyncs of the new agent
+        stop.store(true, Relaxed);
+        let log = std::fs::read_to_string(&again.log).unwrap();
+        drop(again);
+        log
+    });
+    let (ok, failed, passed, blocked) =
+        (allowed_ok.load(Relaxed), allowed_failed.load(Relaxed), denied_passed.load(Relaxed), denied_blocked.load(Relaxed));
+    eprintln!("allowed ok {ok} failed {failed}; denied passed {passed} blocked {blocked}");
+    assert_eq!(passed, 0, "a denied connection got through during the restart");
+    assert_eq!(failed, 0, "an allowed connection failed during the restart");
+    assert!(ok > 10 && blocked > 2, "the streams ran: ok {ok}, blocked {blocked}");
+    // The restarted agent found everything in place and wrote nothing.
+    assert!(
+        !second_log.contains("dataplane synced"),
+        "restart rewrote rules:\n{second_log}"
+    );
+}
+
+const INEXPRESSIBLE: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: broken, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}]
+"#;
+
+#[test]
+fn unknown_pods_fail_closed_until_enforced_and_bad_policy_holds_its_pods() {
+    if !require_root("unknown_pods_fail_closed_until_enforced_and_bad_policy_holds_its_pods") {
+        return;
+    }
+    let (mut w, _agent) = setup();
+    // Control: from outside, a pod of a namespace without policy is reachable.
+    assert_eq!(w.client_connect(CLIENT_IP, "10.244.1.20", 8080).unwrap(), CLIENT_IP);
+
+    // A pod the CNI plugin wired but the datastore has not shown yet, in a namespace
+    // with ingress policies: fail-closed.
+    let i = w.add_pod("prod", "newcomer", "10.244.1.30");
+    w.pods[i].serve_peer_addr(8080);
+    assert!(w.client_connect(CLIENT_IP, "10.244.1.30", 8080).is_err(), "unknown prod pod must be fail-closed");
+
+    // Its manifest appears (no policy selects it): from the write to the first
+    // connection that passes is the ADD-to-enforced latency seen end to end.
+    let t0 = std::time::Instant::now();
+    w.write_manifest("30-newcomer.yaml", &pod_yaml("prod", "newcomer", "newcomer", "10.244.1.30"));
+    wait_for("newcomer reachable", Duration::from_secs(10), || {
+        w.client_connect_within(CLIENT_IP, "10.244.1.30", 8080, "0.05").is_ok()
+    });
+    eprintln!("ADD-to-enforced (manifest written → first packet through): {:?}", t0.elapsed());
+
+    // A policy that cannot be expressed holds the pods it selects: the NodePort client
+    // that web-from-lb allows is refused while it exists.
+    assert_eq!(w.client_connect(CLIENT_IP, NODE_IP, 30080).unwrap(), CLIENT_IP);
+    w.write_manifest("40-broken.yaml", INEXPRESSIBLE);
+    wait_for("web held fail-closed", Duration::from_secs(10), || {
+        w.client_connect(CLIENT_IP, NODE_IP, 30080).is_err()
+    });
+    let metrics = w.http_get("/metrics");
+    assert!(metrics.contains("sluice_agent_rejected_policies 1"), "{metrics}");
+    std::fs::remove_file(w.manifests().join("40-broken.yaml")).unwrap();
+    wait_for("web released", Duration::from_secs(10), || w.client_connect(CLIENT_IP, NODE_IP, 30080).is_ok());
+
+    // Control for the denials above: without the policies, intruder reaches db.
+    assert!(!connect_echo(w.pod("intruder"), "10.244.1.11", 5432));
+    std::fs::remove_file(w.manifests().join("20-policies.yaml")).unwrap();
+    wait_for("policies removed", Duration::from_secs(10), || connect_echo(w.pod("intruder"), "10.244.1.11", 5432));
+}

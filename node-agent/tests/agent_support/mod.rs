@@ -258,8 +258,14 @@ impl World {
 
     /// From outside the cluster, bound to `src`.
     pub fn client_connect(&self, src: &str, ip: &str, port: u16) -> Result<String, String> {
+        self.client_connect_within(src, ip, port, "1")
+    }
+
+    /// As [`World::client_connect`] with a connect timeout in seconds (`"0.1"`), for
+    /// polling loops that must notice the first success quickly.
+    pub fn client_connect_within(&self, src: &str, ip: &str, port: u16, timeout: &str) -> Result<String, String> {
         let out = self.outside.try_exec(&format!(
-            "timeout 3 socat -T2 STDIN!!STDOUT TCP:{ip}:{port},connect-timeout=1,bind={src} </dev/null"
+            "timeout 3 socat -T2 STDIN!!STDOUT TCP:{ip}:{port},connect-timeout={timeout},bind={src} </dev/null"
         ));
         if out.status.success() && !out.stdout.is_empty() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
