@@ -310,10 +310,10 @@ impl Allocator {
             if cidr.prefix_len() > MAX_BLOCK_PREFIX || cidr.trunc() != cidr {
                 return bad(format!("block {cidr} is not a valid block"));
             }
-            if let Some(p) = prev {
-                if p >= cidr || p.contains(&cidr) || cidr.contains(&p) {
-                    return bad(format!("blocks {p} and {cidr} overlap or are out of order"));
-                }
+            if let Some(p) = prev
+                && (p >= cidr || p.contains(&cidr) || cidr.contains(&p))
+            {
+                return bad(format!("blocks {p} and {cidr} overlap or are out of order"));
             }
             prev = Some(cidr);
             if b.next_fresh < FIRST_POD_OFFSET || b.next_fresh > b.last_pod_offset() + 1 {

@@ -151,7 +151,7 @@ pub async fn claim_block<S: BlockStore>(
     for cidr in pool.candidates(node).filter(|c| !taken.contains(c)) {
         match store.claim(cidr, node).await? {
             ClaimOutcome::Claimed => return Ok(cidr),
-            ClaimOutcome::Taken { .. } => continue,
+            ClaimOutcome::Taken => continue,
         }
     }
     Err(ClaimError::PoolExhausted {

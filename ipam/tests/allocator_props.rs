@@ -25,7 +25,10 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn key(i: u8) -> AttachmentKey {
-    AttachmentKey::new(format!("ctr{i}"), if i % 5 == 0 { "net1" } else { "eth0" })
+    AttachmentKey::new(
+        format!("ctr{i}"),
+        if i.is_multiple_of(5) { "net1" } else { "eth0" },
+    )
 }
 
 fn owned_blocks() -> impl Strategy<Value = Vec<Ipv4Net>> {

@@ -253,10 +253,10 @@ fn kill_9_at_random_moments_then_gc_leaves_exactly_the_live_allocations() {
                 killed += 1;
             }
             // Live = the runtime saw a complete result, whatever happened after.
-            if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
-                if let Some(a) = v["ips"][0]["address"].as_str() {
-                    live.insert(id, a.parse::<Ipv4Net>().unwrap().addr());
-                }
+            if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout)
+                && let Some(a) = v["ips"][0]["address"].as_str()
+            {
+                live.insert(id, a.parse::<Ipv4Net>().unwrap().addr());
             }
         }
         // Some pods of earlier rounds go away normally too.

@@ -145,18 +145,18 @@ async fn delete(State(s): State<Shared>, Path(name): Path<String>, body: Bytes) 
         );
     };
     let pre = &opts["preconditions"];
-    for (field, meta) in [("uid", "uid"), ("resourceVersion", "resourceVersion")] {
-        if let Some(want) = pre.get(field).and_then(Value::as_str) {
-            if obj["metadata"][meta].as_str() != Some(want) {
-                return status(
-                    409,
-                    "Conflict",
-                    format!(
-                        "Operation cannot be fulfilled on ipamblocks.sluice.dev \"{name}\": Precondition failed: {field} in precondition: {want}"
-                    ),
-                    &name,
-                );
-            }
+    for field in ["uid", "resourceVersion"] {
+        if let Some(want) = pre.get(field).and_then(Value::as_str)
+            && obj["metadata"][field].as_str() != Some(want)
+        {
+            return status(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on ipamblocks.sluice.dev \"{name}\": Precondition failed: {field} in precondition: {want}"
+                ),
+                &name,
+            );
         }
     }
     f.objects.remove(&name);
