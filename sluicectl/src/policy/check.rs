@@ -22,7 +22,8 @@ use sluice_policy::evaluate::{Endpoint, Evaluation, Probe, Resolved, Side, evalu
 const AFTER_HELP: &str = "\
 Every probe is the first packet of a new connection (replies are always allowed).
 Endpoints: NS/POD, ip:ADDR (an address owned by a pod or node is that pod or node),
-node:NAME (source only: the node itself, e.g. kubelet).
+node:NAME (source only: the node itself, e.g. kubelet). Name the backend pod, not a
+Service's ClusterIP: policy sees packets after kube-proxy's DNAT.
 
 NodePort and ipBlock: with externalTrafficPolicy: Local the packet reaches the pod
 with the client's address, so `--from ip:CLIENT` is what the pod sees. With
