@@ -6,6 +6,37 @@
 //! - [`selector`]: label selectors.
 //! - [`manifest`] + [`convert`]: kubectl-shaped YAML/JSON text → model objects.
 //! - [`evaluate`]: the reference evaluator (probe → verdict + reason).
+//!
+//! ```
+//! use sluice_policy::{Protocol, Verdict, evaluate::Probe, evaluate, parse_documents};
+//!
+//! let text = r#"
+//! apiVersion: v1
+//! kind: Pod
+//! metadata: {name: web, namespace: shop, labels: {app: web}}
+//! spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+//! status: {podIP: 10.244.1.5}
+//! ---
+//! apiVersion: networking.k8s.io/v1
+//! kind: NetworkPolicy
+//! metadata: {name: http-only, namespace: shop}
+//! spec:
+//!   podSelector: {matchLabels: {app: web}}
+//!   ingress: [{ports: [{port: http}]}]
+//! "#;
+//! let cluster = parse_documents("example.yaml", text).unwrap().into_cluster();
+//! let probe = |port| Probe {
+//!     from: "ip:203.0.113.7".parse().unwrap(),
+//!     to: "shop/web".parse().unwrap(),
+//!     port,
+//!     protocol: Protocol::Tcp,
+//! };
+//! // The named port `http` resolves to 8080 on the destination pod.
+//! assert_eq!(evaluate(&cluster, &probe(8080)).unwrap().verdict, Verdict::Allow);
+//! let denied = evaluate(&cluster, &probe(22)).unwrap();
+//! assert_eq!(denied.verdict, Verdict::Deny);
+//! assert!(denied.reason().contains("isolated by [shop/http-only]"));
+//! ```
 
 pub mod convert;
 pub mod evaluate;
