@@ -1,1 +1,333 @@
-//! End-to-end suites; the tests live in tests/e2e and tests/*.rs
+//! Support for the end-to-end suites: a [`Lab`] handle that drives the real
+//! `sluicectl lab` binary (which drives the real `sluice`, `sluice-ipam` and
+//! `sluice-agent`), and helpers to compare its real-packet matrices with what
+//! `sluicectl policy check` predicts.
+//!
+//! Every lab is torn down on drop (`lab down`), also when the test panics, so a
+//! failing test leaves nothing behind either.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+pub mod scenario;
+
+/// Where scenario files live: the policy engine's test data (shared with its own
+/// table tests) and this crate's own.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+pub fn policy_data(rel: &str) -> PathBuf {
+    workspace_root().join("policy/tests/data").join(rel)
+}
+
+pub fn e2e_data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/data").join(rel)
+}
+
+fn sluicectl() -> PathBuf {
+    sluice_testkit::bin_path("sluicectl")
+}
+
+/// Environment that points `sluicectl lab` at this build's binaries.
+fn bin_env(cmd: &mut Command) {
+    for b in ["sluice", "sluice-ipam", "sluice-agent"] {
+        let var = format!("SLUICE_BIN_{}", b.to_uppercase().replace('-', "_"));
+        if std::env::var_os(&var).is_none() {
+            cmd.env(var, sluice_testkit::bin_path(b));
+        }
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    let mut cmd = Command::new(sluicectl());
+    cmd.args(args);
+    bin_env(&mut cmd);
+    cmd.output().expect("spawn sluicectl")
+}
+
+fn must(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "sluicectl {} failed ({}):\nstdout: {}\nstderr: {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ProbeOutcome {
+    pub result: String,
+    pub latency_ms: f64,
+    #[serde(default)]
+    pub source_seen: Option<String>,
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+impl ProbeOutcome {
+    pub fn connected(&self) -> bool {
+        self.result == "connected"
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Cell {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: String,
+    #[serde(default)]
+    pub result: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Matrix {
+    pub pods: Vec<String>,
+    pub probes: Vec<Cell>,
+}
+
+/// (from, to, port, protocol) → allowed?
+pub type Truth = BTreeMap<(String, String, u16, String), bool>;
+
+impl Matrix {
+    pub fn truth(&self) -> Truth {
+        self.probes
+            .iter()
+            .map(|c| {
+                assert!(
+                    c.error.is_none(),
+                    "probe {} -> {} {}/{} could not be sent: {:?}",
+                    c.from,
+                    c.to,
+                    c.protocol,
+                    c.port,
+                    c.error
+                );
+                (
+                    (c.from.clone(), c.to.clone(), c.port, c.protocol.clone()),
+                    c.result.as_deref() == Some("connected"),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Cells where two truth tables disagree, formatted for a failure message.
+pub fn differences(want: &Truth, got: &Truth) -> Vec<String> {
+    let mut d = Vec::new();
+    for (k, w) in want {
+        match got.get(k) {
+            Some(g) if g == w => {}
+            Some(g) => d.push(format!(
+                "{} -> {} {}/{}: expected {}, lab says {}",
+                k.0,
+                k.1,
+                k.3,
+                k.2,
+                verdict(*w),
+                verdict(*g)
+            )),
+            None => d.push(format!("{} -> {} {}/{}: not probed", k.0, k.1, k.3, k.2)),
+        }
+    }
+    d
+}
+
+fn verdict(b: bool) -> &'static str {
+    if b { "allowed" } else { "denied" }
+}
+
+/// A running lab; `lab down` on drop.
+pub struct Lab {
+    pub name: String,
+}
+
+impl Lab {
+    /// `lab up` after removing any leftover lab of the same name.
+    pub fn up(name: &str, nodes: usize, encap: &str) -> Lab {
+        let _ = run(&["lab", "down", "--name", name]);
+        let n = nodes.to_string();
+        must(&["lab", "up", "--name", name, "--nodes", &n, "--encap", encap]);
+        Lab {
+            name: name.to_string(),
+        }
+    }
+
+    pub fn up_with(name: &str, extra: &[&str]) -> Lab {
+        let _ = run(&["lab", "down", "--name", name]);
+        let mut args = vec!["lab", "up", "--name", name];
+        args.extend(extra);
+        must(&args);
+        Lab {
+            name: name.to_string(),
+        }
+    }
+
+    pub fn apply(&self, files: &[&Path]) -> String {
+        let mut args = vec!["lab", "apply", "--name", &self.name];
+        let fs: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        for f in &fs {
+            args.extend(["-f", f.as_str()]);
+        }
+        must(&args)
+    }
+
+    pub fn apply_prune(&self, file: &Path) -> String {
+        let f = file.display().to_string();
+        must(&["lab", "apply", "--name", &self.name, "-f", &f, "--prune"])
+    }
+
+    /// Apply YAML text (written to a temp file).
+    pub fn apply_yaml(&self, yaml: &str) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("objects.yaml");
+        std::fs::write(&p, yaml).expect("write yaml");
+        self.apply(&[&p])
+    }
+
+    pub fn delete(&self, files: &[&Path]) -> String {
+        let mut args = vec!["lab", "delete", "--name", &self.name];
+        let fs: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        for f in &fs {
+            args.extend(["-f", f.as_str()]);
+        }
+        must(&args)
+    }
+
+    pub fn delete_yaml(&self, yaml: &str) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("objects.yaml");
+        std::fs::write(&p, yaml).expect("write yaml");
+        self.delete(&[&p])
+    }
+
+    pub fn probe(&self, from: &str, to: &str, port: u16, protocol: &str) -> ProbeOutcome {
+        let p = port.to_string();
+        let out = must(&[
+            "lab", "probe", "--name", &self.name, "--from", from, "--to", to, "--port", &p,
+            "--protocol", protocol, "-o", "json",
+        ]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("probe output {out:?}: {e}"))
+    }
+
+    /// A probe that must be refused as an error (never a verdict); returns stderr.
+    pub fn probe_error(&self, from: &str, to: &str, port: u16, protocol: &str) -> String {
+        let p = port.to_string();
+        let out = run(&[
+            "lab", "probe", "--name", &self.name, "--from", from, "--to", to, "--port", &p,
+            "--protocol", protocol, "-o", "json",
+        ]);
+        assert!(
+            !out.status.success(),
+            "probe {from} -> {to} {protocol}/{port} should be an error, got {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn matrix(&self) -> Matrix {
+        let out = must(&["lab", "matrix", "--name", &self.name, "-o", "json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("matrix output: {e}"))
+    }
+
+    pub fn matrix_text(&self) -> String {
+        must(&["lab", "matrix", "--name", &self.name])
+    }
+
+    pub fn status(&self) -> Value {
+        let out = must(&["lab", "status", "--name", &self.name, "-o", "json"]);
+        serde_json::from_str(&out).expect("status json")
+    }
+
+    /// The pod's address as the lab reports it.
+    pub fn pod_ip(&self, key: &str) -> String {
+        let st = self.status();
+        st["pods"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| format!("{}/{}", p["namespace"].as_str().unwrap(), p["name"].as_str().unwrap()) == key)
+            .and_then(|p| p["ip"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("no pod {key} in {st}"))
+    }
+
+    /// The directory datastore the agents read (and `policy check` can read too).
+    pub fn manifests_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/run/sluice-lab/{}/manifests", self.name))
+    }
+
+    /// Whether pods in this lab serve SCTP (the kernel has SCTP sockets).
+    pub fn serves_sctp(&self) -> bool {
+        let st = self.status();
+        st["pods"].as_array().into_iter().flatten().all(|p| {
+            p["unservedPorts"].as_array().is_none_or(|u| u.is_empty())
+        })
+    }
+
+    pub fn down(self) {
+        must(&["lab", "down", "--name", &self.name]);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = run(&["lab", "down", "--name", &self.name]);
+        if !out.status.success() {
+            eprintln!(
+                "lab down --name {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// What `sluicectl policy check --probes` predicts for every cell of `m`.
+pub fn predicted(files: &[&Path], m: &Matrix) -> Truth {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let probes = dir.path().join("probes.jsonl");
+    let lines: Vec<String> = m
+        .probes
+        .iter()
+        .map(|c| {
+            serde_json::json!({"from": c.from, "to": c.to, "port": c.port, "protocol": c.protocol})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&probes, lines.join("\n") + "\n").expect("write probes");
+    let mut args: Vec<String> = vec!["policy".into(), "check".into()];
+    for f in files {
+        args.push("-f".into());
+        args.push(f.display().to_string());
+    }
+    args.extend(["--probes".into(), probes.display().to_string(), "-o".into(), "json".into()]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = must(&a);
+    let verdicts: Vec<Value> = serde_json::from_str(&out).expect("policy check json array");
+    assert_eq!(verdicts.len(), m.probes.len());
+    m.probes
+        .iter()
+        .zip(verdicts)
+        .map(|(c, v)| {
+            (
+                (c.from.clone(), c.to.clone(), c.port, c.protocol.clone()),
+                v["verdict"].as_str() == Some("allow"),
+            )
+        })
+        .collect()
+}

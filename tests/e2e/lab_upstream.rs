@@ -1,0 +1,71 @@
+//! The upstream Kubernetes e2e NetworkPolicy cases (x, y, z × a, b, c; ports 80 and
+//! 81 over TCP and UDP, SCTP where the kernel has it) with real packets through
+//! `sluice`, `sluice-agent` and the kernel, each truth table checked against the
+//! hand-written expectation and against `sluicectl policy check` (the differential).
+
+use std::path::{Path, PathBuf};
+
+use sluice_e2e::scenario::{self, Report};
+use sluice_e2e::{Lab, policy_data};
+
+fn encap() -> String {
+    std::env::var("SLUICE_E2E_ENCAP").unwrap_or_else(|_| "auto".into())
+}
+
+#[test]
+fn upstream_netpol_truth_tables_hold_with_real_packets_and_match_policy_check() {
+    if !sluice_testkit::require_root("upstream_netpol_truth_tables") {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let lab = Lab::up("e2e-upstream", 2, &encap());
+    let cluster = policy_data("upstream-cluster/cluster.yaml");
+    lab.apply(&[&cluster]);
+    let fx = scenario::fixture(&[cluster]);
+    let ips = scenario::lab_pod_ips(&lab);
+    let sctp = lab.serves_sctp();
+    let mut total = Report::default();
+    let mut cases = 0;
+    for case in scenario::upstream_cases() {
+        let e = scenario::load_expect(&case);
+        let (_, policies) = scenario::scenario_files(&e);
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<PathBuf> = scenario::rewrite(&policies, dir.path(), &fx, &ips);
+        let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        let t = std::time::Instant::now();
+        lab.apply(&refs);
+        let r = scenario::check(&lab, &case, &e, &fx, sctp);
+        lab.delete(&refs);
+        eprintln!(
+            "{case}: {} cells, {} probes, {} failures, {} differential, {} skipped, {:.1} s",
+            r.cells,
+            r.probes,
+            r.failures.len(),
+            r.differential.len(),
+            r.skipped.len(),
+            t.elapsed().as_secs_f64()
+        );
+        if r.cells > 0 {
+            cases += 1;
+        }
+        total.cells += r.cells;
+        total.probes += r.probes;
+        total.failures.extend(r.failures);
+        total.differential.extend(r.differential);
+        total.skipped.extend(r.skipped);
+    }
+    eprintln!(
+        "upstream: {cases} truth tables, {} cells, {} probes in {:.0} s; skipped: {:#?}",
+        total.cells,
+        total.probes,
+        started.elapsed().as_secs_f64(),
+        total.skipped
+    );
+    assert!(cases >= 20, "only {cases} upstream truth tables ran");
+    assert!(
+        total.failures.is_empty() && total.differential.is_empty(),
+        "lab vs expectations:\n{}\n\nlab vs sluicectl policy check:\n{}",
+        total.failures.join("\n"),
+        total.differential.join("\n")
+    );
+}

@@ -1,0 +1,459 @@
+//! The policy engine's scenario files (`policy/tests/data/*.expect.yaml`, written by
+//! hand from upstream semantics) run against the lab with real packets.
+//!
+//! A scenario's manifests name its own nodes and fixed pod addresses; the lab has
+//! nodes `node-1..N` and hands out addresses through the real IPAM. So the files are
+//! copied with node names mapped (in the order the scenario lists its Nodes) and,
+//! once the pods exist, every `/32` naming a scenario pod address rewritten to that
+//! pod's lab address. Probes that cannot be reproduced honestly in the lab are
+//! skipped with a reason (an `ip:` source inside the pod pool, a scenario node's
+//! address, SCTP where the kernel has none), never turned into a verdict.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{Lab, Truth, policy_data};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Expect {
+    pub manifests: Vec<String>,
+    #[serde(default)]
+    pub matrix: Vec<MatrixSpec>,
+    #[serde(default)]
+    pub probes: Vec<ProbeSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MatrixSpec {
+    pub ports: Vec<u16>,
+    pub protocols: Vec<String>,
+    pub default: String,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Rule {
+    pub from: String,
+    pub to: String,
+    pub verdict: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProbeSpec {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    pub verdict: String,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+pub fn load_expect(name: &str) -> Expect {
+    let p = policy_data(&format!("{name}.expect.yaml"));
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Every upstream case name (`upstream-NN-*`) that has an expectation file.
+pub fn upstream_cases() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(policy_data(""))
+        .expect("policy/tests/data")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter_map(|f| f.strip_suffix(".expect.yaml").map(str::to_string))
+        .filter(|f| f.starts_with("upstream-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `*`, `ns/*`, `*/pod`, `ns/pod`.
+pub fn pattern_matches(pat: &str, key: &str) -> bool {
+    if pat == "*" {
+        return true;
+    }
+    let (pn, pp) = pat.split_once('/').unwrap_or((pat, "*"));
+    let (kn, kp) = key.split_once('/').unwrap_or((key, ""));
+    (pn == "*" || pn == kn) && (pp == "*" || pp == kp)
+}
+
+/// The expected truth table of one matrix spec over `pods`, restricted to
+/// `protocols_run` (pods to themselves are always allowed: loopback).
+pub fn expected(spec: &MatrixSpec, pods: &[String], protocols_run: &[&str]) -> Truth {
+    let mut t = Truth::new();
+    for proto in spec.protocols.iter().filter(|p| protocols_run.contains(&p.as_str())) {
+        for &port in &spec.ports {
+            for from in pods {
+                for to in pods {
+                    let mut allow = spec.default == "allow";
+                    for r in &spec.rules {
+                        if pattern_matches(&r.from, from) && pattern_matches(&r.to, to) {
+                            allow = r.verdict == "allow";
+                        }
+                    }
+                    if from == to {
+                        allow = true;
+                    }
+                    t.insert((from.clone(), to.clone(), port, proto.clone()), allow);
+                }
+            }
+        }
+    }
+    t
+}
+
+/// Files of a scenario's manifest entries, split into the cluster (Namespaces,
+/// Pods, Nodes) and its policies.
+pub fn scenario_files(expect: &Expect) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let mut cluster = Vec::new();
+    let mut policies = Vec::new();
+    for m in &expect.manifests {
+        let p = policy_data(m);
+        let files: Vec<PathBuf> = if p.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(&p)
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "json"))
+                .collect();
+            v.sort();
+            v
+        } else {
+            vec![p]
+        };
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            if text.contains("kind: NetworkPolicy") || text.contains("\"NetworkPolicy\"") {
+                policies.push(f);
+            } else {
+                cluster.push(f);
+            }
+        }
+    }
+    (cluster, policies)
+}
+
+fn documents(text: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    for de in serde_yaml_ng::Deserializer::from_str(text) {
+        let v = Value::deserialize(de).expect("valid YAML");
+        if v["kind"].as_str().is_some_and(|k| k.ends_with("List")) {
+            out.extend(v["items"].as_array().cloned().unwrap_or_default());
+        } else if !v.is_null() {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// What a scenario's cluster files say: node names in order, node addresses, and
+/// each pod's fixed address.
+#[derive(Debug, Default, Clone)]
+pub struct Fixture {
+    pub nodes: Vec<String>,
+    pub node_ips: Vec<String>,
+    pub pod_ips: BTreeMap<String, String>,
+}
+
+pub fn fixture(cluster: &[PathBuf]) -> Fixture {
+    let mut fx = Fixture::default();
+    for f in cluster {
+        for v in documents(&std::fs::read_to_string(f).unwrap()) {
+            match v["kind"].as_str() {
+                Some("Node") => {
+                    fx.nodes.push(v["metadata"]["name"].as_str().unwrap().to_string());
+                    for a in v["status"]["addresses"].as_array().into_iter().flatten() {
+                        if let Some(ip) = a["address"].as_str().filter(|s| s.parse::<std::net::Ipv4Addr>().is_ok()) {
+                            fx.node_ips.push(ip.to_string());
+                        }
+                    }
+                }
+                Some("Pod") => {
+                    if let Some(ip) = v["status"]["podIP"].as_str() {
+                        let ns = v["metadata"]["namespace"].as_str().unwrap_or("default");
+                        let name = v["metadata"]["name"].as_str().unwrap();
+                        fx.pod_ips.insert(format!("{ns}/{name}"), ip.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    fx
+}
+
+impl Fixture {
+    /// Scenario node name → lab node name.
+    pub fn node_map(&self) -> Vec<(String, String)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), format!("node-{}", i + 1)))
+            .collect()
+    }
+
+    pub fn map_node<'a>(&self, name: &'a str) -> String {
+        self.node_map()
+            .into_iter()
+            .find(|(a, _)| a == name)
+            .map(|(_, b)| b)
+            .unwrap_or_else(|| name.to_string())
+    }
+}
+
+/// Copy `files` into `dir` with node names mapped and pod addresses rewritten.
+pub fn rewrite(files: &[PathBuf], dir: &Path, fx: &Fixture, lab_ips: &BTreeMap<String, String>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let mut text = std::fs::read_to_string(f).unwrap();
+        for (from, to) in fx.node_map() {
+            if from != to {
+                text = text.replace(&from, &to);
+            }
+        }
+        for (pod, ip) in &fx.pod_ips {
+            if let Some(lab) = lab_ips.get(pod) {
+                text = text.replace(&format!("{ip}/32"), &format!("{lab}/32"));
+            }
+        }
+        let p = dir.join(format!("{i:02}-{}", f.file_name().unwrap().to_string_lossy()));
+        std::fs::write(&p, text).unwrap();
+        out.push(p);
+    }
+    out
+}
+
+/// Lab addresses of every pod.
+pub fn lab_pod_ips(lab: &Lab) -> BTreeMap<String, String> {
+    let st = lab.status();
+    st["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                format!("{}/{}", p["namespace"].as_str().unwrap(), p["name"].as_str().unwrap()),
+                p["ip"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Why a probe of the scenario cannot be reproduced honestly in the lab, if so.
+pub fn unrunnable(p: &ProbeSpec, fx: &Fixture, sctp: bool, pool: &str) -> Option<String> {
+    let pool: ipnet_lite::Net = pool.parse().expect("pool");
+    if p.protocol == "SCTP" && !sctp {
+        return Some("this kernel has no SCTP sockets".into());
+    }
+    for end in [&p.from, &p.to] {
+        if let Some(a) = end.strip_prefix("ip:") {
+            let ip: std::net::Ipv4Addr = a.parse().expect("ip");
+            if pool.contains(ip) {
+                return Some(format!("{end} is inside the lab's pod pool (no outside host can have it)"));
+            }
+            if fx.node_ips.iter().any(|n| n == a) {
+                return Some(format!("{end} is a scenario node's address, not a lab node's"));
+            }
+        }
+    }
+    if p.to.starts_with("node:") {
+        return Some("probes to a node are NodePort probes in the lab".into());
+    }
+    None
+}
+
+/// Tiny IPv4 CIDR, to keep this crate's dependencies small.
+pub mod ipnet_lite {
+    pub struct Net {
+        base: u32,
+        mask: u32,
+    }
+    impl std::str::FromStr for Net {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Net, String> {
+            let (a, l) = s.split_once('/').ok_or("no /")?;
+            let a: std::net::Ipv4Addr = a.parse().map_err(|_| "addr")?;
+            let l: u32 = l.parse().map_err(|_| "len")?;
+            let mask = if l == 0 { 0 } else { u32::MAX << (32 - l) };
+            Ok(Net {
+                base: u32::from(a) & mask,
+                mask,
+            })
+        }
+    }
+    impl Net {
+        pub fn contains(&self, ip: std::net::Ipv4Addr) -> bool {
+            u32::from(ip) & self.mask == self.base
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_like_the_expectation_format_says() {
+        assert!(pattern_matches("*", "x/a"));
+        assert!(pattern_matches("x/*", "x/a"));
+        assert!(!pattern_matches("x/*", "y/a"));
+        assert!(pattern_matches("*/b", "z/b"));
+        assert!(pattern_matches("x/a", "x/a"));
+        assert!(!pattern_matches("x/a", "x/b"));
+    }
+
+    #[test]
+    fn expected_tables_apply_rules_in_order_and_allow_loopback() {
+        let spec = MatrixSpec {
+            ports: vec![80],
+            protocols: vec!["TCP".into(), "SCTP".into()],
+            default: "allow".into(),
+            rules: vec![
+                Rule { from: "*".into(), to: "x/a".into(), verdict: "deny".into() },
+                Rule { from: "y/*".into(), to: "x/a".into(), verdict: "allow".into() },
+            ],
+        };
+        let pods = vec!["x/a".to_string(), "x/b".to_string(), "y/a".to_string()];
+        let t = expected(&spec, &pods, &["TCP"]);
+        let get = |f: &str, to: &str| t[&(f.to_string(), to.to_string(), 80, "TCP".to_string())];
+        assert!(!get("x/b", "x/a"));
+        assert!(get("y/a", "x/a"));
+        assert!(get("x/a", "x/a"), "loopback");
+        assert!(get("x/a", "x/b"));
+        assert_eq!(t.len(), 9, "SCTP left out when not run");
+    }
+
+    #[test]
+    fn every_upstream_expectation_file_parses() {
+        let cases = upstream_cases();
+        assert!(cases.len() >= 20, "{cases:?}");
+        for c in cases {
+            let e = load_expect(&c);
+            assert!(e.manifests.iter().any(|m| m == "upstream-cluster"), "{c}");
+        }
+    }
+}
+
+/// What one scenario run found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub cells: usize,
+    pub probes: usize,
+    pub skipped: Vec<String>,
+    pub failures: Vec<String>,
+    /// Cells where the lab and `sluicectl policy check` disagree.
+    pub differential: Vec<String>,
+}
+
+/// Check a scenario whose objects are already applied: its matrices against the
+/// hand-written expectations and against `sluicectl policy check` over the lab's own
+/// manifests directory (what the agents see), and its single probes against the
+/// expectations. A mismatching matrix is measured once more after a pause, since
+/// agents converge asynchronously; the second answer is final.
+pub fn check(lab: &Lab, name: &str, e: &Expect, fx: &Fixture, sctp: bool) -> Report {
+    let mut r = Report::default();
+    let protocols: Vec<&str> = if sctp { vec!["TCP", "UDP", "SCTP"] } else { vec!["TCP", "UDP"] };
+    if !e.matrix.is_empty() {
+        let mut m = lab.matrix();
+        let pods = m.pods.clone();
+        let mut want = Truth::new();
+        for spec in &e.matrix {
+            want.extend(expected(spec, &pods, &protocols));
+        }
+        let mut d = crate::differences(&want, &m.truth());
+        if !d.is_empty() {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            m = lab.matrix();
+            d = crate::differences(&want, &m.truth());
+        }
+        r.cells = want.len();
+        r.failures.extend(d.into_iter().map(|s| format!("{name}: {s}")));
+        let got = m.truth();
+        let predicted = crate::predicted(&[&lab.manifests_dir()], &m);
+        r.differential.extend(
+            crate::differences(&predicted, &got)
+                .into_iter()
+                .map(|s| format!("{name}: policy check vs lab: {s}")),
+        );
+    }
+    let mut to_check = Vec::new();
+    for p in &e.probes {
+        if let Some(why) = unrunnable(p, fx, sctp, "10.244.0.0/16") {
+            r.skipped.push(format!("{name}: {} -> {} {}/{}: {why}", p.from, p.to, p.protocol, p.port));
+            continue;
+        }
+        let map = |s: &str| match s.strip_prefix("node:") {
+            Some(n) => format!("node:{}", fx.map_node(n)),
+            None => s.to_string(),
+        };
+        to_check.push((map(&p.from), map(&p.to), p));
+    }
+    for (from, to, p) in &to_check {
+        let o = lab.probe(from, to, p.port, &p.protocol);
+        r.probes += 1;
+        let want = p.verdict == "allow";
+        if o.connected() != want {
+            r.failures.push(format!(
+                "{name}: probe {from} -> {to} {}/{}: expected {}, lab says {} ({:?})",
+                p.protocol, p.port, p.verdict, o.result, o.detail
+            ));
+        }
+    }
+    // The same single probes through `policy check`, over what the agents see.
+    if !to_check.is_empty() {
+        let m = crate::Matrix {
+            pods: vec![],
+            probes: to_check
+                .iter()
+                .map(|(from, to, p)| crate::Cell {
+                    from: from.clone(),
+                    to: to.clone(),
+                    port: p.port,
+                    protocol: p.protocol.clone(),
+                    result: None,
+                    error: None,
+                })
+                .collect(),
+        };
+        let pred = crate::predicted(&[&lab.manifests_dir()], &m);
+        for (from, to, p) in &to_check {
+            let k = (from.clone(), to.clone(), p.port, p.protocol.clone());
+            if pred[&k] != (p.verdict == "allow") {
+                r.differential.push(format!(
+                    "{name}: policy check says {} for {from} -> {to} {}/{}, expected {}",
+                    if pred[&k] { "allow" } else { "deny" },
+                    p.protocol,
+                    p.port,
+                    p.verdict
+                ));
+            }
+        }
+    }
+    r
+}
+
+/// Apply a whole scenario (cluster, then its policies with addresses rewritten) to a
+/// fresh lab and check it.
+pub fn run(lab: &Lab, name: &str, sctp: bool) -> Report {
+    let e = load_expect(name);
+    let (cluster, policies) = scenario_files(&e);
+    let fx = fixture(&cluster);
+    let dir = tempfile::tempdir().unwrap();
+    let c = rewrite(&cluster, dir.path(), &fx, &BTreeMap::new());
+    let refs: Vec<&Path> = c.iter().map(PathBuf::as_path).collect();
+    lab.apply(&refs);
+    let ips = lab_pod_ips(lab);
+    let pdir = tempfile::tempdir().unwrap();
+    let p = rewrite(&policies, pdir.path(), &fx, &ips);
+    let refs: Vec<&Path> = p.iter().map(PathBuf::as_path).collect();
+    lab.apply(&refs);
+    check(lab, name, &e, &fx, sctp)
+}
