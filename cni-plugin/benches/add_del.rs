@@ -25,7 +25,14 @@ struct Variant {
     del: Vec<Duration>,
 }
 
-fn exec(plugin: &Path, cni_path: &Path, command: &str, cid: &str, netns: &Path, conf: &Value) -> Duration {
+fn exec(
+    plugin: &Path,
+    cni_path: &Path,
+    command: &str,
+    cid: &str,
+    netns: &Path,
+    conf: &Value,
+) -> Duration {
     let start = Instant::now();
     let mut child = Command::new(plugin)
         .env_clear()
@@ -34,13 +41,21 @@ fn exec(plugin: &Path, cni_path: &Path, command: &str, cid: &str, netns: &Path, 
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", cni_path)
-        .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=p")
+        .env(
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=p",
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn plugin");
-    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let took = start.elapsed();
     assert!(
@@ -70,7 +85,10 @@ fn main() {
         eprintln!("add_del bench needs root (it creates namespaces and links); skipped");
         return;
     }
-    let runs: usize = std::env::var("RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(60);
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(60);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let bin = dir.join("bin");
@@ -83,14 +101,15 @@ fn main() {
     if have_ipam {
         std::os::unix::fs::symlink(&ipam, bin.join("sluice-ipam")).unwrap();
     } else {
-        eprintln!("{} not built: `cargo build --release -p sluice-ipam`; skipping that variant", ipam.display());
+        eprintln!(
+            "{} not built: `cargo build --release -p sluice-ipam`; skipping that variant",
+            ipam.display()
+        );
     }
     for p in ["host-local", "bridge"] {
         std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), bin.join(p)).unwrap();
     }
-    let host_local = |sub: &str, subnet: &str| {
-        json!({"type": "host-local", "dataDir": dir.join(sub), "ranges": [[{"subnet": subnet}]]})
-    };
+    let host_local = |sub: &str, subnet: &str| json!({"type": "host-local", "dataDir": dir.join(sub), "ranges": [[{"subnet": subnet}]]});
     let mut variants = vec![
         Variant {
             name: "sluice + host-local",
@@ -120,7 +139,9 @@ fn main() {
     }
     let mut version = Vec::new();
     in_new_netns(|| {
-        sh("ip link add up0 type veth peer name gw0 && ip addr add 192.168.77.2/24 dev up0 && ip link set up0 up && ip link set gw0 up && ip route add default via 192.168.77.1");
+        sh(
+            "ip link add up0 type veth peer name gw0 && ip addr add 192.168.77.2/24 dev up0 && ip link set up0 up && ip link set gw0 up && ip route add default via 192.168.77.1",
+        );
         // One warm-up round (page cache, first block claim), not measured.
         for (i, round) in (0..runs + 1).enumerate() {
             for (k, v) in variants.iter_mut().enumerate() {
@@ -134,7 +155,11 @@ fn main() {
                 }
             }
             let start = Instant::now();
-            let out = Command::new(bin.join("sluice")).env("CNI_COMMAND", "VERSION").stdin(Stdio::null()).output().unwrap();
+            let out = Command::new(bin.join("sluice"))
+                .env("CNI_COMMAND", "VERSION")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
             assert!(out.status.success());
             version.push(start.elapsed());
         }
@@ -152,5 +177,8 @@ fn main() {
             ms(percentile(&mut v.del, 0.9)),
         );
     }
-    println!("\nsluice VERSION (bare exec) median: {:.2} ms", ms(percentile(&mut version, 0.5)));
+    println!(
+        "\nsluice VERSION (bare exec) median: {:.2} ms",
+        ms(percentile(&mut version, 0.5))
+    );
 }

@@ -134,7 +134,8 @@ impl CniBin {
     pub fn new(root: &Path) -> CniBin {
         let dir = root.join("bin");
         std::fs::create_dir_all(&dir).unwrap();
-        symlink(bin_path("sluice"), dir.join("sluice")).unwrap();
+        // Cargo builds this package's binary for its own integration tests.
+        symlink(env!("CARGO_BIN_EXE_sluice"), dir.join("sluice")).unwrap();
         if let Some(ipam) = sluice_ipam_bin() {
             symlink(ipam, dir.join("sluice-ipam")).unwrap();
         }
