@@ -1,10 +1,191 @@
-//! `sluicectl policy render` (placeholder until its issue lands).
+//! `sluicectl policy render -f PATH ... --node NAME`: the `ipset restore` and
+//! `iptables-restore --noflush -w` text the agent would program on that node, and the
+//! jumps it keeps at the top of the built-in chains.
+//!
+//! The default output is both texts under `#` comment lines (both tools skip them);
+//! `--only ipset` or `--only iptables` prints one text alone, ready to pipe.
 
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct Args {}
+use anyhow::Context;
+use sluice_cni::veth::{PodIdentity, host_veth_name, namespace_iface_prefix};
+use std::collections::BTreeMap;
 
-pub fn exec(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+use sluice_policy::compile::{InterfaceNames, Ruleset, compile};
+use sluice_policy::model::{Cluster, Peer, Peers, Pod, PortMatch, Ports};
+use sluice_policy::names::{self, Direction};
+use sluice_policy::render::{ipset, iptables};
+
+const AFTER_HELP: &str = "\
+Apply order on a node: the ipset text, then the iptables text, then (once) the jumps.
+Interfaces are named as the CNI plugin names them (slc + namespace hash + pod hash);
+a pod not in the input whose namespace has a policy is dropped until it is known.";
+
+#[derive(clap::Args)]
+#[command(after_help = AFTER_HELP)]
+pub struct Args {
+    /// Manifests: YAML or JSON files, or directories of them (recursively).
+    #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
+    files: Vec<std::path::PathBuf>,
+    /// The node whose rules to print (its pods are those with this spec.nodeName).
+    #[arg(long, value_name = "NAME")]
+    node: String,
+    /// Print only one of the two texts.
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Only {
+    Ipset,
+    Iptables,
+}
+
+/// Interface names exactly as the CNI plugin gives them.
+struct CniVeths;
+
+impl InterfaceNames for CniVeths {
+    fn host_veth(&self, pod: &Pod) -> String {
+        host_veth_name(PodIdentity::Kubernetes {
+            namespace: &pod.namespace,
+            pod: &pod.name,
+        })
+    }
+    fn namespace_prefix(&self, namespace: &str) -> String {
+        namespace_iface_prefix(namespace)
+    }
+}
+
+pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
+    let (cluster, warnings) = super::load_cluster(&args.files)?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let known = cluster.nodes.contains_key(&args.node)
+        || cluster
+            .pods
+            .values()
+            .any(|p| p.node.as_deref() == Some(args.node.as_str()));
+    if !known {
+        eprintln!(
+            "warning: no Node and no pod names node {:?}: only the node-wide rules are printed",
+            args.node
+        );
+    }
+    let ruleset = compile(&cluster, &args.node, &CniVeths)
+        .with_context(|| format!("compiling the rules of node {}", args.node))?;
+    let out = match args.only {
+        Some(Only::Ipset) => ipset::render(&ruleset),
+        Some(Only::Iptables) => iptables::render(&ruleset),
+        None => {
+            let mut out = format!(
+                "# node {}: {} chains, {} rules, {} sets, {} set members\n",
+                args.node,
+                ruleset.chain_count(),
+                ruleset.rule_count(),
+                ruleset.sets.len(),
+                ruleset.set_member_count()
+            );
+            for (name, what) in legend(&cluster, &ruleset) {
+                out.push_str(&format!("# {name}: {what}\n"));
+            }
+            out.push_str("# --- ipset restore ---\n");
+            out.push_str(&ipset::render(&ruleset));
+            out.push_str("# --- iptables-restore --noflush -w ---\n");
+            out.push_str(&iptables::render(&ruleset));
+            out.push_str("# --- jumps the agent keeps at the top of built-in chains ---\n");
+            for j in iptables::builtin_jump_specs(&ruleset) {
+                out.push_str(&format!(
+                    "# iptables -t {} -I {} 1 {}\n",
+                    j.table.as_str(),
+                    j.chain,
+                    j.spec
+                ));
+            }
+            out
+        }
+    };
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What each hashed chain and set name stands for, for people reading the text.
+fn legend(cluster: &Cluster, ruleset: &Ruleset) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut note = |name: String, what: String| {
+        let present = ruleset.sets.contains_key(&name)
+            || ruleset.tables.values().any(|t| t.contains_key(&name));
+        if present {
+            out.entry(name).or_insert(what);
+        }
+    };
+    for policy in cluster.policies.values() {
+        let key = policy.key();
+        note(
+            names::policy_chain(&key, Direction::Ingress),
+            format!("ingress rules of policy {key}"),
+        );
+        note(
+            names::policy_chain(&key, Direction::Egress),
+            format!("egress rules of policy {key}"),
+        );
+        for rule in policy.ingress.iter().chain(&policy.egress) {
+            if let Peers::Listed(peers) = &rule.peers {
+                for peer in peers {
+                    match peer {
+                        Peer::Pods(pp) => note(
+                            names::pod_peer_set(&policy.namespace, pp),
+                            format!("pods named by a peer of {key}"),
+                        ),
+                        Peer::IpBlock(b) => note(
+                            names::ip_block_set(b),
+                            if b.except.is_empty() {
+                                format!("ipBlock {} of {key}", b.cidr)
+                            } else {
+                                let except: Vec<String> =
+                                    b.except.iter().map(|e| e.to_string()).collect();
+                                format!("ipBlock {} except {} of {key}", b.cidr, except.join(","))
+                            },
+                        ),
+                    }
+                }
+            }
+            if let Ports::Listed(ports) = &rule.ports {
+                for p in ports {
+                    if let PortMatch::Named(n) = &p.port {
+                        note(
+                            names::named_port_set(n, p.protocol),
+                            format!("pods declaring port {n}/{}", p.protocol),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interfaces_are_the_cni_plugins_own_names() {
+        let pod = Pod {
+            namespace: "default".into(),
+            name: "web-0".into(),
+            labels: Default::default(),
+            ips: vec![],
+            node: None,
+            ports: vec![],
+            host_network: false,
+        };
+        // The value pinned by the plugin's own test of its naming rule.
+        assert_eq!(CniVeths.host_veth(&pod), "slc37a814bf1fdb");
+        assert!(
+            CniVeths
+                .host_veth(&pod)
+                .starts_with(&CniVeths.namespace_prefix("default"))
+        );
+    }
 }
