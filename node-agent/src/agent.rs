@@ -331,3 +331,134 @@ mod tests {
         assert_eq!(t.observe(&local, t0), 1);
     }
 }
+
+#[cfg(test)]
+mod loop_tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::dataplane::runner::{CommandOutput, RecordedCall, RecordingRunner};
+    use crate::dataplane::{Backend, Dataplane};
+    use crate::datastore::objects::{convert, parse_manifest_text};
+    use crate::node_network::Network;
+    use crate::reconcile::TunnelFilter;
+
+    fn snapshot() -> Snapshot {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: prod}\n\
+                    spec: {nodeName: node-1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.1.10}\n";
+        let conv = convert(&parse_manifest_text("t", text).unwrap());
+        Snapshot {
+            cluster: conv.cluster,
+            rejected_policies: Default::default(),
+            blocks: [("10.244.1.0/24".parse().unwrap(), "node-1".to_string())].into(),
+        }
+    }
+
+    struct Fixture {
+        runner: RecordingRunner,
+        fail: Arc<AtomicBool>,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+        tx: crate::datastore::SnapshotSender,
+    }
+
+    fn start() -> Fixture {
+        let fail = Arc::new(AtomicBool::new(false));
+        let f2 = fail.clone();
+        let runner = RecordingRunner::new(move |c: &RecordedCall| {
+            if c.program.ends_with("-restore") && f2.load(Ordering::SeqCst) {
+                CommandOutput { status: 2, stdout: String::new(), stderr: "line 2 failed".into() }
+            } else {
+                CommandOutput::ok("")
+            }
+        });
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let metrics = Arc::new(Metrics::new());
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let lp = Loop {
+            settings: NodeSettings {
+                node: "node-1".into(),
+                pool: "10.244.0.0/16".parse().unwrap(),
+                tunnel: TunnelFilter::Ipip,
+                nat_outgoing: true,
+                node_ip: None,
+            },
+            dataplane: Arc::new(Dataplane::new(runner.clone(), Backend::Nft)),
+            network: Network::Off,
+            health: health.clone(),
+            metrics: metrics.clone(),
+            resync: Duration::from_millis(50),
+            coalesce: Duration::from_millis(1),
+        };
+        tokio::spawn(lp.run(rx));
+        Fixture { runner, fail, health, metrics, tx }
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_written_before_the_first_full_sync() {
+        let f = start();
+        settle().await;
+        assert!(f.runner.calls().is_empty(), "{:?}", f.runner.calls());
+        assert!(!f.health.view().ready);
+        f.tx.send(Some(Arc::new(snapshot()))).unwrap();
+        settle().await;
+        assert!(f.health.view().ready);
+        let restores: Vec<String> = f
+            .runner
+            .calls()
+            .iter()
+            .filter(|c| c.stdin.is_some())
+            .map(RecordedCall::command_line)
+            .collect();
+        assert!(restores.contains(&"iptables-nft-restore --noflush -w".to_string()), "{restores:?}");
+        assert!(f.metrics.encode().contains("sluice_agent_add_to_enforced_seconds_count 1"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failing_restores_back_off_and_surface_in_health_and_metrics() {
+        let f = start();
+        f.fail.store(true, Ordering::SeqCst);
+        f.tx.send(Some(Arc::new(snapshot()))).unwrap();
+        // Backoff 0.5 s, 1 s, …: after ~2 s three attempts have failed.
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        let v = f.health.view();
+        assert!(!v.ready, "{v:?}");
+        assert!(v.last_error.unwrap().contains("line 2 failed"));
+        let attempts = f.runner.calls().iter().filter(|c| c.program == "iptables-nft-restore").count();
+        assert!((3..=4).contains(&attempts), "backoff, not a hot loop: {attempts}");
+        let m = f.metrics.encode();
+        assert!(m.contains(&format!("sluice_agent_restore_failures_total {attempts}")), "{m}");
+        assert!(m.contains("sluice_agent_pods_waiting_for_policy 1"), "{m}");
+        // The kernel recovers: the next retry applies and the node is ready again.
+        f.fail.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(f.health.view().ready);
+        assert!(f.metrics.encode().contains("sluice_agent_pods_waiting_for_policy 0"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn datastore_outage_keeps_resyncing_the_last_state_and_never_flushes() {
+        let f = start();
+        f.tx.send(Some(Arc::new(snapshot()))).unwrap();
+        settle().await;
+        let first: Vec<RecordedCall> = f.runner.calls().into_iter().filter(|c| c.stdin.is_some()).collect();
+        f.runner.clear();
+        // No new snapshots (the API server is gone); resyncs go on with the last one,
+        // and every write is the same desired state again, never a flush or -X.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let later: Vec<RecordedCall> = f.runner.calls().into_iter().filter(|c| c.stdin.is_some()).collect();
+        assert!(!later.is_empty(), "resync keeps running");
+        for c in &later {
+            let stdin = c.stdin.as_deref().unwrap();
+            assert!(
+                stdin.lines().all(|l| !l.starts_with("-F") && !l.starts_with("-X") && !l.starts_with("destroy") && !l.starts_with("flush")),
+                "{stdin}"
+            );
+            assert!(first.iter().any(|f| f.stdin == c.stdin), "same state rewritten: {stdin}");
+        }
+    }
+}

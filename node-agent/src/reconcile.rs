@@ -363,3 +363,200 @@ fn add_agent_rules(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::objects::{convert, parse_manifest_text};
+    use crate::datastore::{RejectedPolicy, Snapshot};
+
+    const WORLD: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status: {addresses: [{type: InternalIP, address: 192.168.0.1}, {type: Hostname, address: node-1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-2}
+status: {addresses: [{type: InternalIP, address: 192.168.0.2}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: prod, labels: {app: web}}
+spec: {nodeName: node-1, containers: [{name: c, image: x}]}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: far, namespace: prod, labels: {app: web}}
+spec: {nodeName: node-2, containers: [{name: c, image: x}]}
+status: {podIP: 10.244.2.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: prod}
+spec: {nodeName: node-1, containers: [{name: c, image: x}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: prod}
+spec: {podSelector: {}}
+"#;
+
+    fn snapshot(extra: &str) -> Snapshot {
+        let objs = parse_manifest_text("test", &format!("{WORLD}\n---\n{extra}")).unwrap();
+        let conv = convert(&objs);
+        assert!(conv.skipped.is_empty(), "{:?}", conv.skipped);
+        Snapshot {
+            cluster: conv.cluster,
+            rejected_policies: conv.rejected_policies,
+            blocks: [
+                ("10.244.1.0/24".parse().unwrap(), "node-1".to_string()),
+                ("10.244.2.0/24".parse().unwrap(), "node-2".to_string()),
+                ("10.244.9.0/24".parse().unwrap(), "node-gone".to_string()),
+            ]
+            .into(),
+        }
+    }
+
+    fn settings() -> NodeSettings {
+        NodeSettings {
+            node: "node-1".into(),
+            pool: "10.244.0.0/16".parse().unwrap(),
+            tunnel: TunnelFilter::Ipip,
+            nat_outgoing: true,
+            node_ip: None,
+        }
+    }
+
+    fn chain<'a>(d: &'a Desired, table: &str, name: &str) -> &'a Chain {
+        d.dataplane.tables[table]
+            .chains
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no chain {name}"))
+    }
+
+    #[test]
+    fn blocks_routes_and_local_pods_come_from_the_snapshot() {
+        let d = desired(&snapshot(""), &settings()).unwrap();
+        assert_eq!(d.node_ip, Some("192.168.0.1".parse().unwrap()));
+        assert_eq!(d.own_blocks, vec!["10.244.1.0/24".parse::<Ipv4Net>().unwrap()]);
+        let routed: Vec<_> = d.blocks.iter().map(|b| (b.block.to_string(), b.node_ip.to_string())).collect();
+        assert_eq!(
+            routed,
+            [("10.244.1.0/24".into(), "192.168.0.1".into()), ("10.244.2.0/24".into(), "192.168.0.2".to_string())]
+        );
+        assert!(d.warnings.iter().any(|w| w.contains("node-gone")), "{:?}", d.warnings);
+        // Only local pods with an address are waited for.
+        assert_eq!(d.local_pods, [NamespacedName::new("prod", "web")].into());
+    }
+
+    #[test]
+    fn node_set_holds_every_node_and_nat_skips_pool_and_nodes() {
+        let d = desired(&snapshot(""), &settings()).unwrap();
+        let nodes = d.dataplane.sets.iter().find(|s| s.name == SET_NODES).unwrap();
+        assert_eq!(nodes.members.iter().cloned().collect::<Vec<_>>(), ["192.168.0.1", "192.168.0.2"]);
+        let nat = chain(&d, "nat", CHAIN_NAT_OUTGOING);
+        assert_eq!(
+            nat.rules,
+            ["-m set --match-set SLUICE-POOLS src -m set ! --match-set SLUICE-POOLS dst \
+              -m set ! --match-set SLUICE-NODES dst -j MASQUERADE"]
+        );
+        // The only nat rule sluice has: nothing that could SNAT traffic to a pod, and
+        // no rule anywhere that names a tunnel address.
+        let all: Vec<&String> = d.dataplane.tables.values().flat_map(|t| t.chains.iter()).flat_map(|c| c.rules.iter()).collect();
+        assert!(all.iter().filter(|r| r.contains("MASQUERADE") || r.contains("SNAT")).count() == 1);
+        assert!(!all.iter().any(|r| r.contains("tunl0") || r.contains("10.244.1.0/32")));
+    }
+
+    #[test]
+    fn tunnel_guard_joins_the_policy_input_chain_with_one_jump_per_builtin() {
+        let d = desired(&snapshot(""), &settings()).unwrap();
+        let filter = &d.dataplane.tables["filter"];
+        for builtin in ["INPUT", "FORWARD"] {
+            assert_eq!(filter.jumps.iter().filter(|j| j.from == builtin).count(), 1, "{builtin}");
+        }
+        let input_target = filter.jumps.iter().find(|j| j.from == "INPUT").unwrap().target().unwrap();
+        assert_eq!(chain(&d, "filter", input_target).rules[0], format!("-p 4 -j {CHAIN_TUNNEL_IN}"));
+        assert_eq!(
+            chain(&d, "filter", CHAIN_TUNNEL_IN).rules,
+            ["-i slc+ -j DROP", "-i slx+ -j DROP", "-m set --match-set SLUICE-NODES src -j RETURN", "-j DROP"]
+        );
+        let fwd_target = filter.jumps.iter().find(|j| j.from == "FORWARD").unwrap().target().unwrap();
+        assert!(chain(&d, "filter", fwd_target).rules[..2].iter().all(|r| r.ends_with("-p 4 -j DROP")));
+    }
+
+    #[test]
+    fn vxlan_guards_its_port_and_none_guards_nothing() {
+        let mut s = settings();
+        s.tunnel = TunnelFilter::Vxlan { port: 4799 };
+        let d = desired(&snapshot(""), &s).unwrap();
+        let input = d.dataplane.tables["filter"].jumps.iter().find(|j| j.from == "INPUT").unwrap().target().unwrap();
+        assert_eq!(chain(&d, "filter", input).rules[0], format!("-p udp -m udp --dport 4799 -j {CHAIN_TUNNEL_IN}"));
+        s.tunnel = TunnelFilter::None;
+        let d = desired(&snapshot(""), &s).unwrap();
+        assert!(d.dataplane.tables["filter"].chains.iter().all(|c| c.name != CHAIN_TUNNEL_IN));
+    }
+
+    #[test]
+    fn rejected_policy_holds_exactly_the_pods_it_selects() {
+        let mut snap = snapshot("");
+        snap.rejected_policies.insert(
+            NamespacedName::new("prod", "broken"),
+            RejectedPolicy {
+                reason: "except outside cidr".into(),
+                pod_selector: Some(LabelSelector::from_labels([("app", "web")])),
+            },
+        );
+        let d = desired(&snap, &settings()).unwrap();
+        let veth = VethNames.host_veth(&snap.cluster.pods[&NamespacedName::new("prod", "web")]);
+        // `far` runs on node-2: not ours to hold.
+        assert_eq!(chain(&d, "filter", CHAIN_HELD).rules, [format!("-o {veth} -j DROP"), format!("-i {veth} -j DROP")]);
+        assert!(d.warnings.iter().any(|w| w.contains("prod/broken") && w.contains("except outside cidr")));
+        let fwd = d.dataplane.tables["filter"].jumps.iter().find(|j| j.from == "FORWARD").unwrap().target().unwrap();
+        // Ahead of every allow in the chain FORWARD jumps to.
+        let rules = &chain(&d, "filter", fwd).rules;
+        let held_at = rules.iter().position(|r| r == &format!("-m conntrack --ctstate NEW -j {CHAIN_HELD}")).unwrap();
+        let first_accept = rules.iter().position(|r| r.contains("ACCEPT") || r.contains("-g ") || r.contains("-j SLUICE-FWD")).unwrap();
+        assert!(held_at < first_accept, "{rules:#?}");
+
+        // Unreadable selector: the whole namespace, by wildcard.
+        snap.rejected_policies.values_mut().for_each(|r| r.pod_selector = None);
+        let d = desired(&snap, &settings()).unwrap();
+        let prefix = VethNames.namespace_prefix("prod");
+        assert_eq!(chain(&d, "filter", CHAIN_HELD).rules[0], format!("-o {prefix}+ -j DROP"));
+    }
+
+    #[test]
+    fn invalid_policy_in_manifests_is_rejected_with_its_name() {
+        let snap = snapshot(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: prod}\n\
+             spec: {podSelector: {matchLabels: {app: web}}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}]}]}\n",
+        );
+        let r = &snap.rejected_policies[&NamespacedName::new("prod", "bad")];
+        assert!(r.pod_selector.is_some());
+        assert!(desired(&snap, &settings()).unwrap().dataplane.tables["filter"].chains.iter().any(|c| c.name == CHAIN_HELD));
+    }
+
+    #[test]
+    fn desired_state_is_deterministic() {
+        let a = desired(&snapshot(""), &settings()).unwrap();
+        let b = desired(&snapshot(""), &settings()).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn node_ip_flag_overrides_the_node_object() {
+        let mut s = settings();
+        s.node_ip = Some("10.9.9.9".parse().unwrap());
+        let d = desired(&snapshot(""), &s).unwrap();
+        assert_eq!(d.node_ip, s.node_ip);
+        assert!(d.dataplane.sets.iter().find(|x| x.name == SET_NODES).unwrap().members.contains("10.9.9.9"));
+    }
+}

@@ -192,3 +192,63 @@ impl Datastore for DirDatastore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_policy::NamespacedName;
+
+    async fn next(rx: &mut crate::datastore::SnapshotReceiver) -> Arc<Snapshot> {
+        tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.expect("a snapshot").unwrap();
+        rx.borrow_and_update().clone().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claims_a_block_rereads_changes_and_keeps_last_good_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, b) = (dir.path().join("m"), dir.path().join("b"));
+        std::fs::create_dir_all(m.join("sub")).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(
+            m.join("sub/pod.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, managedFields: [{manager: kubectl}]}\nspec: {nodeName: n1}\n",
+        )
+        .unwrap();
+        let pool = Pool::new("10.244.0.0/16".parse().unwrap(), 24).unwrap();
+        let ds = DirDatastore::new(m.clone(), b.clone(), pool, "n1".into(), Duration::from_millis(20));
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
+        let task = tokio::spawn(ds.run(tx));
+
+        let s = next(&mut rx).await;
+        assert_eq!(s.blocks_of("n1").len(), 1, "the node claims a block before any pod");
+        assert!(s.cluster.pods.contains_key(&NamespacedName::new("x", "a")));
+
+        // A new file is picked up.
+        std::fs::write(m.join("ns.json"), r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"x","labels":{"team":"a"}}}"#).unwrap();
+        let s = next(&mut rx).await;
+        assert_eq!(s.cluster.namespaces["x"].labels["team"], "a");
+
+        // A half-written edit does not remove the pod.
+        std::fs::write(m.join("sub/pod.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namesp").unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = rx.borrow().clone().unwrap();
+        assert!(s.cluster.pods.contains_key(&NamespacedName::new("x", "a")));
+
+        // Deleting the file removes it.
+        std::fs::remove_file(m.join("sub/pod.yaml")).unwrap();
+        let s = next(&mut rx).await;
+        assert!(s.cluster.pods.is_empty());
+        task.abort();
+    }
+
+    #[test]
+    fn list_and_managed_fields_are_handled() {
+        let objs = parse_manifest_text(
+            "list.yaml",
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: a, managedFields: [{}]}\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: b}\n",
+        )
+        .unwrap();
+        assert_eq!(objs.len(), 2);
+        assert!(objs[0]["metadata"].get("managedFields").is_none());
+    }
+}

@@ -207,3 +207,29 @@ pub async fn client() -> Result<Client, DatastoreError> {
         .map_err(|e| DatastoreError::KubeConfig(e.to_string()))?;
     Ok(Client::try_from(config)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::objects::parse_manifest_text;
+
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: prod, labels: {app: web}}\n\
+spec: {nodeName: n1, containers: [{name: c, image: x, ports: [{name: http, containerPort: 8080}]}]}\n\
+status: {podIP: 10.244.1.10, podIPs: [{ip: 10.244.1.10}]}\n";
+    const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: prod}\n\
+spec: {podSelector: {matchLabels: {app: web}}, ingress: [{ports: [{port: http}]}]}\n";
+
+    #[test]
+    fn typed_objects_convert_exactly_like_manifests() {
+        let from_yaml = convert(&parse_manifest_text("t", &format!("{POD}---\n{POLICY}")).unwrap());
+        // What a reflector hands us: typed objects, which serialize without kind.
+        let pod: Pod = serde_yaml_ng::from_str(POD).unwrap();
+        let policy: NetworkPolicy = serde_yaml_ng::from_str(POLICY).unwrap();
+        let mut objects = to_json(&[Arc::new(pod)]);
+        objects.extend(to_json(&[Arc::new(policy)]));
+        let from_api = convert(&objects);
+        assert_eq!(from_api, from_yaml);
+        assert_eq!(from_api.cluster.pods.len(), 1);
+        assert_eq!(from_api.cluster.policies.len(), 1);
+    }
+}
