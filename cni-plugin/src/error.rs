@@ -17,7 +17,8 @@ pub const CODE_NETLINK: u32 = 103;
 pub const CODE_NETNS: u32 = 104;
 /// 105: `CNI_IFNAME` already exists inside the pod.
 pub const CODE_IFNAME_TAKEN: u32 = 105;
-/// 106: the host-side name is held by an interface that is not a sluice veth.
+/// 106: the host-side name is held by an interface that is not this attachment's
+/// (not a sluice veth, or one of another network or interface).
 pub const CODE_HOST_NAME_TAKEN: u32 = 106;
 /// 107: a sysctl could not be written.
 pub const CODE_SYSCTL: u32 = 107;
@@ -45,8 +46,14 @@ pub enum PluginError {
     Config(String),
     #[error("interface {ifname} already exists in network namespace {netns}")]
     IfnameTaken { ifname: String, netns: PathBuf },
-    #[error("host interface name {name} is taken by a {kind} interface that sluice did not create")]
-    HostNameTaken { name: String, kind: String },
+    #[error(
+        "host interface name {name} is taken by a {kind} interface (alias {alias:?}) that is not this attachment's"
+    )]
+    HostNameTaken {
+        name: String,
+        kind: String,
+        alias: String,
+    },
     #[error("IPAM plugin {ipam} returned no IPv4 address")]
     NoIpv4 { ipam: String },
     #[error("MTU file {path}: {detail}")]
@@ -93,7 +100,7 @@ impl From<PluginError> for CniError {
             e @ PluginError::HostNameTaken { .. } => sluice(
                 CODE_HOST_NAME_TAKEN,
                 e.to_string(),
-                "remove or rename that interface; sluice never deletes interfaces it did not make",
+                "remove or rename that interface; sluice only replaces its own stale veth of the same pod, network and interface",
             ),
             e @ PluginError::NoIpv4 { .. } => sluice(
                 CODE_NO_IPV4,
@@ -189,6 +196,7 @@ mod tests {
                 PluginError::HostNameTaken {
                     name: "slc".into(),
                     kind: "bridge".into(),
+                    alias: String::new(),
                 },
                 CODE_HOST_NAME_TAKEN,
             ),

@@ -18,7 +18,8 @@ use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -63,6 +64,8 @@ pub struct Route4 {
     pub gateway: Option<Ipv4Addr>,
     pub oif: Option<u32>,
     pub scope: u8,
+    /// `onlink`: the gateway is reachable on `oif` without a route to it.
+    pub onlink: bool,
 }
 
 pub const SCOPE_UNIVERSE: u8 = 0;
@@ -320,6 +323,9 @@ impl Netlink {
         msg.header.protocol = RouteProtocol::Boot;
         msg.header.scope = RouteScope::from(route.scope);
         msg.header.kind = RouteType::Unicast;
+        if route.onlink {
+            msg.header.flags = RouteFlags::Onlink;
+        }
         msg.attributes
             .push(RouteAttribute::Destination(RouteAddress::Inet(
                 route.dst.network(),
@@ -392,6 +398,7 @@ fn route4_of(r: &RouteMessage) -> Option<Route4> {
         gateway,
         oif,
         scope: u8::from(r.header.scope),
+        onlink: r.header.flags.contains(RouteFlags::Onlink),
     })
 }
 

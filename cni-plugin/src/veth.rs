@@ -62,6 +62,31 @@ pub fn host_veth_name(who: PodIdentity<'_>) -> String {
     }
 }
 
+/// The interface name runtimes give a pod's primary attachment.
+pub const PRIMARY_IFNAME: &str = "eth0";
+
+/// The host-side name of one attachment. For the primary interface (`eth0`) it is
+/// exactly [`host_veth_name`], the name the agent looks up. A pod attached to more
+/// networks (`net1`, … under Multus, or a second podman network) needs one host
+/// interface per attachment, so for any other interface name the hashed part also
+/// covers it (`namespace.pod/ifname`, `containerid/ifname`); the namespace prefix
+/// stays, so `slcXXXX+` still covers every interface of the namespace.
+pub fn attachment_veth_name(who: PodIdentity<'_>, ifname: &str) -> String {
+    if ifname == PRIMARY_IFNAME {
+        return host_veth_name(who);
+    }
+    match who {
+        PodIdentity::Kubernetes { namespace, pod } => format!(
+            "{}{}",
+            namespace_iface_prefix(namespace),
+            sha_hex(&format!("{namespace}.{pod}/{ifname}"), 8)
+        ),
+        PodIdentity::Container { id } => {
+            format!("{OTHER_PREFIX}{}", sha_hex(&format!("{id}/{ifname}"), 12))
+        }
+    }
+}
+
 /// The identity the plugin uses for an attachment: Kubernetes when `CNI_ARGS` names
 /// the pod, else the container id.
 pub fn pod_identity<'a>(
@@ -127,6 +152,23 @@ mod tests {
         // Same "namespace.pod" string, different namespace prefix.
         assert_eq!(a[7..], b[7..]);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn secondary_attachments_get_their_own_name_in_the_same_namespace_prefix() {
+        let k8s = PodIdentity::Kubernetes {
+            namespace: "default",
+            pod: "web-0",
+        };
+        assert_eq!(attachment_veth_name(k8s, "eth0"), host_veth_name(k8s));
+        let net1 = attachment_veth_name(k8s, "net1");
+        assert_ne!(net1, host_veth_name(k8s));
+        assert_eq!(net1.len(), 15);
+        assert!(net1.starts_with(&namespace_iface_prefix("default")));
+        let c = PodIdentity::Container { id: "abc" };
+        assert_eq!(attachment_veth_name(c, "eth0"), "slxba7816bf8f01");
+        let other = attachment_veth_name(c, "eth1");
+        assert!(other.starts_with("slx") && other.len() == 15 && other != "slxba7816bf8f01");
     }
 
     #[test]

@@ -23,6 +23,12 @@ pub struct Plan {
     /// The pod address, always /32.
     pub address: Ipv4Net,
     pub mtu: u32,
+    /// The pod's primary interface (`eth0`) gets the link route to 169.254.1.1 and
+    /// the default route. A secondary one (`net1`, …) must not take those from
+    /// the primary: it gets only `routes`, each `via 169.254.1.1 onlink`.
+    pub primary: bool,
+    /// Destinations a secondary attachment routes (from its IPAM result).
+    pub routes: Vec<Ipv4Net>,
     /// Stored as the host link's alias so GC can map an interface back to its
     /// attachment (container id and ifname are all GC is given).
     pub alias: String,
@@ -45,6 +51,18 @@ pub fn parse_alias(alias: &str) -> Option<(&str, &str, &str)> {
     Some((network, cid, ifname))
 }
 
+/// The IPv4 destinations of an IPAM result's routes, less the default route: a
+/// secondary attachment must not compete with the primary's default.
+pub fn secondary_routes(ipam: &CniResult) -> Vec<Ipv4Net> {
+    ipam.routes
+        .iter()
+        .filter_map(|r| match r.dst {
+            IpNet::V4(d) if d.prefix_len() > 0 => Some(d.trunc()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The first IPv4 address of an IPAM result, as the pod's /32.
 pub fn pod_address(ipam: &CniResult) -> Option<Ipv4Net> {
     ipam.ips.iter().find_map(|ip| match ip.address {
@@ -54,21 +72,37 @@ pub fn pod_address(ipam: &CniResult) -> Option<Ipv4Net> {
 }
 
 impl Plan {
-    /// Routes inside the pod: `169.254.1.1 dev <if> scope link`, then
-    /// `default via 169.254.1.1 dev <if>`.
-    pub fn pod_routes(&self, pod_index: u32) -> [Route4; 2] {
-        [
+    /// Routes inside the pod. Primary: `169.254.1.1 dev <if> scope link`, then
+    /// `default via 169.254.1.1 dev <if>`. Secondary: each of `routes` via
+    /// 169.254.1.1 onlink.
+    pub fn pod_routes(&self, pod_index: u32) -> Vec<Route4> {
+        if !self.primary {
+            return self
+                .routes
+                .iter()
+                .map(|dst| Route4 {
+                    dst: *dst,
+                    gateway: Some(GATEWAY),
+                    oif: Some(pod_index),
+                    scope: crate::netlink::SCOPE_UNIVERSE,
+                    onlink: true,
+                })
+                .collect();
+        }
+        vec![
             Route4 {
                 dst: Ipv4Net::new(GATEWAY, 32).expect("/32"),
                 gateway: None,
                 oif: Some(pod_index),
                 scope: SCOPE_LINK,
+                onlink: false,
             },
             Route4 {
                 dst: Ipv4Net::default(),
                 gateway: Some(GATEWAY),
                 oif: Some(pod_index),
                 scope: crate::netlink::SCOPE_UNIVERSE,
+                onlink: false,
             },
         ]
     }
@@ -80,6 +114,7 @@ impl Plan {
             gateway: None,
             oif: Some(host_index),
             scope: SCOPE_LINK,
+            onlink: false,
         }
     }
 
@@ -111,10 +146,17 @@ impl Plan {
             gateway: Some(GATEWAY.into()),
             interface: Some(base + 1),
         });
-        out.routes.push(Route::new(
-            IpNet::V4(Ipv4Net::default()),
-            Some(GATEWAY.into()),
-        ));
+        if self.primary {
+            out.routes.push(Route::new(
+                IpNet::V4(Ipv4Net::default()),
+                Some(GATEWAY.into()),
+            ));
+        } else {
+            for dst in &self.routes {
+                out.routes
+                    .push(Route::new(IpNet::V4(*dst), Some(GATEWAY.into())));
+            }
+        }
         if !dns.is_empty() {
             out.dns = dns;
         }
@@ -227,8 +269,29 @@ mod tests {
             pod_ifname: "eth0".into(),
             address: "10.244.1.5/32".parse().unwrap(),
             mtu: 1480,
+            primary: true,
+            routes: vec![],
             alias: alias("k8s", "cid", "eth0"),
         }
+    }
+
+    #[test]
+    fn a_secondary_attachment_routes_only_its_ipam_routes_onlink_and_no_default() {
+        let mut p = plan();
+        p.primary = false;
+        p.pod_ifname = "net1".into();
+        let ipam = CniResult::parse(&json!({"cniVersion": "1.0.0", "ips": [], "routes": [
+            {"dst": "0.0.0.0/0"}, {"dst": "10.200.1.7/16"}, {"dst": "fd00::/8"}
+        ]}))
+        .unwrap();
+        p.routes = secondary_routes(&ipam);
+        assert_eq!(p.routes, vec!["10.200.0.0/16".parse::<Ipv4Net>().unwrap()]);
+        let r = p.pod_routes(3);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].onlink && r[0].gateway == Some(GATEWAY) && r[0].oif == Some(3));
+        let res = p.result([2, 0, 0, 0, 0, 1], "/x", Dns::default(), None);
+        assert_eq!(res.routes.len(), 1);
+        assert_eq!(res.routes[0].dst.to_string(), "10.200.0.0/16");
     }
 
     #[test]
@@ -308,7 +371,7 @@ mod tests {
             PodView {
                 link: Some(link(2, "eth0", [2, 0, 0, 0, 0, 1])),
                 addresses: vec!["10.244.1.5/32".parse().unwrap()],
-                routes: p.pod_routes(2).to_vec(),
+                routes: p.pod_routes(2),
             },
         )
     }

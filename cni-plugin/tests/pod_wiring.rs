@@ -281,3 +281,89 @@ fn tolerant_of_what_real_runtimes_send() {
         }
     });
 }
+
+/// One pod on two sluice networks (Multus-style `net1`, or two podman networks):
+/// two host interfaces, neither ADD disturbs the other, and a host name held by
+/// a non-sluice interface is refused, never deleted.
+#[test]
+fn a_pod_can_hold_two_attachments_and_foreign_interfaces_are_never_replaced() {
+    if !require_root("two_attachments") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let bins = CniBin::new(dir);
+    in_new_netns(|| {
+        setup_node();
+        let pod = NetnsHolder::new();
+        let a = conf("1.0.0", Ipam::HostLocal, dir);
+        let mut b = conf("1.0.0", Ipam::HostLocal, &dir.join("b"));
+        b["name"] = "second".into();
+        b["ipam"]["ranges"][0][0]["subnet"] = "10.94.0.0/24".into();
+        b["ipam"]["routes"] = serde_json::json!([{"dst": "0.0.0.0/0"}, {"dst": "10.200.0.0/16"}]);
+        let ra = Call::new("ADD", "ctr-two", Some(pod.path()), &a)
+            .k8s("default", "multi")
+            .run(&bins)
+            .result();
+        let mut call_b = Call::new("ADD", "ctr-two", Some(pod.path()), &b).k8s("default", "multi");
+        call_b.ifname = "net1".into();
+        let rb = call_b.run(&bins).result();
+        let (ha, hb) = (
+            ra["interfaces"][0]["name"].as_str().unwrap(),
+            rb["interfaces"][0]["name"].as_str().unwrap(),
+        );
+        assert_ne!(ha, hb);
+        assert_eq!(&ha[..7], &hb[..7], "same namespace prefix");
+        assert!(pod.exec("ip -4 addr show net1").contains("10.94.0."));
+        // The primary keeps the default route; the secondary routes only what
+        // its IPAM asked for (less the default), via the same link-local gateway.
+        let routes = pod.exec("ip route show");
+        assert!(
+            routes.contains("default via 169.254.1.1 dev eth0"),
+            "{routes}"
+        );
+        assert!(
+            routes.contains("10.200.0.0/16 via 169.254.1.1 dev net1 onlink"),
+            "{routes}"
+        );
+        assert_eq!(routes.matches("default").count(), 1, "{routes}");
+        assert!(ping_from(Some(&pod), NODE_IP));
+        let mut check_b = b.clone();
+        check_b["prevResult"] = rb.clone();
+        let mut check =
+            Call::new("CHECK", "ctr-two", Some(pod.path()), &check_b).k8s("default", "multi");
+        check.ifname = "net1".into();
+        check.run(&bins).assert_silent_ok();
+        let mut del_b = Call::new("DEL", "ctr-two", Some(pod.path()), &b).k8s("default", "multi");
+        del_b.ifname = "net1".into();
+        del_b.run(&bins).assert_silent_ok();
+        assert!(
+            links().contains(&ha.to_string()),
+            "DEL of net1 removed eth0's veth"
+        );
+        Call::new("DEL", "ctr-two", Some(pod.path()), &a)
+            .k8s("default", "multi")
+            .run(&bins)
+            .assert_silent_ok();
+
+        // A veth by the pod's host name that is not a sluice attachment.
+        let squatter = host_veth_name(PodIdentity::Kubernetes {
+            namespace: "default",
+            pod: "squat",
+        });
+        sh(&format!(
+            "ip link add {squatter} type veth peer name sq-peer"
+        ));
+        let out = Call::new("ADD", "ctr-squat", Some(pod.path()), &a)
+            .k8s("default", "squat")
+            .run(&bins);
+        assert_eq!(out.code(), 106, "{}", out.stdout);
+        assert!(
+            links().contains(&squatter),
+            "a foreign interface was deleted"
+        );
+        sh(&format!("ip link del {squatter}"));
+        assert_no_node_leftovers();
+        assert_pod_empty(&pod);
+    });
+}

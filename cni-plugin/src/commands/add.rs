@@ -17,6 +17,7 @@ use crate::netlink::{Netlink, VethPeer, parse_mac};
 use crate::netns::Netns;
 use crate::sysctl;
 use crate::wiring::{self, HOST_MAC, Plan};
+use sluice_cni::veth::PRIMARY_IFNAME;
 
 /// What has been created so far, to undo on failure.
 enum Done {
@@ -53,13 +54,20 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         });
     }
     if let Some(old) = host.link_by_name(&host_ifname)? {
-        // By the naming rule the name belongs to this pod: a veth left by an
-        // earlier sandbox of the same pod whose DEL never came. Anything else is
-        // not ours to delete.
-        if old.kind.as_deref() != Some("veth") {
+        // By the naming rule the name belongs to this pod and interface: a veth
+        // left by an earlier sandbox of the same pod whose DEL never came (same
+        // network and ifname, older container id). Anything else is not ours.
+        let ours = old.kind.as_deref() == Some("veth")
+            && old
+                .alias
+                .as_deref()
+                .and_then(wiring::parse_alias)
+                .is_some_and(|(net, _, ifn)| net == ctx.conf.name && ifn == ifname);
+        if !ours {
             return Err(PluginError::HostNameTaken {
                 name: host_ifname,
                 kind: old.kind.unwrap_or_else(|| "unknown".into()),
+                alias: old.alias.unwrap_or_default(),
             });
         }
         log!(
@@ -129,6 +137,8 @@ fn wire(
         pod_ifname: ctx.env.ifname().to_owned(),
         address,
         mtu,
+        primary: ctx.env.ifname() == PRIMARY_IFNAME,
+        routes: wiring::secondary_routes(&ipam_result),
         alias: ctx.alias(),
     };
 

@@ -13,6 +13,7 @@ use crate::netlink::Netlink;
 use crate::netns::Netns;
 use crate::sysctl;
 use crate::wiring::{self, HostView, Plan, PodView};
+use sluice_cni::veth::PRIMARY_IFNAME;
 
 pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     let prev = ctx.conf.prev_result.as_ref().ok_or_else(|| {
@@ -79,6 +80,8 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
         pod_ifname: ifname.to_owned(),
         address,
         mtu: 0,
+        primary: ifname == PRIMARY_IFNAME,
+        routes: wiring::secondary_routes(&prev),
         alias: ctx.alias(),
     };
     let bad = wiring::check(&plan, &host_view, &pod_view);

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use sluice_cni::delegate;
 use sluice_cni::protocol::{Env, NetConf};
-use sluice_cni::veth::{host_veth_name, pod_identity};
+use sluice_cni::veth::{attachment_veth_name, pod_identity};
 
 use crate::config::PluginConf;
 use crate::error::PluginError;
@@ -26,7 +26,10 @@ pub struct Ctx<'a> {
 impl Ctx<'_> {
     /// The host-side veth name of this attachment (per-attachment verbs only).
     pub fn host_ifname(&self) -> String {
-        host_veth_name(pod_identity(&self.env.args, self.env.container_id()))
+        attachment_veth_name(
+            pod_identity(&self.env.args, self.env.container_id()),
+            self.env.ifname(),
+        )
     }
 
     pub fn alias(&self) -> String {
