@@ -89,14 +89,20 @@ pub fn choose_uplink(
 }
 
 /// Find the uplink in the namespace `netlink` talks to.
-pub async fn detect_uplink(netlink: &Netlink, node_ip: Option<Ipv4Addr>) -> Result<Uplink, MtuError> {
+pub async fn detect_uplink(
+    netlink: &Netlink,
+    node_ip: Option<Ipv4Addr>,
+) -> Result<Uplink, MtuError> {
     let links = netlink.link_summaries().await?;
     let defaults = netlink.default_routes().await?;
     choose_uplink(&links, &defaults, node_ip)
 }
 
 /// The uplink's MTU.
-pub async fn detect_uplink_mtu(netlink: &Netlink, node_ip: Option<Ipv4Addr>) -> Result<u32, MtuError> {
+pub async fn detect_uplink_mtu(
+    netlink: &Netlink,
+    node_ip: Option<Ipv4Addr>,
+) -> Result<u32, MtuError> {
     Ok(detect_uplink(netlink, node_ip).await?.mtu)
 }
 
@@ -117,9 +123,15 @@ pub fn write_mtu_file(path: &Path, mtu: u32) -> Result<(), MtuError> {
     if std::fs::read_to_string(path).is_ok_and(|c| c == content) {
         return Ok(());
     }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(err)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -164,8 +176,14 @@ mod tests {
     #[test]
     fn without_node_ip_the_lowest_metric_default_route_decides() {
         let d = [
-            DefaultRoute { oif: 2, metric: 200 },
-            DefaultRoute { oif: 3, metric: 100 },
+            DefaultRoute {
+                oif: 2,
+                metric: 200,
+            },
+            DefaultRoute {
+                oif: 3,
+                metric: 100,
+            },
         ];
         assert_eq!(choose_uplink(&links(), &d, None).unwrap().name, "eth1");
     }
@@ -176,7 +194,10 @@ mod tests {
             choose_uplink(&links(), &[], Some("1.2.3.4".parse().unwrap())),
             Err(MtuError::NodeIpNotFound(_))
         ));
-        assert!(matches!(choose_uplink(&links(), &[], None), Err(MtuError::NoUplink)));
+        assert!(matches!(
+            choose_uplink(&links(), &[], None),
+            Err(MtuError::NoUplink)
+        ));
         assert!(matches!(
             choose_uplink(&links(), &[DefaultRoute { oif: 9, metric: 0 }], None),
             Err(MtuError::DanglingDefaultRoute(9))

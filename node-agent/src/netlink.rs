@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
@@ -26,7 +27,6 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType,
 };
-use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkIpIp, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::mtu::{DefaultRoute, LinkSummary};
@@ -139,7 +139,10 @@ impl Netlink {
             .map_err(NetlinkError::from_rtnl("listing links"))
     }
 
-    async fn ipv4_addresses(&self, index: Option<u32>) -> Result<Vec<AddressMessage>, NetlinkError> {
+    async fn ipv4_addresses(
+        &self,
+        index: Option<u32>,
+    ) -> Result<Vec<AddressMessage>, NetlinkError> {
         let mut req = self.handle.address().get();
         if let Some(i) = index {
             req = req.set_link_index_filter(i);
@@ -513,9 +516,12 @@ impl RouteTable for Netlink {
                 m.header.family = AddressFamily::Bridge;
                 m.header.ifindex = self.index_of(dev).await?;
                 m.header.flags = NeighbourFlags::Own;
-                m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
                 m.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*dst)));
+                    .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+                m.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                        *dst,
+                    )));
             }
         }
         self.handle

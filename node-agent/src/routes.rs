@@ -194,8 +194,10 @@ pub trait RouteTable {
         dst: Ipv4Net,
         target: &RouteTarget,
     ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
-    fn delete_route(&self, route: &KernelRoute)
-    -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    fn delete_route(
+        &self,
+        route: &KernelRoute,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
     /// Permanent neighbour and FDB entries (with a remote) on `dev`; empty when `dev`
     /// does not exist.
     fn l2_entries(
@@ -649,10 +651,7 @@ mod tests {
         assert_eq!(r.l2_added, 4);
         // node-3 leaves: its two routes and its two L2 entries go, nothing else moves.
         let r = block_on(sync(&table, &desired("node-1", &all[..2], &enc))).unwrap();
-        assert_eq!(
-            r.removed.iter().copied().collect::<Vec<_>>(),
-            vec![net("10.244.3.0/24"), net("10.244.7.0/24")]
-        );
+        assert_eq!(r.removed, vec![net("10.244.3.0/24"), net("10.244.7.0/24")]);
         assert_eq!(r.l2_removed, 2);
         assert_eq!(r.unchanged, 2);
         let again = block_on(sync(&table, &desired("node-1", &all[..2], &enc))).unwrap();

@@ -220,8 +220,10 @@ pub struct LinkState {
 /// The link side of the kernel, small so reconcile is tested with a fake.
 pub trait LinkTable {
     /// The link called `name`, `None` when there is none.
-    fn link(&self, name: &str)
-    -> impl Future<Output = Result<Option<LinkState>, NetlinkError>> + Send;
+    fn link(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<LinkState>, NetlinkError>> + Send;
     /// `ip link add tunl0 type ipip`: makes the kernel load `ipip` where it can (which
     /// creates the fallback `tunl0`). `EEXIST` is success.
     fn create_ipip_fallback(&self) -> impl Future<Output = Result<(), NetlinkError>> + Send;
@@ -260,8 +262,12 @@ pub enum LinkAction {
         mtu: u32,
     },
     /// A device of ours whose immutable attributes (VNI, port, local, MAC) are wrong.
-    Delete { index: u32 },
-    SetMtuUp { mtu: u32 },
+    Delete {
+        index: u32,
+    },
+    SetMtuUp {
+        mtu: u32,
+    },
     AddAddress(Ipv4Net),
     DeleteAddress(Ipv4Net),
 }
@@ -295,7 +301,8 @@ pub fn link_actions(spec: &TunnelSpec, have: Option<&LinkState>) -> Vec<LinkActi
         Encapsulation::Vxlan => {
             let params = want_vxlan(spec);
             let mac = vtep_mac(spec.node_ip);
-            let ok = have.is_some_and(|l| l.kind == LinkKind::Vxlan(params.clone()) && l.mac == Some(mac));
+            let ok = have
+                .is_some_and(|l| l.kind == LinkKind::Vxlan(params.clone()) && l.mac == Some(mac));
             if !ok {
                 if let Some(l) = have {
                     out.push(LinkAction::Delete { index: l.index });
@@ -353,7 +360,10 @@ fn nl(what: impl Into<String>) -> impl FnOnce(NetlinkError) -> TunnelError {
 pub async fn ensure(links: &impl LinkTable, spec: &TunnelSpec) -> Result<TunnelState, TunnelError> {
     let mut changed = false;
     if spec.encap != Encapsulation::Vxlan
-        && let Some(old) = links.link(VXLAN_DEVICE).await.map_err(nl("looking up the VXLAN device"))?
+        && let Some(old) = links
+            .link(VXLAN_DEVICE)
+            .await
+            .map_err(nl("looking up the VXLAN device"))?
     {
         links
             .delete_link(old.index)
@@ -382,13 +392,13 @@ pub async fn ensure(links: &impl LinkTable, spec: &TunnelSpec) -> Result<TunnelS
                 if let Err(e) = links.create_ipip_fallback().await {
                     return Err(match e.errno() {
                         // "Unknown device type": no ipip.ko, or no module loading here.
-                        Some(libc::EOPNOTSUPP) | Some(libc::ENOENT) | Some(libc::EPROTONOSUPPORT) => {
-                            TunnelError::Unsupported {
-                                encap: spec.encap,
-                                module: "ipip",
-                                detail: e.to_string(),
-                            }
-                        }
+                        Some(libc::EOPNOTSUPP)
+                        | Some(libc::ENOENT)
+                        | Some(libc::EPROTONOSUPPORT) => TunnelError::Unsupported {
+                            encap: spec.encap,
+                            module: "ipip",
+                            detail: e.to_string(),
+                        },
                         _ => TunnelError::Netlink {
                             what: what("creating"),
                             source: e,
@@ -423,7 +433,10 @@ pub async fn ensure(links: &impl LinkTable, spec: &TunnelSpec) -> Result<TunnelS
                 have = links.link(device).await.map_err(nl(what("looking up")))?;
             }
             LinkAction::Delete { index } => {
-                links.delete_link(index).await.map_err(nl(what("deleting")))?;
+                links
+                    .delete_link(index)
+                    .await
+                    .map_err(nl(what("deleting")))?;
             }
             LinkAction::SetMtuUp { mtu } => {
                 let index = have.as_ref().map(|l| l.index).ok_or_else(|| gone(device))?;
@@ -503,7 +516,11 @@ mod tests {
 
     #[test]
     fn encapsulation_parses_and_prints() {
-        for e in [Encapsulation::Ipip, Encapsulation::Vxlan, Encapsulation::None] {
+        for e in [
+            Encapsulation::Ipip,
+            Encapsulation::Vxlan,
+            Encapsulation::None,
+        ] {
             assert_eq!(e.as_str().parse::<Encapsulation>().unwrap(), e);
         }
         assert!("gre".parse::<Encapsulation>().is_err());

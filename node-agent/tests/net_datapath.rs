@@ -73,7 +73,12 @@ fn none_pods_reach_pods_on_the_same_segment_with_their_own_source_address() {
     for n in &c.nodes {
         assert_eq!(owned_routes(&n.ns), expected_routes(&c, n.index));
         assert_eq!(std::fs::read_to_string(&n.mtu_file).unwrap(), "9000\n");
-        assert!(n.ns.try_exec(&format!("ip link show {VXLAN_DEVICE}")).status.code() != Some(0));
+        assert!(
+            n.ns.try_exec(&format!("ip link show {VXLAN_DEVICE}"))
+                .status
+                .code()
+                != Some(0)
+        );
     }
     assert_cross_node_pod_traffic(&c);
 }
@@ -94,7 +99,10 @@ fn switching_vxlan_to_none_removes_the_device_and_reroutes() {
     for n in &c.nodes {
         assert_eq!(owned_routes(&n.ns), expected_routes(&c, n.index));
         assert!(
-            n.ns.try_exec(&format!("ip link show {VXLAN_DEVICE}")).status.code() != Some(0),
+            n.ns.try_exec(&format!("ip link show {VXLAN_DEVICE}"))
+                .status
+                .code()
+                != Some(0),
             "{}: VXLAN device removed",
             n.name
         );
@@ -124,8 +132,15 @@ fn ipip_on_a_kernel_without_it_is_a_clear_error() {
         rt.block_on(async {
             let nl = Netlink::open().unwrap();
             let ip = "192.168.5.1".parse().unwrap();
-            let uplink = sluice_agent::mtu::detect_uplink(&nl, Some(ip)).await.unwrap();
-            let spec = TunnelSpec::new(Encapsulation::Ipip, ip, "10.244.5.0".parse().unwrap(), &uplink);
+            let uplink = sluice_agent::mtu::detect_uplink(&nl, Some(ip))
+                .await
+                .unwrap();
+            let spec = TunnelSpec::new(
+                Encapsulation::Ipip,
+                ip,
+                "10.244.5.0".parse().unwrap(),
+                &uplink,
+            );
             tunnel::ensure(&nl, &spec).await
         })
     });
@@ -134,8 +149,14 @@ fn ipip_on_a_kernel_without_it_is_a_clear_error() {
         assert_eq!(st.mtu, 1480);
     } else {
         let e = res.expect_err("this kernel has no ipip");
-        assert!(matches!(e, TunnelError::Unsupported { module: "ipip", .. }), "{e:?}");
+        assert!(
+            matches!(e, TunnelError::Unsupported { module: "ipip", .. }),
+            "{e:?}"
+        );
         let msg = e.to_string();
-        assert!(msg.contains("modprobe ipip") && msg.contains("another encapsulation"), "{msg}");
+        assert!(
+            msg.contains("modprobe ipip") && msg.contains("another encapsulation"),
+            "{msg}"
+        );
     }
 }

@@ -28,7 +28,12 @@ fn ipip_datapath_under_qemu() {
     let status = Command::new(&script)
         .args(["-t", "600", "--"])
         .arg(&exe)
-        .args(["--ignored", "--exact", "ipip_datapath_in_guest", "--nocapture"])
+        .args([
+            "--ignored",
+            "--exact",
+            "ipip_datapath_in_guest",
+            "--nocapture",
+        ])
         .status()
         .expect("run tests/qemu/run-vm.sh");
     eprintln!(
@@ -69,13 +74,21 @@ fn ipip_datapath_in_guest() {
             .filter(|a| a["family"] == "inet")
             .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
             .collect();
-        assert_eq!(addrs, vec![format!("{}/32", n.block.network())], "{}", n.name);
+        assert_eq!(
+            addrs,
+            vec![format!("{}/32", n.block.network())],
+            "{}",
+            n.name
+        );
         assert_eq!(std::fs::read_to_string(&n.mtu_file).unwrap(), "1480\n");
         let routes = owned_routes(&n.ns);
         assert_eq!(routes, expected_routes(&c, n.index), "{}", n.name);
         assert!(routes.contains(&format!("blackhole {}", n.block)));
     }
-    assert!(owned_routes(&c.node(1).ns).contains(&"10.244.2.0/24 via 192.168.77.2 dev tunl0 onlink".to_string()));
+    assert!(
+        owned_routes(&c.node(1).ns)
+            .contains(&"10.244.2.0/24 via 192.168.77.2 dev tunl0 onlink".to_string())
+    );
 
     c.add_pod(1, 2);
     c.add_pod(1, 3);
@@ -97,10 +110,18 @@ fn ipip_datapath_in_guest() {
     c.remove_node(3);
     c.sync_all();
     for n in &c.nodes {
-        assert_eq!(owned_routes(&n.ns), expected_routes(&c, n.index), "{} after node-3 left", n.name);
+        assert_eq!(
+            owned_routes(&n.ns),
+            expected_routes(&c, n.index),
+            "{} after node-3 left",
+            n.name
+        );
     }
     let r = c.sync_node(1);
     assert!(r.added.is_empty() && r.removed.is_empty() && r.replaced.is_empty());
     assert!(!c.node(1).tunnel.as_ref().unwrap().changed);
-    eprintln!("ipip_datapath_in_guest: {:.1} s in the guest", started.elapsed().as_secs_f64());
+    eprintln!(
+        "ipip_datapath_in_guest: {:.1} s in the guest",
+        started.elapsed().as_secs_f64()
+    );
 }

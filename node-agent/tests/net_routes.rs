@@ -37,23 +37,36 @@ fn mac_str(m: [u8; 6]) -> String {
 
 /// `ip neigh` and `bridge fdb` permanent entries on the VXLAN device, as strings.
 fn vxlan_l2(ns: &NamedNetns) -> (Vec<String>, Vec<String>) {
-    let neigh: serde_json::Value =
-        serde_json::from_str(&ns.exec(&format!("ip -j neigh show dev {VXLAN_DEVICE} nud permanent")))
-            .unwrap();
+    let neigh: serde_json::Value = serde_json::from_str(&ns.exec(&format!(
+        "ip -j neigh show dev {VXLAN_DEVICE} nud permanent"
+    )))
+    .unwrap();
     let fdb: serde_json::Value =
         serde_json::from_str(&ns.exec(&format!("bridge -j fdb show dev {VXLAN_DEVICE}"))).unwrap();
     let mut n: Vec<String> = neigh
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| format!("{} {}", e["dst"].as_str().unwrap(), e["lladdr"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["dst"].as_str().unwrap(),
+                e["lladdr"].as_str().unwrap()
+            )
+        })
         .collect();
     let mut f: Vec<String> = fdb
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["dst"].is_string())
-        .map(|e| format!("{} {}", e["mac"].as_str().unwrap(), e["dst"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["mac"].as_str().unwrap(),
+                e["dst"].as_str().unwrap()
+            )
+        })
         .collect();
     n.sort();
     f.sort();
@@ -92,7 +105,9 @@ fn route_tables_follow_nodes_joining_and_leaving_and_foreign_routes_survive() {
     assert_tables_match(&c, "node-4 joined");
     let n1 = &c.node(1).ns;
     assert!(
-        !owned_routes(n1).iter().any(|r| r.contains("10.244.200.0/24")),
+        !owned_routes(n1)
+            .iter()
+            .any(|r| r.contains("10.244.200.0/24")),
         "stale route of ours removed"
     );
     assert_eq!(not_ours(n1), foreign, "foreign routes untouched");
@@ -104,7 +119,13 @@ fn route_tables_follow_nodes_joining_and_leaving_and_foreign_routes_survive() {
     let (neigh, fdb) = vxlan_l2(&c.node(1).ns);
     let want_neigh: Vec<String> = [3u8, 4]
         .iter()
-        .map(|&i| format!("{} {}", node_block(i).network(), mac_str(vtep_mac(node_ip(i)))))
+        .map(|&i| {
+            format!(
+                "{} {}",
+                node_block(i).network(),
+                mac_str(vtep_mac(node_ip(i)))
+            )
+        })
         .collect();
     let want_fdb: Vec<String> = [3u8, 4]
         .iter()
@@ -135,9 +156,13 @@ fn a_foreign_route_holding_a_wanted_block_is_reported_and_left_alone() {
     let r = c.sync_node(1);
     assert_eq!(r.conflicts, vec![node_block(2)]);
     assert!(
-        all_routes(&c.node(1).ns).contains(&"10.244.2.0/24 via 192.168.77.254 dev eth0 proto static".to_string()),
+        all_routes(&c.node(1).ns)
+            .contains(&"10.244.2.0/24 via 192.168.77.254 dev eth0 proto static".to_string()),
         "the foreign route still routes the block: {:?}",
         all_routes(&c.node(1).ns)
     );
-    assert_eq!(owned_routes(&c.node(1).ns), vec!["blackhole 10.244.1.0/24".to_string()]);
+    assert_eq!(
+        owned_routes(&c.node(1).ns),
+        vec!["blackhole 10.244.1.0/24".to_string()]
+    );
 }

@@ -3,14 +3,14 @@
 #
 # 1. load the modules that reach the shares (/mods/order), mount the host's / (virtiofs
 #    tag hostroot) read-only under a tmpfs overlay, and the run directory (tag hostrun)
-#    read-write at the same path as on the host;
+#    and every -w directory read-write at the same path as on the host;
 # 2. make the guest kernel's modules visible at /lib/modules/$(uname -r), both here (the
 #    kernel's request_module() helper runs in PID 1's root) and in the overlay (tools that
 #    call modprobe themselves, like iptables-legacy), and load $RUN/modules;
 # 3. chroot into the overlay and run $RUN/job.sh with output on ttyS1; write its exit
 #    status to $RUN/exit-status and power off.
 # Kernel arguments: sluice_run=DIR (run directory), sluice_kmods=DIR (host path of the
-# guest kernel's lib/modules/<kver>).
+# guest kernel's lib/modules/<kver>), sluice_rw=TAG:DIR,... (read-write shares).
 
 PATH=/bin
 export PATH
@@ -18,11 +18,12 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
-RUN='' KMODS=''
+RUN='' KMODS='' RW=''
 for w in $(cat /proc/cmdline); do
     case $w in
         sluice_run=*) RUN=${w#*=} ;;
         sluice_kmods=*) KMODS=${w#*=} ;;
+        sluice_rw=*) RW=${w#*=} ;;
     esac
 done
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
@@ -57,6 +58,11 @@ mkdir -p $R/run/netns $R/run/lock
 [ -n "$RUN" ] || fail "no sluice_run= on the kernel command line"
 mkdir -p "$R$RUN"
 mount -t virtiofs hostrun "$R$RUN" || fail "mount hostrun"
+# -w directories: tag:path pairs, comma separated
+for pair in $(echo "$RW" | tr ',' ' '); do
+    mkdir -p "$R${pair#*:}"
+    mount -t virtiofs "${pair%%:*}" "$R${pair#*:}" || fail "mount ${pair#*:}"
+done
 
 KVER=$(uname -r)
 if [ -n "$KMODS" ] && [ -d "$R$KMODS" ]; then

@@ -4,13 +4,15 @@
 # own root filesystem, shared read-only through virtiofs with a tmpfs overlay on top.
 # Binaries built on the host (cargo's target dirs included) run unchanged in the guest.
 #
-#   tests/qemu/run-vm.sh [-t SECONDS] [-m MIB] [-M MOD,MOD] [-e VAR]... [-k] [--] CMD [ARG...]
+#   tests/qemu/run-vm.sh [-t SECONDS] [-m MIB] [-M MOD,MOD] [-e VAR]... [-w DIR]... [-k] [--] CMD [ARG...]
 #
 #   -t SECONDS  wall-clock limit for the whole VM (default 900)
 #   -m MIB      guest memory (default 1024)
 #   -M MODS     extra kernel modules to load before CMD (comma separated)
 #   -e VAR      pass the host's VAR into the guest (repeatable); CI,
 #               SLUICE_REQUIRE_PRIVILEGED, RUST_BACKTRACE, RUST_LOG and SLUICE_BIN_* always are
+#   -w DIR      share the host directory DIR read-write at the same path (repeatable;
+#               the rest of / is read-only with a throwaway overlay): how results get out
 #   -k          keep the run directory (console log etc.) even on success
 #
 # CMD runs with cwd = the caller's cwd, PATH = the usual root PATH, SLUICE_IN_VM=1, in
@@ -28,12 +30,17 @@ REPO=$(cd "$HERE/../.." && pwd)
 CACHE=${SLUICE_QEMU_CACHE:-$REPO/.sluice-cache/qemu}
 TIMEOUT=900 MEM=1024 EXTRA_MODS='' KEEP=0
 PASS_ENV=(CI SLUICE_REQUIRE_PRIVILEGED RUST_BACKTRACE RUST_LOG)
+RW_DIRS=()
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 125; }
-while getopts "t:m:M:e:kh" o; do
+while getopts "t:m:M:e:w:kh" o; do
     case $o in
         t) TIMEOUT=$OPTARG ;; m) MEM=$OPTARG ;; M) EXTRA_MODS=$OPTARG ;;
-        e) PASS_ENV+=("$OPTARG") ;; k) KEEP=1 ;; *) usage ;;
+        e) PASS_ENV+=("$OPTARG") ;; k) KEEP=1 ;;
+        w) d=$(realpath -e "$OPTARG") && [ -d "$d" ] || die "-w $OPTARG: not a directory"
+           case $d in *[[:space:],:]*) die "-w $d: no spaces, commas or colons, please" ;; esac
+           RW_DIRS+=("$d") ;;
+        *) usage ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -178,23 +185,36 @@ start_virtiofsd() {   # tag source cache
 }
 start_virtiofsd hostroot / always
 start_virtiofsd hostrun "$RUN" none
+RW_ARG=
+for i in "${!RW_DIRS[@]}"; do
+    start_virtiofsd "rw$i" "${RW_DIRS[$i]}" none
+    RW_ARG+="${RW_ARG:+,}rw$i:${RW_DIRS[$i]}"
+done
 for _ in $(seq 200); do
-    [ -S "$RUN/hostroot.sock" ] && [ -S "$RUN/hostrun.sock" ] && break
+    ok=1
+    for s in hostroot hostrun "${!RW_DIRS[@]}"; do
+        case $s in [0-9]*) s=rw$s ;; esac
+        [ -S "$RUN/$s.sock" ] || ok=0
+    done
+    [ $ok = 1 ] && break
     sleep 0.02
 done
-[ -S "$RUN/hostroot.sock" ] && [ -S "$RUN/hostrun.sock" ] || die "virtiofsd did not start (see $RUN)"
+[ $ok = 1 ] || die "virtiofsd did not start (see $RUN)"
 
 : >"$RUN/job.log"
 QEMU=(qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m "$MEM" -M pc -nodefaults -no-user-config
     -display none -no-reboot
     -kernel "$VMLINUZ" -initrd "$INITRD"
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 sluice_run=$RUN sluice_kmods=$MODDIR"
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 sluice_run=$RUN sluice_kmods=$MODDIR${RW_ARG:+ sluice_rw=$RW_ARG}"
     -chardev "file,id=console,path=$RUN/console.log" -serial chardev:console
     -chardev "file,id=job,path=$RUN/job.log" -serial chardev:job
     # virtiofs needs guest RAM that the daemons can map: a shared memfd
     -object "memory-backend-memfd,id=mem,size=${MEM}M,share=on" -numa "node,memdev=mem"
     -chardev "socket,id=hostroot,path=$RUN/hostroot.sock" -device "vhost-user-fs-pci,chardev=hostroot,tag=hostroot"
     -chardev "socket,id=hostrun,path=$RUN/hostrun.sock" -device "vhost-user-fs-pci,chardev=hostrun,tag=hostrun")
+for i in "${!RW_DIRS[@]}"; do
+    QEMU+=(-chardev "socket,id=rw$i,path=$RUN/rw$i.sock" -device "vhost-user-fs-pci,chardev=rw$i,tag=rw$i")
+done
 # qboot: a minimal firmware that boots faster than SeaBIOS
 [ -r /usr/share/qemu/qboot.rom ] && QEMU+=(-bios /usr/share/qemu/qboot.rom)
 log "kernel $KVER, ${MEM} MiB, limit ${TIMEOUT}s, run dir $RUN"

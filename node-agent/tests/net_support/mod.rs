@@ -117,7 +117,10 @@ impl Cluster {
     }
 
     pub fn node(&self, i: u8) -> &Node {
-        self.nodes.iter().find(|n| n.index == i).expect("node exists")
+        self.nodes
+            .iter()
+            .find(|n| n.index == i)
+            .expect("node exists")
     }
 
     pub fn blocks(&self) -> Vec<BlockOwner> {
@@ -133,7 +136,9 @@ impl Cluster {
         let node = &self.nodes[pos];
         let (state, report) = self.rt.block_on(async {
             let nl = Netlink::open_in(&node.ns.path()).expect("netlink in node namespace");
-            let uplink = mtu::detect_uplink(&nl, Some(node.ip)).await.expect("uplink");
+            let uplink = mtu::detect_uplink(&nl, Some(node.ip))
+                .await
+                .expect("uplink");
             let own: Vec<Ipv4Net> = blocks
                 .iter()
                 .filter(|b| b.node == node.name)
@@ -319,9 +324,9 @@ impl Drop for PeerEcho {
 /// Connect from `from` to `to_ip:port` over TCP and return the source address the
 /// server saw, or the error.
 pub fn tcp_peer_seen(from: &Pod, to_ip: Ipv4Addr, port: u16) -> Result<String, String> {
-    let out = from
-        .ns
-        .try_exec(&format!("timeout 5 socat -T3 - TCP:{to_ip}:{port},connect-timeout=3 </dev/null"));
+    let out = from.ns.try_exec(&format!(
+        "timeout 5 socat -T3 - TCP:{to_ip}:{port},connect-timeout=3 </dev/null"
+    ));
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
@@ -344,7 +349,10 @@ pub fn assert_cross_node_pod_traffic(c: &Cluster) {
             for pa in &a.pods {
                 for pb in &b.pods {
                     let seen = tcp_peer_seen(pa, pb.ip, port).unwrap_or_else(|e| {
-                        panic!("{} ({}) -> {} ({}) failed: {e}", a.name, pa.ip, b.name, pb.ip)
+                        panic!(
+                            "{} ({}) -> {} ({}) failed: {e}",
+                            a.name, pa.ip, b.name, pb.ip
+                        )
                     });
                     assert_eq!(
                         seen,
