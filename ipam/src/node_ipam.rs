@@ -210,6 +210,19 @@ impl NodeIpam {
     }
 }
 
+/// For the node agent in a cluster: should it claim another block for this node?
+/// True when the node's `owned` blocks have fewer than `low_water` free addresses
+/// left (ADD fails with code 11, "retry", once none is left, until the agent has
+/// published another block).
+pub fn needs_another_block(
+    state_dir: &Path,
+    owned: &[Ipv4Net],
+    low_water: u32,
+) -> Result<bool, crate::state::StateError> {
+    let snapshot = StateDir::new(state_dir).snapshot()?;
+    Ok(snapshot.free_in(owned) < low_water)
+}
+
 fn join(blocks: &[Ipv4Net]) -> String {
     blocks
         .iter()
@@ -222,4 +235,27 @@ fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_is_asked_for_another_block_below_the_low_water_mark() {
+        let d = tempfile::tempdir().unwrap();
+        let owned: Vec<Ipv4Net> = vec!["10.0.0.0/29".parse().unwrap()]; // 5 pod addresses
+        assert!(!needs_another_block(d.path(), &owned, 2).unwrap());
+        let state = StateDir::new(d.path());
+        let mut l = state.lock().unwrap();
+        for i in 0..4 {
+            l.allocator
+                .allocate(&AttachmentKey::new(format!("c{i}"), "eth0"), &owned, 0)
+                .unwrap();
+        }
+        l.commit().unwrap();
+        drop(l);
+        assert!(needs_another_block(d.path(), &owned, 2).unwrap());
+        assert!(!needs_another_block(d.path(), &owned, 1).unwrap());
+    }
 }
