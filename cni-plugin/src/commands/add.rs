@@ -23,7 +23,8 @@ use sluice_cni::veth::PRIMARY_IFNAME;
 enum Done {
     /// The IPAM plugin and the config it was given.
     Ipam(std::path::PathBuf, Vec<u8>),
-    HostVeth(u32),
+    /// The host end, by name: recorded as soon as the kernel accepted the pair.
+    HostVeth(String),
 }
 
 pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
@@ -152,10 +153,10 @@ fn wire(
             mac: pod_mac,
         },
     )?;
+    done.push(Done::HostVeth(plan.host_ifname.clone()));
     let host_link = host.link_by_name(&plan.host_ifname)?.ok_or_else(|| {
         PluginError::Config(format!("{} vanished after creation", plan.host_ifname))
     })?;
-    done.push(Done::HostVeth(host_link.index));
     for (key, value) in sysctl::HOST_VETH {
         sysctl::write(key, &plan.host_ifname, value)?;
     }
@@ -210,9 +211,9 @@ fn rollback(host: &mut Netlink, done: Vec<Done>) {
         match step {
             // Deleting the host end removes the pod end, the pod's address and
             // routes, and the host /32 route with it.
-            Done::HostVeth(index) => {
-                if let Err(e) = host.del_link(index) {
-                    log!("rollback: deleting link {index}: {e}");
+            Done::HostVeth(name) => {
+                if let Err(e) = host.del_link_by_name(&name) {
+                    log!("rollback: deleting {name}: {e}");
                 }
             }
             Done::Ipam(path, conf) => {
