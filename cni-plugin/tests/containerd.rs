@@ -1,8 +1,10 @@
 //! Root: containerd 1.6's `ctr run --cni` starts containers on a sluice network.
 //! Kept hermetic: a private mount namespace (held by an `unshare -m` process) where
 //! our conflist and plugins are bind-mounted over /etc/cni/net.d, /usr/lib/cni and
-//! /opt/cni/bin (the only places ctr looks), our own containerd with a private
-//! root, state and socket, and a throwaway node network namespace. ctr sends DEL
+//! /opt/cni/bin (the only places ctr looks) and a tmpfs hides /run (the shim and
+//! runc keep state under /run/containerd whatever the config says), our own
+//! containerd with a private root, state and socket, and a throwaway node network
+//! namespace. ctr sends DEL
 //! with an empty CNI_NETNS when a foreground task exits.
 
 mod support;
@@ -56,7 +58,8 @@ impl Containerd {
         c.wait_for_mount_ns();
         let script = format!(
             "mount --bind {netd} /etc/cni/net.d && mount --bind {bin} /usr/lib/cni && \
-             mount -t tmpfs tmpfs /opt && mkdir -p /opt/cni/bin && mount --bind {bin} /opt/cni/bin",
+             mount -t tmpfs tmpfs /opt && mkdir -p /opt/cni/bin && mount --bind {bin} /opt/cni/bin && \
+             mount -t tmpfs tmpfs /run",
             netd = netd.display(),
             bin = bins.dir.display()
         );
