@@ -49,6 +49,10 @@ pub struct NetConf {
 #[serde(rename_all = "camelCase")]
 struct Common {
     cni_version: Option<String>,
+    /// CNI 1.1 conflists may list `cniVersions`; a runtime then sends the chosen
+    /// `cniVersion` too, but a config carrying only the list is still readable.
+    #[serde(default)]
+    cni_versions: Vec<String>,
     name: Option<String>,
     #[serde(rename = "type")]
     plugin_type: Option<String>,
@@ -81,12 +85,19 @@ impl NetConf {
         })?;
         let cni_version = match common.cni_version.as_deref() {
             Some(v) => Version::parse(v)?,
-            None => {
-                return Err(CniError::new(
-                    ErrorCode::IncompatibleVersion,
-                    "network config has no cniVersion",
-                ));
-            }
+            // The newest listed version we speak.
+            None => common
+                .cni_versions
+                .iter()
+                .filter_map(|v| Version::parse(v).ok())
+                .max()
+                .ok_or_else(|| {
+                    CniError::new(
+                        ErrorCode::IncompatibleVersion,
+                        "network config has no cniVersion we speak",
+                    )
+                    .with_details(format!("cniVersions: {:?}", common.cni_versions))
+                })?,
         };
         let name = common.name.filter(|n| !n.is_empty()).ok_or_else(|| {
             CniError::new(
@@ -244,6 +255,26 @@ mod tests {
             let e = NetConf::parse(input).unwrap_err();
             assert_eq!(e.code, *code, "{}", String::from_utf8_lossy(input));
         }
+    }
+
+    #[test]
+    fn cni_versions_alone_picks_the_newest_we_speak() {
+        let c = NetConf::parse(
+            br#"{"cniVersions":["0.4.0","1.1.0","9.0.0"],"name":"n","type":"sluice"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.cni_version, Version::V1_1_0);
+        let both = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","cniVersions":["1.0.0","1.1.0"],"name":"n","type":"sluice"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            both.cni_version,
+            Version::V1_0_0,
+            "the runtime's choice wins"
+        );
+        let none = NetConf::parse(br#"{"cniVersions":["9.0.0"],"name":"n","type":"sluice"}"#);
+        assert_eq!(none.unwrap_err().code, 1);
     }
 
     #[test]
