@@ -364,3 +364,64 @@ fn endpoint_syntax() {
         assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
     }
 }
+
+#[test]
+fn dual_stack_pods_are_judged_in_the_destinations_family() {
+    let text = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: server, namespace: ds, labels: {app: server}}
+  spec: {nodeName: n1, containers: [{name: c}]}
+  status: {podIPs: [{ip: 10.0.0.10}, {ip: "fd00::10"}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: client, namespace: ds}
+  spec: {nodeName: n2, containers: [{name: c}]}
+  status: {podIPs: [{ip: 10.0.0.20}, {ip: "fd00::20"}]}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: v6-only, namespace: ds}
+  spec:
+    podSelector: {matchLabels: {app: server}}
+    ingress: [{from: [{ipBlock: {cidr: "fd00::/64", except: ["fd00::30/128"]}}]}]
+"#;
+    let c = parse_documents("ds", text).unwrap().into_cluster();
+    // To the server's IPv6 address the client speaks from its IPv6 address: allowed.
+    let e = evaluate(&c, &probe("ds/client", "ip:fd00::10", 80, Protocol::Tcp)).unwrap();
+    assert_eq!(e.verdict, Verdict::Allow, "{}", e.reason());
+    // To its IPv4 address (the first, what NS/POD means) the v6 block does not match.
+    assert_eq!(
+        verdict(&c, "ds/client", "ds/server", 80, Protocol::Tcp),
+        Verdict::Deny
+    );
+    assert_eq!(
+        verdict(&c, "ip:fd00::30", "ds/server", 80, Protocol::Tcp),
+        Verdict::Deny
+    );
+    assert_eq!(
+        verdict(&c, "ip:fd00::31", "ds/server", 80, Protocol::Tcp),
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn an_api_object_parses_without_a_text_round_trip() {
+    let object = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "p", "namespace": "x"},
+        "spec": {"podSelector": {}, "policyTypes": ["Egress"]}
+    });
+    let parsed = sluice_policy::parse_value("watch", &object).unwrap();
+    let c = parsed.into_cluster();
+    let p = &c.policies[&sluice_policy::NamespacedName::new("x", "p")];
+    assert!(p.policy_types.egress && !p.policy_types.ingress);
+    let bad = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a", "namespace": "x"},
+        "status": {"podIP": "not-an-ip"}});
+    let err = sluice_policy::parse_value("watch", &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("watch: Pod x/a"), "{err}");
+}
