@@ -493,4 +493,83 @@ mod tests {
             assert!(addrs.contains(&"127.0.0.1/8".parse().unwrap()), "{addrs:?}");
         });
     }
+
+    #[test]
+    fn typed_ops_create_and_read_back_a_veth_pair_across_namespaces() {
+        if !sluice_testkit::require_root("netlink_typed_ops") {
+            return;
+        }
+        sluice_testkit::in_new_netns(|| {
+            let peer_ns = sluice_testkit::NetnsHolder::new();
+            let peer_fd = std::fs::File::open(peer_ns.path()).unwrap();
+            let mut nl = Netlink::open().unwrap();
+            let mac = [0xee; 6];
+            let peer = VethPeer {
+                name: "eth0",
+                netns_fd: std::os::fd::AsRawFd::as_raw_fd(&peer_fd),
+                mac: Some([0x0a, 0x58, 0, 0, 0, 9]),
+            };
+            nl.add_veth("slxtest0", mac, 1400, &peer).unwrap();
+            let e = nl.add_veth("slxtest0", mac, 1400, &peer).unwrap_err();
+            assert_eq!(e.errno(), Some(libc::EEXIST));
+            let l = nl.link_by_name("slxtest0").unwrap().unwrap();
+            assert_eq!(
+                (l.mac, l.mtu, l.kind.as_deref(), l.up),
+                (Some(mac), Some(1400), Some("veth"), false)
+            );
+            nl.set_up(l.index, Some("sluice:n:c:eth0")).unwrap();
+            let l = nl.link_by_name("slxtest0").unwrap().unwrap();
+            assert!(l.up);
+            assert_eq!(l.alias.as_deref(), Some("sluice:n:c:eth0"));
+            assert!(
+                peer_ns
+                    .exec("ip link show eth0")
+                    .contains("0a:58:00:00:00:09")
+            );
+
+            let r = Route4 {
+                dst: "10.9.0.5/32".parse().unwrap(),
+                gateway: None,
+                oif: Some(l.index),
+                scope: SCOPE_LINK,
+                onlink: false,
+            };
+            nl.add_route4(&r, false).unwrap();
+            assert_eq!(
+                nl.add_route4(&r, false).unwrap_err().errno(),
+                Some(libc::EEXIST)
+            );
+            let onlink = Route4 {
+                dst: "10.200.0.0/16".parse().unwrap(),
+                gateway: Some("169.254.1.1".parse().unwrap()),
+                oif: Some(l.index),
+                scope: SCOPE_UNIVERSE,
+                onlink: true,
+            };
+            nl.add_route4(&onlink, false).unwrap();
+            let routes = nl.routes4().unwrap();
+            assert!(
+                routes.contains(&r) && routes.contains(&onlink),
+                "{routes:?}"
+            );
+            nl.add_address(l.index, "10.9.0.1/32".parse().unwrap())
+                .unwrap();
+            assert!(
+                nl.addresses(l.index)
+                    .unwrap()
+                    .contains(&"10.9.0.1/32".parse().unwrap())
+            );
+
+            assert!(nl.del_link_by_name("slxtest0").unwrap());
+            assert!(
+                !nl.routes4().unwrap().contains(&r),
+                "routes die with the link"
+            );
+            assert_eq!(
+                peer_ns.exec("ip -o link show").lines().count(),
+                1,
+                "the peer died too"
+            );
+        });
+    }
 }
