@@ -29,7 +29,9 @@ pub fn policy_data(rel: &str) -> PathBuf {
 }
 
 pub fn e2e_data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/data").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("e2e/data")
+        .join(rel)
 }
 
 fn sluicectl() -> PathBuf {
@@ -218,8 +220,20 @@ impl Lab {
     pub fn probe(&self, from: &str, to: &str, port: u16, protocol: &str) -> ProbeOutcome {
         let p = port.to_string();
         let out = must(&[
-            "lab", "probe", "--name", &self.name, "--from", from, "--to", to, "--port", &p,
-            "--protocol", protocol, "-o", "json",
+            "lab",
+            "probe",
+            "--name",
+            &self.name,
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &p,
+            "--protocol",
+            protocol,
+            "-o",
+            "json",
         ]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("probe output {out:?}: {e}"))
     }
@@ -228,8 +242,20 @@ impl Lab {
     pub fn probe_error(&self, from: &str, to: &str, port: u16, protocol: &str) -> String {
         let p = port.to_string();
         let out = run(&[
-            "lab", "probe", "--name", &self.name, "--from", from, "--to", to, "--port", &p,
-            "--protocol", protocol, "-o", "json",
+            "lab",
+            "probe",
+            "--name",
+            &self.name,
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &p,
+            "--protocol",
+            protocol,
+            "-o",
+            "json",
         ]);
         assert!(
             !out.status.success(),
@@ -260,7 +286,13 @@ impl Lab {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|p| format!("{}/{}", p["namespace"].as_str().unwrap(), p["name"].as_str().unwrap()) == key)
+            .find(|p| {
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                ) == key
+            })
             .and_then(|p| p["ip"].as_str().map(str::to_string))
             .unwrap_or_else(|| panic!("no pod {key} in {st}"))
     }
@@ -270,12 +302,11 @@ impl Lab {
         PathBuf::from(format!("/run/sluice-lab/{}/manifests", self.name))
     }
 
-    /// Whether pods in this lab serve SCTP (the kernel has SCTP sockets).
+    /// Whether pods in this lab can serve SCTP (the kernel has SCTP sockets).
     pub fn serves_sctp(&self) -> bool {
-        let st = self.status();
-        st["pods"].as_array().into_iter().flatten().all(|p| {
-            p["unservedPorts"].as_array().is_none_or(|u| u.is_empty())
-        })
+        self.status()["sctp"]
+            .as_bool()
+            .expect("status reports sctp")
     }
 
     pub fn down(self) {
@@ -286,6 +317,11 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // SLUICE_E2E_KEEP=1 keeps a failed lab for `ip netns exec` and its logs.
+        if std::thread::panicking() && std::env::var_os("SLUICE_E2E_KEEP").is_some() {
+            eprintln!("keeping lab {} (SLUICE_E2E_KEEP)", self.name);
+            return;
+        }
         let out = run(&["lab", "down", "--name", &self.name]);
         if !out.status.success() {
             eprintln!(
@@ -315,7 +351,12 @@ pub fn predicted(files: &[&Path], m: &Matrix) -> Truth {
         args.push("-f".into());
         args.push(f.display().to_string());
     }
-    args.extend(["--probes".into(), probes.display().to_string(), "-o".into(), "json".into()]);
+    args.extend([
+        "--probes".into(),
+        probes.display().to_string(),
+        "-o".into(),
+        "json".into(),
+    ]);
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = must(&a);
     let verdicts: Vec<Value> = serde_json::from_str(&out).expect("policy check json array");

@@ -89,7 +89,11 @@ pub fn pattern_matches(pat: &str, key: &str) -> bool {
 /// `protocols_run` (pods to themselves are always allowed: loopback).
 pub fn expected(spec: &MatrixSpec, pods: &[String], protocols_run: &[&str]) -> Truth {
     let mut t = Truth::new();
-    for proto in spec.protocols.iter().filter(|p| protocols_run.contains(&p.as_str())) {
+    for proto in spec
+        .protocols
+        .iter()
+        .filter(|p| protocols_run.contains(&p.as_str()))
+    {
         for &port in &spec.ports {
             for from in pods {
                 for to in pods {
@@ -169,9 +173,13 @@ pub fn fixture(cluster: &[PathBuf]) -> Fixture {
         for v in documents(&std::fs::read_to_string(f).unwrap()) {
             match v["kind"].as_str() {
                 Some("Node") => {
-                    fx.nodes.push(v["metadata"]["name"].as_str().unwrap().to_string());
+                    fx.nodes
+                        .push(v["metadata"]["name"].as_str().unwrap().to_string());
                     for a in v["status"]["addresses"].as_array().into_iter().flatten() {
-                        if let Some(ip) = a["address"].as_str().filter(|s| s.parse::<std::net::Ipv4Addr>().is_ok()) {
+                        if let Some(ip) = a["address"]
+                            .as_str()
+                            .filter(|s| s.parse::<std::net::Ipv4Addr>().is_ok())
+                        {
                             fx.node_ips.push(ip.to_string());
                         }
                     }
@@ -210,7 +218,12 @@ impl Fixture {
 }
 
 /// Copy `files` into `dir` with node names mapped and pod addresses rewritten.
-pub fn rewrite(files: &[PathBuf], dir: &Path, fx: &Fixture, lab_ips: &BTreeMap<String, String>) -> Vec<PathBuf> {
+pub fn rewrite(
+    files: &[PathBuf],
+    dir: &Path,
+    fx: &Fixture,
+    lab_ips: &BTreeMap<String, String>,
+) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let mut text = std::fs::read_to_string(f).unwrap();
@@ -224,7 +237,10 @@ pub fn rewrite(files: &[PathBuf], dir: &Path, fx: &Fixture, lab_ips: &BTreeMap<S
                 text = text.replace(&format!("{ip}/32"), &format!("{lab}/32"));
             }
         }
-        let p = dir.join(format!("{i:02}-{}", f.file_name().unwrap().to_string_lossy()));
+        let p = dir.join(format!(
+            "{i:02}-{}",
+            f.file_name().unwrap().to_string_lossy()
+        ));
         std::fs::write(&p, text).unwrap();
         out.push(p);
     }
@@ -240,7 +256,11 @@ pub fn lab_pod_ips(lab: &Lab) -> BTreeMap<String, String> {
         .flatten()
         .map(|p| {
             (
-                format!("{}/{}", p["namespace"].as_str().unwrap(), p["name"].as_str().unwrap()),
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                ),
                 p["ip"].as_str().unwrap().to_string(),
             )
         })
@@ -257,12 +277,24 @@ pub fn unrunnable(p: &ProbeSpec, fx: &Fixture, sctp: bool, pool: &str) -> Option
         if let Some(a) = end.strip_prefix("ip:") {
             let ip: std::net::Ipv4Addr = a.parse().expect("ip");
             if pool.contains(ip) {
-                return Some(format!("{end} is inside the lab's pod pool (no outside host can have it)"));
+                return Some(format!(
+                    "{end} is inside the lab's pod pool (no outside host can have it)"
+                ));
             }
             if fx.node_ips.iter().any(|n| n == a) {
-                return Some(format!("{end} is a scenario node's address, not a lab node's"));
+                return Some(format!(
+                    "{end} is a scenario node's address, not a lab node's"
+                ));
             }
         }
+    }
+    if let Some(ip) = fx.pod_ips.get(&p.from)
+        && !pool.contains(ip.parse().expect("pod ip"))
+    {
+        return Some(format!(
+            "the scenario gives {} the address {ip}, outside the lab's pod pool",
+            p.from
+        ));
     }
     if p.to.starts_with("node:") {
         return Some("probes to a node are NodePort probes in the lab".into());
@@ -317,8 +349,16 @@ mod tests {
             protocols: vec!["TCP".into(), "SCTP".into()],
             default: "allow".into(),
             rules: vec![
-                Rule { from: "*".into(), to: "x/a".into(), verdict: "deny".into() },
-                Rule { from: "y/*".into(), to: "x/a".into(), verdict: "allow".into() },
+                Rule {
+                    from: "*".into(),
+                    to: "x/a".into(),
+                    verdict: "deny".into(),
+                },
+                Rule {
+                    from: "y/*".into(),
+                    to: "x/a".into(),
+                    verdict: "allow".into(),
+                },
             ],
         };
         let pods = vec!["x/a".to_string(), "x/b".to_string(), "y/a".to_string()];
@@ -360,7 +400,11 @@ pub struct Report {
 /// agents converge asynchronously; the second answer is final.
 pub fn check(lab: &Lab, name: &str, e: &Expect, fx: &Fixture, sctp: bool) -> Report {
     let mut r = Report::default();
-    let protocols: Vec<&str> = if sctp { vec!["TCP", "UDP", "SCTP"] } else { vec!["TCP", "UDP"] };
+    let protocols: Vec<&str> = if sctp {
+        vec!["TCP", "UDP", "SCTP"]
+    } else {
+        vec!["TCP", "UDP"]
+    };
     if !e.matrix.is_empty() {
         let mut m = lab.matrix();
         let pods = m.pods.clone();
@@ -375,7 +419,8 @@ pub fn check(lab: &Lab, name: &str, e: &Expect, fx: &Fixture, sctp: bool) -> Rep
             d = crate::differences(&want, &m.truth());
         }
         r.cells = want.len();
-        r.failures.extend(d.into_iter().map(|s| format!("{name}: {s}")));
+        r.failures
+            .extend(d.into_iter().map(|s| format!("{name}: {s}")));
         let got = m.truth();
         let predicted = crate::predicted(&[&lab.manifests_dir()], &m);
         r.differential.extend(
@@ -387,7 +432,10 @@ pub fn check(lab: &Lab, name: &str, e: &Expect, fx: &Fixture, sctp: bool) -> Rep
     let mut to_check = Vec::new();
     for p in &e.probes {
         if let Some(why) = unrunnable(p, fx, sctp, "10.244.0.0/16") {
-            r.skipped.push(format!("{name}: {} -> {} {}/{}: {why}", p.from, p.to, p.protocol, p.port));
+            r.skipped.push(format!(
+                "{name}: {} -> {} {}/{}: {why}",
+                p.from, p.to, p.protocol, p.port
+            ));
             continue;
         }
         let map = |s: &str| match s.strip_prefix("node:") {

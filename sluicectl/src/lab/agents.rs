@@ -201,19 +201,44 @@ pub fn sync_counts(st: &LabState) -> Vec<f64> {
         .collect()
 }
 
+/// How long every agent's sync counter must stay still before the lab calls the
+/// agents settled: longer than one directory poll plus one coalescing pause (the
+/// `--poll-ms 100 --coalesce-ms 50` the lab starts agents with), so a file written
+/// just before the quiet period began has been seen and applied.
+pub const QUIET: Duration = Duration::from_millis(300);
+
 /// After a change to the manifests: wait until every agent has run a sync since
-/// `before` and holds no pod waiting for policy. An agent with nothing to do may
-/// not sync at all, so running out of time is not an error; the caller's probes
-/// tell the truth either way.
+/// `before`, holds no pod waiting for policy, and has been quiet for [`QUIET`]. A
+/// sync still running from an earlier change also bumps the counter, hence the
+/// quiet period. An agent with nothing to do may not sync at all, so running out of
+/// time is not an error; the caller's probes tell the truth either way.
 pub fn wait_synced(st: &LabState, before: &[f64], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
+    let mut last: Vec<f64> = before.to_vec();
+    let mut last_change = Instant::now();
     loop {
-        let done = st.nodes.iter().zip(before).all(|(n, b)| {
-            scrape(n).is_some_and(|t| {
-                metric(&t, SYNCS).unwrap_or(0.0) > *b && metric(&t, WAITING).unwrap_or(0.0) == 0.0
+        let now: Vec<(f64, f64)> = st
+            .nodes
+            .iter()
+            .map(|n| {
+                scrape(n)
+                    .map(|t| {
+                        (
+                            metric(&t, SYNCS).unwrap_or(0.0),
+                            metric(&t, WAITING).unwrap_or(0.0),
+                        )
+                    })
+                    .unwrap_or((0.0, 1.0))
             })
-        });
-        if done {
+            .collect();
+        let counts: Vec<f64> = now.iter().map(|c| c.0).collect();
+        if counts != last {
+            last = counts.clone();
+            last_change = Instant::now();
+        }
+        let synced = counts.iter().zip(before).all(|(c, b)| c > b);
+        let none_waiting = now.iter().all(|c| c.1 == 0.0);
+        if synced && none_waiting && last_change.elapsed() >= QUIET {
             return true;
         }
         if Instant::now() >= deadline {

@@ -59,6 +59,7 @@ pub fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
             let v = json!({
                 "name": st.name,
                 "encap": st.encap.as_str(),
+                "sctp": super::serve::sctp_supported(),
                 "pool": st.pool.to_string(),
                 "underlay": st.underlay_cidr.to_string(),
                 "nodes": nodes.iter().map(|(n, h)| json!({

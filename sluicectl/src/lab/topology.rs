@@ -21,6 +21,8 @@ use super::{LabError, agents, names, netns};
 
 pub const DEFAULT_UNDERLAY: &str = "192.168.77.0/24";
 pub const BRIDGE: &str = "br0";
+/// Locally administered, so it collides with no real card.
+const GATEWAY_MAC: &str = "02:51:1c:00:00:01";
 /// Node `i` sits at `.NODE_BASE + i` on the underlay.
 const NODE_BASE: u8 = 10;
 
@@ -214,15 +216,8 @@ pub fn up(args: UpArgs) -> Result<LabState, LabError> {
     // The switch: bridge + gateway address; it forwards between the nodes and the
     // outside hosts but never tells them to take a shortcut (no redirects).
     netns::add(&underlay)?;
-    let prefix = plan.cidr.prefix_len();
-    netns::ip_batch(
-        Some(&underlay),
-        &[
-            format!("link add {BRIDGE} type bridge"),
-            format!("addr add {}/{prefix} dev {BRIDGE}", plan.gateway),
-            format!("link set {BRIDGE} up"),
-        ],
-    )?;
+    // Before the bridge exists, so it inherits the defaults: send_redirects is
+    // OR-ed between `all` and the device.
     sysctls(
         &underlay,
         &[
@@ -231,6 +226,18 @@ pub fn up(args: UpArgs) -> Result<LabState, LabError> {
             ("net.ipv4.conf.default.send_redirects", "0"),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
+        ],
+    )?;
+    let prefix = plan.cidr.prefix_len();
+    netns::ip_batch(
+        Some(&underlay),
+        &[
+            // A fixed MAC: a bridge otherwise takes the lowest MAC of its ports and
+            // changes it when an outside host joins later, leaving every neighbour
+            // cache pointing at the old one (frames then dropped as not for us).
+            format!("link add {BRIDGE} address {GATEWAY_MAC} type bridge"),
+            format!("addr add {}/{prefix} dev {BRIDGE}", plan.gateway),
+            format!("link set {BRIDGE} up"),
         ],
     )?;
 

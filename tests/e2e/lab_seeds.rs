@@ -1,0 +1,152 @@
+//! The seed documents' scenarios with real packets: egress default-deny that still
+//! allows DNS (seed 000, both variants), namespace foo behind a NodePort Service with
+//! ipBlock 10.2.3.4/32 and `region NotIn [bar]` (seed 001, including
+//! externalTrafficPolicy Local vs Cluster), and ipBlock 172.16.0.0/16 except
+//! 172.16.8.0/24 on TCP 80 and 81 (seed 003). Expectations are the policy engine's
+//! hand-written files; every probe is also checked against `sluicectl policy check`.
+
+use std::path::Path;
+
+use sluice_e2e::scenario::{self, Report};
+use sluice_e2e::{Lab, e2e_data, policy_data};
+
+fn encap() -> String {
+    std::env::var("SLUICE_E2E_ENCAP").unwrap_or_else(|_| "auto".into())
+}
+
+fn nodes_of(name: &str) -> usize {
+    let e = scenario::load_expect(name);
+    let (cluster, _) = scenario::scenario_files(&e);
+    scenario::fixture(&cluster).nodes.len().max(2)
+}
+
+fn assert_clean(r: &Report) {
+    eprintln!(
+        "{} probes, {} cells; skipped: {:#?}",
+        r.probes, r.cells, r.skipped
+    );
+    assert!(r.probes > 0 || r.cells > 0, "nothing was probed");
+    assert!(
+        r.failures.is_empty() && r.differential.is_empty(),
+        "lab vs expectations:\n{}\n\nlab vs sluicectl policy check:\n{}",
+        r.failures.join("\n"),
+        r.differential.join("\n")
+    );
+}
+
+fn run_seed(lab_name: &str, scenario_name: &str) {
+    let lab = Lab::up(lab_name, nodes_of(scenario_name), &encap());
+    let r = scenario::run(&lab, scenario_name, lab.serves_sctp());
+    assert_clean(&r);
+}
+
+#[test]
+fn seed_000_egress_default_deny_still_allows_dns_on_tcp_and_udp_53() {
+    if !sluice_testkit::require_root("seed_000") {
+        return;
+    }
+    run_seed("e2e-seed0", "seed-000-egress-dns");
+}
+
+#[test]
+fn seed_000_egress_to_kube_dns_only_allows_nothing_else() {
+    if !sluice_testkit::require_root("seed_000_kube_dns_only") {
+        return;
+    }
+    run_seed("e2e-seed0k", "seed-000-egress-dns-kube-dns-only");
+}
+
+#[test]
+fn seed_003_ipblock_except_on_tcp_80_and_81() {
+    if !sluice_testkit::require_root("seed_003") {
+        return;
+    }
+    run_seed("e2e-seed3", "seed-003-linuxea-ipblock-except");
+}
+
+fn tunnel_ip(lab: &Lab, node: &str) -> String {
+    let st = lab.status();
+    st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .and_then(|n| n["tunnelIP"].as_str())
+        .unwrap_or_else(|| panic!("{node} has no tunnel address: {st}"))
+        .to_string()
+}
+
+#[test]
+fn seed_001_nodeport_local_keeps_the_load_balancer_address_and_cluster_does_not() {
+    if !sluice_testkit::require_root("seed_001") {
+        return;
+    }
+    let lab = Lab::up("e2e-seed1", 2, &encap());
+    // The seed's own probes (pod and ipBlock semantics).
+    let r = scenario::run(&lab, "seed-001-foo-ipblock-region", lab.serves_sctp());
+    assert_clean(&r);
+    let lb = "ip:10.2.3.4";
+    let via_pod_node = "node:node-1:31602";
+    let via_other_node = "node:node-2:31602";
+
+    // externalTrafficPolicy: Local. The LB enters through the pod's node: allowed,
+    // and the pod sees the LB's own address.
+    lab.apply(&[&e2e_data("seed-001/service-local.yaml")]);
+    let o = lab.probe(lb, via_pod_node, 31602, "TCP");
+    assert!(o.connected(), "LB through the pod's node with Local: {o:?}");
+    assert_eq!(o.source_seen.as_deref(), Some("10.2.3.4"));
+    // Through a node without a local endpoint, Local drops it (kube-proxy).
+    assert!(!lab.probe(lb, via_other_node, 31602, "TCP").connected());
+    // Pods of namespace bar stay out, through the NodePort as well.
+    assert!(
+        !lab.probe("bar/client", via_pod_node, 31602, "TCP")
+            .connected()
+    );
+    assert!(
+        lab.probe("baz/client", via_pod_node, 31602, "TCP")
+            .connected()
+    );
+
+    // externalTrafficPolicy: Cluster. Entering through node-2, the flow is DNATed
+    // and masqueraded there, crosses the tunnel, and arrives from node-2's tunnel
+    // address: not 10.2.3.4, so denied.
+    lab.apply(&[&e2e_data("seed-001/service-cluster.yaml")]);
+    let o = lab.probe(lb, via_other_node, 31602, "TCP");
+    assert!(
+        !o.connected(),
+        "LB through another node with Cluster: {o:?}"
+    );
+    // The seed's failed scheme 1: allow the tunnel address. Now the LB gets in,
+    // and the pod sees node-2's tunnel address...
+    let tun = tunnel_ip(&lab, "node-2");
+    let dir = tempfile::tempdir().unwrap();
+    let scheme1 = dir.path().join("allow-tunnel.yaml");
+    std::fs::write(
+        &scheme1,
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow-node-2-tunnel, namespace: foo}}\n\
+             spec:\n  podSelector: {{}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - ipBlock: {{cidr: {tun}/32}}\n"
+        ),
+    )
+    .unwrap();
+    lab.apply(&[&scheme1]);
+    let o = lab.probe(lb, via_other_node, 31602, "TCP");
+    assert!(o.connected(), "with node-2's tunnel address allowed: {o:?}");
+    assert_eq!(
+        o.source_seen.as_deref(),
+        Some(tun.as_str()),
+        "arrives with node-2's tunnel address"
+    );
+    // ...and so does namespace bar, through node-2: why scheme 1 is wrong.
+    let o = lab.probe("bar/client", via_other_node, 31602, "TCP");
+    assert!(
+        o.connected(),
+        "bar through node-2 once tunnel addresses are allowed: {o:?}"
+    );
+    lab.delete(&[&scheme1]);
+    assert!(
+        !lab.probe("bar/client", via_other_node, 31602, "TCP")
+            .connected()
+    );
+    let _ = Path::new(&policy_data(""));
+}
