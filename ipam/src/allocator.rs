@@ -61,6 +61,11 @@ pub struct Allocation {
     pub ip: Ipv4Addr,
     #[serde(flatten)]
     pub key: AttachmentKey,
+    /// The CNI network (the config's `name`) it was allocated for: a GC of one
+    /// network must leave another network's attachments alone when both use the
+    /// same state directory.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
     /// Seconds since the epoch when it was first allocated (operator information).
     pub allocated_unix: u64,
 }
@@ -194,12 +199,23 @@ impl Allocator {
             .sum()
     }
 
-    /// The address for `key`: the one it holds already, else a new one from the
-    /// blocks in `owned` (tried in order). Blocks that are no longer owned keep their
-    /// existing allocations but give out no new ones.
+    /// [`Allocator::allocate_for_network`] without a network name.
     pub fn allocate(
         &mut self,
         key: &AttachmentKey,
+        owned: &[Ipv4Net],
+        now_unix: u64,
+    ) -> Result<(Ipv4Addr, Ipv4Net), AllocError> {
+        self.allocate_for_network(key, "", owned, now_unix)
+    }
+
+    /// The address for `key`: the one it holds already, else a new one from the
+    /// blocks in `owned` (tried in order), recorded as `network`'s. Blocks that are
+    /// no longer owned keep their existing allocations but give out no new ones.
+    pub fn allocate_for_network(
+        &mut self,
+        key: &AttachmentKey,
+        network: &str,
         owned: &[Ipv4Net],
         now_unix: u64,
     ) -> Result<(Ipv4Addr, Ipv4Net), AllocError> {
@@ -250,6 +266,7 @@ impl Allocator {
             .insert(Allocation {
                 ip,
                 key: key.clone(),
+                network: network.to_string(),
                 allocated_unix: now_unix,
             });
         Ok((ip, cidr))
@@ -270,11 +287,11 @@ impl Allocator {
         None
     }
 
-    /// Release every allocation whose key `live` rejects (CNI GC); returns them.
-    pub fn retain(&mut self, mut live: impl FnMut(&AttachmentKey) -> bool) -> Vec<Allocation> {
+    /// Release every allocation `keep` rejects (CNI GC); returns them.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Allocation) -> bool) -> Vec<Allocation> {
         let stale: Vec<AttachmentKey> = self
             .allocations()
-            .filter(|a| !live(&a.key))
+            .filter(|a| !keep(a))
             .map(|a| a.key.clone())
             .collect();
         stale.iter().filter_map(|k| self.release(k)).collect()
@@ -488,7 +505,7 @@ mod tests {
         for i in 0..10 {
             a.allocate(&key(i), &owned, 0).unwrap();
         }
-        let gone = a.retain(|k| k.container_id.ends_with(['1', '3', '5']));
+        let gone = a.retain(|x| x.key.container_id.ends_with(['1', '3', '5']));
         assert_eq!(gone.len(), 7);
         let left: Vec<_> = a
             .allocations()

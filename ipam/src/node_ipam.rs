@@ -44,15 +44,19 @@ impl NodeIpam {
         &self.settings
     }
 
-    /// ADD: the attachment's address, allocating one if it has none.
-    pub fn add(&self, key: &AttachmentKey) -> Result<Assigned, IpamError> {
+    /// ADD: the attachment's address, allocating one (for `network`, the config's
+    /// `name`) if it has none.
+    pub fn add(&self, key: &AttachmentKey, network: &str) -> Result<Assigned, IpamError> {
         let mut locked = self.state.lock()?;
         if let Some((a, block)) = locked.allocator.lookup(key) {
             return Ok(Assigned { ip: a.ip, block });
         }
         let mut owned = self.owned_blocks()?;
         let now = now_unix();
-        let assigned = match locked.allocator.allocate(key, &owned, now) {
+        let assigned = match locked
+            .allocator
+            .allocate_for_network(key, network, &owned, now)
+        {
             Ok((ip, block)) => Assigned { ip, block },
             Err(full) => {
                 // Standalone: claim another block ourselves (the claim is atomic across
@@ -70,7 +74,7 @@ impl NodeIpam {
                 owned.push(block);
                 let (ip, block) = locked
                     .allocator
-                    .allocate(key, &owned, now)
+                    .allocate_for_network(key, network, &owned, now)
                     .map_err(|e| self.full_error(e))?;
                 Assigned { ip, block }
             }
@@ -115,13 +119,19 @@ impl NodeIpam {
         Ok(Assigned { ip: a.ip, block })
     }
 
-    /// GC: release every allocation whose attachment is not in `valid`. Returns what
-    /// was released.
-    pub fn gc(&self, valid: &BTreeSet<AttachmentKey>) -> Result<Vec<Allocation>, IpamError> {
+    /// GC of `network`: release every allocation of that network whose attachment is
+    /// not in `valid`. Returns what was released.
+    pub fn gc(
+        &self,
+        network: &str,
+        valid: &BTreeSet<AttachmentKey>,
+    ) -> Result<Vec<Allocation>, IpamError> {
         let Some(mut locked) = self.state.lock_existing()? else {
             return Ok(Vec::new());
         };
-        let released = locked.allocator.retain(|k| valid.contains(k));
+        let released = locked
+            .allocator
+            .retain(|a| a.network != network || valid.contains(&a.key));
         if !released.is_empty() {
             locked.commit()?;
         }

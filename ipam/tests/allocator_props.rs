@@ -95,7 +95,7 @@ proptest! {
                         let i: u8 = k.container_id[3..].parse().unwrap();
                         mask & (1 << i) != 0
                     };
-                    let released: BTreeSet<AttachmentKey> = a.retain(live).into_iter().map(|x| x.key).collect();
+                    let released: BTreeSet<AttachmentKey> = a.retain(|x| live(&x.key)).into_iter().map(|x| x.key).collect();
                     let expected: BTreeSet<AttachmentKey> = model.keys().filter(|k| !live(k)).cloned().collect();
                     prop_assert_eq!(&released, &expected);
                     model.retain(|k, _| live(k));
@@ -149,7 +149,7 @@ proptest! {
                         mask & (1 << i) != 0
                     };
                     // retain releases in address order.
-                    for x in a.retain(live) {
+                    for x in a.retain(|x| live(&x.key)) {
                         released_order.push(x.ip);
                     }
                 }

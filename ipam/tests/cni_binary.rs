@@ -482,3 +482,23 @@ fn status_reports_not_available_without_a_published_block() {
     publish(d.path(), "node-a", &["10.244.5.0/24"]);
     assert!(run("STATUS", "", &conf).status.success());
 }
+
+#[test]
+fn gc_of_one_network_leaves_another_networks_allocations_in_a_shared_state_dir() {
+    let d = tempfile::tempdir().unwrap();
+    publish(d.path(), "node-a", &["10.244.5.0/24"]);
+    let mut a = cluster_conf(d.path(), "node-a");
+    a["cniVersion"] = json!("1.1.0");
+    let mut b = a.clone();
+    b["name"] = json!("other-network");
+    added(&run("ADD", "pa", &a));
+    added(&run("ADD", "pb", &b));
+    a["cni.dev/valid-attachments"] = json!([]);
+    assert!(run("GC", "", &a).status.success());
+    let snap = StateDir::new(d.path().join("ipam")).snapshot().unwrap();
+    let left: Vec<(String, String)> = snap
+        .allocations()
+        .map(|x| (x.key.container_id.clone(), x.network.clone()))
+        .collect();
+    assert_eq!(left, [("pb".to_string(), "other-network".to_string())]);
+}

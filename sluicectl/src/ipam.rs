@@ -110,6 +110,7 @@ struct AllocationView {
     node: Option<String>,
     container_id: String,
     ifname: String,
+    network: String,
     allocated_unix: u64,
 }
 
@@ -162,6 +163,7 @@ impl IpamView {
                         node: owner.get(&b.cidr).cloned(),
                         container_id: a.key.container_id.clone(),
                         ifname: a.key.ifname.clone(),
+                        network: a.network.clone(),
                         allocated_unix: a.allocated_unix,
                     });
                 }
@@ -202,6 +204,7 @@ impl IpamView {
             "NODE".into(),
             "CONTAINER".into(),
             "IFNAME".into(),
+            "NETWORK".into(),
         ]];
         for a in &self.allocations {
             rows.push([
@@ -210,6 +213,7 @@ impl IpamView {
                 dash(a.node.clone()),
                 a.container_id.clone(),
                 a.ifname.clone(),
+                a.network.clone(),
             ]);
         }
         out.push_str(&table(&rows));

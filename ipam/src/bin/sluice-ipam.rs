@@ -61,7 +61,7 @@ fn run(stdin: &mut Vec<u8>) -> Result<Option<Value>, CniError> {
     let key = AttachmentKey::new(env.container_id(), env.ifname());
 
     let outcome = match env.command {
-        Command::Add => ipam.add(&key).map(|a| {
+        Command::Add => ipam.add(&key, &conf.name).map(|a| {
             log.event(format_args!(
                 "ADD {}/{} -> {} (block {})",
                 key.container_id, key.ifname, a.ip, a.block
@@ -107,7 +107,7 @@ fn run(stdin: &mut Vec<u8>) -> Result<Option<Value>, CniError> {
                     .into_iter()
                     .map(|a| AttachmentKey::new(a.container_id, a.ifname))
                     .collect();
-                ipam.gc(&valid).map(|released| {
+                ipam.gc(&conf.name, &valid).map(|released| {
                     for a in &released {
                         log.event(format_args!(
                             "GC released {} of {}/{}",
