@@ -137,7 +137,8 @@ fn main() {
             del: vec![],
         });
     }
-    let mut version = Vec::new();
+    let mut version: Vec<Duration> = Vec::new();
+    let mut version_bridge: Vec<Duration> = Vec::new();
     in_new_netns(|| {
         sh(
             "ip link add up0 type veth peer name gw0 && ip addr add 192.168.77.2/24 dev up0 && ip link set up0 up && ip link set gw0 up && ip route add default via 192.168.77.1",
@@ -154,14 +155,16 @@ fn main() {
                     v.del.push(del);
                 }
             }
-            let start = Instant::now();
-            let out = Command::new(bin.join("sluice"))
-                .env("CNI_COMMAND", "VERSION")
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            assert!(out.status.success());
-            version.push(start.elapsed());
+            for (plugin, times) in [("sluice", &mut version), ("bridge", &mut version_bridge)] {
+                let start = Instant::now();
+                let out = Command::new(bin.join(plugin))
+                    .env("CNI_COMMAND", "VERSION")
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+                times.push(start.elapsed());
+            }
         }
     });
     println!("runs per variant: {runs} (after one warm-up), release build, interleaved\n");
@@ -178,7 +181,8 @@ fn main() {
         );
     }
     println!(
-        "\nsluice VERSION (bare exec) median: {:.2} ms",
-        ms(percentile(&mut version, 0.5))
+        "\nVERSION (a bare exec) median: sluice {:.2} ms, bridge {:.2} ms",
+        ms(percentile(&mut version, 0.5)),
+        ms(percentile(&mut version_bridge, 0.5))
     );
 }
