@@ -169,9 +169,26 @@ impl Netlink {
             .map_err(NetlinkError::from_rtnl("listing routes"))
     }
 
+    /// The link message for `name`, `None` when there is no such link.
+    async fn link_message(&self, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
+        let res: Result<Vec<LinkMessage>, _> = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_collect()
+            .await;
+        match res.map_err(NetlinkError::from_rtnl("get link")) {
+            Ok(m) => Ok(m.into_iter().next()),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn index_of(&self, name: &str) -> Result<u32, NetlinkError> {
-        match self.link(name).await? {
-            Some(l) => Ok(l.index),
+        match self.link_message(name).await? {
+            Some(m) => Ok(m.header.index),
             None => Err(NetlinkError::NoSuchLink(name.to_string())),
         }
     }
@@ -535,20 +552,7 @@ impl RouteTable for Netlink {
 
 impl LinkTable for Netlink {
     async fn link(&self, name: &str) -> Result<Option<LinkState>, NetlinkError> {
-        let res: Result<Vec<LinkMessage>, _> = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute()
-            .try_collect()
-            .await;
-        let msgs = match res.map_err(NetlinkError::from_rtnl("get link")) {
-            Ok(m) => m,
-            Err(e) if e.errno() == Some(libc::ENODEV) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let Some(m) = msgs.into_iter().next() else {
+        let Some(m) = self.link_message(name).await? else {
             return Ok(None);
         };
         let ipv4 = self

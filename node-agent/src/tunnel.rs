@@ -371,6 +371,22 @@ pub async fn ensure(links: &impl LinkTable, spec: &TunnelSpec) -> Result<TunnelS
             .map_err(nl("deleting the unused VXLAN device"))?;
         changed = true;
     }
+    // tunl0 is the kernel's and stays, but without IPIP chosen it must not keep the
+    // tunnel address: that address moves to the VXLAN device (or nowhere).
+    if spec.encap != Encapsulation::Ipip
+        && let Some(t) = links
+            .link(IPIP_DEVICE)
+            .await
+            .map_err(nl("looking up tunl0"))?
+    {
+        for a in &t.ipv4 {
+            links
+                .delete_address(t.index, *a)
+                .await
+                .map_err(nl(format!("removing {a} from the unused tunl0")))?;
+            changed = true;
+        }
+    }
     let device = match spec.encap {
         Encapsulation::None => {
             return Ok(TunnelState {
@@ -593,6 +609,167 @@ mod tests {
         assert_eq!(a[0], LinkAction::Delete { index: 9 });
         assert!(matches!(a[1], LinkAction::CreateVxlan { mtu: 1450, .. }));
         assert_eq!(a[3], LinkAction::AddAddress(net("10.244.1.0/32")));
+    }
+
+    /// A recording fake of the kernel's links.
+    #[derive(Default)]
+    struct FakeLinks {
+        links: std::sync::Mutex<Vec<LinkState>>,
+        /// errno `create_ipip_fallback` fails with; `None`: it creates tunl0.
+        ipip_errno: Option<i32>,
+        calls: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl FakeLinks {
+        fn get(&self, name: &str) -> Option<LinkState> {
+            self.links
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.name == name)
+                .cloned()
+        }
+        fn edit(&self, index: u32, f: impl FnOnce(&mut LinkState)) {
+            let mut links = self.links.lock().unwrap();
+            f(links.iter_mut().find(|l| l.index == index).unwrap());
+        }
+        fn log(&self, c: String) {
+            self.calls.lock().unwrap().push(c);
+        }
+    }
+
+    impl LinkTable for FakeLinks {
+        async fn link(&self, name: &str) -> Result<Option<LinkState>, NetlinkError> {
+            Ok(self.get(name))
+        }
+        async fn create_ipip_fallback(&self) -> Result<(), NetlinkError> {
+            self.log("create tunl0".into());
+            if let Some(errno) = self.ipip_errno {
+                return Err(NetlinkError::Kernel {
+                    op: "create tunl0",
+                    errno,
+                    message: "fake".into(),
+                });
+            }
+            self.links.lock().unwrap().push(tunl0(0, false, &[]));
+            Ok(())
+        }
+        async fn create_vxlan(
+            &self,
+            name: &str,
+            params: &VxlanParams,
+            mac: [u8; 6],
+            mtu: u32,
+        ) -> Result<(), NetlinkError> {
+            self.log(format!("create {name}"));
+            self.links.lock().unwrap().push(LinkState {
+                index: 20,
+                name: name.into(),
+                kind: LinkKind::Vxlan(params.clone()),
+                mtu,
+                up: false,
+                mac: Some(mac),
+                ipv4: vec![],
+            });
+            Ok(())
+        }
+        async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
+            self.log(format!("delete link {index}"));
+            self.links.lock().unwrap().retain(|l| l.index != index);
+            Ok(())
+        }
+        async fn set_mtu_up(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+            self.log(format!("set {index} mtu {mtu} up"));
+            self.edit(index, |l| {
+                l.mtu = mtu;
+                l.up = true;
+            });
+            Ok(())
+        }
+        async fn add_address(&self, index: u32, addr: Ipv4Net) -> Result<(), NetlinkError> {
+            self.log(format!("add {addr} to {index}"));
+            self.edit(index, |l| l.ipv4.push(addr));
+            Ok(())
+        }
+        async fn delete_address(&self, index: u32, addr: Ipv4Net) -> Result<(), NetlinkError> {
+            self.log(format!("delete {addr} from {index}"));
+            self.edit(index, |l| l.ipv4.retain(|a| *a != addr));
+            Ok(())
+        }
+    }
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn ensure_without_ipip_in_the_kernel_is_unsupported_not_a_crash() {
+        let fake = FakeLinks {
+            ipip_errno: Some(libc::EOPNOTSUPP),
+            ..Default::default()
+        };
+        let err = block_on(ensure(&fake, &spec(Encapsulation::Ipip))).unwrap_err();
+        assert!(matches!(
+            err,
+            TunnelError::Unsupported {
+                encap: Encapsulation::Ipip,
+                module: "ipip",
+                ..
+            }
+        ));
+        // any other kernel error is not "unsupported": it is worth retrying
+        let fake = FakeLinks {
+            ipip_errno: Some(libc::EPERM),
+            ..Default::default()
+        };
+        let err = block_on(ensure(&fake, &spec(Encapsulation::Ipip))).unwrap_err();
+        assert!(matches!(err, TunnelError::Netlink { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn ensure_is_idempotent() {
+        let fake = FakeLinks::default();
+        let first = block_on(ensure(&fake, &spec(Encapsulation::Ipip))).unwrap();
+        assert!(first.changed);
+        let t = fake.get("tunl0").unwrap();
+        assert_eq!(
+            (t.mtu, t.up, t.ipv4.clone()),
+            (1480, true, vec![net("10.244.1.0/32")])
+        );
+        let n = fake.calls.lock().unwrap().len();
+        let again = block_on(ensure(&fake, &spec(Encapsulation::Ipip))).unwrap();
+        assert!(!again.changed);
+        assert_eq!(
+            fake.calls.lock().unwrap().len(),
+            n,
+            "no kernel call on a converged node"
+        );
+    }
+
+    #[test]
+    fn switching_encapsulation_moves_the_tunnel_address_and_retires_the_vxlan_device() {
+        let fake = FakeLinks::default();
+        block_on(ensure(&fake, &spec(Encapsulation::Ipip))).unwrap();
+        let st = block_on(ensure(&fake, &spec(Encapsulation::Vxlan))).unwrap();
+        assert_eq!(st.mtu, 1450);
+        assert!(
+            fake.get("tunl0").unwrap().ipv4.is_empty(),
+            "tunl0 keeps no address"
+        );
+        assert_eq!(
+            fake.get(VXLAN_DEVICE).unwrap().ipv4,
+            vec![net("10.244.1.0/32")]
+        );
+        let st = block_on(ensure(&fake, &spec(Encapsulation::None))).unwrap();
+        assert_eq!((st.device, st.mtu), (None, 1500));
+        assert!(fake.get(VXLAN_DEVICE).is_none(), "VXLAN device deleted");
+        assert!(
+            fake.get("tunl0").is_some(),
+            "tunl0 is the kernel's: never deleted"
+        );
     }
 
     #[test]
