@@ -365,5 +365,16 @@ fn a_pod_can_hold_two_attachments_and_foreign_interfaces_are_never_replaced() {
         sh(&format!("ip link del {squatter}"));
         assert_no_node_leftovers();
         assert_pod_empty(&pod);
+
+        // DEL given a namespace whose eth0 is not this attachment's (a reused
+        // /proc/<pid>/ns/net path): that eth0 is left alone.
+        pod.exec("ip link add eth0 type veth peer name other0");
+        Call::new("DEL", "ctr-gone", Some(pod.path()), &a)
+            .run(&bins)
+            .assert_silent_ok();
+        assert!(
+            links_in(Some(&pod)).contains(&"eth0".to_string()),
+            "DEL deleted a foreign eth0"
+        );
     });
 }

@@ -165,7 +165,10 @@ fn wire(
     let pod_link = pod.link_by_name(&plan.pod_ifname)?.ok_or_else(|| {
         PluginError::Config(format!("{} did not appear in the pod", plan.pod_ifname))
     })?;
-    pod.set_up(pod_link.index, None)?;
+    // The same alias on the pod end lets DEL recognise it: a /proc/<pid>/ns/net
+    // path may, after the pod died and the pid was reused, name someone else's
+    // namespace, whose eth0 DEL must not touch.
+    pod.set_up(pod_link.index, Some(&plan.alias))?;
     pod.add_address(pod_link.index, ipnet::IpNet::V4(plan.address))?;
     for r in plan.pod_routes(pod_link.index) {
         pod.add_route4(&r, false)?;

@@ -29,15 +29,17 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     }
 
     // The pod end normally went with the host end; remove it too if it survived
-    // (the host end was renamed or moved by hand).
+    // (the host end was renamed or moved by hand), but only if its alias says it
+    // is this attachment's (ADD sets it on both ends).
     if let Some(path) = ctx.env.netns.as_deref() {
         match Netns::open(path) {
             Ok(ns) => {
                 let ifname = ctx.env.ifname();
+                let alias = alias.as_str();
                 let r = ns.run(|| -> Result<bool, PluginError> {
                     let mut pod = Netlink::open()?;
                     match pod.link_by_name(ifname)? {
-                        Some(l) if l.kind.as_deref() == Some("veth") => {
+                        Some(l) if l.alias.as_deref() == Some(alias) => {
                             pod.del_link(l.index)?;
                             Ok(true)
                         }
