@@ -402,14 +402,20 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             .or_default()
             .push(o.key.clone());
     }
+    // Without --prune, objects a file no longer holds stay, and stay remembered
+    // as the file's, so a later `--prune` still finds them.
     for (source, keys) in by_source {
-        let old = st.applied.insert(source, keys.clone()).unwrap_or_default();
-        if args.prune {
-            let now: BTreeSet<_> = keys.into_iter().collect();
-            for k in old.into_iter().filter(|k| !now.contains(k)) {
+        let old = st.applied.remove(&source).unwrap_or_default();
+        let now: BTreeSet<ObjectKey> = keys.into_iter().collect();
+        let mut kept = now.clone();
+        for k in old.into_iter().filter(|k| !now.contains(k)) {
+            if args.prune {
                 delete_object(&mut st, &paths, &k)?;
+            } else {
+                kept.insert(k);
             }
         }
+        st.applied.insert(source, kept.into_iter().collect());
     }
     state::save(&st)?;
     services::sync(&st, &paths)?;
