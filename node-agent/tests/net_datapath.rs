@@ -55,6 +55,12 @@ fn vxlan_pods_reach_pods_on_other_nodes_with_their_own_source_address() {
         assert_eq!(std::fs::read_to_string(&n.mtu_file).unwrap(), "1450\n");
     }
     assert_cross_node_pod_traffic(&c);
+    let n = 4 << 20;
+    assert_eq!(
+        bulk_transfer(c.pod(1, 0), c.pod(2, 0), n),
+        n,
+        "full-size segments cross"
+    );
 }
 
 #[test]

@@ -95,6 +95,12 @@ fn ipip_datapath_in_guest() {
     c.add_pod(2, 2);
     c.add_pod(3, 2);
     assert_cross_node_pod_traffic(&c);
+    let n = 1 << 20;
+    assert_eq!(
+        bulk_transfer(c.pod(1, 0), c.pod(2, 0), n),
+        n,
+        "full-size segments cross"
+    );
 
     // The packets really went through the tunnel: IPIP counters moved on every node.
     for n in &c.nodes {

@@ -367,3 +367,44 @@ pub fn assert_cross_node_pod_traffic(c: &Cluster) {
     }
     drop(servers);
 }
+
+/// Send `bytes` of TCP payload from `from` to `to` (port 7778) and return how many
+/// arrived: full-size segments (pod MTU from the MTU file) cross the tunnel, not only the
+/// small probes. (The kernel itself refuses a VXLAN MTU above its lower device's − 50;
+/// tunl0 has no lower device, and with `nopmtudisc` would fragment the outer packet.)
+pub fn bulk_transfer(from: &Pod, to: &Pod, bytes: usize) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("count");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", to.ns.name(), "socat", "-u"])
+        .arg("TCP-LISTEN:7778,reuseaddr")
+        .arg(format!("SYSTEM:wc -c > {}", count.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn socat");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !to.ns.exec("ss -Htln").contains(":7778") {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = from.ns.try_exec(&format!(
+        "head -c {bytes} /dev/zero | timeout 20 socat -u - TCP:{}:7778,connect-timeout=3",
+        to.ip
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && server.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        sent.status.success(),
+        "bulk send {} -> {} failed: {}",
+        from.ip,
+        to.ip,
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    std::fs::read_to_string(&count)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
