@@ -104,15 +104,28 @@ pub fn render_text(m: &Matrix) -> String {
     let width = m.pods.iter().map(String::len).max().unwrap_or(1).max(4);
     let mut s = String::new();
     for (proto, port) in ports {
-        s.push_str(&format!("{proto}/{port}  (rows: from, columns: to; . connected, X blocked, - not served, E error)\n"));
+        s.push_str(&format!(
+            "{proto}/{port}  (rows: from, columns: to; . connected, X blocked, E error)\n"
+        ));
+        // only the destinations that serve this port are columns
+        let cols: Vec<&String> = m
+            .pods
+            .iter()
+            .filter(|p| {
+                m.probes
+                    .iter()
+                    .any(|c| &c.to == *p && c.protocol == proto && c.port == port)
+            })
+            .collect();
         s.push_str(&format!("{:width$}", ""));
-        for p in &m.pods {
+        for p in &cols {
             s.push_str(&format!(" {p:>width$}"));
         }
         s.push('\n');
         for from in &m.pods {
             s.push_str(&format!("{from:width$}"));
-            for to in &m.pods {
+            for to in &cols {
+                let to = *to;
                 let c = m.probes.iter().find(|c| {
                     &c.from == from && &c.to == to && c.protocol == proto && c.port == port
                 });
