@@ -685,6 +685,28 @@ fn install_cni_with_the_daemonsets_environment_leaves_a_usable_node() {
         sluice["requireAgent"], true,
         "pods wait for the agent in a cluster"
     );
+    // The files the conflist points the plugins at are the ones the agent container
+    // (configured by the same manifests) writes, as the IPAM plugin's own config
+    // code resolves them.
+    let Configs { run: agent, .. } = configs_from_manifests();
+    assert_eq!(sluice["mtuFile"], agent.mtu_file.display().to_string());
+    assert_eq!(
+        sluice["agentStatusFile"],
+        agent.status_file.display().to_string()
+    );
+    let ipam: sluice_ipam::IpamConfig = serde_json::from_value(sluice["ipam"].clone()).unwrap();
+    let ipam = ipam
+        .resolve(None, || None)
+        .expect("the ipam section resolves");
+    assert_eq!(ipam.node, agent.node_name);
+    assert_eq!(ipam.state_dir, agent.ipam_state_dir);
+    assert_eq!(
+        ipam.source,
+        sluice_ipam::config::BlockSource::NodeBlocksFile(agent.node_blocks_file.clone()),
+        "in a cluster the IPAM plugin reads the blocks the agent publishes"
+    );
+    assert_eq!(ipam.pool.cidr(), agent.pool);
+    assert_eq!(ipam.pool.block_prefix(), agent.block_size);
     use std::os::unix::fs::PermissionsExt;
     let mut plugin_types: Vec<String> = conflist["plugins"]
         .as_array()
