@@ -9,7 +9,7 @@
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -85,6 +85,7 @@ impl DirStore {
             // Temporary files of in-flight (or crashed) claims start with a dot and
             // never parse as a block name.
             let Some(cidr) = entry.file_name().to_str().and_then(parse_block_name) else {
+                remove_if_abandoned(&entry);
                 continue;
             };
             if let Some(claim) = self.read_claim(&entry.path(), cidr)? {
@@ -154,6 +155,30 @@ impl DirStore {
     }
 }
 
+/// How old a claim's temporary file must be before it counts as left behind by a
+/// claimant that died between writing it and linking it.
+const ABANDONED_AFTER: Duration = Duration::from_secs(600);
+
+/// Remove a claim temporary file that a crashed claimant left behind. Age, not the
+/// writer's pid, decides: the agent and the CNI binary may live in different pid
+/// namespaces, and a live claim takes milliseconds.
+fn remove_if_abandoned(entry: &std::fs::DirEntry) {
+    let name = entry.file_name();
+    let Some(name) = name.to_str() else { return };
+    if !(name.starts_with('.') && name.contains(".claim-")) {
+        return;
+    }
+    let old = entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > ABANDONED_AFTER);
+    if old {
+        let _ = std::fs::remove_file(entry.path());
+    }
+}
+
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -212,6 +237,25 @@ mod tests {
         assert!(block_on(s.release(b, "a")).unwrap());
         assert!(block_on(s.list()).unwrap().is_empty());
         assert_eq!(block_on(s.claim(b, "b")).unwrap(), ClaimOutcome::Claimed);
+    }
+
+    #[test]
+    fn abandoned_claim_files_are_cleaned_up_and_fresh_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let old = d.path().join(".10-244-7-0-24.claim-1-0");
+        let fresh = d.path().join(".10-244-8-0-24.claim-2-0");
+        std::fs::write(&old, b"{}").unwrap();
+        std::fs::write(&fresh, b"{}").unwrap();
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        assert!(block_on(DirStore::new(d.path()).list()).unwrap().is_empty());
+        assert!(!old.exists());
+        assert!(fresh.exists());
     }
 
     #[test]
