@@ -1,6 +1,6 @@
 //! The cluster pool cut into blocks, block names, and the claiming policy: which
 //! block a node tries next, and how orphaned blocks are released. The store that makes
-//! a claim atomic is behind [`BlockStore`](crate::store::BlockStore).
+//! a claim atomic is behind [`BlockStore`].
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;

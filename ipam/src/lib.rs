@@ -9,6 +9,15 @@
 //! - [`config`]: the conflist's `ipam` section.
 //! - [`node_ipam`]: ADD, DEL, CHECK, GC and STATUS for one node.
 //! - [`error`]: the operations' errors and their CNI codes.
+//!
+//! On a node (docs/node-files.md): `<stateDir>/lock` (flock), `<stateDir>/allocations.json`
+//! (the [`Allocator`], replaced atomically), the node-blocks file (cluster), or one
+//! file per claimed block in the directory store (standalone/lab).
+//!
+//! What the node agent calls: [`blocks::blocks_of`] and [`blocks::claim_block`] with a
+//! [`store::BlockStore`] (`store::kube::KubeStore` in a cluster), [`node_blocks::write`]
+//! to publish, [`node_ipam::needs_another_block`] to know when to claim more, and
+//! [`blocks::release_orphan_blocks`] with the cluster's live nodes.
 
 pub mod allocator;
 pub mod atomic_file;
@@ -22,9 +31,11 @@ pub mod state;
 pub mod store;
 
 pub use allocator::{Allocation, Allocator, AttachmentKey, block_capacity, tunnel_address};
-pub use blocks::{Pool, block_name, claim_block, parse_block_name, release_orphan_blocks};
+pub use blocks::{
+    Pool, block_name, blocks_of, claim_block, parse_block_name, release_orphan_blocks,
+};
 pub use config::{IpamConfig, IpamSettings};
 pub use error::IpamError;
-pub use node_ipam::{Assigned, NodeIpam};
+pub use node_ipam::{Assigned, NodeIpam, needs_another_block};
 pub use state::StateDir;
 pub use store::{BlockClaim, BlockStore, ClaimOutcome, StoreError, dir::DirStore};
