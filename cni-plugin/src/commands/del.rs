@@ -17,12 +17,17 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     let host_ifname = ctx.host_ifname();
     let alias = ctx.alias();
 
+    // Whether the host end was deleted here, taking the pod end with it.
+    let mut pair_deleted = false;
     if let Some(mut host) = errors.keep(Netlink::open()) {
         match errors.keep(host.del_link_by_name(&host_ifname)) {
-            Some(true) => log!("deleted {host_ifname}"),
+            Some(true) => {
+                log!("deleted {host_ifname}");
+                pair_deleted = true;
+            }
             Some(false) => {
                 log!("{host_ifname} already gone");
-                by_alias(&mut host, &alias, &mut errors);
+                pair_deleted = by_alias(&mut host, &alias, &mut errors);
             }
             None => {}
         }
@@ -31,7 +36,7 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     // The pod end normally went with the host end; remove it too if it survived
     // (the host end was renamed or moved by hand), but only if its alias says it
     // is this attachment's (ADD sets it on both ends).
-    if let Some(path) = ctx.env.netns.as_deref() {
+    if let Some(path) = ctx.env.netns.as_deref().filter(|_| !pair_deleted) {
         match Netns::open(path) {
             Ok(ns) => {
                 let ifname = ctx.env.ifname();
@@ -73,12 +78,16 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
 
 /// Not under the expected name: the ADD may have seen different CNI_ARGS (a
 /// runtime that sends K8S_POD_* on ADD only). The alias records the attachment.
-fn by_alias(host: &mut Netlink, alias: &str, errors: &mut Errors) {
+/// True when one was found and deleted.
+fn by_alias(host: &mut Netlink, alias: &str, errors: &mut Errors) -> bool {
+    let mut deleted = false;
     if let Some(links) = errors.keep(host.links()) {
         for l in links.iter().filter(|l| l.alias.as_deref() == Some(alias)) {
             if errors.keep(host.del_link(l.index)).is_some() {
                 log!("deleted {} (found by alias)", l.name);
+                deleted = true;
             }
         }
     }
+    deleted
 }
