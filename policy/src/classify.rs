@@ -86,7 +86,13 @@ pub enum ClassifyError {
 /// The kernel's own limit on nested jumps is about this deep too.
 const MAX_DEPTH: usize = 64;
 
-fn set_contains(kind: SetKind, members: &std::collections::BTreeSet<SetMember>, ip: Ipv4Addr, proto: Protocol, port: u16) -> bool {
+fn set_contains(
+    kind: SetKind,
+    members: &std::collections::BTreeSet<SetMember>,
+    ip: Ipv4Addr,
+    proto: Protocol,
+    port: u16,
+) -> bool {
     match kind {
         SetKind::HashIp => members.contains(&SetMember::Ip(ip)),
         SetKind::HashIpPort => members.contains(&SetMember::IpPort {
@@ -153,19 +159,20 @@ pub fn classify(
         for m in &rule.matches {
             let ok = match m {
                 Match::InInterface(i) => packet.in_iface.as_deref().is_some_and(|n| i.matches(n)),
-                Match::OutInterface(i) => {
-                    packet.out_iface.as_deref().is_some_and(|n| i.matches(n))
-                }
+                Match::OutInterface(i) => packet.out_iface.as_deref().is_some_and(|n| i.matches(n)),
                 Match::Source { net, negated } => net.contains(&packet.src) != *negated,
                 Match::Destination { net, negated } => net.contains(&packet.dst) != *negated,
                 Match::Protocol(p) => packet.protocol == *p,
                 Match::DestinationPorts { start, end } => (*start..=*end).contains(&packet.dport),
                 Match::Set { name, direction } => {
-                    let set = ruleset.sets.get(name).ok_or_else(|| ClassifyError::NoSuchSet {
-                        chain: chain_name.to_string(),
-                        index,
-                        set: name.clone(),
-                    })?;
+                    let set = ruleset
+                        .sets
+                        .get(name)
+                        .ok_or_else(|| ClassifyError::NoSuchSet {
+                            chain: chain_name.to_string(),
+                            index,
+                            set: name.clone(),
+                        })?;
                     let ip = match direction {
                         SetDirection::Src => packet.src,
                         SetDirection::Dst | SetDirection::DstDstPort => packet.dst,

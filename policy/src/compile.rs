@@ -149,14 +149,29 @@ impl CtState {
 pub enum Match {
     InInterface(Interface),
     OutInterface(Interface),
-    Source { net: Ipv4Net, negated: bool },
-    Destination { net: Ipv4Net, negated: bool },
+    Source {
+        net: Ipv4Net,
+        negated: bool,
+    },
+    Destination {
+        net: Ipv4Net,
+        negated: bool,
+    },
     Protocol(Protocol),
     /// Destination port range, inclusive; needs a [`Match::Protocol`] before it.
-    DestinationPorts { start: u16, end: u16 },
-    Set { name: String, direction: SetDirection },
+    DestinationPorts {
+        start: u16,
+        end: u16,
+    },
+    Set {
+        name: String,
+        direction: SetDirection,
+    },
     CtState(Vec<CtState>),
-    Mark { value: u32, mask: u32 },
+    Mark {
+        value: u32,
+        mask: u32,
+    },
 }
 
 /// What a rule does when it matches.
@@ -169,7 +184,10 @@ pub enum Target {
     /// `-g`: like a jump, but a RETURN goes back to the chain that jumped here.
     Goto(String),
     /// `-j MARK --set-xmark value/mask`: `mark = (mark & !mask) ^ value`, and go on.
-    SetMark { value: u32, mask: u32 },
+    SetMark {
+        value: u32,
+        mask: u32,
+    },
 }
 
 /// One rule: its matches, ANDed, and its target. Its identity comment
@@ -603,10 +621,7 @@ impl<'a> Compiler<'a> {
         if !policies.is_empty() {
             for policy in policies {
                 let chain_name = names::policy_chain(&policy.key(), dir);
-                let exists = self
-                    .ruleset
-                    .chain(Table::Filter, &chain_name)
-                    .is_some();
+                let exists = self.ruleset.chain(Table::Filter, &chain_name).is_some();
                 if !exists {
                     let chain = self.policy_chain(policy, dir);
                     self.ruleset.add_chain(Table::Filter, chain);

@@ -59,11 +59,7 @@ impl Delta {
 
     /// Rules written by the rewrites.
     pub fn rules_written(&self) -> usize {
-        self.rewrite
-            .values()
-            .flatten()
-            .map(|c| c.rules.len())
-            .sum()
+        self.rewrite.values().flatten().map(|c| c.rules.len()).sum()
     }
 
     /// `ipset restore` text to apply first: new sets, then member changes.
@@ -90,7 +86,12 @@ impl Delta {
 
     /// Every table's text, concatenated in table order.
     pub fn iptables_all(&self) -> String {
-        let mut tables: Vec<Table> = self.rewrite.keys().chain(self.delete.keys()).copied().collect();
+        let mut tables: Vec<Table> = self
+            .rewrite
+            .keys()
+            .chain(self.delete.keys())
+            .copied()
+            .collect();
         tables.sort();
         tables.dedup();
         tables.into_iter().map(|t| self.iptables(t)).collect()
@@ -109,7 +110,12 @@ impl Delta {
 pub fn diff(old: &Ruleset, new: &Ruleset) -> Delta {
     let mut delta = Delta::default();
     let empty = BTreeMap::new();
-    let mut tables: Vec<Table> = old.tables.keys().chain(new.tables.keys()).copied().collect();
+    let mut tables: Vec<Table> = old
+        .tables
+        .keys()
+        .chain(new.tables.keys())
+        .copied()
+        .collect();
     tables.sort();
     tables.dedup();
     for table in tables {

@@ -210,7 +210,10 @@ mod tests {
 
     #[test]
     fn veth_names_stay_readable_and_odd_ones_are_hashed() {
-        assert_eq!(pod_ingress_chain("slc1a2b3c4d5e6f"), "SLUICE-TW-slc1a2b3c4d5e6f");
+        assert_eq!(
+            pod_ingress_chain("slc1a2b3c4d5e6f"),
+            "SLUICE-TW-slc1a2b3c4d5e6f"
+        );
         // A space or quote would break the restore text; such names get hashed.
         let odd = pod_egress_chain("eth 0\"");
         assert!(odd.starts_with("SLUICE-FW-") && !odd.contains(' '));

@@ -92,7 +92,10 @@ fn hops(c: &Cluster, from: &Resolved, to: &Resolved, protocol: Protocol, port: u
         } else {
             packet(Hook::Forward, Some(sv), Some(UPLINK))
         };
-        out.push(Hop_ { node: sn.clone(), packet: p });
+        out.push(Hop_ {
+            node: sn.clone(),
+            packet: p,
+        });
     }
     // Arriving at a destination pod, unless the same-node hop above already covered it.
     if let (Some(dn), Some(dv)) = (&dst_node, &dst_veth) {
@@ -105,7 +108,10 @@ fn hops(c: &Cluster, from: &Resolved, to: &Resolved, protocol: Protocol, port: u
             } else {
                 packet(Hook::Forward, Some(UPLINK), Some(dv))
             };
-            out.push(Hop_ { node: dn.clone(), packet: p });
+            out.push(Hop_ {
+                node: dn.clone(),
+                packet: p,
+            });
         }
     }
     out
@@ -118,7 +124,11 @@ fn compiled(c: &Cluster) -> BTreeMap<String, Ruleset> {
         .collect()
 }
 
-fn check(c: &Cluster, rulesets: &BTreeMap<String, Ruleset>, probe: &Probe) -> Result<(), TestCaseError> {
+fn check(
+    c: &Cluster,
+    rulesets: &BTreeMap<String, Ruleset>,
+    probe: &Probe,
+) -> Result<(), TestCaseError> {
     let Ok(eval) = evaluate(c, probe) else {
         return Ok(()); // e.g. a node as destination: not a connection to judge
     };
@@ -131,7 +141,10 @@ fn check(c: &Cluster, rulesets: &BTreeMap<String, Ruleset>, probe: &Probe) -> Re
     for hop in &path {
         let cls = classify(&rulesets[&hop.node], Table::Filter, &hop.packet)
             .map_err(|e| TestCaseError::fail(format!("classify: {e}")))?;
-        traces.push(format!("{} {:?}: {:?} via {:?}", hop.node, hop.packet, cls.verdict, cls.trace));
+        traces.push(format!(
+            "{} {:?}: {:?} via {:?}",
+            hop.node, hop.packet, cls.verdict, cls.trace
+        ));
         allowed &= cls.verdict == Hop::Accept;
     }
     let expected = eval.verdict == Verdict::Allow;
@@ -182,7 +195,10 @@ proptest! {
 fn the_differential_harness_sees_denials() {
     let mut c = Cluster::default();
     for (name, ip) in NODES {
-        c.add_node(Node { name: name.into(), addresses: vec![IpAddr::V4(ip)] });
+        c.add_node(Node {
+            name: name.into(),
+            addresses: vec![IpAddr::V4(ip)],
+        });
     }
     for (i, node) in ["node-a", "node-b"].iter().enumerate() {
         c.add_pod(Pod {
@@ -206,7 +222,12 @@ fn the_differential_harness_sees_denials() {
         let eval = evaluate(c, &probe).unwrap();
         hops(c, &eval.from, &eval.to, probe.protocol, probe.port)
             .iter()
-            .all(|h| classify(&rs[&h.node], Table::Filter, &h.packet).unwrap().verdict == Hop::Accept)
+            .all(|h| {
+                classify(&rs[&h.node], Table::Filter, &h.packet)
+                    .unwrap()
+                    .verdict
+                    == Hop::Accept
+            })
     };
     assert!(verdict_of(&c));
     c.add_policy(NetworkPolicy {
@@ -215,7 +236,10 @@ fn the_differential_harness_sees_denials() {
         pod_selector: LabelSelector::everything(),
         ingress: vec![],
         egress: vec![],
-        policy_types: PolicyTypes { ingress: true, egress: false },
+        policy_types: PolicyTypes {
+            ingress: true,
+            egress: false,
+        },
     });
     assert!(!verdict_of(&c));
 }

@@ -25,7 +25,12 @@ fn run(cmd: &str, args: &[&str], stdin: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -94,35 +99,59 @@ fn saved_set_names() -> BTreeSet<String> {
 
 fn apply_full(backend: &str, rs: &Ruleset) {
     run("ipset", &["restore"], &ipset::render(rs));
-    run(&format!("{backend}-restore"), &["--noflush", "-w"], &iptables::render(rs));
+    run(
+        &format!("{backend}-restore"),
+        &["--noflush", "-w"],
+        &iptables::render(rs),
+    );
 }
 
 fn assert_kernel_holds(backend: &str, rs: &Ruleset) {
     let mut saved = saved_rules(backend);
     saved.sort();
-    assert_eq!(saved, expected_rules(rs), "{backend}: rules differ from what was rendered");
+    assert_eq!(
+        saved,
+        expected_rules(rs),
+        "{backend}: rules differ from what was rendered"
+    );
     assert_eq!(saved_members(), expected_members(rs), "set members differ");
     let names: BTreeSet<String> = rs.sets.keys().cloned().collect();
-    assert_eq!(saved_set_names(), names, "set names differ (scratch sets left over?)");
+    assert_eq!(
+        saved_set_names(),
+        names,
+        "set names differ (scratch sets left over?)"
+    );
 }
 
 fn changed_cluster() -> Cluster {
     let mut c = feature_cluster();
     // A label change (set members only), a new policy (new chain, new set), a removed
     // policy (chain deleted, set destroyed) and a new local pod (dispatch rewrite).
-    c.pods.get_mut(&NamespacedName::new("db", "cache")).unwrap().labels = labels(&[("app", "pg")]);
+    c.pods
+        .get_mut(&NamespacedName::new("db", "cache"))
+        .unwrap()
+        .labels = labels(&[("app", "pg")]);
     c.policies.remove(&NamespacedName::new("web", "front-in"));
     c.add_policy(mk_policy(
         "db",
         "pg-in",
         LabelSelector::from_labels([("app", "pg")]),
         Some(vec![rule(
-            vec![pods_in(Some(LabelSelector::everything()), LabelSelector::from_labels([("app", "api")]))],
+            vec![pods_in(
+                Some(LabelSelector::everything()),
+                LabelSelector::from_labels([("app", "api")]),
+            )],
             vec![port(Protocol::Tcp, num(5432))],
         )]),
         None,
     ));
-    c.add_pod(mk_pod("web", "new", &[("app", "front")], "10.244.1.9", "node-1"));
+    c.add_pod(mk_pod(
+        "web",
+        "new",
+        &[("app", "front")],
+        "10.244.1.9",
+        "node-1",
+    ));
     c
 }
 
@@ -130,9 +159,18 @@ fn exercise(backend: &str) {
     let old = compile(&feature_cluster(), "node-1", &FakeVeths).unwrap();
     apply_full(backend, &old);
     for j in iptables::builtin_jump_specs(&old) {
-        let cmd = format!("{backend} -w -t {} -I {} 1 {}", j.table.as_str(), j.chain, j.spec);
+        let cmd = format!(
+            "{backend} -w -t {} -I {} 1 {}",
+            j.table.as_str(),
+            j.chain,
+            j.spec
+        );
         let out = Command::new("sh").args(["-c", &cmd]).output().unwrap();
-        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert_kernel_holds(backend, &old);
 
@@ -145,12 +183,20 @@ fn exercise(backend: &str) {
     let delta = diff(&old, &new);
     assert!(!delta.destroy_sets.is_empty() && !delta.delete.is_empty() && !delta.add.is_empty());
     run("ipset", &["restore"], &delta.ipset_before());
-    run(&format!("{backend}-restore"), &["--noflush", "-w"], &delta.iptables(Table::Filter));
+    run(
+        &format!("{backend}-restore"),
+        &["--noflush", "-w"],
+        &delta.iptables(Table::Filter),
+    );
     run("ipset", &["restore"], &delta.ipset_after());
     assert_kernel_holds(backend, &new);
 
     // Cleanup of chains and sets a previous run left behind, and nothing else.
-    run(&format!("{backend}-restore"), &["--noflush", "-w"], "*filter\n:SLUICE-PI-stale - [0:0]\n:OTHER-CHAIN - [0:0]\nCOMMIT\n");
+    run(
+        &format!("{backend}-restore"),
+        &["--noflush", "-w"],
+        "*filter\n:SLUICE-PI-stale - [0:0]\n:OTHER-CHAIN - [0:0]\nCOMMIT\n",
+    );
     run("ipset", &["create", "SLUICE-P-stale", "hash:ip"], "");
     let existing: Vec<String> = run(&format!("{backend}-save"), &["-t", "filter"], "")
         .lines()
@@ -159,17 +205,26 @@ fn exercise(backend: &str) {
         .collect();
     let cleanup = iptables::render_stale_chain_cleanup(&new, Table::Filter, &existing);
     assert!(cleanup.contains("-X SLUICE-PI-stale") && !cleanup.contains("OTHER-CHAIN"));
-    run(&format!("{backend}-restore"), &["--noflush", "-w"], &cleanup);
+    run(
+        &format!("{backend}-restore"),
+        &["--noflush", "-w"],
+        &cleanup,
+    );
     let sets: Vec<String> = saved_set_names().into_iter().collect();
-    run("ipset", &["restore"], &ipset::render_stale_set_cleanup(&new, &sets));
+    run(
+        "ipset",
+        &["restore"],
+        &ipset::render_stale_set_cleanup(&new, &sets),
+    );
     assert_kernel_holds(backend, &new);
     assert!(run(&format!("{backend}-save"), &["-t", "filter"], "").contains(":OTHER-CHAIN"));
 }
 
 #[test]
 fn rendered_text_applies_and_reads_back_identically_with_iptables_nft() {
-    if !sluice_testkit::require_root("rendered_text_applies_and_reads_back_identically_with_iptables_nft")
-        || !sluice_testkit::require_tool("iptables nft", "iptables-restore")
+    if !sluice_testkit::require_root(
+        "rendered_text_applies_and_reads_back_identically_with_iptables_nft",
+    ) || !sluice_testkit::require_tool("iptables nft", "iptables-restore")
         || !sluice_testkit::require_tool("iptables nft", "ipset")
     {
         return;
@@ -179,8 +234,9 @@ fn rendered_text_applies_and_reads_back_identically_with_iptables_nft() {
 
 #[test]
 fn rendered_text_applies_and_reads_back_identically_with_iptables_legacy() {
-    if !sluice_testkit::require_root("rendered_text_applies_and_reads_back_identically_with_iptables_legacy")
-        || !sluice_testkit::require_tool("iptables legacy", "iptables-legacy-restore")
+    if !sluice_testkit::require_root(
+        "rendered_text_applies_and_reads_back_identically_with_iptables_legacy",
+    ) || !sluice_testkit::require_tool("iptables legacy", "iptables-legacy-restore")
     {
         return;
     }

@@ -20,7 +20,11 @@ fn compile_node(c: &Cluster, node: &str) -> Ruleset {
 }
 
 fn full_text(rs: &Ruleset) -> String {
-    format!("# ipset\n{}# iptables\n{}", ipset::render(rs), iptables::render(rs))
+    format!(
+        "# ipset\n{}# iptables\n{}",
+        ipset::render(rs),
+        iptables::render(rs)
+    )
 }
 
 #[test]
@@ -44,15 +48,26 @@ fn seed_scenarios_render_as_snapshotted() {
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
     scenarios.retain(|p| {
-        p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seed-"))
+        p.is_dir()
+            && p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("seed-"))
     });
     scenarios.sort();
-    assert!(!scenarios.is_empty(), "no seed scenarios in {}", dir.display());
+    assert!(
+        !scenarios.is_empty(),
+        "no seed scenarios in {}",
+        dir.display()
+    );
     for scenario in scenarios {
         let mut files: Vec<_> = std::fs::read_dir(&scenario)
             .unwrap()
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                )
+            })
             .collect();
         files.sort();
         let mut cluster = Cluster::default();
@@ -80,7 +95,13 @@ fn seed_scenarios_render_as_snapshotted() {
 #[test]
 fn ip_block_except_and_two_ports_render_as_nomatch_and_two_rules() {
     let mut c = Cluster::default();
-    c.add_pod(mk_pod("default", "web", &[("app", "linuxea.com")], "10.244.1.2", "n1"));
+    c.add_pod(mk_pod(
+        "default",
+        "web",
+        &[("app", "linuxea.com")],
+        "10.244.1.2",
+        "n1",
+    ));
     c.add_policy(mk_policy(
         "default",
         "linuxea",
@@ -92,7 +113,11 @@ fn ip_block_except_and_two_ports_render_as_nomatch_and_two_rules() {
         None,
     ));
     let rs = compile_node(&c, "n1");
-    let set = rs.sets.values().find(|s| s.name.starts_with("SLUICE-N-")).unwrap();
+    let set = rs
+        .sets
+        .values()
+        .find(|s| s.name.starts_with("SLUICE-N-"))
+        .unwrap();
     let members: Vec<String> = set.members.iter().map(ipset::member_text).collect();
     assert_eq!(members, ["172.16.0.0/16", "172.16.8.0/24 nomatch"]);
     let text = iptables::render(&rs);
@@ -103,7 +128,8 @@ fn ip_block_except_and_two_ports_render_as_nomatch_and_two_rules() {
         );
         let (before, after) = line.split_once("{}").unwrap();
         assert!(
-            text.lines().any(|l| l.contains(before) && l.contains(after.trim_start_matches('"').trim_start_matches('}'))),
+            text.lines().any(|l| l.contains(before)
+                && l.contains(after.trim_start_matches('"').trim_start_matches('}'))),
             "no rule for port {p} in\n{text}"
         );
     }
@@ -114,7 +140,11 @@ fn every_name_fits_and_every_rule_is_tagged_once() {
     let rs = compile_node(&feature_cluster(), "node-1");
     for chains in rs.tables.values() {
         for chain in chains.values() {
-            assert!(chain.name.starts_with(PREFIX) && chain.name.len() <= MAX_CHAIN_LEN, "{}", chain.name);
+            assert!(
+                chain.name.starts_with(PREFIX) && chain.name.len() <= MAX_CHAIN_LEN,
+                "{}",
+                chain.name
+            );
         }
     }
     for name in rs.sets.keys() {
@@ -124,7 +154,14 @@ fn every_name_fits_and_every_rule_is_tagged_once() {
     let tags: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("-A "))
-        .map(|l| l.split("sluice:").nth(1).expect("every rule has a tag").split('"').next().unwrap())
+        .map(|l| {
+            l.split("sluice:")
+                .nth(1)
+                .expect("every rule has a tag")
+                .split('"')
+                .next()
+                .unwrap()
+        })
         .collect();
     let unique: BTreeSet<&&str> = tags.iter().collect();
     assert_eq!(unique.len(), tags.len(), "rule tags must identify rules");
@@ -141,7 +178,10 @@ fn node_traffic_and_unknown_pods_follow_the_decided_layout() {
         iptables::rule_body(&fwd.rules[0]),
         "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
     );
-    assert_eq!(iptables::rule_body(&fwd.rules[1]), "-m conntrack --ctstate INVALID -j DROP");
+    assert_eq!(
+        iptables::rule_body(&fwd.rules[1]),
+        "-m conntrack --ctstate INVALID -j DROP"
+    );
     // No OUTPUT chain: the node's own traffic to its pods is never policed.
     assert!(rs.jumps.iter().all(|j| j.chain != "OUTPUT"));
     // Both namespaces have policies: unknown pods of web fail closed on ingress, of
@@ -152,10 +192,19 @@ fn node_traffic_and_unknown_pods_follow_the_decided_layout() {
     let last = iptables::rule_body(to_pod.rules.last().unwrap());
     assert_eq!(last, format!("-o {web}+ -j DROP"));
     let from_pod = rs.chain(Table::Filter, "SLUICE-FROM-POD").unwrap();
-    assert_eq!(iptables::rule_body(from_pod.rules.last().unwrap()), format!("-i {db}+ -j DROP"));
-    assert!(!text.contains(&format!("-o {db}+")), "db has no ingress policy: new pods open");
+    assert_eq!(
+        iptables::rule_body(from_pod.rules.last().unwrap()),
+        format!("-i {db}+ -j DROP")
+    );
+    assert!(
+        !text.contains(&format!("-o {db}+")),
+        "db has no ingress policy: new pods open"
+    );
     // The hostNetwork pod has no chain of its own.
-    let host = sluice_policy::compile::InterfaceNames::host_veth(&FakeVeths, &c.pods[&NamespacedName::new("web", "node-exporter")]);
+    let host = sluice_policy::compile::InterfaceNames::host_veth(
+        &FakeVeths,
+        &c.pods[&NamespacedName::new("web", "node-exporter")],
+    );
     assert!(!text.contains(&host));
 }
 
@@ -214,14 +263,20 @@ fn a_label_change_moves_set_members_and_touches_no_chain() {
     let old = feature_cluster();
     let mut new = old.clone();
     // cache becomes app=pg: it enters the db/app=pg peer set, nothing else changes.
-    new.pods.get_mut(&NamespacedName::new("db", "cache")).unwrap().labels = labels(&[("app", "pg")]);
+    new.pods
+        .get_mut(&NamespacedName::new("db", "cache"))
+        .unwrap()
+        .labels = labels(&[("app", "pg")]);
     let (a, b) = (compile_node(&old, "node-1"), compile_node(&new, "node-1"));
     let delta = diff(&a, &b);
     assert_eq!(delta.chains_touched(), 0);
     assert_eq!(delta.add.len(), 1);
     assert_eq!(delta.add[0].1, SetMember::Ip("10.244.1.4".parse().unwrap()));
     assert!(delta.iptables_all().is_empty());
-    assert_eq!(delta.ipset_before(), format!("add {} 10.244.1.4 -exist\n", delta.add[0].0));
+    assert_eq!(
+        delta.ipset_before(),
+        format!("add {} 10.244.1.4 -exist\n", delta.add[0].0)
+    );
 }
 
 #[test]
@@ -232,13 +287,22 @@ fn a_pod_becoming_isolated_rewrites_its_own_chain_not_the_dispatch() {
         "db",
         "pg-in",
         LabelSelector::from_labels([("app", "pg")]),
-        Some(vec![rule(vec![pods_in(None, LabelSelector::everything())], vec![])]),
+        Some(vec![rule(
+            vec![pods_in(None, LabelSelector::everything())],
+            vec![],
+        )]),
         None,
     ));
     let (a, b) = (compile_node(&old, "node-1"), compile_node(&new, "node-1"));
     let delta = diff(&a, &b);
-    let rewritten: BTreeSet<&str> = delta.rewrite[&Table::Filter].iter().map(|c| c.name.as_str()).collect();
-    let pg_veth = sluice_policy::compile::InterfaceNames::host_veth(&FakeVeths, &new.pods[&NamespacedName::new("db", "pg")]);
+    let rewritten: BTreeSet<&str> = delta.rewrite[&Table::Filter]
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    let pg_veth = sluice_policy::compile::InterfaceNames::host_veth(
+        &FakeVeths,
+        &new.pods[&NamespacedName::new("db", "pg")],
+    );
     let db_prefix = FakeVeths_prefix("db");
     // pg's ingress chain, the new policy chain, and the ingress dispatch (db now has an
     // ingress policy, so unknown db pods fail closed) — nothing else.
@@ -247,7 +311,12 @@ fn a_pod_becoming_isolated_rewrites_its_own_chain_not_the_dispatch() {
     assert!(rewritten.contains("SLUICE-TO-POD"));
     assert_eq!(rewritten.len(), 3, "{rewritten:?}");
     let to_pod = b.chain(Table::Filter, "SLUICE-TO-POD").unwrap();
-    assert!(to_pod.rules.iter().any(|r| iptables::rule_body(r) == format!("-o {db_prefix}+ -j DROP")));
+    assert!(
+        to_pod
+            .rules
+            .iter()
+            .any(|r| iptables::rule_body(r) == format!("-o {db_prefix}+ -j DROP"))
+    );
     // And back: the policy chain is deleted after the chains that used it are rewritten.
     let back = diff(&b, &a);
     let text = back.iptables(Table::Filter);

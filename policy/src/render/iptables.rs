@@ -97,10 +97,16 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
         Target::Goto(c) => format!("-g {c}"),
         Target::SetMark { value, mask } => format!("-j MARK --set-xmark {value:#x}/{mask:#x}"),
     });
-    let header: Vec<String> = [src, dst, in_if, out_if, protocol.map(|p| format!("-p {}", proto(p)))]
-        .into_iter()
-        .flatten()
-        .collect();
+    let header: Vec<String> = [
+        src,
+        dst,
+        in_if,
+        out_if,
+        protocol.map(|p| format!("-p {}", proto(p))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     (header.join(" "), rest.join(" "))
 }
 

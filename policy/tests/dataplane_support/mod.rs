@@ -146,14 +146,32 @@ pub fn feature_cluster() -> Cluster {
     ];
     c.add_pod(api);
     c.add_pod(mk_pod("db", "pg", &[("app", "pg")], "10.244.1.3", "node-1"));
-    c.add_pod(mk_pod("db", "cache", &[("app", "cache")], "10.244.1.4", "node-1"));
-    let mut host = mk_pod("web", "node-exporter", &[("app", "front")], "192.168.0.11", "node-1");
+    c.add_pod(mk_pod(
+        "db",
+        "cache",
+        &[("app", "cache")],
+        "10.244.1.4",
+        "node-1",
+    ));
+    let mut host = mk_pod(
+        "web",
+        "node-exporter",
+        &[("app", "front")],
+        "192.168.0.11",
+        "node-1",
+    );
     host.host_network = true;
     c.add_pod(host);
 
     // web: default deny ingress, then front open on the named port http from ipBlocks,
     // and from namespaces NotIn region=bar (seed 001).
-    c.add_policy(mk_policy("web", "default-deny", LabelSelector::everything(), Some(vec![]), None));
+    c.add_policy(mk_policy(
+        "web",
+        "default-deny",
+        LabelSelector::everything(),
+        Some(vec![]),
+        None,
+    ));
     let not_bar = LabelSelector {
         match_labels: Labels::new(),
         match_expressions: vec![Requirement {
@@ -167,10 +185,19 @@ pub fn feature_cluster() -> Cluster {
         LabelSelector::from_labels([("app", "front")]),
         Some(vec![
             rule(
-                vec![block("172.16.0.0/16", &["172.16.8.0/24"]), block("10.2.3.4/32", &[])],
-                vec![port(Protocol::Tcp, PortMatch::Named("http".into())), port(Protocol::Tcp, num(81))],
+                vec![
+                    block("172.16.0.0/16", &["172.16.8.0/24"]),
+                    block("10.2.3.4/32", &[]),
+                ],
+                vec![
+                    port(Protocol::Tcp, PortMatch::Named("http".into())),
+                    port(Protocol::Tcp, num(81)),
+                ],
             ),
-            rule(vec![pods_in(Some(not_bar), LabelSelector::everything())], vec![]),
+            rule(
+                vec![pods_in(Some(not_bar), LabelSelector::everything())],
+                vec![],
+            ),
         ]),
         None,
     ));
@@ -182,14 +209,26 @@ pub fn feature_cluster() -> Cluster {
         LabelSelector::everything(),
         None,
         Some(vec![
-            rule(vec![], vec![port(Protocol::Udp, num(53)), port(Protocol::Tcp, num(53))]),
+            rule(
+                vec![],
+                vec![port(Protocol::Udp, num(53)), port(Protocol::Tcp, num(53))],
+            ),
             rule(
                 vec![pods_in(None, LabelSelector::from_labels([("app", "pg")]))],
-                vec![port(Protocol::Tcp, PortMatch::Numbers { start: 5432, end: 5440 })],
+                vec![port(
+                    Protocol::Tcp,
+                    PortMatch::Numbers {
+                        start: 5432,
+                        end: 5440,
+                    },
+                )],
             ),
             rule(
                 vec![block("0.0.0.0/0", &["10.244.0.0/16"])],
-                vec![port(Protocol::Sctp, PortMatch::All), port(Protocol::Sctp, PortMatch::Named("sig".into()))],
+                vec![
+                    port(Protocol::Sctp, PortMatch::All),
+                    port(Protocol::Sctp, PortMatch::Named("sig".into())),
+                ],
             ),
         ]),
     ));
@@ -245,23 +284,38 @@ pub fn arb_ns_labels() -> impl Strategy<Value = Labels> {
         })
 }
 
-pub fn arb_selector(keys: &'static [&'static str], values: &'static [&'static str]) -> impl Strategy<Value = LabelSelector> {
+pub fn arb_selector(
+    keys: &'static [&'static str],
+    values: &'static [&'static str],
+) -> impl Strategy<Value = LabelSelector> {
     let key = prop::sample::select(keys.to_vec());
     let value = prop::sample::select(values.to_vec());
     let op = prop_oneof![
-        prop::collection::btree_set(value.clone().prop_map(String::from), 1..3).prop_map(Operator::In),
-        prop::collection::btree_set(value.clone().prop_map(String::from), 1..3).prop_map(Operator::NotIn),
+        prop::collection::btree_set(value.clone().prop_map(String::from), 1..3)
+            .prop_map(Operator::In),
+        prop::collection::btree_set(value.clone().prop_map(String::from), 1..3)
+            .prop_map(Operator::NotIn),
         Just(Operator::Exists),
         Just(Operator::DoesNotExist),
     ];
     (
-        prop::collection::btree_map(key.clone().prop_map(String::from), value.prop_map(String::from), 0..2),
+        prop::collection::btree_map(
+            key.clone().prop_map(String::from),
+            value.prop_map(String::from),
+            0..2,
+        ),
         prop::collection::vec(
-            (key, op).prop_map(|(k, operator)| Requirement { key: k.to_string(), operator }),
+            (key, op).prop_map(|(k, operator)| Requirement {
+                key: k.to_string(),
+                operator,
+            }),
             0..2,
         ),
     )
-        .prop_map(|(match_labels, match_expressions)| LabelSelector { match_labels, match_expressions })
+        .prop_map(|(match_labels, match_expressions)| LabelSelector {
+            match_labels,
+            match_expressions,
+        })
 }
 
 pub fn arb_pod_selector() -> impl Strategy<Value = LabelSelector> {
@@ -269,7 +323,10 @@ pub fn arb_pod_selector() -> impl Strategy<Value = LabelSelector> {
 }
 
 pub fn arb_ns_selector() -> impl Strategy<Value = LabelSelector> {
-    arb_selector(&["region", "team", NAMESPACE_NAME_LABEL], &["bar", "foo", "t1", "x", "y"])
+    arb_selector(
+        &["region", "team", NAMESPACE_NAME_LABEL],
+        &["bar", "foo", "t1", "x", "y"],
+    )
 }
 
 fn net(s: &str) -> ipnet::IpNet {
@@ -374,7 +431,11 @@ pub fn arb_container_ports() -> impl Strategy<Value = Vec<ContainerPort>> {
     )
     .prop_map(|v| {
         v.into_iter()
-            .map(|(name, port, protocol)| ContainerPort { name: name.map(String::from), port, protocol })
+            .map(|(name, port, protocol)| ContainerPort {
+                name: name.map(String::from),
+                port,
+                protocol,
+            })
             .collect()
     })
 }
@@ -391,34 +452,41 @@ pub fn arb_cluster() -> impl Strategy<Value = Cluster> {
         1..7,
     );
     let policies = (0..5usize).prop_flat_map(|n| (0..n).map(arb_policy).collect::<Vec<_>>());
-    (prop::collection::vec(arb_ns_labels(), 3), pods, policies).prop_map(|(ns_labels, pods, policies)| {
-        let mut c = Cluster::default();
-        for (name, labels) in NAMESPACES.iter().zip(ns_labels) {
-            c.add_namespace(Namespace { name: name.to_string(), labels });
-        }
-        for (name, ip) in NODES {
-            c.add_node(Node { name: name.into(), addresses: vec![IpAddr::V4(ip)] });
-        }
-        for (i, (ns, labels, node, host_network, ports)) in pods.into_iter().enumerate() {
-            let ip = if host_network {
-                NODES[node].1
-            } else {
-                Ipv4Addr::new(10, 244, node as u8, i as u8 + 2)
-            };
-            c.add_pod(Pod {
-                namespace: ns.to_string(),
-                name: format!("p{i}"),
-                labels,
-                ips: vec![IpAddr::V4(ip)],
-                node: Some(NODES[node].0.to_string()),
-                ports,
-                host_network,
-            });
-        }
-        for p in policies {
-            c.add_policy(p);
-        }
-        c
-    })
+    (prop::collection::vec(arb_ns_labels(), 3), pods, policies).prop_map(
+        |(ns_labels, pods, policies)| {
+            let mut c = Cluster::default();
+            for (name, labels) in NAMESPACES.iter().zip(ns_labels) {
+                c.add_namespace(Namespace {
+                    name: name.to_string(),
+                    labels,
+                });
+            }
+            for (name, ip) in NODES {
+                c.add_node(Node {
+                    name: name.into(),
+                    addresses: vec![IpAddr::V4(ip)],
+                });
+            }
+            for (i, (ns, labels, node, host_network, ports)) in pods.into_iter().enumerate() {
+                let ip = if host_network {
+                    NODES[node].1
+                } else {
+                    Ipv4Addr::new(10, 244, node as u8, i as u8 + 2)
+                };
+                c.add_pod(Pod {
+                    namespace: ns.to_string(),
+                    name: format!("p{i}"),
+                    labels,
+                    ips: vec![IpAddr::V4(ip)],
+                    node: Some(NODES[node].0.to_string()),
+                    ports,
+                    host_network,
+                });
+            }
+            for p in policies {
+                c.add_policy(p);
+            }
+            c
+        },
+    )
 }
-
