@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sluice_policy::NamespacedName;
 
-use crate::dataplane::{Dataplane, DataplaneError, ExecRunner, SyncReport};
+use crate::dataplane::{Dataplane, DataplaneError, ExecRunner, SyncMode, SyncReport};
 use crate::datastore::{Datastore, Snapshot, SnapshotReceiver};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -65,6 +65,7 @@ pub trait PolicyDataplane: Send + Sync + 'static {
     fn sync(
         &self,
         desired: &crate::dataplane::DesiredDataplane,
+        mode: SyncMode,
     ) -> Result<SyncReport, DataplaneError>;
 }
 
@@ -72,8 +73,9 @@ impl<R: crate::dataplane::CommandRunner + 'static> PolicyDataplane for Dataplane
     fn sync(
         &self,
         desired: &crate::dataplane::DesiredDataplane,
+        mode: SyncMode,
     ) -> Result<SyncReport, DataplaneError> {
-        Dataplane::sync(self, desired)
+        self.sync_with(desired, mode)
     }
 }
 
@@ -142,6 +144,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
         &self,
         snap: &Snapshot,
         tracker: &mut EnforcementTracker,
+        mode: SyncMode,
     ) -> Result<(), String> {
         let started = Instant::now();
         let desired = reconcile::desired(snap, &self.settings).map_err(|e| e.to_string())?;
@@ -157,7 +160,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
 
         let dp = self.dataplane.clone();
         let want = desired.dataplane.clone();
-        let report = tokio::task::spawn_blocking(move || dp.sync(&want))
+        let report = tokio::task::spawn_blocking(move || dp.sync(&want, mode))
             .await
             .map_err(|e| format!("dataplane task: {e}"))?;
         let report = match report {
@@ -219,14 +222,24 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
         tracing::info!("first full datastore sync received; applying");
         let mut tracker = EnforcementTracker::default();
         let mut backoff = BACKOFF_MIN;
+        // The first apply, every periodic resync and every retry read the kernel;
+        // syncs caused by datastore changes in between trust the last write.
+        let mut mode = SyncMode::Full;
+        let mut next_full = Instant::now();
         loop {
             self.health.heartbeat();
             let snap = rx.borrow_and_update().clone().expect("set before the loop");
-            let wait = match self.apply_once(&snap, &mut tracker).await {
+            if Instant::now() >= next_full {
+                mode = SyncMode::Full;
+            }
+            let wait = match self.apply_once(&snap, &mut tracker, mode).await {
                 Ok(()) => {
                     self.health.applied();
                     backoff = BACKOFF_MIN;
-                    self.resync
+                    if mode == SyncMode::Full {
+                        next_full = Instant::now() + self.resync;
+                    }
+                    next_full.saturating_duration_since(Instant::now())
                 }
                 Err(e) => {
                     tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "apply failed; keeping what is programmed");
@@ -243,8 +256,9 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
                     }
                     // Let a burst settle into one apply.
                     tokio::time::sleep(self.coalesce).await;
+                    mode = SyncMode::Incremental;
                 }
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait) => mode = SyncMode::Full,
             }
         }
     }

@@ -308,6 +308,11 @@ fn add_agent_rules(
     node_addrs: BTreeSet<String>,
     held: BTreeSet<String>,
 ) {
+    // Both tables are always synced, so turning a feature off (NAT outgoing) removes
+    // its chains instead of leaving them behind in a table nobody looks at.
+    for t in ["filter", "nat"] {
+        dp.tables.entry(t.into()).or_default();
+    }
     if !held.is_empty() {
         let filter = dp.tables.entry("filter".into()).or_default();
         let mut chain = Chain::new(CHAIN_HELD);

@@ -64,15 +64,80 @@ impl SyncReport {
     }
 }
 
+/// What the kernel holds of ours, as read back or as last written.
+#[derive(Debug, Clone, Default)]
+struct KernelView {
+    tables: BTreeMap<String, iptables::SavedTable>,
+    sets: BTreeMap<String, ipset::SavedSet>,
+}
+
+impl KernelView {
+    /// The view a successful sync of `desired` leaves behind.
+    fn after(desired: &DesiredDataplane) -> KernelView {
+        let mut view = KernelView::default();
+        for (name, t) in &desired.tables {
+            let saved = view.tables.entry(name.clone()).or_default();
+            for c in &t.chains {
+                saved.chains.insert(c.name.clone(), c.render_rules());
+            }
+            for j in &t.jumps {
+                saved
+                    .chains
+                    .entry(j.from.clone())
+                    .or_default()
+                    .push(format!("-A {} {}", j.from, j.spec()));
+            }
+        }
+        for s in &desired.sets {
+            view.sets.insert(
+                s.name.clone(),
+                ipset::SavedSet {
+                    kind: Some(s.kind),
+                    members: s.members.clone(),
+                },
+            );
+        }
+        view
+    }
+}
+
+/// Whether a sync reads the kernel first or trusts what the last sync wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Read `iptables-save`/`ipset save` and repair any drift (periodic resync, start).
+    Full,
+    /// Diff against the last successful write: a change costs only its own restore,
+    /// which keeps a new pod's wait for policy short on a large node. Falls back to
+    /// [`SyncMode::Full`] when there is no trusted last write.
+    Incremental,
+}
+
 /// The writer of owned chains and sets through a [`CommandRunner`].
 pub struct Dataplane<R: CommandRunner> {
     runner: R,
     backend: Backend,
+    last: std::sync::Mutex<Option<KernelView>>,
 }
 
 impl<R: CommandRunner> Dataplane<R> {
     pub fn new(runner: R, backend: Backend) -> Self {
-        Dataplane { runner, backend }
+        Dataplane {
+            runner,
+            backend,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sync in `mode`; the last-write view is kept only after a complete success.
+    pub fn sync_with(&self, desired: &DesiredDataplane, mode: SyncMode) -> Result<SyncReport, DataplaneError> {
+        let cached = match mode {
+            SyncMode::Full => None,
+            SyncMode::Incremental => self.last.lock().unwrap_or_else(|e| e.into_inner()).take(),
+        };
+        let result = self.sync_from(desired, cached);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
+            result.as_ref().ok().map(|_| KernelView::after(desired));
+        result
     }
 
     pub fn backend(&self) -> Backend {
@@ -83,16 +148,19 @@ impl<R: CommandRunner> Dataplane<R> {
         &self.runner
     }
 
-    /// Bring the kernel to `desired`, touching only what differs.
+    /// Bring the kernel to `desired` after reading it, touching only what differs.
     pub fn sync(&self, desired: &DesiredDataplane) -> Result<SyncReport, DataplaneError> {
+        self.sync_with(desired, SyncMode::Full)
+    }
+
+    fn sync_from(&self, desired: &DesiredDataplane, mut view: Option<KernelView>) -> Result<SyncReport, DataplaneError> {
         let mut report = SyncReport::default();
 
-        let saved_sets = self.runner.run_ok("ipset", &["save"], None)?.stdout;
-        let set_plan = ipset::plan_sets(
-            &desired.sets,
-            &ipset::parse_save(&saved_sets, SET_PREFIX),
-            SET_PREFIX,
-        );
+        let current_sets = match view.as_mut() {
+            Some(v) => std::mem::take(&mut v.sets),
+            None => ipset::parse_save(&self.runner.run_ok("ipset", &["save"], None)?.stdout, SET_PREFIX),
+        };
+        let set_plan = ipset::plan_sets(&desired.sets, &current_sets, SET_PREFIX);
         if let Some(payload) = &set_plan.restore {
             self.runner.run_ok("ipset", &["restore"], Some(payload))?;
             report.restores += 1;
@@ -100,13 +168,13 @@ impl<R: CommandRunner> Dataplane<R> {
         report.set_members_changed = set_plan.members_added + set_plan.members_removed;
 
         for (table, want) in &desired.tables {
-            let saved = self
-                .runner
-                .run_ok(self.backend.save_cmd(), &["-t", table], None)?
-                .stdout;
-            let current = iptables::parse_save(&saved)
-                .remove(table)
-                .unwrap_or_default();
+            let current = match view.as_mut() {
+                Some(v) => v.tables.remove(table).unwrap_or_default(),
+                None => {
+                    let saved = self.runner.run_ok(self.backend.save_cmd(), &["-t", table], None)?.stdout;
+                    iptables::parse_save(&saved).remove(table).unwrap_or_default()
+                }
+            };
             let plan = iptables::plan_table(table, want, &current)?;
             if let Some(payload) = &plan.payload {
                 self.runner.run_ok(
@@ -202,6 +270,26 @@ mod tests {
             .unwrap();
         assert!(!report.changed_anything(), "{report:?}");
         assert!(rec.calls().iter().all(|c| c.stdin.is_none()));
+    }
+
+    #[test]
+    fn incremental_sync_trusts_the_last_write_and_full_sync_reads_the_kernel() {
+        let rec = RecordingRunner::default();
+        let dp = Dataplane::new(rec.clone(), Backend::Nft);
+        // No trusted write yet: incremental falls back to reading.
+        dp.sync_with(&desired(), SyncMode::Incremental).unwrap();
+        assert!(rec.calls().iter().any(|c| c.program == "iptables-nft-save"));
+        rec.clear();
+        let mut more = desired();
+        more.sets[0].members.insert("10.0.0.2".into());
+        let r = dp.sync_with(&more, SyncMode::Incremental).unwrap();
+        let lines: Vec<String> = rec.calls().iter().map(RecordedCall::command_line).collect();
+        assert_eq!(lines, ["ipset restore"], "no reads, one set delta");
+        assert_eq!(rec.calls()[0].stdin.as_deref(), Some("add SLUICE-NODES 10.0.0.2\n"));
+        assert_eq!(r.chains_rewritten, 0);
+        rec.clear();
+        dp.sync_with(&more, SyncMode::Full).unwrap();
+        assert!(rec.calls().iter().any(|c| c.program == "ipset" && c.args == ["save"]));
     }
 
     #[test]
