@@ -1,0 +1,350 @@
+//! The classifier is faithful to the kernel: the same compiled rules, loaded into a
+//! throwaway node namespace, decide real TCP connections exactly as
+//! `classify::classify` predicts, for each path a packet can take through the node
+//! (pod → pod on the node, outside → pod, other node → pod over the tunnel device,
+//! pod → outside, pod → the node itself, the node → its pod, a spoofed source).
+//!
+//! Topology, all namespaces throwaway: the node; one namespace per local pod behind
+//! its veth (named as the CNI plugin would, /32 and proxy ARP, as DESIGN.md wires a
+//! pod); "remote" (node-2 and its pods) behind a veth named `tunl0` (the kernel here
+//! has no IPIP; iptables matches names only); "outside" behind `eth0`.
+
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+
+use sluice_policy::classify::{Hook, Packet, Verdict, classify};
+use sluice_policy::compile::{CtState, InterfaceNames, Table, compile};
+use sluice_policy::model::*;
+use sluice_policy::render::{ipset, iptables};
+use sluice_testkit::NetnsHolder;
+
+mod dataplane_support;
+use dataplane_support::*;
+
+/// Background processes (listeners) killed on drop.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn listen(ns: &NetnsHolder, ports: &[u16], procs: &mut Procs) {
+    for port in ports {
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .args([
+                "socat",
+                &format!("TCP-LISTEN:{port},fork,reuseaddr"),
+                "EXEC:true",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn socat listener");
+        procs.0.push(child);
+    }
+}
+
+fn connects(ns: &NetnsHolder, src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> bool {
+    ns.try_exec(&format!(
+        "socat -u /dev/null TCP:{dst}:{port},bind={src},connect-timeout=1"
+    ))
+    .status
+    .success()
+}
+
+struct Pod_ {
+    ns: NetnsHolder,
+    ip: Ipv4Addr,
+    veth: String,
+}
+
+fn pod_ns(node: &NetnsHolder, pod: &Pod) -> Pod_ {
+    let ns = NetnsHolder::new();
+    let veth = FakeVeths.host_veth(pod);
+    let ip: Ipv4Addr = pod.ips[0].to_string().parse().unwrap();
+    node.exec(&format!(
+        "ip link add {veth} type veth peer name eth0 netns {pid} && ip link set {veth} up && \
+         sysctl -qw net.ipv4.conf.{veth}.proxy_arp=1 net.ipv4.neigh.{veth}.proxy_delay=0 && \
+         ip route add {ip}/32 dev {veth} scope link",
+        pid = ns.pid()
+    ));
+    ns.exec(&format!(
+        "ip addr add {ip}/32 dev eth0 && ip link set eth0 up && \
+         ip route add 169.254.1.1 dev eth0 scope link && ip route add default via 169.254.1.1 dev eth0"
+    ));
+    Pod_ { ns, ip, veth }
+}
+
+/// A namespace joined to the node by a veth named `node_side`, with `addrs` on its lo
+/// (the hosts it stands for) and everything routed back to the node.
+fn peer_ns(
+    node: &NetnsHolder,
+    node_side: &str,
+    net: u8,
+    addrs: &[&str],
+    routes: &[&str],
+) -> NetnsHolder {
+    let ns = NetnsHolder::new();
+    node.exec(&format!(
+        "ip link add {node_side} type veth peer name up0 netns {pid} && \
+         ip addr add 10.{net}.0.1/30 dev {node_side} && ip link set {node_side} up",
+        pid = ns.pid()
+    ));
+    for r in routes {
+        node.exec(&format!(
+            "ip route add {r} via 10.{net}.0.2 dev {node_side}"
+        ));
+    }
+    ns.exec(&format!(
+        "ip addr add 10.{net}.0.2/30 dev up0 && ip link set up0 up && ip route add default via 10.{net}.0.1"
+    ));
+    for a in addrs {
+        ns.exec(&format!("ip addr add {a}/32 dev lo"));
+    }
+    ns
+}
+
+fn a(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn kernel_verdicts_equal_the_classifier_on_real_connections() {
+    if !sluice_testkit::require_root("kernel_verdicts_equal_the_classifier_on_real_connections")
+        || !sluice_testkit::require_tool("packets", "socat")
+    {
+        return;
+    }
+    let cluster = feature_cluster();
+    let rs = compile(&cluster, "node-1", &FakeVeths).unwrap();
+
+    let node = NetnsHolder::new();
+    node.exec(
+        "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 && \
+         ip addr add 192.168.0.11/32 dev lo",
+    );
+    let outside = peer_ns(
+        &node,
+        "eth0",
+        98,
+        &["172.16.1.1", "172.16.8.1", "10.2.3.4", "8.8.8.8"],
+        &["default"],
+    );
+    let remote = peer_ns(
+        &node,
+        "tunl0",
+        99,
+        &["10.244.2.2", "192.168.0.12"],
+        &["10.244.2.0/24", "192.168.0.12/32"],
+    );
+    let pod = |name: &str| {
+        let key = cluster.pods.keys().find(|k| k.name == name).unwrap();
+        pod_ns(&node, &cluster.pods[key])
+    };
+    let (front, pg, cache) = (pod("front"), pod("pg"), pod("cache"));
+    // A second address on pg's interface, not its own: the spoofing attempt. The node
+    // routes it back to pg, so only the anti-spoofing rule can stop the connection.
+    pg.ns.exec("ip addr add 10.244.1.99/32 dev eth0");
+    node.exec(&format!("ip route add 10.244.1.99/32 dev {}", pg.veth));
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ipset"), ipset::render(&rs)).unwrap();
+    std::fs::write(dir.path().join("iptables"), iptables::render(&rs)).unwrap();
+    node.exec(&format!(
+        "ipset restore < {d}/ipset && iptables-restore --noflush -w < {d}/iptables",
+        d = dir.path().display()
+    ));
+    for j in iptables::builtin_jump_specs(&rs) {
+        node.exec(&format!(
+            "iptables -w -t {} -I {} 1 {}",
+            j.table.as_str(),
+            j.chain,
+            j.spec
+        ));
+    }
+
+    let mut procs = Procs(Vec::new());
+    listen(&front.ns, &[8080, 9090, 81], &mut procs);
+    listen(&pg.ns, &[5432, 80], &mut procs);
+    listen(&outside, &[53, 80], &mut procs);
+    listen(&node, &[53, 80], &mut procs);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+
+    // (what, client namespace, source, destination, port, the node's view of the hop)
+    let fwd = |i: &str, o: &str| (Hook::Forward, Some(i.to_string()), Some(o.to_string()));
+    let probes: Vec<(
+        &str,
+        &NetnsHolder,
+        Ipv4Addr,
+        Ipv4Addr,
+        u16,
+        (Hook, Option<String>, Option<String>),
+        bool,
+    )> = vec![
+        (
+            "outside in ipBlock → front named port http",
+            &outside,
+            a("172.16.1.1"),
+            front.ip,
+            8080,
+            fwd("eth0", &front.veth),
+            true,
+        ),
+        (
+            "outside in except → front http",
+            &outside,
+            a("172.16.8.1"),
+            front.ip,
+            8080,
+            fwd("eth0", &front.veth),
+            false,
+        ),
+        (
+            "outside in ipBlock → front unlisted port",
+            &outside,
+            a("172.16.1.1"),
+            front.ip,
+            9090,
+            fwd("eth0", &front.veth),
+            false,
+        ),
+        (
+            "10.2.3.4/32 → front 81",
+            &outside,
+            a("10.2.3.4"),
+            front.ip,
+            81,
+            fwd("eth0", &front.veth),
+            true,
+        ),
+        (
+            "remote pod of region=foo → front any port",
+            &remote,
+            a("10.244.2.2"),
+            front.ip,
+            9090,
+            fwd("tunl0", &front.veth),
+            true,
+        ),
+        (
+            "other node → front (not its own node)",
+            &remote,
+            a("192.168.0.12"),
+            front.ip,
+            9090,
+            fwd("tunl0", &front.veth),
+            false,
+        ),
+        (
+            "node itself → front (OUTPUT)",
+            &node,
+            a("192.168.0.11"),
+            front.ip,
+            9090,
+            (Hook::Output, None, Some(front.veth.clone())),
+            true,
+        ),
+        (
+            "db pod → front: db egress allows no 8080",
+            &pg.ns,
+            pg.ip,
+            front.ip,
+            8080,
+            fwd(&pg.veth, &front.veth),
+            false,
+        ),
+        (
+            "cache → pg 5432 (egress pod peer, range)",
+            &cache.ns,
+            cache.ip,
+            pg.ip,
+            5432,
+            fwd(&cache.veth, &pg.veth),
+            true,
+        ),
+        (
+            "cache → pg 80",
+            &cache.ns,
+            cache.ip,
+            pg.ip,
+            80,
+            fwd(&cache.veth, &pg.veth),
+            false,
+        ),
+        (
+            "pg → outside 53 (DNS allowed anywhere)",
+            &pg.ns,
+            pg.ip,
+            a("8.8.8.8"),
+            53,
+            fwd(&pg.veth, "eth0"),
+            true,
+        ),
+        (
+            "pg → outside 80",
+            &pg.ns,
+            pg.ip,
+            a("8.8.8.8"),
+            80,
+            fwd(&pg.veth, "eth0"),
+            false,
+        ),
+        (
+            "pg → the node 53 (INPUT, egress policy)",
+            &pg.ns,
+            pg.ip,
+            a("192.168.0.11"),
+            53,
+            (Hook::Input, Some(pg.veth.clone()), None),
+            true,
+        ),
+        (
+            "pg → the node 80 (INPUT, egress policy)",
+            &pg.ns,
+            pg.ip,
+            a("192.168.0.11"),
+            80,
+            (Hook::Input, Some(pg.veth.clone()), None),
+            false,
+        ),
+        (
+            "pg spoofing another source → outside 53",
+            &pg.ns,
+            a("10.244.1.99"),
+            a("8.8.8.8"),
+            53,
+            fwd(&pg.veth, "eth0"),
+            false,
+        ),
+    ];
+
+    let mut failures = Vec::new();
+    for (what, client, src, dst, port, (hook, in_iface, out_iface), expected) in probes {
+        let packet = Packet {
+            hook,
+            in_iface,
+            out_iface,
+            src,
+            dst,
+            protocol: Protocol::Tcp,
+            dport: port,
+            ct: CtState::New,
+        };
+        let predicted = classify(&rs, Table::Filter, &packet).unwrap();
+        let kernel = connects(client, src, dst, port);
+        let model = predicted.verdict == Verdict::Accept;
+        if kernel != model || kernel != expected {
+            failures.push(format!(
+                "{what}: kernel {kernel}, classifier {model} (trace {:?}), expected {expected}",
+                predicted.trace
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
