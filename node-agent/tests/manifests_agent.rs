@@ -745,3 +745,63 @@ fn install_cni_with_the_daemonsets_environment_leaves_a_usable_node() {
     .collect();
     assert_eq!(before, after, "a second run rewrites nothing");
 }
+
+/// Every program the agent executes is in the runtime image: both iptables
+/// backends' save/restore tools (the agent picks one per host) and every literal
+/// program the code hands to its command runner.
+#[test]
+fn the_image_carries_every_tool_the_agent_executes() {
+    use sluice_agent::dataplane::Backend;
+    let mut programs: BTreeSet<String> = [Backend::Legacy, Backend::Nft]
+        .iter()
+        .flat_map(|b| [b.save_cmd(), b.restore_cmd()])
+        .map(String::from)
+        .collect();
+    for (path, text) in rust_sources(&repo_root().join("node-agent/src")) {
+        let code = non_test(&text);
+        for call in ["run_ok(\"", ".run(\""] {
+            for (i, _) in code.match_indices(call) {
+                let program: String = code[i + call.len()..]
+                    .chars()
+                    .take_while(|c| *c != '"')
+                    .collect();
+                assert!(!program.is_empty(), "{}", path.display());
+                programs.insert(program);
+            }
+        }
+    }
+    assert!(
+        programs.contains("ipset"),
+        "the scan found the ipset calls: {programs:?}"
+    );
+    // Which Debian package provides each program.
+    let package_of = |program: &str| match program {
+        p if p.starts_with("iptables") || p.starts_with("ip6tables") => "iptables",
+        "ipset" => "ipset",
+        "ip" | "bridge" | "tc" => "iproute2",
+        "modprobe" => "kmod",
+        "conntrack" => "conntrack",
+        other => {
+            panic!("the agent runs `{other}`: add its Debian package here and to the Dockerfile")
+        }
+    };
+    let dockerfile = read("Dockerfile");
+    let runtime = dockerfile.split("\nFROM ").last().expect("a runtime stage");
+    let installed: BTreeSet<&str> = runtime
+        .lines()
+        .skip_while(|l| !l.contains("apt-get install"))
+        .take_while(|l| l.trim_end().ends_with('\\') || l.contains("apt-get install"))
+        .flat_map(|l| l.split_whitespace())
+        .filter(|w| {
+            w.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+        .collect();
+    for program in &programs {
+        let package = package_of(program);
+        assert!(
+            installed.contains(package),
+            "the runtime image lacks {package} (for `{program}`); it installs {installed:?}"
+        );
+    }
+}

@@ -103,7 +103,10 @@ load_images() {
     log "loading $IMAGE and $BUSYBOX into the nodes"
     docker image inspect "$BUSYBOX" >/dev/null 2>&1 || docker pull -q "$BUSYBOX" >/dev/null
     kind load docker-image "$IMAGE" --name "$CLUSTER"
-    kind load docker-image "$BUSYBOX" --name "$CLUSTER"
+    # Loading a multi-platform image fails on some Docker setups (containerd image
+    # store); the nodes can still pull busybox themselves, so that is not fatal.
+    kind load docker-image "$BUSYBOX" --name "$CLUSTER" ||
+        log "could not preload $BUSYBOX; the nodes will pull it"
 }
 
 install_sluice() {
