@@ -88,9 +88,28 @@ pub fn choose_uplink(
         .ok_or(MtuError::DanglingDefaultRoute(best.oif))
 }
 
+/// What uplink detection reads from the kernel; [`Netlink`] is the real one.
+pub trait UplinkSource {
+    fn link_summaries(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Vec<LinkSummary>, NetlinkError>> + Send;
+    fn default_routes(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Vec<DefaultRoute>, NetlinkError>> + Send;
+}
+
+impl UplinkSource for Netlink {
+    async fn link_summaries(&self) -> Result<Vec<LinkSummary>, NetlinkError> {
+        Netlink::link_summaries(self).await
+    }
+    async fn default_routes(&self) -> Result<Vec<DefaultRoute>, NetlinkError> {
+        Netlink::default_routes(self).await
+    }
+}
+
 /// Find the uplink in the namespace `netlink` talks to.
 pub async fn detect_uplink(
-    netlink: &Netlink,
+    netlink: &impl UplinkSource,
     node_ip: Option<Ipv4Addr>,
 ) -> Result<Uplink, MtuError> {
     let links = netlink.link_summaries().await?;
@@ -100,7 +119,7 @@ pub async fn detect_uplink(
 
 /// The uplink's MTU.
 pub async fn detect_uplink_mtu(
-    netlink: &Netlink,
+    netlink: &impl UplinkSource,
     node_ip: Option<Ipv4Addr>,
 ) -> Result<u32, MtuError> {
     Ok(detect_uplink(netlink, node_ip).await?.mtu)
