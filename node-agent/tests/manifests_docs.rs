@@ -445,3 +445,41 @@ fn slugs_follow_githubs_rule() {
         "nodeport-with-externaltrafficpolicy-cluster"
     );
 }
+
+/// The messages troubleshooting.md tells operators to look for are the ones the
+/// plugin and sluice-ipam really print (pieces between `…` must each occur in
+/// their source); libcni's own "failed to find plugin" is the runtime's.
+#[test]
+fn troubleshooting_quotes_real_error_messages() {
+    let mut source = String::new();
+    for dir in ["cni-plugin/src", "ipam/src"] {
+        let mut stack = vec![repo_root().join(dir)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    source.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+    }
+    let doc = read("docs/troubleshooting.md");
+    let rows = table_rows(&doc, "A pod has no address");
+    let mut checked = 0;
+    for row in &rows {
+        for quoted in row[0].split('`').skip(1).step_by(2) {
+            if quoted.starts_with("failed to find plugin") {
+                continue;
+            }
+            for piece in quoted.split('…').map(str::trim).filter(|p| !p.is_empty()) {
+                assert!(
+                    source.contains(piece),
+                    "docs/troubleshooting.md quotes `{quoted}`, but `{piece}` is in no message"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8, "only {checked} pieces checked");
+}
