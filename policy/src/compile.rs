@@ -58,9 +58,8 @@ use crate::names::{self, Direction};
 
 /// The mark bit a policy rule sets when it allows a packet.
 pub const MARK_ALLOW: u32 = 0x10000;
-/// All mark bits sluice may use (allow, and one spare). Disjoint from kube-proxy's
-/// 0x4000/0x8000 and from Calico's default 0xffff0000 is not a concern: sluice and
-/// Calico never run together.
+/// All mark bits sluice may use (allow, and one spare), disjoint from kube-proxy's
+/// 0x4000 (masquerade) and 0x8000 (drop). Only [`MARK_ALLOW`] is used today.
 pub const MARK_MASK: u32 = 0x30000;
 
 /// An iptables table.
@@ -343,10 +342,6 @@ fn check_iface(name: &str, what: impl FnOnce() -> String) -> Result<(), CompileE
     }
 }
 
-fn comment_free_rule(matches: Vec<Match>, target: Target) -> Rule {
-    Rule::new(matches, target)
-}
-
 fn mark_is_allow() -> Match {
     Match::Mark {
         value: MARK_ALLOW,
@@ -600,7 +595,7 @@ impl<'a> Compiler<'a> {
                             });
                         }
                     }
-                    let r = comment_free_rule(matches, set_allow());
+                    let r = Rule::new(matches, set_allow());
                     if seen.insert(r.clone()) {
                         out.push(r);
                     }
@@ -626,10 +621,10 @@ impl<'a> Compiler<'a> {
                     let chain = self.policy_chain(policy, dir);
                     self.ruleset.add_chain(Table::Filter, chain);
                 }
-                rules.push(comment_free_rule(vec![], Target::Jump(chain_name)));
-                rules.push(comment_free_rule(vec![mark_is_allow()], Target::Return));
+                rules.push(Rule::new(vec![], Target::Jump(chain_name)));
+                rules.push(Rule::new(vec![mark_is_allow()], Target::Return));
             }
-            rules.push(comment_free_rule(vec![], Target::Drop));
+            rules.push(Rule::new(vec![], Target::Drop));
         }
         Chain { name, rules }
     }

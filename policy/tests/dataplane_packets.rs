@@ -110,6 +110,21 @@ fn peer_ns(
     ns
 }
 
+/// The node's view of a hop: netfilter hook, input and output interfaces.
+type NodeHop = (Hook, Option<String>, Option<String>);
+
+/// One connection to try: what it shows, the client's namespace, source, destination,
+/// port, the hop through the node, and the verdict upstream semantics require.
+type Connection<'a> = (
+    &'a str,
+    &'a NetnsHolder,
+    Ipv4Addr,
+    Ipv4Addr,
+    u16,
+    NodeHop,
+    bool,
+);
+
 fn a(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
@@ -178,15 +193,7 @@ fn kernel_verdicts_equal_the_classifier_on_real_connections() {
 
     // (what, client namespace, source, destination, port, the node's view of the hop)
     let fwd = |i: &str, o: &str| (Hook::Forward, Some(i.to_string()), Some(o.to_string()));
-    let probes: Vec<(
-        &str,
-        &NetnsHolder,
-        Ipv4Addr,
-        Ipv4Addr,
-        u16,
-        (Hook, Option<String>, Option<String>),
-        bool,
-    )> = vec![
+    let probes: Vec<Connection> = vec![
         (
             "outside in ipBlock → front named port http",
             &outside,

@@ -71,6 +71,8 @@ pub fn render(ruleset: &Ruleset) -> String {
 /// `destroy` lines for sets sluice owns that exist (`existing`, e.g. from
 /// `ipset list -n`) but are no longer in `ruleset`. Apply only after the iptables
 /// text that stopped referencing them: the kernel refuses to destroy a set in use.
+/// Every `SLUICE-` name missing from `ruleset` counts as stale, so pass the ruleset
+/// with the agent's own sets added, or they go too.
 pub fn render_stale_set_cleanup(ruleset: &Ruleset, existing: &[String]) -> String {
     let mut stale: Vec<&String> = existing
         .iter()
