@@ -11,17 +11,14 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use proptest::prelude::*;
-use sluice_policy::classify::{Hook, Packet, Verdict as Hop, classify};
-use sluice_policy::compile::{CtState, InterfaceNames, Ruleset, Table, compile};
-use sluice_policy::evaluate::{Endpoint, Probe, Resolved, Verdict, evaluate};
+use sluice_policy::classify::{Verdict as Hop, classify};
+use sluice_policy::compile::{Ruleset, Table, compile};
+use sluice_policy::evaluate::{Endpoint, Probe, Verdict, evaluate};
 use sluice_policy::model::*;
 use sluice_policy::selector::LabelSelector;
 
 mod dataplane_support;
-use dataplane_support::{FakeVeths, NODES, arb_cluster, arb_protocol};
-
-const UPLINK: &str = "eth0";
-const TUNNEL: &str = "tunl0";
+use dataplane_support::{FakeVeths, NODES, arb_cluster, arb_protocol, dataplane_allows, hops};
 
 fn arb_endpoint_index() -> impl Strategy<Value = usize> {
     0..12usize
@@ -42,81 +39,6 @@ fn endpoints(c: &Cluster, source: bool) -> Vec<Endpoint> {
     e
 }
 
-fn v4(ip: IpAddr) -> Ipv4Addr {
-    match ip {
-        IpAddr::V4(a) => a,
-        IpAddr::V6(_) => unreachable!("the generator makes IPv4 only"),
-    }
-}
-
-/// Where an endpoint sits: (node it lives on, veth when it is a pod).
-fn place(c: &Cluster, r: &Resolved) -> (Option<String>, Option<String>) {
-    match r {
-        Resolved::Pod { pod, .. } => {
-            let p = &c.pods[pod];
-            (p.node.clone(), Some(FakeVeths.host_veth(p)))
-        }
-        Resolved::Node { node, .. } => (Some(node.clone()), None),
-        Resolved::External { .. } => (None, None),
-    }
-}
-
-struct Hop_ {
-    node: String,
-    packet: Packet,
-}
-
-/// The filter-table hops of the connection's first packet.
-fn hops(c: &Cluster, from: &Resolved, to: &Resolved, protocol: Protocol, port: u16) -> Vec<Hop_> {
-    let (src_node, src_veth) = place(c, from);
-    let (dst_node, dst_veth) = place(c, to);
-    let packet = |hook, in_iface: Option<&str>, out_iface: Option<&str>| Packet {
-        hook,
-        in_iface: in_iface.map(String::from),
-        out_iface: out_iface.map(String::from),
-        src: v4(from.ip()),
-        dst: v4(to.ip()),
-        protocol,
-        dport: port,
-        ct: CtState::New,
-    };
-    let mut out = Vec::new();
-    // Leaving the source.
-    if let (Some(sn), Some(sv)) = (&src_node, &src_veth) {
-        let p = if dst_veth.is_none() && dst_node.as_ref() == Some(sn) {
-            packet(Hook::Input, Some(sv), None)
-        } else if dst_node.as_ref() == Some(sn) {
-            packet(Hook::Forward, Some(sv), dst_veth.as_deref())
-        } else if dst_node.is_some() {
-            packet(Hook::Forward, Some(sv), Some(TUNNEL))
-        } else {
-            packet(Hook::Forward, Some(sv), Some(UPLINK))
-        };
-        out.push(Hop_ {
-            node: sn.clone(),
-            packet: p,
-        });
-    }
-    // Arriving at a destination pod, unless the same-node hop above already covered it.
-    if let (Some(dn), Some(dv)) = (&dst_node, &dst_veth) {
-        let same_node_pod = src_veth.is_some() && src_node.as_ref() == Some(dn);
-        if !same_node_pod {
-            let p = if src_node.as_ref() == Some(dn) {
-                packet(Hook::Output, None, Some(dv))
-            } else if src_node.is_some() {
-                packet(Hook::Forward, Some(TUNNEL), Some(dv))
-            } else {
-                packet(Hook::Forward, Some(UPLINK), Some(dv))
-            };
-            out.push(Hop_ {
-                node: dn.clone(),
-                packet: p,
-            });
-        }
-    }
-    out
-}
-
 fn compiled(c: &Cluster) -> BTreeMap<String, Ruleset> {
     NODES
         .iter()
@@ -132,21 +54,16 @@ fn check(
     let Ok(eval) = evaluate(c, probe) else {
         return Ok(()); // e.g. a node as destination: not a connection to judge
     };
-    let path = hops(c, &eval.from, &eval.to, probe.protocol, probe.port);
-    if path.is_empty() {
+    let Some((allowed, traces)) = dataplane_allows(
+        c,
+        rulesets,
+        &eval.from,
+        &eval.to,
+        probe.protocol,
+        probe.port,
+    ) else {
         return Ok(()); // node/outside to node/outside: no pod, sluice plays no part
-    }
-    let mut allowed = true;
-    let mut traces = Vec::new();
-    for hop in &path {
-        let cls = classify(&rulesets[&hop.node], Table::Filter, &hop.packet)
-            .map_err(|e| TestCaseError::fail(format!("classify: {e}")))?;
-        traces.push(format!(
-            "{} {:?}: {:?} via {:?}",
-            hop.node, hop.packet, cls.verdict, cls.trace
-        ));
-        allowed &= cls.verdict == Hop::Accept;
-    }
+    };
     let expected = eval.verdict == Verdict::Allow;
     prop_assert_eq!(
         allowed,

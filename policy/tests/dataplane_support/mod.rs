@@ -4,10 +4,13 @@
 //! egress, a hostNetwork pod, pods on two nodes).
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use proptest::prelude::*;
-use sluice_policy::compile::InterfaceNames;
+use sluice_policy::classify::{Hook, Packet, Verdict, classify};
+use sluice_policy::compile::{CtState, InterfaceNames, Ruleset, Table};
+use sluice_policy::evaluate::Resolved;
 use sluice_policy::model::*;
 use sluice_policy::names::hash16;
 use sluice_policy::selector::{LabelSelector, Operator, Requirement};
@@ -489,4 +492,135 @@ pub fn arb_cluster() -> impl Strategy<Value = Cluster> {
             c
         },
     )
+}
+
+// ---- walking a connection through the compiled rules of every node ----
+
+/// Interface towards the outside world on every node.
+pub const UPLINK: &str = "eth0";
+/// Interface towards other nodes.
+pub const TUNNEL: &str = "tunl0";
+
+pub fn v4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => unreachable!("the generator makes IPv4 only"),
+    }
+}
+
+/// Where an endpoint sits: (node it lives on, veth when it is a pod).
+pub fn place(c: &Cluster, r: &Resolved) -> (Option<String>, Option<String>) {
+    match r {
+        Resolved::Pod { pod, .. } => {
+            let p = &c.pods[pod];
+            (p.node.clone(), Some(FakeVeths.host_veth(p)))
+        }
+        Resolved::Node { node, .. } => (Some(node.clone()), None),
+        Resolved::External { .. } => (None, None),
+    }
+}
+
+pub struct NodePacket {
+    pub node: String,
+    pub packet: Packet,
+}
+
+/// The filter-table hops of a connection's first packet through the nodes: out of
+/// the source pod's veth on its node (FORWARD, or INPUT when addressed to that node),
+/// over the tunnel, into the destination pod's veth (FORWARD; OUTPUT when the node
+/// itself sends). Empty when no pod is involved.
+pub fn hops(
+    c: &Cluster,
+    from: &Resolved,
+    to: &Resolved,
+    protocol: Protocol,
+    port: u16,
+) -> Vec<NodePacket> {
+    let (src_node, src_veth) = place(c, from);
+    let (dst_node, dst_veth) = place(c, to);
+    let packet = |hook, in_iface: Option<&str>, out_iface: Option<&str>| Packet {
+        hook,
+        in_iface: in_iface.map(String::from),
+        out_iface: out_iface.map(String::from),
+        src: v4(from.ip()),
+        dst: v4(to.ip()),
+        protocol,
+        dport: port,
+        ct: CtState::New,
+    };
+    let mut out = Vec::new();
+    // Leaving the source.
+    if let (Some(sn), Some(sv)) = (&src_node, &src_veth) {
+        let p = if dst_veth.is_none() && dst_node.as_ref() == Some(sn) {
+            packet(Hook::Input, Some(sv), None)
+        } else if dst_node.as_ref() == Some(sn) {
+            packet(Hook::Forward, Some(sv), dst_veth.as_deref())
+        } else if dst_node.is_some() {
+            packet(Hook::Forward, Some(sv), Some(TUNNEL))
+        } else {
+            packet(Hook::Forward, Some(sv), Some(UPLINK))
+        };
+        out.push(NodePacket {
+            node: sn.clone(),
+            packet: p,
+        });
+    }
+    // Arriving at a destination pod, unless the same-node hop above already covered it.
+    if let (Some(dn), Some(dv)) = (&dst_node, &dst_veth) {
+        let same_node_pod = src_veth.is_some() && src_node.as_ref() == Some(dn);
+        if !same_node_pod {
+            let p = if src_node.as_ref() == Some(dn) {
+                packet(Hook::Output, None, Some(dv))
+            } else if src_node.is_some() {
+                packet(Hook::Forward, Some(TUNNEL), Some(dv))
+            } else {
+                packet(Hook::Forward, Some(UPLINK), Some(dv))
+            };
+            out.push(NodePacket {
+                node: dn.clone(),
+                packet: p,
+            });
+        }
+    }
+    out
+}
+
+/// Whether every hop of the connection accepts its first packet, with the traces
+/// (for failure messages); `None` when no pod is involved.
+pub fn dataplane_allows(
+    c: &Cluster,
+    rulesets: &BTreeMap<String, Ruleset>,
+    from: &Resolved,
+    to: &Resolved,
+    protocol: Protocol,
+    port: u16,
+) -> Option<(bool, Vec<String>)> {
+    let path = hops(c, from, to, protocol, port);
+    if path.is_empty() {
+        return None;
+    }
+    let mut allowed = true;
+    let mut traces = Vec::new();
+    for hop in &path {
+        let cls = classify(&rulesets[&hop.node], Table::Filter, &hop.packet).expect("classify");
+        traces.push(format!(
+            "{} {:?}: {:?} via {:?}",
+            hop.node, hop.packet, cls.verdict, cls.trace
+        ));
+        allowed &= cls.verdict == Verdict::Accept;
+    }
+    Some((allowed, traces))
+}
+
+/// Every node's ruleset: Node objects and nodes named by pods.
+pub fn compile_all_nodes(c: &Cluster) -> BTreeMap<String, Ruleset> {
+    let mut nodes: std::collections::BTreeSet<String> = c.nodes.keys().cloned().collect();
+    nodes.extend(c.pods.values().filter_map(|p| p.node.clone()));
+    nodes
+        .into_iter()
+        .map(|n| {
+            let rs = sluice_policy::compile::compile(c, &n, &FakeVeths).expect("compile");
+            (n, rs)
+        })
+        .collect()
 }
