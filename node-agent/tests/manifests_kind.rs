@@ -28,6 +28,7 @@ struct KindNetworking {
     disable_default_cni: bool,
     pod_subnet: String,
     service_subnet: Option<String>,
+    kube_proxy_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
