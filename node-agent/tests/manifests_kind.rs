@@ -146,3 +146,44 @@ fn the_e2e_covers_the_seed_scenarios() {
         assert!(main.contains(seed), "{seed} is run");
     }
 }
+
+/// e2e.sh writes its pods from a shell function; source the script (without running
+/// `main`), call that function with a stub `kubectl`, and parse what it would apply
+/// strictly, for a pod with and without extra labels.
+#[test]
+fn the_pods_e2e_generates_are_valid_kubernetes() {
+    use manifests_common::{Object, documents, parse_object, repo_root};
+    let script = r#"
+        set -euo pipefail
+        exec 3>&1 1>&2
+        source <(sed '/^main "$@"$/d' tests/kind/e2e.sh)
+        k() { cat >&3; echo '---' >&3; }
+        pod e2e-net net-a a app=net-a
+        pod e2e-egress internet b networking/allow-internet-egress=true
+        pod e2e-client client-b b
+    "#;
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(repo_root())
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = documents("e2e.sh pod()", &String::from_utf8_lossy(&out.stdout));
+    assert_eq!(docs.len(), 3);
+    for doc in &docs {
+        let Ok(Object::Pod(pod)) = parse_object(doc) else {
+            panic!("{:?}", parse_object(doc));
+        };
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get("e2e").map(String::as_str), Some("sluice"));
+    }
+    assert_eq!(
+        docs[1].value["metadata"]["labels"]["networking/allow-internet-egress"],
+        "true"
+    );
+}
