@@ -34,6 +34,12 @@ pub fn e2e_data(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// How long a probe waits before it counts as blocked: `SLUICE_E2E_TIMEOUT_MS`, or
+/// 1000. Under QEMU's emulation everything is slower, so the VM suite raises it.
+pub fn timeout_ms() -> String {
+    std::env::var("SLUICE_E2E_TIMEOUT_MS").unwrap_or_else(|_| "1000".into())
+}
+
 fn sluicectl() -> PathBuf {
     sluice_testkit::bin_path("sluicectl")
 }
@@ -266,7 +272,17 @@ impl Lab {
     }
 
     pub fn matrix(&self) -> Matrix {
-        let out = must(&["lab", "matrix", "--name", &self.name, "-o", "json"]);
+        let t = timeout_ms();
+        let out = must(&[
+            "lab",
+            "matrix",
+            "--name",
+            &self.name,
+            "-o",
+            "json",
+            "--timeout-ms",
+            &t,
+        ]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("matrix output: {e}"))
     }
 

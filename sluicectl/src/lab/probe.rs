@@ -405,43 +405,35 @@ fn probe_sctp(p: &Resolved) -> Result<Outcome, LabError> {
         },
         sin_zero: [0; 8],
     };
-    // SAFETY: valid fd and sockaddr; non-blocking connect then poll for the result.
-    unsafe {
-        let fl = libc::fcntl(raw, libc::F_GETFL);
-        libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK);
-        let r = libc::connect(
+    // A blocking connect with SO_SNDTIMEO: for SCTP it returns only once the
+    // association is established (COOKIE-ACK), or EINPROGRESS when the timeout ran
+    // out. (poll(POLLOUT) on a non-blocking SCTP socket says "writable" before the
+    // association exists, which would turn a blocked INIT into a missing echo.)
+    let tv = libc::timeval {
+        tv_sec: p.timeout.as_secs() as libc::time_t,
+        tv_usec: p.timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid fd, sockaddr and timeval, sizes given.
+    let r = unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of_val(&tv) as libc::socklen_t,
+        );
+        libc::connect(
             raw,
             &addr as *const _ as *const libc::sockaddr,
             std::mem::size_of_val(&addr) as libc::socklen_t,
-        );
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINPROGRESS) {
-                return classify(&e, start);
-            }
-            let mut pfd = libc::pollfd {
-                fd: raw,
-                events: libc::POLLOUT,
-                revents: 0,
-            };
-            let ms_left = p.timeout.as_millis().min(i32::MAX as u128) as i32;
-            if libc::poll(&mut pfd, 1, ms_left) == 0 {
-                return Ok(blocked(start, "timeout"));
-            }
-            let mut err: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            libc::getsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                &mut err as *mut _ as *mut libc::c_void,
-                &mut len,
-            );
-            if err != 0 {
-                return classify(&std::io::Error::from_raw_os_error(err), start);
-            }
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINPROGRESS) {
+            return Ok(blocked(start, "timeout"));
         }
-        libc::fcntl(raw, libc::F_SETFL, fl);
+        return classify(&e, start);
     }
     stream_echo(TcpStream::from(fd), start, deadline)
 }

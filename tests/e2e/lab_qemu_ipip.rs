@@ -1,0 +1,101 @@
+//! The lab with `--encap ipip` inside a QEMU guest running Debian's cloud kernel
+//! (this host's kernel has no ipip): agent-net's `tests/qemu/run-vm.sh` boots it on
+//! this host's own filesystem, and the same e2e test binaries run inside with
+//! `SLUICE_E2E_ENCAP=ipip`: seed 001's NodePort Local/Cluster (the tunnel address is
+//! tunl0's now), cross-node traffic through tunl0, `lab down` leaving nothing, and
+//! upstream truth tables including SCTP, which the guest kernel has.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sluice_e2e::workspace_root;
+
+/// The newest test binary `name-<hash>` next to this one (cargo builds every test
+/// target of the package before running any).
+fn sibling_test(name: &str) -> PathBuf {
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let prefix = format!("{name}-");
+    std::fs::read_dir(&deps)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let f = p.file_name().unwrap().to_string_lossy().into_owned();
+            f.starts_with(&prefix) && !f.contains('.') && is_executable(p)
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no {name} test binary in {}: run `cargo test -p sluice-e2e`",
+                deps.display()
+            )
+        })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[test]
+fn lab_e2e_runs_with_ipip_under_qemu() {
+    if std::env::var_os("SLUICE_IN_VM").is_some() {
+        return; // already the guest: no VM inside the VM
+    }
+    if !sluice_testkit::require_root("lab_e2e_ipip_qemu")
+        || !sluice_testkit::require_tool("lab_e2e_ipip_qemu", "qemu-system-x86_64")
+    {
+        return;
+    }
+    let seeds = sibling_test("lab_seeds");
+    let topo = sibling_test("lab_topology");
+    let upstream = sibling_test("lab_upstream");
+    let script = format!(
+        "set -e\n\
+         echo '== seed 001 with ipip'\n\
+         {s} --exact seed_001_nodeport_local_keeps_the_load_balancer_address_and_cluster_does_not --nocapture\n\
+         echo '== cross-node through tunl0'\n\
+         {t} --exact cross_node_traffic_crosses_the_tunnel_with_pod_addresses_and_reaches_outside --nocapture\n\
+         echo '== lab down leaves nothing'\n\
+         {t} --exact lab_down_leaves_no_namespace_link_rule_set_file_or_process --nocapture\n\
+         echo '== upstream truth tables, SCTP included'\n\
+         {u} --nocapture\n",
+        s = seeds.display(),
+        t = topo.display(),
+        u = upstream.display(),
+    );
+    let started = std::time::Instant::now();
+    let status = Command::new(workspace_root().join("tests/qemu/run-vm.sh"))
+        .args([
+            "-t",
+            "1500",
+            "-e",
+            "SLUICE_E2E_ENCAP",
+            "-e",
+            "SLUICE_E2E_CASES",
+            "-e",
+            "SLUICE_E2E_TIMEOUT_MS",
+        ])
+        .args(["--", "bash", "-c", &script])
+        .env("SLUICE_E2E_ENCAP", "ipip")
+        // a few upstream cases: plain deny, namespace and pod selectors, ports, and
+        // the two SCTP ones the host kernel cannot run
+        .env(
+            "SLUICE_E2E_CASES",
+            "upstream-01,upstream-10,upstream-14,upstream-29,upstream-42",
+        )
+        .env("SLUICE_E2E_TIMEOUT_MS", "3000")
+        .current_dir(workspace_root())
+        .status()
+        .expect("run tests/qemu/run-vm.sh");
+    eprintln!("QEMU ipip suite: {:.0} s", started.elapsed().as_secs_f64());
+    assert!(
+        status.success(),
+        "the lab e2e under QEMU with ipip failed: {status}"
+    );
+}
