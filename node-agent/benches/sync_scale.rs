@@ -30,7 +30,11 @@ fn objects(local_pods: usize) -> Vec<Value> {
     }
     for i in 0..PODS {
         // The first `local_pods` pods run on node-0; the rest spread over the others.
-        let node = if i < local_pods { 0 } else { 1 + i % (NODES - 1) };
+        let node = if i < local_pods {
+            0
+        } else {
+            1 + i % (NODES - 1)
+        };
         out.push(json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("pod-{i}"), "namespace": format!("ns-{}", i % NAMESPACES),
                          "labels": {"app": format!("app-{}", i % 20), "tier": if i % 2 == 0 {"fe"} else {"be"}}},
@@ -63,12 +67,21 @@ fn objects(local_pods: usize) -> Vec<Value> {
 
 fn snapshot(objs: &[Value]) -> Snapshot {
     let conv = convert(objs);
-    assert!(conv.rejected_policies.is_empty(), "{:?}", conv.rejected_policies.values().next());
+    assert!(
+        conv.rejected_policies.is_empty(),
+        "{:?}",
+        conv.rejected_policies.values().next()
+    );
     Snapshot {
         cluster: conv.cluster,
         rejected_policies: Default::default(),
         blocks: (0..NODES)
-            .map(|n| (format!("10.244.{}.0/24", n).parse().unwrap(), format!("node-{n}")))
+            .map(|n| {
+                (
+                    format!("10.244.{}.0/24", n).parse().unwrap(),
+                    format!("node-{n}"),
+                )
+            })
             .collect(),
     }
 }
@@ -92,13 +105,27 @@ fn scenario(name: &str, local: usize, kernel: bool) {
     let t = Instant::now();
     let desired = reconcile::desired(&snap, &settings).unwrap();
     let t_desired = t.elapsed();
-    let chains: usize = desired.dataplane.tables.values().map(|t| t.chains.len()).sum();
-    println!("## {name}: {PODS} pods ({local} on this node), {POLICIES} policies, {NAMESPACES} namespaces, {NODES} nodes");
+    let chains: usize = desired
+        .dataplane
+        .tables
+        .values()
+        .map(|t| t.chains.len())
+        .sum();
+    println!(
+        "## {name}: {PODS} pods ({local} on this node), {POLICIES} policies, {NAMESPACES} namespaces, {NODES} nodes"
+    );
     println!("| step | result |\n|---|---|");
     println!("| convert objects → model | {} |", ms(t_convert));
     println!("| compile + agent rules (pure) | {} |", ms(t_desired));
-    println!("| owned chains / rules | {chains} / {} |", desired.dataplane.rule_count());
-    println!("| ipsets / members | {} / {} |", desired.dataplane.sets.len(), desired.dataplane.set_member_count());
+    println!(
+        "| owned chains / rules | {chains} / {} |",
+        desired.dataplane.rule_count()
+    );
+    println!(
+        "| ipsets / members | {} / {} |",
+        desired.dataplane.sets.len(),
+        desired.dataplane.set_member_count()
+    );
 
     if !kernel {
         println!("| kernel apply | skipped (not root) |\n");
@@ -108,7 +135,11 @@ fn scenario(name: &str, local: usize, kernel: bool) {
         let dp = Dataplane::new(ExecRunner, Backend::Nft);
         let t = Instant::now();
         let r = dp.sync(&desired.dataplane).unwrap();
-        println!("| first apply (ipset restore + iptables-nft-restore) | {} ({} chains written) |", ms(t.elapsed()), r.chains_rewritten);
+        println!(
+            "| first apply (ipset restore + iptables-nft-restore) | {} ({} chains written) |",
+            ms(t.elapsed()),
+            r.chains_rewritten
+        );
         let mut noop = Vec::new();
         for _ in 0..5 {
             let t = Instant::now();
@@ -117,7 +148,10 @@ fn scenario(name: &str, local: usize, kernel: bool) {
             noop.push(t.elapsed());
         }
         noop.sort();
-        println!("| no-op resync (save, parse, compare), median of 5 | {} |", ms(noop[2]));
+        println!(
+            "| no-op resync (save, parse, compare), median of 5 | {} |",
+            ms(noop[2])
+        );
 
         // One new local pod: the ADD-to-enforced work at this scale.
         let mut objs2 = objs.clone();
@@ -142,9 +176,15 @@ fn scenario(name: &str, local: usize, kernel: bool) {
         dp.sync(&desired.dataplane).unwrap();
         let t = Instant::now();
         dp.sync_with(&d2.dataplane, SyncMode::Full).unwrap();
-        println!("| one new local pod, full-read apply | {} |", ms(t.elapsed()));
+        println!(
+            "| one new local pod, full-read apply | {} |",
+            ms(t.elapsed())
+        );
         let saved = sluice_testkit::sh("iptables-nft-save | grep -c '^-A SLUICE'");
-        println!("| rules in the kernel (iptables-save) | {} |\n", saved.trim());
+        println!(
+            "| rules in the kernel (iptables-save) | {} |\n",
+            saved.trim()
+        );
     });
 }
 

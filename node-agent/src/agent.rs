@@ -381,7 +381,11 @@ mod loop_tests {
         let f2 = fail.clone();
         let runner = RecordingRunner::new(move |c: &RecordedCall| {
             if c.program.ends_with("-restore") && f2.load(Ordering::SeqCst) {
-                CommandOutput { status: 2, stdout: String::new(), stderr: "line 2 failed".into() }
+                CommandOutput {
+                    status: 2,
+                    stdout: String::new(),
+                    stderr: "line 2 failed".into(),
+                }
             } else {
                 CommandOutput::ok("")
             }
@@ -405,7 +409,13 @@ mod loop_tests {
             coalesce: Duration::from_millis(1),
         };
         tokio::spawn(lp.run(rx));
-        Fixture { runner, fail, health, metrics, tx }
+        Fixture {
+            runner,
+            fail,
+            health,
+            metrics,
+            tx,
+        }
     }
 
     async fn settle() {
@@ -428,8 +438,15 @@ mod loop_tests {
             .filter(|c| c.stdin.is_some())
             .map(RecordedCall::command_line)
             .collect();
-        assert!(restores.contains(&"iptables-nft-restore --noflush -w".to_string()), "{restores:?}");
-        assert!(f.metrics.encode().contains("sluice_agent_add_to_enforced_seconds_count 1"));
+        assert!(
+            restores.contains(&"iptables-nft-restore --noflush -w".to_string()),
+            "{restores:?}"
+        );
+        assert!(
+            f.metrics
+                .encode()
+                .contains("sluice_agent_add_to_enforced_seconds_count 1")
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,16 +459,31 @@ mod loop_tests {
         let v = f.health.view();
         assert!(!v.ready, "{v:?}");
         assert!(v.last_error.unwrap().contains("line 2 failed"));
-        let attempts = f.runner.calls().iter().filter(|c| c.program == "iptables-nft-restore").count();
-        assert!((3..=4).contains(&attempts), "backoff, not a hot loop: {attempts}");
+        let attempts = f
+            .runner
+            .calls()
+            .iter()
+            .filter(|c| c.program == "iptables-nft-restore")
+            .count();
+        assert!(
+            (3..=4).contains(&attempts),
+            "backoff, not a hot loop: {attempts}"
+        );
         let m = f.metrics.encode();
-        assert!(m.contains(&format!("sluice_agent_restore_failures_total {attempts}")), "{m}");
+        assert!(
+            m.contains(&format!("sluice_agent_restore_failures_total {attempts}")),
+            "{m}"
+        );
         assert!(m.contains("sluice_agent_pods_waiting_for_policy 1"), "{m}");
         // The kernel recovers: the next retry applies and the node is ready again.
         f.fail.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert!(f.health.view().ready);
-        assert!(f.metrics.encode().contains("sluice_agent_pods_waiting_for_policy 0"));
+        assert!(
+            f.metrics
+                .encode()
+                .contains("sluice_agent_pods_waiting_for_policy 0")
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,20 +491,36 @@ mod loop_tests {
         let f = start();
         f.tx.send(Some(Arc::new(snapshot()))).unwrap();
         settle().await;
-        let first: Vec<RecordedCall> = f.runner.calls().into_iter().filter(|c| c.stdin.is_some()).collect();
+        let first: Vec<RecordedCall> = f
+            .runner
+            .calls()
+            .into_iter()
+            .filter(|c| c.stdin.is_some())
+            .collect();
         f.runner.clear();
         // No new snapshots (the API server is gone); resyncs go on with the last one,
         // and every write is the same desired state again, never a flush or -X.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let later: Vec<RecordedCall> = f.runner.calls().into_iter().filter(|c| c.stdin.is_some()).collect();
+        let later: Vec<RecordedCall> = f
+            .runner
+            .calls()
+            .into_iter()
+            .filter(|c| c.stdin.is_some())
+            .collect();
         assert!(!later.is_empty(), "resync keeps running");
         for c in &later {
             let stdin = c.stdin.as_deref().unwrap();
             assert!(
-                stdin.lines().all(|l| !l.starts_with("-F") && !l.starts_with("-X") && !l.starts_with("destroy") && !l.starts_with("flush")),
+                stdin.lines().all(|l| !l.starts_with("-F")
+                    && !l.starts_with("-X")
+                    && !l.starts_with("destroy")
+                    && !l.starts_with("flush")),
                 "{stdin}"
             );
-            assert!(first.iter().any(|f| f.stdin == c.stdin), "same state rewritten: {stdin}");
+            assert!(
+                first.iter().any(|f| f.stdin == c.stdin),
+                "same state rewritten: {stdin}"
+            );
         }
     }
 }

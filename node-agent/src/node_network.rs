@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 
 use crate::agent::NodeNetwork;
+use crate::mtu;
 use crate::netlink::Netlink;
 use crate::reconcile::Desired;
 use crate::routes::{self, BlockOwner};
 use crate::tunnel::{self, Encapsulation, TunnelSpec, VxlanSettings};
-use crate::mtu;
 
 pub struct KernelNetwork {
     pub netlink: Netlink,
@@ -39,7 +39,9 @@ impl NodeNetwork for KernelNetwork {
         }
         let mut spec = TunnelSpec::new(self.encap, node_ip, address, &uplink);
         spec.vxlan = self.vxlan;
-        let state = tunnel::ensure(&self.netlink, &spec).await.map_err(|e| e.to_string())?;
+        let state = tunnel::ensure(&self.netlink, &spec)
+            .await
+            .map_err(|e| e.to_string())?;
         mtu::write_mtu_file(&self.mtu_file, state.mtu).map_err(|e| e.to_string())?;
         let owners: Vec<BlockOwner> = d
             .blocks
@@ -51,12 +53,18 @@ impl NodeNetwork for KernelNetwork {
             })
             .collect();
         let want = routes::desired(&self.node, &owners, &state.route_encap());
-        let report = routes::sync(&self.netlink, &want).await.map_err(|e| e.to_string())?;
+        let report = routes::sync(&self.netlink, &want)
+            .await
+            .map_err(|e| e.to_string())?;
         for c in &report.conflicts {
             tracing::warn!(route = %c, "a route of another owner holds a block destination; left alone");
         }
         if !report.failures.is_empty() {
-            let list: Vec<String> = report.failures.iter().map(|f| format!("{}: {}", f.what, f.error)).collect();
+            let list: Vec<String> = report
+                .failures
+                .iter()
+                .map(|f| format!("{}: {}", f.what, f.error))
+                .collect();
             return Err(format!("route sync: {}", list.join("; ")));
         }
         Ok(report.programmed())

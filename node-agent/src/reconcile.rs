@@ -281,7 +281,11 @@ fn hook(table: &mut DesiredTable, builtin: &str, fallback: &str, rules: Vec<Stri
 
 /// `-i`/`-o` arguments for the interfaces of pods held by rejected policies:
 /// exact veths, or `slcXXXX+` for a namespace whose policy selector is unreadable.
-fn held_interfaces(snapshot: &Snapshot, cluster: &sluice_policy::Cluster, node: &str) -> BTreeSet<String> {
+fn held_interfaces(
+    snapshot: &Snapshot,
+    cluster: &sluice_policy::Cluster,
+    node: &str,
+) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for (key, rejected) in &snapshot.rejected_policies {
         match &rejected.pod_selector {
@@ -290,7 +294,9 @@ fn held_interfaces(snapshot: &Snapshot, cluster: &sluice_policy::Cluster, node: 
             }
             Some(sel) => {
                 for pod in cluster.pods.values().filter(|p| {
-                    !p.host_network && p.node.as_deref() == Some(node) && p.namespace == key.namespace
+                    !p.host_network
+                        && p.node.as_deref() == Some(node)
+                        && p.namespace == key.namespace
                 }) {
                     if sel.matches(&pod.labels) {
                         out.insert(VethNames.host_veth(pod));
@@ -451,13 +457,27 @@ spec: {podSelector: {}}
     fn blocks_routes_and_local_pods_come_from_the_snapshot() {
         let d = desired(&snapshot(""), &settings()).unwrap();
         assert_eq!(d.node_ip, Some("192.168.0.1".parse().unwrap()));
-        assert_eq!(d.own_blocks, vec!["10.244.1.0/24".parse::<Ipv4Net>().unwrap()]);
-        let routed: Vec<_> = d.blocks.iter().map(|b| (b.block.to_string(), b.node_ip.to_string())).collect();
+        assert_eq!(
+            d.own_blocks,
+            vec!["10.244.1.0/24".parse::<Ipv4Net>().unwrap()]
+        );
+        let routed: Vec<_> = d
+            .blocks
+            .iter()
+            .map(|b| (b.block.to_string(), b.node_ip.to_string()))
+            .collect();
         assert_eq!(
             routed,
-            [("10.244.1.0/24".into(), "192.168.0.1".into()), ("10.244.2.0/24".into(), "192.168.0.2".to_string())]
+            [
+                ("10.244.1.0/24".into(), "192.168.0.1".into()),
+                ("10.244.2.0/24".into(), "192.168.0.2".to_string())
+            ]
         );
-        assert!(d.warnings.iter().any(|w| w.contains("node-gone")), "{:?}", d.warnings);
+        assert!(
+            d.warnings.iter().any(|w| w.contains("node-gone")),
+            "{:?}",
+            d.warnings
+        );
         // Only local pods with an address are waited for.
         assert_eq!(d.local_pods, [NamespacedName::new("prod", "web")].into());
     }
@@ -465,19 +485,43 @@ spec: {podSelector: {}}
     #[test]
     fn node_set_holds_every_node_and_nat_skips_pool_and_nodes() {
         let d = desired(&snapshot(""), &settings()).unwrap();
-        let nodes = d.dataplane.sets.iter().find(|s| s.name == SET_NODES).unwrap();
-        assert_eq!(nodes.members.iter().cloned().collect::<Vec<_>>(), ["192.168.0.1", "192.168.0.2"]);
+        let nodes = d
+            .dataplane
+            .sets
+            .iter()
+            .find(|s| s.name == SET_NODES)
+            .unwrap();
+        assert_eq!(
+            nodes.members.iter().cloned().collect::<Vec<_>>(),
+            ["192.168.0.1", "192.168.0.2"]
+        );
         let nat = chain(&d, "nat", CHAIN_NAT_OUTGOING);
         assert_eq!(
             nat.rules,
-            ["-m set --match-set SLUICE-POOLS src -m set ! --match-set SLUICE-POOLS dst \
-              -m set ! --match-set SLUICE-NODES dst -j MASQUERADE"]
+            [
+                "-m set --match-set SLUICE-POOLS src -m set ! --match-set SLUICE-POOLS dst \
+              -m set ! --match-set SLUICE-NODES dst -j MASQUERADE"
+            ]
         );
         // The only nat rule sluice has: nothing that could SNAT traffic to a pod, and
         // no rule anywhere that names a tunnel address.
-        let all: Vec<&String> = d.dataplane.tables.values().flat_map(|t| t.chains.iter()).flat_map(|c| c.rules.iter()).collect();
-        assert!(all.iter().filter(|r| r.contains("MASQUERADE") || r.contains("SNAT")).count() == 1);
-        assert!(!all.iter().any(|r| r.contains("tunl0") || r.contains("10.244.1.0/32")));
+        let all: Vec<&String> = d
+            .dataplane
+            .tables
+            .values()
+            .flat_map(|t| t.chains.iter())
+            .flat_map(|c| c.rules.iter())
+            .collect();
+        assert!(
+            all.iter()
+                .filter(|r| r.contains("MASQUERADE") || r.contains("SNAT"))
+                .count()
+                == 1
+        );
+        assert!(
+            !all.iter()
+                .any(|r| r.contains("tunl0") || r.contains("10.244.1.0/32"))
+        );
     }
 
     #[test]
@@ -485,16 +529,44 @@ spec: {podSelector: {}}
         let d = desired(&snapshot(""), &settings()).unwrap();
         let filter = &d.dataplane.tables["filter"];
         for builtin in ["INPUT", "FORWARD"] {
-            assert_eq!(filter.jumps.iter().filter(|j| j.from == builtin).count(), 1, "{builtin}");
+            assert_eq!(
+                filter.jumps.iter().filter(|j| j.from == builtin).count(),
+                1,
+                "{builtin}"
+            );
         }
-        let input_target = filter.jumps.iter().find(|j| j.from == "INPUT").unwrap().target().unwrap();
-        assert_eq!(chain(&d, "filter", input_target).rules[0], format!("-p 4 -j {CHAIN_TUNNEL_IN}"));
+        let input_target = filter
+            .jumps
+            .iter()
+            .find(|j| j.from == "INPUT")
+            .unwrap()
+            .target()
+            .unwrap();
+        assert_eq!(
+            chain(&d, "filter", input_target).rules[0],
+            format!("-p 4 -j {CHAIN_TUNNEL_IN}")
+        );
         assert_eq!(
             chain(&d, "filter", CHAIN_TUNNEL_IN).rules,
-            ["-i slc+ -j DROP", "-i slx+ -j DROP", "-m set --match-set SLUICE-NODES src -j RETURN", "-j DROP"]
+            [
+                "-i slc+ -j DROP",
+                "-i slx+ -j DROP",
+                "-m set --match-set SLUICE-NODES src -j RETURN",
+                "-j DROP"
+            ]
         );
-        let fwd_target = filter.jumps.iter().find(|j| j.from == "FORWARD").unwrap().target().unwrap();
-        assert!(chain(&d, "filter", fwd_target).rules[..2].iter().all(|r| r.ends_with("-p 4 -j DROP")));
+        let fwd_target = filter
+            .jumps
+            .iter()
+            .find(|j| j.from == "FORWARD")
+            .unwrap()
+            .target()
+            .unwrap();
+        assert!(
+            chain(&d, "filter", fwd_target).rules[..2]
+                .iter()
+                .all(|r| r.ends_with("-p 4 -j DROP"))
+        );
     }
 
     #[test]
@@ -502,11 +574,25 @@ spec: {podSelector: {}}
         let mut s = settings();
         s.tunnel = TunnelFilter::Vxlan { port: 4799 };
         let d = desired(&snapshot(""), &s).unwrap();
-        let input = d.dataplane.tables["filter"].jumps.iter().find(|j| j.from == "INPUT").unwrap().target().unwrap();
-        assert_eq!(chain(&d, "filter", input).rules[0], format!("-p udp -m udp --dport 4799 -j {CHAIN_TUNNEL_IN}"));
+        let input = d.dataplane.tables["filter"]
+            .jumps
+            .iter()
+            .find(|j| j.from == "INPUT")
+            .unwrap()
+            .target()
+            .unwrap();
+        assert_eq!(
+            chain(&d, "filter", input).rules[0],
+            format!("-p udp -m udp --dport 4799 -j {CHAIN_TUNNEL_IN}")
+        );
         s.tunnel = TunnelFilter::None;
         let d = desired(&snapshot(""), &s).unwrap();
-        assert!(d.dataplane.tables["filter"].chains.iter().all(|c| c.name != CHAIN_TUNNEL_IN));
+        assert!(
+            d.dataplane.tables["filter"]
+                .chains
+                .iter()
+                .all(|c| c.name != CHAIN_TUNNEL_IN)
+        );
     }
 
     #[test]
@@ -522,20 +608,44 @@ spec: {podSelector: {}}
         let d = desired(&snap, &settings()).unwrap();
         let veth = VethNames.host_veth(&snap.cluster.pods[&NamespacedName::new("prod", "web")]);
         // `far` runs on node-2: not ours to hold.
-        assert_eq!(chain(&d, "filter", CHAIN_HELD).rules, [format!("-o {veth} -j DROP"), format!("-i {veth} -j DROP")]);
-        assert!(d.warnings.iter().any(|w| w.contains("prod/broken") && w.contains("except outside cidr")));
-        let fwd = d.dataplane.tables["filter"].jumps.iter().find(|j| j.from == "FORWARD").unwrap().target().unwrap();
+        assert_eq!(
+            chain(&d, "filter", CHAIN_HELD).rules,
+            [format!("-o {veth} -j DROP"), format!("-i {veth} -j DROP")]
+        );
+        assert!(
+            d.warnings
+                .iter()
+                .any(|w| w.contains("prod/broken") && w.contains("except outside cidr"))
+        );
+        let fwd = d.dataplane.tables["filter"]
+            .jumps
+            .iter()
+            .find(|j| j.from == "FORWARD")
+            .unwrap()
+            .target()
+            .unwrap();
         // Ahead of every allow in the chain FORWARD jumps to.
         let rules = &chain(&d, "filter", fwd).rules;
-        let held_at = rules.iter().position(|r| r == &format!("-m conntrack --ctstate NEW -j {CHAIN_HELD}")).unwrap();
-        let first_accept = rules.iter().position(|r| r.contains("ACCEPT") || r.contains("-g ") || r.contains("-j SLUICE-FWD")).unwrap();
+        let held_at = rules
+            .iter()
+            .position(|r| r == &format!("-m conntrack --ctstate NEW -j {CHAIN_HELD}"))
+            .unwrap();
+        let first_accept = rules
+            .iter()
+            .position(|r| r.contains("ACCEPT") || r.contains("-g ") || r.contains("-j SLUICE-FWD"))
+            .unwrap();
         assert!(held_at < first_accept, "{rules:#?}");
 
         // Unreadable selector: the whole namespace, by wildcard.
-        snap.rejected_policies.values_mut().for_each(|r| r.pod_selector = None);
+        snap.rejected_policies
+            .values_mut()
+            .for_each(|r| r.pod_selector = None);
         let d = desired(&snap, &settings()).unwrap();
         let prefix = VethNames.namespace_prefix("prod");
-        assert_eq!(chain(&d, "filter", CHAIN_HELD).rules[0], format!("-o {prefix}+ -j DROP"));
+        assert_eq!(
+            chain(&d, "filter", CHAIN_HELD).rules[0],
+            format!("-o {prefix}+ -j DROP")
+        );
     }
 
     #[test]
@@ -546,7 +656,12 @@ spec: {podSelector: {}}
         );
         let r = &snap.rejected_policies[&NamespacedName::new("prod", "bad")];
         assert!(r.pod_selector.is_some());
-        assert!(desired(&snap, &settings()).unwrap().dataplane.tables["filter"].chains.iter().any(|c| c.name == CHAIN_HELD));
+        assert!(
+            desired(&snap, &settings()).unwrap().dataplane.tables["filter"]
+                .chains
+                .iter()
+                .any(|c| c.name == CHAIN_HELD)
+        );
     }
 
     #[test]
@@ -562,6 +677,14 @@ spec: {podSelector: {}}
         s.node_ip = Some("10.9.9.9".parse().unwrap());
         let d = desired(&snapshot(""), &s).unwrap();
         assert_eq!(d.node_ip, s.node_ip);
-        assert!(d.dataplane.sets.iter().find(|x| x.name == SET_NODES).unwrap().members.contains("10.9.9.9"));
+        assert!(
+            d.dataplane
+                .sets
+                .iter()
+                .find(|x| x.name == SET_NODES)
+                .unwrap()
+                .members
+                .contains("10.9.9.9")
+        );
     }
 }

@@ -9,13 +9,13 @@ use sluice_ipam::blocks::{Pool, PoolError};
 
 use crate::agent::{self, AgentError, Loop};
 use crate::config::{DatastoreKind, RunConfig};
-use crate::node_network::{KernelNetwork, Network};
-use crate::tunnel::{Encapsulation, VxlanSettings};
 use crate::datastore::dir::DirDatastore;
 use crate::datastore::kube::KubeDatastore;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::node_network::{KernelNetwork, Network};
 use crate::reconcile::{NodeSettings, TunnelFilter};
+use crate::tunnel::{Encapsulation, VxlanSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -114,16 +114,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             let manifests = cfg.manifests_dir.clone().expect("clap requires it");
             let blocks = cfg.block_store_dir.clone().expect("clap requires it");
             let (node, poll) = (cfg.node_name.clone(), cfg.poll_interval());
-            let pool = pool.clone();
             tokio::spawn(agent::supervise(
                 move || {
-                    DirDatastore::new(
-                        manifests.clone(),
-                        blocks.clone(),
-                        pool.clone(),
-                        node.clone(),
-                        poll,
-                    )
+                    DirDatastore::new(manifests.clone(), blocks.clone(), pool, node.clone(), poll)
                 },
                 tx,
             ));
@@ -141,7 +134,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                     KubeDatastore::new(
                         client.clone(),
                         store.clone(),
-                        pool.clone(),
+                        pool,
                         node.clone(),
                         file.clone(),
                         coalesce,

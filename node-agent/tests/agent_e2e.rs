@@ -81,7 +81,13 @@ fn foreign(w: &World) -> Vec<String> {
     w.iptables_save()
         .lines()
         .filter(|l| !l.starts_with('#') && !l.contains("SLUICE") && !l.contains("sluice:"))
-        .map(|l| if l.starts_with(':') { l.split(" [").next().unwrap().to_string() } else { l.to_string() })
+        .map(|l| {
+            if l.starts_with(':') {
+                l.split(" [").next().unwrap().to_string()
+            } else {
+                l.to_string()
+            }
+        })
         .collect()
 }
 
@@ -122,16 +128,28 @@ fn policy_nat_and_nodeport_with_real_packets() {
     let intruder = w.pod("intruder");
     let ok = connect_echo(web, "10.244.1.11", 5432);
     assert!(ok, "web → db:5432 must pass");
-    assert!(!connect_echo(intruder, "10.244.1.11", 5432), "intruder → db:5432 must be dropped");
-    assert!(web.connect("10.244.1.11", 5433).is_err(), "web → db:5433 is not an allowed port");
+    assert!(
+        !connect_echo(intruder, "10.244.1.11", 5432),
+        "intruder → db:5432 must be dropped"
+    );
+    assert!(
+        web.connect("10.244.1.11", 5433).is_err(),
+        "web → db:5433 is not an allowed port"
+    );
 
     // The node itself reaches an isolated pod (kubelet probes).
     assert_eq!(w.node_connect("10.244.1.11", 5433).unwrap(), NODE_IP);
 
     // NodePort with externalTrafficPolicy Local: the pod sees the client's own address,
     // so the ipBlock rule decides (seed 001).
-    assert_eq!(w.client_connect(CLIENT_IP, NODE_IP, 30080).unwrap(), CLIENT_IP);
-    assert!(w.client_connect(OTHER_CLIENT_IP, NODE_IP, 30080).is_err(), "other client is not in the ipBlock");
+    assert_eq!(
+        w.client_connect(CLIENT_IP, NODE_IP, 30080).unwrap(),
+        CLIENT_IP
+    );
+    assert!(
+        w.client_connect(OTHER_CLIENT_IP, NODE_IP, 30080).is_err(),
+        "other client is not in the ipBlock"
+    );
     // A pod outside the policy gets nothing through the NodePort either... and
     // directly: intruder → web:8080 is denied.
     assert!(intruder.connect("10.244.1.10", 8080).is_err());
@@ -140,14 +158,24 @@ fn policy_nat_and_nodeport_with_real_packets() {
     // traffic to a pod is never SNATed (checked above: web saw the client).
     let mut outside_server = std::process::Command::new("nsenter")
         .arg(format!("--net={}", w.outside.path().display()))
-        .args(["sh", "-c", "exec socat TCP-LISTEN:9000,fork,reuseaddr SYSTEM:'echo $SOCAT_PEERADDR'"])
+        .args([
+            "sh",
+            "-c",
+            "exec socat TCP-LISTEN:9000,fork,reuseaddr SYSTEM:'echo $SOCAT_PEERADDR'",
+        ])
         .spawn()
         .unwrap();
     wait_for("outside server", Duration::from_secs(3), || {
-        String::from_utf8_lossy(&w.outside.try_exec("cat /proc/net/tcp").stdout).contains(":2328 00000000:0000 0A")
+        String::from_utf8_lossy(&w.outside.try_exec("cat /proc/net/tcp").stdout)
+            .contains(":2328 00000000:0000 0A")
     });
-    assert_eq!(intruder.connect(CLIENT_IP, 9000).unwrap(), NODE_IP, "pod → outside is masqueraded");
+    assert_eq!(
+        intruder.connect(CLIENT_IP, 9000).unwrap(),
+        NODE_IP,
+        "pod → outside is masqueraded"
+    );
     let _ = outside_server.kill();
+    let _ = outside_server.wait();
 
     // Health endpoint and metrics.
     let ready = w.http_get("/readyz");
@@ -166,11 +194,21 @@ fn policy_nat_and_nodeport_with_real_packets() {
     // Drift: delete one of our rules by hand; the periodic resync (1 s) restores it.
     let save = w.iptables_save();
     let ours_before: Vec<&str> = save.lines().filter(|l| l.contains("sluice:")).collect();
-    let victim = ours_before.iter().find(|l| l.starts_with("-A SLUICE-NAT-OUTGOING")).expect("nat rule");
-    w.node.exec(&format!("iptables-nft -t nat -D {}", &victim[3..]));
-    wait_for("resync restores the deleted rule", Duration::from_secs(5), || {
-        w.node.exec("iptables-nft-save -t nat").contains(&victim.to_string())
-    });
+    let victim = ours_before
+        .iter()
+        .find(|l| l.starts_with("-A SLUICE-NAT-OUTGOING"))
+        .expect("nat rule");
+    w.node
+        .exec(&format!("iptables-nft -t nat -D {}", &victim[3..]));
+    wait_for(
+        "resync restores the deleted rule",
+        Duration::from_secs(5),
+        || {
+            w.node
+                .exec("iptables-nft-save -t nat")
+                .contains(&victim.to_string())
+        },
+    );
 
     // Many resyncs later, the foreign rules are byte for byte what they were.
     std::thread::sleep(Duration::from_secs(2));
@@ -199,8 +237,12 @@ fn restart_under_load_opens_nothing_and_cuts_nothing() {
     let mut established = Established::open(web, "10.244.1.11", 5432);
 
     let stop = AtomicBool::new(false);
-    let (allowed_ok, allowed_failed, denied_passed, denied_blocked) =
-        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let (allowed_ok, allowed_failed, denied_passed, denied_blocked) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
     let second_log = std::thread::scope(|s| {
         s.spawn(|| {
             while !stop.load(Relaxed) {
@@ -238,12 +280,22 @@ fn restart_under_load_opens_nothing_and_cuts_nothing() {
         drop(again);
         log
     });
-    let (ok, failed, passed, blocked) =
-        (allowed_ok.load(Relaxed), allowed_failed.load(Relaxed), denied_passed.load(Relaxed), denied_blocked.load(Relaxed));
+    let (ok, failed, passed, blocked) = (
+        allowed_ok.load(Relaxed),
+        allowed_failed.load(Relaxed),
+        denied_passed.load(Relaxed),
+        denied_blocked.load(Relaxed),
+    );
     eprintln!("allowed ok {ok} failed {failed}; denied passed {passed} blocked {blocked}");
-    assert_eq!(passed, 0, "a denied connection got through during the restart");
+    assert_eq!(
+        passed, 0,
+        "a denied connection got through during the restart"
+    );
     assert_eq!(failed, 0, "an allowed connection failed during the restart");
-    assert!(ok > 10 && blocked > 2, "the streams ran: ok {ok}, blocked {blocked}");
+    assert!(
+        ok > 10 && blocked > 2,
+        "the streams ran: ok {ok}, blocked {blocked}"
+    );
     // The restarted agent found everything in place and wrote nothing.
     assert!(
         !second_log.contains("dataplane synced"),
@@ -268,37 +320,60 @@ fn unknown_pods_fail_closed_until_enforced_and_bad_policy_holds_its_pods() {
     }
     let (mut w, _agent) = setup();
     // Control: from outside, a pod of a namespace without policy is reachable.
-    assert_eq!(w.client_connect(CLIENT_IP, "10.244.1.20", 8080).unwrap(), CLIENT_IP);
+    assert_eq!(
+        w.client_connect(CLIENT_IP, "10.244.1.20", 8080).unwrap(),
+        CLIENT_IP
+    );
 
     // A pod the CNI plugin wired but the datastore has not shown yet, in a namespace
     // with ingress policies: fail-closed.
     let i = w.add_pod("prod", "newcomer", "10.244.1.30");
     w.pods[i].serve_peer_addr(8080);
-    assert!(w.client_connect(CLIENT_IP, "10.244.1.30", 8080).is_err(), "unknown prod pod must be fail-closed");
+    assert!(
+        w.client_connect(CLIENT_IP, "10.244.1.30", 8080).is_err(),
+        "unknown prod pod must be fail-closed"
+    );
 
     // Its manifest appears (no policy selects it): from the write to the first
     // connection that passes is the ADD-to-enforced latency seen end to end.
     let t0 = std::time::Instant::now();
-    w.write_manifest("30-newcomer.yaml", &pod_yaml("prod", "newcomer", "newcomer", "10.244.1.30"));
+    w.write_manifest(
+        "30-newcomer.yaml",
+        &pod_yaml("prod", "newcomer", "newcomer", "10.244.1.30"),
+    );
     wait_for("newcomer reachable", Duration::from_secs(10), || {
-        w.client_connect_within(CLIENT_IP, "10.244.1.30", 8080, "0.05").is_ok()
+        w.client_connect_within(CLIENT_IP, "10.244.1.30", 8080, "0.05")
+            .is_ok()
     });
-    eprintln!("ADD-to-enforced (manifest written → first packet through): {:?}", t0.elapsed());
+    eprintln!(
+        "ADD-to-enforced (manifest written → first packet through): {:?}",
+        t0.elapsed()
+    );
 
     // A policy that cannot be expressed holds the pods it selects: the NodePort client
     // that web-from-lb allows is refused while it exists.
-    assert_eq!(w.client_connect(CLIENT_IP, NODE_IP, 30080).unwrap(), CLIENT_IP);
+    assert_eq!(
+        w.client_connect(CLIENT_IP, NODE_IP, 30080).unwrap(),
+        CLIENT_IP
+    );
     w.write_manifest("40-broken.yaml", INEXPRESSIBLE);
     wait_for("web held fail-closed", Duration::from_secs(10), || {
         w.client_connect(CLIENT_IP, NODE_IP, 30080).is_err()
     });
     let metrics = w.http_get("/metrics");
-    assert!(metrics.contains("sluice_agent_rejected_policies 1"), "{metrics}");
+    assert!(
+        metrics.contains("sluice_agent_rejected_policies 1"),
+        "{metrics}"
+    );
     std::fs::remove_file(w.manifests().join("40-broken.yaml")).unwrap();
-    wait_for("web released", Duration::from_secs(10), || w.client_connect(CLIENT_IP, NODE_IP, 30080).is_ok());
+    wait_for("web released", Duration::from_secs(10), || {
+        w.client_connect(CLIENT_IP, NODE_IP, 30080).is_ok()
+    });
 
     // Control for the denials above: without the policies, intruder reaches db.
     assert!(!connect_echo(w.pod("intruder"), "10.244.1.11", 5432));
     std::fs::remove_file(w.manifests().join("20-policies.yaml")).unwrap();
-    wait_for("policies removed", Duration::from_secs(10), || connect_echo(w.pod("intruder"), "10.244.1.11", 5432));
+    wait_for("policies removed", Duration::from_secs(10), || {
+        connect_echo(w.pod("intruder"), "10.244.1.11", 5432)
+    });
 }

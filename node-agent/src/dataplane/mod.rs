@@ -129,7 +129,11 @@ impl<R: CommandRunner> Dataplane<R> {
     }
 
     /// Sync in `mode`; the last-write view is kept only after a complete success.
-    pub fn sync_with(&self, desired: &DesiredDataplane, mode: SyncMode) -> Result<SyncReport, DataplaneError> {
+    pub fn sync_with(
+        &self,
+        desired: &DesiredDataplane,
+        mode: SyncMode,
+    ) -> Result<SyncReport, DataplaneError> {
         let cached = match mode {
             SyncMode::Full => None,
             SyncMode::Incremental => self.last.lock().unwrap_or_else(|e| e.into_inner()).take(),
@@ -153,12 +157,19 @@ impl<R: CommandRunner> Dataplane<R> {
         self.sync_with(desired, SyncMode::Full)
     }
 
-    fn sync_from(&self, desired: &DesiredDataplane, mut view: Option<KernelView>) -> Result<SyncReport, DataplaneError> {
+    fn sync_from(
+        &self,
+        desired: &DesiredDataplane,
+        mut view: Option<KernelView>,
+    ) -> Result<SyncReport, DataplaneError> {
         let mut report = SyncReport::default();
 
         let current_sets = match view.as_mut() {
             Some(v) => std::mem::take(&mut v.sets),
-            None => ipset::parse_save(&self.runner.run_ok("ipset", &["save"], None)?.stdout, SET_PREFIX),
+            None => ipset::parse_save(
+                &self.runner.run_ok("ipset", &["save"], None)?.stdout,
+                SET_PREFIX,
+            ),
         };
         let set_plan = ipset::plan_sets(&desired.sets, &current_sets, SET_PREFIX);
         if let Some(payload) = &set_plan.restore {
@@ -171,8 +182,13 @@ impl<R: CommandRunner> Dataplane<R> {
             let current = match view.as_mut() {
                 Some(v) => v.tables.remove(table).unwrap_or_default(),
                 None => {
-                    let saved = self.runner.run_ok(self.backend.save_cmd(), &["-t", table], None)?.stdout;
-                    iptables::parse_save(&saved).remove(table).unwrap_or_default()
+                    let saved = self
+                        .runner
+                        .run_ok(self.backend.save_cmd(), &["-t", table], None)?
+                        .stdout;
+                    iptables::parse_save(&saved)
+                        .remove(table)
+                        .unwrap_or_default()
                 }
             };
             let plan = iptables::plan_table(table, want, &current)?;
@@ -285,11 +301,18 @@ mod tests {
         let r = dp.sync_with(&more, SyncMode::Incremental).unwrap();
         let lines: Vec<String> = rec.calls().iter().map(RecordedCall::command_line).collect();
         assert_eq!(lines, ["ipset restore"], "no reads, one set delta");
-        assert_eq!(rec.calls()[0].stdin.as_deref(), Some("add SLUICE-NODES 10.0.0.2\n"));
+        assert_eq!(
+            rec.calls()[0].stdin.as_deref(),
+            Some("add SLUICE-NODES 10.0.0.2\n")
+        );
         assert_eq!(r.chains_rewritten, 0);
         rec.clear();
         dp.sync_with(&more, SyncMode::Full).unwrap();
-        assert!(rec.calls().iter().any(|c| c.program == "ipset" && c.args == ["save"]));
+        assert!(
+            rec.calls()
+                .iter()
+                .any(|c| c.program == "ipset" && c.args == ["save"])
+        );
     }
 
     #[test]

@@ -199,7 +199,10 @@ mod tests {
     use sluice_policy::NamespacedName;
 
     async fn next(rx: &mut crate::datastore::SnapshotReceiver) -> Arc<Snapshot> {
-        tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.expect("a snapshot").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("a snapshot")
+            .unwrap();
         rx.borrow_and_update().clone().unwrap()
     }
 
@@ -215,12 +218,22 @@ mod tests {
         )
         .unwrap();
         let pool = Pool::new("10.244.0.0/16".parse().unwrap(), 24).unwrap();
-        let ds = DirDatastore::new(m.clone(), b.clone(), pool, "n1".into(), Duration::from_millis(20));
+        let ds = DirDatastore::new(
+            m.clone(),
+            b.clone(),
+            pool,
+            "n1".into(),
+            Duration::from_millis(20),
+        );
         let (tx, mut rx) = tokio::sync::watch::channel(None);
         let task = tokio::spawn(ds.run(tx));
 
         let s = next(&mut rx).await;
-        assert_eq!(s.blocks_of("n1").len(), 1, "the node claims a block before any pod");
+        assert_eq!(
+            s.blocks_of("n1").len(),
+            1,
+            "the node claims a block before any pod"
+        );
         assert!(s.cluster.pods.contains_key(&NamespacedName::new("x", "a")));
 
         // A new file is picked up.
@@ -229,7 +242,11 @@ mod tests {
         assert_eq!(s.cluster.namespaces["x"].labels["team"], "a");
 
         // A half-written edit does not remove the pod.
-        std::fs::write(m.join("sub/pod.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namesp").unwrap();
+        std::fs::write(
+            m.join("sub/pod.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namesp",
+        )
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let s = rx.borrow().clone().unwrap();
         assert!(s.cluster.pods.contains_key(&NamespacedName::new("x", "a")));

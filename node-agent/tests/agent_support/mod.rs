@@ -38,7 +38,9 @@ impl Pod {
 
     /// Echo back what is sent on `port`.
     pub fn serve_echo(&mut self, port: u16) {
-        self.servers.push(self.spawn(&format!("exec socat TCP-LISTEN:{port},fork,reuseaddr EXEC:cat")));
+        self.servers.push(self.spawn(&format!(
+            "exec socat TCP-LISTEN:{port},fork,reuseaddr EXEC:cat"
+        )));
         wait_listening(|c| self.ns.try_exec(c), port);
     }
 
@@ -79,8 +81,14 @@ fn wait_listening(exec: impl Fn(&str) -> std::process::Output, port: u16) {
     panic!("server on port {port} did not start");
 }
 
-fn connect_with(exec: impl Fn(&str) -> std::process::Output, ip: &str, port: u16) -> Result<String, String> {
-    let out = exec(&format!("timeout 3 socat -T2 STDIN!!STDOUT TCP:{ip}:{port},connect-timeout=1 </dev/null"));
+fn connect_with(
+    exec: impl Fn(&str) -> std::process::Output,
+    ip: &str,
+    port: u16,
+) -> Result<String, String> {
+    let out = exec(&format!(
+        "timeout 3 socat -T2 STDIN!!STDOUT TCP:{ip}:{port},connect-timeout=1 </dev/null"
+    ));
     if out.status.success() && !out.stdout.is_empty() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
@@ -105,7 +113,11 @@ impl Established {
     pub fn open(from: &Pod, ip: &str, port: u16) -> Established {
         let mut child = Command::new("nsenter")
             .arg(format!("--net={}", from.ns.path().display()))
-            .args(["socat", "STDIO", &format!("TCP:{ip}:{port},connect-timeout=2")])
+            .args([
+                "socat",
+                "STDIO",
+                &format!("TCP:{ip}:{port},connect-timeout=2"),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -122,7 +134,12 @@ impl Established {
                 }
             }
         });
-        let mut e = Established { child, stdin, lines: rx, sent: 0 };
+        let mut e = Established {
+            child,
+            stdin,
+            lines: rx,
+            sent: 0,
+        };
         e.ping().expect("established connection works at start");
         e
     }
@@ -223,7 +240,10 @@ impl World {
 
     /// Wire a pod the way the CNI plugin does; returns its index in `pods`.
     pub fn add_pod(&mut self, namespace: &str, name: &str, ip: &str) -> usize {
-        let veth = sluice_cni::veth::host_veth_name(sluice_cni::veth::PodIdentity::Kubernetes { namespace, pod: name });
+        let veth = sluice_cni::veth::host_veth_name(sluice_cni::veth::PodIdentity::Kubernetes {
+            namespace,
+            pod: name,
+        });
         let ns = NetnsHolder::new();
         self.node.exec(&format!(
             "ip link add {veth} type veth peer name eth0 netns /proc/{pid}/ns/net && \
@@ -249,11 +269,17 @@ impl World {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).expect("pod exists")
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .expect("pod exists")
     }
 
     pub fn pod_mut(&mut self, name: &str) -> &mut Pod {
-        self.pods.iter_mut().find(|p| p.name == name).expect("pod exists")
+        self.pods
+            .iter_mut()
+            .find(|p| p.name == name)
+            .expect("pod exists")
     }
 
     /// From outside the cluster, bound to `src`.
@@ -263,7 +289,13 @@ impl World {
 
     /// As [`World::client_connect`] with a connect timeout in seconds (`"0.1"`), for
     /// polling loops that must notice the first success quickly.
-    pub fn client_connect_within(&self, src: &str, ip: &str, port: u16, timeout: &str) -> Result<String, String> {
+    pub fn client_connect_within(
+        &self,
+        src: &str,
+        ip: &str,
+        port: u16,
+        timeout: &str,
+    ) -> Result<String, String> {
         let out = self.outside.try_exec(&format!(
             "timeout 3 socat -T2 STDIN!!STDOUT TCP:{ip}:{port},connect-timeout={timeout},bind={src} </dev/null"
         ));
@@ -280,7 +312,10 @@ impl World {
     }
 
     pub fn start_agent(&self, extra: &[&str]) -> Agent {
-        let log = self.dir.path().join(format!("agent-{}.log", sluice_testkit::unique()));
+        let log = self
+            .dir
+            .path()
+            .join(format!("agent-{}.log", sluice_testkit::unique()));
         let logf = std::fs::File::create(&log).unwrap();
         let d = self.dir.path();
         let child = Command::new("ip")
@@ -300,7 +335,16 @@ impl World {
             .arg("--node-blocks-file")
             .arg(d.join("ipam/node-blocks.json"))
             .args(["--health-addr", &format!("127.0.0.1:{}", self.health_port)])
-            .args(["--pool", POOL, "--poll-ms", "50", "--coalesce-ms", "20", "--resync-seconds", "1"])
+            .args([
+                "--pool",
+                POOL,
+                "--poll-ms",
+                "50",
+                "--coalesce-ms",
+                "20",
+                "--resync-seconds",
+                "1",
+            ])
             .args(["--log", "info,sluice_agent=debug"])
             .args(extra)
             .env_remove("SLUICE_NODE_NAME")
@@ -332,7 +376,10 @@ impl World {
 
     /// GET a path of the health endpoint inside the node namespace.
     pub fn http_get(&self, path: &str) -> String {
-        self.node.exec(&format!("curl -s -i http://127.0.0.1:{}{path}", self.health_port))
+        self.node.exec(&format!(
+            "curl -s -i http://127.0.0.1:{}{path}",
+            self.health_port
+        ))
     }
 
     pub fn iptables_save(&self) -> String {
