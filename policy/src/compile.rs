@@ -38,7 +38,11 @@
 //!   left to the host's own INPUT rules (RETURN, not ACCEPT).
 //! - Traffic from the node itself to its pods leaves through OUTPUT, never FORWARD, so
 //!   it is never policed (kubelet probes). Everything forwarded to a pod (other nodes,
-//!   NodePort traffic DNATed by kube-proxy, SNATed or not) is.
+//!   NodePort traffic DNATed by kube-proxy, SNATed or not) is. kube-proxy DNATs in
+//!   PREROUTING (so FORWARD sees the backend pod) and SNATs in POSTROUTING (so FORWARD
+//!   on the pod's node still sees the client, even with `externalTrafficPolicy:
+//!   Cluster`); only a connection another node forwarded arrives with that node's
+//!   address, and is policed as such (no special case for node or tunnel addresses).
 //! - Allowed forwarded pod traffic is ACCEPTed, as Calico does by default: a host whose
 //!   FORWARD policy is DROP (Docker sets it) must not black-hole pods.
 //! - The allow mark is bit 0x10000, clear of kube-proxy's 0x4000 (masq) and 0x8000
