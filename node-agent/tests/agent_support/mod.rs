@@ -376,8 +376,9 @@ impl World {
 
     /// GET a path of the health endpoint inside the node namespace.
     pub fn http_get(&self, path: &str) -> String {
+        // socat rather than curl: socat is already a test dependency (.ci/run).
         self.node.exec(&format!(
-            "curl -s -i http://127.0.0.1:{}{path}",
+            "printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | socat -T2 - TCP:127.0.0.1:{}",
             self.health_port
         ))
     }
