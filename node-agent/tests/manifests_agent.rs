@@ -363,33 +363,24 @@ type Access = BTreeMap<(String, String), BTreeSet<String>>;
 /// API calls yet (asked for in the packaging report), so the code is scanned for
 /// the calls that need access; anything kube-shaped the scan does not recognise
 /// fails the test below, so a new call cannot slip past unreviewed.
-const CODE_NEEDS: &[(&str, &str, &str, &[&str])] = &[
-    // kube-runtime reflectors: an initial list, then a watch.
-    ("Api::<Node>", "", "nodes", &["list", "watch"]),
-    ("Api::<Pod>", "", "pods", &["list", "watch"]),
-    ("Api::<Namespace>", "", "namespaces", &["list", "watch"]),
-    (
-        "Api::<NetworkPolicy>",
-        "networking.k8s.io",
-        "networkpolicies",
-        &["list", "watch"],
-    ),
-    // sluice_ipam's KubeStore (ipam/src/store/kube.rs): BlockStore::list → list,
-    // ::claim → create, ::release → get + delete.
-    ("blocks_of(", "sluice.dev", "ipamblocks", &["list"]),
-    (
-        "claim_block(",
-        "sluice.dev",
-        "ipamblocks",
-        &["list", "create"],
-    ),
-    (
-        "release_orphan_blocks(",
-        "sluice.dev",
-        "ipamblocks",
-        &["list", "get", "delete"],
-    ),
-    (".release(", "sluice.dev", "ipamblocks", &["get", "delete"]),
+///
+/// Kinds the agent builds an `Api::<K>` for, always to run a kube-runtime
+/// reflector on them: an initial list, then a watch.
+const WATCHED_KINDS: &[(&str, &str, &str)] = &[
+    ("Node", "", "nodes"),
+    ("Pod", "", "pods"),
+    ("Namespace", "", "namespaces"),
+    ("NetworkPolicy", "networking.k8s.io", "networkpolicies"),
+    ("IPAMBlock", "sluice.dev", "ipamblocks"),
+];
+
+/// Calls into sluice_ipam's Kubernetes block store (ipam/src/store/kube.rs):
+/// BlockStore::list → list, ::claim → create, ::release → get + delete.
+const BLOCK_CALLS: &[(&str, &[&str])] = &[
+    ("blocks_of(", &["list"]),
+    ("claim_block(", &["list", "create"]),
+    ("release_orphan_blocks(", &["list", "get", "delete"]),
+    (".release(", &["get", "delete"]),
 ];
 
 /// Kubernetes-client calls the table above must account for if they ever appear.
@@ -435,10 +426,10 @@ fn access_used_by_the_code() -> Access {
             continue;
         }
         let code = non_test(&text);
-        for (needle, group, resource, verbs) in CODE_NEEDS {
+        for (needle, verbs) in BLOCK_CALLS {
             if code.contains(needle) {
                 access
-                    .entry((group.to_string(), resource.to_string()))
+                    .entry(("sluice.dev".to_string(), "ipamblocks".to_string()))
                     .or_default()
                     .extend(verbs.iter().map(|v| v.to_string()));
             }
@@ -447,23 +438,36 @@ fn access_used_by_the_code() -> Access {
             assert!(
                 !(code.contains(needle) && code.contains("kube::")),
                 "{}: `{needle}` is an API call this test does not know; add its access to \
-                 CODE_NEEDS and to manifests/rbac.yaml",
+                 this test's tables and to manifests/rbac.yaml",
                 path.display()
             );
         }
-        // Every API type the agent builds a client for must be in the table.
+        // Every API type the agent builds a client for is watched, and known.
         for (i, _) in code.match_indices("Api::<") {
-            let kind: String = code[i + 6..]
+            let ty: String = code[i + 6..]
                 .chars()
-                .take_while(|c| c.is_alphanumeric())
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
                 .collect();
+            let kind = ty.rsplit("::").next().unwrap_or_default();
+            let (_, group, resource) = WATCHED_KINDS
+                .iter()
+                .find(|(k, ..)| *k == kind)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{}: Api::<{ty}> has no access recorded in WATCHED_KINDS",
+                        path.display()
+                    )
+                });
+            let before = &code[i.saturating_sub(40)..i];
             assert!(
-                CODE_NEEDS
-                    .iter()
-                    .any(|(n, ..)| *n == format!("Api::<{kind}>")),
-                "{}: Api::<{kind}> has no access recorded in CODE_NEEDS",
+                before.contains("reflect("),
+                "{}: Api::<{kind}> is used for more than a reflector; record its access",
                 path.display()
             );
+            access
+                .entry((group.to_string(), resource.to_string()))
+                .or_default()
+                .extend(["list".to_string(), "watch".to_string()]);
         }
     }
     // The agent claims blocks through the ipam crate's Kubernetes store; make sure
