@@ -126,7 +126,7 @@ pub struct RunConfig {
     #[arg(long, env = "SLUICE_NAT_OUTGOING", default_value_t = true, action = clap::ArgAction::Set)]
     pub nat_outgoing: bool,
 
-    /// Program tunnel devices and routes (off: policy and NAT only).
+    /// Program tunnel devices and routes (off: policy, NAT and the MTU file only).
     #[arg(long, env = "SLUICE_MANAGE_ROUTES", default_value_t = true, action = clap::ArgAction::Set)]
     pub manage_routes: bool,
 
@@ -142,7 +142,8 @@ pub struct RunConfig {
     )]
     pub status_file: PathBuf,
 
-    /// The IPAM plugin's per-node state directory (conflist ipam.stateDir).
+    /// The IPAM plugin's per-node state directory (conflist ipam.stateDir). The agent
+    /// only creates it at start, so the plugin's first ADD finds it.
     #[arg(
         long,
         env = "SLUICE_IPAM_STATE_DIR",

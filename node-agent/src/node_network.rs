@@ -18,10 +18,16 @@ pub struct KernelNetwork {
     /// Pod MTU from the command line; 0 = detect.
     pub mtu: u32,
     pub mtu_file: PathBuf,
+    /// Program the tunnel device and routes; when false only the MTU file is kept,
+    /// because the CNI plugin needs it either way.
+    pub manage_routes: bool,
 }
 
 impl NodeNetwork for KernelNetwork {
     async fn apply(&self, d: &Desired) -> Result<usize, String> {
+        if !self.manage_routes && self.mtu != 0 {
+            return Ok(0); // the configured MTU was written at start
+        }
         let node_ip = d.node_ip.ok_or_else(|| {
             format!(
                 "the address of node {} is unknown: no Node object with an InternalIP, and no --node-ip",
@@ -36,6 +42,11 @@ impl NodeNetwork for KernelNetwork {
         if self.mtu != 0 {
             // A configured pod MTU wins; the tunnel device gets the same.
             uplink.mtu = self.mtu + self.encap.overhead();
+        }
+        if !self.manage_routes {
+            let pod_mtu = uplink.mtu.saturating_sub(self.encap.overhead());
+            mtu::write_mtu_file(&self.mtu_file, pod_mtu).map_err(|e| e.to_string())?;
+            return Ok(0);
         }
         let mut spec = TunnelSpec::new(self.encap, node_ip, address, &uplink);
         spec.vxlan = self.vxlan;

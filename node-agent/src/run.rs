@@ -93,6 +93,13 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         health.clone(),
     ));
 
+    std::fs::create_dir_all(&cfg.ipam_state_dir).map_err(|source| AgentError::Write {
+        path: cfg.ipam_state_dir.clone(),
+        source: crate::status::StatusError {
+            path: cfg.ipam_state_dir.clone(),
+            source,
+        },
+    })?;
     if cfg.mtu != 0 {
         crate::status::write_atomic(&cfg.mtu_file, format!("{}\n", cfg.mtu).as_bytes(), 0o644)
             .map_err(|source| AgentError::Write {
@@ -145,7 +152,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         }
     }
 
-    let network = if cfg.manage_routes {
+    let network = {
         let netlink = crate::netlink::Netlink::open().map_err(RunError::Netlink)?;
         Network::Kernel(Box::new(KernelNetwork {
             netlink,
@@ -157,9 +164,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             },
             mtu: cfg.mtu,
             mtu_file: cfg.mtu_file.clone(),
+            manage_routes: cfg.manage_routes,
         }))
-    } else {
-        Network::Off
     };
     let lp = Loop {
         settings,

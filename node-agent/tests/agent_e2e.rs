@@ -181,7 +181,8 @@ fn policy_nat_and_nodeport_with_real_packets() {
     let ready = w.http_get("/readyz");
     assert!(
         ready.lines().next().unwrap_or("").contains(" 200 "),
-        "{ready}"
+        "{ready:?}\nagent log:\n{}",
+        std::fs::read_to_string(&agent.log).unwrap_or_default()
     );
     let metrics = w.http_get("/metrics");
     for m in [

@@ -26,8 +26,9 @@ use tokio::sync::Notify;
 use super::objects::convert;
 use super::{Datastore, DatastoreError, Snapshot, SnapshotSender};
 
-/// How often the block list is re-read (block claims change rarely: node joins).
-const BLOCK_POLL: Duration = Duration::from_secs(5);
+/// How often the block list is re-read even without an IPAMBlock event (a safety net:
+/// the IPAMBlock reflector normally triggers the read at once).
+const BLOCK_POLL: Duration = Duration::from_secs(30);
 
 pub struct KubeDatastore<S> {
     client: Client,
@@ -142,11 +143,19 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
             Api::<NetworkPolicy>::all(self.client.clone()),
             changed.clone(),
         );
+        // Block claims are read through the ipam store (one reading of the CRD);
+        // the reflector only says when to read them again.
+        let blocks_changed = Arc::new(Notify::new());
+        let ipam_blocks = reflect(
+            Api::<sluice_ipam::store::kube::IPAMBlock>::all(self.client.clone()),
+            blocks_changed.clone(),
+        );
         for (kind, ready) in [
             ("Node", nodes.wait_until_ready().await),
             ("Pod", pods.wait_until_ready().await),
             ("Namespace", namespaces.wait_until_ready().await),
             ("NetworkPolicy", policies.wait_until_ready().await),
+            ("IPAMBlock", ipam_blocks.wait_until_ready().await),
         ] {
             ready.map_err(|e| DatastoreError::Watch {
                 kind,
@@ -193,6 +202,10 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                     // A burst (a deployment scaling up) arrives as many events: wait a
                     // moment so it becomes one snapshot.
                     tokio::time::sleep(self.coalesce).await;
+                }
+                _ = blocks_changed.notified() => {
+                    tokio::time::sleep(self.coalesce).await;
+                    next_block_poll = tokio::time::Instant::now();
                 }
                 _ = tokio::time::sleep_until(next_block_poll) => {}
             }

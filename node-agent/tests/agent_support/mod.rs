@@ -376,11 +376,24 @@ impl World {
 
     /// GET a path of the health endpoint inside the node namespace.
     pub fn http_get(&self, path: &str) -> String {
-        // socat rather than curl: socat is already a test dependency (.ci/run).
-        self.node.exec(&format!(
-            "printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | socat -T2 - TCP:127.0.0.1:{}",
-            self.health_port
-        ))
+        // A plain HTTP/1.0 request from a thread that enters the node's namespace.
+        let ns_path = self.node.path();
+        let port = self.health_port;
+        let path = path.to_string();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let ns = std::fs::File::open(&ns_path).expect("open netns");
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let mut s =
+                std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect health port");
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("read response");
+            out
+        })
+        .join()
+        .expect("http thread")
     }
 
     pub fn iptables_save(&self) -> String {
