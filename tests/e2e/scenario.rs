@@ -208,7 +208,7 @@ impl Fixture {
             .collect()
     }
 
-    pub fn map_node<'a>(&self, name: &'a str) -> String {
+    pub fn map_node(&self, name: &str) -> String {
         self.node_map()
             .into_iter()
             .find(|(a, _)| a == name)

@@ -77,7 +77,7 @@ pub fn plan(st: &LabState, timeout: Duration) -> Vec<(Cell, Resolved)> {
 pub fn run(st: &LabState, timeout: Duration) -> Matrix {
     let planned = plan(st, timeout);
     let resolved: Vec<Resolved> = planned.iter().map(|(_, r)| r.clone()).collect();
-    let results = probe::send_all(&resolved, probe::PARALLEL);
+    let results = probe::send_all_retrying(&resolved, probe::PARALLEL);
     let probes = planned
         .into_iter()
         .zip(results)

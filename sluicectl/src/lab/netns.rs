@@ -276,3 +276,11 @@ pub fn enter(ns: &str) -> Result<(), LabError> {
     nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
         .map_err(|e| LabError::Setns(ns.to_string(), e))
 }
+
+/// Run `f` on a fresh thread inside `ns`, flattening a namespace error into `f`'s.
+pub fn enter_and<T: Send>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T, LabError> + Send,
+) -> Result<T, LabError> {
+    on_thread_in(ns, f)?
+}

@@ -296,12 +296,14 @@ fn classify(e: &std::io::Error, start: Instant) -> Result<Outcome, LabError> {
     }
 }
 
-fn stream_echo(mut s: TcpStream, start: Instant, deadline: Instant) -> Result<Outcome, LabError> {
+/// Send the probe line on an established connection and read the echo. The echo
+/// gets a full `timeout` of its own: the handshake already went through (the policy
+/// verdict), and a slow machine (QEMU's emulation, 64 probes at once) can spend
+/// most of the connect budget on the handshake alone.
+fn stream_echo(mut s: TcpStream, start: Instant, timeout: Duration) -> Result<Outcome, LabError> {
     let n = nonce();
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    s.set_read_timeout(Some(left)).ok();
+    s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .ok();
     s.write_all(&serve::request(&n))
         .map_err(|e| LabError::Probe(format!("send on an open connection: {e}")))?;
     let mut line = Vec::new();
@@ -332,9 +334,8 @@ fn stream_echo(mut s: TcpStream, start: Instant, deadline: Instant) -> Result<Ou
 
 fn probe_tcp(p: &Resolved) -> Result<Outcome, LabError> {
     let start = Instant::now();
-    let deadline = start + p.timeout;
     match TcpStream::connect_timeout(&SocketAddr::V4(p.dest), p.timeout) {
-        Ok(s) => stream_echo(s, start, deadline),
+        Ok(s) => stream_echo(s, start, p.timeout),
         Err(e) => classify(&e, start),
     }
 }
@@ -394,7 +395,6 @@ fn probe_udp(p: &Resolved) -> Result<Outcome, LabError> {
 fn probe_sctp(p: &Resolved) -> Result<Outcome, LabError> {
     use std::os::fd::AsRawFd;
     let start = Instant::now();
-    let deadline = start + p.timeout;
     let fd = serve::sctp_socket().map_err(|e| LabError::Probe(format!("SCTP socket: {e}")))?;
     let raw = fd.as_raw_fd();
     let addr = libc::sockaddr_in {
@@ -435,7 +435,7 @@ fn probe_sctp(p: &Resolved) -> Result<Outcome, LabError> {
         }
         return classify(&e, start);
     }
-    stream_echo(TcpStream::from(fd), start, deadline)
+    stream_echo(TcpStream::from(fd), start, p.timeout)
 }
 
 /// Send one probe from the current thread's namespace.
@@ -473,6 +473,20 @@ pub fn send_all(probes: &[Resolved], parallel: usize) -> Vec<Result<Outcome, Lab
         .into_iter()
         .map(|r| r.expect("every probe ran"))
         .collect()
+}
+
+/// [`send_all`], then every probe that could not produce a verdict sent once more,
+/// one at a time: on a slow machine (QEMU's emulation) a burst of parallel SCTP or
+/// TCP handshakes can starve an echo. A retry is a new real connection; a probe that
+/// fails twice stays an error.
+pub fn send_all_retrying(probes: &[Resolved], parallel: usize) -> Vec<Result<Outcome, LabError>> {
+    let mut results = send_all(probes, parallel);
+    for (i, r) in results.iter_mut().enumerate() {
+        if r.is_err() {
+            *r = netns::enter_and(&probes[i].source_netns, || send(&probes[i]));
+        }
+    }
+    results
 }
 
 /// How many probes run at once: blocked probes spend their whole timeout waiting,
@@ -559,7 +573,7 @@ pub fn exec(args: ProbeArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .filter_map(|r| r.as_ref().ok().cloned())
         .collect();
-    let mut sent = send_all(&ok, PARALLEL).into_iter();
+    let mut sent = send_all_retrying(&ok, PARALLEL).into_iter();
     let mut failed = false;
     let out: Vec<serde_json::Value> = resolved
         .into_iter()

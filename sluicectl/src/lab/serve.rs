@@ -174,31 +174,6 @@ pub fn exec(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reply_echoes_the_nonce_and_names_the_peer_it_saw() {
-        let peer: SocketAddr = "10.244.1.7:40000".parse().unwrap();
-        let r = reply(&request("n1"), peer).unwrap();
-        assert_eq!(r, b"SLUICE-PROBE n1 FROM 10.244.1.7:40000\n");
-        assert_eq!(parse_reply(&r, "n1"), Some(peer));
-        assert_eq!(
-            parse_reply(&r, "n2"),
-            None,
-            "an answer to another probe is not ours"
-        );
-    }
-
-    #[test]
-    fn reply_ignores_anything_that_is_not_a_probe() {
-        let peer: SocketAddr = "1.2.3.4:5".parse().unwrap();
-        assert!(reply(b"GET / HTTP/1.0\r\n", peer).is_none());
-        assert!(reply(b"SLUICE-PROBE \n", peer).is_none());
-    }
-}
-
 /// Start `sluicectl lab serve` inside `ns` for `ports` and wait until it has bound
 /// every socket. Returns the server's pid.
 pub fn spawn(
@@ -240,4 +215,29 @@ pub fn spawn(
     }
     let _ = std::fs::remove_file(&ready);
     Ok(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_echoes_the_nonce_and_names_the_peer_it_saw() {
+        let peer: SocketAddr = "10.244.1.7:40000".parse().unwrap();
+        let r = reply(&request("n1"), peer).unwrap();
+        assert_eq!(r, b"SLUICE-PROBE n1 FROM 10.244.1.7:40000\n");
+        assert_eq!(parse_reply(&r, "n1"), Some(peer));
+        assert_eq!(
+            parse_reply(&r, "n2"),
+            None,
+            "an answer to another probe is not ours"
+        );
+    }
+
+    #[test]
+    fn reply_ignores_anything_that_is_not_a_probe() {
+        let peer: SocketAddr = "1.2.3.4:5".parse().unwrap();
+        assert!(reply(b"GET / HTTP/1.0\r\n", peer).is_none());
+        assert!(reply(b"SLUICE-PROBE \n", peer).is_none());
+    }
 }
