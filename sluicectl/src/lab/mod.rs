@@ -14,7 +14,13 @@
 //! sluicectl lab delete --name NAME -f PATH
 //! sluicectl lab down  --name NAME
 //! ```
-//! One file per subcommand; `state` is what they share, `netns` is the OS boundary.
+//! Extra knobs beyond that interface: `up --nat-outgoing true` (off by default: the
+//! lab's outside network routes pod addresses, so outside hosts see pods' own
+//! addresses), `matrix --timeout-ms`, `apply --prune`.
+//!
+//! One file per subcommand; `state` is what they share, `netns` is the OS boundary,
+//! `cni` execs the node's plugin chain like kubelet's runtime, `services` is the
+//! kube-proxy stand-in, `external` the outside hosts, `serve` the echo server.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
