@@ -255,6 +255,36 @@ fn probes_that_cannot_be_sent_are_errors_not_blocked() {
         lab.probe_error("node:node-9", "web/back", 80, "TCP")
             .contains("no node node-9")
     );
+    // A --probes batch: results in input order; one that cannot be sent is an
+    // "error" element and a non-zero exit, the others still get their verdicts.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("probes.jsonl");
+    std::fs::write(
+        &f,
+        "{\"from\":\"web/front\",\"to\":\"web/back\",\"port\":80}\n\
+         {\"from\":\"web/nope\",\"to\":\"web/back\",\"port\":80}\n\
+         {\"from\":\"web/back\",\"to\":\"web/front\",\"port\":53,\"protocol\":\"UDP\"}\n",
+    )
+    .unwrap();
+    let out = Command::new(sluice_testkit::bin_path("sluicectl"))
+        .args([
+            "lab", "probe", "--name", "e2e-err", "-o", "json", "--probes",
+        ])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a batch with an unsendable probe fails"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON array");
+    assert_eq!(v[0]["result"], "connected");
+    assert!(
+        v[1]["error"].as_str().unwrap().contains("no pod web/nope"),
+        "{v}"
+    );
+    assert!(v[1].get("result").is_none(), "an error is never a verdict");
+    assert_eq!(v[2]["result"], "connected");
     if !lab.serves_sctp() {
         let e = lab.probe_error("web/front", "web/back", 9, "SCTP");
         assert!(e.contains("SCTP"), "{e}");

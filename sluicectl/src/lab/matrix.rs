@@ -196,6 +196,31 @@ mod tests {
     }
 
     #[test]
+    fn plan_probes_every_pod_to_every_declared_port_of_each_destination() {
+        let mut st: LabState = serde_json::from_value(serde_json::json!({
+            "name": "t", "encap_requested": "auto", "encap": "vxlan",
+            "pool": "10.244.0.0/16", "underlay_cidr": "192.168.77.0/24",
+            "gateway": "192.168.77.1", "underlay_netns": "t-underlay", "bridge": "br0",
+            "nodes": []
+        }))
+        .unwrap();
+        for (name, ports) in [("a", vec![80u16, 81]), ("b", vec![80]), ("c", vec![])] {
+            let pod: crate::lab::state::PodState = serde_json::from_value(serde_json::json!({
+                "namespace": "x", "name": name, "uid": "u", "node": "node-1",
+                "netns": format!("t-x-{name}"), "container_id": "c", "ip": "10.244.0.9",
+                "ports": ports.iter().map(|p| serde_json::json!({"port": p, "protocol": "TCP"})).collect::<Vec<_>>(),
+            }))
+            .unwrap();
+            st.pods.insert(pod.key(), pod);
+        }
+        let plan = plan(&st, Duration::from_millis(5));
+        // 3 sources × (2 ports of a + 1 of b); c serves nothing so is no destination
+        assert_eq!(plan.len(), 9);
+        assert!(plan.iter().all(|(c, _)| c.to != "x/c"));
+        assert_eq!(plan.iter().filter(|(c, _)| c.from == "x/c").count(), 3);
+    }
+
+    #[test]
     fn text_table_marks_connected_blocked_and_errors_distinctly() {
         let m = Matrix {
             pods: vec!["x/a".into(), "x/b".into()],
