@@ -541,6 +541,7 @@ pub fn exec(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     };
     if args.probes.is_none() {
         let p = resolved.into_iter().next().expect("one probe")?;
+        let port = p.dest.port();
         let outcome = netns::on_thread_in(&p.source_netns.clone(), move || send(&p))??;
         match args.output {
             Output::Json => println!("{}", serde_json::to_string(&outcome)?),
@@ -551,7 +552,7 @@ pub fn exec(args: ProbeArgs) -> anyhow::Result<ExitCode> {
                     spec.from,
                     spec.to,
                     args.protocol,
-                    spec.port.map(|p| p.to_string()).unwrap_or_default(),
+                    port,
                     match outcome.result {
                         Verdict::Connected => "connected",
                         Verdict::Blocked => "blocked",
