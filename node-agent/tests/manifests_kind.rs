@@ -54,6 +54,11 @@ fn kind_cluster_has_no_default_cni_and_sluices_pool() {
         c.networking.disable_default_cni,
         "kindnet must not be installed"
     );
+    assert_eq!(
+        c.networking.kube_proxy_mode.as_deref(),
+        Some("iptables"),
+        "seed 001's checks assume kube-proxy's iptables NodePort rules"
+    );
     let bundle = Bundle::load();
     let pool = bundle
         .config_map("kube-system", "sluice-config")
