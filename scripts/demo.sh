@@ -18,6 +18,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 NAME=${SLUICE_DEMO_NAME:-demo}
 
+bash scripts/install-deps.sh   # iproute2, iptables, ipset, … when missing
 if [ -z "${SLUICECTL:-}" ]; then
     echo "== building sluicectl, sluice, sluice-ipam, sluice-agent"
     cargo build --quiet --workspace --bins
