@@ -79,7 +79,9 @@ impl Health {
         let mut i = self.lock();
         i.consecutive_failures += 1;
         i.last_attempt = Instant::now();
-        if i.consecutive_failures >= threshold {
+        // Not ready yet (start-up) or failing for a while: the reason is the error, so
+        // the status file and /readyz say what is wrong, not just "waiting".
+        if !i.ready || i.consecutive_failures >= threshold {
             i.ready = false;
             i.reason = format!(
                 "dataplane apply failing ({} in a row): {error}",
@@ -171,6 +173,11 @@ mod tests {
     fn readiness_follows_applies_and_tolerates_a_blip() {
         let h = Health::new(Duration::from_secs(60));
         assert!(!h.view().ready);
+        h.failed("no ipip".into(), 3);
+        assert!(
+            h.view().reason.contains("no ipip"),
+            "start-up failures name the cause"
+        );
         h.applied();
         assert!(h.view().ready);
         h.failed("boom".into(), 3);

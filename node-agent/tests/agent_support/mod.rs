@@ -170,6 +170,10 @@ pub struct Agent {
 }
 
 impl Agent {
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().map(|s| s.is_none()).unwrap_or(false)
+    }
+
     pub fn stop(mut self) {
         // SIGTERM: the agent's orderly exit, which must leave rules in place.
         let _ = nix::sys::signal::kill(
