@@ -10,7 +10,11 @@ mod lab;
 mod policy;
 
 #[derive(Parser)]
-#[command(name = "sluicectl", version, about = "Inspect and exercise a sluice network")]
+#[command(
+    name = "sluicectl",
+    version,
+    about = "Inspect and exercise a sluice network"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
