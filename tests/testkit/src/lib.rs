@@ -96,7 +96,10 @@ impl NetnsHolder {
         // unshare(1) execs sleep after unsharing; wait until the namespace differs.
         let own = std::fs::read_link("/proc/thread-self/ns/net").ok();
         for _ in 0..500 {
-            if std::fs::read_link(&path).ok().is_some_and(|l| Some(l) != own) {
+            if std::fs::read_link(&path)
+                .ok()
+                .is_some_and(|l| Some(l) != own)
+            {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
