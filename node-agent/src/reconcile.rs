@@ -102,7 +102,7 @@ pub struct Desired {
     pub dataplane: DesiredDataplane,
     /// Every block whose owner's address is known (ours included).
     pub blocks: Vec<BlockRoute>,
-    /// This node's blocks, ascending; tunl0 gets the first address of the first.
+    /// This node's blocks, ascending; tunl0 gets IPAM's tunnel address of the first.
     pub own_blocks: Vec<Ipv4Net>,
     /// This node's address, when known.
     pub node_ip: Option<Ipv4Addr>,

@@ -111,10 +111,12 @@ pub struct DesiredRoutes {
     pub peer_node_ips: Vec<Ipv4Addr>,
 }
 
-/// The tunnel address of a node: the first address of its lowest block. The same rule is
-/// applied on every node, so a VXLAN peer's VTEP address needs no publishing.
+/// The tunnel address of a node: IPAM's reserved tunnel address of its lowest block
+/// ([`sluice_ipam::tunnel_address`], the one rule IPAM keeps out of pod allocations).
+/// The same rule is applied on every node, so a VXLAN peer's VTEP address needs no
+/// publishing.
 pub fn tunnel_address(blocks: &[Ipv4Net]) -> Option<Ipv4Addr> {
-    blocks.iter().min().map(|b| b.network())
+    blocks.iter().min().map(|b| sluice_ipam::tunnel_address(*b))
 }
 
 /// The routes this node wants, from every block in the cluster and the encapsulation.
@@ -486,9 +488,9 @@ mod tests {
             device: "sluice.vxlan".into(),
         };
         let d = desired("node-1", &cluster(), &enc);
-        // node-3 has two blocks: one VTEP (first address of its lowest block) for both.
+        // node-3 has two blocks: one VTEP (tunnel address of its lowest block) for both.
         let via3 = RouteTarget::Via {
-            gateway: ip("10.244.3.0"),
+            gateway: ip("10.244.3.1"),
             dev: Some("sluice.vxlan".into()),
             onlink: true,
         };
@@ -497,7 +499,7 @@ mod tests {
         let mac3 = vtep_mac(ip("192.168.0.3"));
         assert!(d.l2.contains(&L2Entry::Neighbour {
             dev: "sluice.vxlan".into(),
-            ip: ip("10.244.3.0"),
+            ip: ip("10.244.3.1"),
             mac: mac3
         }));
         assert!(d.l2.contains(&L2Entry::Fdb {

@@ -51,7 +51,10 @@ fn vxlan_pods_reach_pods_on_other_nodes_with_their_own_source_address() {
             .filter(|a| a["family"] == "inet")
             .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
             .collect();
-        assert_eq!(addrs, vec![format!("{}/32", n.block.network())]);
+        assert_eq!(
+            addrs,
+            vec![format!("{}/32", sluice_ipam::tunnel_address(n.block))]
+        );
         assert_eq!(std::fs::read_to_string(&n.mtu_file).unwrap(), "1450\n");
     }
     assert_cross_node_pod_traffic(&c);

@@ -76,7 +76,7 @@ fn ipip_datapath_in_guest() {
             .collect();
         assert_eq!(
             addrs,
-            vec![format!("{}/32", n.block.network())],
+            vec![format!("{}/32", sluice_ipam::tunnel_address(n.block))],
             "{}",
             n.name
         );

@@ -122,7 +122,7 @@ fn route_tables_follow_nodes_joining_and_leaving_and_foreign_routes_survive() {
         .map(|&i| {
             format!(
                 "{} {}",
-                node_block(i).network(),
+                sluice_ipam::tunnel_address(node_block(i)),
                 mac_str(vtep_mac(node_ip(i)))
             )
         })

@@ -55,7 +55,12 @@ fn run(encap: Encapsulation) {
             let all = cluster(PEERS);
             let me = &all[0];
             let uplink = mtu::detect_uplink(&nl, Some(me.node_ip)).await.unwrap();
-            let spec = TunnelSpec::new(encap, me.node_ip, me.block.network(), &uplink);
+            let spec = TunnelSpec::new(
+                encap,
+                me.node_ip,
+                sluice_ipam::tunnel_address(me.block),
+                &uplink,
+            );
             let state = tunnel::ensure(&nl, &spec).await.unwrap();
             let enc = state.route_encap();
 

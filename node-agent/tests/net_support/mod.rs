@@ -276,7 +276,7 @@ pub fn expected_routes(c: &Cluster, i: u8) -> Vec<String> {
                 Encapsulation::Vxlan => format!(
                     "{} via {} dev {} onlink",
                     n.block,
-                    n.block.network(),
+                    sluice_ipam::tunnel_address(n.block),
                     tunnel::VXLAN_DEVICE
                 ),
                 Encapsulation::None => format!("{} via {} dev eth0", n.block, n.ip),
