@@ -19,7 +19,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
 RUN='' KMODS='' RW=''
-for w in $(cat /proc/cmdline); do
+read -r CMDLINE </proc/cmdline
+for w in $CMDLINE; do
     case $w in
         sluice_run=*) RUN=${w#*=} ;;
         sluice_kmods=*) KMODS=${w#*=} ;;
@@ -77,9 +78,9 @@ if [ -n "$KMODS" ] && [ -d "$R$KMODS" ]; then
         ln -s /usr/local/sbin/busybox-modprobe $R/usr/sbin/modprobe
     fi
     failed=
-    for m in $(cat "$R$RUN/modules"); do
+    while read -r m; do
         modprobe "$m" 2>/dev/null || failed="$failed $m"
-    done
+    done <"$R$RUN/modules"
     [ -n "$failed" ] && say "modules that failed to load:$failed"
 else
     say "no module tree at $KMODS"

@@ -37,7 +37,8 @@ while getopts "t:m:M:e:w:kh" o; do
     case $o in
         t) TIMEOUT=$OPTARG ;; m) MEM=$OPTARG ;; M) EXTRA_MODS=$OPTARG ;;
         e) PASS_ENV+=("$OPTARG") ;; k) KEEP=1 ;;
-        w) d=$(realpath -e "$OPTARG") && [ -d "$d" ] || die "-w $OPTARG: not a directory"
+        w) d=$(realpath -e "$OPTARG" 2>/dev/null) || d=
+           if [ -z "$d" ] || [ ! -d "$d" ]; then die "-w $OPTARG: not a directory"; fi
            case $d in *[[:space:],:]*) die "-w $d: no spaces, commas or colons, please" ;; esac
            RW_DIRS+=("$d") ;;
         *) usage ;;
@@ -87,10 +88,12 @@ if [ ! -d "$KDIR/boot" ]; then
     (cd "$CACHE/debs" && { ls "${PKG}"_*.deb >/dev/null 2>&1 || apt-get download -q -o APT::Sandbox::User=root "$PKG" >&2; }) ||
         die "apt-get download $PKG failed"
     rm -rf "$KDIR.tmp" && mkdir -p "$CACHE/kernel"
-    dpkg-deb -x "$(ls "$CACHE/debs/${PKG}"_*.deb | tail -1)" "$KDIR.tmp" || die "dpkg-deb -x"
+    debs=("$CACHE/debs/${PKG}"_*.deb)
+    dpkg-deb -x "${debs[-1]}" "$KDIR.tmp" || die "dpkg-deb -x"
     mv "$KDIR.tmp" "$KDIR"
 fi
-VMLINUZ=$(ls "$KDIR"/boot/vmlinuz-* | head -1)
+kernels=("$KDIR"/boot/vmlinuz-*)
+VMLINUZ=${kernels[0]}
 KVER=${VMLINUZ##*/vmlinuz-}
 MODDIR=$KDIR/lib/modules/$KVER
 # Debian's package ships no modules.dep (depmod runs at install). kmod's depmod also
@@ -123,7 +126,9 @@ if [ ! -s "$INITRD" ] || [ "$HERE/guest-init.sh" -nt "$INITRD" ] || [ "$0" -nt "
         local rel=$1 dep
         [ -n "${seen[$rel]:-}" ] && return
         seen[$rel]=1
-        for dep in $(awk -F': *' -v m="$rel" '$1 == m { print $2; exit }' "$MODDIR/modules.dep"); do
+        local -a deps
+        read -r -a deps < <(awk -F': *' -v m="$rel" '$1 == m { print $2; exit }' "$MODDIR/modules.dep") || true
+        for dep in "${deps[@]}"; do
             add_mod "$dep"
         done
         order+=("$rel")
@@ -196,10 +201,10 @@ for _ in $(seq 200); do
         case $s in [0-9]*) s=rw$s ;; esac
         [ -S "$RUN/$s.sock" ] || ok=0
     done
-    [ $ok = 1 ] && break
+    [ "$ok" = 1 ] && break
     sleep 0.02
 done
-[ $ok = 1 ] || die "virtiofsd did not start (see $RUN)"
+[ "$ok" = 1 ] || die "virtiofsd did not start (see $RUN)"
 
 : >"$RUN/job.log"
 QEMU=(qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m "$MEM" -M pc -nodefaults -no-user-config
