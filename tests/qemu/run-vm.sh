@@ -32,6 +32,8 @@ TIMEOUT=900 MEM=1024 EXTRA_MODS='' KEEP=0
 PASS_ENV=(CI SLUICE_REQUIRE_PRIVILEGED RUST_BACKTRACE RUST_LOG)
 RW_DIRS=()
 
+# Defined before option parsing: -w reports a bad directory through it.
+die() { echo "[run-vm] error: $*" >&2; exit 125; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 125; }
 while getopts "t:m:M:e:w:kh" o; do
     case $o in
@@ -49,7 +51,6 @@ shift $((OPTIND - 1))
 [ $# -ge 1 ] || usage
 
 log() { echo "[run-vm] $*" >&2; }
-die() { echo "[run-vm] error: $*" >&2; exit 125; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
