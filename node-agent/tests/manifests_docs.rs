@@ -483,3 +483,22 @@ fn troubleshooting_quotes_real_error_messages() {
     }
     assert!(checked >= 8, "only {checked} pieces checked");
 }
+
+/// The example nodes of architecture.md give each block's tunnel address as IPAM
+/// computes it, and the example pods are ordinary pod addresses of those blocks.
+#[test]
+fn architecture_examples_use_ipams_tunnel_addresses() {
+    let doc = read("docs/architecture.md");
+    let rows = table_rows(&doc, "Architecture");
+    let mut checked = 0;
+    for row in rows
+        .iter()
+        .filter(|r| r.len() == 4 && r[0].starts_with("node-"))
+    {
+        let block: ipnet::Ipv4Net = row[2].parse().expect("a block");
+        let tunnel: std::net::Ipv4Addr = row[3].parse().expect("a tunnel address");
+        assert_eq!(tunnel, sluice_ipam::tunnel_address(block), "{row:?}");
+        checked += 1;
+    }
+    assert!(checked >= 2, "the example node table was not found");
+}
