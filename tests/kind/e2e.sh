@@ -122,7 +122,7 @@ install_sluice() {
 
 check_nodes() {
     log "node state programmed by the agent"
-    local nodes node count mtu uplink
+    local nodes node count mtu uplink want
     nodes=$(k get nodes -o jsonpath='{.items[*].metadata.name}')
     count=$(wc -w <<<"$nodes")
     for node in $nodes; do
