@@ -139,7 +139,16 @@ check_nodes() {
             fail "$node: MTU file says $mtu, want $want"
         fi
         if [ "$ENCAP" = ipip ]; then
-            local routes
+            # tunl0 carries the first host address of the node's block, as /32.
+            local block base addr routes
+            block=$(k get ipamblocks -o jsonpath="{.items[?(@.spec.node==\"$node\")].spec.cidr}" | cut -d' ' -f1)
+            base=${block%/*}
+            addr=$(docker exec "$node" ip -4 -o addr show dev tunl0 | awk '{print $4}')
+            if [ -n "$block" ] && [ "$addr" = "${base%.*}.$((${base##*.} + 1))/32" ]; then
+                pass "$node: tunl0 has $addr from block $block"
+            else
+                fail "$node: tunl0 has '$addr', block '$block'"
+            fi
             routes=$(docker exec "$node" ip route show dev tunl0 | grep -c onlink || true)
             if [ "$routes" -eq $((count - 1)) ]; then
                 pass "$node: $routes onlink routes via tunl0 (one per other node)"
