@@ -10,4 +10,4 @@ if [ "$(id -u)" = 0 ]; then
     bash scripts/install-deps.sh
 fi
 cargo build --workspace --bins --locked
-cargo test --workspace --locked -- "$@"
+cargo test --workspace --locked --no-fail-fast -- "$@"
