@@ -160,6 +160,18 @@ pub struct RunConfig {
     )]
     pub node_blocks_file: PathBuf,
 
+    /// Kubernetes datastore: claim another block for this node when fewer than this
+    /// many pod addresses are free in its blocks (checked every 2 s against the IPAM
+    /// state; the IPAM plugin answers "try again later" once the blocks are full).
+    #[arg(long, env = "SLUICE_BLOCK_LOW_WATER", default_value_t = crate::datastore::block_lifecycle::DEFAULT_LOW_WATER)]
+    pub block_low_water: u32,
+
+    /// Kubernetes datastore: release the IPAM blocks of a node once its Node object has
+    /// been gone this many seconds (0 = never release). Several agents may do it at
+    /// once: each release is a delete guarded by the block's uid and resourceVersion.
+    #[arg(long, env = "SLUICE_ORPHAN_BLOCK_GRACE_SECONDS", default_value_t = 600)]
+    pub orphan_block_grace_seconds: u64,
+
     /// Address of /healthz, /readyz and /metrics (bound in the agent's network namespace).
     #[arg(long, env = "SLUICE_HEALTH_ADDR", default_value = "0.0.0.0:9099")]
     pub health_addr: SocketAddr,
@@ -197,6 +209,12 @@ impl RunConfig {
 
     pub fn coalesce(&self) -> Duration {
         Duration::from_millis(self.coalesce_ms)
+    }
+
+    /// `None` when orphan blocks are never released.
+    pub fn orphan_block_grace(&self) -> Option<Duration> {
+        (self.orphan_block_grace_seconds > 0)
+            .then(|| Duration::from_secs(self.orphan_block_grace_seconds))
     }
 
     pub fn poll_interval(&self) -> Duration {

@@ -17,6 +17,9 @@ pub struct Metrics {
     pub pods_waiting_for_policy: Gauge,
     pub routes_programmed: Gauge,
     pub rejected_policies: Gauge,
+    pub blocks_claimed: Counter,
+    pub block_claim_failures: Counter,
+    pub blocks_released: Counter,
 }
 
 impl Default for Metrics {
@@ -41,6 +44,9 @@ impl Metrics {
             pods_waiting_for_policy: Gauge::default(),
             routes_programmed: Gauge::default(),
             rejected_policies: Gauge::default(),
+            blocks_claimed: Counter::default(),
+            block_claim_failures: Counter::default(),
+            blocks_released: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -83,6 +89,21 @@ impl Metrics {
             "rejected_policies",
             "NetworkPolicies the engine cannot express (their pods are held fail-closed)",
             m.rejected_policies.clone(),
+        );
+        registry.register(
+            "blocks_claimed",
+            "IPAM blocks this node claimed (its first, and more when its blocks ran low)",
+            m.blocks_claimed.clone(),
+        );
+        registry.register(
+            "block_claim_failures",
+            "Failed claims of an additional IPAM block (pool exhausted or store error)",
+            m.block_claim_failures.clone(),
+        );
+        registry.register(
+            "blocks_released",
+            "IPAM blocks of nodes gone longer than the grace period that this agent released",
+            m.blocks_released.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -9,6 +9,7 @@ use sluice_ipam::blocks::{Pool, PoolError};
 
 use crate::agent::{self, AgentError, Loop};
 use crate::config::{DatastoreKind, RunConfig};
+use crate::datastore::block_lifecycle::BlockSettings;
 use crate::datastore::dir::DirDatastore;
 use crate::datastore::kube::KubeDatastore;
 use crate::health::Health;
@@ -136,6 +137,12 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 cfg.node_blocks_file.clone(),
                 cfg.coalesce(),
             );
+            let block_settings = BlockSettings {
+                state_dir: cfg.ipam_state_dir.clone(),
+                low_water: cfg.block_low_water,
+                orphan_grace: cfg.orphan_block_grace(),
+            };
+            let block_metrics = metrics.clone();
             tokio::spawn(agent::supervise(
                 move || {
                     KubeDatastore::new(
@@ -146,6 +153,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                         file.clone(),
                         coalesce,
                     )
+                    .with_block_settings(block_settings.clone(), block_metrics.clone())
                 },
                 tx,
             ));

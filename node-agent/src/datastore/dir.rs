@@ -45,6 +45,12 @@ impl DirDatastore {
     }
 
     /// Make sure this node holds a block; returns every claim in the pool.
+    ///
+    /// Only the first block: with the directory store `sluice-ipam` claims further
+    /// blocks itself when its node's are full (standalone hosts run no agent), so
+    /// the agent would only race it. Blocks it claims show up in the next poll's
+    /// list, and their routes follow. Nor does the agent release blocks here: there
+    /// is no authoritative node list to tell a gone node from an unlisted one.
     async fn blocks(&self) -> Result<BTreeMap<ipnet::Ipv4Net, String>, DatastoreError> {
         if blocks_of(&self.store, &self.pool, &self.node)
             .await?

@@ -13,15 +13,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
-use sluice_ipam::blocks::{Pool, blocks_of, claim_block};
+use sluice_ipam::blocks::Pool;
 use sluice_ipam::store::BlockStore;
 use tokio::sync::Notify;
+
+use super::block_lifecycle::{
+    BlockSettings, OrphanTracker, ensure_capacity, publish, release_orphans,
+};
+use crate::metrics::Metrics;
 
 use super::objects::convert;
 use super::{Datastore, DatastoreError, Snapshot, SnapshotSender};
@@ -30,6 +36,11 @@ use super::{Datastore, DatastoreError, Snapshot, SnapshotSender};
 /// the IPAMBlock reflector normally triggers the read at once).
 const BLOCK_POLL: Duration = Duration::from_secs(30);
 
+/// How often the IPAM state is checked against the low-water mark. Reading the
+/// state file is cheap and local; a full block stops pod creation (the plugin
+/// answers "try again later"), so this is short.
+const CAPACITY_POLL: Duration = Duration::from_secs(2);
+
 pub struct KubeDatastore<S> {
     client: Client,
     blocks: S,
@@ -37,6 +48,8 @@ pub struct KubeDatastore<S> {
     node: String,
     node_blocks_file: PathBuf,
     coalesce: Duration,
+    settings: BlockSettings,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<S: BlockStore + Send + Sync + 'static> KubeDatastore<S> {
@@ -48,6 +61,11 @@ impl<S: BlockStore + Send + Sync + 'static> KubeDatastore<S> {
         node_blocks_file: PathBuf,
         coalesce: Duration,
     ) -> Self {
+        // The node-blocks file lives in the IPAM state directory by default
+        // (docs/node-files.md); `with_block_settings` names it explicitly.
+        let state_dir = node_blocks_file
+            .parent()
+            .map_or_else(|| PathBuf::from("."), PathBuf::from);
         KubeDatastore {
             client,
             blocks,
@@ -55,42 +73,40 @@ impl<S: BlockStore + Send + Sync + 'static> KubeDatastore<S> {
             node,
             node_blocks_file,
             coalesce,
+            settings: BlockSettings::new(state_dir),
+            metrics: None,
         }
     }
 
-    /// Claim a block if we hold none, publish ours for the IPAM plugin, and return
-    /// every claim in the pool.
-    async fn blocks(&self) -> Result<BTreeMap<ipnet::Ipv4Net, String>, DatastoreError> {
-        let mut own = blocks_of(&self.blocks, &self.pool, &self.node).await?;
-        if own.is_empty() {
-            let b = claim_block(&self.blocks, &self.pool, &self.node)
-                .await
-                .map_err(|source| DatastoreError::Claim {
-                    node: self.node.clone(),
-                    source,
-                })?;
-            tracing::info!(block = %b, "claimed block");
-            own.push(b);
-        }
-        let published = sluice_ipam::node_blocks::read(&self.node_blocks_file)?;
-        if published.as_ref().map(|p| &p.blocks) != Some(&own) {
-            sluice_ipam::node_blocks::write(
-                &self.node_blocks_file,
-                &sluice_ipam::node_blocks::NodeBlocks {
-                    node: self.node.clone(),
-                    blocks: own,
-                    updated_unix: crate::status::unix_now(),
-                },
-            )?;
-        }
-        Ok(self
+    /// Manage this node's blocks (low-water mark, orphan release) and count claims
+    /// and releases in `metrics`.
+    pub fn with_block_settings(mut self, settings: BlockSettings, metrics: Arc<Metrics>) -> Self {
+        self.settings = settings;
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Claim a block if we hold none or ours run low, publish ours for the IPAM
+    /// plugin, and return our blocks and every claim in the pool.
+    async fn blocks(&self) -> Result<(Vec<Ipv4Net>, BTreeMap<Ipv4Net, String>), DatastoreError> {
+        let own = ensure_capacity(
+            &self.blocks,
+            &self.pool,
+            &self.node,
+            &self.settings,
+            self.metrics.as_deref(),
+        )
+        .await?;
+        publish(&self.node_blocks_file, &self.node, &own)?;
+        let all = self
             .blocks
             .list()
             .await?
             .into_iter()
             .filter(|c| self.pool.has_block(c.cidr))
             .map(|c| (c.cidr, c.node))
-            .collect())
+            .collect();
+        Ok((own, all))
     }
 }
 
@@ -166,13 +182,48 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
 
         let mut last: Option<Arc<Snapshot>> = None;
         let mut blocks = BTreeMap::new();
+        let mut own: Vec<Ipv4Net> = Vec::new();
+        let mut orphans = OrphanTracker::default();
         let mut next_block_poll = tokio::time::Instant::now();
+        let mut next_capacity_check = tokio::time::Instant::now() + CAPACITY_POLL;
         loop {
-            if tokio::time::Instant::now() >= next_block_poll {
+            let now = tokio::time::Instant::now();
+            if now >= next_capacity_check {
+                // Only when we hold blocks: the first claim is the block poll's job.
+                if !own.is_empty()
+                    && super::block_lifecycle::needs_more(
+                        &self.settings.state_dir,
+                        &own,
+                        self.settings.low_water,
+                    )
+                {
+                    next_block_poll = now;
+                }
+                next_capacity_check = now + CAPACITY_POLL;
+            }
+            if now >= next_block_poll {
                 match self.blocks().await {
-                    Ok(b) => blocks = b,
+                    Ok((o, b)) => (own, blocks) = (o, b),
                     Err(e) => {
                         tracing::warn!(error = %e, "block store unavailable; keeping last block list")
+                    }
+                }
+                // The reflectors synced before this loop started (wait_until_ready),
+                // so the Node list is a full one, not a partial first page.
+                if let Some(grace) = self.settings.orphan_grace {
+                    let live = nodes.state().iter().map(|n| n.name_any()).collect();
+                    if let Err(e) = release_orphans(
+                        &self.blocks,
+                        &mut orphans,
+                        std::time::Instant::now(),
+                        &self.node,
+                        &live,
+                        grace,
+                        self.metrics.as_deref(),
+                    )
+                    .await
+                    {
+                        tracing::warn!(error = %e, "releasing orphan blocks failed; retrying later");
                     }
                 }
                 next_block_poll = tokio::time::Instant::now() + BLOCK_POLL;
@@ -207,7 +258,7 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                     tokio::time::sleep(self.coalesce).await;
                     next_block_poll = tokio::time::Instant::now();
                 }
-                _ = tokio::time::sleep_until(next_block_poll) => {}
+                _ = tokio::time::sleep_until(next_block_poll.min(next_capacity_check)) => {}
             }
         }
     }

@@ -10,6 +10,7 @@
 //! Both feed the objects, as JSON, through one conversion ([`objects`]) into the
 //! policy crate's [`Cluster`], so the two backends cannot disagree on meaning.
 
+pub mod block_lifecycle;
 pub mod dir;
 pub mod kube;
 pub mod objects;
