@@ -329,3 +329,91 @@ async fn several_agents_releasing_at_once_release_each_block_once() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].node, "a");
 }
+
+/// Run the real `sluice-ipam` ADD for `container` with a cluster-node config.
+fn ipam_add(conf: &serde_json::Value, container: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(sluice_testkit::bin_path("sluice-ipam"))
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", "/proc/self/ns/net")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn sluice-ipam");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn added_in(out: &std::process::Output) -> std::net::Ipv4Addr {
+    assert!(
+        out.status.success(),
+        "ADD failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a: Ipv4Net = v["ips"][0]["address"].as_str().unwrap().parse().unwrap();
+    a.addr()
+}
+
+#[tokio::test]
+async fn the_ipam_plugin_stops_at_a_full_block_and_continues_in_the_block_the_agent_claims() {
+    let d = tempfile::tempdir().unwrap();
+    let (state, file) = (
+        d.path().join("ipam"),
+        d.path().join("ipam/node-blocks.json"),
+    );
+    std::fs::create_dir_all(&state).unwrap();
+    let store = DirStore::new(d.path().join("blocks"));
+    let pool = small_pool();
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "sluice-test",
+        "type": "sluice",
+        "ipam": {
+            "type": "sluice-ipam",
+            "nodeName": "n1",
+            "pool": pool.cidr().to_string(),
+            "blockSize": pool.block_prefix(),
+            "stateDir": state,
+            "nodeBlocksFile": file,
+        }
+    });
+    // Low-water mark 1: claim only when nothing is free, so the plugin hits the wall.
+    let s = settings(&state, 1);
+    let own = ensure_capacity(&store, &pool, "n1", &s, None)
+        .await
+        .unwrap();
+    publish(&file, "n1", &own).unwrap();
+    for i in 0..5 {
+        let a = added_in(&ipam_add(&conf, &format!("c{i}")));
+        assert!(own[0].contains(&a));
+    }
+    let full = ipam_add(&conf, "c5");
+    assert!(!full.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    assert_eq!(err["code"], 11, "full node: try again later, {err}");
+
+    // What the agent's capacity check does on its next tick.
+    let grown = ensure_capacity(&store, &pool, "n1", &s, None)
+        .await
+        .unwrap();
+    assert_eq!(grown.len(), 2);
+    assert!(publish(&file, "n1", &grown).unwrap());
+    let a = added_in(&ipam_add(&conf, "c5"));
+    let new_block = grown.iter().find(|b| **b != own[0]).unwrap();
+    assert!(
+        new_block.contains(&a),
+        "the retried ADD lands in the new block: {a}"
+    );
+}
