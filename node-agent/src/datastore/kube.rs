@@ -186,8 +186,41 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
         let mut orphans = OrphanTracker::default();
         let mut next_block_poll = tokio::time::Instant::now();
         let mut next_capacity_check = tokio::time::Instant::now() + CAPACITY_POLL;
+        // A node's absence is sampled a few times per grace period, so it is
+        // released within about a quarter grace after the grace ends.
+        let orphan_poll = self
+            .settings
+            .orphan_grace
+            .map(|g| (g / 4).clamp(Duration::from_secs(1), BLOCK_POLL));
+        let mut next_orphan_check = tokio::time::Instant::now();
         loop {
             let now = tokio::time::Instant::now();
+            // The reflectors synced before this loop started (wait_until_ready), so
+            // the Node list is a full one, not a partial first page.
+            if let (Some(grace), Some(every)) = (self.settings.orphan_grace, orphan_poll)
+                && now >= next_orphan_check
+            {
+                let live = nodes.state().iter().map(|n| n.name_any()).collect();
+                match release_orphans(
+                    &self.blocks,
+                    &mut orphans,
+                    std::time::Instant::now(),
+                    &self.node,
+                    &live,
+                    grace,
+                    self.metrics.as_deref(),
+                )
+                .await
+                {
+                    // Drop their routes now rather than at the next block poll.
+                    Ok(released) if !released.is_empty() => next_block_poll = now,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "releasing orphan blocks failed; retrying later")
+                    }
+                }
+                next_orphan_check = now + every;
+            }
             if now >= next_capacity_check {
                 // Only when we hold blocks: the first claim is the block poll's job.
                 if !own.is_empty()
@@ -206,24 +239,6 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                     Ok((o, b)) => (own, blocks) = (o, b),
                     Err(e) => {
                         tracing::warn!(error = %e, "block store unavailable; keeping last block list")
-                    }
-                }
-                // The reflectors synced before this loop started (wait_until_ready),
-                // so the Node list is a full one, not a partial first page.
-                if let Some(grace) = self.settings.orphan_grace {
-                    let live = nodes.state().iter().map(|n| n.name_any()).collect();
-                    if let Err(e) = release_orphans(
-                        &self.blocks,
-                        &mut orphans,
-                        std::time::Instant::now(),
-                        &self.node,
-                        &live,
-                        grace,
-                        self.metrics.as_deref(),
-                    )
-                    .await
-                    {
-                        tracing::warn!(error = %e, "releasing orphan blocks failed; retrying later");
                     }
                 }
                 next_block_poll = tokio::time::Instant::now() + BLOCK_POLL;
@@ -258,7 +273,11 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                     tokio::time::sleep(self.coalesce).await;
                     next_block_poll = tokio::time::Instant::now();
                 }
-                _ = tokio::time::sleep_until(next_block_poll.min(next_capacity_check)) => {}
+                _ = tokio::time::sleep_until(
+                    next_block_poll
+                        .min(next_capacity_check)
+                        .min(if orphan_poll.is_some() { next_orphan_check } else { next_block_poll }),
+                ) => {}
             }
         }
     }
