@@ -53,7 +53,8 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs $R/run
-mount -t tmpfs -o mode=1777 tmpfs $R/tmp
+# /tmp stays the overlay of the host's /tmp (writes land in the tmpfs upper layer): a
+# checkout or a cargo target under /tmp must stay visible to the job.
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
 mkdir -p $R/run/netns $R/run/lock
 [ -n "$RUN" ] || fail "no sluice_run= on the kernel command line"
