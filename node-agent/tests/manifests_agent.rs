@@ -125,6 +125,37 @@ fn parse(argv: &[String]) -> Result<Command, String> {
 struct Configs {
     install: InstallCniConfig,
     run: RunConfig,
+    install_files: Files,
+    run_files: Files,
+}
+
+/// The node files a subcommand is configured with (docs/node-files.md), read from
+/// clap's matches by argument id so the test does not depend on how the config
+/// structs group them.
+#[derive(Debug, PartialEq)]
+struct Files {
+    mtu_file: PathBuf,
+    status_file: PathBuf,
+    ipam_state_dir: PathBuf,
+    node_blocks_file: PathBuf,
+}
+
+fn files_of(argv: &[String]) -> Files {
+    let matches = Cli::command()
+        .try_get_matches_from(argv)
+        .expect("the settings parse");
+    let (_, sub) = matches.subcommand().expect("a subcommand");
+    let get = |id: &str| {
+        sub.get_one::<PathBuf>(id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {id} in {argv:?}"))
+    };
+    Files {
+        mtu_file: get("mtu_file"),
+        status_file: get("status_file"),
+        ipam_state_dir: get("ipam_state_dir"),
+        node_blocks_file: get("node_blocks_file"),
+    }
 }
 
 fn configs_from_manifests() -> Configs {
@@ -133,17 +164,22 @@ fn configs_from_manifests() -> Configs {
     let spec = pod_spec(&bundle);
     let init = init_container(&spec);
     let agent = agent_container(&spec);
-    let install =
-        match parse(&argv_for(&subcommand(&init), &resolved_env(&init, &bundle, &ns)).unwrap()) {
-            Ok(Command::InstallCni(c)) => c,
-            other => panic!("install-cni container: {other:?}"),
-        };
-    let run =
-        match parse(&argv_for(&subcommand(&agent), &resolved_env(&agent, &bundle, &ns)).unwrap()) {
-            Ok(Command::Run(c)) => *c,
-            other => panic!("agent container: {other:?}"),
-        };
-    Configs { install, run }
+    let install_argv = argv_for(&subcommand(&init), &resolved_env(&init, &bundle, &ns)).unwrap();
+    let run_argv = argv_for(&subcommand(&agent), &resolved_env(&agent, &bundle, &ns)).unwrap();
+    let install = match parse(&install_argv) {
+        Ok(Command::InstallCni(c)) => c,
+        other => panic!("install-cni container: {other:?}"),
+    };
+    let run = match parse(&run_argv) {
+        Ok(Command::Run(c)) => *c,
+        other => panic!("agent container: {other:?}"),
+    };
+    Configs {
+        install,
+        run,
+        install_files: files_of(&install_argv),
+        run_files: files_of(&run_argv),
+    }
 }
 
 #[test]
@@ -202,17 +238,19 @@ fn the_agent_runs_against_the_kubernetes_api() {
 /// conflist names. Both come from the manifests; they must agree.
 #[test]
 fn init_container_and_agent_agree_on_settings_and_files() {
-    let Configs { install, run } = configs_from_manifests();
+    let Configs {
+        install,
+        run,
+        install_files,
+        run_files,
+    } = configs_from_manifests();
     assert_eq!(install.pool, run.pool, "pool");
     assert_eq!(install.block_size, run.block_size, "block size");
     assert_eq!(install.mtu, run.mtu, "MTU");
     assert_eq!(install.node_name, run.node_name, "node name");
-    assert_eq!(install.mtu_file, run.mtu_file, "mtuFile");
-    assert_eq!(install.status_file, run.status_file, "agentStatusFile");
-    assert_eq!(install.ipam_state_dir, run.ipam_state_dir, "ipam.stateDir");
     assert_eq!(
-        install.node_blocks_file, run.node_blocks_file,
-        "ipam.nodeBlocksFile"
+        install_files, run_files,
+        "mtuFile, agentStatusFile, ipam.stateDir, ipam.nodeBlocksFile"
     );
 
     // Files the agent writes for the host's CNI binaries must be on a hostPath
@@ -236,10 +274,10 @@ fn init_container_and_agent_agree_on_settings_and_files() {
     };
     let agent = agent_container(&spec);
     for file in [
-        &run.mtu_file,
-        &run.status_file,
-        &run.node_blocks_file,
-        &run.ipam_state_dir,
+        &run_files.mtu_file,
+        &run_files.status_file,
+        &run_files.node_blocks_file,
+        &run_files.ipam_state_dir,
     ] {
         assert!(
             shared(&agent, file),
@@ -692,21 +730,25 @@ fn install_cni_with_the_daemonsets_environment_leaves_a_usable_node() {
     // The files the conflist points the plugins at are the ones the agent container
     // (configured by the same manifests) writes, as the IPAM plugin's own config
     // code resolves them.
-    let Configs { run: agent, .. } = configs_from_manifests();
-    assert_eq!(sluice["mtuFile"], agent.mtu_file.display().to_string());
+    let Configs {
+        run: agent,
+        run_files: files,
+        ..
+    } = configs_from_manifests();
+    assert_eq!(sluice["mtuFile"], files.mtu_file.display().to_string());
     assert_eq!(
         sluice["agentStatusFile"],
-        agent.status_file.display().to_string()
+        files.status_file.display().to_string()
     );
     let ipam: sluice_ipam::IpamConfig = serde_json::from_value(sluice["ipam"].clone()).unwrap();
     let ipam = ipam
         .resolve(None, || None)
         .expect("the ipam section resolves");
     assert_eq!(ipam.node, agent.node_name);
-    assert_eq!(ipam.state_dir, agent.ipam_state_dir);
+    assert_eq!(ipam.state_dir, files.ipam_state_dir);
     assert_eq!(
         ipam.source,
-        sluice_ipam::config::BlockSource::NodeBlocksFile(agent.node_blocks_file.clone()),
+        sluice_ipam::config::BlockSource::NodeBlocksFile(files.node_blocks_file.clone()),
         "in a cluster the IPAM plugin reads the blocks the agent publishes"
     );
     assert_eq!(ipam.pool.cidr(), agent.pool);
