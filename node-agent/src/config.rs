@@ -130,35 +130,8 @@ pub struct RunConfig {
     #[arg(long, env = "SLUICE_MANAGE_ROUTES", default_value_t = true, action = clap::ArgAction::Set)]
     pub manage_routes: bool,
 
-    /// File the CNI plugin reads the pod MTU from (conflist mtuFile).
-    #[arg(long, env = "SLUICE_MTU_FILE", default_value = "/var/lib/sluice/mtu")]
-    pub mtu_file: PathBuf,
-
-    /// Agent status file the CNI STATUS verb reads (conflist agentStatusFile).
-    #[arg(
-        long,
-        env = "SLUICE_STATUS_FILE",
-        default_value = "/run/sluice/agent-status.json"
-    )]
-    pub status_file: PathBuf,
-
-    /// The IPAM plugin's per-node state directory (conflist ipam.stateDir). The agent
-    /// only creates it at start, so the plugin's first ADD finds it.
-    #[arg(
-        long,
-        env = "SLUICE_IPAM_STATE_DIR",
-        default_value = "/var/lib/sluice/ipam"
-    )]
-    pub ipam_state_dir: PathBuf,
-
-    /// Where the node's claimed blocks are published for the IPAM plugin
-    /// (conflist ipam.nodeBlocksFile).
-    #[arg(
-        long,
-        env = "SLUICE_NODE_BLOCKS_FILE",
-        default_value = "/var/lib/sluice/ipam/node-blocks.json"
-    )]
-    pub node_blocks_file: PathBuf,
+    #[command(flatten)]
+    pub files: NodeFiles,
 
     /// Kubernetes datastore: claim another block for this node when fewer than this
     /// many pod addresses are free in its blocks (checked every 2 s against the IPAM
@@ -268,9 +241,20 @@ pub struct InstallCniConfig {
     #[arg(long, env = "SLUICE_BLOCK_SIZE", default_value_t = 24)]
     pub block_size: u8,
 
+    #[command(flatten)]
+    pub files: NodeFiles,
+}
+
+/// The files on a node that the agent and the CNI binaries share (docs/node-files.md).
+/// One definition for `run` and `install-cni`, so the conflist the init container writes
+/// always names the files the agent keeps.
+#[derive(Debug, Clone, Args)]
+pub struct NodeFiles {
+    /// File the CNI plugin reads the pod MTU from (conflist mtuFile).
     #[arg(long, env = "SLUICE_MTU_FILE", default_value = "/var/lib/sluice/mtu")]
     pub mtu_file: PathBuf,
 
+    /// Agent status file the CNI STATUS verb reads (conflist agentStatusFile).
     #[arg(
         long,
         env = "SLUICE_STATUS_FILE",
@@ -278,6 +262,8 @@ pub struct InstallCniConfig {
     )]
     pub status_file: PathBuf,
 
+    /// The IPAM plugin's per-node state directory (conflist ipam.stateDir). The agent
+    /// only creates it at start, so the plugin's first ADD finds it.
     #[arg(
         long,
         env = "SLUICE_IPAM_STATE_DIR",
@@ -285,6 +271,8 @@ pub struct InstallCniConfig {
     )]
     pub ipam_state_dir: PathBuf,
 
+    /// Where the node's claimed blocks are published for the IPAM plugin
+    /// (conflist ipam.nodeBlocksFile).
     #[arg(
         long,
         env = "SLUICE_NODE_BLOCKS_FILE",

@@ -89,22 +89,22 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         });
     }
     tokio::spawn(agent::status_writer(
-        cfg.status_file.clone(),
+        cfg.files.status_file.clone(),
         cfg.node_name.clone(),
         health.clone(),
     ));
 
-    std::fs::create_dir_all(&cfg.ipam_state_dir).map_err(|source| AgentError::Write {
-        path: cfg.ipam_state_dir.clone(),
+    std::fs::create_dir_all(&cfg.files.ipam_state_dir).map_err(|source| AgentError::Write {
+        path: cfg.files.ipam_state_dir.clone(),
         source: crate::status::StatusError {
-            path: cfg.ipam_state_dir.clone(),
+            path: cfg.files.ipam_state_dir.clone(),
             source,
         },
     })?;
     if cfg.mtu != 0 {
-        crate::status::write_atomic(&cfg.mtu_file, format!("{}\n", cfg.mtu).as_bytes(), 0o644)
+        crate::status::write_atomic(&cfg.files.mtu_file, format!("{}\n", cfg.mtu).as_bytes(), 0o644)
             .map_err(|source| AgentError::Write {
-                path: cfg.mtu_file.clone(),
+                path: cfg.files.mtu_file.clone(),
                 source,
             })?;
     }
@@ -134,11 +134,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             let store = sluice_ipam::store::kube::KubeStore::new(client.clone());
             let (node, file, coalesce) = (
                 cfg.node_name.clone(),
-                cfg.node_blocks_file.clone(),
+                cfg.files.node_blocks_file.clone(),
                 cfg.coalesce(),
             );
             let block_settings = BlockSettings {
-                state_dir: cfg.ipam_state_dir.clone(),
+                state_dir: cfg.files.ipam_state_dir.clone(),
                 low_water: cfg.block_low_water,
                 orphan_grace: cfg.orphan_block_grace(),
             };
@@ -171,7 +171,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 port: cfg.vxlan_port,
             },
             mtu: cfg.mtu,
-            mtu_file: cfg.mtu_file.clone(),
+            mtu_file: cfg.files.mtu_file.clone(),
             manage_routes: cfg.manage_routes,
         }))
     };
