@@ -67,7 +67,10 @@ pub fn render_conflist(template: &str, cfg: &InstallCniConfig) -> Result<String,
         .replace("__MTU_FILE__", &json_str(&cfg.files.mtu_file))
         .replace("__STATUS_FILE__", &json_str(&cfg.files.status_file))
         .replace("__IPAM_STATE_DIR__", &json_str(&cfg.files.ipam_state_dir))
-        .replace("__NODE_BLOCKS_FILE__", &json_str(&cfg.files.node_blocks_file))
+        .replace(
+            "__NODE_BLOCKS_FILE__",
+            &json_str(&cfg.files.node_blocks_file),
+        )
         .replace("__POOL__", &cfg.pool.to_string())
         .replace("__BLOCK_SIZE__", &cfg.block_size.to_string())
         .replace("__MTU__", &cfg.mtu.to_string());

@@ -102,11 +102,15 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         },
     })?;
     if cfg.mtu != 0 {
-        crate::status::write_atomic(&cfg.files.mtu_file, format!("{}\n", cfg.mtu).as_bytes(), 0o644)
-            .map_err(|source| AgentError::Write {
-                path: cfg.files.mtu_file.clone(),
-                source,
-            })?;
+        crate::status::write_atomic(
+            &cfg.files.mtu_file,
+            format!("{}\n", cfg.mtu).as_bytes(),
+            0o644,
+        )
+        .map_err(|source| AgentError::Write {
+            path: cfg.files.mtu_file.clone(),
+            source,
+        })?;
     }
 
     let dataplane = {
