@@ -223,9 +223,15 @@ impl Lab {
         self.delete(&[&p])
     }
 
-    pub fn probe(&self, from: &str, to: &str, port: u16, protocol: &str) -> ProbeOutcome {
-        let p = port.to_string();
-        let out = must(&[
+    /// `sluicectl lab probe … -o json` for one connection.
+    fn probe_args<'a>(
+        &'a self,
+        from: &'a str,
+        to: &'a str,
+        port: &'a str,
+        protocol: &'a str,
+    ) -> Vec<&'a str> {
+        vec![
             "lab",
             "probe",
             "--name",
@@ -235,34 +241,24 @@ impl Lab {
             "--to",
             to,
             "--port",
-            &p,
+            port,
             "--protocol",
             protocol,
             "-o",
             "json",
-        ]);
+        ]
+    }
+
+    pub fn probe(&self, from: &str, to: &str, port: u16, protocol: &str) -> ProbeOutcome {
+        let p = port.to_string();
+        let out = must(&self.probe_args(from, to, &p, protocol));
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("probe output {out:?}: {e}"))
     }
 
     /// A probe that must be refused as an error (never a verdict); returns stderr.
     pub fn probe_error(&self, from: &str, to: &str, port: u16, protocol: &str) -> String {
         let p = port.to_string();
-        let out = run(&[
-            "lab",
-            "probe",
-            "--name",
-            &self.name,
-            "--from",
-            from,
-            "--to",
-            to,
-            "--port",
-            &p,
-            "--protocol",
-            protocol,
-            "-o",
-            "json",
-        ]);
+        let out = run(&self.probe_args(from, to, &p, protocol));
         assert!(
             !out.status.success(),
             "probe {from} -> {to} {protocol}/{port} should be an error, got {}",

@@ -123,7 +123,12 @@ pub fn run(prog: &str, args: &[&str]) -> Result<Output, LabError> {
 
 /// Run a command with `input` on stdin.
 pub fn run_input(prog: &str, args: &[&str], input: &str) -> Result<Output, LabError> {
-    let mut child = Command::new(prog)
+    feed(Command::new(prog), prog, args, input)
+}
+
+/// Spawn `cmd` with `args`, write `input` to its stdin, wait, and check its status.
+fn feed(mut cmd: Command, prog: &str, args: &[&str], input: &str) -> Result<Output, LabError> {
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -195,23 +200,7 @@ pub fn run_in(ns: &str, prog: &str, args: &[&str]) -> Result<Output, LabError> {
 
 /// Run with stdin inside `ns`.
 pub fn run_in_input(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<Output, LabError> {
-    let mut child = command_in(ns, prog)?
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| LabError::Spawn(prog.to_string(), e))?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(input.as_bytes())
-        .map_err(|e| LabError::Spawn(prog.to_string(), e))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| LabError::Spawn(prog.to_string(), e))?;
-    check(prog, args, out)
+    feed(command_in(ns, prog)?, prog, args, input)
 }
 
 /// Start a long-lived process inside `ns`, detached (own session, stdio to `log`),
