@@ -68,13 +68,12 @@ fn objects(local_pods: usize) -> Vec<Value> {
 fn snapshot(objs: &[Value]) -> Snapshot {
     let conv = convert(objs);
     assert!(
-        conv.rejected_policies.is_empty(),
+        conv.cluster.rejected_policies.is_empty(),
         "{:?}",
-        conv.rejected_policies.values().next()
+        conv.cluster.rejected_policies.values().next()
     );
     Snapshot {
         cluster: conv.cluster,
-        rejected_policies: Default::default(),
         blocks: (0..NODES)
             .map(|n| {
                 (

@@ -155,7 +155,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
         self.metrics.pods_waiting_for_policy.set(waiting as i64);
         self.metrics
             .rejected_policies
-            .set(snap.rejected_policies.len() as i64);
+            .set(snap.cluster.rejected_policies.len() as i64);
         self.metrics.syncs.inc();
 
         let dp = self.dataplane.clone();
@@ -363,7 +363,6 @@ mod loop_tests {
         let conv = convert(&parse_manifest_text("t", text).unwrap());
         Snapshot {
             cluster: conv.cluster,
-            rejected_policies: Default::default(),
             blocks: [("10.244.1.0/24".parse().unwrap(), "node-1".to_string())].into(),
         }
     }

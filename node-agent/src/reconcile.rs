@@ -148,7 +148,7 @@ fn fail_closed_policy(key: &NamespacedName, selector: Option<&LabelSelector>) ->
 pub fn desired(snapshot: &Snapshot, settings: &NodeSettings) -> Result<Desired, ReconcileError> {
     let mut out = Desired::default();
     let mut cluster = snapshot.cluster.clone();
-    for (key, rejected) in &snapshot.rejected_policies {
+    for (key, rejected) in &snapshot.cluster.rejected_policies {
         out.warnings.push(format!(
             "NetworkPolicy {key} cannot be enforced ({}); the pods it selects are held fail-closed",
             rejected.reason
@@ -287,7 +287,7 @@ fn held_interfaces(
     node: &str,
 ) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for (key, rejected) in &snapshot.rejected_policies {
+    for (key, rejected) in &snapshot.cluster.rejected_policies {
         match &rejected.pod_selector {
             None => {
                 out.insert(format!("{}+", VethNames.namespace_prefix(&key.namespace)));
@@ -378,8 +378,9 @@ fn add_agent_rules(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datastore::Snapshot;
     use crate::datastore::objects::{convert, parse_manifest_text};
-    use crate::datastore::{RejectedPolicy, Snapshot};
+    use sluice_policy::RejectedPolicy;
 
     const WORLD: &str = r#"
 apiVersion: v1
@@ -425,7 +426,6 @@ spec: {podSelector: {}}
         assert!(conv.skipped.is_empty(), "{:?}", conv.skipped);
         Snapshot {
             cluster: conv.cluster,
-            rejected_policies: conv.rejected_policies,
             blocks: [
                 ("10.244.1.0/24".parse().unwrap(), "node-1".to_string()),
                 ("10.244.2.0/24".parse().unwrap(), "node-2".to_string()),
@@ -598,7 +598,7 @@ spec: {podSelector: {}}
     #[test]
     fn rejected_policy_holds_exactly_the_pods_it_selects() {
         let mut snap = snapshot("");
-        snap.rejected_policies.insert(
+        snap.cluster.rejected_policies.insert(
             NamespacedName::new("prod", "broken"),
             RejectedPolicy {
                 reason: "except outside cidr".into(),
@@ -637,7 +637,8 @@ spec: {podSelector: {}}
         assert!(held_at < first_accept, "{rules:#?}");
 
         // Unreadable selector: the whole namespace, by wildcard.
-        snap.rejected_policies
+        snap.cluster
+            .rejected_policies
             .values_mut()
             .for_each(|r| r.pod_selector = None);
         let d = desired(&snap, &settings()).unwrap();
@@ -654,7 +655,7 @@ spec: {podSelector: {}}
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: prod}\n\
              spec: {podSelector: {matchLabels: {app: web}}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}]}]}\n",
         );
-        let r = &snap.rejected_policies[&NamespacedName::new("prod", "bad")];
+        let r = &snap.cluster.rejected_policies[&NamespacedName::new("prod", "bad")];
         assert!(r.pod_selector.is_some());
         assert!(
             desired(&snap, &settings()).unwrap().dataplane.tables["filter"]

@@ -56,6 +56,6 @@ pub use manifest::{ManifestError, Object, Parsed, parse_documents, parse_value};
 pub use model::{
     Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, NamespacedName,
     NetworkPolicy, Node, Peer, Peers, Pod, PodPeer, PolicyPort, PolicyType, PolicyTypes, PortMatch,
-    Ports, Protocol, Rule,
+    Ports, Protocol, RejectedPolicy, Rule,
 };
 pub use selector::{LabelSelector, Operator, Requirement};

@@ -352,6 +352,19 @@ pub struct Cluster {
     pub pods: BTreeMap<NamespacedName, Pod>,
     pub nodes: BTreeMap<String, Node>,
     pub policies: BTreeMap<NamespacedName, NetworkPolicy>,
+    /// Policies that could not be expressed, with the reason. The pods they select
+    /// are held fail-closed (denied both ways) until the policy is fixed: guessing
+    /// what a broken policy meant could open a pod its author meant to close.
+    pub rejected_policies: BTreeMap<NamespacedName, RejectedPolicy>,
+}
+
+/// A NetworkPolicy the engine cannot express, and what is still known of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedPolicy {
+    pub reason: String,
+    /// The raw `spec.podSelector`, so the pods it would select can still be found
+    /// (`None` when even that does not parse: then the whole namespace is held).
+    pub pod_selector: Option<LabelSelector>,
 }
 
 impl Cluster {

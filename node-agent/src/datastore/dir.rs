@@ -174,7 +174,6 @@ impl Datastore for DirDatastore {
                 }
                 Ok(Some(Snapshot {
                     cluster: conv.cluster,
-                    rejected_policies: conv.rejected_policies,
                     blocks,
                 }))
             }

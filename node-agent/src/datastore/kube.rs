@@ -252,7 +252,6 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                 let conv = convert(&objects);
                 let snap = Snapshot {
                     cluster: conv.cluster,
-                    rejected_policies: conv.rejected_policies,
                     blocks: blocks.clone(),
                 };
                 if last.as_deref() != Some(&snap) {

@@ -19,29 +19,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
-use sluice_policy::{Cluster, NamespacedName};
+use sluice_policy::Cluster;
 
 pub use objects::Conversion;
 
 /// Everything the reconciler needs, complete as of one moment.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    /// Nodes, pods, namespaces and the policies that could be expressed.
+    /// Nodes, pods, namespaces and policies, the rejected ones included.
     pub cluster: Cluster,
-    /// Policies that could not be expressed, with the reason. The pods they select
-    /// are held fail-closed until the policy is fixed.
-    pub rejected_policies: BTreeMap<NamespacedName, RejectedPolicy>,
     /// Every claimed block in the pool: block → owning node.
     pub blocks: BTreeMap<Ipv4Net, String>,
-}
-
-/// A NetworkPolicy the engine cannot express, and what we still know of it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RejectedPolicy {
-    pub reason: String,
-    /// The raw `spec.podSelector`, so the pods it would select can still be found
-    /// (`None` when even that does not parse: then the whole namespace is held).
-    pub pod_selector: Option<sluice_policy::LabelSelector>,
 }
 
 impl Snapshot {

@@ -2,19 +2,14 @@
 //! here: the directory reads manifests into JSON values, the Kubernetes backend
 //! serializes its typed objects to JSON, and this one path gives them meaning.
 
-use std::collections::BTreeMap;
-
 use serde_json::Value;
 use sluice_policy::convert::{self, ConvertError};
-use sluice_policy::{Cluster, LabelSelector, NamespacedName};
-
-use super::RejectedPolicy;
+use sluice_policy::{Cluster, LabelSelector, NamespacedName, RejectedPolicy};
 
 /// The outcome of converting one batch of objects.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Conversion {
     pub cluster: Cluster,
-    pub rejected_policies: BTreeMap<NamespacedName, RejectedPolicy>,
     /// Objects skipped because they are not usable at all (no name, unknown shape),
     /// as `kind/name: reason` lines for the log.
     pub skipped: Vec<String>,
@@ -130,7 +125,7 @@ pub fn convert(objects: &[Value]) -> Conversion {
                 Err(e) => {
                     let namespace = str_at(obj, "/metadata/namespace").unwrap_or("default");
                     let pod_selector = obj.pointer("/spec/podSelector").and_then(selector_of);
-                    c.rejected_policies.insert(
+                    c.cluster.rejected_policies.insert(
                         NamespacedName::new(namespace, name),
                         RejectedPolicy {
                             reason: e.to_string(),
