@@ -258,16 +258,15 @@ impl Netlink {
         )
     }
 
-    /// Delete a link by name; `Ok(false)` when there was none.
-    pub fn del_link_by_name(&mut self, name: &str) -> Result<bool, NetlinkError> {
-        match self.link_by_name(name)? {
-            None => Ok(false),
-            Some(l) => match self.del_link(l.index) {
-                Ok(()) => Ok(true),
-                // Gone between the lookup and the delete (the peer's namespace died).
-                Err(e) if e.errno() == Some(libc::ENODEV) => Ok(false),
-                Err(e) => Err(e),
-            },
+    /// Delete a link by index; `Ok(false)` when it is already gone (its peer's
+    /// namespace died between a lookup and this delete). Teardown paths delete by
+    /// index after checking the link's owner, never by name: a name can pass to a
+    /// newer sandbox of the same pod between the two.
+    pub fn del_link_if_present(&mut self, index: u32) -> Result<bool, NetlinkError> {
+        match self.del_link(index) {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -487,7 +486,7 @@ mod tests {
             let links = nl.links().unwrap();
             assert!(links.iter().any(|l| l.name == "lo" && l.up));
             assert_eq!(nl.link_by_name("nope0").unwrap(), None);
-            assert!(!nl.del_link_by_name("nope0").unwrap());
+            assert!(!nl.del_link_if_present(999_999).unwrap());
             let lo = nl.link_by_name("lo").unwrap().unwrap();
             let addrs = nl.addresses(lo.index).unwrap();
             assert!(addrs.contains(&"127.0.0.1/8".parse().unwrap()), "{addrs:?}");
@@ -560,7 +559,8 @@ mod tests {
                     .contains(&"10.9.0.1/32".parse().unwrap())
             );
 
-            assert!(nl.del_link_by_name("slxtest0").unwrap());
+            assert!(nl.del_link_if_present(l.index).unwrap());
+            assert!(!nl.del_link_if_present(l.index).unwrap());
             assert!(
                 !nl.routes4().unwrap().contains(&r),
                 "routes die with the link"

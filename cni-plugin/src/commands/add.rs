@@ -23,8 +23,10 @@ use sluice_cni::veth::PRIMARY_IFNAME;
 enum Done {
     /// The IPAM plugin and the config it was given.
     Ipam(std::path::PathBuf, Vec<u8>),
-    /// The host end, by name: recorded as soon as the kernel accepted the pair.
-    HostVeth(String),
+    /// The host end: recorded as soon as the kernel accepted the pair, its index
+    /// as soon as it is known. Undone by index, never by name alone: the name is
+    /// the pod's, shared by all its sandboxes, and may pass to another one.
+    HostVeth { name: String, index: Option<u32> },
 }
 
 pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
@@ -153,10 +155,16 @@ fn wire(
             mac: pod_mac,
         },
     )?;
-    done.push(Done::HostVeth(plan.host_ifname.clone()));
+    done.push(Done::HostVeth {
+        name: plan.host_ifname.clone(),
+        index: None,
+    });
     let host_link = host.link_by_name(&plan.host_ifname)?.ok_or_else(|| {
         PluginError::Config(format!("{} vanished after creation", plan.host_ifname))
     })?;
+    if let Some(Done::HostVeth { index, .. }) = done.last_mut() {
+        *index = Some(host_link.index);
+    }
     for (key, value) in sysctl::HOST_VETH {
         sysctl::write(key, &plan.host_ifname, value)?;
     }
@@ -214,8 +222,17 @@ fn rollback(host: &mut Netlink, done: Vec<Done>) {
         match step {
             // Deleting the host end removes the pod end, the pod's address and
             // routes, and the host /32 route with it.
-            Done::HostVeth(name) => {
-                if let Err(e) = host.del_link_by_name(&name) {
+            Done::HostVeth { name, index } => {
+                // Without an index the link was created but could not be looked
+                // up again: delete it by name only while it carries no alias,
+                // i.e. while it is still the unlabelled one this ADD created.
+                let index = index.or_else(|| match host.link_by_name(&name) {
+                    Ok(Some(l)) if l.alias.is_none() => Some(l.index),
+                    _ => None,
+                });
+                if let Some(i) = index
+                    && let Err(e) = host.del_link_if_present(i)
+                {
                     log!("rollback: deleting {name}: {e}");
                 }
             }

@@ -20,12 +20,29 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     // Whether the host end was deleted here, taking the pod end with it.
     let mut pair_deleted = false;
     if let Some(mut host) = errors.keep(Netlink::open()) {
-        match errors.keep(host.del_link_by_name(&host_ifname)) {
-            Some(true) => {
-                log!("deleted {host_ifname}");
-                pair_deleted = true;
+        match errors.keep(host.link_by_name(&host_ifname)) {
+            Some(Some(l)) if l.alias.as_deref() == Some(alias.as_str()) => {
+                match errors.keep(host.del_link_if_present(l.index)) {
+                    Some(true) => {
+                        log!("deleted {host_ifname}");
+                        pair_deleted = true;
+                    }
+                    Some(false) => log!("{host_ifname} vanished before it could be deleted"),
+                    None => {}
+                }
             }
-            Some(false) => {
+            // The name is derived from the pod, not the sandbox, so every sandbox of
+            // one pod shares it: a newer sandbox's ADD took the name over, and this
+            // DEL of the old one (kubelet removes dead sandboxes later, with or
+            // without their netns) must leave the pod's live network alone.
+            Some(Some(l)) => {
+                log!(
+                    "{host_ifname} belongs to another attachment (alias {:?}); left alone",
+                    l.alias.unwrap_or_default()
+                );
+                pair_deleted = by_alias(&mut host, &alias, &mut errors);
+            }
+            Some(None) => {
                 log!("{host_ifname} already gone");
                 pair_deleted = by_alias(&mut host, &alias, &mut errors);
             }
@@ -76,14 +93,14 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     errors.finish()
 }
 
-/// Not under the expected name: the ADD may have seen different CNI_ARGS (a
-/// runtime that sends K8S_POD_* on ADD only). The alias records the attachment.
-/// True when one was found and deleted.
+/// Not under the expected name, or the name now belongs to another sandbox: the
+/// ADD may have seen different CNI_ARGS (a runtime that sends K8S_POD_* on ADD
+/// only). The alias records the attachment. True when one was found and deleted.
 fn by_alias(host: &mut Netlink, alias: &str, errors: &mut Errors) -> bool {
     let mut deleted = false;
     if let Some(links) = errors.keep(host.links()) {
         for l in links.iter().filter(|l| l.alias.as_deref() == Some(alias)) {
-            if errors.keep(host.del_link(l.index)).is_some() {
+            if errors.keep(host.del_link_if_present(l.index)) == Some(true) {
                 log!("deleted {} (found by alias)", l.name);
                 deleted = true;
             }
