@@ -246,6 +246,29 @@ impl Netlink {
         )
     }
 
+    /// Rename a (down) link, label it with its owner and bring it up, in one
+    /// message: the kernel applies the name before the flags, and no observer ever
+    /// sees the final name without the alias.
+    pub fn rename_label_up(
+        &mut self,
+        index: u32,
+        name: &str,
+        alias: &str,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        msg.attributes
+            .push(LinkAttribute::IfAlias(alias.to_owned()));
+        self.ack(
+            &format!("rename link {index} to {name} and set it up"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )
+    }
+
     /// Delete a link by index. Deleting either end of a veth pair removes both,
     /// and with them every address and route on them.
     pub fn del_link(&mut self, index: u32) -> Result<(), NetlinkError> {

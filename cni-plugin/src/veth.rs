@@ -87,6 +87,29 @@ pub fn attachment_veth_name(who: PodIdentity<'_>, ifname: &str) -> String {
     }
 }
 
+/// Prefix of host-side interfaces still being wired (see [`pending_veth_name`]).
+pub const PENDING_PREFIX: &str = "slt";
+
+/// `slt` + 4 hex of sha256(network): the first 7 characters of every pending host
+/// interface of one network, so GC collects only its own network's leftovers.
+pub fn network_pending_prefix(network: &str) -> String {
+    format!("{PENDING_PREFIX}{}", sha_hex(network, 4))
+}
+
+/// The name ADD creates the host end under, before it renames it to its final name
+/// and labels it with its owner in the same netlink message. The kernel ignores an
+/// alias at creation, so a plugin killed between creation and labelling would
+/// otherwise leave an unlabelled link under the pod's name that nothing could claim;
+/// under this name, derived from the attachment (network, container id, ifname), the
+/// attachment's DEL and the network's GC find it. Always 15 characters.
+pub fn pending_veth_name(network: &str, container_id: &str, ifname: &str) -> String {
+    format!(
+        "{}{}",
+        network_pending_prefix(network),
+        sha_hex(&format!("{network}/{container_id}/{ifname}"), 8)
+    )
+}
+
 /// The identity the plugin uses for an attachment: Kubernetes when `CNI_ARGS` names
 /// the pod, else the container id.
 pub fn pod_identity<'a>(
@@ -102,6 +125,16 @@ pub fn pod_identity<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_names_are_per_attachment_and_share_their_networks_prefix() {
+        let a = pending_veth_name("k8s-pod-network", "c1", "eth0");
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with(&network_pending_prefix("k8s-pod-network")));
+        assert_ne!(a, pending_veth_name("k8s-pod-network", "c2", "eth0"));
+        assert_ne!(a, pending_veth_name("k8s-pod-network", "c1", "net1"));
+        assert_ne!(a[..7], pending_veth_name("other", "c1", "eth0")[..7]);
+    }
 
     #[test]
     fn kubernetes_names_are_fixed_values_of_the_rule() {

@@ -79,6 +79,14 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         );
         host.del_link(old.index)?;
     }
+    // A runtime retrying an ADD whose plugin was killed mid-way: the half-wired
+    // host end of this very attachment is still there under its pending name.
+    if let Some(old) = host.link_by_name(&ctx.pending_ifname())?
+        && old.alias.is_none()
+    {
+        log!("removing {} left by an interrupted ADD", old.name);
+        host.del_link_if_present(old.index)?;
+    }
     let (mtu, source) = mtu::resolve(
         ctx.plugin.mtu,
         &ctx.plugin.mtu_file,
@@ -145,8 +153,11 @@ fn wire(
         alias: ctx.alias(),
     };
 
+    // Created under the attachment's pending name, renamed and labelled with its
+    // owner only once configured (see `pending_veth_name`).
+    let pending = ctx.pending_ifname();
     host.add_veth(
-        &plan.host_ifname,
+        &pending,
         HOST_MAC,
         mtu,
         &VethPeer {
@@ -156,19 +167,20 @@ fn wire(
         },
     )?;
     done.push(Done::HostVeth {
-        name: plan.host_ifname.clone(),
+        name: pending.clone(),
         index: None,
     });
-    let host_link = host.link_by_name(&plan.host_ifname)?.ok_or_else(|| {
-        PluginError::Config(format!("{} vanished after creation", plan.host_ifname))
-    })?;
+    let host_link = host
+        .link_by_name(&pending)?
+        .ok_or_else(|| PluginError::Config(format!("{pending} vanished after creation")))?;
     if let Some(Done::HostVeth { index, .. }) = done.last_mut() {
         *index = Some(host_link.index);
     }
+    // Per-interface sysctls follow the device through the rename.
     for (key, value) in sysctl::HOST_VETH {
-        sysctl::write(key, &plan.host_ifname, value)?;
+        sysctl::write(key, &pending, value)?;
     }
-    host.set_up(host_link.index, Some(&plan.alias))?;
+    host.rename_label_up(host_link.index, &plan.host_ifname, &plan.alias)?;
 
     let pod_link = pod.link_by_name(&plan.pod_ifname)?.ok_or_else(|| {
         PluginError::Config(format!("{} did not appear in the pod", plan.pod_ifname))

@@ -48,6 +48,16 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
             }
             None => {}
         }
+        // An ADD killed before it labelled the host end left it under its pending
+        // name, which only this attachment can have.
+        if !pair_deleted
+            && let Some(Some(l)) = errors.keep(host.link_by_name(&ctx.pending_ifname()))
+            && l.alias.is_none()
+            && errors.keep(host.del_link_if_present(l.index)) == Some(true)
+        {
+            log!("deleted {} left by an interrupted ADD", l.name);
+            pair_deleted = true;
+        }
     }
 
     // The pod end normally went with the host end; remove it too if it survived

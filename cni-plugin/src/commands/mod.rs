@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use sluice_cni::delegate;
 use sluice_cni::protocol::{Env, NetConf};
-use sluice_cni::veth::{attachment_veth_name, pod_identity};
+use sluice_cni::veth::{attachment_veth_name, pending_veth_name, pod_identity};
 
 use crate::config::PluginConf;
 use crate::error::PluginError;
@@ -30,6 +30,11 @@ impl Ctx<'_> {
             pod_identity(&self.env.args, self.env.container_id()),
             self.env.ifname(),
         )
+    }
+
+    /// The name the host end carries while ADD wires it ([`pending_veth_name`]).
+    pub fn pending_ifname(&self) -> String {
+        pending_veth_name(&self.conf.name, self.env.container_id(), self.env.ifname())
     }
 
     pub fn alias(&self) -> String {

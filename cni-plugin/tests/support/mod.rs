@@ -227,6 +227,17 @@ impl Call {
 
     /// Run `plugin` in the calling thread's namespace (the node).
     pub fn run(&self, bins: &CniBin) -> Outcome {
+        let out = self.spawn(bins).wait_with_output().unwrap();
+        Outcome {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Start `plugin` in the calling thread's namespace with its stdin written and
+    /// closed; the caller waits for it (or kills it).
+    pub fn spawn(&self, bins: &CniBin) -> std::process::Child {
         let mut cmd = Command::new(bins.sluice());
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -254,12 +265,7 @@ impl Call {
             use std::io::Write;
             let _ = child.stdin.take().unwrap().write_all(&self.stdin);
         }
-        let out = child.wait_with_output().unwrap();
-        Outcome {
-            success: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        child
     }
 }
 
