@@ -22,11 +22,8 @@ use sluice_cri_tests::{
     CriClient, PAUSE_IMAGE, build_pause_image, pod_config, sandbox_pid, tcp_host_port,
 };
 use sluice_testkit::containerd::{Containerd, Options};
+use sluice_testkit::node::{NODE_IP, assert_no_node_leftovers, links, setup_node, sluice_links};
 use sluice_testkit::{bin_path, in_new_netns, require_root, require_tool, sh, try_sh};
-
-const NODE_IP: &str = "192.168.77.2";
-const GATEWAY_IP: &str = "192.168.77.1";
-const UPLINK: &str = "up0";
 
 /// One node: containerd with its CRI, our CNI files, and a kubelet-like client.
 /// Lives on the thread of the node's network namespace.
@@ -181,15 +178,7 @@ impl Node {
             "leftover links\n{}",
             self.logs()
         );
-        let mut l = links();
-        l.sort();
-        assert_eq!(l, ["gw0", "lo", UPLINK], "leftover links on the node");
-        let routes = sh("ip -4 route show");
-        let unexpected: Vec<&str> = routes
-            .lines()
-            .filter(|r| !r.starts_with("default via") && !r.contains(UPLINK))
-            .collect();
-        assert!(unexpected.is_empty(), "leftover routes: {unexpected:?}");
+        assert_no_node_leftovers();
         let rules = iptables_save();
         let stale: Vec<&str> = rules
             .lines()
@@ -309,21 +298,6 @@ fn conflist(dir: &Path) -> serde_json::Value {
     v
 }
 
-fn links() -> Vec<String> {
-    sh("ip -o link show")
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-        .collect()
-}
-
-fn sluice_links() -> Vec<String> {
-    links()
-        .into_iter()
-        .filter(|l| l.starts_with("slc") || l.starts_with("slx"))
-        .collect()
-}
-
 fn iptables_save() -> String {
     let mut all = String::new();
     for tool in ["iptables-save", "iptables-legacy-save"] {
@@ -369,10 +343,7 @@ fn with_node(test: &str, case: impl FnOnce(&mut Node) + Send) {
     );
     let tmp = tempfile::tempdir().unwrap();
     in_new_netns(|| {
-        sh(&format!(
-            "ip link add {UPLINK} type veth peer name gw0 && ip addr add {NODE_IP}/24 dev {UPLINK} \
-             && ip link set {UPLINK} up && ip link set gw0 up && ip route add default via {GATEWAY_IP}"
-        ));
+        setup_node();
         let mut node = Node::start(tmp.path());
         case(&mut node);
     });

@@ -10,6 +10,7 @@
 //! - [`NamedNetns`] is an `ip netns add` namespace, removed on drop.
 //! - [`bin_path`] finds a binary built by `cargo build --workspace --bins`.
 //! - [`containerd::Containerd`] is a hermetic containerd (private mounts, own state).
+//! - [`node`] makes a namespace look like a node and checks nothing was left on it.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -257,3 +258,4 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 pub mod containerd;
+pub mod node;
