@@ -18,6 +18,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use sluice_cri_tests::api::PodSandboxState;
 use sluice_cri_tests::{
     CriClient, PAUSE_IMAGE, build_pause_image, pod_config, sandbox_pid, tcp_host_port,
 };
@@ -524,6 +525,21 @@ fn a_pod_whose_netns_is_gone_before_stop_is_stopped_and_removed_cleanly() {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
+        // kubelet stops a sandbox once it sees it dead; a Stop racing containerd's
+        // own handling of the exit fails with "ttrpc: closed" and is retried.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = node
+                .rt
+                .block_on(node.cri.pod_sandbox_status(&p.id))
+                .unwrap();
+            let state = status.status.map(|s| s.state).unwrap_or_default();
+            if state == PodSandboxState::SandboxNotready as i32 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sandbox still ready after kill");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let out = node
             .containerd
             .ns(&["sh", "-c", &format!("umount {netns} && rm -f {netns}")])
