@@ -89,13 +89,29 @@ impl Node {
         let cri = rt
             .block_on(CriClient::connect(&containerd.socket()))
             .unwrap();
-        let v = rt.block_on(cri.version()).expect("CRI Version");
-        assert_eq!(v.runtime_api_version, "v1", "{v:?}");
-        Node {
+        let node = Node {
             containerd,
             rt,
             cri,
             dir: dir.to_owned(),
+        };
+        node.wait_for_cri();
+        let v = node.rt.block_on(node.cri.version()).expect("CRI Version");
+        assert_eq!(v.runtime_api_version, "v1", "{v:?}");
+        node
+    }
+
+    /// containerd serves its socket before the CRI plugin has recovered its state
+    /// ("server is not initialized yet"); kubelet retries until it answers.
+    fn wait_for_cri(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = self.rt.block_on(self.cri.list_pod_sandbox()) {
+            assert!(
+                Instant::now() < deadline,
+                "the CRI did not become ready: {e}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -145,6 +161,7 @@ impl Node {
             .rt
             .block_on(CriClient::connect(&self.containerd.socket()))
             .unwrap();
+        self.wait_for_cri();
     }
 
     /// Every address sluice-ipam has given out and not released, as JSON text (one
@@ -180,6 +197,15 @@ impl Node {
             self.logs()
         );
         assert_no_node_leftovers();
+        let addrs: BTreeSet<String> = sh("ip -4 -o addr show")
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_owned))
+            .collect();
+        assert_eq!(
+            addrs,
+            BTreeSet::from(["127.0.0.1/8".to_owned(), format!("{NODE_IP}/24")]),
+            "leftover addresses on the node"
+        );
         let rules = iptables_save();
         let stale: Vec<&str> = rules
             .lines()
@@ -269,6 +295,14 @@ impl Pod {
             "host route to {}: {host:?}\n{}",
             self.ip,
             node.logs()
+        );
+        // The host end: no address, the MAC every pod sees as its gateway's.
+        let link = sh(&format!(
+            "ip -o addr show dev {dev}; ip -o link show dev {dev}"
+        ));
+        assert!(
+            !link.contains(" inet ") && link.contains("link/ether ee:ee:ee:ee:ee:ee"),
+            "host end {dev}: {link}"
         );
         assert!(
             try_sh(&format!("busybox ping -c 1 -W 2 {}", self.ip))
