@@ -647,3 +647,22 @@ fn fifty_pods_created_and_removed_concurrently_get_distinct_addresses_and_leak_n
         eprintln!("{PODS} pods up and down in {:?}", started.elapsed());
     });
 }
+
+/// kubelet retries a failed or timed-out Stop, and its garbage collection may
+/// remove a sandbox it never stopped: both end with nothing left.
+#[test]
+fn stop_twice_and_remove_without_stop_leave_nothing() {
+    with_node("cri retries", |node| {
+        let x = node.run_pod(pod_config("default", "twice", 0, vec![]));
+        let y = node.run_pod(pod_config("default", "unstopped", 0, vec![]));
+        x.assert_wired(node);
+        y.assert_wired(node);
+        node.stop(&x.id);
+        node.stop(&x.id);
+        node.remove(&x.id);
+        // The other pod is untouched by all of that.
+        y.assert_wired(node);
+        node.remove(&y.id);
+        node.assert_clean(&[x.id, y.id], &[x.ip, y.ip]);
+    });
+}
