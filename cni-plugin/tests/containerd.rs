@@ -1,11 +1,9 @@
 //! Root: containerd 1.6's `ctr run --cni` starts containers on a sluice network.
-//! Kept hermetic: a private mount namespace (held by an `unshare -m` process) where
-//! our conflist and plugins are bind-mounted over /etc/cni/net.d, /usr/lib/cni and
-//! /opt/cni/bin (the only places ctr looks) and a tmpfs hides /run (the shim and
-//! runc keep state under /run/containerd whatever the config says), our own
-//! containerd with a private root, state and socket, and a throwaway node network
-//! namespace. ctr sends DEL
-//! with an empty CNI_NETNS when a foreground task exits.
+//! Kept hermetic by `sluice_testkit::containerd` (a private mount namespace with a
+//! tmpfs on /run, our own containerd with a private root, state and socket, in a
+//! throwaway node network namespace); our conflist and plugins are bind-mounted
+//! over /etc/cni/net.d, /usr/lib/cni and /opt/cni/bin, the only places ctr looks.
+//! ctr sends DEL with an empty CNI_NETNS when a foreground task exits.
 
 mod support;
 
@@ -16,10 +14,11 @@ use std::time::{Duration, Instant};
 use sluice_testkit::{in_new_netns, require_root, require_tool};
 use support::*;
 
+/// The hermetic daemon of `sluice_testkit::containerd`, with our conflist and
+/// plugins bind-mounted where ctr looks, and the `ctr run` clients in flight.
 struct Containerd {
+    daemon: sluice_testkit::containerd::Containerd,
     dir: PathBuf,
-    mount_ns: Child,
-    daemon: Option<Child>,
     clients: Vec<Child>,
 }
 
@@ -32,95 +31,23 @@ impl Containerd {
             conflist("sluice-test", ipam, dir).to_string(),
         )
         .unwrap();
-        std::fs::write(
-            dir.join("containerd.toml"),
-            format!(
-                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/containerd.sock\"\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        // The bind targets must exist; /etc/cni/net.d usually does (podman's
-        // package makes it). Creating an empty directory is the only trace left.
-        std::fs::create_dir_all("/etc/cni/net.d").unwrap();
-        let mount_ns = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sleep", "infinity"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("unshare -m");
-        let mut c = Containerd {
-            dir: dir.to_owned(),
-            mount_ns,
-            daemon: None,
-            clients: vec![],
+        let opts = sluice_testkit::containerd::Options {
+            extra_config: "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]".into(),
+            bind: vec![
+                (netd, "/etc/cni/net.d".into()),
+                (bins.dir.clone(), "/usr/lib/cni".into()),
+                (bins.dir.clone(), "/opt/cni/bin".into()),
+            ],
         };
-        c.wait_for_mount_ns();
-        let script = format!(
-            "mount --bind {netd} /etc/cni/net.d && mount --bind {bin} /usr/lib/cni && \
-             mount -t tmpfs tmpfs /opt && mkdir -p /opt/cni/bin && mount --bind {bin} /opt/cni/bin && \
-             mount -t tmpfs tmpfs /run",
-            netd = netd.display(),
-            bin = bins.dir.display()
-        );
-        let out = c.ns(&["sh", "-c", &script]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "bind mounts: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        c.daemon = Some(
-            c.ns(&[
-                "containerd",
-                "--config",
-                dir.join("containerd.toml").to_str().unwrap(),
-            ])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.ctr(&["version"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start; see {}/containerd.log",
-                dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        Containerd {
+            daemon: sluice_testkit::containerd::Containerd::start(dir, &opts),
+            dir: dir.to_owned(),
+            clients: vec![],
         }
-        c
-    }
-
-    fn wait_for_mount_ns(&self) {
-        let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
-        let theirs = format!("/proc/{}/ns/mnt", self.mount_ns.id());
-        for _ in 0..500 {
-            if std::fs::read_link(&theirs).is_ok_and(|l| l != own) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        panic!("unshare -m did not take effect");
-    }
-
-    /// A command inside the private mount namespace (network: the caller's).
-    fn ns(&self, argv: &[&str]) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--mount=/proc/{}/ns/mnt", self.mount_ns.id()))
-            .arg("--")
-            .args(argv);
-        cmd
     }
 
     fn ctr_cmd(&self, args: &[&str]) -> Command {
-        let sock = self.dir.join("containerd.sock");
-        let mut argv = vec!["ctr", "-a", sock.to_str().unwrap(), "-n", "sluice"];
-        argv.extend_from_slice(args);
-        let mut cmd = self.ns(&argv);
-        cmd.stdin(Stdio::null());
-        cmd
+        self.daemon.ctr_cmd("sluice", args)
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
@@ -149,8 +76,8 @@ impl Containerd {
 }
 
 impl Drop for Containerd {
-    /// Tasks first (their shims outlive containerd otherwise), then the daemon,
-    /// then the mount namespace with every bind mount in it.
+    /// Tasks first, so the foreground `ctr run` clients return; the daemon and the
+    /// mount namespace go with `self.daemon` after this.
     fn drop(&mut self) {
         for id in ["c1", "c2"] {
             let _ = self.ctr(&["task", "kill", "-s", "KILL", id]);
@@ -167,20 +94,6 @@ impl Drop for Containerd {
             let _ = self.ctr(&["task", "delete", "--force", id]);
             let _ = self.ctr(&["container", "delete", id]);
         }
-        if let Some(d) = &mut self.daemon {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(d.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        let _ = self.mount_ns.kill();
-        let _ = self.mount_ns.wait();
     }
 }
 

@@ -9,6 +9,8 @@
 //!   it by `/proc/<pid>/ns/net`, the form runtimes pass as `CNI_NETNS`.
 //! - [`NamedNetns`] is an `ip netns add` namespace, removed on drop.
 //! - [`bin_path`] finds a binary built by `cargo build --workspace --bins`.
+//! - [`containerd::Containerd`] is a hermetic containerd (private mounts, own state).
+//! - [`node`] makes a namespace look like a node and checks nothing was left on it.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -254,3 +256,6 @@ pub fn bin_path(name: &str) -> PathBuf {
     );
     p
 }
+
+pub mod containerd;
+pub mod node;
