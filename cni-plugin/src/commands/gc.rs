@@ -13,8 +13,8 @@ use sluice_cni::protocol::{CniError, Command, ErrorCode};
 use super::Ctx;
 use crate::error::{Errors, PluginError};
 use crate::log::log;
-use crate::netlink::Netlink;
 use crate::wiring::parse_alias;
+use sluice_netlink::Netlink;
 
 pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     // Without the list, "keep nothing" and "I was told nothing" look the same;
