@@ -181,6 +181,33 @@ mod tests {
     }
 
     #[test]
+    fn detection_reads_links_and_default_routes_through_the_seam() {
+        use crate::kernel::{FakeKernel, LinkKind, LinkState};
+        let fake = FakeKernel::default();
+        fake.links.lock().unwrap().push(LinkState {
+            index: 2,
+            name: "eth0".into(),
+            kind: LinkKind::Other("veth".into()),
+            mtu: 9001,
+            up: true,
+            mac: None,
+            ipv4: vec!["192.168.0.10/24".parse().unwrap()],
+        });
+        fake.default_routes
+            .lock()
+            .unwrap()
+            .push(DefaultRoute { oif: 2, metric: 0 });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let by_ip = rt
+            .block_on(detect_uplink(&fake, Some("192.168.0.10".parse().unwrap())))
+            .unwrap();
+        let by_route = rt.block_on(detect_uplink_mtu(&fake, None)).unwrap();
+        assert_eq!((by_ip.name.as_str(), by_route), ("eth0", 9001));
+    }
+
+    #[test]
     fn pod_mtu_per_encapsulation() {
         assert_eq!(pod_mtu(1500, Encapsulation::Ipip), 1480);
         assert_eq!(pod_mtu(1500, Encapsulation::Vxlan), 1450);

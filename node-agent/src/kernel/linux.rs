@@ -332,3 +332,79 @@ impl UplinkSource for Netlink {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dst: &str) -> Route4 {
+        Route4::new(dst.parse().unwrap())
+    }
+
+    #[test]
+    fn kernel_routes_read_as_blackhole_via_or_other() {
+        let names = HashMap::from([(3, "tunl0".to_string())]);
+        let blackhole = Route4 {
+            kind: RouteKind::Blackhole,
+            protocol: ROUTE_PROTOCOL,
+            ..route("10.244.1.0/24")
+        };
+        assert_eq!(
+            kernel_route(blackhole, &names).target,
+            RouteTarget::Blackhole
+        );
+        let via = Route4 {
+            gateway: Some("192.168.0.2".parse().unwrap()),
+            oif: Some(3),
+            onlink: true,
+            priority: 5,
+            ..route("10.244.2.0/24")
+        };
+        let k = kernel_route(via, &names);
+        assert_eq!(
+            k.target,
+            RouteTarget::Via {
+                gateway: "192.168.0.2".parse().unwrap(),
+                dev: Some("tunl0".into()),
+                onlink: true
+            }
+        );
+        assert_eq!((k.protocol, k.table, k.priority), (3, MAIN_TABLE, 5));
+        let on_link = Route4 {
+            oif: Some(3),
+            ..route("10.244.3.0/24")
+        };
+        assert_eq!(kernel_route(on_link, &names).target, RouteTarget::Other);
+    }
+
+    #[test]
+    fn link_kinds_follow_the_info_kind() {
+        let link = |kind: Option<&str>, vxlan: Option<VxlanParams>| Link {
+            index: 1,
+            name: "x".into(),
+            mac: None,
+            mtu: None,
+            up: false,
+            kind: kind.map(str::to_string),
+            alias: None,
+            vxlan,
+        };
+        let p = VxlanParams {
+            vni: 1,
+            port: 2,
+            local: None,
+            uplink: None,
+            learning: false,
+        };
+        assert_eq!(link_kind(&link(Some("ipip"), None)), LinkKind::Ipip);
+        assert_eq!(
+            link_kind(&link(Some("vxlan"), Some(p.clone()))),
+            LinkKind::Vxlan(p)
+        );
+        assert_eq!(
+            link_kind(&link(Some("veth"), None)),
+            LinkKind::Other("veth".into())
+        );
+        assert_eq!(link_kind(&link(None, None)), LinkKind::Other(String::new()));
+    }
+}
