@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use sluice_cni::delegate::DelegateError;
 use sluice_cni::protocol::{CniError, ErrorCode};
 
-use crate::netlink::NetlinkError;
 use crate::netns::NetnsError;
 use crate::sysctl::SysctlError;
+use sluice_netlink::NetlinkError;
 
 /// 103: a netlink request (link, address, route) failed.
 pub const CODE_NETLINK: u32 = 103;

@@ -7,7 +7,6 @@ mod config;
 mod error;
 mod log;
 mod mtu;
-mod netlink;
 mod netns;
 mod sysctl;
 mod wiring;

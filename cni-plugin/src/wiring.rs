@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use ipnet::{IpNet, Ipv4Net};
 use sluice_cni::protocol::{CniResult, Dns, Interface, IpConfig, Route};
 
-use crate::netlink::{Link, Route4, SCOPE_LINK, format_mac};
+use sluice_netlink::{Link, Route4, SCOPE_LINK, format_mac};
 
 /// The host side's fixed MAC: the pod then always ARPs for the same address, and
 /// the host answers for 169.254.1.1 with proxy ARP.
@@ -81,28 +81,23 @@ impl Plan {
                 .routes
                 .iter()
                 .map(|dst| Route4 {
-                    dst: *dst,
                     gateway: Some(GATEWAY),
                     oif: Some(pod_index),
-                    scope: crate::netlink::SCOPE_UNIVERSE,
                     onlink: true,
+                    ..Route4::new(*dst)
                 })
                 .collect();
         }
         vec![
             Route4 {
-                dst: Ipv4Net::new(GATEWAY, 32).expect("/32"),
-                gateway: None,
                 oif: Some(pod_index),
                 scope: SCOPE_LINK,
-                onlink: false,
+                ..Route4::new(Ipv4Net::new(GATEWAY, 32).expect("/32"))
             },
             Route4 {
-                dst: Ipv4Net::default(),
                 gateway: Some(GATEWAY),
                 oif: Some(pod_index),
-                scope: crate::netlink::SCOPE_UNIVERSE,
-                onlink: false,
+                ..Route4::new(Ipv4Net::default())
             },
         ]
     }
@@ -110,11 +105,9 @@ impl Plan {
     /// The host route: `<podIP>/32 dev <veth> scope link`.
     pub fn host_route(&self, host_index: u32) -> Route4 {
         Route4 {
-            dst: self.address,
-            gateway: None,
             oif: Some(host_index),
             scope: SCOPE_LINK,
-            onlink: false,
+            ..Route4::new(self.address)
         }
     }
 
@@ -204,7 +197,8 @@ pub fn check(plan: &Plan, host: &HostView, pod: &PodView) -> Vec<String> {
                     "host interface {h} has address {a}; it must have none"
                 ));
             }
-            if !host.routes.contains(&plan.host_route(l.index)) {
+            let want = plan.host_route(l.index);
+            if !host.routes.iter().any(|r| r.same_path(&want)) {
                 bad.push(format!(
                     "host route {} dev {h} scope link is missing",
                     plan.address
@@ -242,7 +236,7 @@ pub fn check(plan: &Plan, host: &HostView, pod: &PodView) -> Vec<String> {
                 bad.push(format!("pod interface {p} lacks address {}", plan.address));
             }
             for r in plan.pod_routes(l.index) {
-                if !pod.routes.contains(&r) {
+                if !pod.routes.iter().any(|k| k.same_path(&r)) {
                     bad.push(format!(
                         "pod route {} {} is missing",
                         r.dst,
@@ -353,6 +347,7 @@ mod tests {
             up: true,
             kind: Some("veth".into()),
             alias: None,
+            vxlan: None,
         }
     }
 

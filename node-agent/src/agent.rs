@@ -8,7 +8,6 @@
 //! while the datastore is unreachable.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +19,8 @@ use crate::dataplane::{Dataplane, DataplaneError, ExecRunner, SyncMode, SyncRepo
 use crate::datastore::{Datastore, Snapshot, SnapshotReceiver};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::reconcile::{self, Desired, NodeSettings};
+use crate::node_network::NodeNetwork;
+use crate::reconcile::{self, NodeSettings};
 use crate::status::{self, AgentStatus};
 
 /// Consecutive failed applies before the node reports not ready.
@@ -42,22 +42,6 @@ pub enum AgentError {
         #[source]
         source: crate::status::StatusError,
     },
-}
-
-/// Tunnel devices and routes: the part of the node outside iptables. A trait so the
-/// loop is tested without netlink and so `--manage-routes=false` is a no-op.
-pub trait NodeNetwork: Send + Sync + 'static {
-    /// Bring tunnel and routes to `desired`; returns the number of routes programmed.
-    fn apply(&self, desired: &Desired) -> impl Future<Output = Result<usize, String>> + Send;
-}
-
-/// Leaves links and routes alone (policy and NAT only).
-pub struct NoNetwork;
-
-impl NodeNetwork for NoNetwork {
-    async fn apply(&self, _desired: &Desired) -> Result<usize, String> {
-        Ok(0)
-    }
 }
 
 /// The iptables/ipset side, behind a trait so the loop can run with a recording runner.
@@ -187,7 +171,11 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
 
         // Routes after policy: a route to a new block is harmless before its policy,
         // but policy for a new pod must not wait for a slow netlink round.
-        let routes = self.network.apply(&desired).await?;
+        let routes = self
+            .network
+            .apply(&desired)
+            .await
+            .map_err(|e| e.to_string())?;
         self.metrics.routes_programmed.set(routes as i64);
         self.metrics
             .sync_duration

@@ -21,8 +21,8 @@ pub mod node_network;
 pub mod reconcile;
 pub mod run;
 pub mod status;
-// Tunnel device, routes to other nodes' blocks and the pod MTU (agent-net).
+// Tunnel device, routes to other nodes' blocks and the pod MTU, over the kernel seam.
+pub mod kernel;
 pub mod mtu;
-pub mod netlink;
 pub mod routes;
 pub mod tunnel;

@@ -14,32 +14,8 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use crate::netlink::{Netlink, NetlinkError};
+use crate::kernel::{DefaultRoute, KernelError, LinkSummary, Uplink, UplinkSource};
 use crate::tunnel::Encapsulation;
-
-/// The device pod traffic leaves the node by.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Uplink {
-    pub name: String,
-    pub index: u32,
-    pub mtu: u32,
-}
-
-/// A link and its IPv4 addresses, as seen by [`detect_uplink`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LinkSummary {
-    pub index: u32,
-    pub name: String,
-    pub mtu: u32,
-    pub ipv4: Vec<Ipv4Addr>,
-}
-
-/// A default route of the main table: its device and metric.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DefaultRoute {
-    pub oif: u32,
-    pub metric: u32,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MtuError {
@@ -50,7 +26,7 @@ pub enum MtuError {
     #[error("default route points to interface index {0}, which does not exist")]
     DanglingDefaultRoute(u32),
     #[error("reading links and routes: {0}")]
-    Netlink(#[from] NetlinkError),
+    Netlink(#[from] KernelError),
     #[error("writing MTU file {path}: {source}")]
     Write {
         path: PathBuf,
@@ -86,25 +62,6 @@ pub fn choose_uplink(
         .find(|l| l.index == best.oif)
         .map(pick)
         .ok_or(MtuError::DanglingDefaultRoute(best.oif))
-}
-
-/// What uplink detection reads from the kernel; [`Netlink`] is the real one.
-pub trait UplinkSource {
-    fn link_summaries(
-        &self,
-    ) -> impl std::future::Future<Output = Result<Vec<LinkSummary>, NetlinkError>> + Send;
-    fn default_routes(
-        &self,
-    ) -> impl std::future::Future<Output = Result<Vec<DefaultRoute>, NetlinkError>> + Send;
-}
-
-impl UplinkSource for Netlink {
-    async fn link_summaries(&self) -> Result<Vec<LinkSummary>, NetlinkError> {
-        Netlink::link_summaries(self).await
-    }
-    async fn default_routes(&self) -> Result<Vec<DefaultRoute>, NetlinkError> {
-        Netlink::default_routes(self).await
-    }
 }
 
 /// Find the uplink in the namespace `netlink` talks to.
@@ -221,6 +178,33 @@ mod tests {
             choose_uplink(&links(), &[DefaultRoute { oif: 9, metric: 0 }], None),
             Err(MtuError::DanglingDefaultRoute(9))
         ));
+    }
+
+    #[test]
+    fn detection_reads_links_and_default_routes_through_the_seam() {
+        use crate::kernel::{FakeKernel, LinkKind, LinkState};
+        let fake = FakeKernel::default();
+        fake.links.lock().unwrap().push(LinkState {
+            index: 2,
+            name: "eth0".into(),
+            kind: LinkKind::Other("veth".into()),
+            mtu: 9001,
+            up: true,
+            mac: None,
+            ipv4: vec!["192.168.0.10/24".parse().unwrap()],
+        });
+        fake.default_routes
+            .lock()
+            .unwrap()
+            .push(DefaultRoute { oif: 2, metric: 0 });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let by_ip = rt
+            .block_on(detect_uplink(&fake, Some("192.168.0.10".parse().unwrap())))
+            .unwrap();
+        let by_route = rt.block_on(detect_uplink_mtu(&fake, None)).unwrap();
+        assert_eq!((by_ip.name.as_str(), by_route), ("eth0", 9001));
     }
 
     #[test]

@@ -1,14 +1,50 @@
-//! The node's links and routes, applied through agent-net's modules in the order
-//! their docs give: uplink → tunnel device → MTU file → routes to every block.
+//! The node's links and routes, applied through the kernel seam in the order the
+//! modules' docs give: uplink → tunnel device → MTU file → routes to every block.
 
+use std::future::Future;
 use std::path::PathBuf;
 
-use crate::agent::NodeNetwork;
-use crate::mtu;
-use crate::netlink::Netlink;
+use crate::kernel::Netlink;
+use crate::mtu::{self, MtuError};
 use crate::reconcile::Desired;
-use crate::routes::{self, BlockOwner};
-use crate::tunnel::{self, Encapsulation, TunnelSpec, VxlanSettings};
+use crate::routes::{self, BlockOwner, RouteError, RouteFailure};
+use crate::tunnel::{self, Encapsulation, TunnelError, TunnelSpec, VxlanSettings};
+
+/// Tunnel devices and routes: the part of the node outside iptables. A trait so the
+/// loop is tested without netlink and so `--manage-routes=false` is a no-op.
+pub trait NodeNetwork: Send + Sync + 'static {
+    /// Bring tunnel and routes to `desired`; returns the number of routes programmed.
+    fn apply(&self, desired: &Desired) -> impl Future<Output = Result<usize, NetworkError>> + Send;
+}
+
+/// Why the node's links and routes could not be brought to the desired state.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(
+        "the address of node {node} is unknown: no Node object with an InternalIP, and no --node-ip"
+    )]
+    NodeIpUnknown { node: String },
+    #[error("node {node} holds no block yet")]
+    NoBlock { node: String },
+    /// Uplink detection or the MTU file.
+    #[error(transparent)]
+    Mtu(#[from] MtuError),
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    /// The route table could not be read; nothing was changed.
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+    /// Some route or L2 changes failed; the others were applied.
+    #[error("route sync: {}", failures(.0))]
+    RouteFailures(Vec<RouteFailure>),
+}
+
+fn failures(list: &[RouteFailure]) -> String {
+    list.iter()
+        .map(|f| format!("{}: {}", f.what, f.error))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 pub struct KernelNetwork {
     pub netlink: Netlink,
@@ -24,36 +60,31 @@ pub struct KernelNetwork {
 }
 
 impl NodeNetwork for KernelNetwork {
-    async fn apply(&self, d: &Desired) -> Result<usize, String> {
+    async fn apply(&self, d: &Desired) -> Result<usize, NetworkError> {
         if !self.manage_routes && self.mtu != 0 {
             return Ok(0); // the configured MTU was written at start
         }
-        let node_ip = d.node_ip.ok_or_else(|| {
-            format!(
-                "the address of node {} is unknown: no Node object with an InternalIP, and no --node-ip",
-                self.node
-            )
+        let node_ip = d.node_ip.ok_or_else(|| NetworkError::NodeIpUnknown {
+            node: self.node.clone(),
         })?;
-        let address = routes::tunnel_address(&d.own_blocks)
-            .ok_or_else(|| format!("node {} holds no block yet", self.node))?;
-        let mut uplink = mtu::detect_uplink(&self.netlink, Some(node_ip))
-            .await
-            .map_err(|e| e.to_string())?;
+        let address =
+            routes::tunnel_address(&d.own_blocks).ok_or_else(|| NetworkError::NoBlock {
+                node: self.node.clone(),
+            })?;
+        let mut uplink = mtu::detect_uplink(&self.netlink, Some(node_ip)).await?;
         if self.mtu != 0 {
             // A configured pod MTU wins; the tunnel device gets the same.
             uplink.mtu = self.mtu + self.encap.overhead();
         }
         if !self.manage_routes {
             let pod_mtu = uplink.mtu.saturating_sub(self.encap.overhead());
-            mtu::write_mtu_file(&self.mtu_file, pod_mtu).map_err(|e| e.to_string())?;
+            mtu::write_mtu_file(&self.mtu_file, pod_mtu)?;
             return Ok(0);
         }
         let mut spec = TunnelSpec::new(self.encap, node_ip, address, &uplink);
         spec.vxlan = self.vxlan;
-        let state = tunnel::ensure(&self.netlink, &spec)
-            .await
-            .map_err(|e| e.to_string())?;
-        mtu::write_mtu_file(&self.mtu_file, state.mtu).map_err(|e| e.to_string())?;
+        let state = tunnel::ensure(&self.netlink, &spec).await?;
+        mtu::write_mtu_file(&self.mtu_file, state.mtu)?;
         let owners: Vec<BlockOwner> = d
             .blocks
             .iter()
@@ -64,19 +95,12 @@ impl NodeNetwork for KernelNetwork {
             })
             .collect();
         let want = routes::desired(&self.node, &owners, &state.route_encap());
-        let report = routes::sync(&self.netlink, &want)
-            .await
-            .map_err(|e| e.to_string())?;
+        let report = routes::sync(&self.netlink, &want).await?;
         for c in &report.conflicts {
             tracing::warn!(route = %c, "a route of another owner holds a block destination; left alone");
         }
         if !report.failures.is_empty() {
-            let list: Vec<String> = report
-                .failures
-                .iter()
-                .map(|f| format!("{}: {}", f.what, f.error))
-                .collect();
-            return Err(format!("route sync: {}", list.join("; ")));
+            return Err(NetworkError::RouteFailures(report.failures));
         }
         Ok(report.programmed())
     }
@@ -89,7 +113,7 @@ pub enum Network {
 }
 
 impl NodeNetwork for Network {
-    async fn apply(&self, d: &Desired) -> Result<usize, String> {
+    async fn apply(&self, d: &Desired) -> Result<usize, NetworkError> {
         match self {
             Network::Kernel(k) => k.apply(d).await,
             Network::Off => Ok(0),

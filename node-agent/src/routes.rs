@@ -26,19 +26,13 @@
 //! node IP). The device is ours, so every permanent entry with a remote on it is ours.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::netlink::NetlinkError;
+pub use crate::kernel::ROUTE_PROTOCOL;
+use crate::kernel::{KernelError, KernelRoute, L2Entry, MAIN_TABLE, RouteTable, RouteTarget};
 use crate::tunnel::{RouteEncap, vtep_mac};
-
-/// Route protocol number marking sluice's routes (`ip route show proto 181`).
-pub const ROUTE_PROTOCOL: u8 = 0xb5;
-
-/// The kernel's main routing table (`RT_TABLE_MAIN`).
-pub const MAIN_TABLE: u32 = 254;
 
 /// One IPAM block and the node that owns it (from the datastore).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,57 +41,6 @@ pub struct BlockOwner {
     /// The node's underlay address: the IPIP/VXLAN outer destination.
     pub node_ip: Ipv4Addr,
     pub block: Ipv4Net,
-}
-
-/// What a route does with a packet.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum RouteTarget {
-    /// `blackhole <block>`: our own block; addresses not (yet) given to a pod go nowhere
-    /// instead of following the default route out of the node.
-    Blackhole,
-    /// `<block> via <gateway> [dev <dev>] [onlink]`. `dev: None` lets the kernel pick the
-    /// device (encapsulation `none`: the gateway is on the uplink's subnet).
-    Via {
-        gateway: Ipv4Addr,
-        dev: Option<String>,
-        onlink: bool,
-    },
-    /// A route kind sluice never installs (seen only in the kernel's table).
-    Other,
-}
-
-/// A route in the main table as the kernel reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KernelRoute {
-    pub dst: Ipv4Net,
-    pub protocol: u8,
-    pub table: u32,
-    /// Route metric; sluice installs metric 0 only.
-    pub priority: u32,
-    pub target: RouteTarget,
-}
-
-impl KernelRoute {
-    pub fn is_ours(&self) -> bool {
-        self.protocol == ROUTE_PROTOCOL && self.table == MAIN_TABLE
-    }
-}
-
-/// A permanent L2 entry on the VXLAN device.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum L2Entry {
-    /// `ip neigh replace <ip> lladdr <mac> dev <dev> nud permanent`
-    Neighbour {
-        dev: String,
-        ip: Ipv4Addr,
-        mac: [u8; 6],
-    },
-    /// `bridge fdb replace <mac> dev <dev> dst <dst> self permanent`
-    Fdb {
-        dev: String,
-        mac: [u8; 6],
-        dst: Ipv4Addr,
-    },
 }
 
 /// The whole desired state of the node's routes to pod blocks.
@@ -183,31 +126,6 @@ pub fn desired(local_node: &str, blocks: &[BlockOwner], encap: &RouteEncap) -> D
     out.peer_node_ips.sort();
     out.peer_node_ips.dedup();
     out
-}
-
-/// The route-table side of the kernel, kept small so reconcile is tested with a fake.
-/// The real implementation is [`crate::netlink::Netlink`].
-pub trait RouteTable {
-    /// Every IPv4 route of the main table (all protocols: the plan filters).
-    fn routes(&self) -> impl Future<Output = Result<Vec<KernelRoute>, NetlinkError>> + Send;
-    /// Create or replace `dst` in the main table with protocol [`ROUTE_PROTOCOL`].
-    fn replace_route(
-        &self,
-        dst: Ipv4Net,
-        target: &RouteTarget,
-    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
-    fn delete_route(
-        &self,
-        route: &KernelRoute,
-    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
-    /// Permanent neighbour and FDB entries (with a remote) on `dev`; empty when `dev`
-    /// does not exist.
-    fn l2_entries(
-        &self,
-        dev: &str,
-    ) -> impl Future<Output = Result<Vec<L2Entry>, NetlinkError>> + Send;
-    fn replace_l2(&self, entry: &L2Entry) -> impl Future<Output = Result<(), NetlinkError>> + Send;
-    fn delete_l2(&self, entry: &L2Entry) -> impl Future<Output = Result<(), NetlinkError>> + Send;
 }
 
 /// What a sync must change; computed from the desired and the observed state.
@@ -301,7 +219,7 @@ pub fn plan(want: &DesiredRoutes, kernel: &[KernelRoute], l2_have: &[L2Entry]) -
 #[derive(Debug)]
 pub struct RouteFailure {
     pub what: String,
-    pub error: NetlinkError,
+    pub error: KernelError,
 }
 
 /// The outcome of one sync, for logs and metrics.
@@ -332,12 +250,12 @@ impl RouteSyncReport {
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
     #[error("listing routes: {0}")]
-    List(#[source] NetlinkError),
+    List(#[source] KernelError),
     #[error("listing neighbour/fdb entries of {dev}: {source}")]
     ListL2 {
         dev: String,
         #[source]
-        source: NetlinkError,
+        source: KernelError,
     },
 }
 
@@ -417,6 +335,8 @@ pub async fn sync(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::FakeKernel;
+    use std::future::Future;
     use std::sync::Mutex;
 
     fn net(s: &str) -> Ipv4Net {
@@ -588,48 +508,6 @@ mod tests {
         assert!(plan(&want, &kernel, &[]).is_empty());
     }
 
-    /// A recording fake of the kernel's table.
-    #[derive(Default)]
-    struct FakeTable {
-        routes: Mutex<Vec<KernelRoute>>,
-        l2: Mutex<Vec<L2Entry>>,
-        fail_dst: Option<Ipv4Net>,
-    }
-
-    impl RouteTable for FakeTable {
-        async fn routes(&self) -> Result<Vec<KernelRoute>, NetlinkError> {
-            Ok(self.routes.lock().unwrap().clone())
-        }
-        async fn replace_route(&self, dst: Ipv4Net, t: &RouteTarget) -> Result<(), NetlinkError> {
-            if self.fail_dst == Some(dst) {
-                return Err(NetlinkError::Kernel {
-                    op: "replace route",
-                    errno: libc::ENETUNREACH,
-                    message: "fake".into(),
-                });
-            }
-            let mut r = self.routes.lock().unwrap();
-            r.retain(|k| !(k.dst == dst && k.table == MAIN_TABLE && k.priority == 0));
-            r.push(kroute(&dst.to_string(), ROUTE_PROTOCOL, t.clone()));
-            Ok(())
-        }
-        async fn delete_route(&self, route: &KernelRoute) -> Result<(), NetlinkError> {
-            self.routes.lock().unwrap().retain(|k| k != route);
-            Ok(())
-        }
-        async fn l2_entries(&self, _dev: &str) -> Result<Vec<L2Entry>, NetlinkError> {
-            Ok(self.l2.lock().unwrap().clone())
-        }
-        async fn replace_l2(&self, e: &L2Entry) -> Result<(), NetlinkError> {
-            self.l2.lock().unwrap().push(e.clone());
-            Ok(())
-        }
-        async fn delete_l2(&self, e: &L2Entry) -> Result<(), NetlinkError> {
-            self.l2.lock().unwrap().retain(|k| k != e);
-            Ok(())
-        }
-    }
-
     fn block_on<F: Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .build()
@@ -640,7 +518,7 @@ mod tests {
     #[test]
     fn sync_converges_through_join_and_leave_and_keeps_foreign_routes() {
         let foreign = kroute("0.0.0.0/0", 3, via_tunl0("192.168.0.254"));
-        let table = FakeTable {
+        let table = FakeKernel {
             routes: Mutex::new(vec![foreign.clone()]),
             ..Default::default()
         };
@@ -664,7 +542,7 @@ mod tests {
 
     #[test]
     fn sync_reports_a_failed_route_and_applies_the_rest() {
-        let table = FakeTable {
+        let table = FakeKernel {
             fail_dst: Some(net("10.244.2.0/24")),
             ..Default::default()
         };

@@ -34,7 +34,7 @@ pub enum RunError {
     #[error(transparent)]
     Datastore(#[from] crate::datastore::DatastoreError),
     #[error("opening route netlink: {0}")]
-    Netlink(#[source] crate::netlink::NetlinkError),
+    Netlink(#[source] crate::kernel::KernelError),
     #[error("--node-ip must be IPv4 (sluice's tunnels are IPv4), got {0}")]
     NodeIpV6(IpAddr),
 }
@@ -165,7 +165,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     }
 
     let network = {
-        let netlink = crate::netlink::Netlink::open().map_err(RunError::Netlink)?;
+        let netlink = crate::kernel::Netlink::open().map_err(RunError::Netlink)?;
         Network::Kernel(Box::new(KernelNetwork {
             netlink,
             node: cfg.node_name.clone(),

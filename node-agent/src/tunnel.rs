@@ -24,20 +24,16 @@
 //! - `none`: no device; routes point at the other nodes directly (same L2 segment).
 //!
 //! The device-level decisions ([`link_actions`]) are pure; the kernel sits behind
-//! [`LinkTable`], implemented by [`crate::netlink::Netlink`].
+//! [`LinkTable`], implemented by [`crate::kernel::Netlink`].
 
-use std::future::Future;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::mtu::Uplink;
-use crate::netlink::NetlinkError;
-
-/// The kernel's IPIP fallback device.
-pub const IPIP_DEVICE: &str = "tunl0";
+pub use crate::kernel::IPIP_DEVICE;
+use crate::kernel::{KernelError, LinkKind, LinkState, LinkTable, Uplink, VxlanParams};
 /// sluice's VXLAN device (a name no other CNI uses: Flannel `flannel.1`, Calico
 /// `vxlan.calico`, Cilium `cilium_vxlan`).
 pub const VXLAN_DEVICE: &str = "sluice.vxlan";
@@ -128,7 +124,7 @@ pub struct TunnelSpec {
     pub encap: Encapsulation,
     /// The node's underlay address (VXLAN `local`).
     pub node_ip: Ipv4Addr,
-    /// The tunnel address, [`crate::routes::tunnel_address`] of the node's blocks.
+    /// The tunnel address, `routes::tunnel_address` of the node's blocks.
     pub address: Ipv4Addr,
     pub uplink: Uplink,
     pub vxlan: VxlanSettings,
@@ -184,72 +180,6 @@ impl TunnelState {
             _ => RouteEncap::None,
         }
     }
-}
-
-/// The kind of a link as far as we care.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LinkKind {
-    Ipip,
-    Vxlan(VxlanParams),
-    Other(String),
-}
-
-/// The VXLAN attributes we set and compare.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VxlanParams {
-    pub vni: u32,
-    pub port: u16,
-    pub local: Option<Ipv4Addr>,
-    /// Index of the underlay device (`dev`).
-    pub uplink: Option<u32>,
-    pub learning: bool,
-}
-
-/// A link as the kernel reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LinkState {
-    pub index: u32,
-    pub name: String,
-    pub kind: LinkKind,
-    pub mtu: u32,
-    pub up: bool,
-    pub mac: Option<[u8; 6]>,
-    pub ipv4: Vec<Ipv4Net>,
-}
-
-/// The link side of the kernel, small so reconcile is tested with a fake.
-pub trait LinkTable {
-    /// The link called `name`, `None` when there is none.
-    fn link(
-        &self,
-        name: &str,
-    ) -> impl Future<Output = Result<Option<LinkState>, NetlinkError>> + Send;
-    /// `ip link add tunl0 type ipip`: makes the kernel load `ipip` where it can (which
-    /// creates the fallback `tunl0`). `EEXIST` is success.
-    fn create_ipip_fallback(&self) -> impl Future<Output = Result<(), NetlinkError>> + Send;
-    fn create_vxlan(
-        &self,
-        name: &str,
-        params: &VxlanParams,
-        mac: [u8; 6],
-        mtu: u32,
-    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
-    fn delete_link(&self, index: u32) -> impl Future<Output = Result<(), NetlinkError>> + Send;
-    fn set_mtu_up(
-        &self,
-        index: u32,
-        mtu: u32,
-    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
-    fn add_address(
-        &self,
-        index: u32,
-        addr: Ipv4Net,
-    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
-    fn delete_address(
-        &self,
-        index: u32,
-        addr: Ipv4Net,
-    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
 }
 
 /// One change to the tunnel device.
@@ -346,11 +276,11 @@ pub enum TunnelError {
     Netlink {
         what: String,
         #[source]
-        source: NetlinkError,
+        source: KernelError,
     },
 }
 
-fn nl(what: impl Into<String>) -> impl FnOnce(NetlinkError) -> TunnelError {
+fn nl(what: impl Into<String>) -> impl FnOnce(KernelError) -> TunnelError {
     let what = what.into();
     move |source| TunnelError::Netlink { what, source }
 }
@@ -488,13 +418,15 @@ pub async fn ensure(links: &impl LinkTable, spec: &TunnelSpec) -> Result<TunnelS
 fn gone(device: &str) -> TunnelError {
     TunnelError::Netlink {
         what: format!("{device} vanished while being configured"),
-        source: NetlinkError::NoSuchLink(device.to_string()),
+        source: KernelError::NoSuchLink(device.to_string()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::FakeKernel;
+    use std::future::Future;
 
     fn uplink() -> Uplink {
         Uplink {
@@ -611,93 +543,6 @@ mod tests {
         assert_eq!(a[3], LinkAction::AddAddress(net("10.244.1.0/32")));
     }
 
-    /// A recording fake of the kernel's links.
-    #[derive(Default)]
-    struct FakeLinks {
-        links: std::sync::Mutex<Vec<LinkState>>,
-        /// errno `create_ipip_fallback` fails with; `None`: it creates tunl0.
-        ipip_errno: Option<i32>,
-        calls: std::sync::Mutex<Vec<String>>,
-    }
-
-    impl FakeLinks {
-        fn get(&self, name: &str) -> Option<LinkState> {
-            self.links
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.name == name)
-                .cloned()
-        }
-        fn edit(&self, index: u32, f: impl FnOnce(&mut LinkState)) {
-            let mut links = self.links.lock().unwrap();
-            f(links.iter_mut().find(|l| l.index == index).unwrap());
-        }
-        fn log(&self, c: String) {
-            self.calls.lock().unwrap().push(c);
-        }
-    }
-
-    impl LinkTable for FakeLinks {
-        async fn link(&self, name: &str) -> Result<Option<LinkState>, NetlinkError> {
-            Ok(self.get(name))
-        }
-        async fn create_ipip_fallback(&self) -> Result<(), NetlinkError> {
-            self.log("create tunl0".into());
-            if let Some(errno) = self.ipip_errno {
-                return Err(NetlinkError::Kernel {
-                    op: "create tunl0",
-                    errno,
-                    message: "fake".into(),
-                });
-            }
-            self.links.lock().unwrap().push(tunl0(0, false, &[]));
-            Ok(())
-        }
-        async fn create_vxlan(
-            &self,
-            name: &str,
-            params: &VxlanParams,
-            mac: [u8; 6],
-            mtu: u32,
-        ) -> Result<(), NetlinkError> {
-            self.log(format!("create {name}"));
-            self.links.lock().unwrap().push(LinkState {
-                index: 20,
-                name: name.into(),
-                kind: LinkKind::Vxlan(params.clone()),
-                mtu,
-                up: false,
-                mac: Some(mac),
-                ipv4: vec![],
-            });
-            Ok(())
-        }
-        async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
-            self.log(format!("delete link {index}"));
-            self.links.lock().unwrap().retain(|l| l.index != index);
-            Ok(())
-        }
-        async fn set_mtu_up(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
-            self.log(format!("set {index} mtu {mtu} up"));
-            self.edit(index, |l| {
-                l.mtu = mtu;
-                l.up = true;
-            });
-            Ok(())
-        }
-        async fn add_address(&self, index: u32, addr: Ipv4Net) -> Result<(), NetlinkError> {
-            self.log(format!("add {addr} to {index}"));
-            self.edit(index, |l| l.ipv4.push(addr));
-            Ok(())
-        }
-        async fn delete_address(&self, index: u32, addr: Ipv4Net) -> Result<(), NetlinkError> {
-            self.log(format!("delete {addr} from {index}"));
-            self.edit(index, |l| l.ipv4.retain(|a| *a != addr));
-            Ok(())
-        }
-    }
-
     fn block_on<F: Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .build()
@@ -707,7 +552,7 @@ mod tests {
 
     #[test]
     fn ensure_without_ipip_in_the_kernel_is_unsupported_not_a_crash() {
-        let fake = FakeLinks {
+        let fake = FakeKernel {
             ipip_errno: Some(libc::EOPNOTSUPP),
             ..Default::default()
         };
@@ -721,7 +566,7 @@ mod tests {
             }
         ));
         // any other kernel error is not "unsupported": it is worth retrying
-        let fake = FakeLinks {
+        let fake = FakeKernel {
             ipip_errno: Some(libc::EPERM),
             ..Default::default()
         };
@@ -731,7 +576,7 @@ mod tests {
 
     #[test]
     fn ensure_is_idempotent() {
-        let fake = FakeLinks::default();
+        let fake = FakeKernel::default();
         let first = block_on(ensure(&fake, &spec(Encapsulation::Ipip))).unwrap();
         assert!(first.changed);
         let t = fake.get("tunl0").unwrap();
@@ -751,7 +596,7 @@ mod tests {
 
     #[test]
     fn switching_encapsulation_moves_the_tunnel_address_and_retires_the_vxlan_device() {
-        let fake = FakeLinks::default();
+        let fake = FakeKernel::default();
         block_on(ensure(&fake, &spec(Encapsulation::Ipip))).unwrap();
         let st = block_on(ensure(&fake, &spec(Encapsulation::Vxlan))).unwrap();
         assert_eq!(st.mtu, 1450);

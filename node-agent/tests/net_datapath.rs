@@ -6,7 +6,7 @@
 mod net_support;
 
 use net_support::*;
-use sluice_agent::netlink::Netlink;
+use sluice_agent::kernel::Netlink;
 use sluice_agent::tunnel::{self, Encapsulation, TunnelError, TunnelSpec, VXLAN_DEVICE, vtep_mac};
 use sluice_testkit::{in_new_netns, require_root, require_tool};
 

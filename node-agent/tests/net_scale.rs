@@ -7,9 +7,9 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use ipnet::Ipv4Net;
+use sluice_agent::kernel::{Netlink, RouteTable};
 use sluice_agent::mtu;
-use sluice_agent::netlink::Netlink;
-use sluice_agent::routes::{self, BlockOwner, RouteTable};
+use sluice_agent::routes::{self, BlockOwner};
 use sluice_agent::tunnel::{self, Encapsulation, TunnelSpec};
 use sluice_testkit::{in_new_netns, require_root, sh};
 

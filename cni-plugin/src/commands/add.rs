@@ -13,11 +13,11 @@ use crate::agent_status;
 use crate::error::PluginError;
 use crate::log::log;
 use crate::mtu;
-use crate::netlink::{Netlink, VethPeer, parse_mac};
 use crate::netns::Netns;
 use crate::sysctl;
 use crate::wiring::{self, HOST_MAC, Plan};
 use sluice_cni::veth::PRIMARY_IFNAME;
+use sluice_netlink::{Netlink, VethPeer, parse_mac};
 
 /// What has been created so far, to undo on failure.
 enum Done {

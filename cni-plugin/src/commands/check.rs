@@ -9,11 +9,11 @@ use sluice_cni::protocol::{CniError, CniResult, Command, ErrorCode};
 
 use super::Ctx;
 use crate::error::PluginError;
-use crate::netlink::Netlink;
 use crate::netns::Netns;
 use crate::sysctl;
 use crate::wiring::{self, HostView, Plan, PodView};
 use sluice_cni::veth::PRIMARY_IFNAME;
+use sluice_netlink::Netlink;
 
 pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     let prev = ctx.conf.prev_result.as_ref().ok_or_else(|| {

@@ -9,8 +9,8 @@ use sluice_cni::protocol::Command;
 use super::Ctx;
 use crate::error::{Errors, PluginError};
 use crate::log::log;
-use crate::netlink::Netlink;
 use crate::netns::{Netns, NetnsError};
+use sluice_netlink::Netlink;
 
 pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     let mut errors = Errors::default();

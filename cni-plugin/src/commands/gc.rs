@@ -13,9 +13,9 @@ use sluice_cni::protocol::{CniError, Command, ErrorCode};
 use super::Ctx;
 use crate::error::{Errors, PluginError};
 use crate::log::log;
-use crate::netlink::Netlink;
 use crate::wiring::parse_alias;
 use sluice_cni::veth::{network_pending_prefix, pending_veth_name};
+use sluice_netlink::Netlink;
 
 pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     // Without the list, "keep nothing" and "I was told nothing" look the same;

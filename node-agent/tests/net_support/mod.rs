@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
+use sluice_agent::kernel::Netlink;
 use sluice_agent::mtu;
-use sluice_agent::netlink::Netlink;
 use sluice_agent::routes::{self, BlockOwner, RouteSyncReport};
 use sluice_agent::tunnel::{self, Encapsulation, TunnelSpec, TunnelState};
 use sluice_testkit::NamedNetns;
