@@ -12,6 +12,7 @@ use sluice_agent::dataplane::{Backend, Dataplane, ExecRunner, SyncMode};
 use sluice_agent::datastore::Snapshot;
 use sluice_agent::datastore::objects::convert;
 use sluice_agent::reconcile::{self, NodeSettings, TunnelFilter};
+use sluice_policy::RawObject;
 
 const PODS: usize = 10_000;
 const POLICIES: usize = 1_000;
@@ -66,7 +67,11 @@ fn objects(local_pods: usize) -> Vec<Value> {
 }
 
 fn snapshot(objs: &[Value]) -> Snapshot {
-    let conv = convert(objs);
+    let objs: Vec<RawObject> = objs
+        .iter()
+        .map(|v| RawObject::new("bench", v.clone()))
+        .collect();
+    let conv = convert(&objs);
     assert!(
         conv.cluster.rejected_policies.is_empty(),
         "{:?}",

@@ -63,7 +63,7 @@ impl ObjectMeta {
 
 /// The namespace a namespaced object lives in: kubectl writes it; a hand-written
 /// manifest without one lands in `default`, as `kubectl apply` would put it.
-fn namespace_of(meta: &ObjectMeta) -> String {
+pub(crate) fn namespace_of(meta: &ObjectMeta) -> String {
     meta.namespace
         .clone()
         .filter(|n| !n.is_empty())

@@ -30,6 +30,12 @@
 //!   included (what upstream e2e expects and Calico/kube-router do).
 //! - Named ports are resolved on the destination pod (name and protocol); against a
 //!   destination that is not a pod a named port matches nothing.
+//! - Not upstream, but what sluice enforces: a pod selected by a NetworkPolicy that
+//!   could not be read ([`Cluster::rejected_policies`]; or any pod of its namespace
+//!   when even the policy's selector is unreadable) is held fail-closed, denied both
+//!   ways whatever the other policies say, until the policy is fixed. Loopback and
+//!   ingress from the pod's own node stay allowed, as for any isolated pod. This is
+//!   the agent's behaviour, so `sluicectl policy check` says what the node does.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -193,11 +199,38 @@ pub enum Side {
     },
     /// Isolated by `isolating`; no rule of theirs allowed it.
     Denied { isolating: Vec<NamespacedName> },
+    /// Held fail-closed by policies that could not be read (in key order): denied
+    /// whatever any other policy allows.
+    Held { rejected: Vec<HeldBy> },
+}
+
+/// A rejected policy holding a pod, and why it was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldBy {
+    pub policy: NamespacedName,
+    pub reason: String,
+}
+
+impl fmt::Display for HeldBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NetworkPolicy {} ({})", self.policy, self.reason)
+    }
+}
+
+/// `held fail-closed by rejected NetworkPolicy a/b (why), ...`: one text for the
+/// evaluator's reason and `sluicectl policy check`.
+pub fn held_text(rejected: &[HeldBy]) -> String {
+    let list = rejected
+        .iter()
+        .map(|h| h.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("held fail-closed by rejected {list}")
 }
 
 impl Side {
     pub fn allows(&self) -> bool {
-        !matches!(self, Side::Denied { .. })
+        !matches!(self, Side::Denied { .. } | Side::Held { .. })
     }
 
     /// The policies isolating this side (empty when not isolated).
@@ -251,6 +284,7 @@ impl Evaluation {
                 self.port,
                 self.to
             ),
+            Side::Held { rejected } => format!("egress: {}", held_text(rejected)),
         };
         let ingress = match &self.ingress {
             Side::NotPoliced => format!("ingress: {} is not a policed pod", self.to),
@@ -273,6 +307,7 @@ impl Evaluation {
                 self.port,
                 self.from
             ),
+            Side::Held { rejected } => format!("ingress: {}", held_text(rejected)),
         };
         format!("{egress}; {ingress}")
     }
@@ -463,6 +498,18 @@ fn judge<'a>(
     }
 }
 
+/// The rejected policies holding `pod`, if any.
+fn held(cluster: &Cluster, pod: &Pod) -> Option<Side> {
+    let rejected: Vec<HeldBy> = cluster
+        .rejected_policies_selecting(pod)
+        .map(|(key, r)| HeldBy {
+            policy: key.clone(),
+            reason: r.reason.clone(),
+        })
+        .collect();
+    (!rejected.is_empty()).then_some(Side::Held { rejected })
+}
+
 /// Evaluates `probe` against `cluster`.
 pub fn evaluate(cluster: &Cluster, probe: &Probe) -> Result<Evaluation, EvaluateError> {
     if probe.port == 0 {
@@ -483,16 +530,18 @@ pub fn evaluate(cluster: &Cluster, probe: &Probe) -> Result<Evaluation, Evaluate
     let egress = match src_pod {
         _ if loopback => Side::Loopback,
         None => Side::NotPoliced,
-        Some(src) => judge(
-            cluster
-                .policies_selecting(src)
-                .filter(|p| p.policy_types.egress)
-                .map(|p| (p, p.egress.as_slice())),
-            |policy, rule| {
-                peers_match(cluster, &policy.namespace, &rule.peers, &to)
-                    && ports_match(&rule.ports, port, protocol, dst_pod)
-            },
-        ),
+        Some(src) => held(cluster, src).unwrap_or_else(|| {
+            judge(
+                cluster
+                    .policies_selecting(src)
+                    .filter(|p| p.policy_types.egress)
+                    .map(|p| (p, p.egress.as_slice())),
+                |policy, rule| {
+                    peers_match(cluster, &policy.namespace, &rule.peers, &to)
+                        && ports_match(&rule.ports, port, protocol, dst_pod)
+                },
+            )
+        }),
     };
 
     let ingress = match dst_pod {
@@ -503,6 +552,8 @@ pub fn evaluate(cluster: &Cluster, probe: &Probe) -> Result<Evaluation, Evaluate
                 if dst.node.as_deref() == Some(node.as_str()));
             if from_own_node {
                 Side::OwnNode
+            } else if let Some(held) = held(cluster, dst) {
+                held
             } else {
                 judge(
                     cluster

@@ -4,7 +4,8 @@
 //!
 //! - [`model`]: the domain types (namespaces, pods, nodes, policies, [`Cluster`]).
 //! - [`selector`]: label selectors.
-//! - [`manifest`] + [`convert`]: kubectl-shaped YAML/JSON text → model objects.
+//! - [`manifest`] + [`convert`]: kubectl-shaped YAML/JSON text → model objects; the
+//!   one manifest reader of sluice (CLI, lab and agent), lenient or strict.
 //! - [`evaluate`]: the reference evaluator (probe → verdict + reason).
 //!
 //! ```
@@ -52,7 +53,10 @@ pub mod names;
 pub mod render;
 
 pub use evaluate::{Endpoint, Evaluation, Probe, Verdict, evaluate};
-pub use manifest::{ManifestError, Object, Parsed, parse_documents, parse_value};
+pub use manifest::{
+    ManifestError, Object, ObjectError, Parsed, RawObject, convert_objects, parse_documents,
+    parse_value, read_documents, split_documents,
+};
 pub use model::{
     Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, NamespacedName,
     NetworkPolicy, Node, Peer, Peers, Pod, PodPeer, PolicyPort, PolicyType, PolicyTypes, PortMatch,

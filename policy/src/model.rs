@@ -378,8 +378,32 @@ impl Cluster {
     pub fn add_node(&mut self, node: Node) {
         self.nodes.insert(node.name.clone(), node);
     }
+    /// Inserts or replaces by key; a rejected policy of the same key is gone.
     pub fn add_policy(&mut self, policy: NetworkPolicy) {
+        self.rejected_policies.remove(&policy.key());
         self.policies.insert(policy.key(), policy);
+    }
+    /// Records a policy that did not convert; a good one of the same key is gone
+    /// (the newer object is what the author means now).
+    pub fn reject_policy(&mut self, key: NamespacedName, rejected: RejectedPolicy) {
+        self.policies.remove(&key);
+        self.rejected_policies.insert(key, rejected);
+    }
+
+    /// The rejected policies that hold `pod` fail-closed: those of its namespace whose
+    /// selector matches it, or cannot be read (then the whole namespace is held).
+    /// hostNetwork pods are never held: no podSelector selects them.
+    pub fn rejected_policies_selecting<'a>(
+        &'a self,
+        pod: &'a Pod,
+    ) -> impl Iterator<Item = (&'a NamespacedName, &'a RejectedPolicy)> + 'a {
+        self.rejected_policies.iter().filter(move |(key, r)| {
+            !pod.host_network
+                && key.namespace == pod.namespace
+                && r.pod_selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&pod.labels))
+        })
     }
 
     /// The labels namespaceSelectors see: the manifest's labels plus

@@ -279,14 +279,55 @@ fn directories_are_read_recursively_and_unknown_kinds_only_warn() {
     );
 }
 
+const BROKEN: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}\n";
+
+/// What the agent does with the same file: the pods the malformed policy selects are
+/// held fail-closed. So check answers deny, naming the policy, instead of aborting.
 #[test]
-fn a_malformed_object_fails_naming_file_and_object() {
+fn a_malformed_policy_denies_the_pods_it_selects_naming_file_and_object() {
     let s = Scratch::new("malformed");
     s.write("pod.json", POD);
-    let bad = s.write(
-        "bad.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}\n",
+    let bad = s.write("bad.yaml", BROKEN);
+    let args = |output: &'static str| {
+        [
+            "policy",
+            "check",
+            "-f",
+            s.path(),
+            "--from",
+            "ip:1.2.3.4",
+            "--to",
+            "x/a",
+            "--port",
+            "80",
+            "-o",
+            output,
+        ]
+    };
+    let o = sluicectl(&args("json"), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains(bad.to_str().unwrap()), "{err}");
+    assert!(err.contains("NetworkPolicy x/broken"), "{err}");
+    let v = json_of(&o);
+    assert_eq!(v["verdict"], "deny", "{v}");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("held fail-closed by rejected NetworkPolicy x/broken")
+            && reason.contains("except"),
+        "{reason}"
     );
+    let o = sluicectl(&args("text"), None);
+    let out = stdout(&o);
+    assert!(out.starts_with("DENY"), "{out}");
+    assert!(out.contains("NetworkPolicy x/broken"), "{out}");
+}
+
+#[test]
+fn a_document_that_is_not_yaml_fails_naming_file_and_document() {
+    let s = Scratch::new("syntax");
+    s.write("pod.json", POD);
+    let bad = s.write("bad.yaml", &format!("{BROKEN}---\nkind: [unclosed\n"));
     let o = sluicectl(
         &[
             "policy",
@@ -304,8 +345,10 @@ fn a_malformed_object_fails_naming_file_and_object() {
     );
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains(bad.to_str().unwrap()), "{err}");
-    assert!(err.contains("NetworkPolicy x/broken"), "{err}");
+    assert!(
+        err.contains(&format!("{}: document 2:", bad.to_str().unwrap())),
+        "{err}"
+    );
     assert!(stdout(&o).is_empty());
 }
 

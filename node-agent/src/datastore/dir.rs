@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::Value;
 use sluice_ipam::blocks::{Pool, blocks_of, claim_block};
 use sluice_ipam::store::BlockStore;
 use sluice_ipam::store::dir::DirStore;
+
+use sluice_policy::RawObject;
 
 use super::objects::{convert, parse_manifest_text};
 use super::{Datastore, DatastoreError, Snapshot, SnapshotSender};
@@ -111,7 +112,7 @@ fn scan(dir: &Path) -> Result<BTreeMap<PathBuf, Stamp>, DatastoreError> {
 /// half-written edit never removes policies (and opens traffic) for a moment.
 #[derive(Default)]
 pub struct ManifestCache {
-    files: BTreeMap<PathBuf, (Stamp, Vec<Value>)>,
+    files: BTreeMap<PathBuf, (Stamp, Vec<RawObject>)>,
 }
 
 impl ManifestCache {
@@ -138,8 +139,10 @@ impl ManifestCache {
                     changed = true;
                 }
                 Err(e) => {
-                    // Keep the last good content; remember the stamp so the error is
-                    // logged once per edit, not once per poll.
+                    // Not YAML/JSON: nothing in it can be attributed to an object, so
+                    // nothing can be held by name. Keep the last good content (a
+                    // half-written edit must not open anything); remember the stamp so
+                    // the error is logged once per edit, not once per poll.
                     tracing::error!(error = %e, "manifest does not parse; keeping its previous content");
                     let old = self.files.remove(&path).map(|(_, o)| o).unwrap_or_default();
                     self.files.insert(path, (stamp, old));
@@ -149,7 +152,7 @@ impl ManifestCache {
         Ok(changed)
     }
 
-    pub fn objects(&self) -> Vec<Value> {
+    pub fn objects(&self) -> Vec<RawObject> {
         self.files
             .values()
             .flat_map(|(_, o)| o.iter().cloned())
@@ -171,6 +174,9 @@ impl Datastore for DirDatastore {
                 let conv = convert(&cache.objects());
                 for s in &conv.skipped {
                     tracing::warn!(object = %s, "manifest object skipped");
+                }
+                for r in &conv.rejected {
+                    tracing::error!(object = %r, "NetworkPolicy rejected; the pods it selects are held fail-closed");
                 }
                 Ok(Some(Snapshot {
                     cluster: conv.cluster,
@@ -271,6 +277,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(objs.len(), 2);
-        assert!(objs[0]["metadata"].get("managedFields").is_none());
+        assert!(objs[0].value["metadata"].get("managedFields").is_none());
     }
 }

@@ -22,6 +22,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use sluice_ipam::blocks::Pool;
 use sluice_ipam::store::BlockStore;
+use sluice_policy::RawObject;
 use tokio::sync::Notify;
 
 use super::block_lifecycle::{
@@ -137,14 +138,17 @@ where
     reader
 }
 
-fn to_json<K: Serialize + Resource<DynamicType = ()>>(objs: &[Arc<K>]) -> Vec<serde_json::Value> {
+/// How objects from the API are named in messages (a rejected policy, a skipped pod).
+const ORIGIN: &str = "Kubernetes API";
+
+fn to_json<K: Serialize + Resource<DynamicType = ()>>(objs: &[Arc<K>]) -> Vec<RawObject> {
     objs.iter()
         .filter_map(|o| {
             let mut v = serde_json::to_value(o.as_ref()).ok()?;
             // Typed objects serialize without apiVersion/kind; the converter keys on kind.
             v["kind"] = K::kind(&()).into();
             v["apiVersion"] = K::api_version(&()).into();
-            Some(v)
+            Some(RawObject::new(ORIGIN, v))
         })
         .collect()
 }
@@ -255,6 +259,12 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                     blocks: blocks.clone(),
                 };
                 if last.as_deref() != Some(&snap) {
+                    for s in &conv.skipped {
+                        tracing::warn!(object = %s, "API object skipped");
+                    }
+                    for r in &conv.rejected {
+                        tracing::error!(object = %r, "NetworkPolicy rejected; the pods it selects are held fail-closed");
+                    }
                     let snap = Arc::new(snap);
                     last = Some(snap.clone());
                     if out.send(Some(snap)).is_err() {

@@ -7,8 +7,9 @@
 //! - [`kube::KubeDatastore`]: reflectors on the Kubernetes API plus the ipam
 //!   Kubernetes block store.
 //!
-//! Both feed the objects, as JSON, through one conversion ([`objects`]) into the
-//! policy crate's [`Cluster`], so the two backends cannot disagree on meaning.
+//! Both feed the objects, as JSON, through one conversion ([`objects`], the policy
+//! crate's manifest reader) into the policy crate's [`Cluster`], so the two backends
+//! and `sluicectl policy check` cannot disagree on meaning.
 
 pub mod block_lifecycle;
 pub mod dir;

@@ -1,10 +1,13 @@
 //! Reading the manifests `lab apply` takes: YAML or JSON files or directories of them,
 //! multi-document, `List` objects unwrapped, exactly what `kubectl get -o yaml` writes.
+//! The text is split by the policy crate's reader ([`sluice_policy::split_documents`],
+//! the same the agent and `sluicectl policy check` use).
 //!
 //! The lab needs the objects whole (it writes them back into the agents' datastore),
 //! so it keeps each as JSON and reads out only the few fields it acts on: a pod's
 //! node and ports, a Service's selector and NodePorts. The meaning of policies is
-//! `sluice_policy`'s business; the lab never interprets them.
+//! `sluice_policy`'s business; the lab never interprets them (a malformed policy is
+//! written through, and the agents hold the pods it selects).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,11 +41,8 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Object>, LabError> {
             .unwrap_or_else(|_| f.clone())
             .display()
             .to_string();
-        for v in parse_documents(&text).map_err(|message| LabError::Manifest {
-            file: source.clone(),
-            message,
-        })? {
-            push_object(v, &source, &mut out)?;
+        for raw in sluice_policy::split_documents(&source, &text)? {
+            push_object(raw.value, &source, &mut out)?;
         }
     }
     Ok(out)
@@ -69,33 +69,12 @@ fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<(), LabError> {
     Ok(())
 }
 
-/// Split a YAML stream (JSON is YAML) into documents, skipping empty ones.
-pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
-    use serde::Deserialize;
-    let mut docs = Vec::new();
-    for de in serde_yaml_ng::Deserializer::from_str(text) {
-        let v = Value::deserialize(de).map_err(|e| e.to_string())?;
-        if !v.is_null() {
-            docs.push(v);
-        }
-    }
-    Ok(docs)
-}
-
 fn push_object(v: Value, source: &str, out: &mut Vec<Object>) -> Result<(), LabError> {
     let bad = |message: String| LabError::Manifest {
         file: source.to_string(),
         message,
     };
     let kind = v["kind"].as_str().unwrap_or_default().to_string();
-    if kind.ends_with("List") {
-        if let Some(items) = v["items"].as_array() {
-            for item in items {
-                push_object(item.clone(), source, out)?;
-            }
-        }
-        return Ok(());
-    }
     if kind == "Node" {
         return Ok(());
     }
@@ -281,8 +260,8 @@ items:
 ---
 "#;
         let mut out = Vec::new();
-        for v in parse_documents(text).unwrap() {
-            push_object(v, "t.yaml", &mut out).unwrap();
+        for raw in sluice_policy::split_documents("t.yaml", text).unwrap() {
+            push_object(raw.value, "t.yaml", &mut out).unwrap();
         }
         let keys: Vec<String> = out.iter().map(|o| o.key.to_string()).collect();
         assert_eq!(keys, vec!["Namespace/x", "Pod/x/a"]);

@@ -140,6 +140,9 @@ pub enum LabError {
     Usage(String),
     #[error("{file}: {message}")]
     Manifest { file: String, message: String },
+    /// A document that is not YAML/JSON (names the file and the document).
+    #[error(transparent)]
+    ManifestText(#[from] sluice_policy::ManifestError),
     #[error("CNI {command} for pod {pod} failed: {message}")]
     Cni {
         command: String,

@@ -9,6 +9,11 @@
 //! JSON for one probe is `{"verdict":"allow"|"deny","reason":"..."}`; for `--probes`
 //! an array of those in input order. Exit 0 whenever the check ran, whatever the
 //! verdicts; non-zero on bad input.
+//!
+//! Manifests are read as the agent reads them: a malformed NetworkPolicy is a
+//! warning naming file and object, and the pods it selects are denied both ways
+//! (held fail-closed, as on a node) with a reason naming the policy. A document
+//! that is not YAML/JSON is an error naming the file and the document's number.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -17,7 +22,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use sluice_policy::Protocol;
-use sluice_policy::evaluate::{Endpoint, Evaluation, Probe, Resolved, Side, evaluate};
+use sluice_policy::evaluate::{Endpoint, Evaluation, Probe, Resolved, Side, evaluate, held_text};
 
 const AFTER_HELP: &str = "\
 Every probe is the first packet of a new connection (replies are always allowed).
@@ -214,6 +219,7 @@ fn side_text(side: &Side, direction: &str, endpoint: &Resolved) -> String {
             "isolated by {}\n           DENIED: no {direction} rule of these policies matches",
             list(isolating)
         ),
+        Side::Held { rejected } => format!("DENIED: {}", held_text(rejected)),
     }
 }
 

@@ -33,7 +33,11 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// The cluster described by `paths` (files, or directories searched recursively for
-/// .yaml/.yml/.json, in name order), and the parser's warnings (unknown kinds).
+/// .yaml/.yml/.json, in name order), and the reader's warnings: unknown kinds, and
+/// objects that do not convert, by file, kind and name. Read leniently, as the
+/// agent reads the same files: a malformed NetworkPolicy lands in
+/// `Cluster::rejected_policies` (the pods it selects are held), any other malformed
+/// object is left out. Only a document that is not YAML/JSON at all is an error.
 /// A later object with the same key replaces an earlier one.
 pub(crate) fn load_cluster(paths: &[PathBuf]) -> anyhow::Result<(Cluster, Vec<String>)> {
     let mut files = Vec::new();
@@ -51,9 +55,16 @@ pub(crate) fn load_cluster(paths: &[PathBuf]) -> anyhow::Result<(Cluster, Vec<St
     for file in files {
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("reading {}", file.display()))?;
-        let parsed = sluice_policy::parse_documents(&file.display().to_string(), &text)?;
+        let parsed = sluice_policy::read_documents(&file.display().to_string(), &text)?;
         parsed.add_to(&mut cluster);
         warnings.extend(parsed.warnings);
+        warnings.extend(parsed.rejected.iter().map(|e| {
+            if e.holds_pods() {
+                format!("{e}; the pods it selects are held fail-closed (denied both ways)")
+            } else {
+                format!("{e}; left out")
+            }
+        }));
     }
     Ok((cluster, warnings))
 }
