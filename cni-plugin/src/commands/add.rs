@@ -9,7 +9,7 @@ use sluice_cni::delegate;
 use sluice_cni::protocol::{CniResult, Command};
 
 use super::Ctx;
-use crate::agent_status;
+use sluice_node_files::status as agent_status;
 use crate::error::PluginError;
 use crate::log::log;
 use crate::mtu;

@@ -8,7 +8,7 @@ use sluice_cni::delegate;
 use sluice_cni::protocol::{CniError, Command, ErrorCode};
 
 use super::Ctx;
-use crate::agent_status::{self, Readiness};
+use sluice_node_files::status::{self as agent_status, Readiness};
 use crate::error::PluginError;
 
 pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {

@@ -15,7 +15,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::{BlockClaim, BlockStore, ClaimOutcome, StoreError};
-use crate::atomic_file::sync_dir;
+use sluice_node_files::atomic::sync_dir;
 use crate::blocks::{block_name, parse_block_name};
 
 /// The record in a block's file.
