@@ -73,20 +73,7 @@ pub struct NodeSettings {
 }
 
 /// The host-side interface names, by the CNI plugin's own rule.
-pub struct VethNames;
-
-impl InterfaceNames for VethNames {
-    fn host_veth(&self, pod: &Pod) -> String {
-        sluice_cni::veth::host_veth_name(sluice_cni::veth::PodIdentity::Kubernetes {
-            namespace: &pod.namespace,
-            pod: &pod.name,
-        })
-    }
-
-    fn namespace_prefix(&self, namespace: &str) -> String {
-        sluice_cni::veth::namespace_iface_prefix(namespace)
-    }
-}
+pub use sluice_policy::veth_names::VethNames;
 
 /// One block of the pool, its node, and where to send its traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
