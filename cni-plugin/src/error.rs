@@ -71,7 +71,9 @@ impl From<PluginError> for CniError {
                 n.to_string(),
                 "the kernel refused a link/address/route change; see the plugin log",
             ),
-            PluginError::Sysctl(s) => sluice(ErrorCode::Sysctl, s.to_string(), "is /proc/sys writable?"),
+            PluginError::Sysctl(s) => {
+                sluice(ErrorCode::Sysctl, s.to_string(), "is /proc/sys writable?")
+            }
             PluginError::Config(m) => CniError::new(ErrorCode::InvalidNetworkConfig, m),
             e @ PluginError::IfnameTaken { .. } => sluice(
                 ErrorCode::IfnameTaken,
@@ -157,7 +159,10 @@ mod tests {
                 PluginError::Netns(NetnsError::Missing("/run/netns/x".into())),
                 ErrorCode::UnknownContainer,
             ),
-            (PluginError::Config("bad".into()), ErrorCode::InvalidNetworkConfig),
+            (
+                PluginError::Config("bad".into()),
+                ErrorCode::InvalidNetworkConfig,
+            ),
             (
                 PluginError::AgentNotReady("starting".into()),
                 ErrorCode::TryAgainLater,

@@ -138,7 +138,11 @@ mod tests {
         }
         let meanings: std::collections::BTreeSet<_> =
             ErrorCode::ALL.iter().map(|c| c.meaning()).collect();
-        assert_eq!(meanings.len(), ErrorCode::ALL.len(), "a meaning is listed twice");
+        assert_eq!(
+            meanings.len(),
+            ErrorCode::ALL.len(),
+            "a meaning is listed twice"
+        );
     }
 
     #[test]
@@ -160,7 +164,11 @@ mod tests {
         }
         for &c in ErrorCode::ALL {
             let spec = table.iter().any(|(s, _)| *s == c);
-            assert_eq!(ErrorCode::is_spec(c.code()), spec, "{c:?}: only the spec's codes are below 100");
+            assert_eq!(
+                ErrorCode::is_spec(c.code()),
+                spec,
+                "{c:?}: only the spec's codes are below 100"
+            );
         }
     }
 

@@ -32,9 +32,9 @@ mod panic;
 mod result;
 mod version;
 
+pub use codes::ErrorCode;
 pub use config::{Attachment, IpamConf, NetConf, peek_version};
 pub use env::{CniArgs, Command, Env, validate_container_id, validate_ifname};
-pub use codes::ErrorCode;
 pub use error::CniError;
 pub use panic::catch_panic;
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};

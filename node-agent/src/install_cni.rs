@@ -97,10 +97,12 @@ pub fn install(cfg: &InstallCniConfig) -> Result<InstallReport, InstallError> {
         install_file(&cfg.cni_bin_dir.join(bin), &bytes, 0o755, &mut report)?;
     }
     let template = match &cfg.template {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|source| InstallError::Read {
-            path: p.clone(),
-            source,
-        })?),
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|source| InstallError::Read {
+                path: p.clone(),
+                source,
+            })?,
+        ),
         None => None,
     };
     let conflist = render_conflist(template.as_deref(), cfg)?;

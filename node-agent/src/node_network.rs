@@ -7,7 +7,7 @@ use crate::agent::NodeNetwork;
 use crate::mtu;
 use crate::netlink::Netlink;
 use crate::reconcile::Desired;
-use crate::routes::{self, BlockOwner};
+use crate::routes;
 use crate::tunnel::{self, Encapsulation, TunnelSpec, VxlanSettings};
 
 pub struct KernelNetwork {
@@ -54,16 +54,7 @@ impl NodeNetwork for KernelNetwork {
             .await
             .map_err(|e| e.to_string())?;
         mtu::write_mtu_file(&self.mtu_file, state.mtu).map_err(|e| e.to_string())?;
-        let owners: Vec<BlockOwner> = d
-            .blocks
-            .iter()
-            .map(|b| BlockOwner {
-                node: b.node.clone(),
-                node_ip: b.node_ip,
-                block: b.block,
-            })
-            .collect();
-        let want = routes::desired(&self.node, &owners, &state.route_encap());
+        let want = routes::desired(&self.node, &d.blocks, &state.route_encap());
         let report = routes::sync(&self.netlink, &want)
             .await
             .map_err(|e| e.to_string())?;

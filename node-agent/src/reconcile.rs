@@ -75,13 +75,9 @@ pub struct NodeSettings {
 /// The host-side interface names, by the CNI plugin's own rule.
 pub use sluice_policy::veth_names::VethNames;
 
-/// One block of the pool, its node, and where to send its traffic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockRoute {
-    pub node: String,
-    pub node_ip: Ipv4Addr,
-    pub block: Ipv4Net,
-}
+/// One block of the pool, its node, and where to send its traffic: the routes'
+/// own type, so the desired state goes to route sync without a copy.
+pub use crate::routes::BlockOwner as BlockRoute;
 
 /// Everything the node should look like after one apply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

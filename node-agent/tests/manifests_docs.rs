@@ -207,10 +207,8 @@ fn the_sample_conflist_is_what_install_cni_writes_and_every_key_is_documented() 
         .and_then(|s| s.split("```").next())
         .expect("a json block in the conflist section");
     let sample: serde_json::Value = serde_json::from_str(sample).expect("the sample is JSON");
-    let written: serde_json::Value = serde_json::from_str(
-        &render_conflist(None, &default_install_config()).unwrap(),
-    )
-    .unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&render_conflist(None, &default_install_config()).unwrap()).unwrap();
     assert_eq!(
         sample, written,
         "docs/configuration.md's conflist vs install-cni's"

@@ -106,7 +106,10 @@ mod tests {
     fn the_temporary_file_is_a_dot_file_ending_in_tmp() {
         let t = temp_path(Path::new("/m/pod.yaml"));
         let name = t.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(name.starts_with(".pod.yaml.") && name.ends_with(".tmp"), "{name}");
+        assert!(
+            name.starts_with(".pod.yaml.") && name.ends_with(".tmp"),
+            "{name}"
+        );
         assert_eq!(t.parent(), Some(Path::new("/m")));
     }
 }

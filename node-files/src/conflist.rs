@@ -179,7 +179,8 @@ impl NodeConflist {
             .replace("__POOL__", &self.pool)
             .replace("__BLOCK_SIZE__", &self.block_size.to_string())
             .replace("__MTU__", &self.mtu.to_string());
-        serde_json::from_str::<serde_json::Value>(&out).map_err(|e| TemplateError(e.to_string()))?;
+        serde_json::from_str::<serde_json::Value>(&out)
+            .map_err(|e| TemplateError(e.to_string()))?;
         Ok(out)
     }
 }
@@ -208,7 +209,10 @@ mod tests {
         assert_eq!(p["mtu"], 1430);
         assert_eq!(p["agentStatusFile"], "/run/sluice/agent-status.json");
         assert_eq!(p["ipam"]["nodeName"], "node-\"7\"");
-        assert_eq!(p["ipam"]["nodeBlocksFile"], "/var/lib/sluice/ipam/node-blocks.json");
+        assert_eq!(
+            p["ipam"]["nodeBlocksFile"],
+            "/var/lib/sluice/ipam/node-blocks.json"
+        );
         assert!(p["ipam"].get("blockStore").is_none());
         assert_eq!(v["plugins"][1]["type"], "portmap");
         let parsed: serde_json::Value = serde_json::from_str(&cluster().to_text()).unwrap();

@@ -69,7 +69,10 @@ mod tests {
     fn the_defaults_are_the_documented_paths() {
         let d = NodePaths::default();
         assert_eq!(d.mtu_file, Path::new("/var/lib/sluice/mtu"));
-        assert_eq!(d.agent_status_file, Path::new("/run/sluice/agent-status.json"));
+        assert_eq!(
+            d.agent_status_file,
+            Path::new("/run/sluice/agent-status.json")
+        );
         assert_eq!(d.conflist(), Path::new("/etc/cni/net.d/10-sluice.conflist"));
     }
 

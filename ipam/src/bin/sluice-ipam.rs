@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::Value;
 use sluice_cni_protocol::{
-    self as protocol, CniError, CniResult, Command, Env, ErrorCode, IpConfig, NetConf, Route, Version,
+    self as protocol, CniError, CniResult, Command, Env, ErrorCode, IpConfig, NetConf, Route,
+    Version,
 };
 use sluice_ipam::{AttachmentKey, IpamConfig, IpamError, NodeIpam};
 
