@@ -6,8 +6,9 @@ use serde::Deserialize;
 
 use crate::error::PluginError;
 
-pub const DEFAULT_MTU_FILE: &str = "/var/lib/sluice/mtu";
-pub const DEFAULT_AGENT_STATUS_FILE: &str = "/run/sluice/agent-status.json";
+use sluice_node_files::paths::{
+    AGENT_STATUS_FILE as DEFAULT_AGENT_STATUS_FILE, MTU_FILE as DEFAULT_MTU_FILE,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginConf {

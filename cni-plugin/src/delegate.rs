@@ -12,12 +12,6 @@ use serde_json::Value;
 
 use crate::protocol::{CniError, CniResult, Command, ErrorCode, Version};
 
-/// sluice's code: the delegate binary is not in any `CNI_PATH` directory.
-pub const CODE_PLUGIN_NOT_FOUND: u32 = 101;
-/// sluice's code: the delegate could not be run, or printed something that is
-/// neither a result nor a CNI error.
-pub const CODE_PLUGIN_FAILED: u32 = 102;
-
 #[derive(Debug, thiserror::Error)]
 pub enum DelegateError {
     #[error("plugin name {0:?} must be a bare file name")]
@@ -44,19 +38,22 @@ impl From<DelegateError> for CniError {
                 CniError::new(ErrorCode::InvalidNetworkConfig, e.to_string())
             }
             DelegateError::NotFound { ref plugin, .. } => CniError::new(
-                ErrorCode::Sluice(CODE_PLUGIN_NOT_FOUND),
+                ErrorCode::IpamPluginNotFound,
                 format!(
                     "IPAM plugin {plugin:?} is not installed: put the binary in one of the CNI_PATH directories or fix ipam.type"
                 ),
             )
             .with_details(e.to_string()),
-            // A delegate's own error keeps its code (11 stays "try again later").
+            // A delegate's own error keeps its code (11 stays "try again later"):
+            // sluice-ipam prints codes of the same registry as ours, so each number
+            // still means one thing. A third-party IPAM plugin's codes pass through
+            // as well (host-local's 999 stays 999); the message names the plugin.
             DelegateError::Plugin { plugin, error } => CniError {
                 code: error.code,
                 msg: format!("{plugin}: {}", error.msg),
                 details: error.details,
             },
-            other => CniError::new(ErrorCode::Sluice(CODE_PLUGIN_FAILED), other.to_string()),
+            other => CniError::new(ErrorCode::IpamPluginFailed, other.to_string()),
         }
     }
 }
@@ -235,7 +232,7 @@ mod tests {
         let e: CniError = find_in_path("nope", &[a.clone(), b.clone()])
             .unwrap_err()
             .into();
-        assert_eq!(e.code, CODE_PLUGIN_NOT_FOUND);
+        assert_eq!(e.code, ErrorCode::IpamPluginNotFound.code());
         let _ = std::fs::remove_dir_all(a);
         let _ = std::fs::remove_dir_all(b);
     }
@@ -264,12 +261,20 @@ mod tests {
         );
         let e: CniError = ipam_verb(&p, Command::Del, b"{}").unwrap_err().into();
         assert_eq!((e.code, e.msg.as_str()), (11, "busy: locked"));
+        // sluice-ipam's codes are the registry's and pass through.
+        let p = script(
+            &d,
+            "sluice-ipam",
+            r#"echo '{"cniVersion":"1.0.0","code":111,"msg":"ours"}'; exit 1"#,
+        );
+        let e: CniError = ipam_verb(&p, Command::Add, b"{}").unwrap_err().into();
+        assert_eq!(e.code, ErrorCode::StateNotWritable.code());
         let p = script(&d, "crash", "exit 3");
         let e: CniError = ipam_verb(&p, Command::Del, b"{}").unwrap_err().into();
-        assert_eq!(e.code, CODE_PLUGIN_FAILED);
+        assert_eq!(e.code, ErrorCode::IpamPluginFailed.code());
         let p = script(&d, "garbage", "echo not-json");
         let e: CniError = ipam_add(&p, b"{}").unwrap_err().into();
-        assert_eq!(e.code, CODE_PLUGIN_FAILED);
+        assert_eq!(e.code, ErrorCode::IpamPluginFailed.code());
         let _ = std::fs::remove_dir_all(d);
     }
 

@@ -1,6 +1,6 @@
 //! Everything that can fail in the plugin, and the one place that turns it into a
-//! CNI error code. Codes 1–99 are the spec's; 100 and up are sluice's and are
-//! listed here so an operator can look them up.
+//! CNI error code. The codes are the registry's (`sluice_cni_protocol::codes`,
+//! docs/cni-errors.md), shared with sluice-ipam so each number means one thing.
 
 use std::path::PathBuf;
 
@@ -10,24 +10,6 @@ use sluice_cni::protocol::{CniError, ErrorCode};
 use crate::netns::NetnsError;
 use crate::sysctl::SysctlError;
 use sluice_netlink::NetlinkError;
-
-/// 103: a netlink request (link, address, route) failed.
-pub const CODE_NETLINK: u32 = 103;
-/// 104: a network namespace could not be opened or entered.
-pub const CODE_NETNS: u32 = 104;
-/// 105: `CNI_IFNAME` already exists inside the pod.
-pub const CODE_IFNAME_TAKEN: u32 = 105;
-/// 106: the host-side name is held by an interface that is not this attachment's
-/// (not a sluice veth, or one of another network or interface).
-pub const CODE_HOST_NAME_TAKEN: u32 = 106;
-/// 107: a sysctl could not be written.
-pub const CODE_SYSCTL: u32 = 107;
-/// 108: the agent's MTU file exists but cannot be used.
-pub const CODE_MTU_FILE: u32 = 108;
-/// 110: CHECK found the attachment differs from what ADD made.
-pub const CODE_CHECK_FAILED: u32 = 110;
-/// 111: the IPAM plugin returned no IPv4 address.
-pub const CODE_NO_IPV4: u32 = 111;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
@@ -69,9 +51,8 @@ pub enum PluginError {
 
 impl From<PluginError> for CniError {
     fn from(e: PluginError) -> CniError {
-        let sluice = |code: u32, msg: String, hint: &str| {
-            CniError::new(ErrorCode::Sluice(code), msg).with_details(hint)
-        };
+        let sluice =
+            |code: ErrorCode, msg: String, hint: &str| CniError::new(code, msg).with_details(hint);
         match e {
             PluginError::Cni(c) => c,
             PluginError::Delegate(d) => d.into(),
@@ -81,40 +62,42 @@ impl From<PluginError> for CniError {
             )
             .with_details("the sandbox is gone; nothing was configured"),
             PluginError::Netns(n) => sluice(
-                CODE_NETNS,
+                ErrorCode::Netns,
                 n.to_string(),
                 "CNI_NETNS must name a network namespace (/run/netns/<name> or /proc/<pid>/ns/net)",
             ),
             PluginError::Netlink(n) => sluice(
-                CODE_NETLINK,
+                ErrorCode::Netlink,
                 n.to_string(),
                 "the kernel refused a link/address/route change; see the plugin log",
             ),
-            PluginError::Sysctl(s) => sluice(CODE_SYSCTL, s.to_string(), "is /proc/sys writable?"),
+            PluginError::Sysctl(s) => {
+                sluice(ErrorCode::Sysctl, s.to_string(), "is /proc/sys writable?")
+            }
             PluginError::Config(m) => CniError::new(ErrorCode::InvalidNetworkConfig, m),
             e @ PluginError::IfnameTaken { .. } => sluice(
-                CODE_IFNAME_TAKEN,
+                ErrorCode::IfnameTaken,
                 e.to_string(),
                 "pick another CNI_IFNAME, or DEL the attachment that holds it",
             ),
             e @ PluginError::HostNameTaken { .. } => sluice(
-                CODE_HOST_NAME_TAKEN,
+                ErrorCode::HostNameTaken,
                 e.to_string(),
                 "remove or rename that interface; sluice only replaces its own stale veth of the same pod, network and interface",
             ),
             e @ PluginError::NoIpv4 { .. } => sluice(
-                CODE_NO_IPV4,
+                ErrorCode::NoIpv4,
                 e.to_string(),
                 "sluice wires IPv4 pods: give the IPAM plugin an IPv4 range",
             ),
             e @ PluginError::MtuFile { .. } => sluice(
-                CODE_MTU_FILE,
+                ErrorCode::MtuFile,
                 e.to_string(),
                 "the agent writes one number; fix or remove the file, or set mtu in the config",
             ),
             PluginError::AgentNotReady(m) => CniError::new(ErrorCode::TryAgainLater, m),
             e @ PluginError::Check(_) => sluice(
-                CODE_CHECK_FAILED,
+                ErrorCode::CheckFailed,
                 e.to_string(),
                 "the pod's network was changed after ADD; recreate the pod",
             ),
@@ -171,26 +154,32 @@ mod tests {
 
     #[test]
     fn each_error_maps_to_its_code() {
-        let table: Vec<(PluginError, u32)> = vec![
+        let table: Vec<(PluginError, ErrorCode)> = vec![
             (
                 PluginError::Netns(NetnsError::Missing("/run/netns/x".into())),
-                3,
+                ErrorCode::UnknownContainer,
             ),
-            (PluginError::Config("bad".into()), 7),
-            (PluginError::AgentNotReady("starting".into()), 11),
+            (
+                PluginError::Config("bad".into()),
+                ErrorCode::InvalidNetworkConfig,
+            ),
+            (
+                PluginError::AgentNotReady("starting".into()),
+                ErrorCode::TryAgainLater,
+            ),
             (
                 PluginError::Netlink(NetlinkError::Kernel {
                     op: "x".into(),
                     errno: libc::EPERM,
                 }),
-                CODE_NETLINK,
+                ErrorCode::Netlink,
             ),
             (
                 PluginError::IfnameTaken {
                     ifname: "eth0".into(),
                     netns: "/x".into(),
                 },
-                CODE_IFNAME_TAKEN,
+                ErrorCode::IfnameTaken,
             ),
             (
                 PluginError::HostNameTaken {
@@ -198,34 +187,34 @@ mod tests {
                     kind: "bridge".into(),
                     alias: String::new(),
                 },
-                CODE_HOST_NAME_TAKEN,
+                ErrorCode::HostNameTaken,
             ),
             (
                 PluginError::NoIpv4 {
                     ipam: "host-local".into(),
                 },
-                CODE_NO_IPV4,
+                ErrorCode::NoIpv4,
             ),
             (
                 PluginError::MtuFile {
                     path: "/f".into(),
                     detail: "x".into(),
                 },
-                CODE_MTU_FILE,
+                ErrorCode::MtuFile,
             ),
-            (PluginError::Check(vec!["x".into()]), CODE_CHECK_FAILED),
+            (PluginError::Check(vec!["x".into()]), ErrorCode::CheckFailed),
             (
                 PluginError::Delegate(DelegateError::NotFound {
                     plugin: "p".into(),
                     searched: "/x".into(),
                 }),
-                sluice_cni::delegate::CODE_PLUGIN_NOT_FOUND,
+                ErrorCode::IpamPluginNotFound,
             ),
         ];
         for (e, code) in table {
             let shown = e.to_string();
             let c: CniError = e.into();
-            assert_eq!(c.code, code, "{shown}");
+            assert_eq!(c.code, code.code(), "{shown}");
             assert!(!c.msg.is_empty());
         }
     }

@@ -107,7 +107,7 @@ fn lifecycle(ipam: Ipam) {
         check.run(&bins).assert_silent_ok();
         pod1.exec("ip route del default");
         let failed = check.run(&bins);
-        assert_eq!(failed.code(), 110, "{}", failed.stdout);
+        assert_eq!(failed.code(), 114, "{}", failed.stdout);
         assert!(
             failed.stdout.contains("via 169.254.1.1"),
             "{}",

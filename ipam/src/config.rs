@@ -11,7 +11,7 @@ use crate::blocks::{DEFAULT_BLOCK_PREFIX, DEFAULT_POOL, Pool, PoolError};
 use crate::node_blocks::DEFAULT_NODE_BLOCKS_FILE;
 
 /// The default `ipam.stateDir`.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/sluice/ipam";
+pub use sluice_node_files::paths::IPAM_STATE_DIR as DEFAULT_STATE_DIR;
 
 /// The `ipam` object as written in a conflist.
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -8,27 +8,7 @@ use crate::config::ConfigError;
 use crate::state::StateError;
 use crate::store::StoreError;
 
-/// CNI error codes `sluice-ipam` returns. 1–99 are the spec's; ours start at 110
-/// (100–109 belong to the `sluice` plugin: 100 internal error, 101–102 delegation).
-pub mod codes {
-    /// Spec: I/O failure.
-    pub const IO_FAILURE: u32 = 5;
-    /// Spec: invalid network config.
-    pub const INVALID_CONFIG: u32 = 7;
-    /// Spec: try again later (the agent has not published a block yet, or is
-    /// claiming another one).
-    pub const TRY_AGAIN_LATER: u32 = 11;
-    /// Every block of the pool is claimed by some node.
-    pub const POOL_EXHAUSTED: u32 = 110;
-    /// The state directory cannot be written.
-    pub const STATE_NOT_WRITABLE: u32 = 111;
-    /// The state file is corrupt (and was left alone).
-    pub const STATE_CORRUPT: u32 = 112;
-    /// The block store failed or holds a damaged entry.
-    pub const BLOCK_STORE: u32 = 113;
-    /// CHECK: the attachment holds no address, or not the one the runtime has.
-    pub const CHECK_FAILED: u32 = 114;
-}
+use sluice_cni_protocol::ErrorCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
@@ -90,20 +70,22 @@ impl From<ClaimError> for IpamError {
 }
 
 impl IpamError {
-    /// The CNI error code for this error.
-    pub fn cni_code(&self) -> u32 {
+    /// The CNI error code for this error, from the registry every sluice CNI binary
+    /// shares (docs/cni-errors.md).
+    pub fn cni_code(&self) -> ErrorCode {
         match self {
-            IpamError::Config(_) => codes::INVALID_CONFIG,
-            IpamError::State(StateError::NotWritable { .. }) => codes::STATE_NOT_WRITABLE,
-            IpamError::State(StateError::Corrupt { .. }) => codes::STATE_CORRUPT,
-            IpamError::State(StateError::Io { .. }) => codes::IO_FAILURE,
+            IpamError::Config(_) => ErrorCode::InvalidNetworkConfig,
+            IpamError::State(StateError::NotWritable { .. }) => ErrorCode::StateNotWritable,
+            IpamError::State(StateError::Corrupt { .. }) => ErrorCode::StateCorrupt,
+            IpamError::State(StateError::Io { .. }) => ErrorCode::IoFailure,
+            // The agent has not published a block yet, or is claiming another one.
             IpamError::NoBlockPublished { .. } | IpamError::NodeBlocksFull { .. } => {
-                codes::TRY_AGAIN_LATER
+                ErrorCode::TryAgainLater
             }
-            IpamError::PoolExhausted { .. } => codes::POOL_EXHAUSTED,
-            IpamError::Store(_) => codes::BLOCK_STORE,
+            IpamError::PoolExhausted { .. } => ErrorCode::PoolExhausted,
+            IpamError::Store(_) => ErrorCode::BlockStore,
             IpamError::NotAllocated { .. } | IpamError::AddressMismatch { .. } => {
-                codes::CHECK_FAILED
+                ErrorCode::CheckFailed
             }
         }
     }

@@ -11,7 +11,7 @@
 //! - [`error`]: the operations' errors and their CNI codes.
 //!
 //! On a node (docs/node-files.md): `<stateDir>/lock` (flock), `<stateDir>/allocations.json`
-//! (the [`Allocator`], replaced atomically), the node-blocks file (cluster), or one
+//! (the [`Allocator`], replaced atomically by `sluice_node_files::atomic`), the node-blocks file (cluster), or one
 //! file per claimed block in the directory store (standalone/lab).
 //!
 //! What the node agent calls: [`blocks::blocks_of`] and [`blocks::claim_block`] with a
@@ -20,7 +20,6 @@
 //! [`blocks::release_orphan_blocks`] with the cluster's live nodes.
 
 pub mod allocator;
-pub mod atomic_file;
 pub mod block_on;
 pub mod blocks;
 pub mod config;

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::atomic_file::write_atomic;
+use sluice_node_files::atomic::write_atomic;
 
 /// The default path (`ipam.nodeBlocksFile`).
-pub const DEFAULT_NODE_BLOCKS_FILE: &str = "/var/lib/sluice/ipam/node-blocks.json";
+pub use sluice_node_files::paths::NODE_BLOCKS_FILE as DEFAULT_NODE_BLOCKS_FILE;
 
 /// What the agent publishes: the blocks `node` owns, in the order pods should be
 /// given addresses from them.
@@ -66,9 +66,8 @@ pub fn write(path: &Path, blocks: &NodeBlocks) -> Result<(), NodeBlocksError> {
         path: path.to_path_buf(),
         source: e,
     };
-    std::fs::create_dir_all(crate::atomic_file::parent_dir(path)).map_err(io)?;
     let bytes = serde_json::to_vec_pretty(blocks).expect("node blocks serialize");
-    write_atomic(path, &bytes, &format!("tmp-{}", std::process::id())).map_err(io)
+    write_atomic(path, &bytes, None).map_err(io)
 }
 
 #[cfg(test)]

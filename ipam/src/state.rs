@@ -1,7 +1,7 @@
 //! The node's allocation state on disk: `<stateDir>/allocations.json`, changed only
 //! under an exclusive lock on `<stateDir>/lock` (std `File::lock`, an flock that the
 //! kernel drops when the holder dies, so a killed ADD never wedges the node) and
-//! replaced atomically (see [`crate::atomic_file`]).
+//! replaced atomically (see `sluice_node_files::atomic`).
 //!
 //! A state file that does not parse or breaks an allocator invariant is reported,
 //! never reset: starting over would hand out addresses that running pods still hold.
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::allocator::Allocator;
-use crate::atomic_file::write_atomic;
+use sluice_node_files::atomic::write_atomic;
 
 pub const STATE_FILE: &str = "allocations.json";
 pub const LOCK_FILE: &str = "lock";
@@ -196,9 +196,7 @@ impl LockedState {
         };
         let bytes = serde_json::to_vec(&file).expect("state serializes");
         let path = self.dir.state_path();
-        // The lock makes us the only writer, so a fixed temporary name is safe, and a
-        // leftover from a killed writer is simply overwritten.
-        write_atomic(&path, &bytes, "tmp").map_err(|e| self.dir.write_error("write", &path, e))
+        write_atomic(&path, &bytes, None).map_err(|e| self.dir.write_error("write", &path, e))
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use ipnet::Ipv4Net;
+use sluice_node_files::paths;
 
 use crate::dataplane::BackendChoice;
 use crate::tunnel::{DEFAULT_VXLAN_PORT, DEFAULT_VXLAN_VNI, Encapsulation};
@@ -207,23 +208,19 @@ pub struct InstallCniConfig {
     pub binaries: Vec<String>,
 
     /// The node's CNI binary directory.
-    #[arg(long, env = "SLUICE_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    #[arg(long, env = "SLUICE_CNI_BIN_DIR", default_value = paths::CNI_BIN_DIR)]
     pub cni_bin_dir: PathBuf,
 
     /// The node's CNI configuration directory.
-    #[arg(long, env = "SLUICE_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    #[arg(long, env = "SLUICE_CNI_CONF_DIR", default_value = paths::CNI_CONF_DIR)]
     pub cni_conf_dir: PathBuf,
 
     /// File name of the conflist in --cni-conf-dir.
-    #[arg(
-        long,
-        env = "SLUICE_CONFLIST_NAME",
-        default_value = "10-sluice.conflist"
-    )]
+    #[arg(long, env = "SLUICE_CONFLIST_NAME", default_value = paths::CONFLIST_NAME)]
     pub conflist_name: String,
 
     /// A conflist template with __NODENAME__, __MTU__, __POOL__ and __BLOCK_SIZE__
-    /// placeholders; default: the built-in one of docs/node-files.md.
+    /// placeholders; default: the conflist of docs/node-files.md.
     #[arg(long, env = "SLUICE_CONFLIST_TEMPLATE")]
     pub template: Option<PathBuf>,
 
@@ -251,33 +248,21 @@ pub struct InstallCniConfig {
 #[derive(Debug, Clone, Args)]
 pub struct NodeFiles {
     /// File the CNI plugin reads the pod MTU from (conflist mtuFile).
-    #[arg(long, env = "SLUICE_MTU_FILE", default_value = "/var/lib/sluice/mtu")]
+    #[arg(long, env = "SLUICE_MTU_FILE", default_value = paths::MTU_FILE)]
     pub mtu_file: PathBuf,
 
     /// Agent status file the CNI STATUS verb reads (conflist agentStatusFile).
-    #[arg(
-        long,
-        env = "SLUICE_STATUS_FILE",
-        default_value = "/run/sluice/agent-status.json"
-    )]
+    #[arg(long, env = "SLUICE_STATUS_FILE", default_value = paths::AGENT_STATUS_FILE)]
     pub status_file: PathBuf,
 
     /// The IPAM plugin's per-node state directory (conflist ipam.stateDir). The agent
     /// only creates it at start, so the plugin's first ADD finds it.
-    #[arg(
-        long,
-        env = "SLUICE_IPAM_STATE_DIR",
-        default_value = "/var/lib/sluice/ipam"
-    )]
+    #[arg(long, env = "SLUICE_IPAM_STATE_DIR", default_value = paths::IPAM_STATE_DIR)]
     pub ipam_state_dir: PathBuf,
 
     /// Where the node's claimed blocks are published for the IPAM plugin
     /// (conflist ipam.nodeBlocksFile).
-    #[arg(
-        long,
-        env = "SLUICE_NODE_BLOCKS_FILE",
-        default_value = "/var/lib/sluice/ipam/node-blocks.json"
-    )]
+    #[arg(long, env = "SLUICE_NODE_BLOCKS_FILE", default_value = paths::NODE_BLOCKS_FILE)]
     pub node_blocks_file: PathBuf,
 }
 

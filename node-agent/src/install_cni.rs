@@ -6,6 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
+use sluice_node_files::conflist::{BlockSource, NodeConflist, TemplateError};
+use sluice_node_files::paths::NodePaths;
+
 use crate::config::InstallCniConfig;
 use crate::status::{StatusError, write_atomic};
 
@@ -19,8 +22,8 @@ pub enum InstallError {
     },
     #[error(transparent)]
     Write(#[from] StatusError),
-    #[error("conflist after substitution is not valid JSON: {0}")]
-    BadConflist(String),
+    #[error(transparent)]
+    BadConflist(#[from] TemplateError),
 }
 
 /// What an install did.
@@ -30,53 +33,39 @@ pub struct InstallReport {
     pub unchanged: Vec<PathBuf>,
 }
 
-/// The conflist of docs/node-files.md, with placeholders.
-pub const DEFAULT_TEMPLATE: &str = r#"{
-  "cniVersion": "1.0.0",
-  "name": "k8s-pod-network",
-  "plugins": [
-    {
-      "type": "sluice",
-      "mtu": __MTU__,
-      "mtuFile": "__MTU_FILE__",
-      "agentStatusFile": "__STATUS_FILE__",
-      "requireAgent": true,
-      "logFile": "/var/log/sluice/cni.log",
-      "ipam": {
-        "type": "sluice-ipam",
-        "nodeName": "__NODENAME__",
-        "pool": "__POOL__",
-        "blockSize": __BLOCK_SIZE__,
-        "stateDir": "__IPAM_STATE_DIR__",
-        "nodeBlocksFile": "__NODE_BLOCKS_FILE__"
-      }
-    },
-    { "type": "portmap", "snat": true, "capabilities": { "portMappings": true } }
-  ]
+/// The conflist of docs/node-files.md for this node: the files the agent keeps, and
+/// the node-blocks file the agent publishes.
+pub fn node_conflist(cfg: &InstallCniConfig) -> NodeConflist {
+    NodeConflist {
+        node_name: cfg.node_name.clone(),
+        pool: cfg.pool.to_string(),
+        block_size: cfg.block_size,
+        mtu: cfg.mtu,
+        require_agent: true,
+        paths: NodePaths {
+            mtu_file: cfg.files.mtu_file.clone(),
+            agent_status_file: cfg.files.status_file.clone(),
+            ipam_state_dir: cfg.files.ipam_state_dir.clone(),
+            node_blocks_file: cfg.files.node_blocks_file.clone(),
+            cni_bin_dir: cfg.cni_bin_dir.clone(),
+            cni_conf_dir: cfg.cni_conf_dir.clone(),
+            ..NodePaths::default()
+        },
+        blocks: BlockSource::NodeBlocksFile,
+    }
 }
-"#;
 
-/// Fill the placeholders of `template`. Pure.
-pub fn render_conflist(template: &str, cfg: &InstallCniConfig) -> Result<String, InstallError> {
-    let json_str = |p: &Path| {
-        let s = serde_json::to_string(&p.display().to_string()).expect("string serializes");
-        s[1..s.len() - 1].to_string()
-    };
-    let text = template
-        .replace("__NODENAME__", &json_str(Path::new(&cfg.node_name)))
-        .replace("__MTU_FILE__", &json_str(&cfg.files.mtu_file))
-        .replace("__STATUS_FILE__", &json_str(&cfg.files.status_file))
-        .replace("__IPAM_STATE_DIR__", &json_str(&cfg.files.ipam_state_dir))
-        .replace(
-            "__NODE_BLOCKS_FILE__",
-            &json_str(&cfg.files.node_blocks_file),
-        )
-        .replace("__POOL__", &cfg.pool.to_string())
-        .replace("__BLOCK_SIZE__", &cfg.block_size.to_string())
-        .replace("__MTU__", &cfg.mtu.to_string());
-    serde_json::from_str::<serde_json::Value>(&text)
-        .map_err(|e| InstallError::BadConflist(e.to_string()))?;
-    Ok(text)
+/// The conflist text: `template` (an operator's, with placeholders) filled in, or
+/// the built-in one. Pure.
+pub fn render_conflist(
+    template: Option<&str>,
+    cfg: &InstallCniConfig,
+) -> Result<String, InstallError> {
+    let conflist = node_conflist(cfg);
+    Ok(match template {
+        Some(t) => conflist.fill_template(t)?,
+        None => conflist.to_text(),
+    })
 }
 
 fn install_file(
@@ -108,13 +97,15 @@ pub fn install(cfg: &InstallCniConfig) -> Result<InstallReport, InstallError> {
         install_file(&cfg.cni_bin_dir.join(bin), &bytes, 0o755, &mut report)?;
     }
     let template = match &cfg.template {
-        Some(p) => std::fs::read_to_string(p).map_err(|source| InstallError::Read {
-            path: p.clone(),
-            source,
-        })?,
-        None => DEFAULT_TEMPLATE.to_string(),
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|source| InstallError::Read {
+                path: p.clone(),
+                source,
+            })?,
+        ),
+        None => None,
     };
-    let conflist = render_conflist(&template, cfg)?;
+    let conflist = render_conflist(template.as_deref(), cfg)?;
     install_file(
         &cfg.cni_conf_dir.join(&cfg.conflist_name),
         conflist.as_bytes(),

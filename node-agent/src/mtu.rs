@@ -10,7 +10,6 @@
 //! the node IP is unknown, the device of the default route with the lowest metric.
 //! The choice is the pure [`choose_uplink`]; [`detect_uplink`] feeds it from netlink.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -99,26 +98,7 @@ pub fn write_mtu_file(path: &Path, mtu: u32) -> Result<(), MtuError> {
     if std::fs::read_to_string(path).is_ok_and(|c| c == content) {
         return Ok(());
     }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(content.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(e)
-    })
+    sluice_node_files::atomic::write_atomic(path, content.as_bytes(), None).map_err(err)
 }
 
 #[cfg(test)]

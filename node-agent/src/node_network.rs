@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use crate::kernel::Netlink;
 use crate::mtu::{self, MtuError};
 use crate::reconcile::Desired;
-use crate::routes::{self, BlockOwner, RouteError, RouteFailure};
+use crate::routes::{self, RouteError, RouteFailure};
 use crate::tunnel::{self, Encapsulation, TunnelError, TunnelSpec, VxlanSettings};
 
 /// Tunnel devices and routes: the part of the node outside iptables. A trait so the
@@ -85,16 +85,7 @@ impl NodeNetwork for KernelNetwork {
         spec.vxlan = self.vxlan;
         let state = tunnel::ensure(&self.netlink, &spec).await?;
         mtu::write_mtu_file(&self.mtu_file, state.mtu)?;
-        let owners: Vec<BlockOwner> = d
-            .blocks
-            .iter()
-            .map(|b| BlockOwner {
-                node: b.node.clone(),
-                node_ip: b.node_ip,
-                block: b.block,
-            })
-            .collect();
-        let want = routes::desired(&self.node, &owners, &state.route_encap());
+        let want = routes::desired(&self.node, &d.blocks, &state.route_encap());
         let report = routes::sync(&self.netlink, &want).await?;
         for c in &report.conflicts {
             tracing::warn!(route = %c, "a route of another owner holds a block destination; left alone");

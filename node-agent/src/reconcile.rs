@@ -73,28 +73,11 @@ pub struct NodeSettings {
 }
 
 /// The host-side interface names, by the CNI plugin's own rule.
-pub struct VethNames;
+pub use sluice_policy::veth_names::VethNames;
 
-impl InterfaceNames for VethNames {
-    fn host_veth(&self, pod: &Pod) -> String {
-        sluice_cni::veth::host_veth_name(sluice_cni::veth::PodIdentity::Kubernetes {
-            namespace: &pod.namespace,
-            pod: &pod.name,
-        })
-    }
-
-    fn namespace_prefix(&self, namespace: &str) -> String {
-        sluice_cni::veth::namespace_iface_prefix(namespace)
-    }
-}
-
-/// One block of the pool, its node, and where to send its traffic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockRoute {
-    pub node: String,
-    pub node_ip: Ipv4Addr,
-    pub block: Ipv4Net,
-}
+/// One block of the pool, its node, and where to send its traffic: the routes'
+/// own type, so the desired state goes to route sync without a copy.
+pub use crate::routes::BlockOwner as BlockRoute;
 
 /// Everything the node should look like after one apply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -195,7 +195,7 @@ fn keys_of(v: &serde_json::Value, out: &mut BTreeSet<String>) {
 
 #[test]
 fn the_sample_conflist_is_what_install_cni_writes_and_every_key_is_documented() {
-    use sluice_agent::install_cni::{DEFAULT_TEMPLATE, render_conflist};
+    use sluice_agent::install_cni::render_conflist;
     let doc = read("docs/configuration.md");
     let section = doc
         .split("## The conflist")
@@ -207,10 +207,8 @@ fn the_sample_conflist_is_what_install_cni_writes_and_every_key_is_documented() 
         .and_then(|s| s.split("```").next())
         .expect("a json block in the conflist section");
     let sample: serde_json::Value = serde_json::from_str(sample).expect("the sample is JSON");
-    let written: serde_json::Value = serde_json::from_str(
-        &render_conflist(DEFAULT_TEMPLATE, &default_install_config()).unwrap(),
-    )
-    .unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&render_conflist(None, &default_install_config()).unwrap()).unwrap();
     assert_eq!(
         sample, written,
         "docs/configuration.md's conflist vs install-cni's"
@@ -452,7 +450,12 @@ fn slugs_follow_githubs_rule() {
 #[test]
 fn troubleshooting_quotes_real_error_messages() {
     let mut source = String::new();
-    for dir in ["cni-plugin/src", "ipam/src"] {
+    for dir in [
+        "cni-plugin/src",
+        "ipam/src",
+        "cni-protocol/src",
+        "node-files/src",
+    ] {
         let mut stack = vec![repo_root().join(dir)];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).unwrap().flatten() {

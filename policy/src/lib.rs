@@ -51,6 +51,7 @@ pub mod compile;
 pub mod diff;
 pub mod names;
 pub mod render;
+pub mod veth_names;
 
 pub use evaluate::{Endpoint, Evaluation, Probe, Verdict, evaluate};
 pub use manifest::{

@@ -35,8 +35,8 @@ pub const CHAIN_FROM_POD: &str = "SLUICE-FROM-POD";
 pub const CHAIN_TO_POD: &str = "SLUICE-TO-POD";
 
 /// Interface-name prefixes of every sluice pod interface: `slc` for Kubernetes pods,
-/// `slx` for containers outside Kubernetes.
-pub const POD_IFACE_PREFIXES: [&str; 2] = ["slc", "slx"];
+/// `slx` for containers outside Kubernetes (the naming rule's own constant).
+pub use sluice_node_files::ifname::POD_IFACE_PREFIXES;
 
 /// 64 bits of SHA-256 of `data`, as 16 lowercase hex digits. Stable across platforms
 /// and releases (unlike `std`'s hasher), which byte-for-byte determinism needs.

@@ -28,7 +28,7 @@ enum Command {
 #[derive(clap::Args)]
 struct ShowArgs {
     /// An IPAM state directory (ipam.stateDir); repeat for several nodes (the lab).
-    #[arg(long = "state-dir", default_value = "/var/lib/sluice/ipam")]
+    #[arg(long = "state-dir", default_value = sluice_node_files::paths::IPAM_STATE_DIR)]
     state_dirs: Vec<PathBuf>,
     /// The directory block store (ipam.blockStore.path), to show every node's blocks.
     #[arg(long = "blocks-dir")]

@@ -9,7 +9,6 @@ use sluice_cni::delegate;
 use sluice_cni::protocol::{CniResult, Command};
 
 use super::Ctx;
-use crate::agent_status;
 use crate::error::PluginError;
 use crate::log::log;
 use crate::mtu;
@@ -18,6 +17,7 @@ use crate::sysctl;
 use crate::wiring::{self, HOST_MAC, Plan};
 use sluice_cni::veth::PRIMARY_IFNAME;
 use sluice_netlink::{Netlink, VethPeer, parse_mac};
+use sluice_node_files::status as agent_status;
 
 /// What has been created so far, to undo on failure.
 enum Done {

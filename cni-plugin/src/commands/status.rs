@@ -8,8 +8,8 @@ use sluice_cni::delegate;
 use sluice_cni::protocol::{CniError, Command, ErrorCode};
 
 use super::Ctx;
-use crate::agent_status::{self, Readiness};
 use crate::error::PluginError;
+use sluice_node_files::status::{self as agent_status, Readiness};
 
 pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     let not_ready = |msg: String| CniError::new(ErrorCode::PluginNotAvailable, msg);

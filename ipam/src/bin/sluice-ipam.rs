@@ -1,5 +1,5 @@
 //! `sluice-ipam`: the CNI IPAM plugin. Parses the CNI environment and config with
-//! `sluice_cni::protocol`, runs the verb on [`NodeIpam`], prints the result or one
+//! `sluice_cni_protocol`, runs the verb on [`NodeIpam`], prints the result or one
 //! CNI error. All decisions live in the library.
 //!
 //! The address is returned as a /32: a pod owns exactly one address and nothing is
@@ -13,8 +13,9 @@ use std::path::PathBuf;
 
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::Value;
-use sluice_cni::protocol::{
-    self, CniError, CniResult, Command, Env, ErrorCode, IpConfig, NetConf, Route, Version,
+use sluice_cni_protocol::{
+    self as protocol, CniError, CniResult, Command, Env, ErrorCode, IpConfig, NetConf, Route,
+    Version,
 };
 use sluice_ipam::{AttachmentKey, IpamConfig, IpamError, NodeIpam};
 
@@ -169,13 +170,7 @@ fn cni_error(e: IpamError) -> CniError {
         details.push(s.to_string());
         src = s.source();
     }
-    let error_code = match code {
-        5 => ErrorCode::IoFailure,
-        7 => ErrorCode::InvalidNetworkConfig,
-        11 => ErrorCode::TryAgainLater,
-        c => ErrorCode::Sluice(c),
-    };
-    CniError::new(error_code, e.to_string()).with_details(details.join(": "))
+    CniError::new(code, e.to_string()).with_details(details.join(": "))
 }
 
 /// One line per event: to `logFile` when the config sets one, else to stderr (the

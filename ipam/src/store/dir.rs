@@ -15,8 +15,8 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::{BlockClaim, BlockStore, ClaimOutcome, StoreError};
-use crate::atomic_file::sync_dir;
 use crate::blocks::{block_name, parse_block_name};
+use sluice_node_files::atomic::sync_dir;
 
 /// The record in a block's file.
 #[derive(Debug, Serialize, Deserialize)]

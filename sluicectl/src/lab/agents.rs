@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use sluice_node_files::paths::NodePaths;
 
 use super::state::{LabPaths, LabState, NodeState};
 use super::{LabError, netns};
@@ -19,13 +19,14 @@ use super::{LabError, netns};
 pub const HEALTH_PORT: u16 = 9099;
 
 pub fn status_file(node: &NodeState) -> std::path::PathBuf {
-    node.root.join("run/sluice/agent-status.json")
+    NodePaths::under(&node.root).agent_status_file
 }
 
 /// The agent's command line for a node: every per-node path moved under the node's
 /// root; the manifests directory and the block store are shared by all nodes.
 pub fn command_line(st: &LabState, node: &NodeState, paths: &LabPaths) -> Vec<String> {
-    let r = |s: &str| node.root.join(s).display().to_string();
+    let files = NodePaths::under(&node.root);
+    let r = |p: &Path| p.display().to_string();
     let mut v: Vec<String> = vec![
         "run".into(),
         "--node-name".into(),
@@ -45,13 +46,13 @@ pub fn command_line(st: &LabState, node: &NodeState, paths: &LabPaths) -> Vec<St
         "--nat-outgoing".into(),
         st.nat_outgoing.to_string(),
         "--status-file".into(),
-        r("run/sluice/agent-status.json"),
+        r(&files.agent_status_file),
         "--mtu-file".into(),
-        r("var/lib/sluice/mtu"),
+        r(&files.mtu_file),
         "--ipam-state-dir".into(),
-        r("var/lib/sluice/ipam"),
+        r(&files.ipam_state_dir),
         "--node-blocks-file".into(),
-        r("var/lib/sluice/ipam/node-blocks.json"),
+        r(&files.node_blocks_file),
         "--health-addr".into(),
         format!("127.0.0.1:{HEALTH_PORT}"),
     ];
@@ -77,16 +78,7 @@ pub fn start(
     )
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct AgentStatus {
-    pub ready: bool,
-    #[serde(default)]
-    pub reason: String,
-    #[serde(default)]
-    pub node: String,
-    #[serde(default, rename = "updatedUnix")]
-    pub updated_unix: u64,
-}
+pub use sluice_node_files::status::AgentStatus;
 
 /// The node's agent health as `status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]

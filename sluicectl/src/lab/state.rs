@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -298,20 +297,11 @@ pub fn save(state: &LabState) -> Result<(), LabError> {
     write_atomic(&p, text.as_bytes())
 }
 
-/// Temp file + rename in the same directory, so readers (and agents watching the
-/// manifests dir) never see half a file. Temp names start with a dot and end in
+/// `sluice_node_files::atomic::write_atomic`, so readers (and agents watching the
+/// manifests dir) never see half a file; its temp names start with a dot and end in
 /// `.tmp`, which no manifest reader picks up.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), LabError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let mut f = File::create(&tmp).map_err(|e| LabError::io(&tmp, e))?;
-    f.write_all(data).map_err(|e| LabError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| LabError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| LabError::io(path, e))
+    sluice_node_files::atomic::write_atomic(path, data, None).map_err(|e| LabError::io(path, e))
 }
 
 #[cfg(test)]

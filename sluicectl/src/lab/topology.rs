@@ -15,6 +15,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
+use sluice_node_files::conflist::{BlockSource, NodeConflist};
+use sluice_node_files::paths::NodePaths;
 
 use super::state::{self, Encap, LabPaths, LabState, NodeState};
 use super::{LabError, agents, names, netns};
@@ -93,38 +95,29 @@ pub fn conflist(
     pool: ipnet::Ipv4Net,
     require_agent: bool,
 ) -> serde_json::Value {
-    let p = |s: &str| root.join(s).display().to_string();
-    json!({
-        "cniVersion": "1.0.0",
-        "name": "k8s-pod-network",
-        "plugins": [
-            {
-                "type": "sluice",
-                "mtu": 0,
-                "mtuFile": p("var/lib/sluice/mtu"),
-                "agentStatusFile": p("run/sluice/agent-status.json"),
-                "requireAgent": require_agent,
-                "logFile": p("var/log/sluice/cni.log"),
-                "ipam": {
-                    "type": "sluice-ipam",
-                    "nodeName": node,
-                    "pool": pool.to_string(),
-                    "blockSize": 24,
-                    "stateDir": p("var/lib/sluice/ipam"),
-                    "blockStore": {"type": "dir", "path": root.parent().and_then(Path::parent).map(|lab| lab.join("blocks").display().to_string()).unwrap_or_default()}
-                }
-            },
-            { "type": "portmap", "snat": true, "capabilities": { "portMappings": true } }
-        ]
-    })
+    let blocks = root
+        .parent()
+        .and_then(Path::parent)
+        .map(|lab| lab.join("blocks"))
+        .unwrap_or_default();
+    NodeConflist {
+        node_name: node.to_string(),
+        pool: pool.to_string(),
+        block_size: 24,
+        mtu: 0,
+        require_agent,
+        paths: NodePaths::under(root),
+        blocks: BlockSource::DirStore(blocks),
+    }
+    .to_json()
 }
 
 pub fn conflist_path(root: &Path) -> PathBuf {
-    root.join("etc/cni/net.d/10-sluice.conflist")
+    NodePaths::under(root).conflist()
 }
 
 pub fn cni_bin_dir(root: &Path) -> PathBuf {
-    root.join("opt/cni/bin")
+    NodePaths::under(root).cni_bin_dir
 }
 
 /// Where the workspace's binaries are: `SLUICE_BIN_<NAME>` if set, else next to this
@@ -334,13 +327,15 @@ fn install_node_root(
     sluice_ipam: &Path,
     st: &LabState,
 ) -> Result<(), LabError> {
-    let bin = cni_bin_dir(root);
+    let files = NodePaths::under(root);
+    let bin = files.cni_bin_dir.clone();
+    let parent = |p: &Path| p.parent().unwrap_or(root).to_path_buf();
     for d in [
         bin.clone(),
-        root.join("etc/cni/net.d"),
-        root.join("var/lib/sluice/ipam"),
-        root.join("run/sluice"),
-        root.join("var/log/sluice"),
+        files.cni_conf_dir.clone(),
+        files.ipam_state_dir.clone(),
+        parent(&files.agent_status_file),
+        parent(&files.cni_log_file),
     ] {
         std::fs::create_dir_all(&d).map_err(|e| LabError::io(&d, e))?;
     }

@@ -8,13 +8,13 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use sluice_cni::veth::{PodIdentity, host_veth_name, namespace_iface_prefix};
 use std::collections::BTreeMap;
 
-use sluice_policy::compile::{InterfaceNames, Ruleset, compile};
-use sluice_policy::model::{Cluster, Peer, Peers, Pod, PortMatch, Ports};
+use sluice_policy::compile::{Ruleset, compile};
+use sluice_policy::model::{Cluster, Peer, Peers, PortMatch, Ports};
 use sluice_policy::names::{self, Direction};
 use sluice_policy::render::{ipset, iptables};
+use sluice_policy::veth_names::VethNames;
 
 const AFTER_HELP: &str = "\
 Apply order on a node: the ipset text, then the iptables text, then (once) the jumps.
@@ -41,21 +41,6 @@ enum Only {
     Iptables,
 }
 
-/// Interface names exactly as the CNI plugin gives them.
-struct CniVeths;
-
-impl InterfaceNames for CniVeths {
-    fn host_veth(&self, pod: &Pod) -> String {
-        host_veth_name(PodIdentity::Kubernetes {
-            namespace: &pod.namespace,
-            pod: &pod.name,
-        })
-    }
-    fn namespace_prefix(&self, namespace: &str) -> String {
-        namespace_iface_prefix(namespace)
-    }
-}
-
 pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
     let (cluster, warnings) = super::load_cluster(&args.files)?;
     for w in &warnings {
@@ -72,7 +57,7 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
             args.node
         );
     }
-    let ruleset = compile(&cluster, &args.node, &CniVeths)
+    let ruleset = compile(&cluster, &args.node, &VethNames)
         .with_context(|| format!("compiling the rules of node {}", args.node))?;
     let out = match args.only {
         Some(Only::Ipset) => ipset::render(&ruleset),
@@ -163,29 +148,4 @@ fn legend(cluster: &Cluster, ruleset: &Ruleset) -> BTreeMap<String, String> {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn interfaces_are_the_cni_plugins_own_names() {
-        let pod = Pod {
-            namespace: "default".into(),
-            name: "web-0".into(),
-            labels: Default::default(),
-            ips: vec![],
-            node: None,
-            ports: vec![],
-            host_network: false,
-        };
-        // The value pinned by the plugin's own test of its naming rule.
-        assert_eq!(CniVeths.host_veth(&pod), "slc37a814bf1fdb");
-        assert!(
-            CniVeths
-                .host_veth(&pod)
-                .starts_with(&CniVeths.namespace_prefix("default"))
-        );
-    }
 }

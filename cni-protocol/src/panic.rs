@@ -2,7 +2,8 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use super::error::{CODE_INTERNAL, CniError, ErrorCode};
+use crate::codes::ErrorCode;
+use crate::error::CniError;
 
 /// Run `f`; if it panics, return a CNI error (code 100) carrying the panic message
 /// instead of letting the process abort with nothing on stdout. The default panic
@@ -17,7 +18,7 @@ pub fn catch_panic<T>(f: impl FnOnce() -> Result<T, CniError>) -> Result<T, CniE
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic payload".to_owned());
             Err(CniError::new(
-                ErrorCode::Sluice(CODE_INTERNAL),
+                ErrorCode::Internal,
                 "internal error (panic): this is a bug, please report it with the plugin log",
             )
             .with_details(what))

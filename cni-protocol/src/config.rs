@@ -8,9 +8,10 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::error::{CniError, ErrorCode};
-use super::result::Dns;
-use super::version::Version;
+use crate::codes::ErrorCode;
+use crate::error::CniError;
+use crate::result::Dns;
+use crate::version::Version;
 
 /// The `ipam` section; only `type` is common, the rest belongs to the IPAM plugin.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -13,8 +13,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::error::{CniError, ErrorCode};
-use super::version::Version;
+use crate::codes::ErrorCode;
+use crate::error::CniError;
+use crate::version::Version;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -323,7 +324,7 @@ mod tests {
 
     #[test]
     fn every_version_rendering_parses_back_to_what_it_kept() {
-        for v in super::super::version::SUPPORTED_VERSIONS {
+        for v in crate::version::SUPPORTED_VERSIONS {
             let back = CniResult::parse(&sample().render(v)).unwrap();
             assert_eq!(back.ips, sample().ips, "{v}");
             assert_eq!(back.dns, sample().dns, "{v}");

@@ -4,7 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::error::{CniError, ErrorCode};
+use crate::codes::ErrorCode;
+use crate::error::CniError;
 
 /// A CNI spec version we can read and render. Ordered oldest → newest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

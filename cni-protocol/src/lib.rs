@@ -7,7 +7,7 @@
 //! Shared by the `sluice` plugin and the `sluice-ipam` plugin. A typical `main`:
 //!
 //! ```no_run
-//! use sluice_cni::protocol::{self, Command, Env, NetConf, Version};
+//! use sluice_cni_protocol::{self as protocol, Command, Env, NetConf, Version};
 //! let mut stdin = Vec::new();
 //! let outcome = protocol::catch_panic(|| {
 //!     let env = Env::from_process()?;
@@ -24,6 +24,7 @@
 //! protocol::finish(outcome, version);
 //! ```
 
+pub mod codes;
 mod config;
 mod env;
 mod error;
@@ -31,9 +32,10 @@ mod panic;
 mod result;
 mod version;
 
+pub use codes::ErrorCode;
 pub use config::{Attachment, IpamConf, NetConf, peek_version};
 pub use env::{CniArgs, Command, Env, validate_container_id, validate_ifname};
-pub use error::{CODE_INTERNAL, CniError, ErrorCode};
+pub use error::CniError;
 pub use panic::catch_panic;
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::{SUPPORTED_VERSIONS, Version, version_info};

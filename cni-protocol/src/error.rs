@@ -1,61 +1,13 @@
 //! The CNI error object `{cniVersion, code, msg, details}` and the one place that
-//! prints it.
+//! prints it. Its codes come from the registry in [`crate::codes`].
 
 use std::fmt;
 use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use super::version::Version;
-
-/// Error codes. 1–99 are the spec's (well-known); 100 and up are sluice's own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    /// 1: the config's `cniVersion` is not one we speak.
-    IncompatibleVersion,
-    /// 2: a field in the network config is not supported.
-    UnsupportedField,
-    /// 3: the container is unknown or does not exist.
-    UnknownContainer,
-    /// 4: a required `CNI_*` environment variable is missing or invalid.
-    InvalidEnvironment,
-    /// 5: an I/O failure (e.g. reading stdin).
-    IoFailure,
-    /// 6: stdin or a result could not be decoded.
-    DecodingFailure,
-    /// 7: the network config is invalid.
-    InvalidNetworkConfig,
-    /// 11: a transient condition; the runtime should retry later.
-    TryAgainLater,
-    /// 50 (STATUS): the plugin is not ready to service ADD.
-    PluginNotAvailable,
-    /// 51 (STATUS): the plugin is not available; existing containers may lose
-    /// connectivity.
-    PluginNotAvailableLimitedConnectivity,
-    /// 100 and up: sluice's own codes (see [`ErrorCode::Sluice`] users).
-    Sluice(u32),
-}
-
-impl ErrorCode {
-    pub fn code(self) -> u32 {
-        match self {
-            ErrorCode::IncompatibleVersion => 1,
-            ErrorCode::UnsupportedField => 2,
-            ErrorCode::UnknownContainer => 3,
-            ErrorCode::InvalidEnvironment => 4,
-            ErrorCode::IoFailure => 5,
-            ErrorCode::DecodingFailure => 6,
-            ErrorCode::InvalidNetworkConfig => 7,
-            ErrorCode::TryAgainLater => 11,
-            ErrorCode::PluginNotAvailable => 50,
-            ErrorCode::PluginNotAvailableLimitedConnectivity => 51,
-            ErrorCode::Sluice(c) => c,
-        }
-    }
-}
-
-/// sluice's own code for a caught panic or any other bug-shaped failure.
-pub const CODE_INTERNAL: u32 = 100;
+use crate::codes::ErrorCode;
+use crate::version::Version;
 
 /// A CNI error as the spec defines it. `code`, `msg` and `details` are what the
 /// runtime logs; write `msg` for an operator (what failed and what to do).
@@ -118,7 +70,7 @@ impl CniError {
         let v: serde_json::Value = serde_json::from_slice(stdout).ok()?;
         let code = v.get("code")?.as_u64()?;
         Some(CniError {
-            code: u32::try_from(code).unwrap_or(CODE_INTERNAL),
+            code: u32::try_from(code).unwrap_or(ErrorCode::Internal.code()),
             msg: v
                 .get("msg")
                 .and_then(|m| m.as_str())
@@ -136,26 +88,6 @@ impl CniError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spec_codes_are_the_spec_numbers() {
-        let table = [
-            (ErrorCode::IncompatibleVersion, 1),
-            (ErrorCode::UnsupportedField, 2),
-            (ErrorCode::UnknownContainer, 3),
-            (ErrorCode::InvalidEnvironment, 4),
-            (ErrorCode::IoFailure, 5),
-            (ErrorCode::DecodingFailure, 6),
-            (ErrorCode::InvalidNetworkConfig, 7),
-            (ErrorCode::TryAgainLater, 11),
-            (ErrorCode::PluginNotAvailable, 50),
-            (ErrorCode::PluginNotAvailableLimitedConnectivity, 51),
-            (ErrorCode::Sluice(107), 107),
-        ];
-        for (c, n) in table {
-            assert_eq!(c.code(), n, "{c:?}");
-        }
-    }
 
     #[test]
     fn printed_error_is_one_json_line_with_version_code_msg_details() {

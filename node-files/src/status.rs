@@ -1,24 +1,48 @@
-//! The agent's readiness, read from `agentStatusFile` (docs/node-files.md):
-//! `{"ready": true, "reason": "…", "node": "node-1", "updatedUnix": 1732380000}`,
-//! rewritten by the agent at least every 10 s.
+//! The agent status file: `{"ready": true, "reason": "…", "node": "node-1",
+//! "updatedUnix": 1732380000}`. The agent writes it atomically on every readiness
+//! change and at least every [`REFRESH`]; the plugin's STATUS (and ADD with
+//! `requireAgent`) reads it and judges it with [`assess`], which treats a file older
+//! than [`STALE_AFTER`] as written by a dead agent.
 
-use serde::Deserialize;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Older than this, the agent is presumed dead.
-pub const STALE_AFTER_SECS: i64 = 60;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Deserialize)]
+/// The agent rewrites the file at least this often.
+pub const REFRESH: Duration = Duration::from_secs(5);
+/// A file older than this was written by an agent that stopped: twelve missed
+/// refreshes, so a busy agent is not mistaken for a dead one.
+pub const STALE_AFTER: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct AgentStatus {
-    ready: bool,
+pub struct AgentStatus {
+    pub ready: bool,
     #[serde(default)]
-    reason: String,
+    pub reason: String,
     #[serde(default)]
-    node: String,
-    updated_unix: i64,
+    pub node: String,
+    /// Seconds since the Unix epoch when the agent wrote the file.
+    pub updated_unix: u64,
 }
 
-/// What the file says, judged at `now`.
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Write `status` to `path` (the agent's side), atomically, mode 0644.
+pub fn write(path: &Path, status: &AgentStatus) -> std::io::Result<()> {
+    let mut json = serde_json::to_vec(status).expect("status serializes");
+    json.push(b'\n');
+    crate::atomic::write_atomic(path, &json, Some(0o644))
+}
+
+/// What the file says, judged at a given time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Readiness {
     Ready,
@@ -45,8 +69,9 @@ impl Readiness {
     }
 }
 
-/// Judge the file's contents (or the error reading it) at unix time `now`.
-pub fn assess(path: &std::path::Path, contents: std::io::Result<String>, now: i64) -> Readiness {
+/// Judge the file's contents (or the error reading it) at unix time `now` (the
+/// reader's side). Pure.
+pub fn assess(path: &Path, contents: std::io::Result<String>, now: u64) -> Readiness {
     let text = match contents {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -71,10 +96,12 @@ pub fn assess(path: &std::path::Path, contents: std::io::Result<String>, now: i6
             ));
         }
     };
-    let age = now - s.updated_unix;
-    if age > STALE_AFTER_SECS {
+    // A reader's clock slightly behind the agent's is not staleness.
+    let age = now.saturating_sub(s.updated_unix);
+    let limit = STALE_AFTER.as_secs();
+    if age > limit {
         return Readiness::Stale(format!(
-            "sluice-agent{} last reported {age} s ago (limit {STALE_AFTER_SECS} s): check the agent pod",
+            "sluice-agent{} last reported {age} s ago (limit {limit} s): check the agent pod",
             if s.node.is_empty() {
                 String::new()
             } else {
@@ -93,21 +120,57 @@ pub fn assess(path: &std::path::Path, contents: std::io::Result<String>, now: i6
     Readiness::Ready
 }
 
-pub fn read(path: &std::path::Path) -> Readiness {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    assess(path, std::fs::read_to_string(path), now)
+/// Read and judge the file now.
+pub fn read(path: &Path) -> Readiness {
+    assess(path, std::fs::read_to_string(path), unix_now())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
-    fn at(json: &str, now: i64) -> Readiness {
+    fn at(json: &str, now: u64) -> Readiness {
         assess(Path::new("/run/s.json"), Ok(json.into()), now)
+    }
+
+    #[test]
+    fn what_the_agent_writes_the_reader_reads_as_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run/sluice/agent-status.json");
+        let s = AgentStatus {
+            ready: true,
+            reason: "ok".into(),
+            node: "node-1".into(),
+            updated_unix: unix_now(),
+        };
+        write(&p, &s).unwrap();
+        assert_eq!(read(&p), Readiness::Ready);
+    }
+
+    #[test]
+    fn status_file_has_the_documented_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run/sluice/agent-status.json");
+        let s = AgentStatus {
+            ready: false,
+            reason: "waiting for first datastore sync".into(),
+            node: "node-1".into(),
+            updated_unix: 1732380000,
+        };
+        write(&p, &s).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"ready": false, "reason": "waiting for first datastore sync",
+                               "node": "node-1", "updatedUnix": 1732380000u64})
+        );
+        // No temp file left behind.
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_refresh_leaves_margin_below_the_staleness_limit() {
+        assert!(REFRESH * 4 <= STALE_AFTER);
     }
 
     #[test]
