@@ -1,6 +1,7 @@
-//! The compiler: a [`Cluster`] and one node's view of it in, a structured rule model
-//! out ([`Ruleset`]: tables → chains → rules, plus ipsets), ready to render as
-//! `iptables-restore` and `ipset restore` text, to diff, or to execute in-process.
+//! The compiler: a [`Cluster`] and one node's view of it in, the node's policy
+//! chains and sets out, in the dataplane model ([`crate::dataplane`]: tables → chains
+//! → rules, plus ipsets), ready to complete with the agent's own rules, render, plan
+//! or execute in-process. [`compile`] runs as named steps, one function each.
 //!
 //! # Chain layout (filter table, IPv4)
 //!
@@ -60,265 +61,11 @@ use crate::model::{
 };
 use crate::names::{self, Direction};
 
-/// The mark bit a policy rule sets when it allows a packet.
-pub const MARK_ALLOW: u32 = 0x10000;
-/// All mark bits sluice may use (allow, and one spare), disjoint from kube-proxy's
-/// 0x4000 (masquerade) and 0x8000 (drop). Only [`MARK_ALLOW`] is used today.
-pub const MARK_MASK: u32 = 0x30000;
-
-/// An iptables table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Table {
-    Raw,
-    Mangle,
-    Nat,
-    Filter,
-}
-
-impl Table {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Table::Raw => "raw",
-            Table::Mangle => "mangle",
-            Table::Nat => "nat",
-            Table::Filter => "filter",
-        }
-    }
-}
-
-/// An interface match: `eth0`, or a prefix `slc+` when `wildcard`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Interface {
-    pub name: String,
-    pub wildcard: bool,
-}
-
-impl Interface {
-    pub fn exact(name: impl Into<String>) -> Self {
-        Interface {
-            name: name.into(),
-            wildcard: false,
-        }
-    }
-    pub fn prefix(name: impl Into<String>) -> Self {
-        Interface {
-            name: name.into(),
-            wildcard: true,
-        }
-    }
-    /// Whether a packet's interface `iface` matches, as the kernel decides it.
-    pub fn matches(&self, iface: &str) -> bool {
-        if self.wildcard {
-            iface.starts_with(&self.name)
-        } else {
-            iface == self.name
-        }
-    }
-}
-
-/// Which packet fields an ipset lookup uses (`--match-set NAME src|dst|dst,dst`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SetDirection {
-    /// Source address.
-    Src,
-    /// Destination address.
-    Dst,
-    /// Destination address and destination port (hash:ip,port).
-    DstDstPort,
-}
-
-/// Conntrack states sluice matches on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum CtState {
-    New,
-    Established,
-    Related,
-    Invalid,
-}
-
-impl CtState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CtState::New => "NEW",
-            CtState::Established => "ESTABLISHED",
-            CtState::Related => "RELATED",
-            CtState::Invalid => "INVALID",
-        }
-    }
-}
-
-/// One match of a rule; a rule matches when all of its matches do.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Match {
-    InInterface(Interface),
-    OutInterface(Interface),
-    Source {
-        net: Ipv4Net,
-        negated: bool,
-    },
-    Destination {
-        net: Ipv4Net,
-        negated: bool,
-    },
-    Protocol(Protocol),
-    /// Destination port range, inclusive; needs a [`Match::Protocol`] before it.
-    DestinationPorts {
-        start: u16,
-        end: u16,
-    },
-    Set {
-        name: String,
-        direction: SetDirection,
-    },
-    CtState(Vec<CtState>),
-    Mark {
-        value: u32,
-        mask: u32,
-    },
-}
-
-/// What a rule does when it matches.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Target {
-    Accept,
-    Drop,
-    Return,
-    Jump(String),
-    /// `-g`: like a jump, but a RETURN goes back to the chain that jumped here.
-    Goto(String),
-    /// `-j MARK --set-xmark value/mask`: `mark = (mark & !mask) ^ value`, and go on.
-    SetMark {
-        value: u32,
-        mask: u32,
-    },
-}
-
-/// One rule: its matches, ANDed, and its target. Its identity comment
-/// (`sluice:<hash>`) is computed when rendering, from the chain and position.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Rule {
-    pub matches: Vec<Match>,
-    pub target: Target,
-}
-
-impl Rule {
-    pub fn new(matches: Vec<Match>, target: Target) -> Self {
-        Rule { matches, target }
-    }
-}
-
-/// A chain sluice owns, written whole.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Chain {
-    pub name: String,
-    pub rules: Vec<Rule>,
-}
-
-/// A rule sluice needs in a built-in chain (the agent inserts it at the top, once,
-/// and checks it is still there; it is never part of a chain rewrite).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct BuiltinJump {
-    pub table: Table,
-    /// `FORWARD`, `INPUT`, `POSTROUTING`, ...
-    pub chain: String,
-    pub rule: Rule,
-}
-
-/// The kind of an ipset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SetKind {
-    /// `hash:ip`: pod addresses.
-    HashIp,
-    /// `hash:net`: ipBlocks, excepts as `nomatch`.
-    HashNet,
-    /// `hash:ip,port`: named ports resolved per pod.
-    HashIpPort,
-}
-
-impl SetKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SetKind::HashIp => "hash:ip",
-            SetKind::HashNet => "hash:net",
-            SetKind::HashIpPort => "hash:ip,port",
-        }
-    }
-}
-
-/// One member of an ipset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SetMember {
-    Ip(Ipv4Addr),
-    /// `nomatch`: a lookup whose most specific hit is this entry does not match.
-    Net {
-        net: Ipv4Net,
-        nomatch: bool,
-    },
-    IpPort {
-        ip: Ipv4Addr,
-        protocol: Protocol,
-        port: u16,
-    },
-}
-
-/// An ipset sluice owns.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct IpSet {
-    pub name: String,
-    pub kind: SetKind,
-    pub members: BTreeSet<SetMember>,
-}
-
-/// The whole compiled dataplane of one node: chains per table, sets, and the jumps
-/// from built-in chains. The agent may add chains of its own (NAT outgoing, IPIP
-/// accept) before rendering, so everything is written in one restore per table.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Ruleset {
-    pub tables: BTreeMap<Table, BTreeMap<String, Chain>>,
-    pub sets: BTreeMap<String, IpSet>,
-    pub jumps: Vec<BuiltinJump>,
-}
-
-impl Ruleset {
-    /// Adds (or replaces) a chain in `table`.
-    pub fn add_chain(&mut self, table: Table, chain: Chain) {
-        self.tables
-            .entry(table)
-            .or_default()
-            .insert(chain.name.clone(), chain);
-    }
-
-    pub fn chain(&self, table: Table, name: &str) -> Option<&Chain> {
-        self.tables.get(&table).and_then(|t| t.get(name))
-    }
-
-    /// Rules in chains sluice owns (built-in jumps excluded).
-    pub fn rule_count(&self) -> usize {
-        self.tables
-            .values()
-            .flat_map(|t| t.values())
-            .map(|c| c.rules.len())
-            .sum()
-    }
-
-    pub fn chain_count(&self) -> usize {
-        self.tables.values().map(|t| t.len()).sum()
-    }
-
-    pub fn set_member_count(&self) -> usize {
-        self.sets.values().map(|s| s.members.len()).sum()
-    }
-}
-
-/// How the caller names interfaces. The agent implements it with
-/// `sluice_cni::veth` (this crate must not depend on the CNI plugin); tests use fakes.
-pub trait InterfaceNames {
-    /// The host-side veth of a pod on this node.
-    fn host_veth(&self, pod: &Pod) -> String;
-    /// The prefix every host-side veth of a pod of `namespace` starts with
-    /// (`slcXXXX`), used to fail closed on pods not known yet.
-    fn namespace_prefix(&self, namespace: &str) -> String;
-}
+// The model's types, reachable here too: the compiler's output is spelled in them.
+pub use crate::dataplane::{
+    BuiltinJump, Chain, CtState, Interface, InterfaceNames, IpSet, MARK_ALLOW, MARK_MASK, Match,
+    Rule, Ruleset, SetDirection, SetKind, SetMember, Table, Target,
+};
 
 /// A name the caller handed in that would break the restore text or the kernel.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -330,7 +77,7 @@ pub enum CompileError {
 /// IFNAMSIZ - 1.
 const MAX_IFACE_LEN: usize = 15;
 
-fn check_iface(name: &str, what: impl FnOnce() -> String) -> Result<(), CompileError> {
+pub(crate) fn check_iface(name: &str, what: impl FnOnce() -> String) -> Result<(), CompileError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_IFACE_LEN
         && name
@@ -579,6 +326,7 @@ impl<'a> Compiler<'a> {
                         matches.push(Match::Set {
                             name: name.clone(),
                             direction: set_dir,
+                            negated: false,
                         });
                     }
                     match port {
@@ -596,6 +344,7 @@ impl<'a> Compiler<'a> {
                             matches.push(Match::Set {
                                 name: names::named_port_set(name, *proto),
                                 direction: SetDirection::DstDstPort,
+                                negated: false,
                             });
                         }
                     }
@@ -645,16 +394,17 @@ fn v4_excepts(block: &IpBlock) -> Vec<Ipv4Net> {
         .collect()
 }
 
-fn pod_iface_prefixes() -> impl Iterator<Item = Interface> {
+pub(crate) fn pod_iface_prefixes() -> impl Iterator<Item = Interface> {
     names::POD_IFACE_PREFIXES.into_iter().map(Interface::prefix)
 }
 
-fn jump_rule(chain: &str) -> Rule {
+pub(crate) fn jump_rule(chain: &str) -> Rule {
     Rule::new(vec![], Target::Jump(chain.to_string()))
 }
 
-/// Compiles the dataplane of node `node`: the local pods are the cluster's
-/// non-hostNetwork pods whose `spec.nodeName` is `node`.
+/// Compiles the policy dataplane of node `node`: the local pods are the cluster's
+/// non-hostNetwork pods whose `spec.nodeName` is `node`. The agent's own rules come
+/// on top in [`crate::dataplane::node::node_ruleset`].
 pub fn compile(
     cluster: &Cluster,
     node: &str,
@@ -664,26 +414,77 @@ pub fn compile(
         index: Index::new(cluster),
         ruleset: Ruleset::default(),
     };
+    let mut dispatch = Dispatch::default();
+    c.local_pods(node, ifaces, &mut dispatch)?;
+    fail_closed_unknown_pods(cluster, ifaces, &mut dispatch)?;
+    let filter = Table::Filter;
+    c.ruleset.add_chain(filter, dispatch.from_pod_chain());
+    c.ruleset.add_chain(filter, dispatch.to_pod_chain());
+    for chain in forward_chains().into_iter().chain(input_chains()) {
+        c.ruleset.add_chain(filter, chain);
+    }
+    c.ruleset.jumps = builtin_jumps();
+    Ok(c.ruleset)
+}
 
-    let local: Vec<&Pod> = cluster
-        .pods
-        .values()
-        .filter(|p| !p.host_network && p.node.as_deref() == Some(node))
-        .collect();
+/// The rules of the two dispatch chains, built up pod by pod.
+#[derive(Default)]
+struct Dispatch {
+    /// `SLUICE-FROM-POD`: per pod, its addresses to its egress chain, then a drop of
+    /// anything else from its veth (spoofed sources).
+    from_pod: Vec<Rule>,
+    /// `SLUICE-TO-POD`: per pod, its veth to its ingress chain.
+    to_pod: Vec<Rule>,
+}
 
-    let mut from_pod = Vec::new();
-    let mut to_pod = Vec::new();
-    let mut seen_veths: BTreeMap<String, String> = BTreeMap::new();
-    for pod in &local {
-        let veth = ifaces.host_veth(pod);
-        check_iface(&veth, || format!("pod {}", pod.key()))?;
-        if let Some(other) = seen_veths.insert(veth.clone(), pod.key().to_string()) {
-            // Two pods on one interface would police each other; the hash must differ.
-            return Err(CompileError::BadInterface {
-                name: veth,
-                what: format!("pod {} (also used by {other})", pod.key()),
-            });
+impl Dispatch {
+    fn from_pod_chain(&mut self) -> Chain {
+        Chain {
+            name: names::CHAIN_FROM_POD.into(),
+            rules: std::mem::take(&mut self.from_pod),
         }
+    }
+
+    fn to_pod_chain(&mut self) -> Chain {
+        Chain {
+            name: names::CHAIN_TO_POD.into(),
+            rules: std::mem::take(&mut self.to_pod),
+        }
+    }
+}
+
+impl Compiler<'_> {
+    /// Step 1: every local pod gets its two chains (and the policy chains they jump
+    /// to) and its dispatch rules.
+    fn local_pods(
+        &mut self,
+        node: &str,
+        ifaces: &dyn InterfaceNames,
+        dispatch: &mut Dispatch,
+    ) -> Result<(), CompileError> {
+        let cluster = self.index.cluster;
+        let local = cluster
+            .pods
+            .values()
+            .filter(|p| !p.host_network && p.node.as_deref() == Some(node));
+        let mut seen_veths: BTreeMap<String, String> = BTreeMap::new();
+        for pod in local {
+            let veth = ifaces.host_veth(pod);
+            check_iface(&veth, || format!("pod {}", pod.key()))?;
+            if let Some(other) = seen_veths.insert(veth.clone(), pod.key().to_string()) {
+                // Two pods on one interface would police each other; the hash must differ.
+                return Err(CompileError::BadInterface {
+                    name: veth,
+                    what: format!("pod {} (also used by {other})", pod.key()),
+                });
+            }
+            self.local_pod(pod, &veth, dispatch);
+        }
+        Ok(())
+    }
+
+    fn local_pod(&mut self, pod: &Pod, veth: &str, dispatch: &mut Dispatch) {
+        let cluster = self.index.cluster;
         let ingress: Vec<&NetworkPolicy> = cluster
             .policies_selecting(pod)
             .filter(|p| p.policy_types.ingress)
@@ -692,21 +493,21 @@ pub fn compile(
             .policies_selecting(pod)
             .filter(|p| p.policy_types.egress)
             .collect();
-        let tw = names::pod_ingress_chain(&veth);
-        let fw = names::pod_egress_chain(&veth);
-        let tw_chain = c.pod_chain(tw.clone(), &ingress, Direction::Ingress);
-        let fw_chain = c.pod_chain(fw.clone(), &egress, Direction::Egress);
-        c.ruleset.add_chain(Table::Filter, tw_chain);
-        c.ruleset.add_chain(Table::Filter, fw_chain);
+        let tw = names::pod_ingress_chain(veth);
+        let fw = names::pod_egress_chain(veth);
+        let tw_chain = self.pod_chain(tw.clone(), &ingress, Direction::Ingress);
+        let fw_chain = self.pod_chain(fw.clone(), &egress, Direction::Egress);
+        self.ruleset.add_chain(Table::Filter, tw_chain);
+        self.ruleset.add_chain(Table::Filter, fw_chain);
 
-        let iface = Interface::exact(&veth);
-        to_pod.push(Rule::new(
+        let iface = Interface::exact(veth);
+        dispatch.to_pod.push(Rule::new(
             vec![Match::OutInterface(iface.clone())],
             Target::Goto(tw),
         ));
         // Anti-spoofing: only the pod's own addresses may leave its veth.
         for ip in pod.ips.iter().filter_map(v4) {
-            from_pod.push(Rule::new(
+            dispatch.from_pod.push(Rule::new(
                 vec![
                     Match::InInterface(iface.clone()),
                     Match::Source {
@@ -717,12 +518,20 @@ pub fn compile(
                 Target::Goto(fw.clone()),
             ));
         }
-        from_pod.push(Rule::new(vec![Match::InInterface(iface)], Target::Drop));
+        dispatch
+            .from_pod
+            .push(Rule::new(vec![Match::InInterface(iface)], Target::Drop));
     }
+}
 
-    // Fail closed for pods sluice does not know yet (created after this snapshot) in
-    // namespaces where some policy of that direction exists: their veth starts with
-    // the namespace prefix but matched no rule above.
+/// Step 2: fail closed for pods sluice does not know yet (created after this
+/// snapshot) in namespaces where some policy of that direction exists: their veth
+/// starts with the namespace prefix but matched no rule of step 1.
+fn fail_closed_unknown_pods(
+    cluster: &Cluster,
+    ifaces: &dyn InterfaceNames,
+    dispatch: &mut Dispatch,
+) -> Result<(), CompileError> {
     let mut ingress_ns = BTreeSet::new();
     let mut egress_ns = BTreeSet::new();
     for p in cluster.policies.values() {
@@ -733,51 +542,45 @@ pub fn compile(
             egress_ns.insert(p.namespace.as_str());
         }
     }
-    let prefix_for = |ns: &str| -> Result<String, CompileError> {
-        let prefix = ifaces.namespace_prefix(ns);
-        check_iface(&prefix, || format!("namespace prefix of {ns}"))?;
-        Ok(prefix)
+    let prefixes = |namespaces: BTreeSet<&str>| -> Result<BTreeSet<String>, CompileError> {
+        namespaces
+            .into_iter()
+            .map(|ns| {
+                let prefix = ifaces.namespace_prefix(ns);
+                check_iface(&prefix, || format!("namespace prefix of {ns}"))?;
+                Ok(prefix)
+            })
+            .collect()
     };
-    let mut egress_prefixes = BTreeSet::new();
-    for ns in egress_ns {
-        egress_prefixes.insert(prefix_for(ns)?);
-    }
-    let mut ingress_prefixes = BTreeSet::new();
-    for ns in ingress_ns {
-        ingress_prefixes.insert(prefix_for(ns)?);
-    }
+    let egress_prefixes = prefixes(egress_ns)?;
+    let ingress_prefixes = prefixes(ingress_ns)?;
     for prefix in egress_prefixes {
-        from_pod.push(Rule::new(
+        dispatch.from_pod.push(Rule::new(
             vec![Match::InInterface(Interface::prefix(prefix))],
             Target::Drop,
         ));
     }
     for prefix in ingress_prefixes {
-        to_pod.push(Rule::new(
+        dispatch.to_pod.push(Rule::new(
             vec![Match::OutInterface(Interface::prefix(prefix))],
             Target::Drop,
         ));
     }
+    Ok(())
+}
 
-    let filter = Table::Filter;
-    c.ruleset.add_chain(
-        filter,
-        Chain {
-            name: names::CHAIN_FROM_POD.into(),
-            rules: from_pod,
-        },
-    );
-    c.ruleset.add_chain(
-        filter,
-        Chain {
-            name: names::CHAIN_TO_POD.into(),
-            rules: to_pod,
-        },
-    );
+fn established() -> Match {
+    Match::CtState(vec![CtState::Related, CtState::Established])
+}
 
-    let established = Match::CtState(vec![CtState::Related, CtState::Established]);
-    let invalid = Match::CtState(vec![CtState::Invalid]);
+fn invalid() -> Match {
+    Match::CtState(vec![CtState::Invalid])
+}
 
+/// Step 3: the forwarding path, conntrack first: `SLUICE-FORWARD` sends pod traffic
+/// to `SLUICE-FWD-POD`, which checks the source's egress, then the destination's
+/// ingress, and accepts what both allowed.
+fn forward_chains() -> [Chain; 2] {
     let mut forward = Vec::new();
     for iface in pod_iface_prefixes() {
         forward.push(Rule::new(
@@ -789,20 +592,16 @@ pub fn compile(
             Target::Goto(names::CHAIN_FWD_POD.into()),
         ));
     }
-    c.ruleset.add_chain(
-        filter,
+    [
         Chain {
             name: names::CHAIN_FORWARD.into(),
             rules: forward,
         },
-    );
-    c.ruleset.add_chain(
-        filter,
         Chain {
             name: names::CHAIN_FWD_POD.into(),
             rules: vec![
-                Rule::new(vec![established.clone()], Target::Accept),
-                Rule::new(vec![invalid.clone()], Target::Drop),
+                Rule::new(vec![established()], Target::Accept),
+                Rule::new(vec![invalid()], Target::Drop),
                 Rule::new(vec![], clear_allow()),
                 jump_rule(names::CHAIN_FROM_POD),
                 Rule::new(vec![], clear_allow()),
@@ -810,8 +609,12 @@ pub fn compile(
                 Rule::new(vec![], Target::Accept),
             ],
         },
-    );
+    ]
+}
 
+/// Step 4: pod → node traffic, policed by the source's egress only, then left to the
+/// host's own INPUT rules.
+fn input_chains() -> [Chain; 2] {
     let input = pod_iface_prefixes()
         .map(|iface| {
             Rule::new(
@@ -820,39 +623,37 @@ pub fn compile(
             )
         })
         .collect();
-    c.ruleset.add_chain(
-        filter,
+    [
         Chain {
             name: names::CHAIN_INPUT.into(),
             rules: input,
         },
-    );
-    c.ruleset.add_chain(
-        filter,
         Chain {
             name: names::CHAIN_IN_POD.into(),
             rules: vec![
-                Rule::new(vec![established], Target::Return),
-                Rule::new(vec![invalid], Target::Drop),
+                Rule::new(vec![established()], Target::Return),
+                Rule::new(vec![invalid()], Target::Drop),
                 Rule::new(vec![], clear_allow()),
                 jump_rule(names::CHAIN_FROM_POD),
             ],
         },
-    );
+    ]
+}
 
-    c.ruleset.jumps = vec![
+/// Step 5: one jump per built-in chain into sluice's.
+fn builtin_jumps() -> Vec<BuiltinJump> {
+    vec![
         BuiltinJump {
-            table: filter,
+            table: Table::Filter,
             chain: "FORWARD".into(),
             rule: jump_rule(names::CHAIN_FORWARD),
         },
         BuiltinJump {
-            table: filter,
+            table: Table::Filter,
             chain: "INPUT".into(),
             rule: jump_rule(names::CHAIN_INPUT),
         },
-    ];
-    Ok(c.ruleset)
+    ]
 }
 
 #[cfg(test)]

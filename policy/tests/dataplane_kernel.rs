@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use sluice_policy::compile::{Ruleset, Table, compile};
-use sluice_policy::diff::diff;
+use sluice_policy::dataplane::plan::diff;
 use sluice_policy::model::*;
 use sluice_policy::render::{ipset, iptables};
 use sluice_policy::selector::LabelSelector;
