@@ -259,17 +259,27 @@ pub fn plan(desired: &Ruleset, kernel: &KernelState) -> Result<Plan, ModelError>
         .chain(kernel.tables.keys())
         .copied()
         .collect();
-    let no_chains = BTreeMap::new();
     let empty = SavedTable::default();
-    for table in tables {
-        let want = desired.tables.get(&table).unwrap_or(&no_chains);
-        let have = kernel.tables.get(&table).unwrap_or(&empty);
-        plan_chains(&mut plan, table, want, have);
-        let jumps: Vec<&BuiltinJump> = desired.jumps.iter().filter(|j| j.table == table).collect();
-        plan_jumps(&mut plan, table, &jumps, have);
-    }
     plan_sets(&mut plan, desired, &kernel.sets);
+    for table in tables {
+        plan_table(
+            &mut plan,
+            desired,
+            table,
+            kernel.tables.get(&table).unwrap_or(&empty),
+        );
+    }
     Ok(plan)
+}
+
+/// The part of the plan for one table, given what the kernel holds there (for a
+/// caller that reads and writes one table at a time; `desired` must be valid).
+pub fn plan_table(plan: &mut Plan, desired: &Ruleset, table: Table, have: &SavedTable) {
+    let no_chains = BTreeMap::new();
+    let want = desired.tables.get(&table).unwrap_or(&no_chains);
+    plan_chains(plan, table, want, have);
+    let jumps: Vec<&BuiltinJump> = desired.jumps.iter().filter(|j| j.table == table).collect();
+    plan_jumps(plan, table, &jumps, have);
 }
 
 fn plan_chains(plan: &mut Plan, table: Table, want: &BTreeMap<String, Chain>, have: &SavedTable) {
@@ -333,7 +343,8 @@ fn plan_jumps(plan: &mut Plan, table: Table, wanted: &[&BuiltinJump], have: &Sav
     }
 }
 
-fn plan_sets(plan: &mut Plan, desired: &Ruleset, have: &BTreeMap<String, SavedSet>) {
+/// The part of the plan for the sets, given every set of ours the kernel holds.
+pub fn plan_sets(plan: &mut Plan, desired: &Ruleset, have: &BTreeMap<String, SavedSet>) {
     for (name, set) in &desired.sets {
         match have.get(name) {
             Some(prev) if prev.kind == Some(set.kind) => {
