@@ -52,14 +52,14 @@
 //!   ip6tables) rule model.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::model::{
-    Cluster, IpBlock, NetworkPolicy, Peer, Peers, Pod, PodPeer, PortMatch, Ports, Protocol,
-};
+use crate::model::{Cluster, NetworkPolicy, Peer, Peers, Pod, PortMatch, Ports, Protocol};
 use crate::names::{self, Direction};
+
+mod members;
+use members::{Index, ip_block_members, v4, v4_excepts};
 
 // The model's types, reachable here too: the compiler's output is spelled in them.
 pub use crate::dataplane::{
@@ -112,107 +112,6 @@ fn set_allow() -> Target {
         value: MARK_ALLOW,
         mask: MARK_ALLOW,
     }
-}
-
-fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
-    match ip {
-        IpAddr::V4(a) => Some(*a),
-        IpAddr::V6(_) => None,
-    }
-}
-
-/// Precomputed lookups over the cluster, so set contents cost O(pods) per set rather
-/// than re-deriving namespace labels for every pod.
-struct Index<'a> {
-    cluster: &'a Cluster,
-    /// Non-hostNetwork pods by namespace.
-    pods_by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
-}
-
-impl<'a> Index<'a> {
-    fn new(cluster: &'a Cluster) -> Self {
-        let mut pods_by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
-        for pod in cluster.pods.values().filter(|p| !p.host_network) {
-            pods_by_ns.entry(&pod.namespace).or_default().push(pod);
-        }
-        Index {
-            cluster,
-            pods_by_ns,
-        }
-    }
-
-    fn pod_peer_members(&self, policy_ns: &str, peer: &PodPeer) -> BTreeSet<SetMember> {
-        let mut members = BTreeSet::new();
-        for (ns, pods) in &self.pods_by_ns {
-            let in_scope = match &peer.namespaces {
-                crate::model::NamespaceScope::PolicyNamespace => *ns == policy_ns,
-                crate::model::NamespaceScope::Matching(sel) => {
-                    sel.matches(&self.cluster.namespace_labels(ns))
-                }
-            };
-            if !in_scope {
-                continue;
-            }
-            for pod in pods.iter().filter(|p| peer.pods.matches(&p.labels)) {
-                members.extend(pod.ips.iter().filter_map(v4).map(SetMember::Ip));
-            }
-        }
-        members
-    }
-
-    fn named_port_members(&self, name: &str, protocol: Protocol) -> BTreeSet<SetMember> {
-        let mut members = BTreeSet::new();
-        for pod in self.pods_by_ns.values().flatten() {
-            for port in pod.resolve_named_port(name, protocol) {
-                for ip in pod.ips.iter().filter_map(v4) {
-                    members.insert(SetMember::IpPort { ip, protocol, port });
-                }
-            }
-        }
-        members
-    }
-}
-
-/// The hash:net members of an ipBlock: the CIDR (split in two halves when it is /0,
-/// which hash:net cannot hold) and each except as `nomatch`. An except equal to a
-/// positive entry removes it instead (ipset refuses one net both ways).
-fn ip_block_members(cidr: Ipv4Net, except: &[Ipv4Net]) -> BTreeSet<SetMember> {
-    let mut nets: BTreeMap<Ipv4Net, bool> = BTreeMap::new();
-    let positives: Vec<Ipv4Net> = if cidr.prefix_len() == 0 {
-        vec![
-            Ipv4Net::new(Ipv4Addr::new(0, 0, 0, 0), 1).expect("valid /1"),
-            Ipv4Net::new(Ipv4Addr::new(128, 0, 0, 0), 1).expect("valid /1"),
-        ]
-    } else {
-        vec![cidr.trunc()]
-    };
-    for p in positives {
-        nets.insert(p, false);
-    }
-    for e in except {
-        let e = e.trunc();
-        if nets.get(&e) == Some(&false) {
-            nets.remove(&e);
-        } else if e.prefix_len() > 0 {
-            nets.insert(e, true);
-        }
-        // An except of /0 would leave nothing: no positive survives it.
-        if e.prefix_len() == 0 {
-            nets.clear();
-            break;
-        }
-    }
-    // A nomatch entry with no positive around it can never matter; drop it so the set
-    // stays minimal (and so an all-excepted block is an empty set).
-    let positives: Vec<Ipv4Net> = nets
-        .iter()
-        .filter(|(_, nomatch)| !**nomatch)
-        .map(|(n, _)| *n)
-        .collect();
-    nets.into_iter()
-        .filter(|(n, nomatch)| !*nomatch || positives.iter().any(|p| p.contains(n)))
-        .map(|(net, nomatch)| SetMember::Net { net, nomatch })
-        .collect()
 }
 
 /// What one policy-rule entry matches on the peer side.
@@ -383,17 +282,6 @@ impl<'a> Compiler<'a> {
     }
 }
 
-fn v4_excepts(block: &IpBlock) -> Vec<Ipv4Net> {
-    block
-        .except
-        .iter()
-        .filter_map(|e| match e {
-            IpNet::V4(n) => Some(*n),
-            IpNet::V6(_) => None,
-        })
-        .collect()
-}
-
 pub(crate) fn pod_iface_prefixes() -> impl Iterator<Item = Interface> {
     names::POD_IFACE_PREFIXES.into_iter().map(Interface::prefix)
 }
@@ -418,9 +306,12 @@ pub fn compile(
     c.local_pods(node, ifaces, &mut dispatch)?;
     fail_closed_unknown_pods(cluster, ifaces, &mut dispatch)?;
     let filter = Table::Filter;
-    c.ruleset.add_chain(filter, dispatch.from_pod_chain());
-    c.ruleset.add_chain(filter, dispatch.to_pod_chain());
-    for chain in forward_chains().into_iter().chain(input_chains()) {
+    let chains = dispatch
+        .into_chains()
+        .into_iter()
+        .chain(forward_chains())
+        .chain(input_chains());
+    for chain in chains {
         c.ruleset.add_chain(filter, chain);
     }
     c.ruleset.jumps = builtin_jumps();
@@ -438,18 +329,18 @@ struct Dispatch {
 }
 
 impl Dispatch {
-    fn from_pod_chain(&mut self) -> Chain {
-        Chain {
-            name: names::CHAIN_FROM_POD.into(),
-            rules: std::mem::take(&mut self.from_pod),
-        }
-    }
-
-    fn to_pod_chain(&mut self) -> Chain {
-        Chain {
-            name: names::CHAIN_TO_POD.into(),
-            rules: std::mem::take(&mut self.to_pod),
-        }
+    /// The two dispatch chains, `SLUICE-FROM-POD` and `SLUICE-TO-POD`.
+    fn into_chains(self) -> [Chain; 2] {
+        [
+            Chain {
+                name: names::CHAIN_FROM_POD.into(),
+                rules: self.from_pod,
+            },
+            Chain {
+                name: names::CHAIN_TO_POD.into(),
+                rules: self.to_pod,
+            },
+        ]
     }
 }
 
@@ -654,52 +545,4 @@ fn builtin_jumps() -> Vec<BuiltinJump> {
             rule: jump_rule(names::CHAIN_INPUT),
         },
     ]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn net(s: &str) -> Ipv4Net {
-        s.parse().unwrap()
-    }
-
-    fn members(cidr: &str, except: &[&str]) -> Vec<String> {
-        let except: Vec<Ipv4Net> = except.iter().map(|e| net(e)).collect();
-        ip_block_members(net(cidr), &except)
-            .into_iter()
-            .map(|m| match m {
-                SetMember::Net { net, nomatch } => {
-                    format!("{net}{}", if nomatch { " nomatch" } else { "" })
-                }
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn ip_block_except_becomes_nomatch() {
-        assert_eq!(
-            members("172.16.0.0/16", &["172.16.8.0/24"]),
-            ["172.16.0.0/16", "172.16.8.0/24 nomatch"]
-        );
-    }
-
-    #[test]
-    fn slash_zero_is_split_because_hash_net_cannot_hold_it() {
-        assert_eq!(
-            members("0.0.0.0/0", &["10.0.0.0/8"]),
-            ["0.0.0.0/1", "10.0.0.0/8 nomatch", "128.0.0.0/1"]
-        );
-    }
-
-    #[test]
-    fn an_except_equal_to_a_half_removes_that_half() {
-        assert_eq!(members("0.0.0.0/0", &["128.0.0.0/1"]), ["0.0.0.0/1"]);
-    }
-
-    #[test]
-    fn host_bits_in_a_cidr_are_truncated() {
-        assert_eq!(members("10.1.2.3/8", &[]), ["10.0.0.0/8"]);
-    }
 }
