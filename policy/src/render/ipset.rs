@@ -78,21 +78,6 @@ pub fn render(ruleset: &Ruleset) -> String {
     out
 }
 
-/// `destroy` lines for sets sluice owns that exist (`existing`, e.g. from
-/// `ipset list -n`) but are no longer in `ruleset`. Apply only after the iptables
-/// text that stopped referencing them: the kernel refuses to destroy a set in use.
-/// Every `SLUICE-` name missing from `ruleset` counts as stale, so pass the ruleset
-/// with the agent's own sets added, or they go too.
-pub fn render_stale_set_cleanup(ruleset: &Ruleset, existing: &[String]) -> String {
-    let mut stale: Vec<&String> = existing
-        .iter()
-        .filter(|n| n.starts_with(names::PREFIX) && !ruleset.sets.contains_key(*n))
-        .collect();
-    stale.sort();
-    stale.dedup();
-    stale.iter().map(|n| format!("destroy {n}\n")).collect()
-}
-
 /// The set type `ipset` calls `text`, when sluice creates that type.
 pub fn parse_kind(text: &str) -> Option<SetKind> {
     [SetKind::HashIp, SetKind::HashNet, SetKind::HashIpPort]

@@ -283,21 +283,6 @@ pub fn builtin_jump_specs(ruleset: &Ruleset) -> Vec<BuiltinJumpSpec> {
         .collect()
 }
 
-/// The text that deletes chains sluice owns which exist in the kernel (`existing`,
-/// e.g. from `iptables-save`) but not in `ruleset`; apply after the full render.
-/// Names without the `SLUICE-` prefix are never touched; every `SLUICE-` chain
-/// missing from `ruleset` is, so pass the ruleset with the agent's own chains added.
-pub fn render_stale_chain_cleanup(ruleset: &Ruleset, table: Table, existing: &[String]) -> String {
-    let mut stale: Vec<String> = existing
-        .iter()
-        .filter(|n| n.starts_with(names::PREFIX) && ruleset.chain(table, n).is_none())
-        .cloned()
-        .collect();
-    stale.sort();
-    stale.dedup();
-    render_chains(table, [], &stale)
-}
-
 /// One table as `iptables-save` printed it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SavedTable {
