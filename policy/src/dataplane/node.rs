@@ -346,3 +346,120 @@ fn nat_outgoing(rs: &mut Ruleset) {
         vec![jump_rule(CHAIN_NAT_OUTGOING)],
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Node, Pod, RejectedPolicy};
+    use crate::render::iptables::rule_body;
+
+    struct Veths;
+
+    impl InterfaceNames for Veths {
+        fn host_veth(&self, pod: &Pod) -> String {
+            format!("slc{}", pod.name)
+        }
+        fn namespace_prefix(&self, namespace: &str) -> String {
+            format!("slc{}", &namespace[..1])
+        }
+    }
+
+    fn cluster() -> Cluster {
+        let mut c = Cluster::default();
+        c.add_node(Node {
+            name: "n1".into(),
+            addresses: vec!["192.168.0.1".parse().unwrap()],
+        });
+        c.add_pod(Pod {
+            namespace: "prod".into(),
+            name: "web".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            ips: vec!["10.244.1.5".parse().unwrap()],
+            node: Some("n1".into()),
+            ports: vec![],
+            host_network: false,
+        });
+        c.rejected_policies.insert(
+            NamespacedName::new("prod", "broken"),
+            RejectedPolicy {
+                reason: "test".into(),
+                pod_selector: Some(LabelSelector::from_labels([("app", "web")])),
+            },
+        );
+        c
+    }
+
+    fn settings(tunnel: TunnelFilter, nat_outgoing: bool) -> NodeSettings {
+        NodeSettings {
+            node: "n1".into(),
+            pool: "10.244.0.0/16".parse().unwrap(),
+            tunnel,
+            nat_outgoing,
+            node_ip: None,
+        }
+    }
+
+    fn bodies(rs: &Ruleset, table: Table, chain: &str) -> Vec<String> {
+        rs.chain(table, chain)
+            .unwrap_or_else(|| panic!("no chain {chain}"))
+            .rules
+            .iter()
+            .map(rule_body)
+            .collect()
+    }
+
+    #[test]
+    fn held_pods_drop_new_connections_before_the_policy_dispatch_sees_them() {
+        let rs = node_ruleset(&cluster(), &settings(TunnelFilter::Ipip, true), &Veths).unwrap();
+        assert_eq!(
+            bodies(&rs, Table::Filter, CHAIN_HELD),
+            ["-o slcweb -j DROP", "-i slcweb -j DROP"]
+        );
+        let forward = bodies(&rs, Table::Filter, crate::names::CHAIN_FORWARD);
+        let held = forward
+            .iter()
+            .position(|r| r == "-m conntrack --ctstate NEW -j SLUICE-HELD")
+            .unwrap();
+        let first_dispatch = forward.iter().position(|r| r.contains("-g ")).unwrap();
+        assert!(held < first_dispatch, "{forward:#?}");
+        // The stand-in policy makes the namespace count as having policy.
+        assert!(
+            bodies(&rs, Table::Filter, crate::names::CHAIN_TO_POD)
+                .contains(&"-o slcp+ -j DROP".to_string())
+        );
+    }
+
+    #[test]
+    fn one_jump_per_builtin_chain_and_both_tables_always_present() {
+        let rs = node_ruleset(&cluster(), &settings(TunnelFilter::Ipip, true), &Veths).unwrap();
+        let jumps: Vec<(Table, &str)> = rs
+            .jumps
+            .iter()
+            .map(|j| (j.table, j.chain.as_str()))
+            .collect();
+        assert_eq!(
+            jumps,
+            [
+                (Table::Filter, "FORWARD"),
+                (Table::Filter, "INPUT"),
+                (Table::Nat, "POSTROUTING")
+            ]
+        );
+        rs.validate().unwrap();
+        let off = node_ruleset(&cluster(), &settings(TunnelFilter::None, false), &Veths).unwrap();
+        assert!(
+            off.tables[&Table::Nat].is_empty(),
+            "an empty nat table is still synced"
+        );
+        assert!(off.chain(Table::Filter, CHAIN_TUNNEL_IN).is_none());
+    }
+
+    #[test]
+    fn node_rule_set_is_deterministic() {
+        let s = settings(TunnelFilter::Vxlan { port: 4799 }, true);
+        assert_eq!(
+            node_ruleset(&cluster(), &s, &Veths).unwrap(),
+            node_ruleset(&cluster(), &s, &Veths).unwrap()
+        );
+    }
+}
