@@ -109,12 +109,7 @@ fn scenario(name: &str, local: usize, kernel: bool) {
     let t = Instant::now();
     let desired = reconcile::desired(&snap, &settings).unwrap();
     let t_desired = t.elapsed();
-    let chains: usize = desired
-        .dataplane
-        .tables
-        .values()
-        .map(|t| t.chains.len())
-        .sum();
+    let chains: usize = desired.dataplane.tables.values().map(|t| t.len()).sum();
     println!(
         "## {name}: {PODS} pods ({local} on this node), {POLICIES} policies, {NAMESPACES} namespaces, {NODES} nodes"
     );

@@ -48,7 +48,7 @@ pub enum AgentError {
 pub trait PolicyDataplane: Send + Sync + 'static {
     fn sync(
         &self,
-        desired: &crate::dataplane::DesiredDataplane,
+        desired: &sluice_policy::dataplane::Ruleset,
         mode: SyncMode,
     ) -> Result<SyncReport, DataplaneError>;
 }
@@ -56,7 +56,7 @@ pub trait PolicyDataplane: Send + Sync + 'static {
 impl<R: crate::dataplane::CommandRunner + 'static> PolicyDataplane for Dataplane<R> {
     fn sync(
         &self,
-        desired: &crate::dataplane::DesiredDataplane,
+        desired: &sluice_policy::dataplane::Ruleset,
         mode: SyncMode,
     ) -> Result<SyncReport, DataplaneError> {
         self.sync_with(desired, mode)
@@ -156,7 +156,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
         };
         self.metrics
             .rules_programmed
-            .set(desired.dataplane.rule_count() as i64);
+            .set(programmed_rules(&desired.dataplane) as i64);
         self.metrics
             .set_members_programmed
             .set(desired.dataplane.set_member_count() as i64);
@@ -186,7 +186,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
                 chains_deleted = report.chains_deleted,
                 jumps_changed = report.jumps_changed,
                 set_members_changed = report.set_members_changed,
-                rules = desired.dataplane.rule_count(),
+                rules = programmed_rules(&desired.dataplane),
                 ms = started.elapsed().as_millis() as u64,
                 "dataplane synced"
             );
@@ -296,6 +296,11 @@ where
             }
         }
     }
+}
+
+/// Rules the agent keeps in the kernel: its chains' and its jumps.
+fn programmed_rules(rs: &sluice_policy::dataplane::Ruleset) -> usize {
+    rs.rule_count() + rs.jumps.len()
 }
 
 /// The real dataplane for this host.

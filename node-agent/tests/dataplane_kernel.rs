@@ -3,43 +3,108 @@
 //! chains survive syncs byte for byte; a hand-deleted rule is restored; both iptables
 //! backends behave the same.
 
-use sluice_agent::dataplane::{
-    Backend, Chain, Dataplane, DesiredDataplane, DesiredTable, ExecRunner, IpSet, Jump, SetKind,
-    iptables,
+use sluice_agent::dataplane::{Backend, Dataplane, ExecRunner};
+use sluice_policy::dataplane::{
+    BuiltinJump, Chain, CtState, Interface, IpSet, Match, Rule, Ruleset, SetDirection, SetKind,
+    SetMember, Table, Target,
 };
+use sluice_policy::render::iptables;
 use sluice_testkit::{in_new_netns, require_root, sh};
 
-fn desired(extra_member: Option<&str>) -> DesiredDataplane {
-    let mut d = DesiredDataplane::default();
-    d.tables.insert(
-        "filter".into(),
-        DesiredTable {
-            chains: vec![
-                Chain::new("SLUICE-FORWARD")
-                    .rule("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
-                    .rule("-o slc+ -j SLUICE-TO-POD"),
-                Chain::new("SLUICE-TO-POD")
-                    .rule("-m set --match-set SLUICE-NODES src -j ACCEPT")
-                    .rule("-j DROP"),
+fn set(name: &str, direction: SetDirection, negated: bool) -> Match {
+    Match::Set {
+        name: name.into(),
+        direction,
+        negated,
+    }
+}
+
+fn chain(name: &str, rules: Vec<Rule>) -> Chain {
+    Chain {
+        name: name.into(),
+        rules,
+    }
+}
+
+fn jump(table: Table, from: &str, to: &str) -> BuiltinJump {
+    BuiltinJump {
+        table,
+        chain: from.into(),
+        rule: Rule::new(vec![], Target::Jump(to.into())),
+    }
+}
+
+fn desired(extra_member: Option<&str>) -> Ruleset {
+    let mut d = Ruleset::default();
+    d.add_chain(
+        Table::Filter,
+        chain(
+            "SLUICE-FORWARD",
+            vec![
+                Rule::new(
+                    vec![Match::CtState(vec![CtState::Related, CtState::Established])],
+                    Target::Accept,
+                ),
+                Rule::new(
+                    vec![Match::OutInterface(Interface::prefix("slc"))],
+                    Target::Jump("SLUICE-TO-POD".into()),
+                ),
             ],
-            jumps: vec![Jump::top("FORWARD", "SLUICE-FORWARD")],
-        },
+        ),
     );
-    d.tables.insert(
-        "nat".into(),
-        DesiredTable {
-            chains: vec![Chain::new("SLUICE-POSTROUTING").rule(
-                "-m set --match-set SLUICE-POOLS src -m set ! --match-set SLUICE-POOLS dst -j MASQUERADE",
+    d.add_chain(
+        Table::Filter,
+        chain(
+            "SLUICE-TO-POD",
+            vec![
+                Rule::new(
+                    vec![set("SLUICE-NODES", SetDirection::Src, false)],
+                    Target::Accept,
+                ),
+                Rule::new(vec![], Target::Drop),
+            ],
+        ),
+    );
+    d.add_chain(
+        Table::Nat,
+        chain(
+            "SLUICE-POSTROUTING",
+            vec![Rule::new(
+                vec![
+                    set("SLUICE-POOLS", SetDirection::Src, false),
+                    set("SLUICE-POOLS", SetDirection::Dst, true),
+                ],
+                Target::Masquerade,
             )],
-            jumps: vec![Jump::top("POSTROUTING", "SLUICE-POSTROUTING")],
-        },
+        ),
     );
+    d.jumps = vec![
+        jump(Table::Filter, "FORWARD", "SLUICE-FORWARD"),
+        jump(Table::Nat, "POSTROUTING", "SLUICE-POSTROUTING"),
+    ];
     let mut nodes = vec!["192.168.50.1", "192.168.50.2"];
     nodes.extend(extra_member);
-    d.sets = vec![
-        IpSet::new("SLUICE-NODES", SetKind::HashIp).with(nodes),
-        IpSet::new("SLUICE-POOLS", SetKind::HashNet).with(["10.244.0.0/16"]),
-    ];
+    for s in [
+        IpSet {
+            name: "SLUICE-NODES".into(),
+            kind: SetKind::HashIp,
+            members: nodes
+                .iter()
+                .map(|n| SetMember::Ip(n.parse().unwrap()))
+                .collect(),
+        },
+        IpSet {
+            name: "SLUICE-POOLS".into(),
+            kind: SetKind::HashNet,
+            members: [SetMember::Net {
+                net: "10.244.0.0/16".parse().unwrap(),
+                nomatch: false,
+            }]
+            .into(),
+        },
+    ] {
+        d.sets.insert(s.name.clone(), s);
+    }
     d
 }
 
@@ -94,33 +159,17 @@ fn owned_lines(backend: Backend, table: &str) -> Vec<String> {
         .collect()
 }
 
-fn expected_owned(d: &DesiredDataplane, table: &str) -> Vec<String> {
+fn expected_owned(d: &Ruleset, table: &str) -> Vec<String> {
     // iptables-save lists built-in chains first, then the rest, each in its own order.
-    let t = &d.tables[table];
-    let mut lines = Vec::new();
-    for j in &t.jumps {
-        let plan = iptables::plan_table(
-            table,
-            &DesiredTable {
-                chains: t.chains.clone(),
-                jumps: vec![j.clone()],
-            },
-            &Default::default(),
-        )
-        .unwrap();
-        let ins = plan
-            .payload
-            .unwrap()
-            .lines()
-            .find(|l| l.starts_with("-I "))
-            .unwrap()
-            .to_string();
-        lines.push(ins.replacen(&format!("-I {} 1 ", j.from), &format!("-A {} ", j.from), 1));
-    }
-    let mut chains = t.chains.clone();
-    chains.sort_by(|a, b| a.name.cmp(&b.name));
-    for c in chains {
-        lines.extend(c.render_rules());
+    let t = iptables::parse_table(table).unwrap();
+    let mut lines: Vec<String> = d
+        .jumps
+        .iter()
+        .filter(|j| j.table == t)
+        .map(|j| format!("-A {} {}", j.chain, iptables::jump_spec(j)))
+        .collect();
+    for c in d.tables[&t].values() {
+        lines.extend(iptables::chain_lines(c));
     }
     lines
 }
@@ -209,9 +258,22 @@ fn foreign_rules_are_byte_identical_after_ten_syncs() {
                 let extra = (i % 2 == 1).then_some("192.168.50.9");
                 let mut d = desired(extra);
                 if i % 3 == 2 {
-                    d.tables.get_mut("filter").unwrap().chains[1]
+                    d.tables
+                        .get_mut(&Table::Filter)
+                        .unwrap()
+                        .get_mut("SLUICE-TO-POD")
+                        .unwrap()
                         .rules
-                        .insert(0, "-p udp --dport 53 -j ACCEPT".into());
+                        .insert(
+                            0,
+                            Rule::new(
+                                vec![
+                                    Match::Protocol(sluice_policy::Protocol::Udp),
+                                    Match::DestinationPorts { start: 53, end: 53 },
+                                ],
+                                Target::Accept,
+                            ),
+                        );
                 }
                 dp.sync(&d).unwrap();
             }
@@ -260,11 +322,9 @@ fn removed_chains_and_sets_are_deleted() {
     both_backends("removed_chains_and_sets_are_deleted", |backend| {
         let dp = Dataplane::new(ExecRunner, backend);
         dp.sync(&desired(None)).unwrap();
-        let mut smaller = DesiredDataplane::default();
-        smaller
-            .tables
-            .insert("filter".into(), DesiredTable::default());
-        smaller.tables.insert("nat".into(), DesiredTable::default());
+        let mut smaller = Ruleset::default();
+        smaller.tables.insert(Table::Filter, Default::default());
+        smaller.tables.insert(Table::Nat, Default::default());
         let r = dp.sync(&smaller).unwrap();
         assert_eq!((r.chains_deleted, r.sets_destroyed), (3, 2), "{r:?}");
         let all = sh(backend.save_cmd());

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice_policy::compile::{Ruleset, compile};
-use sluice_policy::diff::diff;
+use sluice_policy::dataplane::plan::diff;
 use sluice_policy::model::*;
 use sluice_policy::render::{ipset, iptables};
 use sluice_policy::selector::{LabelSelector, Operator, Requirement};

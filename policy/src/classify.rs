@@ -12,7 +12,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::compile::{CtState, Match, Ruleset, SetDirection, SetKind, SetMember, Table, Target};
+use crate::dataplane::{CtState, Match, Ruleset, SetDirection, SetKind, SetMember, Table, Target};
 use crate::model::Protocol;
 
 /// The netfilter hook (built-in chain of the filter table) a packet traverses.
@@ -118,7 +118,7 @@ fn set_contains(
 
 struct Frame<'a> {
     chain: &'a str,
-    rules: &'a [crate::compile::Rule],
+    rules: &'a [crate::dataplane::Rule],
     next: usize,
 }
 
@@ -130,7 +130,7 @@ pub fn classify(
     table: Table,
     packet: &Packet,
 ) -> Result<Classification, ClassifyError> {
-    let builtin: Vec<crate::compile::Rule> = ruleset
+    let builtin: Vec<crate::dataplane::Rule> = ruleset
         .jumps
         .iter()
         .filter(|j| j.table == table && j.chain == packet.hook.chain())
@@ -163,8 +163,14 @@ pub fn classify(
                 Match::Source { net, negated } => net.contains(&packet.src) != *negated,
                 Match::Destination { net, negated } => net.contains(&packet.dst) != *negated,
                 Match::Protocol(p) => packet.protocol == *p,
+                // Packets here are TCP, UDP or SCTP, never another IP protocol.
+                Match::IpProtocol(_) => false,
                 Match::DestinationPorts { start, end } => (*start..=*end).contains(&packet.dport),
-                Match::Set { name, direction } => {
+                Match::Set {
+                    name,
+                    direction,
+                    negated,
+                } => {
                     let set = ruleset
                         .sets
                         .get(name)
@@ -178,6 +184,7 @@ pub fn classify(
                         SetDirection::Dst | SetDirection::DstDstPort => packet.dst,
                     };
                     set_contains(set.kind, &set.members, ip, packet.protocol, packet.dport)
+                        != *negated
                 }
                 Match::CtState(states) => states.contains(&packet.ct),
                 Match::Mark { value, mask } => mark & mask == *value,
@@ -219,6 +226,8 @@ pub fn classify(
                 // RETURN from the built-in chain itself means its policy.
             }
             Target::SetMark { value, mask } => mark = (mark & !mask) ^ value,
+            // Address translation decides nothing about the verdict.
+            Target::Masquerade => {}
             Target::Jump(target) => {
                 let chain = lookup(target)?;
                 if stack.len() >= MAX_DEPTH {

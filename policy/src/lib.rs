@@ -2,6 +2,10 @@
 //! reference evaluator) and its compilation to iptables and ipset text. Pure: no I/O,
 //! no Kubernetes client; callers read files or watch the API and hand in text/objects.
 //!
+//! - [`dataplane`]: the typed rule model of a node, the complete rule set the agent
+//!   programs ([`dataplane::node`]) and the change planner ([`dataplane::plan`]);
+//!   [`compile`] fills in its policy part, [`render`] turns it into kernel text.
+//!
 //! - [`model`]: the domain types (namespaces, pods, nodes, policies, [`Cluster`]).
 //! - [`selector`]: label selectors.
 //! - [`manifest`] + [`convert`]: kubectl-shaped YAML/JSON text → model objects; the
@@ -45,10 +49,11 @@ pub mod manifest;
 pub mod model;
 pub mod selector;
 
-// The dataplane half: rule model, renderers, diff and the in-process classifier.
+// The dataplane half: rule model, compiler, renderers, planner and the in-process
+// classifier.
 pub mod classify;
 pub mod compile;
-pub mod diff;
+pub mod dataplane;
 pub mod names;
 pub mod render;
 pub mod veth_names;

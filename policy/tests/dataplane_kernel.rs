@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use sluice_policy::compile::{Ruleset, Table, compile};
-use sluice_policy::diff::diff;
+use sluice_policy::dataplane::plan::{self, diff};
 use sluice_policy::model::*;
 use sluice_policy::render::{ipset, iptables};
 use sluice_policy::selector::LabelSelector;
@@ -198,24 +198,23 @@ fn exercise(backend: &str) {
         "*filter\n:SLUICE-PI-stale - [0:0]\n:OTHER-CHAIN - [0:0]\nCOMMIT\n",
     );
     run("ipset", &["create", "SLUICE-P-stale", "hash:ip"], "");
-    let existing: Vec<String> = run(&format!("{backend}-save"), &["-t", "filter"], "")
-        .lines()
-        .filter_map(|l| l.strip_prefix(':'))
-        .map(|l| l.split(' ').next().unwrap().to_string())
-        .collect();
-    let cleanup = iptables::render_stale_chain_cleanup(&new, Table::Filter, &existing);
-    assert!(cleanup.contains("-X SLUICE-PI-stale") && !cleanup.contains("OTHER-CHAIN"));
-    run(
-        &format!("{backend}-restore"),
-        &["--noflush", "-w"],
-        &cleanup,
+    // The planner, given what the kernel holds, removes exactly those.
+    let mut kernel = plan::KernelState {
+        sets: ipset::parse_save(&run("ipset", &["save"], ""), "SLUICE-"),
+        ..Default::default()
+    };
+    let saved = run(&format!("{backend}-save"), &["-t", "filter"], "");
+    kernel.tables.insert(
+        Table::Filter,
+        iptables::parse_save(&saved).remove("filter").unwrap(),
     );
-    let sets: Vec<String> = saved_set_names().into_iter().collect();
-    run(
-        "ipset",
-        &["restore"],
-        &ipset::render_stale_set_cleanup(&new, &sets),
-    );
+    let cleanup = plan::plan(&new, &kernel).unwrap();
+    let text = cleanup.iptables(Table::Filter);
+    assert!(text.contains("-X SLUICE-PI-stale") && !text.contains("OTHER-CHAIN"));
+    assert_eq!(cleanup.chains_rewritten(), 0, "{text}");
+    run(&format!("{backend}-restore"), &["--noflush", "-w"], &text);
+    assert_eq!(cleanup.destroy_sets, ["SLUICE-P-stale"]);
+    run("ipset", &["restore"], &cleanup.ipset_after());
     assert_kernel_holds(backend, &new);
     assert!(run(&format!("{backend}-save"), &["-t", "filter"], "").contains(":OTHER-CHAIN"));
 }

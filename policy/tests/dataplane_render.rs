@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use sluice_policy::compile::{Ruleset, SetMember, Table, compile};
-use sluice_policy::diff::diff;
+use sluice_policy::dataplane::plan::diff;
 use sluice_policy::model::*;
 use sluice_policy::names::{MAX_CHAIN_LEN, MAX_SET_LEN, PREFIX};
 use sluice_policy::render::{ipset, iptables};

@@ -74,6 +74,11 @@ fn must(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `sluicectl ARGS` that must succeed; its stdout.
+pub fn sluicectl_out(args: &[&str]) -> String {
+    must(args)
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct ProbeOutcome {
     pub result: String,

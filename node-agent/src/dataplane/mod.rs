@@ -1,50 +1,29 @@
-//! The policy dataplane: owned iptables chains and ipsets, applied atomically.
+//! The policy dataplane: the node's rule model ([`Ruleset`], built in the policy
+//! crate) applied atomically to the kernel.
 //!
-//! One sync = read (`iptables-save` per table, `ipset save`), plan (pure, see
-//! [`iptables::plan_table`] and [`ipset::plan_sets`]), then write: one `ipset
-//! restore`, one `iptables-restore --noflush -w` per table that changed, and the
-//! destruction of stale sets last. A sync with nothing to change writes nothing,
-//! which is what lets a periodic resync repair drift without disturbing the rest.
+//! One sync = read (`iptables-save` per table, `ipset save`), plan (pure, in
+//! [`sluice_policy::dataplane::plan`]), then write: one `ipset restore`, one
+//! `iptables-restore --noflush -w` per table that changed, and the destruction of
+//! stale sets last. A sync with nothing to change writes nothing, which is what lets
+//! a periodic resync repair drift without disturbing the rest.
 
 pub mod backend;
-pub mod ipset;
-pub mod iptables;
 pub mod runner;
 
-use std::collections::BTreeMap;
+use sluice_policy::dataplane::plan::{self, KernelState, Plan};
+use sluice_policy::dataplane::{ModelError, Ruleset};
+use sluice_policy::names;
+use sluice_policy::render::{ipset, iptables};
 
 pub use backend::{Backend, BackendChoice};
-pub use ipset::{IpSet, SetKind};
-pub use iptables::{Chain, DesiredTable, Jump};
 pub use runner::{CommandRunner, ExecRunner, RecordingRunner};
-
-/// Prefix of every ipset sluice owns (and of every chain, see [`iptables::CHAIN_PREFIX`]).
-pub const SET_PREFIX: &str = "SLUICE-";
-
-/// Everything the dataplane should hold after a sync.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DesiredDataplane {
-    /// Table name (`filter`, `nat`, `raw`, `mangle`) → owned chains and jumps.
-    pub tables: BTreeMap<String, DesiredTable>,
-    pub sets: Vec<IpSet>,
-}
-
-impl DesiredDataplane {
-    pub fn rule_count(&self) -> usize {
-        self.tables.values().map(DesiredTable::rule_count).sum()
-    }
-
-    pub fn set_member_count(&self) -> usize {
-        self.sets.iter().map(|s| s.members.len()).sum()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error(transparent)]
     Run(#[from] runner::RunError),
     #[error(transparent)]
-    Plan(#[from] iptables::IptablesError),
+    Plan(#[from] ModelError),
 }
 
 /// What a sync did.
@@ -64,43 +43,6 @@ impl SyncReport {
     }
 }
 
-/// What the kernel holds of ours, as read back or as last written.
-#[derive(Debug, Clone, Default)]
-struct KernelView {
-    tables: BTreeMap<String, iptables::SavedTable>,
-    sets: BTreeMap<String, ipset::SavedSet>,
-}
-
-impl KernelView {
-    /// The view a successful sync of `desired` leaves behind.
-    fn after(desired: &DesiredDataplane) -> KernelView {
-        let mut view = KernelView::default();
-        for (name, t) in &desired.tables {
-            let saved = view.tables.entry(name.clone()).or_default();
-            for c in &t.chains {
-                saved.chains.insert(c.name.clone(), c.render_rules());
-            }
-            for j in &t.jumps {
-                saved
-                    .chains
-                    .entry(j.from.clone())
-                    .or_default()
-                    .push(format!("-A {} {}", j.from, j.spec()));
-            }
-        }
-        for s in &desired.sets {
-            view.sets.insert(
-                s.name.clone(),
-                ipset::SavedSet {
-                    kind: Some(s.kind),
-                    members: s.members.clone(),
-                },
-            );
-        }
-        view
-    }
-}
-
 /// Whether a sync reads the kernel first or trusts what the last sync wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
@@ -116,7 +58,7 @@ pub enum SyncMode {
 pub struct Dataplane<R: CommandRunner> {
     runner: R,
     backend: Backend,
-    last: std::sync::Mutex<Option<KernelView>>,
+    last: std::sync::Mutex<Option<KernelState>>,
 }
 
 impl<R: CommandRunner> Dataplane<R> {
@@ -131,7 +73,7 @@ impl<R: CommandRunner> Dataplane<R> {
     /// Sync in `mode`; the last-write view is kept only after a complete success.
     pub fn sync_with(
         &self,
-        desired: &DesiredDataplane,
+        desired: &Ruleset,
         mode: SyncMode,
     ) -> Result<SyncReport, DataplaneError> {
         let cached = match mode {
@@ -140,7 +82,7 @@ impl<R: CommandRunner> Dataplane<R> {
         };
         let result = self.sync_from(desired, cached);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
-            result.as_ref().ok().map(|_| KernelView::after(desired));
+            result.as_ref().ok().map(|_| KernelState::of(desired));
         result
     }
 
@@ -153,67 +95,72 @@ impl<R: CommandRunner> Dataplane<R> {
     }
 
     /// Bring the kernel to `desired` after reading it, touching only what differs.
-    pub fn sync(&self, desired: &DesiredDataplane) -> Result<SyncReport, DataplaneError> {
+    pub fn sync(&self, desired: &Ruleset) -> Result<SyncReport, DataplaneError> {
         self.sync_with(desired, SyncMode::Full)
     }
 
     fn sync_from(
         &self,
-        desired: &DesiredDataplane,
-        mut view: Option<KernelView>,
+        desired: &Ruleset,
+        mut cached: Option<KernelState>,
     ) -> Result<SyncReport, DataplaneError> {
+        desired.validate()?;
+        let mut plan = Plan::default();
         let mut report = SyncReport::default();
 
-        let current_sets = match view.as_mut() {
-            Some(v) => std::mem::take(&mut v.sets),
+        let sets = match cached.as_mut() {
+            Some(k) => std::mem::take(&mut k.sets),
             None => ipset::parse_save(
                 &self.runner.run_ok("ipset", &["save"], None)?.stdout,
-                SET_PREFIX,
+                names::PREFIX,
             ),
         };
-        let set_plan = ipset::plan_sets(&desired.sets, &current_sets, SET_PREFIX);
-        if let Some(payload) = &set_plan.restore {
-            self.runner.run_ok("ipset", &["restore"], Some(payload))?;
+        plan::plan_sets(&mut plan, desired, &sets);
+        let payload = plan.ipset_before();
+        if !payload.is_empty() {
+            self.runner.run_ok("ipset", &["restore"], Some(&payload))?;
             report.restores += 1;
         }
-        report.set_members_changed = set_plan.members_added + set_plan.members_removed;
+        report.set_members_changed = plan.set_members_changed();
 
-        for (table, want) in &desired.tables {
-            let current = match view.as_mut() {
-                Some(v) => v.tables.remove(table).unwrap_or_default(),
+        for table in desired.tables.keys().copied() {
+            let saved = match cached.as_mut() {
+                Some(k) => k.tables.remove(&table).unwrap_or_default(),
                 None => {
-                    let saved = self
+                    let text = self
                         .runner
-                        .run_ok(self.backend.save_cmd(), &["-t", table], None)?
+                        .run_ok(self.backend.save_cmd(), &["-t", table.as_str()], None)?
                         .stdout;
-                    iptables::parse_save(&saved)
-                        .remove(table)
+                    iptables::parse_save(&text)
+                        .remove(table.as_str())
                         .unwrap_or_default()
                 }
             };
-            let plan = iptables::plan_table(table, want, &current)?;
-            if let Some(payload) = &plan.payload {
-                self.runner.run_ok(
-                    self.backend.restore_cmd(),
-                    &["--noflush", "-w"],
-                    Some(payload),
-                )?;
-                report.restores += 1;
-                tracing::debug!(
-                    table,
-                    rewritten = ?plan.rewritten,
-                    deleted = ?plan.deleted,
-                    jumps_inserted = plan.jumps_inserted,
-                    jumps_deleted = plan.jumps_deleted,
-                    "iptables-restore applied"
-                );
+            plan::plan_table(&mut plan, desired, table, &saved);
+            let payload = plan.iptables(table);
+            if payload.is_empty() {
+                continue;
             }
-            report.chains_rewritten += plan.rewritten.len();
-            report.chains_deleted += plan.deleted.len();
-            report.jumps_changed += plan.jumps_inserted + plan.jumps_deleted;
+            self.runner.run_ok(
+                self.backend.restore_cmd(),
+                &["--noflush", "-w"],
+                Some(&payload),
+            )?;
+            report.restores += 1;
+            tracing::debug!(
+                table = table.as_str(),
+                rewritten = plan.rewrite.get(&table).map_or(0, Vec::len),
+                deleted = ?plan.delete.get(&table),
+                jumps_inserted = plan.insert_jumps.get(&table).map_or(0, Vec::len),
+                jumps_deleted = plan.delete_jumps.get(&table).map_or(0, Vec::len),
+                "iptables-restore applied"
+            );
         }
+        report.chains_rewritten = plan.chains_rewritten();
+        report.chains_deleted = plan.chains_deleted();
+        report.jumps_changed = plan.jumps_changed();
 
-        for set in &set_plan.destroy {
+        for set in &plan.destroy_sets {
             self.runner.run_ok("ipset", &["destroy", set], None)?;
             report.sets_destroyed += 1;
         }
@@ -226,19 +173,33 @@ mod tests {
     use super::runner::{CommandOutput, RecordedCall};
     use super::*;
 
-    fn desired() -> DesiredDataplane {
-        let mut tables = BTreeMap::new();
-        tables.insert(
-            "filter".to_string(),
-            DesiredTable {
-                chains: vec![Chain::new("SLUICE-FORWARD").rule("-j ACCEPT")],
-                jumps: vec![Jump::top("FORWARD", "SLUICE-FORWARD")],
+    use sluice_policy::dataplane::{
+        BuiltinJump, Chain, IpSet, Rule, SetKind, SetMember, Table, Target,
+    };
+
+    fn desired() -> Ruleset {
+        let mut rs = Ruleset::default();
+        rs.add_chain(
+            Table::Filter,
+            Chain {
+                name: "SLUICE-FORWARD".into(),
+                rules: vec![Rule::new(vec![], Target::Accept)],
             },
         );
-        DesiredDataplane {
-            tables,
-            sets: vec![IpSet::new("SLUICE-NODES", SetKind::HashIp).with(["10.0.0.1"])],
-        }
+        rs.jumps = vec![BuiltinJump {
+            table: Table::Filter,
+            chain: "FORWARD".into(),
+            rule: Rule::new(vec![], Target::Jump("SLUICE-FORWARD".into())),
+        }];
+        rs.sets.insert(
+            "SLUICE-NODES".into(),
+            IpSet {
+                name: "SLUICE-NODES".into(),
+                kind: SetKind::HashIp,
+                members: [SetMember::Ip("10.0.0.1".parse().unwrap())].into(),
+            },
+        );
+        rs
     }
 
     #[test]
@@ -264,10 +225,9 @@ mod tests {
     fn second_sync_against_a_matching_kernel_writes_nothing() {
         // A kernel that echoes back exactly what a first sync wrote.
         let d = desired();
-        let filter = &d.tables["filter"];
         let mut saved = String::from("*filter\n:FORWARD ACCEPT [0:0]\n:SLUICE-FORWARD - [0:0]\n");
-        let first = iptables::plan_table("filter", filter, &Default::default()).unwrap();
-        for l in first.payload.unwrap().lines() {
+        let first = plan::plan(&d, &KernelState::default()).unwrap();
+        for l in first.iptables(Table::Filter).lines() {
             if let Some(rest) = l.strip_prefix("-I FORWARD 1 ") {
                 saved.push_str(&format!("-A FORWARD {rest}\n"));
             } else if l.starts_with("-A ") {
@@ -297,13 +257,17 @@ mod tests {
         assert!(rec.calls().iter().any(|c| c.program == "iptables-nft-save"));
         rec.clear();
         let mut more = desired();
-        more.sets[0].members.insert("10.0.0.2".into());
+        more.sets
+            .get_mut("SLUICE-NODES")
+            .unwrap()
+            .members
+            .insert(SetMember::Ip("10.0.0.2".parse().unwrap()));
         let r = dp.sync_with(&more, SyncMode::Incremental).unwrap();
         let lines: Vec<String> = rec.calls().iter().map(RecordedCall::command_line).collect();
         assert_eq!(lines, ["ipset restore"], "no reads, one set delta");
         assert_eq!(
             rec.calls()[0].stdin.as_deref(),
-            Some("add SLUICE-NODES 10.0.0.2\n")
+            Some("add SLUICE-NODES 10.0.0.2 -exist\n")
         );
         assert_eq!(r.chains_rewritten, 0);
         rec.clear();

@@ -6,9 +6,10 @@
 //! [`crate::diff`]). Sets are created with fixed parameters: `-exist` only tolerates
 //! an existing set whose parameters are identical.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use crate::compile::{IpSet, Ruleset, SetKind, SetMember};
+use crate::dataplane::{IpSet, Ruleset, SetKind, SetMember};
 use crate::model::Protocol;
 use crate::names;
 
@@ -16,11 +17,20 @@ use crate::names;
 /// is not).
 pub const MAXELEM: u32 = 1_048_576;
 
+/// The set type as `ipset` names it.
+pub fn kind_text(kind: SetKind) -> &'static str {
+    match kind {
+        SetKind::HashIp => "hash:ip",
+        SetKind::HashNet => "hash:net",
+        SetKind::HashIpPort => "hash:ip,port",
+    }
+}
+
 /// The `create` line of a set (without `-exist`).
 pub fn create_line(name: &str, kind: SetKind) -> String {
     format!(
         "create {name} {} family inet hashsize 1024 maxelem {MAXELEM}",
-        kind.as_str()
+        kind_text(kind)
     )
 }
 
@@ -68,17 +78,92 @@ pub fn render(ruleset: &Ruleset) -> String {
     out
 }
 
-/// `destroy` lines for sets sluice owns that exist (`existing`, e.g. from
-/// `ipset list -n`) but are no longer in `ruleset`. Apply only after the iptables
-/// text that stopped referencing them: the kernel refuses to destroy a set in use.
-/// Every `SLUICE-` name missing from `ruleset` counts as stale, so pass the ruleset
-/// with the agent's own sets added, or they go too.
-pub fn render_stale_set_cleanup(ruleset: &Ruleset, existing: &[String]) -> String {
-    let mut stale: Vec<&String> = existing
-        .iter()
-        .filter(|n| n.starts_with(names::PREFIX) && !ruleset.sets.contains_key(*n))
-        .collect();
-    stale.sort();
-    stale.dedup();
-    stale.iter().map(|n| format!("destroy {n}\n")).collect()
+/// The set type `ipset` calls `text`, when sluice creates that type.
+pub fn parse_kind(text: &str) -> Option<SetKind> {
+    [SetKind::HashIp, SetKind::HashNet, SetKind::HashIpPort]
+        .into_iter()
+        .find(|k| kind_text(*k) == text)
+}
+
+/// A member as `ipset save` prints it for a set of `kind` (a hash:net member of /32
+/// is printed as the bare address).
+pub fn parse_member(kind: SetKind, text: &str) -> Option<SetMember> {
+    let mut words = text.split_whitespace();
+    let first = words.next()?;
+    let flags: Vec<&str> = words.collect();
+    match kind {
+        SetKind::HashIp => flags
+            .is_empty()
+            .then(|| first.parse().ok().map(SetMember::Ip))
+            .flatten(),
+        SetKind::HashNet => {
+            let net = match first.parse::<ipnet::Ipv4Net>() {
+                Ok(n) => n,
+                Err(_) => ipnet::Ipv4Net::from(first.parse::<std::net::Ipv4Addr>().ok()?),
+            };
+            let nomatch = match flags.as_slice() {
+                [] => false,
+                ["nomatch"] => true,
+                _ => return None,
+            };
+            Some(SetMember::Net { net, nomatch })
+        }
+        SetKind::HashIpPort => {
+            let (ip, rest) = first.split_once(',')?;
+            let (proto, port) = rest.split_once(':')?;
+            let protocol = match proto {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                "sctp" => Protocol::Sctp,
+                _ => return None,
+            };
+            flags.is_empty().then_some(())?;
+            Some(SetMember::IpPort {
+                ip: ip.parse().ok()?,
+                protocol,
+                port: port.parse().ok()?,
+            })
+        }
+    }
+}
+
+/// A set as the kernel holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedSet {
+    /// `None` for a type sluice never creates.
+    pub kind: Option<SetKind>,
+    pub members: BTreeSet<SetMember>,
+    /// Members that do not read as the set's type (kept verbatim, to delete).
+    pub unreadable: BTreeSet<String>,
+}
+
+/// Parse `ipset save` output, keeping only sets whose name starts with `prefix`.
+pub fn parse_save(text: &str, prefix: &str) -> BTreeMap<String, SavedSet> {
+    let mut sets: BTreeMap<String, SavedSet> = BTreeMap::new();
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        match (w.next(), w.next()) {
+            (Some("create"), Some(name)) if name.starts_with(prefix) => {
+                sets.entry(name.to_string()).or_default().kind = w.next().and_then(parse_kind);
+            }
+            (Some("add"), Some(name)) if name.starts_with(prefix) => {
+                // The member is the rest of the line: `10.0.0.0/8 nomatch` is one.
+                let m = w.collect::<Vec<_>>().join(" ");
+                if m.is_empty() {
+                    continue;
+                }
+                let set = sets.entry(name.to_string()).or_default();
+                match set.kind.and_then(|k| parse_member(k, &m)) {
+                    Some(member) => {
+                        set.members.insert(member);
+                    }
+                    None => {
+                        set.unreadable.insert(m);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    sets
 }

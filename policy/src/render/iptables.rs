@@ -1,10 +1,12 @@
-//! `iptables-restore` text for the chains sluice owns.
+//! `iptables-restore` text for the chains sluice owns, and the identity hash of every
+//! rule (the one hash: the planner in [`crate::dataplane::plan`] compares these with
+//! the comments `iptables-save` prints back).
 //!
 //! A full render declares every owned chain (`:NAME - [0:0]`, which with `--noflush`
 //! creates the chain or flushes it) and appends its rules, per table, ending in
 //! `COMMIT`: one atomic transaction per table that never touches a chain sluice does
 //! not own. Jumps from built-in chains are not part of it: the agent inserts each
-//! [`BuiltinJumpSpec`] once (`-I <chain> 1 <spec>`) after checking with `-C`.
+//! [`BuiltinJumpSpec`] once (`-I <chain> 1 <spec>`) when the kernel lacks it.
 //!
 //! Every rule carries `-m comment --comment "sluice:<hash>"`, where the hash covers
 //! the chain name, the previous rule's hash and the rule's own text (as Calico's felix
@@ -13,10 +15,11 @@
 //! comment, then match modules and target) so that what the kernel prints back equals
 //! what was written, line for line.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::compile::{
-    Chain, CtState, Interface, Match, Rule, Ruleset, SetDirection, Table, Target,
+use crate::dataplane::{
+    BuiltinJump, Chain, CtState, Interface, Match, Rule, Ruleset, SetDirection, Table, Target,
 };
 use crate::model::Protocol;
 use crate::names;
@@ -29,6 +32,15 @@ fn iface(i: &Interface) -> String {
         format!("{}+", i.name)
     } else {
         i.name.clone()
+    }
+}
+
+fn ct_state(s: CtState) -> &'static str {
+    match s {
+        CtState::New => "NEW",
+        CtState::Established => "ESTABLISHED",
+        CtState::Related => "RELATED",
+        CtState::Invalid => "INVALID",
     }
 }
 
@@ -50,6 +62,7 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
     let mut in_if = None;
     let mut out_if = None;
     let mut protocol = None;
+    let mut protocol_number = None;
     let mut rest: Vec<String> = Vec::new();
     for m in &rule.matches {
         match m {
@@ -62,6 +75,7 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
                 dst = Some(format!("{}-d {net}", if *negated { "! " } else { "" }))
             }
             Match::Protocol(p) => protocol = Some(*p),
+            Match::IpProtocol(n) => protocol_number = Some(*n),
             Match::DestinationPorts { start, end } => {
                 // The port module is named after the protocol, as iptables-save prints
                 // it; a port without a protocol is refused by the kernel anyway.
@@ -72,16 +86,21 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
                     rest.push(format!("-m {module} --dport {start}:{end}"));
                 }
             }
-            Match::Set { name, direction } => {
+            Match::Set {
+                name,
+                direction,
+                negated,
+            } => {
                 let dir = match direction {
                     SetDirection::Src => "src",
                     SetDirection::Dst => "dst",
                     SetDirection::DstDstPort => "dst,dst",
                 };
-                rest.push(format!("-m set --match-set {name} {dir}"));
+                let not = if *negated { "! " } else { "" };
+                rest.push(format!("-m set {not}--match-set {name} {dir}"));
             }
             Match::CtState(states) => {
-                let list: Vec<&str> = states.iter().map(|s: &CtState| s.as_str()).collect();
+                let list: Vec<&str> = states.iter().map(|s| ct_state(*s)).collect();
                 rest.push(format!("-m conntrack --ctstate {}", list.join(",")));
             }
             Match::Mark { value, mask } => {
@@ -96,13 +115,16 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
         Target::Jump(c) => format!("-j {c}"),
         Target::Goto(c) => format!("-g {c}"),
         Target::SetMark { value, mask } => format!("-j MARK --set-xmark {value:#x}/{mask:#x}"),
+        Target::Masquerade => "-j MASQUERADE".to_string(),
     });
     let header: Vec<String> = [
         src,
         dst,
         in_if,
         out_if,
-        protocol.map(|p| format!("-p {}", proto(p))),
+        protocol
+            .map(|p| format!("-p {}", proto(p)))
+            .or(protocol_number.map(|n| format!("-p {n}"))),
     ]
     .into_iter()
     .flatten()
@@ -131,28 +153,46 @@ pub fn rule_hash(chain: &str, previous: &str, body: &str) -> String {
     names::hash16(key.as_bytes())
 }
 
-/// Each rule of `chain` as it follows `-A <chain> ` (comment first), in order.
-pub fn chain_rule_specs(chain: &Chain) -> Vec<String> {
+/// The identity hash of each rule of `chain`, in order: each covers the previous.
+pub fn chain_rule_hashes(chain: &Chain) -> Vec<String> {
     let mut previous = String::new();
     chain
         .rules
         .iter()
         .map(|r| {
-            let (header, rest) = rule_parts(r);
-            let body = if header.is_empty() {
-                rest.clone()
-            } else {
-                format!("{header} {rest}")
-            };
-            let hash = rule_hash(&chain.name, &previous, &body);
-            let comment = format!("-m comment --comment \"{COMMENT_PREFIX}{hash}\"");
-            previous = hash;
-            if header.is_empty() {
-                format!("{comment} {rest}")
-            } else {
-                format!("{header} {comment} {rest}")
-            }
+            previous = rule_hash(&chain.name, &previous, &rule_body(r));
+            previous.clone()
         })
+        .collect()
+}
+
+/// `rule` with its identity comment where `iptables-save` prints it: after the
+/// address/interface/protocol header, before the match modules.
+fn with_comment(rule: &Rule, hash: &str) -> String {
+    let (header, rest) = rule_parts(rule);
+    let comment = format!("-m comment --comment \"{COMMENT_PREFIX}{hash}\"");
+    if header.is_empty() {
+        format!("{comment} {rest}")
+    } else {
+        format!("{header} {comment} {rest}")
+    }
+}
+
+/// Each rule of `chain` as it follows `-A <chain> ` (comment included), in order.
+pub fn chain_rule_specs(chain: &Chain) -> Vec<String> {
+    chain
+        .rules
+        .iter()
+        .zip(chain_rule_hashes(chain))
+        .map(|(r, hash)| with_comment(r, &hash))
+        .collect()
+}
+
+/// The `-A <chain> …` lines of `chain`, as written and as `iptables-save` prints them.
+pub fn chain_lines(chain: &Chain) -> Vec<String> {
+    chain_rule_specs(chain)
+        .into_iter()
+        .map(|spec| format!("-A {} {spec}", chain.name))
         .collect()
 }
 
@@ -219,37 +259,99 @@ pub struct BuiltinJumpSpec {
     pub spec: String,
 }
 
-/// The built-in jumps of a ruleset, rendered. Their hash covers the built-in chain's
-/// name, so the agent can find and remove exactly its own jump.
+/// The identity hash of a jump in a built-in chain. It covers the built-in chain's
+/// name, so the agent finds and removes exactly its own jump and nobody else's.
+pub fn jump_hash(jump: &BuiltinJump) -> String {
+    names::hash16(format!("jump\0{}\0{}", jump.chain, rule_body(&jump.rule)).as_bytes())
+}
+
+/// What follows `-A <chain> ` or `-I <chain> 1 ` for a jump, comment included.
+pub fn jump_spec(jump: &BuiltinJump) -> String {
+    with_comment(&jump.rule, &jump_hash(jump))
+}
+
+/// The built-in jumps of a ruleset, rendered.
 pub fn builtin_jump_specs(ruleset: &Ruleset) -> Vec<BuiltinJumpSpec> {
     ruleset
         .jumps
         .iter()
-        .map(|j| {
-            let chain = Chain {
-                name: j.chain.clone(),
-                rules: vec![j.rule.clone()],
-            };
-            BuiltinJumpSpec {
-                table: j.table,
-                chain: j.chain.clone(),
-                spec: chain_rule_specs(&chain).remove(0),
-            }
+        .map(|j| BuiltinJumpSpec {
+            table: j.table,
+            chain: j.chain.clone(),
+            spec: jump_spec(j),
         })
         .collect()
 }
 
-/// The text that deletes chains sluice owns which exist in the kernel (`existing`,
-/// e.g. from `iptables-save`) but not in `ruleset`; apply after the full render.
-/// Names without the `SLUICE-` prefix are never touched; every `SLUICE-` chain
-/// missing from `ruleset` is, so pass the ruleset with the agent's own chains added.
-pub fn render_stale_chain_cleanup(ruleset: &Ruleset, table: Table, existing: &[String]) -> String {
-    let mut stale: Vec<String> = existing
-        .iter()
-        .filter(|n| n.starts_with(names::PREFIX) && ruleset.chain(table, n).is_none())
-        .cloned()
-        .collect();
-    stale.sort();
-    stale.dedup();
-    render_chains(table, [], &stale)
+/// One table as `iptables-save` printed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedTable {
+    /// Chain name → its `-A` lines, verbatim, in order (chains with no rules too).
+    pub chains: BTreeMap<String, Vec<String>>,
+}
+
+impl SavedTable {
+    /// The sluice hash of each rule of `chain` (`None` for a rule without one, e.g.
+    /// added by hand); `None` when the chain does not exist.
+    pub fn hashes(&self, chain: &str) -> Option<Vec<Option<String>>> {
+        self.chains
+            .get(chain)
+            .map(|lines| lines.iter().map(|l| comment_hash(l)).collect())
+    }
+
+    /// Lines that belong to nobody but us: owned chains and our jumps.
+    pub fn is_ours(line: &str) -> bool {
+        let chain = line
+            .strip_prefix("-A ")
+            .or_else(|| line.strip_prefix(':'))
+            .and_then(|r| r.split_whitespace().next());
+        chain.is_some_and(|c| c.starts_with(names::PREFIX)) || comment_hash(line).is_some()
+    }
+}
+
+/// The value of our `sluice:` comment in a saved rule line, if it has one.
+pub fn comment_hash(line: &str) -> Option<String> {
+    let idx = line.find("--comment ")?;
+    let rest = &line[idx + "--comment ".len()..];
+    let value = rest
+        .strip_prefix('"')
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| rest.split_whitespace().next().unwrap_or(""));
+    value.strip_prefix(COMMENT_PREFIX).map(str::to_string)
+}
+
+/// The table `iptables-save` calls `name`, when sluice models it.
+pub fn parse_table(name: &str) -> Option<Table> {
+    [Table::Raw, Table::Mangle, Table::Nat, Table::Filter]
+        .into_iter()
+        .find(|t| t.as_str() == name)
+}
+
+/// Parse `iptables-save` output into tables.
+pub fn parse_save(text: &str) -> BTreeMap<String, SavedTable> {
+    let mut tables: BTreeMap<String, SavedTable> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            current = Some(t.trim().to_string());
+            tables.entry(t.trim().to_string()).or_default();
+        } else if let Some(table) = current.as_ref() {
+            let t = tables.get_mut(table).expect("table entered");
+            if let Some(decl) = line.strip_prefix(':') {
+                if let Some(name) = decl.split_whitespace().next() {
+                    t.chains.entry(name.to_string()).or_default();
+                }
+            } else if let Some(rest) = line.strip_prefix("-A ")
+                && let Some(name) = rest.split_whitespace().next()
+            {
+                t.chains
+                    .entry(name.to_string())
+                    .or_default()
+                    .push(line.to_string());
+            } else if line == "COMMIT" {
+                current = None;
+            }
+        }
+    }
+    tables
 }

@@ -1,4 +1,4 @@
-//! Text for the kernel's tools, from a [`crate::compile::Ruleset`]: `iptables-restore`
+//! Text for the kernel's tools, from a [`crate::dataplane::Ruleset`]: `iptables-restore`
 //! input ([`iptables`]) and `ipset restore` input ([`ipset`]). Byte-for-byte
 //! deterministic: chains, sets and members are emitted in sorted order, rules in
 //! chain order, and every rule's identity comment is a hash of its chain, its

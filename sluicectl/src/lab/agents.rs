@@ -45,6 +45,8 @@ pub fn command_line(st: &LabState, node: &NodeState, paths: &LabPaths) -> Vec<St
         st.encap.as_str().into(),
         "--nat-outgoing".into(),
         st.nat_outgoing.to_string(),
+        "--iptables-backend".into(),
+        st.iptables_backend.as_str().into(),
         "--status-file".into(),
         r(&files.agent_status_file),
         "--mtu-file".into(),

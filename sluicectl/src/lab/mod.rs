@@ -14,7 +14,8 @@
 //! sluicectl lab delete --name NAME -f PATH
 //! sluicectl lab down  --name NAME
 //! ```
-//! Extra knobs beyond that interface: `up --nat-outgoing true` (off by default: the
+//! Extra knobs beyond that interface: `up --iptables-backend auto|nft|legacy` (which
+//! iptables the agents program), `up --nat-outgoing true` (off by default: the
 //! lab's outside network routes pod addresses, so outside hosts see pods' own
 //! addresses), `matrix --timeout-ms`, `apply --prune`.
 //!

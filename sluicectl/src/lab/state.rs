@@ -26,6 +26,29 @@ pub enum Encap {
     None,
 }
 
+/// Which iptables the lab's agents program (`sluice-agent run --iptables-backend`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesBackend {
+    /// The agent's own detection (an empty node namespace gets nft).
+    #[default]
+    Auto,
+    /// nf_tables through iptables-nft.
+    Nft,
+    /// x_tables through iptables-legacy.
+    Legacy,
+}
+
+impl IptablesBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IptablesBackend::Auto => "auto",
+            IptablesBackend::Nft => "nft",
+            IptablesBackend::Legacy => "legacy",
+        }
+    }
+}
+
 impl Encap {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -197,6 +220,9 @@ pub struct LabState {
     /// the lab: its outside network routes pod addresses, as a BGP peer would).
     #[serde(default)]
     pub nat_outgoing: bool,
+    /// The iptables backend the agents use.
+    #[serde(default)]
+    pub iptables_backend: IptablesBackend,
     /// Whether agents run (false only with the hidden `--no-agent`).
     #[serde(default = "yes")]
     pub agents: bool,

@@ -43,6 +43,10 @@ pub struct UpArgs {
     /// hosts see pods' own addresses.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub nat_outgoing: bool,
+    /// iptables backend of the agents: auto (the agent detects it; an empty node
+    /// gets nft), nft or legacy. Shows that sluice behaves the same on both.
+    #[arg(long, value_enum, default_value_t = state::IptablesBackend::Auto)]
+    pub iptables_backend: state::IptablesBackend,
     /// Build nodes without agents (debugging the topology alone).
     #[arg(long, hide = true)]
     pub no_agent: bool,
@@ -199,6 +203,7 @@ pub fn up(args: UpArgs) -> Result<LabState, LabError> {
         applied: Default::default(),
         agents: !args.no_agent,
         nat_outgoing: args.nat_outgoing,
+        iptables_backend: args.iptables_backend,
     };
     // Save early: if anything below fails, `down` still finds what was made.
     for d in [paths.manifests(), paths.blocks(), paths.logs()] {

@@ -1,16 +1,21 @@
 //! `sluicectl policy render -f PATH ... --node NAME`: the `ipset restore` and
-//! `iptables-restore --noflush -w` text the agent would program on that node, and the
-//! jumps it keeps at the top of the built-in chains.
+//! `iptables-restore --noflush -w` text of everything the agent programs on that
+//! node (policy chains, tunnel guard, NAT outgoing, held pods), and the jumps it
+//! keeps at the top of the built-in chains. The rules come from the same function
+//! the agent calls ([`node_ruleset`]), with the agent's settings given by the flags
+//! of the same names and defaults as `sluice-agent run`.
 //!
 //! The default output is both texts under `#` comment lines (both tools skip them);
 //! `--only ipset` or `--only iptables` prints one text alone, ready to pipe.
 
+use std::net::Ipv4Addr;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use std::collections::BTreeMap;
 
-use sluice_policy::compile::{Ruleset, compile};
+use sluice_policy::compile::Ruleset;
+use sluice_policy::dataplane::node::{NodeSettings, TunnelFilter, node_ruleset};
 use sluice_policy::model::{Cluster, Peer, Peers, PortMatch, Ports};
 use sluice_policy::names::{self, Direction};
 use sluice_policy::render::{ipset, iptables};
@@ -19,7 +24,13 @@ use sluice_policy::veth_names::VethNames;
 const AFTER_HELP: &str = "\
 Apply order on a node: the ipset text, then the iptables text, then (once) the jumps.
 Interfaces are named as the CNI plugin names them (slc + namespace hash + pod hash);
-a pod not in the input whose namespace has a policy is dropped until it is known.";
+a pod not in the input whose namespace has a policy is dropped until it is known.
+--pool, --encapsulation, --vxlan-port, --nat-outgoing and --node-ip mean what they mean
+to `sluice-agent run` and have its defaults: give the agent's values to see exactly
+what it programs.";
+
+/// The VXLAN port the agent uses unless told otherwise (`sluice-agent run --vxlan-port`).
+const DEFAULT_VXLAN_PORT: u16 = 4799;
 
 #[derive(clap::Args)]
 #[command(after_help = AFTER_HELP)]
@@ -33,6 +44,22 @@ pub struct Args {
     /// Print only one of the two texts.
     #[arg(long, value_enum)]
     only: Option<Only>,
+    /// The cluster pod pool (the agent's --pool).
+    #[arg(long, value_name = "CIDR", default_value = "10.244.0.0/16")]
+    pool: ipnet::Ipv4Net,
+    /// Encapsulation between nodes, which the tunnel guard filters (the agent's
+    /// --encapsulation).
+    #[arg(long, alias = "encap", value_enum, default_value_t = Encapsulation::Ipip)]
+    encapsulation: Encapsulation,
+    /// VXLAN UDP port (the agent's --vxlan-port).
+    #[arg(long, default_value_t = DEFAULT_VXLAN_PORT)]
+    vxlan_port: u16,
+    /// Masquerade pod traffic leaving the pool (the agent's --nat-outgoing).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    nat_outgoing: bool,
+    /// This node's address, instead of its Node object's (the agent's --node-ip).
+    #[arg(long, value_name = "IPV4")]
+    node_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -41,10 +68,41 @@ enum Only {
     Iptables,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Encapsulation {
+    Ipip,
+    Vxlan,
+    None,
+}
+
+impl Args {
+    fn settings(&self) -> NodeSettings {
+        NodeSettings {
+            node: self.node.clone(),
+            pool: self.pool,
+            tunnel: match self.encapsulation {
+                Encapsulation::Ipip => TunnelFilter::Ipip,
+                Encapsulation::Vxlan => TunnelFilter::Vxlan {
+                    port: self.vxlan_port,
+                },
+                Encapsulation::None => TunnelFilter::None,
+            },
+            nat_outgoing: self.nat_outgoing,
+            node_ip: self.node_ip,
+        }
+    }
+}
+
 pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
     let (cluster, warnings) = super::load_cluster(&args.files)?;
     for w in &warnings {
         eprintln!("warning: {w}");
+    }
+    for (key, rejected) in &cluster.rejected_policies {
+        eprintln!(
+            "warning: NetworkPolicy {key} cannot be enforced ({}); the pods it selects are held fail-closed",
+            rejected.reason
+        );
     }
     let known = cluster.nodes.contains_key(&args.node)
         || cluster
@@ -57,7 +115,7 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
             args.node
         );
     }
-    let ruleset = compile(&cluster, &args.node, &VethNames)
+    let ruleset = node_ruleset(&cluster, &args.settings(), &VethNames)
         .with_context(|| format!("compiling the rules of node {}", args.node))?;
     let out = match args.only {
         Some(Only::Ipset) => ipset::render(&ruleset),

@@ -1,0 +1,548 @@
+//! The compiler: a [`Cluster`] and one node's view of it in, the node's policy
+//! chains and sets out, in the dataplane model ([`crate::dataplane`]: tables → chains
+//! → rules, plus ipsets), ready to complete with the agent's own rules, render, plan
+//! or execute in-process. [`compile`] runs as named steps, one function each.
+//!
+//! # Chain layout (filter table, IPv4)
+//!
+//! ```text
+//! FORWARD ─► SLUICE-FORWARD ─(-i/-o slc+|slx+)─► SLUICE-FWD-POD
+//!              1. ESTABLISHED,RELATED ACCEPT   2. INVALID DROP
+//!              3. clear mark, -j SLUICE-FROM-POD (egress of the source pod)
+//!              4. clear mark, -j SLUICE-TO-POD   (ingress of the destination pod)
+//!              5. ACCEPT
+//! INPUT ───► SLUICE-INPUT ─(-i slc+|slx+)─► SLUICE-IN-POD
+//!              ESTABLISHED,RELATED RETURN, INVALID DROP, -j SLUICE-FROM-POD
+//!              (then back to the host's own INPUT rules)
+//! SLUICE-FROM-POD: -i <veth> -s <podIP> -g SLUICE-FW-<veth>; -i <veth> -j DROP (spoofed);
+//!                  ... one pair per local pod, then -i <nsprefix>+ -j DROP for every
+//!                  namespace with an egress policy (a pod we do not know yet).
+//! SLUICE-TO-POD:   -o <veth> -g SLUICE-TW-<veth>; ...; -o <nsprefix>+ -j DROP for every
+//!                  namespace with an ingress policy.
+//! SLUICE-TW-<veth> (isolated pod): -j SLUICE-PI-<policy>; mark? RETURN; ...; DROP
+//! SLUICE-TW-<veth> (not isolated): empty, so the pod's dispatch rule never changes
+//!                  when it becomes isolated: only its own chain is rewritten.
+//! SLUICE-PI-<policy>: one rule per (peer, port) of each ingress rule, each setting
+//!                  the allow mark: `-m set --match-set SLUICE-P-… src -p tcp
+//!                  --dport 80 -j MARK --set-xmark 0x10000/0x10000`.
+//! ```
+//!
+//! Decisions, and why:
+//! - Rule count is O(policies selecting local pods + local pods): peers are ipsets, so
+//!   a pod joining a peer is one set member, and a policy's chain is shared by all the
+//!   local pods it selects (kube-router's pods × policies blow-up is what this avoids).
+//! - Named ports resolve per destination pod through one hash:ip,port set per
+//!   (name, protocol), keyed by the destination address, so policy chains stay shared
+//!   even when the name means a different number on each pod.
+//! - Egress policy applies to pod → node traffic too (INPUT path), as upstream treats
+//!   the node's address like any other destination; traffic the policy allows is then
+//!   left to the host's own INPUT rules (RETURN, not ACCEPT).
+//! - Traffic from the node itself to its pods leaves through OUTPUT, never FORWARD, so
+//!   it is never policed (kubelet probes). Everything forwarded to a pod (other nodes,
+//!   NodePort traffic DNATed by kube-proxy, SNATed or not) is. kube-proxy DNATs in
+//!   PREROUTING (so FORWARD sees the backend pod) and SNATs in POSTROUTING (so FORWARD
+//!   on the pod's node still sees the client, even with `externalTrafficPolicy:
+//!   Cluster`); only a connection another node forwarded arrives with that node's
+//!   address, and is policed as such (no special case for node or tunnel addresses).
+//! - Allowed forwarded pod traffic is ACCEPTed, as Calico does by default: a host whose
+//!   FORWARD policy is DROP (Docker sets it) must not black-hole pods.
+//! - The allow mark is bit 0x10000, clear of kube-proxy's 0x4000 (masq) and 0x8000
+//!   (drop); [`MARK_ALLOW`] is cleared before each direction is evaluated.
+//! - IPv4 only: IPv6 pod addresses and ipBlocks are ignored by this (iptables, not
+//!   ip6tables) rule model.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::model::{Cluster, NetworkPolicy, Peer, Peers, Pod, PortMatch, Ports, Protocol};
+use crate::names::{self, Direction};
+
+mod members;
+use members::{Index, ip_block_members, v4, v4_excepts};
+
+// The model's types, reachable here too: the compiler's output is spelled in them.
+pub use crate::dataplane::{
+    BuiltinJump, Chain, CtState, Interface, InterfaceNames, IpSet, MARK_ALLOW, MARK_MASK, Match,
+    Rule, Ruleset, SetDirection, SetKind, SetMember, Table, Target,
+};
+
+/// A name the caller handed in that would break the restore text or the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("interface name {name:?} for {what} is not a valid Linux interface name")]
+    BadInterface { name: String, what: String },
+}
+
+/// IFNAMSIZ - 1.
+const MAX_IFACE_LEN: usize = 15;
+
+pub(crate) fn check_iface(name: &str, what: impl FnOnce() -> String) -> Result<(), CompileError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IFACE_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CompileError::BadInterface {
+            name: name.to_string(),
+            what: what(),
+        })
+    }
+}
+
+fn mark_is_allow() -> Match {
+    Match::Mark {
+        value: MARK_ALLOW,
+        mask: MARK_ALLOW,
+    }
+}
+
+fn clear_allow() -> Target {
+    Target::SetMark {
+        value: 0,
+        mask: MARK_ALLOW,
+    }
+}
+
+fn set_allow() -> Target {
+    Target::SetMark {
+        value: MARK_ALLOW,
+        mask: MARK_ALLOW,
+    }
+}
+
+/// What one policy-rule entry matches on the peer side.
+enum PeerMatch {
+    Any,
+    Set(String),
+}
+
+/// What one policy-rule entry matches on the port side.
+enum PortSpec {
+    Any,
+    Protocol(Protocol),
+    Range(Protocol, u16, u16),
+    Named(Protocol, String),
+}
+
+struct Compiler<'a> {
+    index: Index<'a>,
+    ruleset: Ruleset,
+}
+
+impl<'a> Compiler<'a> {
+    fn peer_matches(&mut self, policy: &NetworkPolicy, peers: &Peers) -> Vec<PeerMatch> {
+        let listed = match peers {
+            Peers::Any => return vec![PeerMatch::Any],
+            Peers::Listed(list) => list,
+        };
+        let mut out = Vec::new();
+        for peer in listed {
+            match peer {
+                Peer::Pods(pp) => {
+                    let name = names::pod_peer_set(&policy.namespace, pp);
+                    if !self.ruleset.sets.contains_key(&name) {
+                        let members = self.index.pod_peer_members(&policy.namespace, pp);
+                        self.add_set(name.clone(), SetKind::HashIp, members);
+                    }
+                    out.push(PeerMatch::Set(name));
+                }
+                Peer::IpBlock(block) => {
+                    let IpNet::V4(cidr) = block.cidr else {
+                        continue; // an IPv6 block names no IPv4 packet
+                    };
+                    let name = names::ip_block_set(block);
+                    if !self.ruleset.sets.contains_key(&name) {
+                        let except: Vec<Ipv4Net> = v4_excepts(block);
+                        let members = ip_block_members(cidr, &except);
+                        self.add_set(name.clone(), SetKind::HashNet, members);
+                    }
+                    out.push(PeerMatch::Set(name));
+                }
+            }
+        }
+        out
+    }
+
+    fn port_specs(&mut self, ports: &Ports) -> Vec<PortSpec> {
+        let listed = match ports {
+            Ports::Any => return vec![PortSpec::Any],
+            Ports::Listed(list) => list,
+        };
+        let mut out = Vec::new();
+        for p in listed {
+            match &p.port {
+                PortMatch::All => out.push(PortSpec::Protocol(p.protocol)),
+                PortMatch::Numbers { start, end } => {
+                    if start <= end {
+                        out.push(PortSpec::Range(p.protocol, *start, *end));
+                    }
+                }
+                PortMatch::Named(name) => {
+                    let set = names::named_port_set(name, p.protocol);
+                    if !self.ruleset.sets.contains_key(&set) {
+                        let members = self.index.named_port_members(name, p.protocol);
+                        self.add_set(set, SetKind::HashIpPort, members);
+                    }
+                    out.push(PortSpec::Named(p.protocol, name.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    fn add_set(&mut self, name: String, kind: SetKind, members: BTreeSet<SetMember>) {
+        self.ruleset.sets.insert(
+            name.clone(),
+            IpSet {
+                name,
+                kind,
+                members,
+            },
+        );
+    }
+
+    /// The chain of one policy in one direction: every (peer, port) pair of every rule
+    /// sets the allow mark. Order within the chain does not change the outcome (marks
+    /// only accumulate), so duplicates are dropped.
+    fn policy_chain(&mut self, policy: &NetworkPolicy, direction: Direction) -> Chain {
+        let (rules, set_dir) = match direction {
+            Direction::Ingress => (&policy.ingress, SetDirection::Src),
+            Direction::Egress => (&policy.egress, SetDirection::Dst),
+        };
+        let mut out: Vec<Rule> = Vec::new();
+        let mut seen: BTreeSet<Rule> = BTreeSet::new();
+        for rule in rules {
+            let peers = self.peer_matches(policy, &rule.peers);
+            let ports = self.port_specs(&rule.ports);
+            for peer in &peers {
+                for port in &ports {
+                    let mut matches = Vec::new();
+                    if let PeerMatch::Set(name) = peer {
+                        matches.push(Match::Set {
+                            name: name.clone(),
+                            direction: set_dir,
+                            negated: false,
+                        });
+                    }
+                    match port {
+                        PortSpec::Any => {}
+                        PortSpec::Protocol(proto) => matches.push(Match::Protocol(*proto)),
+                        PortSpec::Range(proto, start, end) => {
+                            matches.push(Match::Protocol(*proto));
+                            matches.push(Match::DestinationPorts {
+                                start: *start,
+                                end: *end,
+                            });
+                        }
+                        PortSpec::Named(proto, name) => {
+                            matches.push(Match::Protocol(*proto));
+                            matches.push(Match::Set {
+                                name: names::named_port_set(name, *proto),
+                                direction: SetDirection::DstDstPort,
+                                negated: false,
+                            });
+                        }
+                    }
+                    let r = Rule::new(matches, set_allow());
+                    if seen.insert(r.clone()) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        Chain {
+            name: names::policy_chain(&policy.key(), direction),
+            rules: out,
+        }
+    }
+
+    /// A pod's chain for one direction: not isolated → empty (RETURN, allowed);
+    /// isolated → each selecting policy in key order, returning as soon as one allowed,
+    /// and DROP when none did.
+    fn pod_chain(&mut self, name: String, policies: &[&NetworkPolicy], dir: Direction) -> Chain {
+        let mut rules = Vec::new();
+        if !policies.is_empty() {
+            for policy in policies {
+                let chain_name = names::policy_chain(&policy.key(), dir);
+                let exists = self.ruleset.chain(Table::Filter, &chain_name).is_some();
+                if !exists {
+                    let chain = self.policy_chain(policy, dir);
+                    self.ruleset.add_chain(Table::Filter, chain);
+                }
+                rules.push(Rule::new(vec![], Target::Jump(chain_name)));
+                rules.push(Rule::new(vec![mark_is_allow()], Target::Return));
+            }
+            rules.push(Rule::new(vec![], Target::Drop));
+        }
+        Chain { name, rules }
+    }
+}
+
+pub(crate) fn pod_iface_prefixes() -> impl Iterator<Item = Interface> {
+    names::POD_IFACE_PREFIXES.into_iter().map(Interface::prefix)
+}
+
+pub(crate) fn jump_rule(chain: &str) -> Rule {
+    Rule::new(vec![], Target::Jump(chain.to_string()))
+}
+
+/// Compiles the policy dataplane of node `node`: the local pods are the cluster's
+/// non-hostNetwork pods whose `spec.nodeName` is `node`. The agent's own rules come
+/// on top in [`crate::dataplane::node::node_ruleset`].
+pub fn compile(
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+) -> Result<Ruleset, CompileError> {
+    let mut c = Compiler {
+        index: Index::new(cluster),
+        ruleset: Ruleset::default(),
+    };
+    let mut dispatch = Dispatch::default();
+    c.local_pods(node, ifaces, &mut dispatch)?;
+    fail_closed_unknown_pods(cluster, ifaces, &mut dispatch)?;
+    let filter = Table::Filter;
+    let chains = dispatch
+        .into_chains()
+        .into_iter()
+        .chain(forward_chains())
+        .chain(input_chains());
+    for chain in chains {
+        c.ruleset.add_chain(filter, chain);
+    }
+    c.ruleset.jumps = builtin_jumps();
+    Ok(c.ruleset)
+}
+
+/// The rules of the two dispatch chains, built up pod by pod.
+#[derive(Default)]
+struct Dispatch {
+    /// `SLUICE-FROM-POD`: per pod, its addresses to its egress chain, then a drop of
+    /// anything else from its veth (spoofed sources).
+    from_pod: Vec<Rule>,
+    /// `SLUICE-TO-POD`: per pod, its veth to its ingress chain.
+    to_pod: Vec<Rule>,
+}
+
+impl Dispatch {
+    /// The two dispatch chains, `SLUICE-FROM-POD` and `SLUICE-TO-POD`.
+    fn into_chains(self) -> [Chain; 2] {
+        [
+            Chain {
+                name: names::CHAIN_FROM_POD.into(),
+                rules: self.from_pod,
+            },
+            Chain {
+                name: names::CHAIN_TO_POD.into(),
+                rules: self.to_pod,
+            },
+        ]
+    }
+}
+
+impl Compiler<'_> {
+    /// Step 1: every local pod gets its two chains (and the policy chains they jump
+    /// to) and its dispatch rules.
+    fn local_pods(
+        &mut self,
+        node: &str,
+        ifaces: &dyn InterfaceNames,
+        dispatch: &mut Dispatch,
+    ) -> Result<(), CompileError> {
+        let cluster = self.index.cluster;
+        let local = cluster
+            .pods
+            .values()
+            .filter(|p| !p.host_network && p.node.as_deref() == Some(node));
+        let mut seen_veths: BTreeMap<String, String> = BTreeMap::new();
+        for pod in local {
+            let veth = ifaces.host_veth(pod);
+            check_iface(&veth, || format!("pod {}", pod.key()))?;
+            if let Some(other) = seen_veths.insert(veth.clone(), pod.key().to_string()) {
+                // Two pods on one interface would police each other; the hash must differ.
+                return Err(CompileError::BadInterface {
+                    name: veth,
+                    what: format!("pod {} (also used by {other})", pod.key()),
+                });
+            }
+            self.local_pod(pod, &veth, dispatch);
+        }
+        Ok(())
+    }
+
+    fn local_pod(&mut self, pod: &Pod, veth: &str, dispatch: &mut Dispatch) {
+        let cluster = self.index.cluster;
+        let ingress: Vec<&NetworkPolicy> = cluster
+            .policies_selecting(pod)
+            .filter(|p| p.policy_types.ingress)
+            .collect();
+        let egress: Vec<&NetworkPolicy> = cluster
+            .policies_selecting(pod)
+            .filter(|p| p.policy_types.egress)
+            .collect();
+        let tw = names::pod_ingress_chain(veth);
+        let fw = names::pod_egress_chain(veth);
+        let tw_chain = self.pod_chain(tw.clone(), &ingress, Direction::Ingress);
+        let fw_chain = self.pod_chain(fw.clone(), &egress, Direction::Egress);
+        self.ruleset.add_chain(Table::Filter, tw_chain);
+        self.ruleset.add_chain(Table::Filter, fw_chain);
+
+        let iface = Interface::exact(veth);
+        dispatch.to_pod.push(Rule::new(
+            vec![Match::OutInterface(iface.clone())],
+            Target::Goto(tw),
+        ));
+        // Anti-spoofing: only the pod's own addresses may leave its veth.
+        for ip in pod.ips.iter().filter_map(v4) {
+            dispatch.from_pod.push(Rule::new(
+                vec![
+                    Match::InInterface(iface.clone()),
+                    Match::Source {
+                        net: Ipv4Net::from(ip),
+                        negated: false,
+                    },
+                ],
+                Target::Goto(fw.clone()),
+            ));
+        }
+        dispatch
+            .from_pod
+            .push(Rule::new(vec![Match::InInterface(iface)], Target::Drop));
+    }
+}
+
+/// Step 2: fail closed for pods sluice does not know yet (created after this
+/// snapshot) in namespaces where some policy of that direction exists: their veth
+/// starts with the namespace prefix but matched no rule of step 1.
+fn fail_closed_unknown_pods(
+    cluster: &Cluster,
+    ifaces: &dyn InterfaceNames,
+    dispatch: &mut Dispatch,
+) -> Result<(), CompileError> {
+    let mut ingress_ns = BTreeSet::new();
+    let mut egress_ns = BTreeSet::new();
+    for p in cluster.policies.values() {
+        if p.policy_types.ingress {
+            ingress_ns.insert(p.namespace.as_str());
+        }
+        if p.policy_types.egress {
+            egress_ns.insert(p.namespace.as_str());
+        }
+    }
+    let prefixes = |namespaces: BTreeSet<&str>| -> Result<BTreeSet<String>, CompileError> {
+        namespaces
+            .into_iter()
+            .map(|ns| {
+                let prefix = ifaces.namespace_prefix(ns);
+                check_iface(&prefix, || format!("namespace prefix of {ns}"))?;
+                Ok(prefix)
+            })
+            .collect()
+    };
+    let egress_prefixes = prefixes(egress_ns)?;
+    let ingress_prefixes = prefixes(ingress_ns)?;
+    for prefix in egress_prefixes {
+        dispatch.from_pod.push(Rule::new(
+            vec![Match::InInterface(Interface::prefix(prefix))],
+            Target::Drop,
+        ));
+    }
+    for prefix in ingress_prefixes {
+        dispatch.to_pod.push(Rule::new(
+            vec![Match::OutInterface(Interface::prefix(prefix))],
+            Target::Drop,
+        ));
+    }
+    Ok(())
+}
+
+fn established() -> Match {
+    Match::CtState(vec![CtState::Related, CtState::Established])
+}
+
+fn invalid() -> Match {
+    Match::CtState(vec![CtState::Invalid])
+}
+
+/// Step 3: the forwarding path, conntrack first: `SLUICE-FORWARD` sends pod traffic
+/// to `SLUICE-FWD-POD`, which checks the source's egress, then the destination's
+/// ingress, and accepts what both allowed.
+fn forward_chains() -> [Chain; 2] {
+    let mut forward = Vec::new();
+    for iface in pod_iface_prefixes() {
+        forward.push(Rule::new(
+            vec![Match::InInterface(iface.clone())],
+            Target::Goto(names::CHAIN_FWD_POD.into()),
+        ));
+        forward.push(Rule::new(
+            vec![Match::OutInterface(iface)],
+            Target::Goto(names::CHAIN_FWD_POD.into()),
+        ));
+    }
+    [
+        Chain {
+            name: names::CHAIN_FORWARD.into(),
+            rules: forward,
+        },
+        Chain {
+            name: names::CHAIN_FWD_POD.into(),
+            rules: vec![
+                Rule::new(vec![established()], Target::Accept),
+                Rule::new(vec![invalid()], Target::Drop),
+                Rule::new(vec![], clear_allow()),
+                jump_rule(names::CHAIN_FROM_POD),
+                Rule::new(vec![], clear_allow()),
+                jump_rule(names::CHAIN_TO_POD),
+                Rule::new(vec![], Target::Accept),
+            ],
+        },
+    ]
+}
+
+/// Step 4: pod → node traffic, policed by the source's egress only, then left to the
+/// host's own INPUT rules.
+fn input_chains() -> [Chain; 2] {
+    let input = pod_iface_prefixes()
+        .map(|iface| {
+            Rule::new(
+                vec![Match::InInterface(iface)],
+                Target::Goto(names::CHAIN_IN_POD.into()),
+            )
+        })
+        .collect();
+    [
+        Chain {
+            name: names::CHAIN_INPUT.into(),
+            rules: input,
+        },
+        Chain {
+            name: names::CHAIN_IN_POD.into(),
+            rules: vec![
+                Rule::new(vec![established()], Target::Return),
+                Rule::new(vec![invalid()], Target::Drop),
+                Rule::new(vec![], clear_allow()),
+                jump_rule(names::CHAIN_FROM_POD),
+            ],
+        },
+    ]
+}
+
+/// Step 5: one jump per built-in chain into sluice's.
+fn builtin_jumps() -> Vec<BuiltinJump> {
+    vec![
+        BuiltinJump {
+            table: Table::Filter,
+            chain: "FORWARD".into(),
+            rule: jump_rule(names::CHAIN_FORWARD),
+        },
+        BuiltinJump {
+            table: Table::Filter,
+            chain: "INPUT".into(),
+            rule: jump_rule(names::CHAIN_INPUT),
+        },
+    ]
+}

@@ -1,0 +1,330 @@
+//! The dataplane model: what one node's kernel should hold, as typed values —
+//! tables → chains → rules, the jumps from built-in chains, and ipsets. Nothing here
+//! is a backend's syntax: [`crate::render`] turns the model into `iptables-restore`
+//! and `ipset restore` text (an nftables renderer is meant to plug in beside it), and
+//! [`plan`] works out the least change from what the kernel holds.
+//!
+//! - [`crate::compile`] fills it with a node's policy chains and sets;
+//! - [`node`] completes it with the agent's own rules (tunnel guard, NAT outgoing,
+//!   held pods) into everything the agent programs on one node;
+//! - [`plan`] diffs a desired model against the kernel's (or a previous model).
+
+pub mod node;
+pub mod plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::model::{Pod, Protocol};
+
+/// The mark bit a policy rule sets when it allows a packet.
+pub const MARK_ALLOW: u32 = 0x10000;
+/// All mark bits sluice may use (allow, and one spare), disjoint from kube-proxy's
+/// 0x4000 (masquerade) and 0x8000 (drop). Only [`MARK_ALLOW`] is used today.
+pub const MARK_MASK: u32 = 0x30000;
+
+/// An iptables table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Raw,
+    Mangle,
+    Nat,
+    Filter,
+}
+
+impl Table {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Table::Raw => "raw",
+            Table::Mangle => "mangle",
+            Table::Nat => "nat",
+            Table::Filter => "filter",
+        }
+    }
+}
+
+/// An interface match: `eth0`, or a prefix `slc+` when `wildcard`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Interface {
+    pub name: String,
+    pub wildcard: bool,
+}
+
+impl Interface {
+    pub fn exact(name: impl Into<String>) -> Self {
+        Interface {
+            name: name.into(),
+            wildcard: false,
+        }
+    }
+    pub fn prefix(name: impl Into<String>) -> Self {
+        Interface {
+            name: name.into(),
+            wildcard: true,
+        }
+    }
+    /// Whether a packet's interface `iface` matches, as the kernel decides it.
+    pub fn matches(&self, iface: &str) -> bool {
+        if self.wildcard {
+            iface.starts_with(&self.name)
+        } else {
+            iface == self.name
+        }
+    }
+}
+
+/// Which packet fields an ipset lookup uses (`--match-set NAME src|dst|dst,dst`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetDirection {
+    /// Source address.
+    Src,
+    /// Destination address.
+    Dst,
+    /// Destination address and destination port (hash:ip,port).
+    DstDstPort,
+}
+
+/// Conntrack states sluice matches on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CtState {
+    New,
+    Established,
+    Related,
+    Invalid,
+}
+
+/// One match of a rule; a rule matches when all of its matches do.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Match {
+    InInterface(Interface),
+    OutInterface(Interface),
+    Source {
+        net: Ipv4Net,
+        negated: bool,
+    },
+    Destination {
+        net: Ipv4Net,
+        negated: bool,
+    },
+    Protocol(Protocol),
+    /// An IP protocol by number, for what has no [`Protocol`] of its own (4: IPIP).
+    IpProtocol(u8),
+    /// Destination port range, inclusive; needs a [`Match::Protocol`] before it.
+    DestinationPorts {
+        start: u16,
+        end: u16,
+    },
+    /// Membership in an ipset; `negated` matches non-members.
+    Set {
+        name: String,
+        direction: SetDirection,
+        negated: bool,
+    },
+    CtState(Vec<CtState>),
+    Mark {
+        value: u32,
+        mask: u32,
+    },
+}
+
+/// What a rule does when it matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    /// `-g`: like a jump, but a RETURN goes back to the chain that jumped here.
+    Goto(String),
+    /// `-j MARK --set-xmark value/mask`: `mark = (mark & !mask) ^ value`, and go on.
+    SetMark {
+        value: u32,
+        mask: u32,
+    },
+    /// Source NAT to the outgoing interface's address (nat table, POSTROUTING).
+    Masquerade,
+}
+
+/// One rule: its matches, ANDed, and its target. Its identity comment
+/// (`sluice:<hash>`) is computed when rendering, from the chain and position.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub target: Target,
+}
+
+impl Rule {
+    pub fn new(matches: Vec<Match>, target: Target) -> Self {
+        Rule { matches, target }
+    }
+}
+
+/// A chain sluice owns, written whole.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Chain {
+    pub name: String,
+    pub rules: Vec<Rule>,
+}
+
+/// A rule sluice needs in a built-in chain (the agent inserts it at the top, once,
+/// and checks it is still there; it is never part of a chain rewrite).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BuiltinJump {
+    pub table: Table,
+    /// `FORWARD`, `INPUT`, `POSTROUTING`, ...
+    pub chain: String,
+    pub rule: Rule,
+}
+
+/// The kind of an ipset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetKind {
+    /// `hash:ip`: pod addresses.
+    HashIp,
+    /// `hash:net`: ipBlocks, excepts as `nomatch`.
+    HashNet,
+    /// `hash:ip,port`: named ports resolved per pod.
+    HashIpPort,
+}
+
+/// One member of an ipset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetMember {
+    Ip(Ipv4Addr),
+    /// `nomatch`: a lookup whose most specific hit is this entry does not match.
+    Net {
+        net: Ipv4Net,
+        nomatch: bool,
+    },
+    IpPort {
+        ip: Ipv4Addr,
+        protocol: Protocol,
+        port: u16,
+    },
+}
+
+/// An ipset sluice owns.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IpSet {
+    pub name: String,
+    pub kind: SetKind,
+    pub members: BTreeSet<SetMember>,
+}
+
+/// The dataplane of one node: chains per table, sets, and the jumps from built-in
+/// chains. [`crate::compile::compile`] gives the policy part; [`node::node_ruleset`]
+/// the whole of what the agent programs. A table present with no chains is still
+/// synced, so chains of a feature turned off are removed from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub tables: BTreeMap<Table, BTreeMap<String, Chain>>,
+    pub sets: BTreeMap<String, IpSet>,
+    pub jumps: Vec<BuiltinJump>,
+}
+
+impl Ruleset {
+    /// Adds (or replaces) a chain in `table`.
+    pub fn add_chain(&mut self, table: Table, chain: Chain) {
+        self.tables
+            .entry(table)
+            .or_default()
+            .insert(chain.name.clone(), chain);
+    }
+
+    pub fn chain(&self, table: Table, name: &str) -> Option<&Chain> {
+        self.tables.get(&table).and_then(|t| t.get(name))
+    }
+
+    /// Rules in chains sluice owns (built-in jumps excluded).
+    pub fn rule_count(&self) -> usize {
+        self.tables
+            .values()
+            .flat_map(|t| t.values())
+            .map(|c| c.rules.len())
+            .sum()
+    }
+
+    pub fn chain_count(&self) -> usize {
+        self.tables.values().map(|t| t.len()).sum()
+    }
+
+    pub fn set_member_count(&self) -> usize {
+        self.sets.values().map(|s| s.members.len()).sum()
+    }
+}
+
+/// How the caller names interfaces. The agent implements it with the CNI plugin's
+/// naming rule (this crate must not depend on the CNI plugin); tests use fakes.
+pub trait InterfaceNames {
+    /// The host-side veth of a pod on this node.
+    fn host_veth(&self, pod: &Pod) -> String;
+    /// The prefix every host-side veth of a pod of `namespace` starts with
+    /// (`slcXXXX`), used to fail closed on pods not known yet.
+    fn namespace_prefix(&self, namespace: &str) -> String;
+}
+
+/// A model that must not reach the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error(
+        "chain {0} does not start with {prefix}: sluice only writes chains it owns",
+        prefix = crate::names::PREFIX
+    )]
+    NotOwned(String),
+    #[error("chain {chain} jumps to {target}, which is neither built in nor desired")]
+    DanglingJump { chain: String, target: String },
+}
+
+impl Ruleset {
+    /// Owned names only, and every jump or goto to a chain of ours lands on a chain
+    /// of the same table.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let target = |rule: &Rule| match &rule.target {
+            Target::Jump(t) | Target::Goto(t) => Some(t.clone()),
+            _ => None,
+        };
+        let empty = BTreeMap::new();
+        for chains in self.tables.values() {
+            for chain in chains.values() {
+                if !chain.name.starts_with(crate::names::PREFIX) {
+                    return Err(ModelError::NotOwned(chain.name.clone()));
+                }
+                for t in chain.rules.iter().filter_map(target) {
+                    if t.starts_with(crate::names::PREFIX) && !chains.contains_key(&t) {
+                        return Err(ModelError::DanglingJump {
+                            chain: chain.name.clone(),
+                            target: t,
+                        });
+                    }
+                }
+            }
+        }
+        for j in &self.jumps {
+            let chains = self.tables.get(&j.table).unwrap_or(&empty);
+            match target(&j.rule) {
+                Some(t) if chains.contains_key(&t) => {}
+                t => {
+                    return Err(ModelError::DanglingJump {
+                        chain: j.chain.clone(),
+                        target: t.unwrap_or_else(|| "(none)".into()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The chain `name` of `table`, created empty when missing.
+    pub fn chain_mut(&mut self, table: Table, name: &str) -> &mut Chain {
+        self.tables
+            .entry(table)
+            .or_default()
+            .entry(name.to_string())
+            .or_insert_with(|| Chain {
+                name: name.to_string(),
+                rules: Vec::new(),
+            })
+    }
+}
