@@ -52,7 +52,7 @@ impl Fake {
         }))
     }
 
-    /// Node name → CIDR of every block, as the server holds them now.
+    /// CIDR → owning node of every block, as the server holds them now.
     pub fn owners(shared: &Shared) -> BTreeMap<String, String> {
         shared
             .lock()
