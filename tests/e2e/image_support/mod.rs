@@ -24,9 +24,34 @@ use std::process::{Command, Output};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec};
 use sluice_testkit::{bin_path, target_profile_dir};
 
-/// The binaries the image holds (`/opt/sluice/bin`), as the Dockerfile's build stage
-/// produces them.
-pub const IMAGE_BINARIES: [&str; 4] = ["sluice", "sluice-ipam", "sluice-agent", "sluicectl"];
+/// The binaries the image holds (`/opt/sluice/bin`), read from the Dockerfile: the
+/// prebuilt stage's `COPY --from=prebuilt` list, which must be the source stage's
+/// `for bin in` list (the two ways to build give the same image).
+pub fn image_binaries() -> Vec<String> {
+    let dockerfile = std::fs::read_to_string(sluice_e2e::workspace_root().join("Dockerfile"))
+        .expect("read the Dockerfile");
+    let prebuilt: Vec<String> = dockerfile
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("COPY --from=prebuilt "))
+        .and_then(|l| l.strip_suffix(" /out/"))
+        .expect("the Dockerfile's COPY --from=prebuilt line")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let source: Vec<String> = dockerfile
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("&& for bin in "))
+        .and_then(|l| l.split("; do").next())
+        .expect("the source stage's list of binaries")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        prebuilt, source,
+        "both build paths put the same binaries in the image"
+    );
+    prebuilt
+}
 
 /// Cache and podman storage: `<target dir>/sluice-image/`.
 pub fn cache_dir() -> PathBuf {
@@ -185,14 +210,14 @@ pub fn build_image(podman: &Podman, release: &str, tag: &str) -> Built {
     }
     let prebuilt = cache_dir().join("prebuilt");
     std::fs::create_dir_all(&prebuilt).unwrap();
-    for bin in IMAGE_BINARIES {
+    for bin in image_binaries() {
         run_ok(
             &format!("strip {bin}"),
             Command::new("strip")
                 .arg("--strip-debug")
                 .arg("-o")
-                .arg(prebuilt.join(bin))
-                .arg(bin_path(bin)),
+                .arg(prebuilt.join(&bin))
+                .arg(bin_path(&bin)),
         );
     }
     let root = sluice_e2e::workspace_root();
