@@ -4,13 +4,30 @@
 #   make image                      # docker build -t sluice:0.1.0 .
 #   docker build --build-arg RUST_TARGET=aarch64-unknown-linux-musl ...  # on an arm64 builder
 #
-# Not built in this repository's CI (no container engine there); see docs/install.md
-# for what has and has not been verified.
+# Published builds use the defaults below: the official rust image builds static
+# (musl) binaries and the official debian slim image runs them. Where no registry is
+# reachable (this repository's CI) the bases are build args and the binaries come
+# from the host: docs/image.md, and tests/e2e/image_daemonset.rs which builds and runs
+# the image with podman:
+#
+#   podman build --build-arg BASE_IMAGE=localhost/sluice-base:bookworm \
+#       --build-arg BINARIES=prebuilt --build-context prebuilt=DIR_WITH_THE_4_BINARIES .
+#
+# Needs BuildKit (docker's default builder since 23.0) or buildah/podman >= 4.0:
+# both build only the stages the final image uses, so `binaries-prebuilt` (and its
+# `prebuilt` context) is never touched by the default build, nor the rust image by a
+# prebuilt one.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
+ARG BUILDER_IMAGE=docker.io/library/rust:${RUST_VERSION}-${DEBIAN_RELEASE}
+ARG BASE_IMAGE=docker.io/library/debian:${DEBIAN_RELEASE}-slim
+# source: compile in the builder image (published images). prebuilt: take the
+# binaries from the build context named `prebuilt` (glibc binaries must have been
+# built against the base image's glibc, e.g. on a bookworm host for a bookworm base).
+ARG BINARIES=source
 
-FROM docker.io/library/rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+FROM ${BUILDER_IMAGE} AS binaries-source
 ARG RUST_TARGET=x86_64-unknown-linux-musl
 # Static (musl) binaries: `sluice` and `sluice-ipam` are copied onto the host and
 # run there by the container runtime, whose libc we cannot know.
@@ -27,7 +44,12 @@ RUN cargo build --release --locked --target "${RUST_TARGET}" \
       cp "target/${RUST_TARGET}/release/${bin}" /out/; \
     done
 
-FROM docker.io/library/debian:${DEBIAN_RELEASE}-slim
+FROM scratch AS binaries-prebuilt
+COPY --from=prebuilt sluice sluice-ipam sluice-agent sluicectl /out/
+
+FROM binaries-${BINARIES} AS build
+
+FROM ${BASE_IMAGE}
 # iptables ships both backends (iptables-legacy-* and iptables-nft-*): the agent
 # uses whichever already holds the host's rules. ipset for policy peer sets,
 # iproute2 and conntrack for operators debugging from inside the pod, kmod so

@@ -2,6 +2,7 @@
 # only builds the image, assembles the install bundle and drives the kind e2e.
 #
 #   make image            build the sluice image ($(IMAGE)) with docker
+#                         (without a registry: podman, docs/image.md)
 #   make manifests        regenerate manifests/sluice.yaml from its parts
 #   make kind-e2e         create a kind cluster, install sluice, run the checks, delete it
 #   make check-shell      shellcheck every shell script
@@ -16,8 +17,10 @@ MANIFEST_PARTS := $(sort $(wildcard manifests/crds/*.yaml)) \
 
 .PHONY: image manifests kind-e2e check-shell
 
+# BuildKit builds only the stages the image uses (the Dockerfile's prebuilt-binaries
+# stage is for builds without a registry: docs/image.md); docker's default since 23.0.
 image:
-	$(DOCKER) build -t $(IMAGE) .
+	DOCKER_BUILDKIT=1 $(DOCKER) build -t $(IMAGE) .
 
 # node-agent/tests/manifests_objects.rs fails when sluice.yaml and its parts differ.
 manifests:

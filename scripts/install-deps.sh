@@ -16,6 +16,10 @@ declare -A PROVIDES=(
     [podman]=/usr/bin/podman
     [runc]=/usr/sbin/runc
     [containerd]=/usr/bin/containerd
+    # tests/e2e/image_daemonset.rs: the image's base root file system, and stripping
+    # the debug binaries it copies into the image
+    [debootstrap]=/usr/sbin/debootstrap
+    [binutils]=/usr/bin/strip
     [qemu-system-x86]=/usr/bin/qemu-system-x86_64
     [busybox-static]=/bin/busybox
     [cpio]=/usr/bin/cpio

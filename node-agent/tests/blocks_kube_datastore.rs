@@ -7,17 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::Request;
-use axum::http::{Method, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use ipnet::Ipv4Net;
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice_agent::datastore::block_lifecycle::BlockSettings;
 use sluice_agent::datastore::kube::KubeDatastore;
 use sluice_agent::datastore::{Datastore, Snapshot};
@@ -25,175 +19,23 @@ use sluice_agent::metrics::Metrics;
 use sluice_ipam::blocks::{Pool, block_name};
 use sluice_ipam::store::kube::KubeStore;
 use sluice_ipam::{AttachmentKey, StateDir};
-
-const BLOCKS: &str = "/apis/sluice.dev/v1/ipamblocks";
-
-struct Fake {
-    nodes: BTreeMap<String, Value>,
-    blocks: BTreeMap<String, Value>,
-    rv: u64,
-    /// Watch events for Nodes, one JSON line each.
-    node_events: tokio::sync::broadcast::Sender<String>,
-}
-
-type Shared = Arc<Mutex<Fake>>;
-
-fn node(name: &str, ip: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node",
-           "metadata": {"name": name, "uid": format!("uid-{name}"), "resourceVersion": "1"},
-           "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
-}
-
-fn block(cidr: &str, owner: &str, uid: u64) -> Value {
-    let net: Ipv4Net = cidr.parse().unwrap();
-    json!({"apiVersion": "sluice.dev/v1", "kind": "IPAMBlock",
-           "metadata": {"name": block_name(net), "uid": format!("b-{uid}"), "resourceVersion": uid.to_string()},
-           "spec": {"node": owner, "cidr": cidr}})
-}
-
-fn json_response(code: StatusCode, v: &Value) -> Response {
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
-    )
-        .into_response()
-}
-
-fn status(code: u16, reason: &str) -> Response {
-    json_response(
-        StatusCode::from_u16(code).unwrap(),
-        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": reason, "reason": reason, "code": code}),
-    )
-}
-
-fn list(kind: &str, api_version: &str, rv: u64, items: Vec<Value>) -> Response {
-    json_response(
-        StatusCode::OK,
-        &json!({"apiVersion": api_version, "kind": format!("{kind}List"),
-                "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
-    )
-}
-
-async fn handle(shared: Shared, req: Request) -> Response {
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let watch = req.uri().query().is_some_and(|q| q.contains("watch=true"));
-    let body = axum::body::to_bytes(req.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    if watch {
-        // Node events are streamed from the test; other kinds never change.
-        let stream = if path == "/api/v1/nodes" {
-            let rx = shared.lock().unwrap().node_events.subscribe();
-            tokio_stream_from(rx).boxed()
-        } else {
-            futures::stream::pending().boxed()
-        };
-        return Response::builder()
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from_stream(stream))
-            .unwrap();
-    }
-    let mut f = shared.lock().unwrap();
-    let rv = f.rv;
-    match (method, path.as_str()) {
-        (Method::GET, "/api/v1/nodes") => {
-            list("Node", "v1", rv, f.nodes.values().cloned().collect())
-        }
-        (Method::GET, "/api/v1/pods") => list("Pod", "v1", rv, vec![]),
-        (Method::GET, "/api/v1/namespaces") => list("Namespace", "v1", rv, vec![]),
-        (Method::GET, "/apis/networking.k8s.io/v1/networkpolicies") => {
-            list("NetworkPolicy", "networking.k8s.io/v1", rv, vec![])
-        }
-        (Method::GET, BLOCKS) => list(
-            "IPAMBlock",
-            "sluice.dev/v1",
-            rv,
-            f.blocks.values().cloned().collect(),
-        ),
-        (Method::POST, BLOCKS) => {
-            let mut obj: Value = serde_json::from_slice(&body).unwrap();
-            let name = obj["metadata"]["name"].as_str().unwrap().to_string();
-            if f.blocks.contains_key(&name) {
-                return status(409, "AlreadyExists");
-            }
-            f.rv += 1;
-            obj["metadata"]["uid"] = json!(format!("b-{}", f.rv));
-            obj["metadata"]["resourceVersion"] = json!(f.rv.to_string());
-            f.blocks.insert(name, obj.clone());
-            json_response(StatusCode::CREATED, &obj)
-        }
-        (m, p) if p.starts_with(BLOCKS) => {
-            let name = p[BLOCKS.len() + 1..].to_string();
-            let Some(obj) = f.blocks.get(&name).cloned() else {
-                return status(404, "NotFound");
-            };
-            if m == Method::GET {
-                return json_response(StatusCode::OK, &obj);
-            }
-            let opts: Value = serde_json::from_slice(&body).unwrap_or(json!({}));
-            for field in ["uid", "resourceVersion"] {
-                if let Some(want) = opts["preconditions"].get(field).and_then(Value::as_str)
-                    && obj["metadata"][field].as_str() != Some(want)
-                {
-                    return status(409, "Conflict");
-                }
-            }
-            f.blocks.remove(&name);
-            f.rv += 1;
-            json_response(StatusCode::OK, &obj)
-        }
-        _ => status(404, "NotFound"),
-    }
-}
-
-fn tokio_stream_from(
-    rx: tokio::sync::broadcast::Receiver<String>,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures::stream::unfold(rx, |mut rx| async move {
-        let line = rx.recv().await.ok()?;
-        Some((Ok(Bytes::from(line + "\n")), rx))
-    })
-}
+use sluice_testkit::fake_kube::{self, Fake, Shared};
 
 async fn fake_api(nodes: &[(&str, &str)], blocks: &[(&str, &str)]) -> (kube::Client, Shared) {
-    let shared: Shared = Arc::new(Mutex::new(Fake {
-        nodes: nodes
-            .iter()
-            .map(|(n, ip)| (n.to_string(), node(n, ip)))
-            .collect(),
-        blocks: BTreeMap::new(),
-        rv: 100,
-        node_events: tokio::sync::broadcast::channel(16).0,
-    }));
+    let shared = Fake::with_nodes(nodes);
     for (i, (cidr, owner)) in blocks.iter().enumerate() {
-        let b = block(cidr, owner, i as u64 + 1);
-        let name = b["metadata"]["name"].as_str().unwrap().to_string();
+        let net: Ipv4Net = cidr.parse().unwrap();
+        let name = block_name(net);
+        let b = fake_kube::block(&name, cidr, owner, i as u64 + 1);
         shared.lock().unwrap().blocks.insert(name, b);
     }
-    let s = shared.clone();
-    let app = Router::new().fallback(move |req: Request| handle(s.clone(), req));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let addr = fake_kube::start_local(shared.clone()).await;
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
     (kube::Client::try_from(config).unwrap(), shared)
 }
 
 fn owners(shared: &Shared) -> BTreeMap<String, String> {
-    shared
-        .lock()
-        .unwrap()
-        .blocks
-        .values()
-        .map(|b| {
-            (
-                b["spec"]["cidr"].as_str().unwrap().to_string(),
-                b["spec"]["node"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    Fake::owners(shared)
 }
 
 /// Wait (up to 20 s) for `cond`, polling.

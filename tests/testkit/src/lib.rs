@@ -11,10 +11,14 @@
 //! - [`bin_path`] finds a binary built by `cargo build --workspace --bins`.
 //! - [`containerd::Containerd`] is a hermetic containerd (private mounts, own state).
 //! - [`node`] makes a namespace look like a node and checks nothing was left on it.
+//! - `fake_kube` (feature `fake-kube`): a fake Kubernetes API server.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+
+#[cfg(feature = "fake-kube")]
+pub mod fake_kube;
 
 /// True when privileged tests must run (CI): skipping is then an error.
 pub fn privileged_required() -> bool {
@@ -72,6 +76,26 @@ where
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
                 .expect("unshare(CLONE_NEWNET)");
             sh("ip link set lo up");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+/// Run `f` on a new thread that has joined the network namespace at `netns` (a
+/// `/proc/<pid>/ns/net` or `/run/netns/<name>` path). Sockets `f` opens belong to that
+/// namespace; the caller's thread is untouched.
+pub fn in_netns<F, R>(netns: &Path, f: F) -> R
+where
+    F: FnOnce() -> R + Send,
+    R: Send,
+{
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(netns)
+                .unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             f()
         })
         .join()
