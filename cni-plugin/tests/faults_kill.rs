@@ -297,6 +297,16 @@ fn add_and_del_killed_at_random_moments_leave_nothing_behind_after_gc() {
             !ipam.allocations(dir).contains("fault-"),
             "addresses left after every pod ended"
         );
+        // Killed writers leave at most the one fixed-name temporary file, which the
+        // next write replaces: no litter that grows with the kills.
+        let strays: Vec<String> = std::fs::read_dir(dir.join("sluice-ipam"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(strays.len() <= 1, "temporary files left: {strays:?}");
     });
     eprintln!("faults_kill: {tally:?}");
     // The run must have exercised what it claims to.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::allocator::Allocator;
-use sluice_node_files::atomic::write_atomic;
+use sluice_node_files::atomic::write_atomic_locked;
 
 pub const STATE_FILE: &str = "allocations.json";
 pub const LOCK_FILE: &str = "lock";
@@ -196,7 +196,9 @@ impl LockedState {
         };
         let bytes = serde_json::to_vec(&file).expect("state serializes");
         let path = self.dir.state_path();
-        write_atomic(&path, &bytes, None).map_err(|e| self.dir.write_error("write", &path, e))
+        // Under the state lock: one writer at a time.
+        write_atomic_locked(&path, &bytes, None)
+            .map_err(|e| self.dir.write_error("write", &path, e))
     }
 }
 

@@ -16,25 +16,38 @@ use std::path::{Path, PathBuf};
 /// process, and a dot file ending in `.tmp`, which no directory reader of sluice
 /// (manifests, block store) picks up.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+    write_via(path, &temp_path(path), bytes, mode)
+}
+
+/// [`write_atomic`] for a writer that holds an exclusive lock over `path` (IPAM's
+/// state under its lock file): the temporary file is always `.<name>.tmp`, so a
+/// writer killed between create and rename leaves at most one stray file, which
+/// the next write replaces, instead of one per killed process.
+pub fn write_atomic_locked(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = parent_dir(path).join(format!(".{name}.tmp"));
+    write_via(path, &tmp, bytes, mode)
+}
+
+fn write_via(path: &Path, tmp: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
     let dir = parent_dir(path);
     std::fs::create_dir_all(dir)?;
-    let tmp = temp_path(path);
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)?;
+            .open(tmp)?;
         f.write_all(bytes)?;
         if let Some(mode) = mode {
             f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         }
         f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        std::fs::rename(tmp, path)?;
         sync_dir(dir)
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
     }
     result
 }

@@ -66,7 +66,11 @@ impl Ipam {
         let mut all = String::new();
         for f in walk(&root) {
             let name = f.file_name().unwrap().to_string_lossy().into_owned();
-            if name == "lock" || name.starts_with("last_reserved") {
+            // A writer killed before its rename leaves its temporary file: not state.
+            if name == "lock"
+                || name.starts_with("last_reserved")
+                || (name.starts_with('.') && name.ends_with(".tmp"))
+            {
                 continue;
             }
             all += &std::fs::read_to_string(&f).unwrap_or_default();
