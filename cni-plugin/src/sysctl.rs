@@ -10,7 +10,7 @@ pub struct SysctlError {
     pub source: std::io::Error,
 }
 
-/// The host-side veth settings of DESIGN.md ("Wiring a pod"), as (key, value) with
+/// The host-side veth settings of docs/architecture.md ("A pod is wired"), as (key, value) with
 /// `{if}` standing for the interface name. proxy_arp answers the pod's ARP for
 /// 169.254.1.1; proxy_delay=0 makes that answer immediate (default 0.8 s jitter);
 /// route_localnet lets the node DNAT pod traffic to 127.0.0.0/8 (NodePort on

@@ -1,4 +1,4 @@
-//! What a wired pod looks like (DESIGN.md, "Wiring a pod"), as values: the plan ADD
+//! What a wired pod looks like (docs/architecture.md, "A pod is wired"), as values: the plan ADD
 //! carries out, the result it reports, and the comparison CHECK makes against what
 //! the kernel shows. No I/O here.
 

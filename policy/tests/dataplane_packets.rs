@@ -5,7 +5,7 @@
 //! pod → outside, pod → the node itself, the node → its pod, a spoofed source).
 //!
 //! Topology, all namespaces throwaway: the node; one namespace per local pod behind
-//! its veth (named as the CNI plugin would, /32 and proxy ARP, as DESIGN.md wires a
+//! its veth (named as the CNI plugin would, /32 and proxy ARP, as docs/architecture.md wires a
 //! pod); "remote" (node-2 and its pods) behind a veth named `tunl0` (the kernel here
 //! has no IPIP; iptables matches names only); "outside" behind `eth0`.
 

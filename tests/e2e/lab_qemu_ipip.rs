@@ -1,5 +1,5 @@
 //! The lab with `--encap ipip` inside a QEMU guest running Debian's cloud kernel
-//! (this host's kernel has no ipip): agent-net's `tests/qemu/run-vm.sh` boots it on
+//! (this host's kernel has no ipip): `tests/qemu/run-vm.sh` boots it on
 //! this host's own filesystem, and the same e2e test binaries run inside with
 //! `SLUICE_E2E_ENCAP=ipip`: seed 001's NodePort Local/Cluster (the tunnel address is
 //! tunl0's now), cross-node traffic through tunl0, `lab down` leaving nothing, and

@@ -1,4 +1,4 @@
-//! ADD: wire one pod (DESIGN.md "Wiring a pod"). Every step that creates something
+//! ADD: wire one pod (docs/architecture.md, "A pod is wired"). Every step that creates something
 //! is recorded, and on any failure the record is undone in reverse, IPAM DEL
 //! included, so a failed ADD leaves nothing behind.
 

@@ -3,7 +3,7 @@
 //! The socket is synchronous and lives on a thread of its own for its whole life;
 //! the async trait methods send it a job and await the answer. So no tokio worker
 //! blocks on the kernel, no runtime thread ever changes namespace, and nothing holds
-//! a namespace across `.await` (STYLE.md 7). A socket belongs to the namespace it
+//! a namespace across `.await` (setns changes one thread only). A socket belongs to the namespace it
 //! was created in: [`Netlink::open`] makes it in the caller's, [`Netlink::open_in`]
 //! (tests, the lab) in another one, on a short-lived thread that enters it.
 

@@ -1,6 +1,6 @@
 //! A one-node world for whole-agent tests: a node network namespace with an uplink to
 //! an "outside" namespace (external clients, the internet), pods as namespaces wired
-//! the way the CNI plugin wires them (veth named by `sluice_cni::veth`, /32, proxy ARP,
+//! the way the CNI plugin wires them (veth named by `sluice_node_files::ifname`, /32, proxy ARP,
 //! 169.254.1.1 gateway), a manifests directory, and the real `sluice-agent` binary
 //! running inside the node namespace.
 #![allow(dead_code)]
@@ -244,10 +244,12 @@ impl World {
 
     /// Wire a pod the way the CNI plugin does; returns its index in `pods`.
     pub fn add_pod(&mut self, namespace: &str, name: &str, ip: &str) -> usize {
-        let veth = sluice_cni::veth::host_veth_name(sluice_cni::veth::PodIdentity::Kubernetes {
-            namespace,
-            pod: name,
-        });
+        let veth = sluice_node_files::ifname::host_veth_name(
+            sluice_node_files::ifname::PodIdentity::Kubernetes {
+                namespace,
+                pod: name,
+            },
+        );
         let ns = NetnsHolder::new();
         self.node.exec(&format!(
             "ip link add {veth} type veth peer name eth0 netns /proc/{pid}/ns/net && \
