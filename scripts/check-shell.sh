@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs shellcheck over every shell script in the repository: files ending in .sh and files
 # whose first line is a sh/bash shebang (.ci/run), outside build output and git.
-# The same check runs as a test: node-agent/tests/manifests_shellcheck.rs.
+# The same check runs as a test: tests/repo/manifests_shellcheck.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -22,7 +22,7 @@
 //! base tarball and podman's layers are cached under the target dir).
 
 mod image_support;
-#[path = "../../node-agent/tests/manifests_common/mod.rs"]
+#[path = "../repo/manifests_common/mod.rs"]
 mod manifests_common;
 
 use std::path::Path;

@@ -688,7 +688,7 @@ fn install_cni_with_the_daemonsets_environment_leaves_a_usable_node() {
         env.insert(key.into(), mapped.display().to_string());
     }
     let run = || {
-        let out = Process::new(env!("CARGO_BIN_EXE_sluice-agent"))
+        let out = Process::new(sluice_testkit::bin_path("sluice-agent"))
             .arg("install-cni")
             .env_clear()
             .envs(&env)

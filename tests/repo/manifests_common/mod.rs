@@ -21,11 +21,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// The workspace root (this crate lives in `node-agent/`).
+/// The workspace root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("node-agent has a parent directory")
+        .expect("tests/ has a parent directory")
         .to_path_buf()
 }
 
