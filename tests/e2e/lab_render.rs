@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use sluice_e2e::{Lab, e2e_data, sluicectl_out};
 
 /// Policies beyond the basic ones: an ipBlock with an except (hash:net, nomatch), a
-/// named port (hash:ip,port) and an egress policy (fail-closed namespace prefix).
+/// named port (hash:ip,port), an egress policy (fail-closed namespace prefix) and a
+/// malformed policy (held pods).
 const EXTRA: &str = r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -27,6 +28,17 @@ spec:
   - to:
     - namespaceSelector: {matchLabels: {team: web}}
     ports: [{port: 53, protocol: UDP}, {port: 80}]
+---
+# Malformed (the except lies outside its cidr): the agent holds the pods it selects
+# fail-closed, and `policy render` must print that hold exactly as programmed.
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: broken, namespace: web}
+spec:
+  podSelector: {matchLabels: {app: front}}
+  ingress:
+  - from:
+    - ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}
 "#;
 
 /// One node's sluice state, normalised the same way from either side: per chain its
@@ -165,6 +177,7 @@ fn rendered_equals_programmed(lab_name: &str, backend: &str) {
     let encap = status["encap"].as_str().unwrap().to_string();
     let pool = status["pool"].as_str().unwrap().to_string();
     let save = format!("iptables-{backend}-save");
+    let mut held_somewhere = false;
     for node in status["nodes"].as_array().unwrap() {
         let name = node["name"].as_str().unwrap();
         let netns = node["netns"].as_str().unwrap();
@@ -194,6 +207,7 @@ fn rendered_equals_programmed(lab_name: &str, backend: &str) {
             want.chains.contains_key("SLUICE-NAT-OUTGOING"),
             "{rendered}"
         );
+        held_somewhere |= want.chains.contains_key("SLUICE-HELD");
         eprintln!(
             "{name} on {backend}: {} chains, {} sets rendered",
             want.chains.len(),
@@ -226,6 +240,10 @@ fn rendered_equals_programmed(lab_name: &str, backend: &str) {
             "{name}: {other} holds sluice rules:\n{other_save}"
         );
     }
+    assert!(
+        held_somewhere,
+        "the malformed policy's pods are held on their node"
+    );
     lab.down();
 }
 
