@@ -171,7 +171,10 @@ impl Node<'_> {
             if now == last {
                 return now;
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "kernel never settled");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "kernel never settled"
+            );
             last = now;
         }
     }
@@ -348,12 +351,15 @@ fn kill_mid_apply(backend: &str, save: &'static str, rounds: usize) {
         // An orphaned restore may still be finishing what it read.
         std::thread::sleep(Duration::from_millis(300));
         let k = node.kernel();
-        let s = classify(&k, from, to).unwrap_or_else(|e| {
-            panic!("round {round} ({backend}), killed during {point}: {e}")
-        });
+        let s = classify(&k, from, to)
+            .unwrap_or_else(|e| panic!("round {round} ({backend}), killed during {point}: {e}"));
         eprintln!(
             "round {round} ({}): killed during {point}: {s:?}",
-            if on_new { "removing the bulk" } else { "adding the bulk" }
+            if on_new {
+                "removing the bulk"
+            } else {
+                "adding the bulk"
+            }
         );
         *seen.entry(s).or_default() += 1;
         *points.entry(point).or_default() += 1;
@@ -408,7 +414,8 @@ fn agent_killed_mid_apply_leaves_old_or_new_rules_and_restart_converges_without_
 
 #[test]
 fn agent_killed_mid_apply_leaves_old_or_new_rules_and_restart_converges_without_flush_legacy() {
-    if !require_root("kill_mid_apply_legacy") || Command::new("iptables-legacy-save").output().is_err()
+    if !require_root("kill_mid_apply_legacy")
+        || Command::new("iptables-legacy-save").output().is_err()
     {
         return;
     }
