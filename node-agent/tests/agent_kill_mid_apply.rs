@@ -16,7 +16,6 @@
 mod agent_support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agent_support::*;
@@ -415,7 +414,7 @@ fn agent_killed_mid_apply_leaves_old_or_new_rules_and_restart_converges_without_
 #[test]
 fn agent_killed_mid_apply_leaves_old_or_new_rules_and_restart_converges_without_flush_legacy() {
     if !require_root("kill_mid_apply_legacy")
-        || Command::new("iptables-legacy-save").output().is_err()
+        || !sluice_testkit::require_tool("kill_mid_apply_legacy", "iptables-legacy-save")
     {
         return;
     }
