@@ -254,17 +254,20 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
 
 /// Keep the status file fresh: on every change of readiness and every [`status::REFRESH`].
 pub async fn status_writer(path: PathBuf, node: String, health: Arc<Health>) {
-    let mut last: Option<(bool, String)> = None;
+    let mut last: Option<(bool, String, bool)> = None;
     let mut written = Instant::now() - status::REFRESH;
     loop {
         let v = health.view();
-        let now = (v.ready, v.reason.clone());
+        // The datastore reason carries its age in seconds: its presence is the change
+        // (the text is refreshed with the file), so an outage is not a rewrite a tick.
+        let now = (v.ready, v.reason.clone(), v.datastore.is_some());
         if last.as_ref() != Some(&now) || written.elapsed() >= status::REFRESH {
             let s = AgentStatus {
                 ready: v.ready,
                 reason: v.reason,
                 node: node.clone(),
                 updated_unix: status::unix_now(),
+                datastore: v.datastore,
             };
             match status::write_status(&path, &s) {
                 Ok(()) => {

@@ -68,9 +68,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         source,
     })?;
     let settings = node_settings(&cfg)?;
-    let health = Arc::new(Health::new(
-        cfg.resync_interval() * 3 + Duration::from_secs(30),
-    ));
+    let datastore_health = Arc::new(crate::datastore::DatastoreHealth::default());
+    let health = Arc::new(
+        Health::new(cfg.resync_interval() * 3 + Duration::from_secs(30))
+            .with_datastore(datastore_health.clone()),
+    );
     let metrics = Arc::new(Metrics::new());
 
     let listener = tokio::net::TcpListener::bind(cfg.health_addr)
@@ -158,6 +160,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                         coalesce,
                     )
                     .with_block_settings(block_settings.clone(), block_metrics.clone())
+                    .with_health(datastore_health.clone())
                 },
                 tx,
             ));

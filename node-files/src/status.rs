@@ -1,5 +1,7 @@
 //! The agent status file: `{"ready": true, "reason": "…", "node": "node-1",
-//! "updatedUnix": 1732380000}`. The agent writes it atomically on every readiness
+//! "updatedUnix": 1732380000}`, plus `"datastore": "…"` while the agent's datastore
+//! is out of sync (the API server unreachable). `ready` alone gates ADD: a node whose
+//! dataplane is programmed keeps starting pods through an API outage. The agent writes it atomically on every readiness
 //! change and at least every [`REFRESH`]; the plugin's STATUS (and ADD with
 //! `requireAgent`) reads it and judges it with [`assess`], which treats a file older
 //! than [`STALE_AFTER`] as written by a dead agent.
@@ -25,6 +27,10 @@ pub struct AgentStatus {
     pub node: String,
     /// Seconds since the Unix epoch when the agent wrote the file.
     pub updated_unix: u64,
+    /// Why the agent's datastore is out of sync, while it is; absent otherwise.
+    /// Informational: readers do not gate on it (the last state stays programmed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore: Option<String>,
 }
 
 /// Seconds since the Unix epoch, now.
@@ -142,6 +148,7 @@ mod tests {
             reason: "ok".into(),
             node: "node-1".into(),
             updated_unix: unix_now(),
+            datastore: None,
         };
         write(&p, &s).unwrap();
         assert_eq!(read(&p), Readiness::Ready);
@@ -156,6 +163,7 @@ mod tests {
             reason: "waiting for first datastore sync".into(),
             node: "node-1".into(),
             updated_unix: 1732380000,
+            datastore: None,
         };
         write(&p, &s).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
@@ -163,6 +171,18 @@ mod tests {
             v,
             serde_json::json!({"ready": false, "reason": "waiting for first datastore sync",
                                "node": "node-1", "updatedUnix": 1732380000u64})
+        );
+        let with = AgentStatus {
+            ready: true,
+            updated_unix: unix_now(),
+            datastore: Some("datastore out of sync".into()),
+            ..s
+        };
+        write(&p, &with).unwrap();
+        assert_eq!(
+            read(&p),
+            Readiness::Ready,
+            "the datastore field does not gate readiness"
         );
         // No temp file left behind.
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);

@@ -2,10 +2,23 @@
 //! crate) applied atomically to the kernel.
 //!
 //! One sync = read (`iptables-save` per table, `ipset save`), plan (pure, in
-//! [`sluice_policy::dataplane::plan`]), then write: one `ipset restore`, one
-//! `iptables-restore --noflush -w` per table that changed, and the destruction of
-//! stale sets last. A sync with nothing to change writes nothing, which is what lets
-//! a periodic resync repair drift without disturbing the rest.
+//! [`sluice_policy::dataplane::plan`]), then write, in an order where every moment
+//! in between is safe (docs/reliability.md, "Agent killed mid-apply"):
+//! 1. `ipset restore`: new sets (no rule uses them yet) and members removed from
+//!    existing sets. Every set a filter rule matches grants (pod peers, ipBlocks,
+//!    named ports, node addresses), so a smaller set only allows less than before;
+//! 2. one `iptables-restore --noflush -w` per table that changed, each atomic;
+//! 3. `ipset restore`: members added to existing sets, now under the new rules;
+//! 4. the destruction of sets nothing references any more.
+//!
+//! Removing before and adding after the rules keeps each intermediate within the old
+//! or the new policy: old rules with old ∩ new members, then new rules with old ∩ new
+//! members. Adding first would let an old rule that the change removes see a member
+//! the change adds (a pod relabelled into a peer set while the policy naming that
+//! peer is deleted) — allowed by neither policy.
+//!
+//! A sync with nothing to change writes nothing, which is what lets a periodic resync
+//! repair drift without disturbing the rest.
 
 pub mod backend;
 pub mod runner;
@@ -116,12 +129,15 @@ impl<R: CommandRunner> Dataplane<R> {
             ),
         };
         plan::plan_sets(&mut plan, desired, &sets);
+        report.set_members_changed = plan.set_members_changed();
+        // Step 1: new sets and removals; the additions to existing sets wait for the
+        // rules (step 3).
+        let additions = std::mem::take(&mut plan.add);
         let payload = plan.ipset_before();
         if !payload.is_empty() {
             self.runner.run_ok("ipset", &["restore"], Some(&payload))?;
             report.restores += 1;
         }
-        report.set_members_changed = plan.set_members_changed();
 
         for table in desired.tables.keys().copied() {
             let saved = match cached.as_mut() {
@@ -159,6 +175,16 @@ impl<R: CommandRunner> Dataplane<R> {
         report.chains_rewritten = plan.chains_rewritten();
         report.chains_deleted = plan.chains_deleted();
         report.jumps_changed = plan.jumps_changed();
+
+        let grow = Plan {
+            add: additions,
+            ..Plan::default()
+        };
+        let payload = grow.ipset_before();
+        if !payload.is_empty() {
+            self.runner.run_ok("ipset", &["restore"], Some(&payload))?;
+            report.restores += 1;
+        }
 
         for set in &plan.destroy_sets {
             self.runner.run_ok("ipset", &["destroy", set], None)?;
@@ -277,6 +303,32 @@ mod tests {
                 .iter()
                 .any(|c| c.program == "ipset" && c.args == ["save"])
         );
+    }
+
+    #[test]
+    fn members_are_removed_before_the_rules_change_and_added_after() {
+        // The kernel holds the set with 10.0.0.9; the change adds 10.0.0.1 (desired)
+        // and rewrites the chain: removal, rules, addition, in that order.
+        let rec = RecordingRunner::new(|c: &RecordedCall| match c.program.as_str() {
+            "ipset" if c.args == ["save"] => CommandOutput::ok(
+                "create SLUICE-NODES hash:ip family inet\nadd SLUICE-NODES 10.0.0.9\n",
+            ),
+            _ => CommandOutput::ok(""),
+        });
+        Dataplane::new(rec.clone(), Backend::Nft)
+            .sync(&desired())
+            .unwrap();
+        let writes: Vec<(String, String)> = rec
+            .calls()
+            .iter()
+            .filter_map(|c| Some((c.command_line(), c.stdin.clone()?)))
+            .collect();
+        assert_eq!(writes.len(), 3, "{writes:?}");
+        assert_eq!(writes[0].0, "ipset restore");
+        assert_eq!(writes[0].1, "del SLUICE-NODES 10.0.0.9 -exist\n");
+        assert_eq!(writes[1].0, "iptables-nft-restore --noflush -w");
+        assert_eq!(writes[2].0, "ipset restore");
+        assert_eq!(writes[2].1, "add SLUICE-NODES 10.0.0.1 -exist\n");
     }
 
     #[test]

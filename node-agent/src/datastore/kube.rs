@@ -31,7 +31,7 @@ use super::block_lifecycle::{
 use crate::metrics::Metrics;
 
 use super::objects::convert;
-use super::{Datastore, DatastoreError, Snapshot, SnapshotSender};
+use super::{Datastore, DatastoreError, DatastoreHealth, Snapshot, SnapshotSender};
 
 /// How often the block list is re-read even without an IPAMBlock event (a safety net:
 /// the IPAMBlock reflector normally triggers the read at once).
@@ -42,6 +42,11 @@ const BLOCK_POLL: Duration = Duration::from_secs(30);
 /// answers "try again later"), so this is short.
 const CAPACITY_POLL: Duration = Duration::from_secs(2);
 
+/// How often a failing watch's kind is probed with a one-item list. A watch that
+/// reconnects without a change delivers no event, so only a probe can say the API
+/// server answers again.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
 pub struct KubeDatastore<S> {
     client: Client,
     blocks: S,
@@ -51,6 +56,7 @@ pub struct KubeDatastore<S> {
     coalesce: Duration,
     settings: BlockSettings,
     metrics: Option<Arc<Metrics>>,
+    health: Arc<DatastoreHealth>,
 }
 
 impl<S: BlockStore + Send + Sync + 'static> KubeDatastore<S> {
@@ -76,7 +82,14 @@ impl<S: BlockStore + Send + Sync + 'static> KubeDatastore<S> {
             coalesce,
             settings: BlockSettings::new(state_dir),
             metrics: None,
+            health: Arc::default(),
         }
+    }
+
+    /// Report watch failures and recoveries to `health` (readiness and the status file).
+    pub fn with_health(mut self, health: Arc<DatastoreHealth>) -> Self {
+        self.health = health;
+        self
     }
 
     /// Manage this node's blocks (low-water mark, orphan release) and count claims
@@ -111,31 +124,63 @@ impl<S: BlockStore + Send + Sync + 'static> KubeDatastore<S> {
     }
 }
 
-/// Start a reflector for `K`; every event pokes `changed`.
-fn reflect<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+/// Start a reflector for `K`; every event pokes `changed`, and failures and
+/// recoveries go to `health`.
+fn reflect<K>(api: Api<K>, changed: Arc<Notify>, health: Arc<DatastoreHealth>) -> Store<K>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Default,
 {
+    let kind = kind_name::<K>();
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
+    let stream = watcher(api.clone(), watcher::Config::default())
         .default_backoff()
         .map_ok(|ev| ev.modify(|o| o.managed_fields_mut().clear()));
     let stream = reflector::reflector(writer, stream);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(_) => changed.notify_one(),
-                // The backoff retries; the store keeps its last content meanwhile, so
-                // an API outage freezes the snapshot rather than emptying it.
-                Err(e) => {
-                    tracing::warn!(kind = %K::kind(&Default::default()), error = %e, "watch error")
+        let one = kube::api::ListParams::default().limit(1);
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        loop {
+            tokio::select! {
+                ev = stream.next() => match ev {
+                    None => break,
+                    Some(Ok(_)) => {
+                        health.ok(kind);
+                        changed.notify_one()
+                    }
+                    // The backoff retries; the store keeps its last content meanwhile,
+                    // so an API outage freezes the snapshot rather than emptying it.
+                    Some(Err(e)) => {
+                        tracing::warn!(kind, error = %e, "watch error");
+                        health.failed(kind, format!("Kubernetes API server: {e}"));
+                    }
+                },
+                _ = probe.tick() => {
+                    if health.is_failing(kind) && api.list(&one).await.is_ok() {
+                        tracing::info!(kind, "Kubernetes API server answers again");
+                        health.ok(kind);
+                    }
                 }
             }
         }
     });
     reader
+}
+
+/// `K`'s kind as a static name (the five kinds watched here).
+fn kind_name<K: Resource>() -> &'static str
+where
+    K::DynamicType: Default,
+{
+    match K::kind(&Default::default()).as_ref() {
+        "Node" => "Node",
+        "Pod" => "Pod",
+        "Namespace" => "Namespace",
+        "NetworkPolicy" => "NetworkPolicy",
+        "IPAMBlock" => "IPAMBlock",
+        _ => "object",
+    }
 }
 
 /// How objects from the API are named in messages (a rejected policy, a skipped pod).
@@ -156,12 +201,18 @@ fn to_json<K: Serialize + Resource<DynamicType = ()>>(objs: &[Arc<K>]) -> Vec<Ra
 impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
     async fn run(self, out: SnapshotSender) -> Result<(), DatastoreError> {
         let changed = Arc::new(Notify::new());
-        let nodes = reflect(Api::<Node>::all(self.client.clone()), changed.clone());
-        let pods = reflect(Api::<Pod>::all(self.client.clone()), changed.clone());
-        let namespaces = reflect(Api::<Namespace>::all(self.client.clone()), changed.clone());
+        let h = || self.health.clone();
+        let nodes = reflect(Api::<Node>::all(self.client.clone()), changed.clone(), h());
+        let pods = reflect(Api::<Pod>::all(self.client.clone()), changed.clone(), h());
+        let namespaces = reflect(
+            Api::<Namespace>::all(self.client.clone()),
+            changed.clone(),
+            h(),
+        );
         let policies = reflect(
             Api::<NetworkPolicy>::all(self.client.clone()),
             changed.clone(),
+            h(),
         );
         // Block claims are read through the ipam store (one reading of the CRD);
         // the reflector only says when to read them again.
@@ -169,6 +220,7 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
         let ipam_blocks = reflect(
             Api::<sluice_ipam::store::kube::IPAMBlock>::all(self.client.clone()),
             blocks_changed.clone(),
+            h(),
         );
         for (kind, ready) in [
             ("Node", nodes.wait_until_ready().await),

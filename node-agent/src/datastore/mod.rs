@@ -17,7 +17,8 @@ pub mod kube;
 pub mod objects;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use sluice_policy::Cluster;
@@ -82,4 +83,93 @@ pub trait Datastore: Send + 'static {
         self,
         out: SnapshotSender,
     ) -> impl std::future::Future<Output = Result<(), DatastoreError>> + Send;
+}
+
+/// How long a watch may keep failing before the datastore is reported out of sync:
+/// a dropped watch that reconnects at the next try is routine, an API server gone
+/// for longer is worth an operator's look.
+pub const OUT_OF_SYNC_AFTER: Duration = Duration::from_secs(5);
+
+/// The datastore's side of readiness: which watches are failing, since when and
+/// why. The reflectors report errors and successes; health turns a failure older than
+/// [`OUT_OF_SYNC_AFTER`] into a reason. It never changes what is programmed: while the
+/// source is failing, the last snapshot stays in force.
+#[derive(Debug, Default)]
+pub struct DatastoreHealth {
+    failing: Mutex<BTreeMap<&'static str, Failure>>,
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    since: Instant,
+    error: String,
+}
+
+impl DatastoreHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Failure>> {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The watch of `kind` delivered an event or a probe of it succeeded.
+    pub fn ok(&self, kind: &'static str) {
+        self.lock().remove(kind);
+    }
+
+    /// The watch of `kind` failed with `error`; the failure dates from its first
+    /// error since the last success.
+    pub fn failed(&self, kind: &'static str, error: String) {
+        self.failed_at(kind, error, Instant::now());
+    }
+
+    fn failed_at(&self, kind: &'static str, error: String, now: Instant) {
+        self.lock()
+            .entry(kind)
+            .and_modify(|f| f.error.clone_from(&error))
+            .or_insert(Failure { since: now, error });
+    }
+
+    /// Whether the watch of `kind` is failing now (at any age).
+    pub fn is_failing(&self, kind: &'static str) -> bool {
+        self.lock().contains_key(kind)
+    }
+
+    /// Why the datastore is out of sync, if a watch has been failing for
+    /// [`OUT_OF_SYNC_AFTER`] or longer: the longest-failing one, with its last error.
+    pub fn problem(&self) -> Option<String> {
+        self.problem_at(Instant::now())
+    }
+
+    fn problem_at(&self, now: Instant) -> Option<String> {
+        let failing = self.lock();
+        let (kind, f) = failing.iter().min_by_key(|(_, f)| f.since)?;
+        let age = now.saturating_duration_since(f.since);
+        (age >= OUT_OF_SYNC_AFTER).then(|| {
+            format!(
+                "datastore out of sync for {} s ({} watch{} failing), keeping the last state: {kind}: {}",
+                age.as_secs(),
+                failing.len(),
+                if failing.len() == 1 { "" } else { "es" },
+                f.error
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_a_problem_only_after_the_grace_and_until_a_success() {
+        let h = DatastoreHealth::default();
+        let t0 = Instant::now();
+        h.failed_at("Pod", "connection refused".into(), t0);
+        assert_eq!(h.problem_at(t0 + Duration::from_secs(1)), None, "a blip");
+        // Later errors keep the first one's date and bring their own text.
+        h.failed_at("Pod", "timed out".into(), t0 + Duration::from_secs(3));
+        let p = h.problem_at(t0 + OUT_OF_SYNC_AFTER).unwrap();
+        assert!(p.contains("Pod: timed out") && p.contains("5 s"), "{p}");
+        h.ok("Pod");
+        assert_eq!(h.problem_at(t0 + Duration::from_secs(60)), None);
+    }
 }

@@ -174,6 +174,11 @@ impl Agent {
         self.child.try_wait().map(|s| s.is_none()).unwrap_or(false)
     }
 
+    pub fn pid(&self) -> u32 {
+        // `ip netns exec` execs the agent in place: the child is the agent.
+        self.child.id()
+    }
+
     pub fn stop(mut self) {
         // SIGTERM: the agent's orderly exit, which must leave rules in place.
         let _ = nix::sys::signal::kill(

@@ -6,6 +6,15 @@
 //! objects. Serves Nodes, Pods, Namespaces, NetworkPolicies and IPAMBlocks; anything
 //! else is a 404 `Status`.
 //!
+//! Faults, as a real API server shows them: Pods, Namespaces and NetworkPolicies
+//! changed with [`Fake::apply`] are kept in a watch history, so a watch that resumes
+//! from a `resourceVersion` gets the events it missed ([`Fake::cut_watches`] ends
+//! every watch stream, as the server's own timeout does); [`Fake::expire_watches`]
+//! sends each watch an `ERROR` event carrying a `410 Expired` `Status` and refuses
+//! older versions from then on, forcing a relist; [`SwitchableApi`] makes the server
+//! unreachable (listener closed, connections dropped) and brings it back on the
+//! same address.
+//!
 //! Shared by the agent's datastore tests and the image test, which runs it inside a
 //! lab node's network namespace ([`FakeApi::start_in_netns`]) so the containerized
 //! agent reaches it over that namespace's loopback.
@@ -20,8 +29,8 @@ use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use serde_json::{Value, json};
+use tokio::sync::broadcast;
 
 /// The IPAMBlock collection (sluice's CRD, cluster-scoped).
 pub const BLOCKS: &str = "/apis/sluice.dev/v1/ipamblocks";
@@ -34,7 +43,37 @@ pub struct Fake {
     pub rv: u64,
     /// Watch events for Nodes, one JSON line each.
     pub node_events: tokio::sync::broadcast::Sender<String>,
+    /// Objects of the other watched collections, by collection path and then
+    /// `namespace/name`, changed through [`Fake::apply`].
+    pub objects: BTreeMap<String, BTreeMap<String, Value>>,
+    /// Every [`Fake::apply`] as `(resourceVersion, collection path, event line)`, so a
+    /// resumed watch replays what it missed.
+    history: Vec<(u64, String, String)>,
+    /// The oldest resourceVersion a watch may resume from (older: 410 Expired).
+    min_rv: u64,
+    /// Live events of [`Fake::apply`]: `(collection path, event line)`.
+    events: broadcast::Sender<(String, String)>,
+    /// Fault signals for open watch streams.
+    control: broadcast::Sender<Control>,
+    /// Lists of Nodes, Pods, Namespaces and NetworkPolicies served (a relist shows
+    /// here; a resumed watch does not).
+    pub lists: u64,
+    /// Watch requests served.
+    pub watches: u64,
 }
+
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    /// End every watch stream (a clean end, as the server's timeout gives).
+    Cut,
+    /// Send every watch a 410 Expired `ERROR` event, then end it.
+    Expire,
+}
+
+/// The collection paths [`Fake::apply`] serves.
+pub const PODS: &str = "/api/v1/pods";
+pub const NAMESPACES: &str = "/api/v1/namespaces";
+pub const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 
 pub type Shared = Arc<Mutex<Fake>>;
 
@@ -49,7 +88,68 @@ impl Fake {
             blocks: BTreeMap::new(),
             rv: 100,
             node_events: tokio::sync::broadcast::channel(16).0,
+            objects: BTreeMap::new(),
+            history: Vec::new(),
+            min_rv: 0,
+            events: broadcast::channel(1024).0,
+            control: broadcast::channel(16).0,
+            lists: 0,
+            watches: 0,
         }))
+    }
+
+    /// Create or replace `obj` in the collection at `path` ([`PODS`], [`NAMESPACES`],
+    /// [`POLICIES`]): a new resourceVersion, and an ADDED or MODIFIED event to every
+    /// watch of that collection (and to the history a resumed watch replays).
+    pub fn apply(shared: &Shared, path: &str, mut obj: Value) {
+        Self::change(shared, path, &mut obj, false);
+    }
+
+    /// Delete `obj` (by namespace/name) from the collection at `path`, with a DELETED
+    /// event.
+    pub fn delete(shared: &Shared, path: &str, mut obj: Value) {
+        Self::change(shared, path, &mut obj, true);
+    }
+
+    fn change(shared: &Shared, path: &str, obj: &mut Value, delete: bool) {
+        let mut f = shared.lock().unwrap();
+        f.rv += 1;
+        let rv = f.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = format!(
+            "{}/{}",
+            obj["metadata"]["namespace"].as_str().unwrap_or(""),
+            obj["metadata"]["name"].as_str().unwrap()
+        );
+        let coll = f.objects.entry(path.to_string()).or_default();
+        let kind = if delete {
+            coll.remove(&key);
+            "DELETED"
+        } else if coll.insert(key, obj.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let line = json!({"type": kind, "object": obj}).to_string();
+        f.history.push((rv, path.to_string(), line.clone()));
+        // No watcher (the server is "down" for the client): the history has it.
+        let _ = f.events.send((path.to_string(), line));
+    }
+
+    /// End every open watch stream cleanly; clients resume from their last version.
+    pub fn cut_watches(shared: &Shared) {
+        let _ = shared.lock().unwrap().control.send(Control::Cut);
+    }
+
+    /// Compact the history as etcd does: every open watch gets an `ERROR` event with
+    /// a 410 Expired `Status` and ends, and a watch resuming from an older version
+    /// gets the same, so the client must list again.
+    pub fn expire_watches(shared: &Shared) {
+        let mut f = shared.lock().unwrap();
+        f.rv += 1;
+        f.min_rv = f.rv;
+        f.history.clear();
+        let _ = f.control.send(Control::Expire);
     }
 
     /// CIDR → owning node of every block, as the server holds them now.
@@ -110,18 +210,40 @@ fn list(kind: &str, api_version: &str, rv: u64, items: Vec<Value>) -> Response {
 
 async fn handle(shared: Shared, req: Request) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let watch = req.uri().query().is_some_and(|q| q.contains("watch=true"));
+    let query = req.uri().query().unwrap_or("").to_string();
+    let watch = query_param(&query, "watch") == Some("true".into());
     let body = axum::body::to_bytes(req.into_body(), usize::MAX)
         .await
         .unwrap();
     if watch {
-        // Node events are streamed from the test; other kinds never change.
-        let stream = if path == "/api/v1/nodes" {
-            let rx = shared.lock().unwrap().node_events.subscribe();
-            lines(rx).boxed()
-        } else {
-            futures::stream::pending().boxed()
-        };
+        let from: u64 = query_param(&query, "resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut f = shared.lock().unwrap();
+        f.watches += 1;
+        // Subscribed under the lock that `apply` takes: no event falls between the
+        // replay and the live stream.
+        let stream = WatchState {
+            replay: if from != 0 && from < f.min_rv {
+                vec![expired(from, f.rv)].into()
+            } else {
+                f.history
+                    .iter()
+                    .filter(|(rv, p, _)| *rv > from && *p == path)
+                    .map(|(_, _, l)| l.clone())
+                    .collect()
+            },
+            end_after_replay: from != 0 && from < f.min_rv,
+            live: f.events.subscribe(),
+            // Node events are pushed by the test as lines.
+            nodes: (path == "/api/v1/nodes").then(|| f.node_events.subscribe()),
+            control: f.control.subscribe(),
+            path,
+            rv: f.rv,
+            done: false,
+        }
+        .into_stream();
+        drop(f);
         return Response::builder()
             .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from_stream(stream))
@@ -129,15 +251,21 @@ async fn handle(shared: Shared, req: Request) -> Response {
     }
     let mut f = shared.lock().unwrap();
     let rv = f.rv;
+    if method == Method::GET && !path.starts_with(BLOCKS) {
+        f.lists += 1;
+    }
     match (method, path.as_str()) {
         (Method::GET, "/api/v1/nodes") => {
             list("Node", "v1", rv, f.nodes.values().cloned().collect())
         }
-        (Method::GET, "/api/v1/pods") => list("Pod", "v1", rv, vec![]),
-        (Method::GET, "/api/v1/namespaces") => list("Namespace", "v1", rv, vec![]),
-        (Method::GET, "/apis/networking.k8s.io/v1/networkpolicies") => {
-            list("NetworkPolicy", "networking.k8s.io/v1", rv, vec![])
-        }
+        (Method::GET, PODS) => list("Pod", "v1", rv, f.items(PODS)),
+        (Method::GET, NAMESPACES) => list("Namespace", "v1", rv, f.items(NAMESPACES)),
+        (Method::GET, POLICIES) => list(
+            "NetworkPolicy",
+            "networking.k8s.io/v1",
+            rv,
+            f.items(POLICIES),
+        ),
         (Method::GET, BLOCKS) => list(
             "IPAMBlock",
             "sluice.dev/v1",
@@ -180,13 +308,86 @@ async fn handle(shared: Shared, req: Request) -> Response {
     }
 }
 
-fn lines(
-    rx: tokio::sync::broadcast::Receiver<String>,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures::stream::unfold(rx, |mut rx| async move {
-        let line = rx.recv().await.ok()?;
-        Some((Ok(Bytes::from(line + "\n")), rx))
+impl Fake {
+    fn items(&self, path: &str) -> Vec<Value> {
+        self.objects
+            .get(path)
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.to_string())
     })
+}
+
+/// The `ERROR` watch event the API server sends for a version it no longer has.
+fn expired(from: u64, now: u64) -> String {
+    json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": format!("too old resource version: {from} ({now})"),
+        "reason": "Expired", "code": 410}})
+    .to_string()
+}
+
+/// One watch stream: the missed events, then live ones, until a fault ends it.
+struct WatchState {
+    replay: std::collections::VecDeque<String>,
+    end_after_replay: bool,
+    live: broadcast::Receiver<(String, String)>,
+    nodes: Option<broadcast::Receiver<String>>,
+    control: broadcast::Receiver<Control>,
+    path: String,
+    rv: u64,
+    done: bool,
+}
+
+impl WatchState {
+    fn into_stream(self) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+        futures::stream::unfold(self, |mut w| async move {
+            let line = w.next_line().await?;
+            Some((Ok(Bytes::from(line + "\n")), w))
+        })
+    }
+
+    async fn next_line(&mut self) -> Option<String> {
+        if self.done {
+            return None;
+        }
+        if let Some(l) = self.replay.pop_front() {
+            return Some(l);
+        }
+        if self.end_after_replay {
+            return None;
+        }
+        loop {
+            let nodes = async {
+                match self.nodes.as_mut() {
+                    Some(rx) => rx.recv().await.ok(),
+                    None => futures::future::pending().await,
+                }
+            };
+            tokio::select! {
+                c = self.control.recv() => match c {
+                    Ok(Control::Cut) | Err(broadcast::error::RecvError::Closed) => return None,
+                    Ok(Control::Expire) => {
+                        self.done = true;
+                        return Some(expired(self.rv, self.rv + 1));
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                },
+                ev = self.live.recv() => match ev {
+                    Ok((p, line)) if p == self.path => return Some(line),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                n = nodes => return n,
+            }
+        }
+    }
 }
 
 /// The fake server's routes over `shared`.
@@ -202,6 +403,79 @@ pub async fn start_local(shared: Shared) -> SocketAddr {
     let app = router(shared);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
+}
+
+/// A fake server that can be made unreachable and brought back on the same address:
+/// clients talk to a TCP relay in front of the server; [`SwitchableApi::go_down`]
+/// closes the relay's listener (new connections are refused) and drops every open
+/// connection, [`SwitchableApi::come_back`] listens again.
+pub struct SwitchableApi {
+    pub addr: SocketAddr,
+    pub shared: Shared,
+    backend: SocketAddr,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl SwitchableApi {
+    /// Start on 127.0.0.1 from the current tokio runtime.
+    pub async fn start(shared: Shared) -> SwitchableApi {
+        let backend = start_local(shared.clone()).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, _) = tokio::sync::watch::channel(true);
+        tokio::spawn(relay(listener, backend, up.subscribe()));
+        SwitchableApi {
+            addr,
+            shared,
+            backend,
+            up,
+        }
+    }
+
+    pub fn go_down(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub async fn come_back(&self) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        // The old listener closes when its relay task sees the signal: retry briefly.
+        let mut tries = 0;
+        while let Err(e) = socket.bind(self.addr) {
+            tries += 1;
+            assert!(tries < 100, "rebinding {}: {e}", self.addr);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let listener = socket.listen(128).unwrap();
+        self.up.send_replace(true);
+        tokio::spawn(relay(listener, self.backend, self.up.subscribe()));
+    }
+}
+
+async fn relay(
+    listener: tokio::net::TcpListener,
+    backend: SocketAddr,
+    mut up: tokio::sync::watch::Receiver<bool>,
+) {
+    let each = up.clone();
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let Ok((mut client, _)) = conn else { continue };
+                let mut conn_up = each.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = conn_up.wait_for(|u| !*u) => {}
+                    }
+                });
+            }
+            _ = up.wait_for(|u| !*u) => return,
+        }
+    }
 }
 
 /// A fake server on its own thread and runtime, listening on 127.0.0.1 of another
