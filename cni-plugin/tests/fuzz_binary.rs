@@ -172,7 +172,7 @@ fn fuzzed_input_through_the_sluice_binary_gets_a_result_or_one_registry_error() 
                 | 1
         });
     eprintln!("fuzz_binary: SLUICE_FUZZ_SEED={seed}");
-    let n = cases(300);
+    let n = cases(2_000);
     let started = Instant::now();
     let (runs, successes) = in_new_netns(|| {
         setup_node();

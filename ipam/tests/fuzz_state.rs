@@ -119,7 +119,7 @@ fn every_corpus_state_is_refused_or_usable() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(10_000)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(6_000)))]
 
     #[test]
     fn mutated_state_files_are_refused_or_usable(
