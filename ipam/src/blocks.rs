@@ -27,7 +27,7 @@ pub enum PoolError {
     #[error("pool {cidr} is not a network address (did you mean {}?)", cidr.trunc())]
     NotANetwork { cidr: Ipv4Net },
     #[error(
-        "blockSize {block_prefix} does not fit pool {cidr}: it must lie between the pool's prefix length ({}) and {MAX_BLOCK_PREFIX}",
+        "blockSize {block_prefix} does not fit pool {cidr}: it must lie between {} (the pool's prefix length, and at least {MIN_BLOCK_PREFIX}) and {MAX_BLOCK_PREFIX}",
         cidr.prefix_len().max(MIN_BLOCK_PREFIX)
     )]
     BadBlockSize { cidr: Ipv4Net, block_prefix: u8 },
