@@ -67,12 +67,13 @@ impl Rng {
 
 /// One exec of `sluice` as a runtime makes it; checks the output contract and
 /// returns whether it succeeded.
-fn exec(bins: &str, cwd: &Path, command: &str, netns: &Path, args: &str, stdin: &[u8]) -> bool {
+fn exec(bins: &str, cwd: &Path, call: (&str, &str, &str), netns: &Path, stdin: &[u8]) -> bool {
+    let (command, container_id, args) = call;
     let mut child = Command::new(Path::new(bins).join("sluice"))
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", "fuzz-ctr")
+        .env("CNI_CONTAINERID", container_id)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_ARGS", args)
@@ -88,7 +89,12 @@ fn exec(bins: &str, cwd: &Path, command: &str, netns: &Path, args: &str, stdin: 
     let input = String::from_utf8_lossy(stdin);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let context = || format!("{command} with {input:.2000}\nstdout: {stdout}\nstderr: {stderr}");
+    let context = || {
+        format!(
+            "{command} of {:.80} with {input:.2000}\nstdout: {stdout:.2000}\nstderr: {stderr:.2000}",
+            container_id
+        )
+    };
     assert!(
         out.status.signal().is_none(),
         "killed by a signal: {}",
@@ -180,20 +186,14 @@ fn fuzzed_input_through_the_sluice_binary_gets_a_result_or_one_registry_error() 
         let pod = NetnsHolder::new();
         let (mut runs, mut successes) = (0u32, 0u32);
 
-        // The corpus, as ADD, with its host paths moved under the temporary directory.
+        // The corpus, as ADD and DEL, with its host paths moved under the temporary directory.
         let under_tmp = format!("\"{}/", dir.display());
         for (name, bytes) in corpus(CORPUS) {
             let text = String::from_utf8_lossy(&bytes).replace("\"/", &under_tmp);
             eprintln!("fuzz_binary corpus: {name}");
             for command in ["ADD", "DEL"] {
-                successes += u32::from(exec(
-                    &bins_path,
-                    &cwd,
-                    command,
-                    pod.path(),
-                    "",
-                    text.as_bytes(),
-                ));
+                let call = (command, "fuzz-ctr", "");
+                successes += u32::from(exec(&bins_path, &cwd, call, pod.path(), text.as_bytes()));
                 runs += 1;
             }
         }
@@ -202,6 +202,14 @@ fn fuzzed_input_through_the_sluice_binary_gets_a_result_or_one_registry_error() 
         let values = odd_values();
         let mut rng = Rng(seed);
         let commands = ["ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION", "add", ""];
+        // The longest id sluice accepts, one over, and one the netlink encoder
+        // cannot write as part of the host link's alias (it used to panic).
+        let ids = [
+            "fuzz-ctr".to_string(),
+            "c".repeat(128),
+            "c".repeat(129),
+            "c".repeat(70_000),
+        ];
         let args = [
             "",
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=fuzz",
@@ -214,12 +222,13 @@ fn fuzzed_input_through_the_sluice_binary_gets_a_result_or_one_registry_error() 
             let stdin = apply(doc, &ops);
             let command = commands[rng.below(commands.len())];
             let a = args[rng.below(args.len())];
-            let ok = exec(&bins_path, &cwd, command, pod.path(), a, &stdin);
+            let id = &ids[rng.below(ids.len())];
+            let ok = exec(&bins_path, &cwd, (command, id, a), pod.path(), &stdin);
             runs += 1;
             successes += u32::from(ok);
             if ok && command == "ADD" {
                 // Undo it, so the next ADD meets a clean pod.
-                exec(&bins_path, &cwd, "DEL", pod.path(), a, &stdin);
+                exec(&bins_path, &cwd, ("DEL", id, a), pod.path(), &stdin);
                 runs += 1;
             }
         }

@@ -53,16 +53,12 @@ fn fill(file: &Path) -> u64 {
         match f.write(&chunk) {
             Ok(0) => break,
             Ok(n) => written += n as u64,
-            Err(e) if e.raw_os_error() == Some(libc_enospc()) => break,
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) => break,
             Err(e) => panic!("filling {}: {e}", file.display()),
         }
     }
     assert!(f.write(&[0u8]).is_err(), "not even one byte fits");
     written
-}
-
-fn libc_enospc() -> i32 {
-    nix::errno::Errno::ENOSPC as i32
 }
 
 /// A sluice config whose sluice-ipam keeps its state under `state` and claims
@@ -89,9 +85,8 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-/// What must hold after a failed ADD: the error is the registry's `want` and names
-/// `path`; the state directory and block store are exactly as before; nothing is
-/// left in the pod or on the node beyond what `before_links` lists.
+/// The state directory, block store and host links before an ADD that must fail:
+/// afterwards all must be as they were, and the pod empty.
 struct Snapshot {
     state: PathBuf,
     state_bytes: Option<Vec<u8>>,
