@@ -58,7 +58,7 @@ impl Rng {
             0 => Op::Remove(i),
             1 => Op::Retype(i, values[self.below(values.len())].clone()),
             2 => Op::Duplicate(i),
-            3 => Op::Nest(i, 1 + self.below(200), self.next() % 2 == 0),
+            3 => Op::Nest(i, 1 + self.below(200), self.next().is_multiple_of(2)),
             4 => Op::Truncate(i),
             _ => Op::Insert(i, vec![0xff, self.next() as u8]),
         }

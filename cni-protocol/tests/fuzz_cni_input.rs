@@ -160,7 +160,8 @@ proptest! {
         ops in prop::collection::vec(op(), 1..4),
     ) {
         let seeds: Vec<&Value> = SEEDS.iter().filter_map(|s| s.get("prevResult")).collect();
-        let bytes = apply(*seed.get(&seeds), &ops);
+        let doc: &&Value = seed.get(&seeds);
+        let bytes = apply(doc, &ops);
         if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
             exercise_result(&v);
         }
