@@ -106,6 +106,7 @@ impl NetConf {
                 "network config has no name",
             )
         })?;
+        validate_network_name(&name)?;
         let plugin_type = common
             .plugin_type
             .filter(|t| !t.is_empty())
@@ -191,6 +192,44 @@ impl NetConf {
     }
 }
 
+/// The longest network name sluice accepts. The spec sets no limit, but the name
+/// goes into the host link's alias (`sluice:<network>:<containerID>:<ifname>`), which
+/// the kernel caps at 255 bytes: with [`crate::MAX_CONTAINER_ID_LEN`] and a
+/// 15-byte ifname this always fits. (The fuzzer found a 70,000-byte name panicking
+/// the netlink encoder, which cannot write an attribute over 64 KiB.)
+pub const MAX_NETWORK_NAME_LEN: usize = 100;
+
+/// The spec: a network name starts with an alphanumeric character, followed by
+/// alphanumerics, `_`, `.` and `-` (libcni refuses others too). Code 7.
+fn validate_network_name(name: &str) -> Result<(), CniError> {
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !ok {
+        return Err(CniError::new(
+            ErrorCode::InvalidNetworkConfig,
+            format!("network name {:?} has invalid characters", head(name)),
+        )
+        .with_details("a letter or digit, then letters, digits, '_', '.' or '-'"));
+    }
+    if name.len() > MAX_NETWORK_NAME_LEN {
+        return Err(CniError::new(
+            ErrorCode::InvalidNetworkConfig,
+            format!(
+                "network name {:?}… is {} bytes; sluice accepts at most {MAX_NETWORK_NAME_LEN}",
+                head(name),
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The start of a value for a message: a refused name may be huge.
+pub(crate) fn head(s: &str) -> &str {
+    s.char_indices().nth(64).map_or(s, |(i, _)| &s[..i])
+}
+
 /// Read only `cniVersion` from stdin, leniently: used to stamp an error with the
 /// runtime's version when the full parse failed, and for VERSION's input.
 pub fn peek_version(bytes: &[u8]) -> Option<Version> {
@@ -205,6 +244,25 @@ mod tests {
 
     fn parse(v: Value) -> Result<NetConf, CniError> {
         NetConf::parse(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn a_network_name_must_follow_the_spec_and_fit_the_host_link_alias() {
+        let conf = |name: &str| json!({"cniVersion": "1.0.0", "name": name, "type": "sluice"});
+        for ok in [
+            "k8s-pod-network",
+            "a",
+            "net_1.2",
+            &"n".repeat(MAX_NETWORK_NAME_LEN),
+        ] {
+            assert!(parse(conf(ok)).is_ok(), "{ok}");
+        }
+        // The last one used to panic the plugin's netlink encoder (fuzz_binary).
+        for bad in ["-net", "a:b", "a b", "net\n", "é", &"n".repeat(70_000)] {
+            let e = parse(conf(bad)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidNetworkConfig.code(), "{bad}: {e}");
+            assert!(e.msg.len() < 200, "{}", e.msg);
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use crate::codes::ErrorCode;
+use crate::config::head;
 use crate::error::CniError;
 
 /// `CNI_COMMAND`.
@@ -193,20 +194,34 @@ fn missing(var: &str) -> CniError {
     )
 }
 
+/// The longest container id sluice accepts. The spec sets no limit; runtimes send
+/// 64 hex digits. The id goes into the host link's alias, which the kernel caps at
+/// 255 bytes (see [`crate::MAX_NETWORK_NAME_LEN`]).
+pub const MAX_CONTAINER_ID_LEN: usize = 128;
+
 /// The spec: a container id is non-empty, starts with an alphanumeric character and
-/// holds only alphanumerics, `_`, `.` and `-`.
+/// holds only alphanumerics, `_`, `.` and `-`; and sluice's bound on its length.
 pub fn validate_container_id(id: &str) -> Result<(), CniError> {
     let mut chars = id.chars();
     let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(CniError::new(
+    if !ok {
+        return Err(CniError::new(
             ErrorCode::InvalidEnvironment,
-            format!("CNI_CONTAINERID {id:?} has invalid characters"),
-        ))
+            format!("CNI_CONTAINERID {:?} has invalid characters", head(id)),
+        ));
     }
+    if id.len() > MAX_CONTAINER_ID_LEN {
+        return Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!(
+                "CNI_CONTAINERID {:?}… is {} bytes; sluice accepts at most {MAX_CONTAINER_ID_LEN}",
+                head(id),
+                id.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The kernel's rule for an interface name: 1–15 bytes, not `.` or `..`, no `/`,
@@ -338,6 +353,14 @@ mod tests {
                 .unwrap()
                 .ignore_unknown
         );
+    }
+
+    #[test]
+    fn a_container_id_longer_than_the_bound_is_code_4() {
+        validate_container_id(&"a".repeat(MAX_CONTAINER_ID_LEN)).unwrap();
+        let e = validate_container_id(&"a".repeat(70_000)).unwrap_err();
+        assert_eq!(e.code, 4);
+        assert!(e.msg.len() < 200, "{}", e.msg);
     }
 
     #[test]

@@ -33,8 +33,10 @@ mod result;
 mod version;
 
 pub use codes::ErrorCode;
-pub use config::{Attachment, IpamConf, NetConf, peek_version};
-pub use env::{CniArgs, Command, Env, validate_container_id, validate_ifname};
+pub use config::{Attachment, IpamConf, MAX_NETWORK_NAME_LEN, NetConf, peek_version};
+pub use env::{
+    CniArgs, Command, Env, MAX_CONTAINER_ID_LEN, validate_container_id, validate_ifname,
+};
 pub use error::CniError;
 pub use panic::catch_panic;
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};

@@ -20,6 +20,10 @@ use serde::{Deserialize, Serialize};
 /// (/30: network, tunnel, one pod, broadcast).
 pub const MAX_BLOCK_PREFIX: u8 = 30;
 
+/// The shortest block prefix: a /0 block's 2^32 addresses do not fit the `u32`
+/// arithmetic of offsets and capacities.
+pub const MIN_BLOCK_PREFIX: u8 = 1;
+
 /// The address of the node's tunnel device in a block: its first host address.
 pub fn tunnel_address(block: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(block.network()) + 1)
@@ -275,16 +279,43 @@ impl Allocator {
     /// Release what `key` holds. Releasing an unknown key is not an error (CNI DEL of
     /// something never added, or deleted twice, must succeed): it returns `None`.
     pub fn release(&mut self, key: &AttachmentKey) -> Option<Allocation> {
-        let seq = self.next_release_seq;
-        for block in &mut self.blocks {
-            if let Some(i) = block.allocations.iter().position(|a| &a.key == key) {
-                let a = block.allocations.remove(i);
-                block.released.push(Released { ip: a.ip, seq });
-                self.next_release_seq += 1;
-                return Some(a);
+        let (b, i) = self.blocks.iter().enumerate().find_map(|(b, block)| {
+            let i = block.allocations.iter().position(|a| &a.key == key)?;
+            Some((b, i))
+        })?;
+        let seq = self.take_release_seq();
+        let block = &mut self.blocks[b];
+        let a = block.allocations.remove(i);
+        block.released.push(Released { ip: a.ip, seq });
+        Some(a)
+    }
+
+    /// The next release's sequence number. Only the order of releases matters, so a
+    /// counter at its end (reachable only from an edited state file; the fuzzer found
+    /// it) renumbers the released addresses from 0, keeping their order.
+    fn take_release_seq(&mut self) -> u64 {
+        if self.next_release_seq == u64::MAX {
+            let mut order: Vec<(u64, usize, usize)> = self
+                .blocks
+                .iter()
+                .enumerate()
+                .flat_map(|(b, block)| {
+                    block
+                        .released
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, r)| (r.seq, b, i))
+                })
+                .collect();
+            order.sort_unstable();
+            for (n, (_, b, i)) in order.iter().enumerate() {
+                self.blocks[*b].released[*i].seq = n as u64;
             }
+            self.next_release_seq = order.len() as u64;
         }
-        None
+        let seq = self.next_release_seq;
+        self.next_release_seq += 1;
+        seq
     }
 
     /// Release every allocation `keep` rejects (CNI GC); returns them.
@@ -324,7 +355,9 @@ impl Allocator {
         let mut prev: Option<Ipv4Net> = None;
         for b in &self.blocks {
             let cidr = b.cidr;
-            if cidr.prefix_len() > MAX_BLOCK_PREFIX || cidr.trunc() != cidr {
+            if !(MIN_BLOCK_PREFIX..=MAX_BLOCK_PREFIX).contains(&cidr.prefix_len())
+                || cidr.trunc() != cidr
+            {
                 return bad(format!("block {cidr} is not a valid block"));
             }
             if let Some(p) = prev
@@ -535,5 +568,53 @@ mod tests {
         json["blocks"][0]["allocations"] = serde_json::json!([]);
         let bad: Allocator = serde_json::from_value(json).unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    // Both found by ipam/tests/fuzz_state.rs (corpus: block-slash-zero.json,
+    // release-seq-at-max.json); each used to panic on overflow.
+    #[test]
+    fn validate_refuses_a_slash_zero_block() {
+        let json = serde_json::json!({"blocks": [{"cidr": "0.0.0.0/0", "nextFresh": 2,
+            "allocations": [], "released": []}], "nextReleaseSeq": 0});
+        let bad: Allocator = serde_json::from_value(json).unwrap();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("0.0.0.0/0")
+        );
+    }
+
+    #[test]
+    fn a_release_counter_at_its_end_renumbers_and_keeps_the_order() {
+        let owned = [net("10.0.0.0/24")];
+        let mut a = Allocator::new();
+        for i in 0..3 {
+            a.allocate(&key(i), &owned, 0).unwrap();
+        }
+        a.release(&key(2));
+        a.release(&key(0));
+        let mut json = serde_json::to_value(&a).unwrap();
+        json["nextReleaseSeq"] = u64::MAX.into();
+        json["blocks"][0]["released"][0]["seq"] = (u64::MAX - 7).into();
+        json["blocks"][0]["released"][1]["seq"] = (u64::MAX - 2).into();
+        let mut a: Allocator = serde_json::from_value(json).unwrap();
+        a.validate().unwrap();
+        a.release(&key(1));
+        a.validate().unwrap();
+        let order: Vec<(Ipv4Addr, u64)> = a.blocks()[0]
+            .released
+            .iter()
+            .map(|r| (r.ip, r.seq))
+            .collect();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            order,
+            [
+                (ip("10.0.0.4"), 0),
+                (ip("10.0.0.2"), 1),
+                (ip("10.0.0.3"), 2)
+            ]
+        );
     }
 }

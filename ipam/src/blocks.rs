@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::allocator::MAX_BLOCK_PREFIX;
+use crate::allocator::{MAX_BLOCK_PREFIX, MIN_BLOCK_PREFIX};
 use crate::store::{BlockClaim, BlockStore, ClaimOutcome, StoreError};
 
 /// The default cluster pool.
@@ -27,8 +27,8 @@ pub enum PoolError {
     #[error("pool {cidr} is not a network address (did you mean {}?)", cidr.trunc())]
     NotANetwork { cidr: Ipv4Net },
     #[error(
-        "blockSize {block_prefix} does not fit pool {cidr}: it must lie between the pool's prefix length ({}) and {MAX_BLOCK_PREFIX}",
-        cidr.prefix_len()
+        "blockSize {block_prefix} does not fit pool {cidr}: it must lie between {} (the pool's prefix length, and at least {MIN_BLOCK_PREFIX}) and {MAX_BLOCK_PREFIX}",
+        cidr.prefix_len().max(MIN_BLOCK_PREFIX)
     )]
     BadBlockSize { cidr: Ipv4Net, block_prefix: u8 },
 }
@@ -38,7 +38,8 @@ impl Pool {
         if cidr.trunc() != cidr {
             return Err(PoolError::NotANetwork { cidr });
         }
-        if block_prefix < cidr.prefix_len() || block_prefix > MAX_BLOCK_PREFIX {
+        if block_prefix < cidr.prefix_len().max(MIN_BLOCK_PREFIX) || block_prefix > MAX_BLOCK_PREFIX
+        {
             return Err(PoolError::BadBlockSize { cidr, block_prefix });
         }
         Ok(Pool { cidr, block_prefix })
@@ -221,6 +222,9 @@ mod tests {
         ));
         assert!(Pool::new(net("10.244.0.0/16"), 31).is_err());
         assert!(Pool::new(net("10.244.0.0/16"), 15).is_err());
+        // A /0 block's size does not fit in u32 (found by the binary fuzzer: a panic).
+        assert!(Pool::new(net("0.0.0.0/0"), 0).is_err());
+        assert!(Pool::new(net("0.0.0.0/0"), 1).is_ok());
     }
 
     #[test]

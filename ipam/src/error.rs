@@ -75,7 +75,10 @@ impl IpamError {
     pub fn cni_code(&self) -> ErrorCode {
         match self {
             IpamError::Config(_) => ErrorCode::InvalidNetworkConfig,
-            IpamError::State(StateError::NotWritable { .. }) => ErrorCode::StateNotWritable,
+            // A full disk is an unwritable state directory too; the message says which.
+            IpamError::State(StateError::NotWritable { .. } | StateError::Full { .. }) => {
+                ErrorCode::StateNotWritable
+            }
             IpamError::State(StateError::Corrupt { .. }) => ErrorCode::StateCorrupt,
             IpamError::State(StateError::Io { .. }) => ErrorCode::IoFailure,
             // The agent has not published a block yet, or is claiming another one.

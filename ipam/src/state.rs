@@ -30,6 +30,16 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    /// ENOSPC or EDQUOT: the new state could not be written, and the old one stands.
+    #[error(
+        "IPAM state directory {dir} is full ({source}); the previous state is intact. Free \
+         space on its file system (or raise the quota), then retry"
+    )]
+    Full {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "IPAM state file {path} is corrupt: {reason}. sluice-ipam will not reset it, because \
          that could give running pods' addresses to new pods. Repair it by hand, or move it \
@@ -170,6 +180,10 @@ impl StateDir {
                     source: e,
                 }
             }
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => StateError::Full {
+                dir: self.dir.clone(),
+                source: e,
+            },
             _ => StateError::Io {
                 path: path.to_path_buf(),
                 op,

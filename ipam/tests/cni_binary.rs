@@ -402,40 +402,48 @@ fn corrupt_state_is_an_error_and_is_never_reset() {
     assert_eq!(std::fs::read(&state).unwrap(), garbage);
 }
 
+/// Run an ADD of `conf` after `setup` (shell) in a private mount namespace that dies
+/// with the command, so a test mount never reaches the host's mount table. After
+/// the ADD, the state directory's listing goes to stderr as a `state dir: …` line.
+fn add_in_private_mounts(setup: &str, state_dir: &Path, conf: &Value) -> Output {
+    let script = format!(
+        "{setup} && {{ {BIN}; rc=$?; echo \"state dir: $(ls -A {})\" >&2; exit $rc; }}",
+        state_dir.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "p1")
+        .env("CNI_NETNS", "/proc/self/ns/net")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn unwritable_state_dir_is_reported_with_what_to_do() {
     let d = tempfile::tempdir().unwrap();
     publish(d.path(), "node-a", &["10.244.5.0/24"]);
     let ro = d.path().join("ro");
     std::fs::create_dir(&ro).unwrap();
+    let state_dir = ro.join("ipam");
     let mut conf = cluster_conf(d.path(), "node-a");
-    conf["ipam"]["stateDir"] = json!(ro.join("ipam"));
+    conf["ipam"]["stateDir"] = json!(state_dir);
     let out = if nix_is_root() {
-        // Root ignores permission bits: make the directory a read-only mount in a
-        // private mount namespace that dies with the command.
-        let script = format!(
-            "mount -t tmpfs -o ro sluice-test {} && exec {BIN}",
-            ro.display()
-        );
-        let mut child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", "p1")
-            .env("CNI_NETNS", "/proc/self/ns/net")
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/opt/cni/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        // Root ignores permission bits: make the directory a read-only mount.
+        let setup = format!("mount -t tmpfs -o ro sluice-test {}", ro.display());
+        add_in_private_mounts(&setup, &ro, &conf)
     } else {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
@@ -449,6 +457,29 @@ fn unwritable_state_dir_is_reported_with_what_to_do() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(msg.contains("not writable"), "{msg}");
+    assert!(msg.contains(state_dir.to_str().unwrap()), "{msg}");
+
+    // A full file system: the same code, a message that says so, and the atomic
+    // writer's temporary file removed (only the lock file is left).
+    if !nix_is_root() {
+        return;
+    }
+    let setup = format!(
+        "mount -t tmpfs -o size=64k sluice-test {ro} && mkdir {ro}/ipam && \
+         {{ dd if=/dev/zero of={ro}/filler bs=4096 2>/dev/null; true; }}",
+        ro = ro.display()
+    );
+    let out = add_in_private_mounts(&setup, &state_dir, &conf);
+    let (code, msg) = error_code(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let listing = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("state dir: "))
+        .unwrap_or_else(|| panic!("no listing in {stderr}"));
+    assert_eq!(code, 111, "{msg} / {stderr}");
+    assert!(msg.contains("is full"), "{msg}");
+    assert!(msg.contains(state_dir.to_str().unwrap()), "{msg}");
+    assert_eq!(listing.trim(), "lock", "left in the state directory");
 }
 
 fn nix_is_root() -> bool {

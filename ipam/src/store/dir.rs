@@ -123,7 +123,8 @@ impl DirStore {
         };
         if let Err(e) = write_tmp() {
             let _ = std::fs::remove_file(&tmp);
-            return Err(self.io("write claim", &tmp, e));
+            // Name the store, not the temporary file that is gone by now.
+            return Err(self.io("write claim", &self.dir, e));
         }
         let linked = std::fs::hard_link(&tmp, &target);
         let _ = std::fs::remove_file(&tmp);
