@@ -21,24 +21,6 @@ use support::*;
 
 const PER_BATCH: usize = 50;
 
-/// xorshift64*: reproducible from the printed seed, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Victim {
     Plugin,
@@ -116,7 +98,7 @@ fn random_kill(rng: &mut Rng, percent: u64) -> Option<(Duration, Victim)> {
     }
     // Debug builds take a few to a few tens of milliseconds per call: spread the
     // kill over that whole span so every step of ADD and DEL gets hit.
-    let delay = Duration::from_micros(rng.below(25_000));
+    let delay = Duration::from_micros(rng.below(25_000) as u64);
     let victim = if rng.chance(50) {
         Victim::Plugin
     } else {
@@ -156,9 +138,9 @@ fn add_and_del_killed_at_random_moments_leave_nothing_behind_after_gc() {
     if !require_root("faults_kill") {
         return;
     }
-    let Some(_) = sluice_ipam_bin() else {
-        panic!("sluice-ipam is not built; tests/run.sh builds every binary first");
-    };
+    if !require_sluice_ipam("faults_kill") {
+        return;
+    }
     let cycles: usize = std::env::var("SLUICE_FAULT_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -37,31 +37,16 @@ const CORPUS: &str = concat!(
     "/../cni-protocol/tests/corpus/config"
 );
 
-/// xorshift64*: enough to pick ops reproducibly from a printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn op(&mut self, values: &[Value]) -> Op {
-        let i = self.next() as usize;
-        match self.below(6) {
-            0 => Op::Remove(i),
-            1 => Op::Retype(i, values[self.below(values.len())].clone()),
-            2 => Op::Duplicate(i),
-            3 => Op::Nest(i, 1 + self.below(200), self.next().is_multiple_of(2)),
-            4 => Op::Truncate(i),
-            _ => Op::Insert(i, vec![0xff, self.next() as u8]),
-        }
+/// One random mutation of a seed document.
+fn op(rng: &mut Rng, values: &[Value]) -> Op {
+    let i = rng.next() as usize;
+    match rng.below(6) {
+        0 => Op::Remove(i),
+        1 => Op::Retype(i, values[rng.below(values.len())].clone()),
+        2 => Op::Duplicate(i),
+        3 => Op::Nest(i, 1 + rng.below(200), rng.next().is_multiple_of(2)),
+        4 => Op::Truncate(i),
+        _ => Op::Insert(i, vec![0xff, rng.next() as u8]),
     }
 }
 
@@ -154,11 +139,7 @@ fn fuzzed_input_through_the_sluice_binary_gets_a_result_or_one_registry_error() 
     if !require_root("fuzz_binary") {
         return;
     }
-    if sluice_ipam_bin().is_none() {
-        assert!(
-            !sluice_testkit::privileged_required(),
-            "sluice-ipam not built"
-        );
+    if !require_sluice_ipam("fuzz_binary") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -218,7 +199,9 @@ fn fuzzed_input_through_the_sluice_binary_gets_a_result_or_one_registry_error() 
         ];
         for _ in 0..n {
             let doc = &seeds[rng.below(seeds.len())];
-            let ops: Vec<Op> = (0..1 + rng.below(4)).map(|_| rng.op(&values)).collect();
+            let ops: Vec<Op> = (0..1 + rng.below(4))
+                .map(|_| op(&mut rng, &values))
+                .collect();
             let stdin = apply(doc, &ops);
             let command = commands[rng.below(commands.len())];
             let a = args[rng.below(args.len())];

@@ -146,11 +146,7 @@ fn ipam_on_a_full_or_read_only_disk_fails_cleanly_and_recovers() {
     if !require_root("ipam_disk_faults") {
         return;
     }
-    if sluice_ipam_bin().is_none() {
-        assert!(
-            !sluice_testkit::privileged_required(),
-            "sluice-ipam not built"
-        );
+    if !require_sluice_ipam("ipam_disk_faults") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

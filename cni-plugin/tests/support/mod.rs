@@ -374,3 +374,40 @@ pub fn conflist(name: &str, ipam: Ipam, dir: &Path) -> Value {
         "plugins": [plugin, {"type": "portmap", "capabilities": {"portMappings": true}}]
     })
 }
+
+/// Whether the built `sluice-ipam` is there for a test that needs it; in CI its
+/// absence fails the test instead of skipping it.
+pub fn require_sluice_ipam(test: &str) -> bool {
+    if sluice_ipam_bin().is_some() {
+        return true;
+    }
+    assert!(
+        !sluice_testkit::privileged_required(),
+        "{test}: sluice-ipam is not built; tests/run.sh builds every binary first"
+    );
+    eprintln!("SKIP {test}: sluice-ipam is not built");
+    false
+}
+
+/// xorshift64*: random choices a failing run can replay from its printed seed,
+/// without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// True `percent` times in a hundred.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
