@@ -145,18 +145,8 @@ fn add_and_del_killed_at_random_moments_leave_nothing_behind_after_gc() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let seed: u64 = std::env::var("SLUICE_FAULT_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let (mut rng, seed) = Rng::from_env("SLUICE_FAULT_SEED");
     eprintln!("faults_kill: {cycles} cycles, SLUICE_FAULT_SEED={seed}");
-    let mut rng = Rng(seed);
     let mut tally = Tally::default();
 
     let tmp = tempfile::tempdir().unwrap();

@@ -148,16 +148,7 @@ fn fuzzed_input_through_the_sluice_binary_gets_a_result_or_one_registry_error() 
     let bins_path = bins.dir.display().to_string();
     let cwd = dir.join("cwd");
     std::fs::create_dir(&cwd).unwrap();
-    let seed = std::env::var("SLUICE_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let (mut rng, seed) = Rng::from_env("SLUICE_FUZZ_SEED");
     eprintln!("fuzz_binary: SLUICE_FUZZ_SEED={seed}");
     let n = cases(2_000);
     let started = Instant::now();
@@ -181,7 +172,6 @@ fn fuzzed_input_through_the_sluice_binary_gets_a_result_or_one_registry_error() 
 
         let seeds = seeds(dir);
         let values = odd_values();
-        let mut rng = Rng(seed);
         let commands = ["ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION", "add", ""];
         // The longest id sluice accepts, one over, and one the netlink encoder
         // cannot write as part of the host link's alias (it used to panic).

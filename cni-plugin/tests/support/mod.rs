@@ -64,7 +64,7 @@ impl Ipam {
             Ipam::SluiceIpam => dir.join("sluice-ipam"),
         };
         let mut all = String::new();
-        for f in walk(&root) {
+        for f in sluice_testkit::files_under(&root) {
             let name = f.file_name().unwrap().to_string_lossy().into_owned();
             // A writer killed before its rename leaves its temporary file: not state.
             if name == "lock"
@@ -78,21 +78,6 @@ impl Ipam {
         }
         all
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// A private CNI bin directory: the built `sluice` and `sluice-ipam` plus the
@@ -394,6 +379,22 @@ pub fn require_sluice_ipam(test: &str) -> bool {
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// Seeded from `var` when set (to replay a run), else from the clock; the seed
+    /// is returned so the test can print it.
+    pub fn from_env(var: &str) -> (Rng, u64) {
+        let seed = std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        (Rng(seed), seed)
+    }
+
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;

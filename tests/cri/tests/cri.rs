@@ -168,7 +168,7 @@ impl Node {
     /// allocation a line); released addresses it keeps aside are not held.
     fn ipam_state(&self) -> String {
         let mut all = String::new();
-        for f in walk(&self.dir.join("sluice-ipam")) {
+        for f in sluice_testkit::files_under(&self.dir.join("sluice-ipam")) {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(
                 &std::fs::read_to_string(&f).unwrap_or_default(),
             ) else {
@@ -339,21 +339,6 @@ fn iptables_save() -> String {
         all += &String::from_utf8_lossy(&try_sh(tool).stdout);
     }
     all
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 fn tail(s: &str, n: usize) -> String {

@@ -251,6 +251,23 @@ pub fn try_sh(cmd: &str) -> Output {
         .expect("spawn sh")
 }
 
+/// Every file below `dir`, recursively (nothing when it does not exist): what a
+/// plugin's state directory holds, for leak checks.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// The workspace's target directory as seen from a running test binary
 /// (`target/<profile>/deps/<test>` → `target/<profile>`).
 pub fn target_profile_dir() -> PathBuf {
