@@ -101,6 +101,7 @@ fn scenario(name: &str, local: usize, kernel: bool) {
         tunnel: TunnelFilter::Ipip,
         nat_outgoing: true,
         node_ip: None,
+        dataplane: sluice_policy::dataplane::DataplaneKind::Iptables,
     };
     let objs = objects(local);
     let t = Instant::now();

@@ -395,6 +395,7 @@ mod loop_tests {
                 tunnel: TunnelFilter::Ipip,
                 nat_outgoing: true,
                 node_ip: None,
+                dataplane: sluice_policy::dataplane::DataplaneKind::Iptables,
             },
             dataplane: Arc::new(Dataplane::new(runner.clone(), Backend::Nft)),
             network: Network::Off,

@@ -178,6 +178,7 @@ spec: {podSelector: {}}
             tunnel: TunnelFilter::Ipip,
             nat_outgoing: true,
             node_ip: None,
+            dataplane: sluice_policy::dataplane::DataplaneKind::Iptables,
         }
     }
 

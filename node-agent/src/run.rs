@@ -57,6 +57,7 @@ pub fn node_settings(cfg: &RunConfig) -> Result<NodeSettings, RunError> {
         },
         nat_outgoing: cfg.nat_outgoing,
         node_ip,
+        dataplane: sluice_policy::dataplane::DataplaneKind::Iptables,
     })
 }
 

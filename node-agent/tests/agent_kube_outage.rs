@@ -109,6 +109,7 @@ async fn start() -> Agent {
             tunnel: TunnelFilter::None,
             nat_outgoing: true,
             node_ip: None,
+            dataplane: sluice_policy::dataplane::DataplaneKind::Iptables,
         },
         dataplane: Arc::new(Dataplane::new(runner.clone(), Backend::Nft)),
         network: Network::Off,

@@ -9,6 +9,7 @@
 //!   held pods) into everything the agent programs on one node;
 //! - [`plan`] diffs a desired model against the kernel's (or a previous model).
 
+pub mod nft_plan;
 pub mod node;
 pub mod plan;
 
@@ -24,6 +25,26 @@ pub const MARK_ALLOW: u32 = 0x10000;
 /// All mark bits sluice may use (allow, and one spare), disjoint from kube-proxy's
 /// 0x4000 (masquerade) and 0x8000 (drop). Only [`MARK_ALLOW`] is used today.
 pub const MARK_MASK: u32 = 0x30000;
+
+/// The kernel dataplane a node's ruleset is built for and written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum DataplaneKind {
+    /// iptables (legacy or nft backend) and ipset: [`crate::render::iptables`].
+    #[default]
+    Iptables,
+    /// One nftables table of sluice's own: [`crate::render::nft`].
+    Nftables,
+}
+
+impl DataplaneKind {
+    /// `iptables` or `nftables`: the spelling of flags, ConfigMap keys and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataplaneKind::Iptables => "iptables",
+            DataplaneKind::Nftables => "nftables",
+        }
+    }
+}
 
 /// An iptables table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -86,6 +86,10 @@ pub struct NodeSettings {
     pub nat_outgoing: bool,
     /// Overrides the Node object's address for this node.
     pub node_ip: Option<Ipv4Addr>,
+    /// Which kernel dataplane the ruleset is for: it decides the policy part's form
+    /// (chains walked per policy for iptables, one set lookup per direction for
+    /// nftables); the agent's own rules are the same model on both.
+    pub dataplane: super::DataplaneKind,
 }
 
 /// A rejected policy's stand-in: deny everything, both directions, for the pods it
@@ -398,6 +402,7 @@ mod tests {
             tunnel,
             nat_outgoing,
             node_ip: None,
+            dataplane: crate::dataplane::DataplaneKind::Iptables,
         }
     }
 

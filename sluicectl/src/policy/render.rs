@@ -89,6 +89,7 @@ impl Args {
             },
             nat_outgoing: self.nat_outgoing,
             node_ip: self.node_ip,
+            dataplane: sluice_policy::dataplane::DataplaneKind::Iptables,
         }
     }
 }
