@@ -126,7 +126,7 @@ pub fn node_ruleset(
     ifaces: &dyn InterfaceNames,
 ) -> Result<Ruleset, CompileError> {
     let full = with_stand_ins(cluster);
-    let mut rs = compile::compile(&full, &settings.node, ifaces)?;
+    let mut rs = compile::compile_for(settings.dataplane, &full, &settings.node, ifaces)?;
     for table in [Table::Filter, Table::Nat] {
         rs.tables.entry(table).or_default();
     }
