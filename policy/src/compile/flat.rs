@@ -408,3 +408,162 @@ fn group_comment(direction: Direction, policies: &[NamespacedName]) -> String {
     out.retain(|ch| ch != '"' && ch != '\\');
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::{Hook, Packet, Verdict, classify};
+    use crate::dataplane::CtState;
+    use crate::model::{ContainerPort, IpBlock, PolicyPort, PolicyTypes, Rule as NpRule};
+    use crate::selector::LabelSelector;
+
+    struct Veths;
+
+    impl InterfaceNames for Veths {
+        fn host_veth(&self, pod: &Pod) -> String {
+            format!("slc{}", pod.name)
+        }
+        fn namespace_prefix(&self, namespace: &str) -> String {
+            format!("slc{}", &namespace[..1])
+        }
+    }
+
+    fn pod(name: &str, ip: &str, node: &str, ports: Vec<ContainerPort>) -> Pod {
+        Pod {
+            namespace: "prod".into(),
+            name: name.into(),
+            labels: [("app".to_string(), name.to_string())].into(),
+            ips: vec![ip.parse().unwrap()],
+            node: Some(node.into()),
+            ports,
+            host_network: false,
+        }
+    }
+
+    fn http(port: u16) -> Vec<ContainerPort> {
+        vec![ContainerPort {
+            name: Some("http".into()),
+            port,
+            protocol: Protocol::Tcp,
+        }]
+    }
+
+    fn ingress_policy(name: &str, block: &str, except: &[&str], port: PortMatch) -> NetworkPolicy {
+        NetworkPolicy {
+            namespace: "prod".into(),
+            name: name.into(),
+            pod_selector: LabelSelector::everything(),
+            ingress: vec![NpRule {
+                peers: Peers::Listed(vec![Peer::IpBlock(IpBlock {
+                    cidr: block.parse().unwrap(),
+                    except: except.iter().map(|e| e.parse().unwrap()).collect(),
+                })]),
+                ports: Ports::Listed(vec![PolicyPort {
+                    protocol: Protocol::Tcp,
+                    port,
+                }]),
+            }],
+            egress: vec![],
+            policy_types: PolicyTypes {
+                ingress: true,
+                egress: false,
+            },
+        }
+    }
+
+    fn elements(rs: &Ruleset, set: &str) -> Vec<String> {
+        crate::render::nft::sets(rs)[set]
+            .elements
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn one_pods_ingress_is_one_disjoint_tuple_set_and_named_ports_split_groups() {
+        let mut c = Cluster::default();
+        c.add_pod(pod("a", "10.244.1.2", "n1", http(8080)));
+        c.add_pod(pod("b", "10.244.1.3", "n1", http(8080)));
+        c.add_pod(pod("c", "10.244.1.4", "n1", http(9090)));
+        c.add_policy(ingress_policy(
+            "wide",
+            "172.16.0.0/16",
+            &["172.16.8.0/24"],
+            PortMatch::Named("http".into()),
+        ));
+        c.add_policy(ingress_policy(
+            "overlap",
+            "172.16.0.0/12",
+            &[],
+            PortMatch::Numbers {
+                start: 8000,
+                end: 8100,
+            },
+        ));
+        let rs = compile(&c, "n1", &Veths).unwrap();
+        let to_pod = &rs.maps[MAP_TO_POD];
+        let group = |p: &str| to_pod.elements[&MapKeyValue::Iface(format!("slc{p}"))].clone();
+        assert_eq!(group("a"), group("b"), "same policies, same named port");
+        assert_ne!(group("a"), group("c"), "http means another number on c");
+        let MapVerdict::Goto(chain) = group("a") else {
+            panic!()
+        };
+        assert_eq!(
+            elements(&rs, &names::group_tuple_set(&chain)),
+            // 8080 lies inside 8000-8100: one box for the /12 over the range, none
+            // overlapping it for the named port.
+            ["172.16.0.0-172.31.255.255 . tcp . 8000-8100"]
+        );
+        let MapVerdict::Goto(chain_c) = group("c") else {
+            panic!()
+        };
+        assert_eq!(
+            elements(&rs, &names::group_tuple_set(&chain_c)),
+            [
+                "172.16.0.0-172.16.7.255 . tcp . 9090",
+                "172.16.0.0-172.31.255.255 . tcp . 8000-8100",
+                "172.16.9.0-172.16.255.255 . tcp . 9090",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_connection_costs_the_same_lookups_under_one_policy_or_a_thousand() {
+        let trace_len = |policies: usize| {
+            let mut c = Cluster::default();
+            c.add_pod(pod("a", "10.244.1.2", "n1", vec![]));
+            for i in 0..policies {
+                c.add_policy(ingress_policy(
+                    &format!("p{i}"),
+                    &format!("10.{}.{}.0/24", i / 256, i % 256),
+                    &[],
+                    PortMatch::Numbers { start: 80, end: 80 },
+                ));
+            }
+            let rs = compile(&c, "n1", &Veths).unwrap();
+            let packet = Packet {
+                hook: Hook::Forward,
+                in_iface: Some("eth0".into()),
+                out_iface: Some("slca".into()),
+                src: format!("10.{}.{}.9", (policies - 1) / 256, (policies - 1) % 256)
+                    .parse()
+                    .unwrap(),
+                dst: "10.244.1.2".parse().unwrap(),
+                protocol: Protocol::Tcp,
+                dport: 80,
+                ct: CtState::New,
+            };
+            let cls = classify(&rs, Table::Filter, &packet).unwrap();
+            assert_eq!(cls.verdict, Verdict::Accept);
+            // Adjacent /24s merge: a thousand policies, one element.
+            let MapVerdict::Goto(chain) =
+                rs.maps[MAP_TO_POD].elements[&MapKeyValue::Iface("slca".into())].clone()
+            else {
+                panic!()
+            };
+            assert_eq!(rs.sets[&names::group_tuple_set(&chain)].members.len(), 1);
+            cls.trace.len()
+        };
+        assert_eq!(trace_len(1), trace_len(1000));
+    }
+}
