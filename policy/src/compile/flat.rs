@@ -42,6 +42,13 @@
 //!   a comment holds, with the count of the rest), to trace a drop to its policies.
 //! - Anti-spoofing, fail-closed unknown pods, conntrack first and the INPUT path
 //!   back to the host's rules are the same as the per-policy form's.
+//!
+//! Why the iptables dataplane does not use this form: ipset `hash:net,port` holds
+//! one port per member, so a port range (`endPort`, or every port of a protocol)
+//! expands into a member per port per net — 65,536 members for one peer on a whole
+//! protocol — and iptables has no verdict map, so the per-pod dispatch chain would
+//! stay linear anyway. The gain would be limited to the per-policy walk inside one
+//! pod's chain, for sets orders of magnitude larger.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
