@@ -97,6 +97,47 @@ pub fn policy_chain(policy: &NamespacedName, direction: Direction) -> String {
     format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
 }
 
+/// The chain of a group of local pods (nftables flat form) isolated in `direction` by
+/// the same `policies` and, for ingress, resolving the named ports those policies
+/// reference to the same numbers (`named`: name, protocol, ports):
+/// `SLUICE-GI-<hash>` / `SLUICE-GE-<hash>`. Its sets are [`group_tuple_set`] and
+/// [`group_any_set`].
+pub fn group_chain(
+    direction: Direction,
+    policies: &[NamespacedName],
+    named: &[(String, Protocol, Vec<u16>)],
+) -> String {
+    let kind = match direction {
+        Direction::Ingress => "GI",
+        Direction::Egress => "GE",
+    };
+    let mut key = String::new();
+    for p in policies {
+        push_str(&mut key, &p.namespace);
+        push_str(&mut key, &p.name);
+    }
+    key.push('|');
+    for (name, protocol, ports) in named {
+        push_str(&mut key, name);
+        push_str(&mut key, protocol.as_str());
+        for port in ports {
+            let _ = write!(key, "{port},");
+        }
+        key.push(';');
+    }
+    format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
+}
+
+/// A group's (peer address, protocol, port) tuple set.
+pub fn group_tuple_set(group_chain: &str) -> String {
+    format!("{group_chain}-P")
+}
+
+/// A group's set of peers allowed with no port restriction (every protocol).
+pub fn group_any_set(group_chain: &str) -> String {
+    format!("{group_chain}-A")
+}
+
 /// The hash:ip set of the pods a pod peer names. The policy's namespace is part of the
 /// identity only when the peer is scoped to it, so the same namespaceSelector peer
 /// written in two namespaces shares one set.
