@@ -114,6 +114,11 @@ fn setup(dataplane: Dataplane) -> (World, Agent) {
     w.write_manifest("20-policies.yaml", POLICIES);
     let agent = w.start_agent(&agent_args(dataplane));
     w.wait_ready(&agent, Duration::from_secs(20));
+    // The status file and /readyz say which dataplane runs.
+    let status = std::fs::read_to_string(w.status_file()).unwrap();
+    let want = format!("dataplane {} (configured)", dataplane.as_str());
+    assert!(status.contains(&want), "{status}");
+    assert!(w.http_get("/readyz").contains(&want));
     (w, agent)
 }
 

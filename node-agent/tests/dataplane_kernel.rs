@@ -608,3 +608,24 @@ fn ipsets_not_ours() -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+#[test]
+fn auto_picks_nftables_on_this_kernel_because_nft_check_accepts_the_probe() {
+    if !nft_available("auto_picks_nftables") {
+        return;
+    }
+    in_new_netns(|| {
+        let s = sluice_agent::dataplane::select::select(&ExecRunner, DataplaneChoice::Auto);
+        assert_eq!(
+            s.kind,
+            sluice_policy::dataplane::DataplaneKind::Nftables,
+            "{s:?}"
+        );
+        // --check commits nothing: no probe table is left behind.
+        assert!(
+            !sh("nft list ruleset").contains("table"),
+            "{}",
+            sh("nft list ruleset")
+        );
+    });
+}
