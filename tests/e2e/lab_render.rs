@@ -268,8 +268,9 @@ fn policy_render_equals_what_the_agent_programs_with_iptables_legacy() {
 }
 
 /// `nft -j list table ip sluice` as a comparable value: handles dropped (the kernel
-/// numbers objects in creation order) and set elements sorted (a hash set lists its
-/// elements in bucket order, which depends on a per-set random seed).
+/// numbers objects in creation order), objects ordered by kind and name, and set
+/// elements sorted (a hash set lists its elements in bucket order, which depends on a
+/// per-set random seed).
 fn normalised_listing(json: &str) -> serde_json::Value {
     fn walk(v: &mut serde_json::Value) {
         match v {
@@ -292,8 +293,16 @@ fn normalised_listing(json: &str) -> serde_json::Value {
         serde_json::from_str(json).unwrap_or_else(|e| panic!("nft -j output: {e}\n{json}"));
     walk(&mut v);
     // The metainfo entry names nft's version, the same on both sides but not policy.
+    // Objects list in creation order, and the agent created some later than others:
+    // order them by kind and name, stably, so each chain's rules keep their order.
     if let Some(a) = v["nftables"].as_array_mut() {
         a.retain(|o| o.get("metainfo").is_none());
+        let key = |o: &serde_json::Value| {
+            let (kind, body) = o.as_object().and_then(|m| m.iter().next()).unwrap();
+            let name = body.get("name").or_else(|| body.get("chain"));
+            (kind.clone(), name.map(|n| n.to_string()).unwrap_or_default())
+        };
+        a.sort_by_key(key);
     }
     v
 }
