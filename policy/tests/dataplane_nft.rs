@@ -151,15 +151,21 @@ fn pods_labels_and_peers_are_element_changes_and_every_plan_lands_exactly() {
         assert_eq!((p.chains_rewritten, p.sets_created), (0, 0), "{}", p.script);
         assert!(p.elements_added > 0, "{}", p.script);
 
-        // A label change that makes a remote pod a peer: set elements only.
+        // A label change that makes a local pod a peer (cache joins pg, its
+        // neighbouring address): a merged interval replaces its part, elements only.
         c.pods
-            .get_mut(&NamespacedName::new("web", "api"))
+            .get_mut(&NamespacedName::new("db", "cache"))
             .unwrap()
             .labels = labels(&[("app", "pg")]);
         let p = sync(&desired(&c));
         assert_eq!((p.chains_rewritten, p.sets_created), (0, 0), "{}", p.script);
+        assert!(
+            p.elements_added > 0 && p.elements_deleted > 0,
+            "{}",
+            p.script
+        );
 
-        // A peer pod appearing elsewhere (egress to pg on a range): elements only.
+        // A peer pod appearing on another node, then going: elements only.
         c.add_pod(mk_pod(
             "db",
             "pg2",
@@ -169,7 +175,21 @@ fn pods_labels_and_peers_are_element_changes_and_every_plan_lands_exactly() {
         ));
         let p = sync(&desired(&c));
         assert_eq!((p.chains_rewritten, p.sets_created), (0, 0), "{}", p.script);
-        assert!(p.elements_added > 0, "{}", p.script);
+        assert_eq!(
+            (p.elements_added, p.elements_deleted),
+            (1, 0),
+            "{}",
+            p.script
+        );
+        c.pods.remove(&NamespacedName::new("db", "pg2"));
+        let p = sync(&desired(&c));
+        assert_eq!((p.chains_rewritten, p.sets_created), (0, 0), "{}", p.script);
+        assert_eq!(
+            (p.elements_added, p.elements_deleted),
+            (0, 1),
+            "{}",
+            p.script
+        );
 
         // A new policy: a new group, its chain and sets; a removed one: deleted.
         c.policies.remove(&NamespacedName::new("web", "front-in"));
