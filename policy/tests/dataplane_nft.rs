@@ -226,3 +226,39 @@ fn pods_labels_and_peers_are_element_changes_and_every_plan_lands_exactly() {
         sync(&desired(&feature_cluster()));
     });
 }
+
+/// Random clusters in sequence, each synced from what the kernel holds after the
+/// last: every plan applies (no overlapping intervals, no dangling reference, in
+/// any transition) and lands exactly on the desired state.
+#[test]
+fn random_sequences_of_clusters_sync_exactly() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    if skip("random_sequences_of_clusters_sync_exactly") {
+        return;
+    }
+    sluice_testkit::in_new_netns(|| {
+        let mut runner = TestRunner::new(Config {
+            cases: 64,
+            ..Config::default()
+        });
+        runner
+            .run(&prop::collection::vec(arb_cluster(), 1..4), |clusters| {
+                for c in &clusters {
+                    let want = node_ruleset(
+                        c,
+                        &NodeSettings {
+                            node: NODES[0].0.into(),
+                            ..settings()
+                        },
+                        &FakeVeths,
+                    )
+                    .unwrap();
+                    sync(&want);
+                }
+                Ok(())
+            })
+            .unwrap();
+        apply(&nft::delete_script());
+    });
+}
