@@ -647,6 +647,26 @@ mod tests {
     }
 
     #[test]
+    fn a_group_comment_names_its_policies_within_what_nft_keeps() {
+        let many: Vec<NamespacedName> = (0..40)
+            .map(|i| NamespacedName::new("payments", format!("allow-from-service-{i}")))
+            .collect();
+        let c = group_comment(Direction::Ingress, &many);
+        assert!(c.len() <= MAX_COMMENT, "{c}");
+        assert!(
+            c.starts_with("ingress: payments/allow-from-service-0,"),
+            "{c}"
+        );
+        let (listed, rest) = c.rsplit_once(" +").unwrap();
+        let shown = listed.matches("payments/").count();
+        assert_eq!(shown + rest.parse::<usize>().unwrap(), many.len(), "{c}");
+        assert_eq!(
+            group_comment(Direction::Egress, &many[..1]),
+            "egress: payments/allow-from-service-0"
+        );
+    }
+
+    #[test]
     fn a_new_connection_costs_the_same_lookups_under_one_policy_or_a_thousand() {
         let trace_len = |policies: usize| {
             let mut c = Cluster::default();
