@@ -128,14 +128,13 @@ pub fn group_chain(
     format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
 }
 
-/// A group's (peer address, protocol, port) tuple set.
-pub fn group_tuple_set(group_chain: &str) -> String {
-    format!("{group_chain}-P")
-}
-
-/// A group's set of peers allowed with no port restriction (every protocol).
-pub fn group_any_set(group_chain: &str) -> String {
-    format!("{group_chain}-A")
+/// A set of the nftables flat form, named after the (peer, ports) pairs it is built
+/// from (`key`, canonical), so groups allowing the same pairs share it:
+/// `SLUICE-FT-<hash>` for (address . protocol . port) tuples, `SLUICE-FA-<hash>` for
+/// peers allowed on every port of every protocol (`any`).
+pub fn flat_set(any: bool, key: &str) -> String {
+    let kind = if any { "FA" } else { "FT" };
+    format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
 }
 
 /// The hash:ip set of the pods a pod peer names. The policy's namespace is part of the
