@@ -300,7 +300,10 @@ fn normalised_listing(json: &str) -> serde_json::Value {
         let key = |o: &serde_json::Value| {
             let (kind, body) = o.as_object().and_then(|m| m.iter().next()).unwrap();
             let name = body.get("name").or_else(|| body.get("chain"));
-            (kind.clone(), name.map(|n| n.to_string()).unwrap_or_default())
+            (
+                kind.clone(),
+                name.map(|n| n.to_string()).unwrap_or_default(),
+            )
         };
         a.sort_by_key(key);
     }
