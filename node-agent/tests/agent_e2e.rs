@@ -174,8 +174,10 @@ fn delete_one_of_our_rules(w: &World, dataplane: Dataplane) -> String {
                 let Some((rule, handle)) = l.rsplit_once(" # handle ") else {
                     continue;
                 };
-                if chain.is_some() && !rule.starts_with("type ") && !rule.starts_with("policy ") {
-                    let chain = chain.unwrap();
+                if let Some(chain) = &chain
+                    && !rule.starts_with("type ")
+                    && !rule.starts_with("policy ")
+                {
                     w.node.exec(&format!(
                         "nft delete rule ip sluice {chain} handle {handle}"
                     ));

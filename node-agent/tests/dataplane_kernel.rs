@@ -486,11 +486,12 @@ fn nft_hand_deleted_rule_and_table_are_restored_by_a_full_sync() {
         for l in listing.lines().map(str::trim) {
             if let Some(c) = l.strip_prefix("chain ") {
                 chain = c.split_whitespace().next().map(str::to_string);
-            } else if let (Some(c), Some((rule, h))) = (&chain, l.rsplit_once(" # handle ")) {
-                if !rule.starts_with("type ") && !rule.starts_with("policy ") {
-                    victim = Some((c.clone(), h.to_string()));
-                    break;
-                }
+            } else if let (Some(c), Some((rule, h))) = (&chain, l.rsplit_once(" # handle "))
+                && !rule.starts_with("type ")
+                && !rule.starts_with("policy ")
+            {
+                victim = Some((c.clone(), h.to_string()));
+                break;
             }
         }
         let (c, h) = victim.unwrap_or_else(|| panic!("no rule:\n{listing}"));
