@@ -72,7 +72,10 @@ impl Requested {
 pub enum Ipam {
     InProcess(Box<NodeIpam>),
     /// The plugin binary and the config it is given.
-    Delegate { path: PathBuf, conf: Vec<u8> },
+    Delegate {
+        path: PathBuf,
+        conf: Vec<u8>,
+    },
 }
 
 impl Ipam {
@@ -157,7 +160,8 @@ mod tests {
 
     #[test]
     fn an_added_address_reaches_a_delegate_as_runtime_config_ips() {
-        let conf = br#"{"cniVersion":"1.0.0","name":"n","type":"sluice","runtimeConfig":{"mac":"x"}}"#;
+        let conf =
+            br#"{"cniVersion":"1.0.0","name":"n","type":"sluice","runtimeConfig":{"mac":"x"}}"#;
         let out = with_runtime_ips(conf, &["10.0.0.9".parse().unwrap()]).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["runtimeConfig"]["ips"], serde_json::json!(["10.0.0.9"]));

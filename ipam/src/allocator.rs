@@ -153,9 +153,7 @@ pub enum AllocError {
 /// checked that it lies in a block this node owns.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
-    #[error(
-        "{ip} is the network, tunnel or broadcast address of block {block}, not a pod address"
-    )]
+    #[error("{ip} is the network, tunnel or broadcast address of block {block}, not a pod address")]
     NotAPodAddress { ip: Ipv4Addr, block: Ipv4Net },
     #[error("{ip} is held by container {} interface {}", .holder.container_id, .holder.ifname)]
     Held { ip: Ipv4Addr, holder: AttachmentKey },
@@ -573,7 +571,10 @@ mod tests {
         a.validate().unwrap();
         assert!(a.lookup(&key(1)).unwrap().0.requested);
         // Idempotent for the same attachment; refused for anyone else.
-        assert!(a.allocate_requested(&key(1), "n", ip("10.0.0.5"), b, 0).is_ok());
+        assert!(
+            a.allocate_requested(&key(1), "n", ip("10.0.0.5"), b, 0)
+                .is_ok()
+        );
         assert!(matches!(
             a.allocate_requested(&key(2), "n", ip("10.0.0.5"), b, 0),
             Err(RequestError::Held { .. })

@@ -11,8 +11,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::{IpNet, Ipv4Net};
 use sluice_cni_protocol::{
-    CniError, CniResult, Env, ErrorCode, IpConfig, NetConf, Route, requested_ips,
-    single_requested,
+    CniError, CniResult, Env, ErrorCode, IpConfig, NetConf, Route, requested_ips, single_requested,
 };
 
 use crate::config::{IpamConfig, IpamSettings};

@@ -19,8 +19,8 @@ use crate::config::{BlockSource, IpamSettings};
 use crate::error::IpamError;
 use crate::node_blocks::{self, NodeBlocksError};
 use crate::state::{LockedState, StateDir};
-use crate::store::{BlockStore, ClaimOutcome};
 use crate::store::dir::DirStore;
+use crate::store::{BlockStore, ClaimOutcome};
 
 /// An address handed to an attachment, and the block it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,11 +370,27 @@ mod tests {
         let before_claims = claims(d.path());
         let before_state = std::fs::read(d.path().join("state-a/allocations.json")).unwrap();
         let cases = [
-            ("10.60.0.5", ErrorCode::RequestedAddressInvalid, "outside the pool"),
+            (
+                "10.60.0.5",
+                ErrorCode::RequestedAddressInvalid,
+                "outside the pool",
+            ),
             ("10.50.3.1", ErrorCode::RequestedAddressInvalid, "tunnel"),
-            ("10.50.3.255", ErrorCode::RequestedAddressInvalid, "broadcast"),
-            ("10.50.1.20", ErrorCode::RequestedAddressUnavailable, "node b owns"),
-            ("10.50.2.9", ErrorCode::RequestedAddressUnavailable, "held by container a1"),
+            (
+                "10.50.3.255",
+                ErrorCode::RequestedAddressInvalid,
+                "broadcast",
+            ),
+            (
+                "10.50.1.20",
+                ErrorCode::RequestedAddressUnavailable,
+                "node b owns",
+            ),
+            (
+                "10.50.2.9",
+                ErrorCode::RequestedAddressUnavailable,
+                "held by container a1",
+            ),
         ];
         for (req, code, says) in cases {
             let e = a.add(&k("new"), "net", ip(req)).unwrap_err();
@@ -411,7 +427,10 @@ mod tests {
             routes: vec![],
         });
         assert_eq!(
-            a.add(&k("c"), "net", ip("10.50.0.40")).unwrap().ip.to_string(),
+            a.add(&k("c"), "net", ip("10.50.0.40"))
+                .unwrap()
+                .ip
+                .to_string(),
             "10.50.0.40"
         );
         let e = a.add(&k("d"), "net", ip("10.50.1.40")).unwrap_err();

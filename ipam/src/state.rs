@@ -294,7 +294,10 @@ mod tests {
         let path = d.path().join(STATE_FILE);
         // Boot "a" writes the marker; its state is then torn.
         s.load_in_this_boot(Some("a")).unwrap();
-        assert_eq!(std::fs::read_to_string(d.path().join(BOOT_FILE)).unwrap(), "a");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join(BOOT_FILE)).unwrap(),
+            "a"
+        );
         std::fs::write(&path, b"").unwrap();
         // Still boot "a": real damage, refused and left alone.
         assert!(matches!(
@@ -307,7 +310,10 @@ mod tests {
         assert!(a.is_empty());
         assert_eq!(survives, Survives::ProcessCrash);
         assert!(!path.exists());
-        assert_eq!(std::fs::read_to_string(d.path().join(BOOT_FILE)).unwrap(), "b");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join(BOOT_FILE)).unwrap(),
+            "b"
+        );
         let aside = std::fs::read_dir(d.path())
             .unwrap()
             .filter(|e| {

@@ -42,7 +42,11 @@ fn run(stdin: &mut Vec<u8>) -> Result<Option<Value>, CniError> {
                     key.ifname,
                     a.ip,
                     a.block,
-                    if requested.is_some() { ", requested" } else { "" }
+                    if requested.is_some() {
+                        ", requested"
+                    } else {
+                        ""
+                    }
                 ));
                 Some(sluice_ipam::cni::add_result(ipam.settings(), a).render(conf.cni_version))
             })
