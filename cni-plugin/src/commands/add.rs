@@ -41,6 +41,9 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
             "the sluice plugin needs an \"ipam\" section (e.g. sluice-ipam or host-local)".into(),
         ));
     };
+    // Every address this ADD asks for, gathered (and a malformed one refused)
+    // before anything is touched; IPAM takes them from here.
+    let requested = Requested::from_cni(ctx.env, ctx.conf)?;
     let netns_path = ctx.env.netns.as_deref().unwrap_or(Path::new(""));
     let netns = Netns::open(netns_path)?;
     let ifname = ctx.env.ifname();
@@ -100,8 +103,6 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         );
     }
     let pod_mac = requested_mac(ctx)?;
-    // Every address this ADD asks for, gathered before IPAM runs.
-    let requested = Requested::from_cni(ctx.env, ctx.conf)?;
 
     let mut done = Vec::new();
     let outcome = wire(
