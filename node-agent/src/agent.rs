@@ -360,6 +360,7 @@ mod loop_tests {
         Snapshot {
             cluster: conv.cluster,
             blocks: [("10.244.1.0/24".parse().unwrap(), "node-1".to_string())].into(),
+            ..Default::default()
         }
     }
 

@@ -9,6 +9,7 @@ use sluice_cni::delegate;
 use sluice_cni::protocol::{CniResult, Command};
 
 use super::Ctx;
+use crate::agent_api;
 use crate::error::PluginError;
 use crate::log::log;
 use crate::mtu;
@@ -17,6 +18,7 @@ use crate::sysctl;
 use crate::wiring::{self, HOST_MAC, Plan};
 use sluice_cni::veth::PRIMARY_IFNAME;
 use sluice_netlink::{Netlink, VethPeer, parse_mac};
+use sluice_node_files::local_api::RequestedAddress;
 use sluice_node_files::status as agent_status;
 
 /// What has been created so far, to undo on failure.
@@ -100,6 +102,8 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         );
     }
     let pod_mac = requested_mac(ctx)?;
+    // Asked before anything is created, so a bad annotation leaves nothing behind.
+    let requested = agent_api::requested_address(ctx)?;
 
     let mut done = Vec::new();
     let outcome = wire(
@@ -111,6 +115,7 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         &ipam.plugin_type,
         mtu,
         pod_mac,
+        requested,
     );
     match outcome {
         Ok(v) => Ok(v),
@@ -132,11 +137,30 @@ fn wire(
     ipam_type: &str,
     mtu: u32,
     pod_mac: Option<[u8; 6]>,
+    requested: Option<RequestedAddress>,
 ) -> Result<Value, PluginError> {
-    let ipam_path = delegate::find_in_path(ipam_type, &ctx.env.path)?;
-    let ipam_conf = delegate::config_for(&ipam_path, ctx.conf)?;
-    let ipam_result = delegate::ipam_add(&ipam_path, &ipam_conf)?;
-    done.push(Done::Ipam(ipam_path, ipam_conf));
+    let no_ipam = match requested {
+        Some(RequestedAddress::NoIpam(a)) => Some(a),
+        _ => None,
+    };
+    let ipam_result = match (no_ipam, requested) {
+        // IPAM bypassed: the operator answers for uniqueness, this node only
+        // refuses what it already uses.
+        (Some(a), _) => {
+            agent_api::check_no_ipam(host, a)?;
+            agent_api::no_ipam_result(a)
+        }
+        (None, requested) => {
+            let ipam_path = delegate::find_in_path(ipam_type, &ctx.env.path)?;
+            let mut ipam_conf = delegate::config_for(&ipam_path, ctx.conf)?;
+            if let Some(RequestedAddress::Ipam(a)) = requested {
+                ipam_conf = agent_api::ipam_conf_requesting(&ipam_conf, a)?;
+            }
+            let r = delegate::ipam_add(&ipam_path, &ipam_conf)?;
+            done.push(Done::Ipam(ipam_path, ipam_conf));
+            r
+        }
+    };
     let address = wiring::pod_address(&ipam_result).ok_or_else(|| PluginError::NoIpv4 {
         ipam: ipam_type.to_owned(),
     })?;
@@ -223,6 +247,12 @@ fn wire(
         plan.host_ifname,
         plan.pod_ifname,
         plan.address
+    );
+    agent_api::report_attachment(
+        ctx,
+        &plan.host_ifname,
+        plan.address.addr(),
+        no_ipam.is_some(),
     );
     Ok(plan
         .result(mac, &netns_str, dns, prev)

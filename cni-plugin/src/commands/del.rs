@@ -100,6 +100,7 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     {
         log!("IPAM released the address");
     }
+    crate::agent_api::report_detachment(ctx);
     errors.finish()
 }
 

@@ -181,6 +181,7 @@ impl Datastore for DirDatastore {
                 Ok(Some(Snapshot {
                     cluster: conv.cluster,
                     blocks,
+                    annotations: conv.annotations,
                 }))
             }
             .await;

@@ -309,6 +309,7 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                 let snap = Snapshot {
                     cluster: conv.cluster,
                     blocks: blocks.clone(),
+                    annotations: conv.annotations.clone(),
                 };
                 if last.as_deref() != Some(&snap) {
                     for s in &conv.skipped {

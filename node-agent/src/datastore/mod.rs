@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub cluster: Cluster,
     /// Every claimed block in the pool: block → owning node.
     pub blocks: BTreeMap<Ipv4Net, String>,
+    /// Pods' address annotations (only pods that have one).
+    pub annotations:
+        BTreeMap<sluice_policy::NamespacedName, sluice_node_files::local_api::AddressAnnotations>,
 }
 
 impl Snapshot {
