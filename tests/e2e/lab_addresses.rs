@@ -1,0 +1,163 @@
+//! Addresses a pod asks for, through the real plugin → agent path of the lab, with
+//! real packets: a lab laid out with `--node-ips`; `sluice.dev/ip-addrs-no-ipam` pods
+//! on three nodes, with addresses from one /24 outside the pool and from inside the
+//! pool, reaching each other and an outside host, and policy treating those addresses
+//! as the pods'; each bad request gives its code and leaves nothing behind.
+
+use std::process::Command;
+
+use sluice_e2e::Lab;
+
+fn encap() -> String {
+    std::env::var("SLUICE_E2E_ENCAP").unwrap_or_else(|_| "auto".into())
+}
+
+fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").args(["-c", cmd]).output().expect("sh");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn pod(name: &str, node: &str, labels: &str, annotation: Option<(&str, &str)>) -> String {
+    let ann = annotation
+        .map(|(k, v)| format!(", annotations: {{{k}: '{v}'}}"))
+        .unwrap_or_default();
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: pinned, labels: {{{labels}}}{ann}}}\n\
+         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: 80}}]}}]}}\n"
+    )
+}
+
+const NO_IPAM: &str = "sluice.dev/ip-addrs-no-ipam";
+const IP_ADDRS: &str = "sluice.dev/ip-addrs";
+
+#[test]
+fn no_ipam_pods_on_three_nodes_reach_each_other_and_the_outside_and_bad_requests_leave_nothing() {
+    if !sluice_testkit::require_root("lab_addresses") {
+        return;
+    }
+    let name = "e2e-addr";
+    let e = encap();
+    let lab = Lab::up_with(
+        name,
+        &["--node-ips", "10.0.5.21,10.0.5.22,10.0.5.23", "--encap", &e],
+    );
+    let st = lab.status();
+    let uplinks: Vec<&str> = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["uplinkIP"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(uplinks, ["10.0.5.21", "10.0.5.22", "10.0.5.23"], "{st}");
+
+    // Ingress to `c` only from `a`: policy must know the no-IPAM addresses.
+    let objects = [
+        pod("a", "node-1", "app: a", Some((NO_IPAM, r#"["172.20.9.1"]"#))),
+        pod("b", "node-2", "app: b", Some((NO_IPAM, r#"["172.20.9.2"]"#))),
+        pod("c", "node-3", "app: c", Some((NO_IPAM, r#"["172.20.9.3"]"#))),
+        pod("d", "node-2", "app: d", Some((NO_IPAM, r#"["10.244.250.4"]"#))),
+        pod("plain", "node-1", "app: plain", None),
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: c-from-a, namespace: pinned}\n\
+         spec: {podSelector: {matchLabels: {app: c}}, ingress: [{from: [{podSelector: {matchLabels: {app: a}}}]}]}\n"
+            .to_string(),
+    ]
+    .concat();
+    lab.apply_yaml(&objects);
+    for (p, ip) in [
+        ("pinned/a", "172.20.9.1"),
+        ("pinned/b", "172.20.9.2"),
+        ("pinned/c", "172.20.9.3"),
+        ("pinned/d", "10.244.250.4"),
+    ] {
+        assert_eq!(lab.pod_ip(p), ip, "{p}");
+    }
+    // Every node routes each remote no-IPAM address as a /32 to the pod's node,
+    // the way the agent routes blocks (route protocol 181), learned from the datastore.
+    for (node, remote) in [
+        ("node-1", "172.20.9.2"),
+        ("node-1", "172.20.9.3"),
+        ("node-2", "172.20.9.1"),
+        ("node-3", "10.244.250.4"),
+    ] {
+        let r = sh(&format!("ip -n {name}-{node} route show {remote}/32"));
+        assert!(r.contains("proto 181"), "{node} -> {remote}: {r:?}");
+    }
+    // Every pair across nodes, both ways, except what the policy closes.
+    for (from, to) in [
+        ("pinned/a", "pinned/b"),
+        ("pinned/b", "pinned/a"),
+        ("pinned/a", "pinned/c"),
+        ("pinned/a", "pinned/d"),
+        ("pinned/d", "pinned/a"),
+        ("pinned/plain", "pinned/b"),
+        ("pinned/b", "pinned/plain"),
+    ] {
+        assert!(lab.probe(from, to, 80, "TCP").connected(), "{from} -> {to}");
+    }
+    assert!(
+        !lab.probe("pinned/b", "pinned/c", 80, "TCP").connected(),
+        "policy sees b's no-IPAM address as b's and keeps it out of c"
+    );
+    for from in ["pinned/a", "pinned/b", "pinned/c", "pinned/d"] {
+        assert!(
+            lab.probe(from, "ip:198.51.100.7", 443, "TCP").connected(),
+            "{from} -> outside"
+        );
+    }
+
+    // Bad requests: the error, and nothing left (no pod, no namespace, no manifest).
+    let namespaces_before = sh("ip netns list | grep -o \"^e2e-addr-[^ ]*\" | sort");
+    let manifests_before = sh(&format!("ls /run/sluice-lab/{name}/manifests | sort"));
+    let bad = [
+        (
+            "malformed",
+            pod("bad1", "node-1", "app: x", Some((NO_IPAM, "172.20.9.9"))),
+            "code 130",
+        ),
+        (
+            "two addresses",
+            pod(
+                "bad2",
+                "node-1",
+                "app: x",
+                Some((IP_ADDRS, r#"["10.244.1.5","10.244.1.6"]"#)),
+            ),
+            "code 130",
+        ),
+        (
+            "the node's own address",
+            pod(
+                "bad3",
+                "node-2",
+                "app: x",
+                Some((NO_IPAM, r#"["10.0.5.22"]"#)),
+            ),
+            "code 131",
+        ),
+        (
+            "held by a pod on the node",
+            pod(
+                "bad4",
+                "node-1",
+                "app: x",
+                Some((NO_IPAM, r#"["172.20.9.1"]"#)),
+            ),
+            "code 131",
+        ),
+    ];
+    for (what, yaml, code) in bad {
+        let err = lab.apply_yaml_fails(&yaml);
+        assert!(err.contains(code), "{what}: {err}");
+        assert_eq!(
+            sh("ip netns list | grep -o \"^e2e-addr-[^ ]*\" | sort"),
+            namespaces_before,
+            "{what}: a namespace is left"
+        );
+        assert_eq!(
+            sh(&format!("ls /run/sluice-lab/{name}/manifests | sort")),
+            manifests_before,
+            "{what}: a manifest is left"
+        );
+    }
+    lab.down();
+}
