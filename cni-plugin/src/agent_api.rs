@@ -142,24 +142,24 @@ pub fn no_ipam_result(address: Ipv4Addr) -> sluice_cni::protocol::CniResult {
     sluice_cni::protocol::CniResult::parse(&v).expect("a one-address result parses")
 }
 
-/// The IPAM config with `runtimeConfig.ips` asking for `address`: the CNI `ips`
-/// capability, the one way a requested address reaches IPAM (podman `--ip` sends the
-/// same), so `sluice.dev/ip-addrs` and the runtime's request take one path.
-pub fn ipam_conf_requesting(conf: &[u8], address: Ipv4Addr) -> Result<Vec<u8>, PluginError> {
-    let mut v: serde_json::Value = serde_json::from_slice(conf)
-        .map_err(|e| PluginError::Config(format!("network config is not JSON: {e}")))?;
-    let Some(obj) = v.as_object_mut() else {
-        return Err(PluginError::Config(
-            "network config is not an object".into(),
-        ));
-    };
-    let rc = obj
-        .entry("runtimeConfig")
-        .or_insert_with(|| serde_json::json!({}));
-    if let Some(rc) = rc.as_object_mut() {
-        rc.insert("ips".into(), serde_json::json!([format!("{address}/32")]));
+/// A no-IPAM address is the attachment's only address: a runtime request for
+/// another one (`runtimeConfig.ips`, `IP=`) cannot also be honoured (code 115).
+pub fn no_ipam_alone(address: Ipv4Addr, requested: &[Ipv4Addr]) -> Result<(), PluginError> {
+    if requested.iter().all(|r| *r == address) {
+        return Ok(());
     }
-    Ok(serde_json::to_vec(&v).expect("JSON serializes"))
+    Err(PluginError::Cni(sluice_cni::protocol::CniError::new(
+        sluice_cni::protocol::ErrorCode::RequestedAddressInvalid,
+        format!(
+            "the pod's {} annotation asks for {address}, the runtime for {}; an attachment has one address",
+            sluice_node_files::local_api::ANNOTATION_IP_ADDRS_NO_IPAM,
+            requested
+                .iter()
+                .map(Ipv4Addr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )))
 }
 
 #[cfg(test)]
@@ -167,16 +167,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_requested_address_reaches_ipam_as_the_ips_capability() {
-        let conf =
-            br#"{"cniVersion":"1.0.0","name":"n","type":"sluice","runtimeConfig":{"mac":"x"}}"#;
-        let out = ipam_conf_requesting(conf, "10.244.3.7".parse().unwrap()).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(
-            v["runtimeConfig"]["ips"],
-            serde_json::json!(["10.244.3.7/32"])
-        );
-        assert_eq!(v["runtimeConfig"]["mac"], "x");
+    fn a_no_ipam_address_and_another_runtime_request_are_refused() {
+        let a: Ipv4Addr = "192.0.2.7".parse().unwrap();
+        assert!(no_ipam_alone(a, &[]).is_ok());
+        assert!(no_ipam_alone(a, &[a]).is_ok());
+        let e: sluice_cni::protocol::CniError = no_ipam_alone(a, &["10.0.0.1".parse().unwrap()])
+            .unwrap_err()
+            .into();
+        assert_eq!(e.code, 115);
     }
 
     #[test]

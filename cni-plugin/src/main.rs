@@ -5,6 +5,7 @@ mod agent_api;
 mod commands;
 mod config;
 mod error;
+mod ipam;
 mod log;
 mod mtu;
 mod netns;

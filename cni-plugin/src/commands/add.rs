@@ -5,12 +5,12 @@
 use std::path::Path;
 
 use serde_json::Value;
-use sluice_cni::delegate;
-use sluice_cni::protocol::{CniResult, Command};
+use sluice_cni::protocol::CniResult;
 
 use super::Ctx;
 use crate::agent_api;
 use crate::error::PluginError;
+use crate::ipam::{Ipam, Requested};
 use crate::log::log;
 use crate::mtu;
 use crate::netns::Netns;
@@ -23,8 +23,8 @@ use sluice_node_files::status as agent_status;
 
 /// What has been created so far, to undo on failure.
 enum Done {
-    /// The IPAM plugin and the config it was given.
-    Ipam(std::path::PathBuf, Vec<u8>),
+    /// IPAM allocated (in-process or delegated).
+    Ipam(Ipam),
     /// The host end: recorded as soon as the kernel accepted the pair, its index
     /// as soon as it is known. Undone by index, never by name alone: the name is
     /// the pod's, shared by all its sandboxes, and may pass to another one.
@@ -102,8 +102,22 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         );
     }
     let pod_mac = requested_mac(ctx)?;
-    // Asked before anything is created, so a bad annotation leaves nothing behind.
-    let requested = agent_api::requested_address(ctx)?;
+    // Every address this ADD asks for, gathered before anything is created, so a
+    // bad request leaves nothing behind: the CNI conventions, then the pod's
+    // annotations through the agent (ip-addrs joins the same request; ip-addrs-no-ipam
+    // bypasses IPAM).
+    let mut requested = Requested::from_cni(ctx.env, ctx.conf)?;
+    let no_ipam = match agent_api::requested_address(ctx)? {
+        Some(RequestedAddress::Ipam(a)) => {
+            requested.add(a);
+            None
+        }
+        Some(RequestedAddress::NoIpam(a)) => {
+            agent_api::no_ipam_alone(a, &requested.all())?;
+            Some(a)
+        }
+        None => None,
+    };
 
     let mut done = Vec::new();
     let outcome = wire(
@@ -113,15 +127,16 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         &mut pod,
         &mut done,
         &ipam.plugin_type,
+        &requested,
         mtu,
         pod_mac,
-        requested,
+        no_ipam,
     );
     match outcome {
         Ok(v) => Ok(v),
         Err(e) => {
             log!("ADD failed: {e}; rolling back");
-            rollback(&mut host, done);
+            rollback(ctx, &mut host, done);
             Err(e)
         }
     }
@@ -135,29 +150,22 @@ fn wire(
     pod: &mut Netlink,
     done: &mut Vec<Done>,
     ipam_type: &str,
+    requested: &Requested,
     mtu: u32,
     pod_mac: Option<[u8; 6]>,
-    requested: Option<RequestedAddress>,
+    no_ipam: Option<std::net::Ipv4Addr>,
 ) -> Result<Value, PluginError> {
-    let no_ipam = match requested {
-        Some(RequestedAddress::NoIpam(a)) => Some(a),
-        _ => None,
-    };
-    let ipam_result = match (no_ipam, requested) {
+    let ipam_result = match no_ipam {
         // IPAM bypassed: the operator answers for uniqueness, this node only
         // refuses what it already uses.
-        (Some(a), _) => {
+        Some(a) => {
             agent_api::check_no_ipam(host, a)?;
             agent_api::no_ipam_result(a)
         }
-        (None, requested) => {
-            let ipam_path = delegate::find_in_path(ipam_type, &ctx.env.path)?;
-            let mut ipam_conf = delegate::config_for(&ipam_path, ctx.conf)?;
-            if let Some(RequestedAddress::Ipam(a)) = requested {
-                ipam_conf = agent_api::ipam_conf_requesting(&ipam_conf, a)?;
-            }
-            let r = delegate::ipam_add(&ipam_path, &ipam_conf)?;
-            done.push(Done::Ipam(ipam_path, ipam_conf));
+        None => {
+            let mut ipam = Ipam::of(ctx)?.expect("exec checked the ipam section");
+            let r = ipam.add(ctx, requested)?;
+            done.push(Done::Ipam(ipam));
             r
         }
     };
@@ -259,7 +267,7 @@ fn wire(
         .render(ctx.conf.cni_version))
 }
 
-fn rollback(host: &mut Netlink, done: Vec<Done>) {
+fn rollback(ctx: &Ctx<'_>, host: &mut Netlink, done: Vec<Done>) {
     for step in done.into_iter().rev() {
         match step {
             // Deleting the host end removes the pod end, the pod's address and
@@ -278,8 +286,8 @@ fn rollback(host: &mut Netlink, done: Vec<Done>) {
                     log!("rollback: deleting {name}: {e}");
                 }
             }
-            Done::Ipam(path, conf) => {
-                if let Err(e) = delegate::ipam_verb(&path, Command::Del, &conf) {
+            Done::Ipam(ipam) => {
+                if let Err(e) = ipam.del(ctx) {
                     log!("rollback: IPAM DEL: {e}");
                 }
             }
