@@ -2,7 +2,8 @@
 //! real packets: a lab laid out with `--node-ips`; `sluice.dev/ip-addrs-no-ipam` pods
 //! on three nodes, with addresses from one /24 outside the pool and from inside the
 //! pool, reaching each other and an outside host, and policy treating those addresses
-//! as the pods'; each bad request gives its code and leaves nothing behind.
+//! as the pods'; a `sluice.dev/ip-addrs` pod gets its address from a block its node
+//! claims; each bad request gives its code and leaves nothing behind.
 
 use std::process::Command;
 
@@ -105,6 +106,26 @@ fn no_ipam_pods_on_three_nodes_reach_each_other_and_the_outside_and_bad_requests
         );
     }
 
+    // sluice.dev/ip-addrs: from the pool through IPAM; a free block is claimed by
+    // the pod's node, and the address is routed like any pod's.
+    lab.apply_yaml(&pod(
+        "ipam-pinned",
+        "node-3",
+        "app: e",
+        Some((IP_ADDRS, r#"["10.244.200.9"]"#)),
+    ));
+    assert_eq!(lab.pod_ip("pinned/ipam-pinned"), "10.244.200.9");
+    assert!(
+        lab.probe("pinned/a", "pinned/ipam-pinned", 80, "TCP")
+            .connected()
+    );
+    assert!(
+        lab.probe("pinned/ipam-pinned", "ip:198.51.100.7", 443, "TCP")
+            .connected()
+    );
+    let plain = lab.pod_ip("pinned/plain");
+    let in_node1_block = format!("{}.200", plain.rsplit_once('.').expect("dotted quad").0);
+
     // Bad requests: the error, and nothing left (no pod, no namespace, no manifest).
     let namespaces_before = sh("ip netns list | grep -o \"^e2e-addr-[^ ]*\" | sort");
     let manifests_before = sh(&format!("ls /run/sluice-lab/{name}/manifests | sort"));
@@ -143,6 +164,36 @@ fn no_ipam_pods_on_three_nodes_reach_each_other_and_the_outside_and_bad_requests
                 Some((NO_IPAM, r#"["172.20.9.1"]"#)),
             ),
             "code 131",
+        ),
+        (
+            "ip-addrs outside the pool",
+            pod(
+                "bad5",
+                "node-1",
+                "app: x",
+                Some((IP_ADDRS, r#"["172.20.9.50"]"#)),
+            ),
+            "code 115",
+        ),
+        (
+            "ip-addrs in another node's block",
+            pod(
+                "bad6",
+                "node-2",
+                "app: x",
+                Some((IP_ADDRS, &format!("[\"{in_node1_block}\"]"))),
+            ),
+            "code 116",
+        ),
+        (
+            "ip-addrs already held",
+            pod(
+                "bad7",
+                "node-3",
+                "app: x",
+                Some((IP_ADDRS, r#"["10.244.200.9"]"#)),
+            ),
+            "code 116",
         ),
     ];
     for (what, yaml, code) in bad {
