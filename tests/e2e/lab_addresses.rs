@@ -212,3 +212,132 @@ fn no_ipam_pods_on_three_nodes_reach_each_other_and_the_outside_and_bad_requests
     }
     lab.down();
 }
+
+/// An agent this test started; killed when the test ends, before `lab down`.
+struct Restarted(std::process::Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn state(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(format!("/run/sluice-lab/{name}/state.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn status_ready(path: &str) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["ready"] == true)
+}
+
+#[test]
+fn a_pod_added_while_its_agent_is_down_gets_its_address_is_fail_closed_and_is_enforced_at_the_agents_first_sync()
+ {
+    if !sluice_testkit::require_root("lab_agent_down_during_add") {
+        return;
+    }
+    let name = "e2e-agentdown";
+    let lab = Lab::up_with(name, &["--nodes", "2", "--encap", &encap()]);
+    lab.apply_yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: guarded, labels: {app: client}}\n\
+         spec: {nodeName: node-2, containers: [{name: c, ports: [{containerPort: 80}]}]}\n\
+         ---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server-from-client, namespace: guarded}\n\
+         spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
+    );
+
+    // node-1's agent dies (its status file still says ready: a crash, not a stop).
+    let st = state(name);
+    let node1 = &st["nodes"][0];
+    let pid = node1["agent_pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(argv[0].ends_with("sluice-agent"), "{argv:?}");
+    sh(&format!("kill -9 {pid}"));
+    for _ in 0..100 {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // ADD while it is down: the pod gets its address, and is fail-closed.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("server.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: guarded, labels: {app: server}}\n\
+         spec: {nodeName: node-1, containers: [{name: c, ports: [{containerPort: 80}]}]}\n",
+    )
+    .unwrap();
+    sluice_e2e::sluicectl_out(&[
+        "lab",
+        "apply",
+        "--name",
+        name,
+        "-f",
+        f.to_str().unwrap(),
+        "--no-wait",
+    ]);
+    // (`lab status` exits non-zero while an agent is down: read the lab's state.)
+    let ip = state(name)["pods"]["guarded/server"]["ip"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(ip.starts_with("10.244."), "{ip}");
+    assert!(
+        !lab.probe("guarded/client", "guarded/server", 80, "TCP")
+            .connected(),
+        "a pod whose policy is not programmed yet is fail-closed"
+    );
+
+    // The agent comes back: at its first sync (when it reports ready) the pod is
+    // enforced, and the allowed connection goes through.
+    let status = format!(
+        "{}/run/sluice/agent-status.json",
+        node1["root"].as_str().unwrap()
+    );
+    std::fs::write(
+        &status,
+        r#"{"ready":false,"reason":"restarting","node":"node-1","updated_unix":0}"#,
+    )
+    .unwrap();
+    let netns = node1["netns"].as_str().unwrap();
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let started = std::time::Instant::now();
+    let _agent = Restarted(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .args(&argv)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    while !status_ready(&status) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the restarted agent never became ready: {}",
+            std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let ready_after = started.elapsed();
+    assert!(
+        lab.probe("guarded/client", "guarded/server", 80, "TCP")
+            .connected(),
+        "enforced at the restarted agent's first sync ({ready_after:?} after its start)"
+    );
+    eprintln!("agent restart → first sync (pod enforced): {ready_after:?}");
+    drop(_agent);
+    lab.down();
+}

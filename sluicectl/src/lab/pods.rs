@@ -202,6 +202,10 @@ fn wait_known(st: &LabState, placed: &BTreeMap<String, String>, timeout: std::ti
     let deadline = std::time::Instant::now() + timeout;
     for (key, node) in placed {
         let Some(n) = st.node(node) else { continue };
+        // A node whose agent is down has nobody to ask: its pods start anyway.
+        if !n.agent_pid.is_some_and(netns::alive) {
+            continue;
+        }
         let socket = sluice_node_files::paths::NodePaths::under(&n.root).agent_socket;
         let (ns, name) = key.split_once('/').expect("ns/name");
         let req = Request::PodAnnotations {
