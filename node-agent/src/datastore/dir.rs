@@ -182,6 +182,7 @@ impl Datastore for DirDatastore {
                     cluster: conv.cluster,
                     blocks,
                     annotations: conv.annotations,
+                    reported: Default::default(),
                 }))
             }
             .await;

@@ -9,8 +9,8 @@
 //! ```
 //!
 //! The overlay sits between the datastore and the loop, so the loop is unchanged: a
-//! report is a new snapshot, which the loop applies at once (after its coalescing
-//! pause), not at the next poll. [`reports`] decides what a report changes.
+//! report is a new snapshot, which the loop applies at once (without its coalescing
+//! pause: the pod is waiting fail-closed), not at the next poll. [`reports`] decides what a report changes.
 
 pub mod reports;
 

@@ -102,6 +102,7 @@ impl Reports {
                 Some(p) if p.ips.is_empty() && !p.host_network => {
                     p.ips = vec![addr];
                     p.node.get_or_insert_with(|| node.to_owned());
+                    out.reported.insert(key.clone(), r.at);
                     Outcome::Applied
                 }
                 _ => Outcome::Waiting,
@@ -162,6 +163,8 @@ mod tests {
         let pod = &merged.cluster.pods[&key("web")];
         assert_eq!(pod.ips, vec!["10.244.1.5".parse::<IpAddr>().unwrap()]);
         assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(merged.reported.get(&key("web")), Some(&t0));
+        assert!(merged.reported_after(t0 - Duration::from_millis(1)));
         // kubelet caught up: the datastore is the truth and the report is done.
         let (_, o) = r.overlay(&snap(&[("web", Some("10.244.1.5"))]), "node-1", t0, grace);
         assert_eq!(o, vec![(key("web"), Outcome::Confirmed)]);
