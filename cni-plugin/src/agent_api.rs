@@ -96,6 +96,31 @@ pub fn check_no_ipam(host: &mut Netlink, address: Ipv4Addr) -> Result<(), Plugin
     Ok(())
 }
 
+/// Refuse a no-IPAM address that this node's in-process IPAM has handed out (to a
+/// pod not wired yet, or wired under another network). A delegated IPAM plugin
+/// keeps its own books; only the route check above covers it.
+pub fn check_no_ipam_allocations(
+    ipam: Option<&crate::ipam::Ipam>,
+    address: Ipv4Addr,
+) -> Result<(), PluginError> {
+    let Some(crate::ipam::Ipam::InProcess(node)) = ipam else {
+        return Ok(());
+    };
+    let held = node
+        .snapshot()
+        .map_err(|e| PluginError::Cni(sluice_ipam::cni::cni_error(e)))?;
+    match held.allocations().find(|a| a.ip == address) {
+        Some(a) => Err(PluginError::NoIpamCollides {
+            address,
+            holder: format!(
+                "an IPAM allocation on this node (container {}, interface {})",
+                a.key.container_id, a.key.ifname
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// ADD wired the pod: tell the agent, best effort.
 pub fn report_attachment(ctx: &Ctx<'_>, host_ifname: &str, address: Ipv4Addr, no_ipam: bool) {
     let Some((namespace, name)) = pod(ctx) else {

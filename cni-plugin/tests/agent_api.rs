@@ -236,3 +236,47 @@ fn annotations_through_the_agent_give_the_no_ipam_address_and_bad_ones_leave_not
         assert_no_node_leftovers();
     });
 }
+
+#[test]
+fn a_no_ipam_address_held_by_in_process_ipam_but_not_wired_is_refused() {
+    if !require_root("a_no_ipam_address_held_by_ipam")
+        || !require_sluice_ipam("a_no_ipam_address_held_by_ipam")
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let bins = CniBin::new(dir);
+    std::fs::write(dir.join("mtu"), "1440\n").unwrap();
+    in_new_netns(|| {
+        setup_node();
+        let socket = dir.join("agent.sock");
+        let mut conf = conf("1.0.0", Ipam::SluiceIpam, dir);
+        conf["agentSocket"] = socket.to_str().unwrap().into();
+        let plain = NetnsHolder::new();
+        let ip = result_ip(
+            &Call::new("ADD", "ctr-held", Some(plain.path()), &conf)
+                .k8s("prod", "plain")
+                .run(&bins)
+                .result(),
+        );
+        // Only IPAM's books hold it now (as between allocation and wiring).
+        sh(&format!("ip route del {ip}/32"));
+        let _agent = FakeAgent::start(
+            &socket,
+            [("pinned".to_string(), (None, Some(format!("[\"{ip}\"]"))))].into(),
+        );
+        let pod = NetnsHolder::new();
+        let out = Call::new("ADD", "ctr-pinned", Some(pod.path()), &conf)
+            .k8s("prod", "pinned")
+            .run(&bins);
+        assert_eq!(out.code(), 131, "{}", out.stdout);
+        assert!(out.stdout.contains("ctr-held"), "{}", out.stdout);
+        assert_pod_empty(&pod);
+        Call::new("DEL", "ctr-held", Some(plain.path()), &conf)
+            .k8s("prod", "plain")
+            .run(&bins)
+            .assert_silent_ok();
+        assert_no_node_leftovers();
+    });
+}

@@ -160,6 +160,7 @@ fn wire(
         // refuses what it already uses.
         Some(a) => {
             agent_api::check_no_ipam(host, a)?;
+            agent_api::check_no_ipam_allocations(Ipam::of(ctx)?.as_ref(), a)?;
             agent_api::no_ipam_result(a)
         }
         None => {
