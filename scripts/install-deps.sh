@@ -10,6 +10,8 @@ declare -A PROVIDES=(
     [iproute2]=/usr/sbin/ip
     [iptables]=/usr/sbin/iptables-legacy
     [ipset]=/usr/sbin/ipset
+    # the nftables dataplane (issue 11)
+    [nftables]=/usr/sbin/nft
     [conntrack]=/usr/sbin/conntrack
     [kmod]=/usr/bin/kmod
     [containernetworking-plugins]=/usr/lib/cni/host-local

@@ -8,11 +8,19 @@
 //! since the rest of the host's rules are not sluice's), interface matches with `+`
 //! wildcards, addresses, protocol and destination port, conntrack state, the
 //! packet mark (`MARK --set-xmark`), and ipset lookups: hash:ip, hash:net with the
-//! most specific entry deciding (so `nomatch` excludes), hash:ip,port.
+//! most specific entry deciding (so `nomatch` excludes), hash:ip,port. And the
+//! nftables form's constructs: address interval sets, (address . protocol . port)
+//! interval tuple lookups, and verdict maps (`vmap`: the element's verdict, or the
+//! next rule when there is no element). sluice's nftables table has base chains of
+//! its own at the same hooks, with policy accept: its verdict is modelled the same
+//! way as the built-in chain's.
 
 use std::net::Ipv4Addr;
 
-use crate::dataplane::{CtState, Match, Ruleset, SetDirection, SetKind, SetMember, Table, Target};
+use crate::dataplane::{
+    CtState, MapKey, MapKeyValue, MapVerdict, Match, Ruleset, SetDirection, SetKind, SetMember,
+    Table, Target,
+};
 use crate::model::Protocol;
 
 /// The netfilter hook (built-in chain of the filter table) a packet traverses.
@@ -79,6 +87,12 @@ pub enum ClassifyError {
         index: usize,
         set: String,
     },
+    #[error("rule {chain}[{index}] uses verdict map {map}, which does not exist")]
+    NoSuchMap {
+        chain: String,
+        index: usize,
+        map: String,
+    },
     #[error("chain nesting deeper than {0}: a loop")]
     TooDeep(usize),
 }
@@ -113,6 +127,19 @@ fn set_contains(
                 .max_by_key(|(len, _)| *len);
             matches!(best, Some((_, false)))
         }
+        SetKind::AddrIntervals => members.iter().any(|m| match m {
+            SetMember::Range(r) => r.contains(ip),
+            SetMember::Ip(a) => *a == ip,
+            _ => false,
+        }),
+        SetKind::AddrProtoPortIntervals => members.iter().any(|m| match m {
+            SetMember::Tuple {
+                addrs,
+                protocol,
+                ports,
+            } => addrs.contains(ip) && *protocol == proto && ports.contains(port),
+            _ => false,
+        }),
     }
 }
 
@@ -186,6 +213,21 @@ pub fn classify(
                     set_contains(set.kind, &set.members, ip, packet.protocol, packet.dport)
                         != *negated
                 }
+                Match::Tuple { set, direction } => {
+                    let s = ruleset
+                        .sets
+                        .get(set)
+                        .ok_or_else(|| ClassifyError::NoSuchSet {
+                            chain: chain_name.to_string(),
+                            index,
+                            set: set.clone(),
+                        })?;
+                    let ip = match direction {
+                        SetDirection::Src => packet.src,
+                        SetDirection::Dst | SetDirection::DstDstPort => packet.dst,
+                    };
+                    set_contains(s.kind, &s.members, ip, packet.protocol, packet.dport)
+                }
                 Match::CtState(states) => states.contains(&packet.ct),
                 Match::Mark { value, mask } => mark & mask == *value,
             };
@@ -197,6 +239,39 @@ pub fn classify(
         if !matched {
             continue;
         }
+        // A verdict map decides like the target its element names; no element (or
+        // `continue`): on to the next rule.
+        let mapped;
+        let target = match &rule.target {
+            Target::Vmap(name) => {
+                let map = ruleset
+                    .maps
+                    .get(name)
+                    .ok_or_else(|| ClassifyError::NoSuchMap {
+                        chain: chain_name.to_string(),
+                        index,
+                        map: name.clone(),
+                    })?;
+                let key = match map.key {
+                    MapKey::OutIface => packet.out_iface.clone().map(MapKeyValue::Iface),
+                    MapKey::InIface => packet.in_iface.clone().map(MapKeyValue::Iface),
+                    MapKey::InIfaceSource => packet
+                        .in_iface
+                        .clone()
+                        .map(|i| MapKeyValue::IfaceAddr(i, packet.src)),
+                };
+                mapped = match key.and_then(|k| map.elements.get(&k)) {
+                    None | Some(MapVerdict::Continue) => continue,
+                    Some(MapVerdict::Accept) => Target::Accept,
+                    Some(MapVerdict::Drop) => Target::Drop,
+                    Some(MapVerdict::Return) => Target::Return,
+                    Some(MapVerdict::Jump(c)) => Target::Jump(c.clone()),
+                    Some(MapVerdict::Goto(c)) => Target::Goto(c.clone()),
+                };
+                &mapped
+            }
+            other => other,
+        };
         trace.push((chain_name.to_string(), index));
 
         let lookup = |target: &str| {
@@ -208,7 +283,8 @@ pub fn classify(
                     target: target.to_string(),
                 })
         };
-        match &rule.target {
+        match target {
+            Target::Vmap(_) => unreachable!("resolved to its element's verdict above"),
             Target::Accept => {
                 return Ok(Classification {
                     verdict: Verdict::Accept,

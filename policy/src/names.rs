@@ -97,6 +97,46 @@ pub fn policy_chain(policy: &NamespacedName, direction: Direction) -> String {
     format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
 }
 
+/// The chain of a group of local pods (nftables flat form) isolated in `direction` by
+/// the same `policies` and, for ingress, resolving the named ports those policies
+/// reference to the same numbers (`named`: name, protocol, ports):
+/// `SLUICE-GI-<hash>` / `SLUICE-GE-<hash>`. Its sets are [`group_tuple_set`] and
+/// [`group_any_set`].
+pub fn group_chain(
+    direction: Direction,
+    policies: &[NamespacedName],
+    named: &[(String, Protocol, Vec<u16>)],
+) -> String {
+    let kind = match direction {
+        Direction::Ingress => "GI",
+        Direction::Egress => "GE",
+    };
+    let mut key = String::new();
+    for p in policies {
+        push_str(&mut key, &p.namespace);
+        push_str(&mut key, &p.name);
+    }
+    key.push('|');
+    for (name, protocol, ports) in named {
+        push_str(&mut key, name);
+        push_str(&mut key, protocol.as_str());
+        for port in ports {
+            let _ = write!(key, "{port},");
+        }
+        key.push(';');
+    }
+    format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
+}
+
+/// A set of the nftables flat form, named after the (peer, ports) pairs it is built
+/// from (`key`, canonical), so groups allowing the same pairs share it:
+/// `SLUICE-FT-<hash>` for (address . protocol . port) tuples, `SLUICE-FA-<hash>` for
+/// peers allowed on every port of every protocol (`any`).
+pub fn flat_set(any: bool, key: &str) -> String {
+    let kind = if any { "FA" } else { "FT" };
+    format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
+}
+
 /// The hash:ip set of the pods a pod peer names. The policy's namespace is part of the
 /// identity only when the peer is scoped to it, so the same namespaceSelector peer
 /// written in two namespaces shares one set.

@@ -12,7 +12,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use proptest::prelude::*;
 use sluice_policy::classify::{Verdict as Hop, classify};
-use sluice_policy::compile::{Ruleset, Table, compile};
+use sluice_policy::compile::{Ruleset, Table, compile_for};
+use sluice_policy::dataplane::DataplaneKind;
 use sluice_policy::evaluate::{Endpoint, Probe, Verdict, evaluate};
 use sluice_policy::model::*;
 use sluice_policy::selector::LabelSelector;
@@ -39,11 +40,57 @@ fn endpoints(c: &Cluster, source: bool) -> Vec<Endpoint> {
     e
 }
 
-fn compiled(c: &Cluster) -> BTreeMap<String, Ruleset> {
+fn compiled(c: &Cluster, dataplane: DataplaneKind) -> BTreeMap<String, Ruleset> {
     NODES
         .iter()
-        .map(|(n, _)| (n.to_string(), compile(c, n, &FakeVeths).expect("compile")))
+        .map(|(n, _)| {
+            let rs = compile_for(dataplane, c, n, &FakeVeths).expect("compile");
+            (n.to_string(), rs)
+        })
         .collect()
+}
+
+type ProbeSpec = (usize, usize, u16, Protocol);
+
+/// Every probe on `dataplane`'s compiled rules agrees with the evaluator.
+fn agree(
+    dataplane: DataplaneKind,
+    cluster: &Cluster,
+    probes: &[ProbeSpec],
+) -> Result<(), TestCaseError> {
+    let rulesets = compiled(cluster, dataplane);
+    let froms = endpoints(cluster, true);
+    let tos = endpoints(cluster, false);
+    for &(f, t, port, protocol) in probes {
+        let from = froms[f % froms.len()].clone();
+        let to = tos[t % tos.len()].clone();
+        if from == to {
+            continue; // a pod talking to itself never leaves its namespace
+        }
+        check(
+            cluster,
+            &rulesets,
+            &Probe {
+                from,
+                to,
+                port,
+                protocol,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn arb_probes() -> impl Strategy<Value = Vec<ProbeSpec>> {
+    prop::collection::vec(
+        (
+            arb_endpoint_index(),
+            arb_endpoint_index(),
+            prop::sample::select(vec![53u16, 80, 81, 9090]),
+            arb_protocol(),
+        ),
+        1..25,
+    )
 }
 
 fn check(
@@ -87,22 +134,17 @@ proptest! {
     #[test]
     fn compiled_rules_agree_with_the_reference_evaluator(
         cluster in arb_cluster(),
-        probes in prop::collection::vec(
-            (arb_endpoint_index(), arb_endpoint_index(), prop::sample::select(vec![53u16, 80, 81, 9090]), arb_protocol()),
-            1..25,
-        ),
+        probes in arb_probes(),
     ) {
-        let rulesets = compiled(&cluster);
-        let froms = endpoints(&cluster, true);
-        let tos = endpoints(&cluster, false);
-        for (f, t, port, protocol) in probes {
-            let from = froms[f % froms.len()].clone();
-            let to = tos[t % tos.len()].clone();
-            if from == to {
-                continue; // a pod talking to itself never leaves its namespace
-            }
-            check(&cluster, &rulesets, &Probe { from, to, port, protocol })?;
-        }
+        agree(DataplaneKind::Iptables, &cluster, &probes)?;
+    }
+
+    #[test]
+    fn flat_nftables_rules_agree_with_the_reference_evaluator(
+        cluster in arb_cluster(),
+        probes in arb_probes(),
+    ) {
+        agree(DataplaneKind::Nftables, &cluster, &probes)?;
     }
 }
 
@@ -134,8 +176,8 @@ fn the_differential_harness_sees_denials() {
         port: 80,
         protocol: Protocol::Tcp,
     };
-    let verdict_of = |c: &Cluster| {
-        let rs = compiled(c);
+    let verdict_of = |c: &Cluster, dataplane| {
+        let rs = compiled(c, dataplane);
         let eval = evaluate(c, &probe).unwrap();
         hops(c, &eval.from, &eval.to, probe.protocol, probe.port)
             .iter()
@@ -146,7 +188,9 @@ fn the_differential_harness_sees_denials() {
                     == Hop::Accept
             })
     };
-    assert!(verdict_of(&c));
+    for dataplane in [DataplaneKind::Iptables, DataplaneKind::Nftables] {
+        assert!(verdict_of(&c, dataplane));
+    }
     c.add_policy(NetworkPolicy {
         namespace: "x".into(),
         name: "deny".into(),
@@ -158,5 +202,7 @@ fn the_differential_harness_sees_denials() {
             egress: false,
         },
     });
-    assert!(!verdict_of(&c));
+    for dataplane in [DataplaneKind::Iptables, DataplaneKind::Nftables] {
+        assert!(!verdict_of(&c, dataplane), "{dataplane:?}");
+    }
 }

@@ -8,14 +8,18 @@
 //! its veth (named as the CNI plugin would, /32 and proxy ARP, as docs/architecture.md wires a
 //! pod); "remote" (node-2 and its pods) behind a veth named `tunl0` (the kernel here
 //! has no IPIP; iptables matches names only); "outside" behind `eth0`.
+//!
+//! Run once per dataplane: iptables + ipset, and the flat form in sluice's nftables
+//! table (loaded with `nft -f`).
 
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 
 use sluice_policy::classify::{Hook, Packet, Verdict, classify};
-use sluice_policy::compile::{CtState, InterfaceNames, Table, compile};
+use sluice_policy::compile::{CtState, InterfaceNames, Table, compile_for};
+use sluice_policy::dataplane::DataplaneKind;
 use sluice_policy::model::*;
-use sluice_policy::render::{ipset, iptables};
+use sluice_policy::render::{ipset, iptables, nft};
 use sluice_testkit::NetnsHolder;
 
 mod dataplane_support;
@@ -136,8 +140,24 @@ fn kernel_verdicts_equal_the_classifier_on_real_connections() {
     {
         return;
     }
+    packets(DataplaneKind::Iptables);
+}
+
+#[test]
+fn kernel_verdicts_equal_the_classifier_on_real_connections_with_nftables() {
+    let test = "kernel_verdicts_equal_the_classifier_on_real_connections_with_nftables";
+    if !sluice_testkit::require_root(test)
+        || !sluice_testkit::require_tool("packets", "socat")
+        || !sluice_testkit::require_tool(test, "nft")
+    {
+        return;
+    }
+    packets(DataplaneKind::Nftables);
+}
+
+fn packets(dataplane: DataplaneKind) {
     let cluster = feature_cluster();
-    let rs = compile(&cluster, "node-1", &FakeVeths).unwrap();
+    let rs = compile_for(dataplane, &cluster, "node-1", &FakeVeths).unwrap();
 
     let node = NetnsHolder::new();
     node.exec(
@@ -169,19 +189,27 @@ fn kernel_verdicts_equal_the_classifier_on_real_connections() {
     node.exec(&format!("ip route add 10.244.1.99/32 dev {}", pg.veth));
 
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ipset"), ipset::render(&rs)).unwrap();
-    std::fs::write(dir.path().join("iptables"), iptables::render(&rs)).unwrap();
-    node.exec(&format!(
-        "ipset restore < {d}/ipset && iptables-restore --noflush -w < {d}/iptables",
-        d = dir.path().display()
-    ));
-    for j in iptables::builtin_jump_specs(&rs) {
-        node.exec(&format!(
-            "iptables -w -t {} -I {} 1 {}",
-            j.table.as_str(),
-            j.chain,
-            j.spec
-        ));
+    match dataplane {
+        DataplaneKind::Iptables => {
+            std::fs::write(dir.path().join("ipset"), ipset::render(&rs)).unwrap();
+            std::fs::write(dir.path().join("iptables"), iptables::render(&rs)).unwrap();
+            node.exec(&format!(
+                "ipset restore < {d}/ipset && iptables-restore --noflush -w < {d}/iptables",
+                d = dir.path().display()
+            ));
+            for j in iptables::builtin_jump_specs(&rs) {
+                node.exec(&format!(
+                    "iptables -w -t {} -I {} 1 {}",
+                    j.table.as_str(),
+                    j.chain,
+                    j.spec
+                ));
+            }
+        }
+        DataplaneKind::Nftables => {
+            std::fs::write(dir.path().join("nft"), nft::render(&rs)).unwrap();
+            node.exec(&format!("nft -f {}/nft", dir.path().display()));
+        }
     }
 
     let mut procs = Procs(Vec::new());
@@ -348,7 +376,8 @@ fn kernel_verdicts_equal_the_classifier_on_real_connections() {
         let model = predicted.verdict == Verdict::Accept;
         if kernel != model || kernel != expected {
             failures.push(format!(
-                "{what}: kernel {kernel}, classifier {model} (trace {:?}), expected {expected}",
+                "{}: {what}: kernel {kernel}, classifier {model} (trace {:?}), expected {expected}",
+                dataplane.as_str(),
                 predicted.trace
             ));
         }

@@ -13,6 +13,7 @@ use sluice_policy::model::*;
 
 mod dataplane_support;
 use dataplane_support::{compile_all_nodes, dataplane_allows};
+use sluice_policy::dataplane::DataplaneKind;
 
 #[derive(serde::Deserialize)]
 struct Expect {
@@ -55,7 +56,16 @@ fn mentioned_endpoints(text: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn compiled_rules_meet_every_scenario_expectation() {
+fn compiled_rules_meet_every_scenario_expectation_with_iptables() {
+    scenarios(DataplaneKind::Iptables);
+}
+
+#[test]
+fn compiled_rules_meet_every_scenario_expectation_with_nftables() {
+    scenarios(DataplaneKind::Nftables);
+}
+
+fn scenarios(dataplane: DataplaneKind) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     let mut expects: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -75,7 +85,7 @@ fn compiled_rules_meet_every_scenario_expectation() {
         let text = std::fs::read_to_string(path).unwrap();
         let expect: Expect = serde_yaml_ng::from_str(&text).unwrap();
         let cluster = load(&dir, &expect.manifests);
-        let rulesets = compile_all_nodes(&cluster);
+        let rulesets = compile_all_nodes(&cluster, dataplane);
 
         let mut froms: Vec<Endpoint> = cluster.pods.keys().cloned().map(Endpoint::Pod).collect();
         let mut tos = froms.clone();
@@ -155,7 +165,8 @@ fn compiled_rules_meet_every_scenario_expectation() {
         failures[..failures.len().min(5)].join("\n")
     );
     eprintln!(
-        "{} scenario files, {judged} connections judged, {denied} denied",
+        "{}: {} scenario files, {judged} connections judged, {denied} denied",
+        dataplane.as_str(),
         expects.len()
     );
 }

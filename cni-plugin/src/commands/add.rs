@@ -43,6 +43,22 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
             "the sluice plugin needs an \"ipam\" section (e.g. sluice-ipam or host-local)".into(),
         ));
     };
+    // Every address this ADD asks for, gathered (and a malformed one refused)
+    // before anything is touched; IPAM takes them from here. Then the pod's
+    // annotations through the agent: ip-addrs joins the same request,
+    // ip-addrs-no-ipam bypasses IPAM.
+    let mut requested = Requested::from_cni(ctx.env, ctx.conf)?;
+    let no_ipam = match agent_api::requested_address(ctx)? {
+        Some(RequestedAddress::Ipam(a)) => {
+            requested.add(a);
+            None
+        }
+        Some(RequestedAddress::NoIpam(a)) => {
+            agent_api::no_ipam_alone(a, &requested.all())?;
+            Some(a)
+        }
+        None => None,
+    };
     let netns_path = ctx.env.netns.as_deref().unwrap_or(Path::new(""));
     let netns = Netns::open(netns_path)?;
     let ifname = ctx.env.ifname();
@@ -102,22 +118,6 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         );
     }
     let pod_mac = requested_mac(ctx)?;
-    // Every address this ADD asks for, gathered before anything is created, so a
-    // bad request leaves nothing behind: the CNI conventions, then the pod's
-    // annotations through the agent (ip-addrs joins the same request; ip-addrs-no-ipam
-    // bypasses IPAM).
-    let mut requested = Requested::from_cni(ctx.env, ctx.conf)?;
-    let no_ipam = match agent_api::requested_address(ctx)? {
-        Some(RequestedAddress::Ipam(a)) => {
-            requested.add(a);
-            None
-        }
-        Some(RequestedAddress::NoIpam(a)) => {
-            agent_api::no_ipam_alone(a, &requested.all())?;
-            Some(a)
-        }
-        None => None,
-    };
 
     let mut done = Vec::new();
     let outcome = wire(

@@ -58,6 +58,8 @@ use ipnet::{IpNet, Ipv4Net};
 use crate::model::{Cluster, NetworkPolicy, Peer, Peers, Pod, PortMatch, Ports, Protocol};
 use crate::names::{self, Direction};
 
+pub mod flat;
+pub mod intervals;
 mod members;
 use members::{Index, ip_block_members, v4, v4_excepts};
 
@@ -290,6 +292,21 @@ pub(crate) fn jump_rule(chain: &str) -> Rule {
     Rule::new(vec![], Target::Jump(chain.to_string()))
 }
 
+/// The policy dataplane of node `node` in the form `dataplane` needs: chains walked
+/// per policy ([`compile`]) for iptables, the flat form ([`flat::compile`]) for
+/// nftables.
+pub fn compile_for(
+    dataplane: crate::dataplane::DataplaneKind,
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+) -> Result<Ruleset, CompileError> {
+    match dataplane {
+        crate::dataplane::DataplaneKind::Iptables => compile(cluster, node, ifaces),
+        crate::dataplane::DataplaneKind::Nftables => flat::compile(cluster, node, ifaces),
+    }
+}
+
 /// Compiles the policy dataplane of node `node`: the local pods are the cluster's
 /// non-hostNetwork pods whose `spec.nodeName` is `node`. The agent's own rules come
 /// on top in [`crate::dataplane::node::node_ruleset`].
@@ -309,8 +326,8 @@ pub fn compile(
     let chains = dispatch
         .into_chains()
         .into_iter()
-        .chain(forward_chains())
-        .chain(input_chains());
+        .chain(forward_chains(true))
+        .chain(input_chains(true));
     for chain in chains {
         c.ruleset.add_chain(filter, chain);
     }
@@ -320,17 +337,17 @@ pub fn compile(
 
 /// The rules of the two dispatch chains, built up pod by pod.
 #[derive(Default)]
-struct Dispatch {
+pub(crate) struct Dispatch {
     /// `SLUICE-FROM-POD`: per pod, its addresses to its egress chain, then a drop of
     /// anything else from its veth (spoofed sources).
-    from_pod: Vec<Rule>,
+    pub(crate) from_pod: Vec<Rule>,
     /// `SLUICE-TO-POD`: per pod, its veth to its ingress chain.
-    to_pod: Vec<Rule>,
+    pub(crate) to_pod: Vec<Rule>,
 }
 
 impl Dispatch {
     /// The two dispatch chains, `SLUICE-FROM-POD` and `SLUICE-TO-POD`.
-    fn into_chains(self) -> [Chain; 2] {
+    pub(crate) fn into_chains(self) -> [Chain; 2] {
         [
             Chain {
                 name: names::CHAIN_FROM_POD.into(),
@@ -353,22 +370,7 @@ impl Compiler<'_> {
         ifaces: &dyn InterfaceNames,
         dispatch: &mut Dispatch,
     ) -> Result<(), CompileError> {
-        let cluster = self.index.cluster;
-        let local = cluster
-            .pods
-            .values()
-            .filter(|p| !p.host_network && p.node.as_deref() == Some(node));
-        let mut seen_veths: BTreeMap<String, String> = BTreeMap::new();
-        for pod in local {
-            let veth = ifaces.host_veth(pod);
-            check_iface(&veth, || format!("pod {}", pod.key()))?;
-            if let Some(other) = seen_veths.insert(veth.clone(), pod.key().to_string()) {
-                // Two pods on one interface would police each other; the hash must differ.
-                return Err(CompileError::BadInterface {
-                    name: veth,
-                    what: format!("pod {} (also used by {other})", pod.key()),
-                });
-            }
+        for (pod, veth) in local_pod_veths(self.index.cluster, node, ifaces)? {
             self.local_pod(pod, &veth, dispatch);
         }
         Ok(())
@@ -415,10 +417,38 @@ impl Compiler<'_> {
     }
 }
 
+/// The local pods of `node` (non-hostNetwork, `spec.nodeName` is `node`) with their
+/// host-side veths, checked: valid interface names, one pod per interface.
+pub(crate) fn local_pod_veths<'c>(
+    cluster: &'c Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+) -> Result<Vec<(&'c Pod, String)>, CompileError> {
+    let local = cluster
+        .pods
+        .values()
+        .filter(|p| !p.host_network && p.node.as_deref() == Some(node));
+    let mut seen_veths: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = Vec::new();
+    for pod in local {
+        let veth = ifaces.host_veth(pod);
+        check_iface(&veth, || format!("pod {}", pod.key()))?;
+        if let Some(other) = seen_veths.insert(veth.clone(), pod.key().to_string()) {
+            // Two pods on one interface would police each other; the hash must differ.
+            return Err(CompileError::BadInterface {
+                name: veth,
+                what: format!("pod {} (also used by {other})", pod.key()),
+            });
+        }
+        out.push((pod, veth));
+    }
+    Ok(out)
+}
+
 /// Step 2: fail closed for pods sluice does not know yet (created after this
 /// snapshot) in namespaces where some policy of that direction exists: their veth
 /// starts with the namespace prefix but matched no rule of step 1.
-fn fail_closed_unknown_pods(
+pub(crate) fn fail_closed_unknown_pods(
     cluster: &Cluster,
     ifaces: &dyn InterfaceNames,
     dispatch: &mut Dispatch,
@@ -470,8 +500,10 @@ fn invalid() -> Match {
 
 /// Step 3: the forwarding path, conntrack first: `SLUICE-FORWARD` sends pod traffic
 /// to `SLUICE-FWD-POD`, which checks the source's egress, then the destination's
-/// ingress, and accepts what both allowed.
-fn forward_chains() -> [Chain; 2] {
+/// ingress, and accepts what both allowed. `marks`: the per-policy form, whose
+/// policy chains say "allowed" with [`MARK_ALLOW`], cleared before each direction;
+/// the flat form decides by returning or dropping and needs no mark.
+pub(crate) fn forward_chains(marks: bool) -> [Chain; 2] {
     let mut forward = Vec::new();
     for iface in pod_iface_prefixes() {
         forward.push(Rule::new(
@@ -490,22 +522,25 @@ fn forward_chains() -> [Chain; 2] {
         },
         Chain {
             name: names::CHAIN_FWD_POD.into(),
-            rules: vec![
-                Rule::new(vec![established()], Target::Accept),
-                Rule::new(vec![invalid()], Target::Drop),
-                Rule::new(vec![], clear_allow()),
-                jump_rule(names::CHAIN_FROM_POD),
-                Rule::new(vec![], clear_allow()),
-                jump_rule(names::CHAIN_TO_POD),
-                Rule::new(vec![], Target::Accept),
-            ],
+            rules: [
+                Some(Rule::new(vec![established()], Target::Accept)),
+                Some(Rule::new(vec![invalid()], Target::Drop)),
+                marks.then(|| Rule::new(vec![], clear_allow())),
+                Some(jump_rule(names::CHAIN_FROM_POD)),
+                marks.then(|| Rule::new(vec![], clear_allow())),
+                Some(jump_rule(names::CHAIN_TO_POD)),
+                Some(Rule::new(vec![], Target::Accept)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         },
     ]
 }
 
 /// Step 4: pod → node traffic, policed by the source's egress only, then left to the
 /// host's own INPUT rules.
-fn input_chains() -> [Chain; 2] {
+pub(crate) fn input_chains(marks: bool) -> [Chain; 2] {
     let input = pod_iface_prefixes()
         .map(|iface| {
             Rule::new(
@@ -521,18 +556,21 @@ fn input_chains() -> [Chain; 2] {
         },
         Chain {
             name: names::CHAIN_IN_POD.into(),
-            rules: vec![
-                Rule::new(vec![established()], Target::Return),
-                Rule::new(vec![invalid()], Target::Drop),
-                Rule::new(vec![], clear_allow()),
-                jump_rule(names::CHAIN_FROM_POD),
-            ],
+            rules: [
+                Some(Rule::new(vec![established()], Target::Return)),
+                Some(Rule::new(vec![invalid()], Target::Drop)),
+                marks.then(|| Rule::new(vec![], clear_allow())),
+                Some(jump_rule(names::CHAIN_FROM_POD)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         },
     ]
 }
 
 /// Step 5: one jump per built-in chain into sluice's.
-fn builtin_jumps() -> Vec<BuiltinJump> {
+pub(crate) fn builtin_jumps() -> Vec<BuiltinJump> {
     vec![
         BuiltinJump {
             table: Table::Filter,

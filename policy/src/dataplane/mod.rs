@@ -1,8 +1,17 @@
 //! The dataplane model: what one node's kernel should hold, as typed values —
-//! tables → chains → rules, the jumps from built-in chains, and ipsets. Nothing here
-//! is a backend's syntax: [`crate::render`] turns the model into `iptables-restore`
-//! and `ipset restore` text (an nftables renderer is meant to plug in beside it), and
-//! [`plan`] works out the least change from what the kernel holds.
+//! tables → chains → rules, the jumps from built-in chains, sets, and (nftables
+//! only) verdict maps. Nothing here is a backend's syntax: [`crate::render`] turns
+//! the model into `iptables-restore` and `ipset restore` text or into `nft -f` input,
+//! and [`plan`] / [`nft_plan`] work out the least change from what the kernel holds.
+//!
+//! One model serves both dataplanes. The nftables form of the policy part
+//! ([`crate::compile::flat`]) uses a few constructs iptables cannot express: address
+//! interval sets ([`SetKind::AddrIntervals`]), concatenated interval tuple sets
+//! ([`SetKind::AddrProtoPortIntervals`], looked up with [`Match::Tuple`]) and verdict
+//! maps ([`VerdictMap`], dispatched with [`Target::Vmap`]). The iptables compiler never
+//! produces them; [`Ruleset::check_iptables`] refuses a model that has them, and the
+//! iptables/ipset renderers treat them as unreachable. Everything else (the agent's
+//! own rules of [`node`]) is the same model code on both dataplanes.
 //!
 //! - [`crate::compile`] fills it with a node's policy chains and sets;
 //! - [`node`] completes it with the agent's own rules (tunnel guard, NAT outgoing,
@@ -143,6 +152,13 @@ pub enum Match {
         direction: SetDirection,
         negated: bool,
     },
+    /// nftables only: `ip saddr . meta l4proto . th dport @set` ([`SetDirection::Src`])
+    /// or `ip daddr . …` (any other direction) in a [`SetKind::AddrProtoPortIntervals`]
+    /// set. Meaningful for TCP, UDP and SCTP only: no element names another protocol.
+    Tuple {
+        set: String,
+        direction: SetDirection,
+    },
     CtState(Vec<CtState>),
     Mark {
         value: u32,
@@ -166,6 +182,10 @@ pub enum Target {
     },
     /// Source NAT to the outgoing interface's address (nat table, POSTROUTING).
     Masquerade,
+    /// nftables only: look the packet up in the verdict map of this name (its
+    /// [`MapKey`] says with what) and take the element's verdict; no element: the
+    /// rule does not apply and the next rule is evaluated.
+    Vmap(String),
 }
 
 /// One rule: its matches, ANDed, and its target. Its identity comment
@@ -208,6 +228,12 @@ pub enum SetKind {
     HashNet,
     /// `hash:ip,port`: named ports resolved per pod.
     HashIpPort,
+    /// nftables only: `type ipv4_addr; flags interval` of [`SetMember::Range`]s,
+    /// disjoint.
+    AddrIntervals,
+    /// nftables only: `type ipv4_addr . inet_proto . inet_service; flags interval` of
+    /// [`SetMember::Tuple`]s, disjoint (the kernel refuses overlapping elements).
+    AddrProtoPortIntervals,
 }
 
 /// One member of an ipset.
@@ -224,6 +250,78 @@ pub enum SetMember {
         protocol: Protocol,
         port: u16,
     },
+    /// An inclusive address range (nftables interval sets).
+    Range(AddrRange),
+    /// Addresses × protocol × inclusive port range (nftables tuple sets).
+    Tuple {
+        addrs: AddrRange,
+        protocol: Protocol,
+        ports: PortRange,
+    },
+}
+
+/// An inclusive IPv4 address range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrRange {
+    pub start: Ipv4Addr,
+    pub end: Ipv4Addr,
+}
+
+impl AddrRange {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.start <= ip && ip <= self.end
+    }
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        self.start <= port && port <= self.end
+    }
+}
+
+/// What a verdict map is keyed by, which is also what the dispatching rule looks up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MapKey {
+    /// `oifname`.
+    OutIface,
+    /// `iifname`.
+    InIface,
+    /// `iifname . ip saddr`: a pod's veth and one of its own addresses.
+    InIfaceSource,
+}
+
+/// One key of a verdict map, matching its [`MapKey`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MapKeyValue {
+    Iface(String),
+    IfaceAddr(String, Ipv4Addr),
+}
+
+/// The verdict of a map element.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MapVerdict {
+    Accept,
+    Drop,
+    Return,
+    /// Go on with the rule after the lookup.
+    Continue,
+    Jump(String),
+    Goto(String),
+}
+
+/// An nftables verdict map sluice owns (`type <key> : verdict`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VerdictMap {
+    pub name: String,
+    pub key: MapKey,
+    pub elements: BTreeMap<MapKeyValue, MapVerdict>,
 }
 
 /// An ipset sluice owns.
@@ -243,6 +341,11 @@ pub struct Ruleset {
     pub tables: BTreeMap<Table, BTreeMap<String, Chain>>,
     pub sets: BTreeMap<String, IpSet>,
     pub jumps: Vec<BuiltinJump>,
+    /// nftables only: verdict maps, by name (one namespace with [`Ruleset::sets`]).
+    pub maps: BTreeMap<String, VerdictMap>,
+    /// nftables only: a chain's comment (e.g. the policies isolating a group chain),
+    /// by chain name. It names, it does not decide: never part of a rule's identity.
+    pub chain_comments: BTreeMap<String, String>,
 }
 
 impl Ruleset {
@@ -274,6 +377,45 @@ impl Ruleset {
     pub fn set_member_count(&self) -> usize {
         self.sets.values().map(|s| s.members.len()).sum()
     }
+
+    /// Elements of every verdict map.
+    pub fn map_element_count(&self) -> usize {
+        self.maps.values().map(|m| m.elements.len()).sum()
+    }
+
+    /// Whether iptables and ipset can hold this model: none of the nftables-only
+    /// constructs (verdict maps, tuple lookups, interval sets). The iptables planner
+    /// checks it, so an nftables-form model never reaches `iptables-restore`.
+    pub fn check_iptables(&self) -> Result<(), ModelError> {
+        let nft_only = |what: String| Err(ModelError::NftOnly(what));
+        if let Some(m) = self.maps.keys().next() {
+            return nft_only(format!("verdict map {m}"));
+        }
+        for set in self.sets.values() {
+            if matches!(
+                set.kind,
+                SetKind::AddrIntervals | SetKind::AddrProtoPortIntervals
+            ) {
+                return nft_only(format!("interval set {}", set.name));
+            }
+        }
+        let rules = self
+            .tables
+            .values()
+            .flat_map(|t| t.values())
+            .flat_map(|c| c.rules.iter().map(move |r| (&c.name, r)))
+            .chain(self.jumps.iter().map(|j| (&j.chain, &j.rule)));
+        for (chain, rule) in rules {
+            let tuple = rule
+                .matches
+                .iter()
+                .any(|m| matches!(m, Match::Tuple { .. }));
+            if tuple || matches!(rule.target, Target::Vmap(_)) {
+                return nft_only(format!("a rule of chain {chain}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How the caller names interfaces. The agent implements it with the CNI plugin's
@@ -296,6 +438,12 @@ pub enum ModelError {
     NotOwned(String),
     #[error("chain {chain} jumps to {target}, which is neither built in nor desired")]
     DanglingJump { chain: String, target: String },
+    #[error("{0} is an nftables-only construct: iptables and ipset cannot hold it")]
+    NftOnly(String),
+    #[error("rule of chain {chain} looks up {name}, which is not a desired set or map")]
+    DanglingLookup { chain: String, name: String },
+    #[error("{0} names two objects (a chain in two tables, or a set and a map)")]
+    Collision(String),
 }
 
 impl Ruleset {
@@ -307,10 +455,38 @@ impl Ruleset {
             _ => None,
         };
         let empty = BTreeMap::new();
+        let any_chain = |t: &str| self.tables.values().any(|c| c.contains_key(t));
+        for map in self.maps.values() {
+            for v in map.elements.values() {
+                if let MapVerdict::Jump(t) | MapVerdict::Goto(t) = v
+                    && !any_chain(t)
+                {
+                    return Err(ModelError::DanglingJump {
+                        chain: map.name.clone(),
+                        target: t.clone(),
+                    });
+                }
+            }
+        }
         for chains in self.tables.values() {
             for chain in chains.values() {
                 if !chain.name.starts_with(crate::names::PREFIX) {
                     return Err(ModelError::NotOwned(chain.name.clone()));
+                }
+                for rule in &chain.rules {
+                    let lookup = match &rule.target {
+                        Target::Vmap(m) if !self.maps.contains_key(m) => Some(m),
+                        _ => rule.matches.iter().find_map(|m| match m {
+                            Match::Tuple { set, .. } if !self.sets.contains_key(set) => Some(set),
+                            _ => None,
+                        }),
+                    };
+                    if let Some(name) = lookup {
+                        return Err(ModelError::DanglingLookup {
+                            chain: chain.name.clone(),
+                            name: name.clone(),
+                        });
+                    }
                 }
                 for t in chain.rules.iter().filter_map(target) {
                     if t.starts_with(crate::names::PREFIX) && !chains.contains_key(&t) {

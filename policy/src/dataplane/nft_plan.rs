@@ -3,20 +3,92 @@
 //! previous write), one `nft -f` transaction with the least change: element adds and
 //! deletes for sets and maps, whole rewrites only of chains that differ.
 //!
-//! CONTRACT (the agent's executor relies on these signatures; the bodies are filled
-//! in by the nftables work of issue 11).
+//! Order inside the one transaction (nft applies a file atomically, so no packet
+//! ever sees a step of it; the order only has to satisfy nft's references):
+//! 1. new chains are declared (map elements and rules may jump to them);
+//! 2. new sets and maps are declared;
+//! 3. elements no longer wanted are deleted, then wanted ones added (deleting first
+//!    keeps interval sets free of overlaps: a merged range replaces its parts);
+//! 4. new and changed chains get their rules (`flush chain` first when it exists);
+//! 5. chains no longer wanted are flushed, then unwanted sets and maps deleted, then
+//!    those chains deleted (nothing references them any more).
+//!
+//! A set, map or base chain whose declaration differs (type, flags, hook) cannot be
+//! changed in place; the plan is then the full [`crate::render::nft::render`], which
+//! replaces the table in the same single transaction.
+//!
+//! Chains are compared by the identity hashes in their rules' comments (the same
+//! `sluice:<hash>` scheme as iptables), so nft's rewriting of rule text on listing
+//! (`meta l4proto udp th dport` printed as `udp dport`) never counts as a change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde_json::Value;
 
 use super::{ModelError, Ruleset};
+use crate::render::iptables::COMMENT_PREFIX;
+use crate::render::nft::{self, FAMILY, TABLE};
 
 /// What sluice's table holds, as far as planning cares.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NftState {}
+pub struct NftState {
+    /// Chain name → declaration (the base chain's hook, `None` for a regular chain)
+    /// and the identity hash of each rule in order (`None`: a rule without one).
+    pub chains: BTreeMap<String, NftChainState>,
+    /// Set or map name → declaration and elements, as text.
+    pub sets: BTreeMap<String, NftSetState>,
+}
+
+/// One chain of the table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NftChainState {
+    /// `filter forward 0 accept` for a base chain; `None` for a regular one.
+    pub hook: Option<String>,
+    pub rules: Vec<Option<String>>,
+}
+
+/// One set or map of the table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NftSetState {
+    /// `set type ipv4_addr; flags interval;`, `map type ifname : verdict;`.
+    pub decl: String,
+    pub elements: BTreeSet<String>,
+}
 
 impl NftState {
     /// What the table holds after a successful write of `ruleset`.
     pub fn of(ruleset: &Ruleset) -> NftState {
-        let _ = ruleset;
-        todo!("issue 11: nftables state of a model")
+        let chains = nft::chains(ruleset)
+            .into_values()
+            .map(|c| {
+                (
+                    c.name,
+                    NftChainState {
+                        hook: c.hook.map(|h| h.state_text()),
+                        rules: c.rules.into_iter().map(|(_, h)| Some(h)).collect(),
+                    },
+                )
+            })
+            .collect();
+        let sets = nft::sets(ruleset)
+            .into_values()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    NftSetState {
+                        decl: s.state_text(),
+                        elements: s.elements,
+                    },
+                )
+            })
+            .collect();
+        NftState { chains, sets }
+    }
+
+    /// Elements of every set and map.
+    pub fn element_count(&self) -> usize {
+        self.sets.values().map(|s| s.elements.len()).sum()
     }
 }
 
@@ -25,10 +97,213 @@ impl NftState {
 #[error("reading nft's JSON listing: {0}")]
 pub struct NftParseError(pub String);
 
-/// What the kernel holds, from `nft -j list table ip sluice` output.
+fn err<T>(what: impl Into<String>) -> Result<T, NftParseError> {
+    Err(NftParseError(what.into()))
+}
+
+/// What the kernel holds, from `nft -j list table ip sluice` output. Objects of other
+/// tables (a listing of the whole ruleset) are ignored.
 pub fn parse_listing(json: &str) -> Result<NftState, NftParseError> {
-    let _ = json;
-    todo!("issue 11: parse nft -j listing")
+    let root: Value = serde_json::from_str(json).map_err(|e| NftParseError(e.to_string()))?;
+    let Some(items) = root.get("nftables").and_then(Value::as_array) else {
+        return err("no \"nftables\" array");
+    };
+    let mut state = NftState::default();
+    let ours = |o: &Value| {
+        o.get("family").and_then(Value::as_str) == Some(FAMILY)
+            && o.get("table").and_then(Value::as_str) == Some(TABLE)
+    };
+    for item in items {
+        if let Some(c) = item.get("chain") {
+            if !ours(c) {
+                continue;
+            }
+            let name = str_field(c, "name")?;
+            let hook = c.get("hook").and_then(Value::as_str).map(|hook| {
+                format!(
+                    "{} {hook} {} {}",
+                    c.get("type").and_then(Value::as_str).unwrap_or("?"),
+                    c.get("prio").and_then(Value::as_i64).unwrap_or(0),
+                    c.get("policy").and_then(Value::as_str).unwrap_or("accept"),
+                )
+            });
+            state.chains.entry(name).or_default().hook = hook;
+        } else if let Some(r) = item.get("rule") {
+            if !ours(r) {
+                continue;
+            }
+            let chain = str_field(r, "chain")?;
+            let hash = r
+                .get("comment")
+                .and_then(Value::as_str)
+                .and_then(|c| c.strip_prefix(COMMENT_PREFIX))
+                .map(str::to_string);
+            state.chains.entry(chain).or_default().rules.push(hash);
+        } else if let Some((keyword, s)) = item
+            .get("set")
+            .map(|s| ("set", s))
+            .or_else(|| item.get("map").map(|m| ("map", m)))
+        {
+            if !ours(s) {
+                continue;
+            }
+            let name = str_field(s, "name")?;
+            let set =
+                parse_set(keyword, s).map_err(|e| NftParseError(format!("{name}: {}", e.0)))?;
+            state.sets.insert(name, set);
+        }
+    }
+    Ok(state)
+}
+
+fn str_field(o: &Value, key: &str) -> Result<String, NftParseError> {
+    o.get(key)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| NftParseError(format!("object without {key}: {o}")))
+}
+
+fn parse_set(keyword: &str, s: &Value) -> Result<NftSetState, NftParseError> {
+    let types: Vec<String> = match s.get("type") {
+        Some(Value::String(t)) => vec![t.clone()],
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|t| t.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| NftParseError("odd type list".into()))?,
+        _ => return err("set without a type"),
+    };
+    let interval = s
+        .get("flags")
+        .and_then(Value::as_array)
+        .is_some_and(|f| f.iter().any(|x| x.as_str() == Some("interval")));
+    let joined = types.join(" . ");
+    let decl = if keyword == "map" {
+        let data = s.get("map").and_then(Value::as_str).unwrap_or("?");
+        format!("map type {joined} : {data};")
+    } else {
+        format!("set {}", nft::set_decl(&joined, interval))
+    };
+    let mut elements = BTreeSet::new();
+    for e in s
+        .get("elem")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let text = if keyword == "map" {
+            let pair = e
+                .as_array()
+                .filter(|p| p.len() == 2)
+                .ok_or_else(|| NftParseError(format!("map element {e}")))?;
+            format!("{} : {}", key_text(&types, &pair[0])?, verdict(&pair[1])?)
+        } else {
+            // An element with options (timeout, comment) comes wrapped in "elem".
+            let v = e.get("elem").and_then(|x| x.get("val")).unwrap_or(e);
+            key_text(&types, v)?
+        };
+        elements.insert(text);
+    }
+    Ok(NftSetState { decl, elements })
+}
+
+/// An element's key as [`nft`] writes it, from its listed form.
+fn key_text(types: &[String], v: &Value) -> Result<String, NftParseError> {
+    let parts: Vec<&Value> = match v.get("concat").and_then(Value::as_array) {
+        Some(list) => list.iter().collect(),
+        None => vec![v],
+    };
+    if parts.len() != types.len() {
+        return err(format!("element {v} does not fit type {types:?}"));
+    }
+    let texts = types
+        .iter()
+        .zip(parts)
+        .map(|(t, p)| component(t, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(texts.join(" . "))
+}
+
+fn component(ty: &str, v: &Value) -> Result<String, NftParseError> {
+    let bad = || NftParseError(format!("{ty} element {v}"));
+    match ty {
+        "ipv4_addr" => {
+            let (a, b) = addr_bounds(v).ok_or_else(bad)?;
+            Ok(nft::addr_text(a, b))
+        }
+        "inet_service" => {
+            let (a, b) = match v {
+                Value::Number(_) => {
+                    let p = port(v).ok_or_else(bad)?;
+                    (p, p)
+                }
+                _ => {
+                    let r = v.get("range").and_then(Value::as_array).ok_or_else(bad)?;
+                    (
+                        port(r.first().ok_or_else(bad)?).ok_or_else(bad)?,
+                        port(r.get(1).ok_or_else(bad)?).ok_or_else(bad)?,
+                    )
+                }
+            };
+            Ok(nft::port_text(a, b))
+        }
+        "inet_proto" => match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(match n.as_u64() {
+                Some(6) => "tcp".into(),
+                Some(17) => "udp".into(),
+                Some(132) => "sctp".into(),
+                _ => n.to_string(),
+            }),
+            _ => Err(bad()),
+        },
+        "ifname" => v.as_str().map(nft::iface_text).ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
+fn port(v: &Value) -> Option<u16> {
+    v.as_u64().and_then(|p| u16::try_from(p).ok())
+}
+
+fn addr(v: &Value) -> Option<u32> {
+    v.as_str()
+        .and_then(|s| s.parse::<Ipv4Addr>().ok())
+        .map(u32::from)
+}
+
+/// An address, prefix or range as inclusive bounds.
+fn addr_bounds(v: &Value) -> Option<(u32, u32)> {
+    if let Some(a) = addr(v) {
+        return Some((a, a));
+    }
+    if let Some(p) = v.get("prefix") {
+        let a = addr(p.get("addr")?)?;
+        let len = u32::try_from(p.get("len")?.as_u64()?).ok()?;
+        let net = ipnet::Ipv4Net::new(Ipv4Addr::from(a), u8::try_from(len).ok()?).ok()?;
+        return Some(crate::compile::intervals::net_bounds(net));
+    }
+    let r = v.get("range")?.as_array()?;
+    Some((addr(r.first()?)?, addr(r.get(1)?)?))
+}
+
+fn verdict(v: &Value) -> Result<String, NftParseError> {
+    let obj = v
+        .as_object()
+        .filter(|o| o.len() == 1)
+        .ok_or_else(|| NftParseError(format!("verdict {v}")))?;
+    let (kind, arg) = obj.iter().next().expect("one entry");
+    match kind.as_str() {
+        "accept" | "drop" | "return" | "continue" => Ok(kind.clone()),
+        "jump" | "goto" => {
+            let target = arg
+                .get("target")
+                .and_then(Value::as_str)
+                .ok_or_else(|| NftParseError(format!("verdict {v}")))?;
+            Ok(format!("{kind} {target}"))
+        }
+        _ => err(format!("verdict {v}")),
+    }
 }
 
 /// One sync's transaction and what it changes.
@@ -50,8 +325,200 @@ impl NftPlan {
     }
 }
 
+/// The model's own checks, plus one nft namespace for chains of every table and one
+/// for sets and maps.
+fn check(desired: &Ruleset) -> Result<(), ModelError> {
+    desired.validate()?;
+    let mut seen = BTreeSet::new();
+    for chains in desired.tables.values() {
+        for name in chains.keys() {
+            if !seen.insert(name) {
+                return Err(ModelError::Collision(name.clone()));
+            }
+        }
+    }
+    if let Some(name) = desired.maps.keys().find(|m| desired.sets.contains_key(*m)) {
+        return Err(ModelError::Collision(name.clone()));
+    }
+    Ok(())
+}
+
+/// The full replacement and its counts.
+fn full(desired: &Ruleset) -> NftPlan {
+    let chains = nft::chains(desired);
+    let sets = nft::sets(desired);
+    NftPlan {
+        script: nft::render(desired),
+        chains_rewritten: chains.len(),
+        chains_deleted: 0,
+        elements_added: sets.values().map(|s| s.elements.len()).sum(),
+        elements_deleted: 0,
+        sets_created: sets.len(),
+        sets_deleted: 0,
+    }
+}
+
+/// The key part of an element's text (what `delete element` names): a map element is
+/// `key : verdict`.
+fn element_key<'a>(keyword: &str, text: &'a str) -> &'a str {
+    if keyword == "map" {
+        text.split_once(" : ").map_or(text, |(k, _)| k)
+    } else {
+        text
+    }
+}
+
 /// The transaction from `kernel` (`None`: no sluice table yet) to `desired`.
 pub fn plan(desired: &Ruleset, kernel: Option<&NftState>) -> Result<NftPlan, ModelError> {
-    let _ = (desired, kernel);
-    todo!("issue 11: nftables planner")
+    check(desired)?;
+    let Some(have) = kernel else {
+        return Ok(full(desired));
+    };
+    let chains = nft::chains(desired);
+    let sets = nft::sets(desired);
+    // What cannot change in place: replace the table instead.
+    let redeclared = sets.values().any(|s| {
+        have.sets
+            .get(&s.name)
+            .is_some_and(|h| h.decl != s.state_text())
+    }) || chains.values().any(|c| {
+        have.chains
+            .get(&c.name)
+            .is_some_and(|h| h.hook != c.hook.map(|x| x.state_text()))
+    });
+    if redeclared {
+        return Ok(full(desired));
+    }
+    let mut p = NftPlan::default();
+    let mut out = String::new();
+    let table = TABLE;
+    // 1, 2: declarations.
+    for c in chains
+        .values()
+        .filter(|c| !have.chains.contains_key(&c.name))
+    {
+        out.push_str(&nft::add_chain_line(table, c));
+    }
+    for s in sets.values().filter(|s| !have.sets.contains_key(&s.name)) {
+        out.push_str(&nft::add_set_line(table, s));
+        p.sets_created += 1;
+    }
+    // 3: elements, deletions first.
+    for s in sets.values() {
+        if let Some(h) = have.sets.get(&s.name) {
+            let gone: Vec<String> = h
+                .elements
+                .difference(&s.elements)
+                .map(|e| element_key(s.keyword, e).to_string())
+                .collect();
+            p.elements_deleted += gone.len();
+            nft::push_elements(&mut out, "delete", table, &s.name, gone.iter());
+        }
+    }
+    for s in sets.values() {
+        let empty = BTreeSet::new();
+        let had = have.sets.get(&s.name).map_or(&empty, |h| &h.elements);
+        let new: Vec<&String> = s.elements.difference(had).collect();
+        p.elements_added += new.len();
+        nft::push_elements(&mut out, "add", table, &s.name, new.into_iter());
+    }
+    // 4: rules of new and changed chains.
+    for c in chains.values() {
+        let want: Vec<Option<String>> = c.rules.iter().map(|(_, h)| Some(h.clone())).collect();
+        match have.chains.get(&c.name) {
+            Some(h) if h.rules == want => continue,
+            Some(_) => out.push_str(&format!("flush chain {FAMILY} {table} {}\n", c.name)),
+            None => {}
+        }
+        nft::push_rules(&mut out, table, c);
+        p.chains_rewritten += 1;
+    }
+    // 5: removals, references first.
+    let gone_chains: Vec<&String> = have
+        .chains
+        .keys()
+        .filter(|n| !chains.contains_key(*n))
+        .collect();
+    for name in &gone_chains {
+        out.push_str(&format!("flush chain {FAMILY} {table} {name}\n"));
+    }
+    for (name, h) in have.sets.iter().filter(|(n, _)| !sets.contains_key(*n)) {
+        let keyword = if h.decl.starts_with("map") {
+            "map"
+        } else {
+            "set"
+        };
+        out.push_str(&format!("delete {keyword} {FAMILY} {table} {name}\n"));
+        p.sets_deleted += 1;
+    }
+    for name in &gone_chains {
+        out.push_str(&format!("delete chain {FAMILY} {table} {name}\n"));
+        p.chains_deleted += 1;
+    }
+    p.script = out;
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_reads_prefixes_ranges_concatenations_and_verdicts_as_written() {
+        let json = r#"{"nftables": [{"metainfo": {"json_schema_version": 1}},
+          {"table": {"family": "ip", "name": "sluice", "handle": 2}},
+          {"set": {"family": "ip", "name": "P", "table": "sluice",
+            "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 5,
+            "flags": ["interval"], "elem": [
+              {"concat": [{"prefix": {"addr": "10.0.0.0", "len": 24}}, "tcp", {"range": [80, 81]}]},
+              {"concat": ["10.0.1.1", "udp", 53]}]}},
+          {"set": {"family": "ip", "name": "A", "table": "sluice", "type": "ipv4_addr",
+            "handle": 6, "flags": ["interval"],
+            "elem": [{"range": ["0.0.0.0", "9.255.255.255"]}, "10.3.0.5"]}},
+          {"map": {"family": "ip", "name": "M", "table": "sluice",
+            "type": ["ifname", "ipv4_addr"], "handle": 9, "map": "verdict",
+            "elem": [[{"concat": ["slcabc", "10.244.1.2"]}, {"goto": {"target": "G"}}]]}},
+          {"chain": {"family": "ip", "table": "sluice", "name": "FORWARD", "handle": 1,
+            "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}},
+          {"chain": {"family": "ip", "table": "other", "name": "X", "handle": 1}},
+          {"rule": {"family": "ip", "table": "sluice", "chain": "FORWARD", "handle": 10,
+            "comment": "sluice:1111", "expr": []}},
+          {"rule": {"family": "ip", "table": "sluice", "chain": "FORWARD", "handle": 11,
+            "expr": []}}]}"#;
+        let s = parse_listing(json).unwrap();
+        assert_eq!(
+            s.sets["P"].elements,
+            BTreeSet::from([
+                "10.0.0.0-10.0.0.255 . tcp . 80-81".to_string(),
+                "10.0.1.1 . udp . 53".to_string()
+            ])
+        );
+        assert_eq!(
+            s.sets["P"].decl,
+            "set type ipv4_addr . inet_proto . inet_service; flags interval;"
+        );
+        assert_eq!(
+            s.sets["A"].elements,
+            BTreeSet::from(["0.0.0.0-9.255.255.255".to_string(), "10.3.0.5".to_string()])
+        );
+        assert_eq!(
+            s.sets["M"].elements,
+            BTreeSet::from(["\"slcabc\" . 10.244.1.2 : goto G".to_string()])
+        );
+        assert_eq!(s.sets["M"].decl, "map type ifname . ipv4_addr : verdict;");
+        assert_eq!(
+            s.chains["FORWARD"],
+            NftChainState {
+                hook: Some("filter forward 0 accept".into()),
+                rules: vec![Some("1111".into()), None]
+            }
+        );
+        assert!(!s.chains.contains_key("X"), "another table's chain");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_an_empty_state() {
+        assert!(parse_listing("nope").is_err());
+        assert!(parse_listing("{}").is_err());
+    }
 }

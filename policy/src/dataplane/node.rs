@@ -126,7 +126,7 @@ pub fn node_ruleset(
     ifaces: &dyn InterfaceNames,
 ) -> Result<Ruleset, CompileError> {
     let full = with_stand_ins(cluster);
-    let mut rs = compile::compile(&full, &settings.node, ifaces)?;
+    let mut rs = compile::compile_for(settings.dataplane, &full, &settings.node, ifaces)?;
     for table in [Table::Filter, Table::Nat] {
         rs.tables.entry(table).or_default();
     }
@@ -459,6 +459,92 @@ mod tests {
             "an empty nat table is still synced"
         );
         assert!(off.chain(Table::Filter, CHAIN_TUNNEL_IN).is_none());
+    }
+
+    fn nft_settings() -> NodeSettings {
+        NodeSettings {
+            dataplane: crate::dataplane::DataplaneKind::Nftables,
+            ..settings(TunnelFilter::Vxlan { port: 4789 }, true)
+        }
+    }
+
+    #[test]
+    fn the_agents_own_rules_are_the_same_model_on_both_dataplanes() {
+        let ipt = node_ruleset(
+            &cluster(),
+            &settings(TunnelFilter::Vxlan { port: 4789 }, true),
+            &Veths,
+        )
+        .unwrap();
+        let nft = node_ruleset(&cluster(), &nft_settings(), &Veths).unwrap();
+        for (table, chain) in [
+            (Table::Filter, CHAIN_HELD),
+            (Table::Filter, CHAIN_TUNNEL_IN),
+            (Table::Nat, CHAIN_NAT_OUTGOING),
+        ] {
+            assert_eq!(ipt.chain(table, chain), nft.chain(table, chain), "{chain}");
+        }
+        for set in [SET_NODES, SET_POOLS] {
+            assert_eq!(ipt.sets[set], nft.sets[set]);
+        }
+        assert_eq!(ipt.jumps, nft.jumps);
+        // The forward chain starts with the same held and tunnel rules on both.
+        let head = |rs: &Ruleset| {
+            rs.chain(Table::Filter, crate::names::CHAIN_FORWARD)
+                .unwrap()
+                .rules[..3]
+                .to_vec()
+        };
+        assert_eq!(head(&ipt), head(&nft));
+        nft.validate().unwrap();
+    }
+
+    #[test]
+    fn the_nftables_form_dispatches_through_verdict_maps_and_holds_pods_first() {
+        let rs = node_ruleset(&cluster(), &nft_settings(), &Veths).unwrap();
+        let to_pod = &rs.maps[crate::compile::flat::MAP_TO_POD];
+        // The stand-in policy isolates web: its element goes to a group chain.
+        let super::super::MapVerdict::Goto(group) =
+            &to_pod.elements[&super::super::MapKeyValue::Iface("slcweb".into())]
+        else {
+            panic!("{to_pod:?}");
+        };
+        assert!(rs.chain(Table::Filter, group).is_some());
+        assert!(
+            rs.chain_comments[group].contains("prod/rejected:broken"),
+            "{:?}",
+            rs.chain_comments
+        );
+        let script = crate::render::nft::render(&rs);
+        let held = script.find("ct state new jump SLUICE-HELD").unwrap();
+        let dispatch = script
+            .find("add rule ip sluice SLUICE-FORWARD iifname \"slc*\" goto SLUICE-FWD-POD")
+            .unwrap();
+        assert!(held < dispatch, "{script}");
+        assert!(script.contains("add chain ip sluice NAT-POSTROUTING { type nat hook postrouting priority srcnat; policy accept; }"), "{script}");
+        assert!(script.contains("masquerade"));
+    }
+
+    #[test]
+    fn the_iptables_side_refuses_an_nftables_form_model() {
+        let rs = node_ruleset(&cluster(), &nft_settings(), &Veths).unwrap();
+        assert!(matches!(
+            rs.check_iptables(),
+            Err(crate::dataplane::ModelError::NftOnly(_))
+        ));
+        assert!(matches!(
+            crate::dataplane::plan::plan(&rs, &Default::default()),
+            Err(crate::dataplane::ModelError::NftOnly(_))
+        ));
+        let ipt = node_ruleset(&cluster(), &settings(TunnelFilter::Ipip, true), &Veths).unwrap();
+        ipt.check_iptables().unwrap();
+    }
+
+    #[test]
+    #[should_panic(expected = "nftables-only")]
+    fn rendering_a_verdict_map_dispatch_as_iptables_is_a_bug_not_text() {
+        let rs = node_ruleset(&cluster(), &nft_settings(), &Veths).unwrap();
+        let _ = crate::render::iptables::render(&rs);
     }
 
     #[test]

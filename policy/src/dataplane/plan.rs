@@ -252,6 +252,7 @@ impl Plan {
 /// an owned chain in a table the model no longer uses is deleted too.
 pub fn plan(desired: &Ruleset, kernel: &KernelState) -> Result<Plan, ModelError> {
     desired.validate()?;
+    desired.check_iptables()?;
     let mut plan = Plan::default();
     let tables: BTreeSet<Table> = desired
         .tables

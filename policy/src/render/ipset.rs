@@ -23,6 +23,10 @@ pub fn kind_text(kind: SetKind) -> &'static str {
         SetKind::HashIp => "hash:ip",
         SetKind::HashNet => "hash:net",
         SetKind::HashIpPort => "hash:ip,port",
+        SetKind::AddrIntervals | SetKind::AddrProtoPortIntervals => unreachable!(
+            "interval sets are nftables-only; the iptables planner refuses such a model \
+             (Ruleset::check_iptables)"
+        ),
     }
 }
 
@@ -53,6 +57,10 @@ pub fn member_text(member: &SetMember) -> String {
             };
             format!("{ip},{p}:{port}")
         }
+        SetMember::Range(_) | SetMember::Tuple { .. } => unreachable!(
+            "interval members are nftables-only; the iptables planner refuses such a \
+             model (Ruleset::check_iptables)"
+        ),
     }
 }
 
@@ -124,6 +132,8 @@ pub fn parse_member(kind: SetKind, text: &str) -> Option<SetMember> {
                 port: port.parse().ok()?,
             })
         }
+        // ipset has no such type: nothing it prints is one of these.
+        SetKind::AddrIntervals | SetKind::AddrProtoPortIntervals => None,
     }
 }
 

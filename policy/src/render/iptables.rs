@@ -106,6 +106,10 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
             Match::Mark { value, mask } => {
                 rest.push(format!("-m mark --mark {value:#x}/{mask:#x}"));
             }
+            Match::Tuple { .. } => unreachable!(
+                "tuple lookups are nftables-only; the iptables planner refuses such a \
+                 model (Ruleset::check_iptables) and its compiler never makes one"
+            ),
         }
     }
     rest.push(match &rule.target {
@@ -116,6 +120,10 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
         Target::Goto(c) => format!("-g {c}"),
         Target::SetMark { value, mask } => format!("-j MARK --set-xmark {value:#x}/{mask:#x}"),
         Target::Masquerade => "-j MASQUERADE".to_string(),
+        Target::Vmap(_) => unreachable!(
+            "verdict maps are nftables-only; the iptables planner refuses such a model \
+             (Ruleset::check_iptables) and its compiler never makes one"
+        ),
     });
     let header: Vec<String> = [
         src,

@@ -3,20 +3,79 @@
 //! written, so kube-proxy's, Docker's and iptables-nft's tables are left alone by
 //! construction.
 //!
-//! CONTRACT (the agent's executor relies on these signatures; the bodies are filled
-//! in by the nftables work of issue 11).
+//! Layout of the table:
+//! - every [`BuiltinJump`] becomes a rule of a base chain of sluice's own at that
+//!   hook, policy accept: `FORWARD` (`type filter hook forward priority filter`),
+//!   `INPUT` (`hook input`), and for the nat table `NAT-POSTROUTING` (`type nat hook
+//!   postrouting priority srcnat`). Base chains of other tables than filter are named
+//!   `<TABLE>-<HOOK>` so the two tables of the model share one nft table. An `accept`
+//!   here ends sluice's table only: another table's base chain at the same hook
+//!   (Docker's FORWARD policy DROP through iptables-nft) still decides too.
+//! - the model's chains of every table keep their names (one namespace: the model
+//!   never uses one name in two tables, [`crate::dataplane::ModelError::Collision`]);
+//! - ipsets become nft sets: `hash:ip` a plain `ipv4_addr` set; `hash:net` an
+//!   `ipv4_addr` interval set whose elements are the disjoint ranges the most
+//!   specific entries decide (a `nomatch` entry cut out of its net); `hash:ip,port`
+//!   and [`SetKind::AddrProtoPortIntervals`] an `ipv4_addr . inet_proto .
+//!   inet_service` interval set; [`SetKind::AddrIntervals`] an `ipv4_addr` interval
+//!   set;
+//! - verdict maps become `map`s (`type ifname : verdict`, `type ifname . ipv4_addr :
+//!   verdict`).
+//!
+//! Every rule carries `comment "sluice:<hash>"`, the same identity scheme as the
+//! iptables renderer's ([`iptables::rule_hash`]: chain, previous hash, rule text),
+//! here over the nft text of the rule. The planner compares chains by these.
+//!
+//! The script is a list of commands, never a `table { }` block, so one vocabulary
+//! (`add chain`, `add set`, `add element`, `add rule`, …) serves the full render and
+//! the planner's increments. Interface names are quoted (`"slc*"` is the prefix
+//! wildcard); chain names never use the keyword `fwd`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 
 use super::super::dataplane::Ruleset;
+use super::iptables;
+use crate::compile::intervals::Painter;
+use crate::dataplane::{
+    BuiltinJump, Chain, CtState, Interface, IpSet, MapKey, MapKeyValue, MapVerdict, Match, Rule,
+    SetDirection, SetKind, SetMember, Table, Target, VerdictMap,
+};
+use crate::model::Protocol;
 
 /// The table's family and name: `ip sluice`.
 pub const FAMILY: &str = "ip";
 pub const TABLE: &str = "sluice";
+/// The probe's throwaway table.
+pub const PROBE_TABLE: &str = "sluice-probe";
 
 /// The complete table as `nft -f` input that creates it, or replaces an existing one,
 /// in one transaction (`add table`, `delete table`, then the table's full text).
 pub fn render(ruleset: &Ruleset) -> String {
-    let _ = ruleset;
-    todo!("issue 11: nftables renderer")
+    let mut out = format!("add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n");
+    out.push_str(&create_script(ruleset, TABLE));
+    out
+}
+
+/// Commands creating every object of `ruleset` in an empty or absent table `table`.
+fn create_script(ruleset: &Ruleset, table: &str) -> String {
+    let mut out = format!("add table {FAMILY} {table}\n");
+    let chains = chains(ruleset);
+    for c in chains.values() {
+        out.push_str(&add_chain_line(table, c));
+    }
+    let sets = sets(ruleset);
+    for s in sets.values() {
+        out.push_str(&add_set_line(table, s));
+    }
+    for s in sets.values() {
+        push_elements(&mut out, "add", table, &s.name, s.elements.iter());
+    }
+    for c in chains.values() {
+        push_rules(&mut out, table, c);
+    }
+    out
 }
 
 /// `nft -f` input that removes sluice's table and everything in it, and succeeds when
@@ -30,5 +89,708 @@ pub fn delete_script() -> String {
 /// the kernel validates it in a transaction that is never committed. Success means
 /// the host can run the nftables dataplane.
 pub fn probe_script() -> String {
-    todo!("issue 11: probe of the features the renderer uses")
+    format!(
+        "add table {FAMILY} {PROBE_TABLE}\ndelete table {FAMILY} {PROBE_TABLE}\n{}\
+         delete table {FAMILY} {PROBE_TABLE}\n",
+        create_script(&probe_ruleset(), PROBE_TABLE)
+    )
+}
+
+/// A small model with one of everything the renderer can emit.
+fn probe_ruleset() -> Ruleset {
+    use crate::dataplane::{AddrRange, PortRange};
+    let ip = |s: &str| s.parse::<Ipv4Addr>().expect("literal address");
+    let mut rs = Ruleset::default();
+    let set = |name: &str, kind, members: Vec<SetMember>| IpSet {
+        name: name.into(),
+        kind,
+        members: members.into_iter().collect(),
+    };
+    for s in [
+        set(
+            "SLUICE-T",
+            SetKind::AddrProtoPortIntervals,
+            vec![SetMember::Tuple {
+                addrs: AddrRange {
+                    start: ip("10.0.0.0"),
+                    end: ip("10.0.0.9"),
+                },
+                protocol: Protocol::Sctp,
+                ports: PortRange { start: 80, end: 90 },
+            }],
+        ),
+        set(
+            "SLUICE-A",
+            SetKind::AddrIntervals,
+            vec![SetMember::Range(AddrRange {
+                start: ip("10.0.0.0"),
+                end: ip("10.0.0.9"),
+            })],
+        ),
+        set(
+            "SLUICE-I",
+            SetKind::HashIp,
+            vec![SetMember::Ip(ip("10.0.0.1"))],
+        ),
+        set(
+            "SLUICE-N",
+            SetKind::HashNet,
+            vec![
+                SetMember::Net {
+                    net: "10.0.0.0/8".parse().expect("literal"),
+                    nomatch: false,
+                },
+                SetMember::Net {
+                    net: "10.1.0.0/16".parse().expect("literal"),
+                    nomatch: true,
+                },
+            ],
+        ),
+    ] {
+        rs.sets.insert(s.name.clone(), s);
+    }
+    let chain = |name: &str, rules| Chain {
+        name: name.into(),
+        rules,
+    };
+    let group = "SLUICE-G";
+    rs.chain_comments.insert(group.into(), "probe".into());
+    let iface = |n: &str| Interface::exact(n);
+    let map = |name: &str, key, elements: Vec<(MapKeyValue, MapVerdict)>| VerdictMap {
+        name: name.into(),
+        key,
+        elements: elements.into_iter().collect(),
+    };
+    for m in [
+        map(
+            "SLUICE-MO",
+            MapKey::OutIface,
+            vec![
+                (
+                    MapKeyValue::Iface("slc0".into()),
+                    MapVerdict::Goto(group.into()),
+                ),
+                (MapKeyValue::Iface("slc1".into()), MapVerdict::Return),
+                (
+                    MapKeyValue::Iface("slc2".into()),
+                    MapVerdict::Jump(group.into()),
+                ),
+                (MapKeyValue::Iface("slc3".into()), MapVerdict::Continue),
+                (MapKeyValue::Iface("slc4".into()), MapVerdict::Accept),
+            ],
+        ),
+        map(
+            "SLUICE-MI",
+            MapKey::InIface,
+            vec![(MapKeyValue::Iface("slc0".into()), MapVerdict::Drop)],
+        ),
+        map(
+            "SLUICE-MS",
+            MapKey::InIfaceSource,
+            vec![(
+                MapKeyValue::IfaceAddr("slc0".into(), ip("10.0.0.1")),
+                MapVerdict::Goto(group.into()),
+            )],
+        ),
+    ] {
+        rs.maps.insert(m.name.clone(), m);
+    }
+    rs.add_chain(
+        Table::Filter,
+        chain(
+            group,
+            vec![
+                Rule::new(
+                    vec![Match::Tuple {
+                        set: "SLUICE-T".into(),
+                        direction: SetDirection::Src,
+                    }],
+                    Target::Return,
+                ),
+                Rule::new(
+                    vec![Match::Set {
+                        name: "SLUICE-A".into(),
+                        direction: SetDirection::Dst,
+                        negated: true,
+                    }],
+                    Target::Return,
+                ),
+                Rule::new(vec![], Target::Drop),
+            ],
+        ),
+    );
+    rs.add_chain(
+        Table::Filter,
+        chain(
+            "SLUICE-F",
+            vec![
+                Rule::new(
+                    vec![Match::CtState(vec![CtState::Established, CtState::Related])],
+                    Target::Accept,
+                ),
+                Rule::new(vec![Match::CtState(vec![CtState::Invalid])], Target::Drop),
+                Rule::new(vec![], Target::Vmap("SLUICE-MS".into())),
+                Rule::new(vec![], Target::Vmap("SLUICE-MI".into())),
+                Rule::new(vec![], Target::Vmap("SLUICE-MO".into())),
+                Rule::new(
+                    vec![
+                        Match::InInterface(Interface::prefix("slc")),
+                        Match::Protocol(Protocol::Udp),
+                        Match::DestinationPorts {
+                            start: 4789,
+                            end: 4789,
+                        },
+                    ],
+                    Target::Drop,
+                ),
+                Rule::new(
+                    vec![Match::OutInterface(iface("eth0")), Match::IpProtocol(4)],
+                    Target::Goto(group.into()),
+                ),
+                Rule::new(
+                    vec![Match::Source {
+                        net: "10.0.0.0/8".parse().expect("literal"),
+                        negated: true,
+                    }],
+                    Target::Jump(group.into()),
+                ),
+                Rule::new(
+                    vec![Match::Set {
+                        name: "SLUICE-I".into(),
+                        direction: SetDirection::Src,
+                        negated: false,
+                    }],
+                    Target::Accept,
+                ),
+            ],
+        ),
+    );
+    rs.add_chain(
+        Table::Nat,
+        chain(
+            "SLUICE-NATO",
+            vec![Rule::new(
+                vec![
+                    Match::Set {
+                        name: "SLUICE-N".into(),
+                        direction: SetDirection::Src,
+                        negated: false,
+                    },
+                    Match::Set {
+                        name: "SLUICE-N".into(),
+                        direction: SetDirection::Dst,
+                        negated: true,
+                    },
+                ],
+                Target::Masquerade,
+            )],
+        ),
+    );
+    rs.jumps = vec![
+        BuiltinJump {
+            table: Table::Filter,
+            chain: "FORWARD".into(),
+            rule: Rule::new(vec![], Target::Jump("SLUICE-F".into())),
+        },
+        BuiltinJump {
+            table: Table::Filter,
+            chain: "INPUT".into(),
+            rule: Rule::new(vec![], Target::Jump("SLUICE-F".into())),
+        },
+        BuiltinJump {
+            table: Table::Nat,
+            chain: "POSTROUTING".into(),
+            rule: Rule::new(vec![], Target::Jump("SLUICE-NATO".into())),
+        },
+    ];
+    rs
+}
+
+// ---- the table's objects as text: one source for the render and the state ----
+
+/// A chain of the nft table: its declaration (empty for a regular chain, the hook
+/// spec for a base chain), comment, and rules with their identity hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftChain {
+    pub name: String,
+    /// `type filter hook forward priority 0; policy accept;` or empty.
+    pub hook: Option<BaseHook>,
+    pub comment: Option<String>,
+    /// (rule text without comment, identity hash), in order.
+    pub rules: Vec<(String, String)>,
+}
+
+/// A base chain's hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BaseHook {
+    /// `filter` or `nat`.
+    pub kind: &'static str,
+    /// `forward`, `input`, `output`, `prerouting`, `postrouting`.
+    pub hook: &'static str,
+    /// The priority keyword (`filter`, `srcnat`, …).
+    pub priority: &'static str,
+    /// Its number, as `nft -j` lists it.
+    pub priority_number: i32,
+}
+
+impl BaseHook {
+    /// The declaration as the state compares it: kind, hook, priority number, policy.
+    pub fn state_text(&self) -> String {
+        format!(
+            "{} {} {} accept",
+            self.kind, self.hook, self.priority_number
+        )
+    }
+}
+
+/// The base chain a built-in chain of `table` becomes, and its hook.
+pub fn base_chain(table: Table, builtin: &str) -> (String, BaseHook) {
+    let hook: &'static str = match builtin {
+        "PREROUTING" => "prerouting",
+        "INPUT" => "input",
+        "FORWARD" => "forward",
+        "OUTPUT" => "output",
+        _ => "postrouting",
+    };
+    let (kind, priority, priority_number) = match (table, hook) {
+        (Table::Nat, "postrouting" | "input") => ("nat", "srcnat", 100),
+        (Table::Nat, _) => ("nat", "dstnat", -100),
+        (Table::Filter, _) => ("filter", "filter", 0),
+        (Table::Mangle, _) => ("filter", "mangle", -150),
+        (Table::Raw, _) => ("filter", "raw", -300),
+    };
+    let name = match table {
+        Table::Filter => builtin.to_string(),
+        other => format!("{}-{builtin}", other.as_str().to_uppercase()),
+    };
+    (
+        name,
+        BaseHook {
+            kind,
+            hook,
+            priority,
+            priority_number,
+        },
+    )
+}
+
+/// Every chain of the nft table, base chains included, by name.
+pub fn chains(ruleset: &Ruleset) -> BTreeMap<String, NftChain> {
+    let mut out = BTreeMap::new();
+    for chains in ruleset.tables.values() {
+        for c in chains.values() {
+            out.insert(
+                c.name.clone(),
+                NftChain {
+                    name: c.name.clone(),
+                    hook: None,
+                    comment: ruleset.chain_comments.get(&c.name).cloned(),
+                    rules: rules_with_hashes(ruleset, &c.name, &c.rules),
+                },
+            );
+        }
+    }
+    let mut base: BTreeMap<String, (BaseHook, Vec<Rule>)> = BTreeMap::new();
+    for j in &ruleset.jumps {
+        let (name, hook) = base_chain(j.table, &j.chain);
+        base.entry(name)
+            .or_insert_with(|| (hook, Vec::new()))
+            .1
+            .push(j.rule.clone());
+    }
+    for (name, (hook, rules)) in base {
+        let rules = rules_with_hashes(ruleset, &name, &rules);
+        out.insert(
+            name.clone(),
+            NftChain {
+                name,
+                hook: Some(hook),
+                comment: None,
+                rules,
+            },
+        );
+    }
+    out
+}
+
+fn rules_with_hashes(ruleset: &Ruleset, chain: &str, rules: &[Rule]) -> Vec<(String, String)> {
+    let mut previous = String::new();
+    rules
+        .iter()
+        .map(|r| {
+            let body = rule_text(ruleset, r);
+            previous = iptables::rule_hash(chain, &previous, &body);
+            (body, previous.clone())
+        })
+        .collect()
+}
+
+/// A set or map of the nft table: declaration and elements, as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftSet {
+    pub name: String,
+    /// `set` or `map`.
+    pub keyword: &'static str,
+    /// What follows the name in braces: `type …; flags interval;`.
+    pub decl: String,
+    /// Each element as written (and as the listing is read back into).
+    pub elements: BTreeSet<String>,
+}
+
+impl NftSet {
+    /// The declaration as the state compares it.
+    pub fn state_text(&self) -> String {
+        format!("{} {}", self.keyword, self.decl)
+    }
+}
+
+/// Every set and map of the nft table, by name.
+pub fn sets(ruleset: &Ruleset) -> BTreeMap<String, NftSet> {
+    let mut out = BTreeMap::new();
+    for s in ruleset.sets.values() {
+        out.insert(s.name.clone(), nft_set(s));
+    }
+    for m in ruleset.maps.values() {
+        out.insert(m.name.clone(), nft_map(m));
+    }
+    out
+}
+
+pub const TUPLE_TYPE: &str = "ipv4_addr . inet_proto . inet_service";
+
+/// The set declaration for a type list and its interval flag.
+pub fn set_decl(types: &str, interval: bool) -> String {
+    if interval {
+        format!("type {types}; flags interval;")
+    } else {
+        format!("type {types};")
+    }
+}
+
+fn nft_set(set: &IpSet) -> NftSet {
+    let (decl, elements): (String, BTreeSet<String>) = match set.kind {
+        SetKind::HashIp => (
+            set_decl("ipv4_addr", false),
+            set.members
+                .iter()
+                .filter_map(|m| match m {
+                    SetMember::Ip(ip) => Some(ip.to_string()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        SetKind::HashNet => (
+            set_decl("ipv4_addr", true),
+            net_ranges(&set.members)
+                .into_iter()
+                .map(|(a, b)| addr_text(a, b))
+                .collect(),
+        ),
+        SetKind::AddrIntervals => (
+            set_decl("ipv4_addr", true),
+            set.members
+                .iter()
+                .filter_map(|m| match m {
+                    SetMember::Range(r) => Some(addr_text(u32::from(r.start), u32::from(r.end))),
+                    SetMember::Ip(ip) => Some(ip.to_string()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        SetKind::HashIpPort | SetKind::AddrProtoPortIntervals => (
+            set_decl(TUPLE_TYPE, true),
+            set.members
+                .iter()
+                .filter_map(|m| match m {
+                    SetMember::IpPort { ip, protocol, port } => Some(tuple_text(
+                        u32::from(*ip),
+                        u32::from(*ip),
+                        *protocol,
+                        *port,
+                        *port,
+                    )),
+                    SetMember::Tuple {
+                        addrs,
+                        protocol,
+                        ports,
+                    } => Some(tuple_text(
+                        u32::from(addrs.start),
+                        u32::from(addrs.end),
+                        *protocol,
+                        ports.start,
+                        ports.end,
+                    )),
+                    _ => None,
+                })
+                .collect(),
+        ),
+    };
+    NftSet {
+        name: set.name.clone(),
+        keyword: "set",
+        decl,
+        elements,
+    }
+}
+
+/// hash:net members as the disjoint ranges that match: the most specific entry
+/// containing an address decides, so paint from the most specific down.
+fn net_ranges(members: &BTreeSet<SetMember>) -> Vec<(u32, u32)> {
+    let mut nets: Vec<(u8, u32, u32, bool)> = members
+        .iter()
+        .filter_map(|m| match m {
+            SetMember::Net { net, nomatch } => {
+                let (a, b) = crate::compile::intervals::net_bounds(*net);
+                Some((net.prefix_len(), a, b, !*nomatch))
+            }
+            _ => None,
+        })
+        .collect();
+    nets.sort_by_key(|n| std::cmp::Reverse(n.0));
+    let mut painter = Painter::default();
+    for (_, a, b, matches) in nets {
+        painter.paint(a, b, &matches);
+    }
+    painter
+        .merged()
+        .into_iter()
+        .filter(|(_, _, m)| *m)
+        .map(|(a, b, _)| (a, b))
+        .collect()
+}
+
+fn map_key_type(key: MapKey) -> &'static str {
+    match key {
+        MapKey::OutIface | MapKey::InIface => "ifname",
+        MapKey::InIfaceSource => "ifname . ipv4_addr",
+    }
+}
+
+fn nft_map(map: &VerdictMap) -> NftSet {
+    NftSet {
+        name: map.name.clone(),
+        keyword: "map",
+        decl: format!("type {} : verdict;", map_key_type(map.key)),
+        elements: map
+            .elements
+            .iter()
+            .map(|(k, v)| format!("{} : {}", map_key_text(k), verdict_text(v)))
+            .collect(),
+    }
+}
+
+/// An address range as written and as read back: `a` or `a-b`.
+pub fn addr_text(start: u32, end: u32) -> String {
+    if start == end {
+        Ipv4Addr::from(start).to_string()
+    } else {
+        format!("{}-{}", Ipv4Addr::from(start), Ipv4Addr::from(end))
+    }
+}
+
+pub fn port_text(start: u16, end: u16) -> String {
+    if start == end {
+        start.to_string()
+    } else {
+        format!("{start}-{end}")
+    }
+}
+
+pub fn proto_text(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+fn tuple_text(a: u32, b: u32, protocol: Protocol, ps: u16, pe: u16) -> String {
+    format!(
+        "{} . {} . {}",
+        addr_text(a, b),
+        proto_text(protocol),
+        port_text(ps, pe)
+    )
+}
+
+pub fn iface_text(name: &str) -> String {
+    format!("\"{name}\"")
+}
+
+fn map_key_text(k: &MapKeyValue) -> String {
+    match k {
+        MapKeyValue::Iface(i) => iface_text(i),
+        MapKeyValue::IfaceAddr(i, a) => format!("{} . {a}", iface_text(i)),
+    }
+}
+
+pub fn verdict_text(v: &MapVerdict) -> String {
+    match v {
+        MapVerdict::Accept => "accept".into(),
+        MapVerdict::Drop => "drop".into(),
+        MapVerdict::Return => "return".into(),
+        MapVerdict::Continue => "continue".into(),
+        MapVerdict::Jump(c) => format!("jump {c}"),
+        MapVerdict::Goto(c) => format!("goto {c}"),
+    }
+}
+
+fn iface_match(i: &Interface) -> String {
+    if i.wildcard {
+        iface_text(&format!("{}*", i.name))
+    } else {
+        iface_text(&i.name)
+    }
+}
+
+fn ct_state(s: CtState) -> &'static str {
+    match s {
+        CtState::New => "new",
+        CtState::Established => "established",
+        CtState::Related => "related",
+        CtState::Invalid => "invalid",
+    }
+}
+
+fn addr_field(direction: SetDirection) -> &'static str {
+    match direction {
+        SetDirection::Src => "ip saddr",
+        SetDirection::Dst | SetDirection::DstDstPort => "ip daddr",
+    }
+}
+
+/// The nft text of a rule, without its comment (what its hash covers).
+pub fn rule_text(ruleset: &Ruleset, rule: &Rule) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for m in &rule.matches {
+        parts.push(match m {
+            Match::InInterface(i) => format!("iifname {}", iface_match(i)),
+            Match::OutInterface(i) => format!("oifname {}", iface_match(i)),
+            Match::Source { net, negated } => {
+                format!("ip saddr {}{net}", if *negated { "!= " } else { "" })
+            }
+            Match::Destination { net, negated } => {
+                format!("ip daddr {}{net}", if *negated { "!= " } else { "" })
+            }
+            Match::Protocol(p) => format!("meta l4proto {}", proto_text(*p)),
+            Match::IpProtocol(n) => format!("meta l4proto {n}"),
+            Match::DestinationPorts { start, end } => {
+                format!("th dport {}", port_text(*start, *end))
+            }
+            Match::Set {
+                name,
+                direction,
+                negated,
+            } => {
+                let not = if *negated { "!= " } else { "" };
+                match (direction, ruleset.sets.get(name).map(|s| s.kind)) {
+                    // hash:ip,port is looked up by destination address and port.
+                    (SetDirection::DstDstPort, _) | (_, Some(SetKind::HashIpPort)) => {
+                        format!("ip daddr . meta l4proto . th dport {not}@{name}")
+                    }
+                    (d, _) => format!("{} {not}@{name}", addr_field(*d)),
+                }
+            }
+            Match::Tuple { set, direction } => {
+                format!(
+                    "{} . meta l4proto . th dport @{set}",
+                    addr_field(*direction)
+                )
+            }
+            Match::CtState(states) => {
+                let list: Vec<&str> = states.iter().map(|s| ct_state(*s)).collect();
+                format!("ct state {}", list.join(","))
+            }
+            Match::Mark { value, mask } => format!("meta mark & {mask:#x} == {value:#x}"),
+        });
+    }
+    parts.push(match &rule.target {
+        Target::Accept => "accept".into(),
+        Target::Drop => "drop".into(),
+        Target::Return => "return".into(),
+        Target::Jump(c) => format!("jump {c}"),
+        Target::Goto(c) => format!("goto {c}"),
+        Target::SetMark { value, mask } => {
+            // mark = (mark & !mask) ^ value; with value inside mask, ^ is |.
+            let keep = !mask;
+            if *value == 0 {
+                format!("meta mark set meta mark & {keep:#x}")
+            } else {
+                format!("meta mark set meta mark & {keep:#x} | {value:#x}")
+            }
+        }
+        Target::Masquerade => "masquerade".into(),
+        Target::Vmap(name) => {
+            let key = match ruleset.maps.get(name).map(|m| m.key) {
+                Some(MapKey::OutIface) => "oifname",
+                Some(MapKey::InIface) => "iifname",
+                Some(MapKey::InIfaceSource) => "iifname . ip saddr",
+                // validate() refuses this before any render that reaches the kernel.
+                None => "oifname",
+            };
+            format!("{key} vmap @{name}")
+        }
+    });
+    parts.join(" ")
+}
+
+// ---- commands ----
+
+pub fn add_chain_line(table: &str, c: &NftChain) -> String {
+    let mut spec = String::new();
+    if let Some(h) = &c.hook {
+        let _ = write!(
+            spec,
+            " type {} hook {} priority {}; policy accept;",
+            h.kind, h.hook, h.priority
+        );
+    }
+    if let Some(comment) = &c.comment {
+        let _ = write!(spec, " comment \"{comment}\";");
+    }
+    if spec.is_empty() {
+        format!("add chain {FAMILY} {table} {}\n", c.name)
+    } else {
+        format!("add chain {FAMILY} {table} {} {{{spec} }}\n", c.name)
+    }
+}
+
+pub fn add_set_line(table: &str, s: &NftSet) -> String {
+    format!(
+        "add {} {FAMILY} {table} {} {{ {} }}\n",
+        s.keyword, s.name, s.decl
+    )
+}
+
+/// Elements per command: keeps lines a sane length for big sets.
+const ELEMENTS_PER_LINE: usize = 256;
+
+/// `add element …` / `delete element …` lines for `elements` (none when empty).
+pub fn push_elements<'a>(
+    out: &mut String,
+    verb: &str,
+    table: &str,
+    set: &str,
+    elements: impl Iterator<Item = &'a String>,
+) {
+    let elements: Vec<&String> = elements.collect();
+    for chunk in elements.chunks(ELEMENTS_PER_LINE) {
+        let list: Vec<&str> = chunk.iter().map(|e| e.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "{verb} element {FAMILY} {table} {set} {{ {} }}",
+            list.join(", ")
+        );
+    }
+}
+
+pub fn push_rules(out: &mut String, table: &str, c: &NftChain) {
+    for (body, hash) in &c.rules {
+        let _ = writeln!(
+            out,
+            "add rule {FAMILY} {table} {} {body} comment \"{}{hash}\"",
+            c.name,
+            iptables::COMMENT_PREFIX
+        );
+    }
 }

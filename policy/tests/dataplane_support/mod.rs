@@ -612,14 +612,24 @@ pub fn dataplane_allows(
     Some((allowed, traces))
 }
 
-/// Every node's ruleset: Node objects and nodes named by pods.
-pub fn compile_all_nodes(c: &Cluster) -> BTreeMap<String, Ruleset> {
+/// Both dataplanes, for tests that run on each.
+pub const DATAPLANES: [sluice_policy::dataplane::DataplaneKind; 2] = [
+    sluice_policy::dataplane::DataplaneKind::Iptables,
+    sluice_policy::dataplane::DataplaneKind::Nftables,
+];
+
+/// Every node's ruleset for `dataplane`: Node objects and nodes named by pods.
+pub fn compile_all_nodes(
+    c: &Cluster,
+    dataplane: sluice_policy::dataplane::DataplaneKind,
+) -> BTreeMap<String, Ruleset> {
     let mut nodes: std::collections::BTreeSet<String> = c.nodes.keys().cloned().collect();
     nodes.extend(c.pods.values().filter_map(|p| p.node.clone()));
     nodes
         .into_iter()
         .map(|n| {
-            let rs = sluice_policy::compile::compile(c, &n, &FakeVeths).expect("compile");
+            let rs =
+                sluice_policy::compile::compile_for(dataplane, c, &n, &FakeVeths).expect("compile");
             (n, rs)
         })
         .collect()

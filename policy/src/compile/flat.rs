@@ -1,0 +1,708 @@
+//! The flat compiled form, for the nftables dataplane: a new connection's verdict
+//! costs one verdict-map lookup per direction plus one or two set lookups, however
+//! many policies select the pod.
+//!
+//! NetworkPolicy is a union: a packet is allowed in a direction when any policy
+//! isolating the pod in that direction allows it. So for each *group* of local pods
+//! isolated in a direction by the same set of policies (for ingress also resolving
+//! every named port those policies reference to the same numbers), the allowed
+//! (peer address, protocol, destination port) tuples are computed once, with
+//! interval arithmetic ([`super::intervals`]): ipBlock `except`s subtracted, pod and
+//! namespace selectors turned into the selected pods' addresses (adjacent addresses
+//! merged), named ports resolved on the destination pod (ingress: the group's own
+//! pods, which agree by construction; egress: each peer pod's own number, one point
+//! element per pod), "every port of a protocol" as 0-65535. Peers allowed with no
+//! port restriction at all (every protocol, ICMP included, where `th dport` means
+//! nothing) go into a separate plain address set.
+//!
+//! ```text
+//! SLUICE-FWD-POD:  ct state established,related accept; ct state invalid drop;
+//!                  jump SLUICE-FROM-POD; jump SLUICE-TO-POD; accept
+//! SLUICE-IN-POD:   ct state established,related return; ct state invalid drop;
+//!                  jump SLUICE-FROM-POD          (then back to the host's INPUT)
+//! SLUICE-FROM-POD: iifname . ip saddr vmap @SLUICE-M-FROM-POD
+//!                      "<veth>" . <pod ip> : goto SLUICE-GE-<h> | return
+//!                  iifname vmap @SLUICE-M-VETHS  "<veth>" : drop   (spoofed source)
+//!                  iifname "<nsprefix>*" drop    (unknown pod, egress policy in ns)
+//! SLUICE-TO-POD:   oifname vmap @SLUICE-M-TO-POD "<veth>" : goto SLUICE-GI-<h> | return
+//!                  oifname "<nsprefix>*" drop    (unknown pod, ingress policy in ns)
+//! SLUICE-GI-<h>:   ip saddr . meta l4proto . th dport @SLUICE-FT-<t> return
+//!                  ip saddr @SLUICE-FA-<a> return
+//!                  drop
+//! ```
+//!
+//! Decisions, and why:
+//! - A pod that is not isolated in a direction has a `return` element, so its
+//!   becoming isolated (or a policy change regrouping it) changes one map element.
+//! - A group chain is named after the group's identity (its policies, its named-port
+//!   resolution); its sets are named after the (peer, ports) pairs they are built
+//!   from, so groups whose policies allow the same pairs share one set (every
+//!   namespace's "DNS and everything in env=prod" egress policy, say) instead of
+//!   copying thousands of addresses per group. Neither name hashes contents: pods,
+//!   labels and peers coming and going change elements only.
+//! - A set is looked up only when some pair can put an element in it (a tuple
+//!   lookup for pairs with ports, an address lookup for pairs without); which pairs
+//!   exist changes only with the policies, and then so does the group.
+//! - Each group chain's comment names the policies that isolate it (truncated to what
+//!   a comment holds, with the count of the rest), to trace a drop to its policies.
+//! - Anti-spoofing, fail-closed unknown pods, conntrack first and the INPUT path
+//!   back to the host's rules are the same as the per-policy form's.
+//!
+//! Why the iptables dataplane does not use this form: ipset `hash:net,port` holds
+//! one port per member, so a port range (`endPort`, or every port of a protocol)
+//! expands into a member per port per net — 65,536 members for one peer on a whole
+//! protocol — and iptables has no verdict map, so the per-pod dispatch chain would
+//! stay linear anyway. The gain would be limited to the per-policy walk inside one
+//! pod's chain, for sets orders of magnitude larger.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::IpNet;
+
+use super::intervals::{AddrSet, BoxSet};
+use super::members::{Index, v4, v4_excepts};
+use super::{
+    CompileError, Dispatch, builtin_jumps, fail_closed_unknown_pods, forward_chains, input_chains,
+    local_pod_veths,
+};
+use crate::dataplane::{
+    Chain, InterfaceNames, IpSet, MapKey, MapKeyValue, MapVerdict, Match, PortRange, Rule, Ruleset,
+    SetDirection, SetKind, SetMember, Table, Target, VerdictMap,
+};
+use crate::model::{
+    Cluster, IpBlock, NamespacedName, NetworkPolicy, Peer, Peers, Pod, PodPeer, PortMatch, Ports,
+    Protocol,
+};
+use crate::names::{self, Direction};
+
+/// `oifname` → the destination pod's ingress verdict.
+pub const MAP_TO_POD: &str = "SLUICE-M-TO-POD";
+/// `iifname . ip saddr` → the source pod's egress verdict.
+pub const MAP_FROM_POD: &str = "SLUICE-M-FROM-POD";
+/// `iifname` of every local pod → drop: what the map above did not take is spoofed.
+pub const MAP_VETHS: &str = "SLUICE-M-VETHS";
+
+/// Longest chain comment written (nft keeps at most 128 bytes of it).
+const MAX_COMMENT: usize = 120;
+
+/// What one group allows: tuples with ports, and peers allowed on every port of
+/// every protocol.
+#[derive(Debug, Default)]
+pub struct Allowed {
+    pub tuples: BoxSet<()>,
+    pub any: AddrSet,
+}
+
+/// The policy dataplane of node `node` in flat form (see the module doc).
+pub fn compile(
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+) -> Result<Ruleset, CompileError> {
+    let mut c = Flat {
+        index: Index::new(cluster),
+        ruleset: Ruleset::default(),
+        named_cache: BTreeMap::new(),
+    };
+    let mut to_pod = VerdictMap {
+        name: MAP_TO_POD.into(),
+        key: MapKey::OutIface,
+        elements: BTreeMap::new(),
+    };
+    let mut from_pod = VerdictMap {
+        name: MAP_FROM_POD.into(),
+        key: MapKey::InIfaceSource,
+        elements: BTreeMap::new(),
+    };
+    let mut veths = VerdictMap {
+        name: MAP_VETHS.into(),
+        key: MapKey::InIface,
+        elements: BTreeMap::new(),
+    };
+    for (pod, veth) in local_pod_veths(cluster, node, ifaces)? {
+        let ingress = c.group_verdict(pod, Direction::Ingress);
+        let egress = c.group_verdict(pod, Direction::Egress);
+        to_pod
+            .elements
+            .insert(MapKeyValue::Iface(veth.clone()), ingress);
+        for ip in pod.ips.iter().filter_map(v4) {
+            from_pod
+                .elements
+                .insert(MapKeyValue::IfaceAddr(veth.clone(), ip), egress.clone());
+        }
+        veths
+            .elements
+            .insert(MapKeyValue::Iface(veth), MapVerdict::Drop);
+    }
+    let vmap = |m: &str| Rule::new(vec![], Target::Vmap(m.to_string()));
+    let mut dispatch = Dispatch {
+        from_pod: vec![vmap(MAP_FROM_POD), vmap(MAP_VETHS)],
+        to_pod: vec![vmap(MAP_TO_POD)],
+    };
+    fail_closed_unknown_pods(cluster, ifaces, &mut dispatch)?;
+    let chains = dispatch
+        .into_chains()
+        .into_iter()
+        .chain(forward_chains(false))
+        .chain(input_chains(false));
+    for chain in chains {
+        c.ruleset.add_chain(Table::Filter, chain);
+    }
+    for map in [to_pod, from_pod, veths] {
+        c.ruleset.maps.insert(map.name.clone(), map);
+    }
+    c.ruleset.jumps = builtin_jumps();
+    Ok(c.ruleset)
+}
+
+struct Flat<'a> {
+    index: Index<'a>,
+    ruleset: Ruleset,
+    /// Egress named ports: (name, protocol) → every pod's (address, port).
+    named_cache: BTreeMap<(String, Protocol), Vec<(Ipv4Addr, u16)>>,
+}
+
+/// The named ports (name, protocol) that `policies` reference in `direction`.
+fn referenced_names(
+    policies: &[&NetworkPolicy],
+    direction: Direction,
+) -> BTreeSet<(String, Protocol)> {
+    let mut out = BTreeSet::new();
+    for p in policies {
+        for rule in rules_of(p, direction) {
+            if let Ports::Listed(list) = &rule.ports {
+                for port in list {
+                    if let PortMatch::Named(name) = &port.port {
+                        out.insert((name.clone(), port.protocol));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn rules_of(policy: &NetworkPolicy, direction: Direction) -> &[crate::model::Rule] {
+    match direction {
+        Direction::Ingress => &policy.ingress,
+        Direction::Egress => &policy.egress,
+    }
+}
+
+/// One (peer, ports) pair a group's policies allow: the unit the sets are built from
+/// and named after.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum PeerRef<'p> {
+    Any,
+    Pods(&'p str, &'p PodPeer),
+    Block(&'p IpBlock),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum PortRef {
+    /// Every port of every protocol.
+    Any,
+    Range(Protocol, u16, u16),
+    /// Egress: resolved on each peer pod.
+    Named(Protocol, String),
+}
+
+impl PeerRef<'_> {
+    /// The peer's identity: the name its ipset has on iptables, a hash of its
+    /// canonical encoding.
+    fn key(&self) -> String {
+        match self {
+            PeerRef::Any => "any".into(),
+            PeerRef::Pods(ns, pp) => names::pod_peer_set(ns, pp),
+            PeerRef::Block(b) => names::ip_block_set(b),
+        }
+    }
+}
+
+impl PortRef {
+    fn key(&self) -> String {
+        match self {
+            PortRef::Any => "any".into(),
+            PortRef::Range(p, a, b) => format!("{}:{a}-{b}", p.as_str()),
+            PortRef::Named(p, n) => format!("{}:name:{n}", p.as_str()),
+        }
+    }
+}
+
+impl Flat<'_> {
+    /// The map verdict of `pod` in `direction`: `return` when no policy isolates it,
+    /// else a goto to its group's chain (built on first use).
+    fn group_verdict(&mut self, pod: &Pod, direction: Direction) -> MapVerdict {
+        let cluster = self.index.cluster;
+        let policies: Vec<&NetworkPolicy> = cluster
+            .policies_selecting(pod)
+            .filter(|p| match direction {
+                Direction::Ingress => p.policy_types.ingress,
+                Direction::Egress => p.policy_types.egress,
+            })
+            .collect();
+        if policies.is_empty() {
+            return MapVerdict::Return;
+        }
+        let keys: Vec<NamespacedName> = policies.iter().map(|p| p.key()).collect();
+        let named: Vec<(String, Protocol, Vec<u16>)> = match direction {
+            Direction::Ingress => referenced_names(&policies, direction)
+                .into_iter()
+                .map(|(name, proto)| {
+                    let ports = pod.resolve_named_port(&name, proto);
+                    (name, proto, ports)
+                })
+                .collect(),
+            Direction::Egress => Vec::new(),
+        };
+        let chain = names::group_chain(direction, &keys, &named);
+        if self.ruleset.chain(Table::Filter, &chain).is_none() {
+            let pairs = contributions(&policies, direction, pod);
+            self.add_group(&chain, direction, &keys, &pairs);
+        }
+        MapVerdict::Goto(chain)
+    }
+
+    /// What a list of (peer, ports) pairs allows.
+    fn allowed(&mut self, pairs: &[(PeerRef<'_>, PortRef)]) -> Allowed {
+        let mut out = Allowed::default();
+        let mut regions: BTreeMap<&PeerRef<'_>, AddrSet> = BTreeMap::new();
+        for (peer, port) in pairs {
+            if !regions.contains_key(peer) {
+                let r = self.peer_region(peer);
+                regions.insert(peer, r);
+            }
+            let region = &regions[peer];
+            if region.is_empty() {
+                continue;
+            }
+            match port {
+                PortRef::Any => out.any.insert_set(region),
+                PortRef::Range(proto, a, b) => out.tuples.insert(region, *proto, *a, *b, ()),
+                PortRef::Named(proto, name) => {
+                    for (ip, port) in self.named_ports(name, *proto) {
+                        if region.contains(ip) {
+                            let mut point = AddrSet::default();
+                            point.insert(u32::from(ip), u32::from(ip));
+                            out.tuples.insert(&point, *proto, port, port, ());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn named_ports(&mut self, name: &str, protocol: Protocol) -> Vec<(Ipv4Addr, u16)> {
+        let index = &self.index;
+        self.named_cache
+            .entry((name.to_string(), protocol))
+            .or_insert_with(|| {
+                index
+                    .named_port_members(name, protocol)
+                    .into_iter()
+                    .filter_map(|m| match m {
+                        SetMember::IpPort { ip, port, .. } => Some((ip, port)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .clone()
+    }
+
+    /// The addresses a peer names (IPv4 only).
+    fn peer_region(&self, peer: &PeerRef<'_>) -> AddrSet {
+        match peer {
+            PeerRef::Any => AddrSet::all(),
+            PeerRef::Pods(ns, pp) => {
+                let mut out = AddrSet::default();
+                for m in self.index.pod_peer_members(ns, pp) {
+                    if let SetMember::Ip(ip) = m {
+                        out.insert(u32::from(ip), u32::from(ip));
+                    }
+                }
+                out
+            }
+            PeerRef::Block(block) => {
+                let IpNet::V4(cidr) = block.cidr else {
+                    return AddrSet::default(); // an IPv6 block names no IPv4 packet
+                };
+                let mut region = AddrSet::of_net(cidr);
+                for e in v4_excepts(block) {
+                    let (a, b) = super::intervals::net_bounds(e);
+                    region.subtract(a, b);
+                }
+                region
+            }
+        }
+    }
+
+    /// A set named after the pairs it is built from, created (and filled) on first
+    /// use: groups whose policies allow the same pairs share it, and its content
+    /// changes only by elements when pods and labels change.
+    fn shared_set(&mut self, any: bool, pairs: &[(PeerRef<'_>, PortRef)]) -> String {
+        let mut key = String::new();
+        for (peer, port) in pairs {
+            key.push_str(&peer.key());
+            key.push(' ');
+            key.push_str(&port.key());
+            key.push(';');
+        }
+        let name = names::flat_set(any, &key);
+        if !self.ruleset.sets.contains_key(&name) {
+            let allowed = self.allowed(pairs);
+            let (kind, members) = if any {
+                let members = allowed.any.ranges().map(SetMember::Range).collect();
+                (SetKind::AddrIntervals, members)
+            } else {
+                let members = allowed
+                    .tuples
+                    .boxes()
+                    .into_iter()
+                    .map(|(b, ())| SetMember::Tuple {
+                        addrs: b.addrs,
+                        protocol: b.protocol,
+                        ports: PortRange {
+                            start: b.ports.start,
+                            end: b.ports.end,
+                        },
+                    })
+                    .collect();
+                (SetKind::AddrProtoPortIntervals, members)
+            };
+            self.ruleset.sets.insert(
+                name.clone(),
+                IpSet {
+                    name: name.clone(),
+                    kind,
+                    members,
+                },
+            );
+        }
+        name
+    }
+
+    fn add_group(
+        &mut self,
+        chain: &str,
+        direction: Direction,
+        policies: &[NamespacedName],
+        pairs: &[(PeerRef<'_>, PortRef)],
+    ) {
+        let set_dir = match direction {
+            Direction::Ingress => SetDirection::Src,
+            Direction::Egress => SetDirection::Dst,
+        };
+        let (any, tuples): (Vec<_>, Vec<_>) = pairs
+            .iter()
+            .cloned()
+            .partition(|(_, port)| *port == PortRef::Any);
+        let mut rules = Vec::new();
+        // A lookup only where some pair can ever put an element in the set: which
+        // pairs a group has changes only with its policies, and so does its name.
+        if !tuples.is_empty() {
+            let set = self.shared_set(false, &tuples);
+            rules.push(Rule::new(
+                vec![Match::Tuple {
+                    set,
+                    direction: set_dir,
+                }],
+                Target::Return,
+            ));
+        }
+        if !any.is_empty() {
+            let set = self.shared_set(true, &any);
+            rules.push(Rule::new(
+                vec![Match::Set {
+                    name: set,
+                    direction: set_dir,
+                    negated: false,
+                }],
+                Target::Return,
+            ));
+        }
+        rules.push(Rule::new(vec![], Target::Drop));
+        self.ruleset.add_chain(
+            Table::Filter,
+            Chain {
+                name: chain.to_string(),
+                rules,
+            },
+        );
+        self.ruleset
+            .chain_comments
+            .insert(chain.to_string(), group_comment(direction, policies));
+    }
+}
+
+/// The (peer, ports) pairs `policies` allow in `direction`, sorted and deduplicated;
+/// ingress named ports resolved on `pod` (every pod of its group agrees).
+fn contributions<'p>(
+    policies: &[&'p NetworkPolicy],
+    direction: Direction,
+    pod: &Pod,
+) -> Vec<(PeerRef<'p>, PortRef)> {
+    let mut out = BTreeSet::new();
+    for policy in policies {
+        for rule in rules_of(policy, direction) {
+            let peers: Vec<PeerRef<'p>> = match &rule.peers {
+                Peers::Any => vec![PeerRef::Any],
+                Peers::Listed(list) => list
+                    .iter()
+                    .filter_map(|peer| match peer {
+                        Peer::Pods(pp) => Some(PeerRef::Pods(&policy.namespace, pp)),
+                        Peer::IpBlock(b) if matches!(b.cidr, IpNet::V4(_)) => {
+                            Some(PeerRef::Block(b))
+                        }
+                        Peer::IpBlock(_) => None,
+                    })
+                    .collect(),
+            };
+            let ports: Vec<PortRef> = match &rule.ports {
+                Ports::Any => vec![PortRef::Any],
+                Ports::Listed(list) => list
+                    .iter()
+                    .flat_map(|p| match &p.port {
+                        PortMatch::All => vec![PortRef::Range(p.protocol, 0, u16::MAX)],
+                        PortMatch::Numbers { start, end } if start <= end => {
+                            vec![PortRef::Range(p.protocol, *start, *end)]
+                        }
+                        PortMatch::Numbers { .. } => vec![],
+                        PortMatch::Named(name) => match direction {
+                            Direction::Ingress => pod
+                                .resolve_named_port(name, p.protocol)
+                                .into_iter()
+                                .map(|n| PortRef::Range(p.protocol, n, n))
+                                .collect(),
+                            Direction::Egress => vec![PortRef::Named(p.protocol, name.clone())],
+                        },
+                    })
+                    .collect(),
+            };
+            for peer in &peers {
+                for port in &ports {
+                    out.insert((peer.clone(), port.clone()));
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// `ingress: ns/a, ns/b` — as many policies as fit, then `+N`.
+fn group_comment(direction: Direction, policies: &[NamespacedName]) -> String {
+    let mut out = String::from(match direction {
+        Direction::Ingress => "ingress:",
+        Direction::Egress => "egress:",
+    });
+    for (i, p) in policies.iter().enumerate() {
+        let item = format!(" {}/{}", p.namespace, p.name);
+        let rest = policies.len() - i;
+        // Room for the item, its comma, and a "+N more" tail if something follows.
+        if out.len() + item.len() + 1 + if rest > 1 { 12 } else { 0 } > MAX_COMMENT {
+            out.push_str(&format!(" +{rest}"));
+            break;
+        }
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&item);
+    }
+    // Only characters the comment's quoting can carry: object names are DNS labels
+    // and `rejected:` stand-ins, so this never changes anything but is cheap.
+    out.retain(|ch| ch != '"' && ch != '\\');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::{Hook, Packet, Verdict, classify};
+    use crate::dataplane::CtState;
+    use crate::model::{ContainerPort, IpBlock, PolicyPort, PolicyTypes, Rule as NpRule};
+    use crate::selector::LabelSelector;
+
+    struct Veths;
+
+    impl InterfaceNames for Veths {
+        fn host_veth(&self, pod: &Pod) -> String {
+            format!("slc{}", pod.name)
+        }
+        fn namespace_prefix(&self, namespace: &str) -> String {
+            format!("slc{}", &namespace[..1])
+        }
+    }
+
+    fn pod(name: &str, ip: &str, node: &str, ports: Vec<ContainerPort>) -> Pod {
+        Pod {
+            namespace: "prod".into(),
+            name: name.into(),
+            labels: [("app".to_string(), name.to_string())].into(),
+            ips: vec![ip.parse().unwrap()],
+            node: Some(node.into()),
+            ports,
+            host_network: false,
+        }
+    }
+
+    fn http(port: u16) -> Vec<ContainerPort> {
+        vec![ContainerPort {
+            name: Some("http".into()),
+            port,
+            protocol: Protocol::Tcp,
+        }]
+    }
+
+    fn ingress_policy(name: &str, block: &str, except: &[&str], port: PortMatch) -> NetworkPolicy {
+        NetworkPolicy {
+            namespace: "prod".into(),
+            name: name.into(),
+            pod_selector: LabelSelector::everything(),
+            ingress: vec![NpRule {
+                peers: Peers::Listed(vec![Peer::IpBlock(IpBlock {
+                    cidr: block.parse().unwrap(),
+                    except: except.iter().map(|e| e.parse().unwrap()).collect(),
+                })]),
+                ports: Ports::Listed(vec![PolicyPort {
+                    protocol: Protocol::Tcp,
+                    port,
+                }]),
+            }],
+            egress: vec![],
+            policy_types: PolicyTypes {
+                ingress: true,
+                egress: false,
+            },
+        }
+    }
+
+    fn tuple_set_of(rs: &Ruleset, chain: &str) -> String {
+        rs.chain(Table::Filter, chain)
+            .unwrap()
+            .rules
+            .iter()
+            .flat_map(|r| &r.matches)
+            .find_map(|m| match m {
+                Match::Tuple { set, .. } => Some(set.clone()),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    fn elements(rs: &Ruleset, set: &str) -> Vec<String> {
+        crate::render::nft::sets(rs)[set]
+            .elements
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn one_pods_ingress_is_one_disjoint_tuple_set_and_named_ports_split_groups() {
+        let mut c = Cluster::default();
+        c.add_pod(pod("a", "10.244.1.2", "n1", http(8080)));
+        c.add_pod(pod("b", "10.244.1.3", "n1", http(8080)));
+        c.add_pod(pod("c", "10.244.1.4", "n1", http(9090)));
+        c.add_policy(ingress_policy(
+            "wide",
+            "172.16.0.0/16",
+            &["172.16.8.0/24"],
+            PortMatch::Named("http".into()),
+        ));
+        c.add_policy(ingress_policy(
+            "overlap",
+            "172.16.0.0/12",
+            &[],
+            PortMatch::Numbers {
+                start: 8000,
+                end: 8100,
+            },
+        ));
+        let rs = compile(&c, "n1", &Veths).unwrap();
+        let to_pod = &rs.maps[MAP_TO_POD];
+        let group = |p: &str| to_pod.elements[&MapKeyValue::Iface(format!("slc{p}"))].clone();
+        assert_eq!(group("a"), group("b"), "same policies, same named port");
+        assert_ne!(group("a"), group("c"), "http means another number on c");
+        let MapVerdict::Goto(chain) = group("a") else {
+            panic!()
+        };
+        assert_eq!(
+            elements(&rs, &tuple_set_of(&rs, &chain)),
+            // 8080 lies inside 8000-8100: one box for the /12 over the range, none
+            // overlapping it for the named port.
+            ["172.16.0.0-172.31.255.255 . tcp . 8000-8100"]
+        );
+        let MapVerdict::Goto(chain_c) = group("c") else {
+            panic!()
+        };
+        assert_eq!(
+            elements(&rs, &tuple_set_of(&rs, &chain_c)),
+            [
+                "172.16.0.0-172.16.7.255 . tcp . 9090",
+                "172.16.0.0-172.31.255.255 . tcp . 8000-8100",
+                "172.16.9.0-172.16.255.255 . tcp . 9090",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_group_comment_names_its_policies_within_what_nft_keeps() {
+        let many: Vec<NamespacedName> = (0..40)
+            .map(|i| NamespacedName::new("payments", format!("allow-from-service-{i}")))
+            .collect();
+        let c = group_comment(Direction::Ingress, &many);
+        assert!(c.len() <= MAX_COMMENT, "{c}");
+        assert!(
+            c.starts_with("ingress: payments/allow-from-service-0,"),
+            "{c}"
+        );
+        let (listed, rest) = c.rsplit_once(" +").unwrap();
+        let shown = listed.matches("payments/").count();
+        assert_eq!(shown + rest.parse::<usize>().unwrap(), many.len(), "{c}");
+        assert_eq!(
+            group_comment(Direction::Egress, &many[..1]),
+            "egress: payments/allow-from-service-0"
+        );
+    }
+
+    #[test]
+    fn a_new_connection_costs_the_same_lookups_under_one_policy_or_a_thousand() {
+        let trace_len = |policies: usize| {
+            let mut c = Cluster::default();
+            c.add_pod(pod("a", "10.244.1.2", "n1", vec![]));
+            for i in 0..policies {
+                c.add_policy(ingress_policy(
+                    &format!("p{i}"),
+                    &format!("10.{}.{}.0/24", i / 256, i % 256),
+                    &[],
+                    PortMatch::Numbers { start: 80, end: 80 },
+                ));
+            }
+            let rs = compile(&c, "n1", &Veths).unwrap();
+            let packet = Packet {
+                hook: Hook::Forward,
+                in_iface: Some("eth0".into()),
+                out_iface: Some("slca".into()),
+                src: format!("10.{}.{}.9", (policies - 1) / 256, (policies - 1) % 256)
+                    .parse()
+                    .unwrap(),
+                dst: "10.244.1.2".parse().unwrap(),
+                protocol: Protocol::Tcp,
+                dport: 80,
+                ct: CtState::New,
+            };
+            let cls = classify(&rs, Table::Filter, &packet).unwrap();
+            assert_eq!(cls.verdict, Verdict::Accept);
+            // Adjacent /24s merge: a thousand policies, one element.
+            let MapVerdict::Goto(chain) =
+                rs.maps[MAP_TO_POD].elements[&MapKeyValue::Iface("slca".into())].clone()
+            else {
+                panic!()
+            };
+            assert_eq!(rs.sets[&tuple_set_of(&rs, &chain)].members.len(), 1);
+            cls.trace.len()
+        };
+        assert_eq!(trace_len(1), trace_len(1000));
+    }
+}

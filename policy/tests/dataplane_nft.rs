@@ -1,0 +1,264 @@
+//! The nftables renderer and planner against the real `nft`, in a throwaway network
+//! namespace: the full render loads and reads back (`nft -j list table ip sluice`)
+//! as exactly the state the planner expects, so a resync is a no-op; a sequence of
+//! planned increments lands the same way; adding a pod, a label or a peer changes
+//! only elements; the probe passes `nft --check`; another table is never touched.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use sluice_policy::compile::Ruleset;
+use sluice_policy::dataplane::DataplaneKind;
+use sluice_policy::dataplane::nft_plan::{NftState, parse_listing, plan};
+use sluice_policy::dataplane::node::{NodeSettings, TunnelFilter, node_ruleset};
+use sluice_policy::model::*;
+use sluice_policy::render::nft;
+use sluice_policy::selector::LabelSelector;
+
+mod dataplane_support;
+use dataplane_support::*;
+
+fn nft_run(args: &[&str], stdin: &str) -> Result<String, String> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn nft: {e}"))?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "nft {args:?} failed: {}\ninput:\n{stdin}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn apply(script: &str) {
+    nft_run(&["-f", "-"], script).unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn kernel_state() -> NftState {
+    let json = nft_run(&["-j", "list", "table", nft::FAMILY, nft::TABLE], "").unwrap();
+    parse_listing(&json).unwrap()
+}
+
+/// `None` when there is no sluice table yet.
+fn kernel_state_if_any() -> Option<NftState> {
+    nft_run(&["-j", "list", "table", nft::FAMILY, nft::TABLE], "")
+        .ok()
+        .map(|json| parse_listing(&json).unwrap())
+}
+
+fn settings() -> NodeSettings {
+    NodeSettings {
+        node: "node-1".into(),
+        pool: "10.244.0.0/16".parse().unwrap(),
+        tunnel: TunnelFilter::Vxlan { port: 4789 },
+        nat_outgoing: true,
+        node_ip: None,
+        dataplane: DataplaneKind::Nftables,
+    }
+}
+
+fn desired(c: &Cluster) -> Ruleset {
+    node_ruleset(c, &settings(), &FakeVeths).unwrap()
+}
+
+/// Applies the plan from what the kernel holds to `want`, and checks the kernel then
+/// holds exactly `want` and a resync would change nothing.
+fn sync(want: &Ruleset) -> sluice_policy::dataplane::nft_plan::NftPlan {
+    let p = plan(want, kernel_state_if_any().as_ref()).unwrap();
+    if !p.is_empty() {
+        apply(&p.script);
+    }
+    let now = kernel_state();
+    assert_eq!(now, NftState::of(want), "after:\n{}", p.script);
+    let again = plan(want, Some(&now)).unwrap();
+    assert!(again.is_empty(), "resync not a no-op:\n{}", again.script);
+    p
+}
+
+fn skip(test: &str) -> bool {
+    !sluice_testkit::require_root(test) || !sluice_testkit::require_tool(test, "nft")
+}
+
+#[test]
+fn the_full_render_loads_and_reads_back_as_the_planned_state() {
+    if skip("the_full_render_loads_and_reads_back_as_the_planned_state") {
+        return;
+    }
+    sluice_testkit::in_new_netns(|| {
+        apply(
+            "table ip other {\n chain c {\n type filter hook forward priority 0; policy drop;\n }\n}\n",
+        );
+        let before_other = nft_run(&["list", "table", "ip", "other"], "").unwrap();
+        let want = desired(&feature_cluster());
+        apply(&nft::render(&want));
+        assert_eq!(kernel_state(), NftState::of(&want));
+        assert!(plan(&want, Some(&kernel_state())).unwrap().is_empty());
+        // Rendering again over an existing table replaces it, in one transaction.
+        apply(&nft::render(&want));
+        assert_eq!(kernel_state(), NftState::of(&want));
+        // From nothing, the plan is the full render.
+        assert_eq!(plan(&want, None).unwrap().script, nft::render(&want));
+        apply(&nft::delete_script());
+        apply(&nft::delete_script());
+        assert_eq!(
+            nft_run(&["list", "table", "ip", "other"], "").unwrap(),
+            before_other,
+            "another table changed"
+        );
+    });
+}
+
+#[test]
+fn the_probe_passes_nft_check_and_leaves_nothing_behind() {
+    if skip("the_probe_passes_nft_check_and_leaves_nothing_behind") {
+        return;
+    }
+    sluice_testkit::in_new_netns(|| {
+        nft_run(&["--check", "-f", "-"], &nft::probe_script()).unwrap();
+        apply(&nft::probe_script());
+        assert_eq!(nft_run(&["list", "ruleset"], "").unwrap().trim(), "");
+    });
+}
+
+#[test]
+fn pods_labels_and_peers_are_element_changes_and_every_plan_lands_exactly() {
+    if skip("pods_labels_and_peers_are_element_changes_and_every_plan_lands_exactly") {
+        return;
+    }
+    sluice_testkit::in_new_netns(|| {
+        let mut c = feature_cluster();
+        sync(&desired(&c));
+
+        // A new local pod selected by the same policies, whose named port `http`
+        // means what it means on `front`: same group, map and set elements only.
+        let mut new = mk_pod("web", "new", &[("app", "front")], "10.244.1.9", "node-1");
+        new.ports = vec![named_port("http", 8080, Protocol::Tcp)];
+        c.add_pod(new);
+        let p = sync(&desired(&c));
+        assert_eq!((p.chains_rewritten, p.sets_created), (0, 0), "{}", p.script);
+        assert!(p.elements_added > 0, "{}", p.script);
+
+        // A label change that makes a local pod a peer (cache joins pg, its
+        // neighbouring address): a merged interval replaces its part, elements only.
+        c.pods
+            .get_mut(&NamespacedName::new("db", "cache"))
+            .unwrap()
+            .labels = labels(&[("app", "pg")]);
+        let p = sync(&desired(&c));
+        assert_eq!((p.chains_rewritten, p.sets_created), (0, 0), "{}", p.script);
+        assert!(
+            p.elements_added > 0 && p.elements_deleted > 0,
+            "{}",
+            p.script
+        );
+
+        // A peer pod appearing on another node, then going: elements only.
+        c.add_pod(mk_pod(
+            "db",
+            "pg2",
+            &[("app", "pg")],
+            "10.244.2.7",
+            "node-2",
+        ));
+        let p = sync(&desired(&c));
+        assert_eq!((p.chains_rewritten, p.sets_created), (0, 0), "{}", p.script);
+        assert_eq!(
+            (p.elements_added, p.elements_deleted),
+            (1, 0),
+            "{}",
+            p.script
+        );
+        c.pods.remove(&NamespacedName::new("db", "pg2"));
+        let p = sync(&desired(&c));
+        assert_eq!((p.chains_rewritten, p.sets_created), (0, 0), "{}", p.script);
+        assert_eq!(
+            (p.elements_added, p.elements_deleted),
+            (0, 1),
+            "{}",
+            p.script
+        );
+
+        // A new policy: a new group, its chain and sets; a removed one: deleted.
+        c.policies.remove(&NamespacedName::new("web", "front-in"));
+        c.add_policy(mk_policy(
+            "db",
+            "pg-in",
+            LabelSelector::from_labels([("app", "pg")]),
+            Some(vec![rule(
+                vec![pods_in(
+                    Some(LabelSelector::everything()),
+                    LabelSelector::from_labels([("app", "api")]),
+                )],
+                vec![port(Protocol::Tcp, num(5432))],
+            )]),
+            None,
+        ));
+        let p = sync(&desired(&c));
+        assert!(p.sets_created > 0 && p.sets_deleted > 0 && p.chains_deleted > 0);
+
+        // A rejected policy holds pods: the agent's own chain appears and goes.
+        c.rejected_policies.insert(
+            NamespacedName::new("db", "broken"),
+            RejectedPolicy {
+                reason: "test".into(),
+                pod_selector: None,
+            },
+        );
+        sync(&desired(&c));
+        c.rejected_policies.clear();
+        sync(&desired(&c));
+
+        // Everything gone at once, then back.
+        sync(&desired(&Cluster::default()));
+        sync(&desired(&feature_cluster()));
+    });
+}
+
+/// Random clusters in sequence, each synced from what the kernel holds after the
+/// last: every plan applies (no overlapping intervals, no dangling reference, in
+/// any transition) and lands exactly on the desired state.
+#[test]
+fn random_sequences_of_clusters_sync_exactly() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    if skip("random_sequences_of_clusters_sync_exactly") {
+        return;
+    }
+    sluice_testkit::in_new_netns(|| {
+        let mut runner = TestRunner::new(Config {
+            cases: 64,
+            ..Config::default()
+        });
+        runner
+            .run(&prop::collection::vec(arb_cluster(), 1..4), |clusters| {
+                for c in &clusters {
+                    let want = node_ruleset(
+                        c,
+                        &NodeSettings {
+                            node: NODES[0].0.into(),
+                            ..settings()
+                        },
+                        &FakeVeths,
+                    )
+                    .unwrap();
+                    sync(&want);
+                }
+                Ok(())
+            })
+            .unwrap();
+        apply(&nft::delete_script());
+    });
+}
