@@ -52,9 +52,18 @@ struct Sluice<'a> {
     mtu: u32,
     mtu_file: String,
     agent_status_file: String,
+    agent_socket: String,
     require_agent: bool,
     log_file: String,
     ipam: Ipam<'a>,
+    capabilities: SluiceCapabilities,
+}
+
+/// What the runtime may pass in `runtimeConfig`: `ips` is a requested address
+/// (podman `--ip`).
+#[derive(Serialize)]
+struct SluiceCapabilities {
+    ips: bool,
 }
 
 #[derive(Serialize)]
@@ -124,6 +133,7 @@ impl NodeConflist {
                     mtu: self.mtu,
                     mtu_file: text(&self.paths.mtu_file),
                     agent_status_file: text(&self.paths.agent_status_file),
+                    agent_socket: text(&self.paths.agent_socket),
                     require_agent: self.require_agent,
                     log_file: text(&self.paths.cni_log_file),
                     ipam: Ipam {
@@ -135,6 +145,7 @@ impl NodeConflist {
                         node_blocks_file,
                         block_store,
                     },
+                    capabilities: SluiceCapabilities { ips: true },
                 },
                 Portmap {
                     kind: "portmap",
@@ -214,6 +225,8 @@ mod tests {
             "/var/lib/sluice/ipam/node-blocks.json"
         );
         assert!(p["ipam"].get("blockStore").is_none());
+        // podman --ip (and any runtime's `ips`) reaches the plugin as runtimeConfig.ips.
+        assert_eq!(p["capabilities"], serde_json::json!({"ips": true}));
         assert_eq!(v["plugins"][1]["type"], "portmap");
         let parsed: serde_json::Value = serde_json::from_str(&cluster().to_text()).unwrap();
         assert_eq!(parsed, v);

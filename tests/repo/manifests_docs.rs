@@ -303,15 +303,21 @@ fn chain_and_set_names_in_the_docs_exist_in_the_code() {
     for doc in docs() {
         let text = read(&doc);
         for (i, _) in text.match_indices("SLUICE-") {
-            let token: String = text[i..]
+            let name: String = text[i..]
                 .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take_while(|c| {
+                    c.is_ascii_uppercase() || c.is_ascii_digit() || matches!(c, '-' | 'a'..='f')
+                })
                 .collect();
-            // A hashed name (`SLUICE-GI-2a28409c41396343`, nftables listings): the
-            // lowercase hash is generated, the code holds the prefix up to its dash.
-            let name = match token.find(|c: char| c.is_ascii_lowercase()) {
-                Some(j) => &token[..=token[..j].rfind('-').unwrap_or(j - 1)],
-                None => token.trim_end_matches('-'),
+            // A hashed name (`SLUICE-GI-2a28409c41396343`, as `nft list` shows one) is
+            // checked by its prefix, which is what the code spells.
+            let name = match name.rsplit_once('-') {
+                Some((prefix, hash))
+                    if hash.len() >= 8 && hash.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                {
+                    prefix
+                }
+                _ => name.trim_end_matches('-'),
             };
             if name == "SLUICE" {
                 continue; // the prefix itself (`SLUICE-*`)

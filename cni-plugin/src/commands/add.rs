@@ -5,11 +5,12 @@
 use std::path::Path;
 
 use serde_json::Value;
-use sluice_cni::delegate;
-use sluice_cni::protocol::{CniResult, Command};
+use sluice_cni::protocol::CniResult;
 
 use super::Ctx;
+use crate::agent_api;
 use crate::error::PluginError;
+use crate::ipam::{Ipam, Requested};
 use crate::log::log;
 use crate::mtu;
 use crate::netns::Netns;
@@ -17,12 +18,13 @@ use crate::sysctl;
 use crate::wiring::{self, HOST_MAC, Plan};
 use sluice_cni::veth::PRIMARY_IFNAME;
 use sluice_netlink::{Netlink, VethPeer, parse_mac};
+use sluice_node_files::local_api::RequestedAddress;
 use sluice_node_files::status as agent_status;
 
 /// What has been created so far, to undo on failure.
 enum Done {
-    /// The IPAM plugin and the config it was given.
-    Ipam(std::path::PathBuf, Vec<u8>),
+    /// IPAM allocated (in-process or delegated).
+    Ipam(Ipam),
     /// The host end: recorded as soon as the kernel accepted the pair, its index
     /// as soon as it is known. Undone by index, never by name alone: the name is
     /// the pod's, shared by all its sandboxes, and may pass to another one.
@@ -40,6 +42,22 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         return Err(PluginError::Config(
             "the sluice plugin needs an \"ipam\" section (e.g. sluice-ipam or host-local)".into(),
         ));
+    };
+    // Every address this ADD asks for, gathered (and a malformed one refused)
+    // before anything is touched; IPAM takes them from here. Then the pod's
+    // annotations through the agent: ip-addrs joins the same request,
+    // ip-addrs-no-ipam bypasses IPAM.
+    let mut requested = Requested::from_cni(ctx.env, ctx.conf)?;
+    let no_ipam = match agent_api::requested_address(ctx)? {
+        Some(RequestedAddress::Ipam(a)) => {
+            requested.add(a);
+            None
+        }
+        Some(RequestedAddress::NoIpam(a)) => {
+            agent_api::no_ipam_alone(a, &requested.all())?;
+            Some(a)
+        }
+        None => None,
     };
     let netns_path = ctx.env.netns.as_deref().unwrap_or(Path::new(""));
     let netns = Netns::open(netns_path)?;
@@ -109,14 +127,16 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         &mut pod,
         &mut done,
         &ipam.plugin_type,
+        &requested,
         mtu,
         pod_mac,
+        no_ipam,
     );
     match outcome {
         Ok(v) => Ok(v),
         Err(e) => {
             log!("ADD failed: {e}; rolling back");
-            rollback(&mut host, done);
+            rollback(ctx, &mut host, done);
             Err(e)
         }
     }
@@ -130,13 +150,26 @@ fn wire(
     pod: &mut Netlink,
     done: &mut Vec<Done>,
     ipam_type: &str,
+    requested: &Requested,
     mtu: u32,
     pod_mac: Option<[u8; 6]>,
+    no_ipam: Option<std::net::Ipv4Addr>,
 ) -> Result<Value, PluginError> {
-    let ipam_path = delegate::find_in_path(ipam_type, &ctx.env.path)?;
-    let ipam_conf = delegate::config_for(&ipam_path, ctx.conf)?;
-    let ipam_result = delegate::ipam_add(&ipam_path, &ipam_conf)?;
-    done.push(Done::Ipam(ipam_path, ipam_conf));
+    let ipam_result = match no_ipam {
+        // IPAM bypassed: the operator answers for uniqueness, this node only
+        // refuses what it already uses.
+        Some(a) => {
+            agent_api::check_no_ipam(host, a)?;
+            agent_api::check_no_ipam_allocations(Ipam::of(ctx)?.as_ref(), a)?;
+            agent_api::no_ipam_result(a)
+        }
+        None => {
+            let mut ipam = Ipam::of(ctx)?.expect("exec checked the ipam section");
+            let r = ipam.add(ctx, requested)?;
+            done.push(Done::Ipam(ipam));
+            r
+        }
+    };
     let address = wiring::pod_address(&ipam_result).ok_or_else(|| PluginError::NoIpv4 {
         ipam: ipam_type.to_owned(),
     })?;
@@ -224,12 +257,18 @@ fn wire(
         plan.pod_ifname,
         plan.address
     );
+    agent_api::report_attachment(
+        ctx,
+        &plan.host_ifname,
+        plan.address.addr(),
+        no_ipam.is_some(),
+    );
     Ok(plan
         .result(mac, &netns_str, dns, prev)
         .render(ctx.conf.cni_version))
 }
 
-fn rollback(host: &mut Netlink, done: Vec<Done>) {
+fn rollback(ctx: &Ctx<'_>, host: &mut Netlink, done: Vec<Done>) {
     for step in done.into_iter().rev() {
         match step {
             // Deleting the host end removes the pod end, the pod's address and
@@ -248,8 +287,8 @@ fn rollback(host: &mut Netlink, done: Vec<Done>) {
                     log!("rollback: deleting {name}: {e}");
                 }
             }
-            Done::Ipam(path, conf) => {
-                if let Err(e) = delegate::ipam_verb(&path, Command::Del, &conf) {
+            Done::Ipam(ipam) => {
+                if let Err(e) = ipam.del(ctx) {
                     log!("rollback: IPAM DEL: {e}");
                 }
             }
