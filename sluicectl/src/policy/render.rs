@@ -100,8 +100,13 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {w}");
     }
     for (key, rejected) in &cluster.rejected_policies {
+        let kind = if key.is_cluster_scoped() {
+            "ClusterNetworkPolicy"
+        } else {
+            "NetworkPolicy"
+        };
         eprintln!(
-            "warning: NetworkPolicy {key} cannot be enforced ({}); the pods it selects are held fail-closed",
+            "warning: {kind} {key} cannot be enforced ({}); the pods it selects are held fail-closed",
             rejected.reason
         );
     }
