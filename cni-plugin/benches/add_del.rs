@@ -1,13 +1,17 @@
-//! ADD and DEL latency of `sluice` (with host-local and with sluice-ipam) against
-//! the reference `bridge` + `host-local` from containernetworking-plugins, on the
-//! same machine in the same run: every binary exec'd exactly as a runtime does,
-//! in a throwaway node namespace, one fresh pod namespace per iteration. The
-//! variants are interleaved per iteration so machine noise hits all of them alike.
+//! ADD and DEL latency of `sluice` (with sluice-ipam in-process, as the default
+//! conflist runs it; with sluice-ipam exec'd; with host-local) against the
+//! reference `bridge` + `host-local` from containernetworking-plugins, on the same
+//! machine in the same run: every binary exec'd exactly as a runtime does, in a
+//! throwaway node namespace, one fresh pod namespace per iteration. The variants
+//! are interleaved per iteration so machine noise hits all of them alike. Then a
+//! VERSION exec of each, and 100 ADDs started at once on one node (sluice with the
+//! default IPAM, then the reference), then their DELs, all at once too.
 //!
 //! Root only. Build the release binaries first, then run:
 //!   cargo build --release -p sluice-cni -p sluice-ipam
-//!   cargo bench -p sluice-cni --bench add_del            (RUNS=100 to change N)
-//! Results go to stdout as a Markdown table (recorded in cni-plugin/BENCH.md).
+//!   cargo bench -p sluice-cni --bench add_del            (RUNS=100 to change N,
+//!                                                          BURST=100 the burst)
+//! Results go to stdout as Markdown tables (recorded in cni-plugin/BENCH.md).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,6 +38,19 @@ fn exec(
     conf: &Value,
 ) -> Duration {
     let start = Instant::now();
+    let child = spawn(plugin, cni_path, command, cid, netns, conf);
+    wait(plugin, command, child);
+    start.elapsed()
+}
+
+fn spawn(
+    plugin: &Path,
+    cni_path: &Path,
+    command: &str,
+    cid: &str,
+    netns: &Path,
+    conf: &Value,
+) -> std::process::Child {
     let mut child = Command::new(plugin)
         .env_clear()
         .env("CNI_COMMAND", command)
@@ -41,9 +58,10 @@ fn exec(
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", cni_path)
+        // One pod name per container: a burst's pods must not share a host veth name.
         .env(
             "CNI_ARGS",
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=p",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={cid}"),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -56,8 +74,11 @@ fn exec(
         .unwrap()
         .write_all(conf.to_string().as_bytes())
         .unwrap();
+    child
+}
+
+fn wait(plugin: &Path, command: &str, child: std::process::Child) {
     let out = child.wait_with_output().unwrap();
-    let took = start.elapsed();
     assert!(
         out.status.success(),
         "{} {command} failed: {}{}",
@@ -65,7 +86,52 @@ fn exec(
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    took
+}
+
+/// `n` ADDs started at once on one node, then their `n` DELs at once: each call's
+/// latency and the wall time of each wave.
+struct Burst {
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+    add_wall: Duration,
+    del_wall: Duration,
+}
+
+fn burst(plugin: &Path, cni_path: &Path, tag: &str, conf: &Value, n: usize) -> Burst {
+    let pods: Vec<NetnsHolder> = (0..n).map(|_| NetnsHolder::new()).collect();
+    let wave = |command: &str| {
+        let go = std::sync::Barrier::new(n + 1);
+        std::thread::scope(|sc| {
+            // Threads made here share this thread's (the node's) network namespace.
+            let handles: Vec<_> = pods
+                .iter()
+                .enumerate()
+                .map(|(i, pod)| {
+                    let go = &go;
+                    sc.spawn(move || {
+                        go.wait();
+                        let t = Instant::now();
+                        let cid = format!("{tag}-{i}");
+                        let c = spawn(plugin, cni_path, command, &cid, pod.path(), conf);
+                        wait(plugin, command, c);
+                        t.elapsed()
+                    })
+                })
+                .collect();
+            go.wait();
+            let start = Instant::now();
+            let lat: Vec<Duration> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            (lat, start.elapsed())
+        })
+    };
+    let (add, add_wall) = wave("ADD");
+    let (del, del_wall) = wave("DEL");
+    Burst {
+        add,
+        del,
+        add_wall,
+        del_wall,
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -100,17 +166,42 @@ fn main() {
     let have_ipam = ipam.is_file();
     if have_ipam {
         std::os::unix::fs::symlink(&ipam, bin.join("sluice-ipam")).unwrap();
+        // The same binary under another name: the plugin execs it (only the type
+        // `sluice-ipam` runs in-process), for the before/after comparison.
+        std::os::unix::fs::symlink(&ipam, bin.join("sluice-ipam-exec")).unwrap();
     } else {
         eprintln!(
-            "{} not built: `cargo build --release -p sluice-ipam`; skipping that variant",
+            "{} not built: `cargo build --release -p sluice-ipam`; skipping the exec'd variant",
             ipam.display()
         );
     }
     for p in ["host-local", "bridge"] {
         std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), bin.join(p)).unwrap();
     }
+    let burst_n: usize = std::env::var("BURST")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(100);
     let host_local = |sub: &str, subnet: &str| json!({"type": "host-local", "dataDir": dir.join(sub), "ranges": [[{"subnet": subnet}]]});
+    // The default conflist's sluice plugin (examples/sluice-standalone.conflist,
+    // node-files' NodeConflist): sluice-ipam, MTU from a file, a log file.
+    let sluice_ipam = |tag: &str, ty: &str, pool: &str| {
+        json!({"cniVersion": "1.0.0", "name": format!("bench-{tag}"), "type": "sluice",
+        "mtu": 0, "mtuFile": dir.join("mtu"), "logFile": dir.join("cni.log"), "capabilities": {"ips": true},
+        "ipam": {"type": ty, "nodeName": "bench", "pool": pool, "blockSize": 24,
+            "stateDir": dir.join(format!("{tag}-state")), "blockStore": {"type": "dir", "path": dir.join(format!("{tag}-blocks"))}}})
+    };
+    std::fs::write(dir.join("mtu"), "1480\n").unwrap();
+    let reference = json!({"cniVersion": "1.0.0", "name": "bench-c", "type": "bridge", "bridge": "cni-bench0", "isGateway": true, "ipam": host_local("c", "10.93.0.0/16")});
+    let default_conf = sluice_ipam("b", "sluice-ipam", "10.92.0.0/16");
     let mut variants = vec![
+        Variant {
+            name: "sluice + sluice-ipam in-process (default conflist)",
+            plugin: bin.join("sluice"),
+            conf: default_conf.clone(),
+            add: vec![],
+            del: vec![],
+        },
         Variant {
             name: "sluice + host-local",
             plugin: bin.join("sluice"),
@@ -121,24 +212,26 @@ fn main() {
         Variant {
             name: "bridge + host-local (reference)",
             plugin: bin.join("bridge"),
-            conf: json!({"cniVersion": "1.0.0", "name": "bench-c", "type": "bridge", "bridge": "cni-bench0", "isGateway": true, "ipam": host_local("c", "10.93.0.0/16")}),
+            conf: reference.clone(),
             add: vec![],
             del: vec![],
         },
     ];
     if have_ipam {
-        variants.insert(1, Variant {
-            name: "sluice + sluice-ipam",
-            plugin: bin.join("sluice"),
-            conf: json!({"cniVersion": "1.0.0", "name": "bench-b", "type": "sluice", "mtu": 1480, "ipam": {
-                "type": "sluice-ipam", "nodeName": "bench", "pool": "10.92.0.0/16", "blockSize": 24,
-                "stateDir": dir.join("b-state"), "blockStore": {"type": "dir", "path": dir.join("b-blocks")}}}),
-            add: vec![],
-            del: vec![],
-        });
+        variants.insert(
+            1,
+            Variant {
+                name: "sluice + sluice-ipam exec'd",
+                plugin: bin.join("sluice"),
+                conf: sluice_ipam("e", "sluice-ipam-exec", "10.94.0.0/16"),
+                add: vec![],
+                del: vec![],
+            },
+        );
     }
     let mut version: Vec<Duration> = Vec::new();
     let mut version_bridge: Vec<Duration> = Vec::new();
+    let mut bursts: Vec<(&str, Burst)> = Vec::new();
     in_new_netns(|| {
         sh(
             "ip link add up0 type veth peer name gw0 && ip addr add 192.168.77.2/24 dev up0 && ip link set up0 up && ip link set gw0 up && ip route add default via 192.168.77.1",
@@ -166,18 +259,48 @@ fn main() {
                 times.push(start.elapsed());
             }
         }
+        if burst_n > 0 {
+            bursts.push((
+                "sluice + sluice-ipam in-process (default conflist)",
+                burst(&bin.join("sluice"), &bin, "burst-s", &default_conf, burst_n),
+            ));
+            bursts.push((
+                "bridge + host-local (reference)",
+                burst(&bin.join("bridge"), &bin, "burst-r", &reference, burst_n),
+            ));
+        }
     });
-    println!("runs per variant: {runs} (after one warm-up), release build, interleaved\n");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "runs per variant: {runs} (after one warm-up), release build, interleaved; load average at the end: {}\n",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("| variant | ADD median | ADD p90 | DEL median | DEL p90 |");
     println!("|---|---|---|---|---|");
+    let mut medians = Vec::new();
     for v in &mut variants {
+        let (add, del) = (percentile(&mut v.add, 0.5), percentile(&mut v.del, 0.5));
+        medians.push((v.name, add, del));
         println!(
             "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
             v.name,
-            ms(percentile(&mut v.add, 0.5)),
+            ms(add),
             ms(percentile(&mut v.add, 0.9)),
-            ms(percentile(&mut v.del, 0.5)),
+            ms(del),
             ms(percentile(&mut v.del, 0.9)),
+        );
+    }
+    let (_, ref_add, ref_del) = *medians.last().expect("the reference is last");
+    println!("\n| variant | ADD / reference | DEL / reference |");
+    println!("|---|---|---|");
+    for (name, add, del) in &medians {
+        println!(
+            "| {name} | {:.2}x | {:.2}x |",
+            add.as_secs_f64() / ref_add.as_secs_f64(),
+            del.as_secs_f64() / ref_del.as_secs_f64()
         );
     }
     println!(
@@ -185,4 +308,24 @@ fn main() {
         ms(percentile(&mut version, 0.5)),
         ms(percentile(&mut version_bridge, 0.5))
     );
+    if !bursts.is_empty() {
+        println!(
+            "\n{burst_n} ADDs started at once on one node, then their {burst_n} DELs at once:\n"
+        );
+        println!(
+            "| variant | ADD wave wall | ADD median | ADD p99 | DEL wave wall | DEL median | DEL p99 |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for (name, b) in &mut bursts {
+            println!(
+                "| {name} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
+                ms(b.add_wall),
+                ms(percentile(&mut b.add, 0.5)),
+                ms(percentile(&mut b.add, 0.99)),
+                ms(b.del_wall),
+                ms(percentile(&mut b.del, 0.5)),
+                ms(percentile(&mut b.del, 0.99)),
+            );
+        }
+    }
 }

@@ -4,6 +4,7 @@
 mod commands;
 mod config;
 mod error;
+mod ipam;
 mod log;
 mod mtu;
 mod netns;

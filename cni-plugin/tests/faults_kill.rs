@@ -1,8 +1,10 @@
-//! Root: ADD/DEL cycles with `kill -9` of the plugin or of its IPAM child at random
-//! moments, as a node sees them when the runtime, the machine's OOM killer or a
+//! Root: ADD/DEL cycles with `kill -9` of the plugin (whose IPAM runs in-process
+//! with the default `sluice-ipam`) or of its exec'd IPAM child at random moments, as a node sees them when the runtime, the machine's OOM killer or a
 //! timeout ends a CNI call. After each batch, the runtime's own cleanup runs (GC with
 //! the list of attachments it still believes in) and the node must hold exactly
 //! those: 0 leaked links, 0 leaked or duplicated addresses, every live pod wired.
+//! Each call picks in-process or exec'd IPAM at random, over one state directory,
+//! so the two interleave as they do on a node whose other plugins chain sluice-ipam.
 //!
 //! `SLUICE_FAULT_CYCLES` sets the number of cycles (default 1000, in batches of 50);
 //! `SLUICE_FAULT_SEED` replays a run (the seed is printed).
@@ -156,7 +158,8 @@ fn add_and_del_killed_at_random_moments_leave_nothing_behind_after_gc() {
     let ipam = Ipam::SluiceIpam;
     in_new_netns(|| {
         setup_node();
-        let conf = conf("1.1.0", ipam, dir);
+        let in_process = conf("1.1.0", ipam, dir);
+        let confs = [exec_ipam(&in_process), in_process];
         let mut next_id = 0usize;
         while tally.cycles < cycles {
             let n = PER_BATCH.min(cycles - tally.cycles);
@@ -168,7 +171,8 @@ fn add_and_del_killed_at_random_moments_leave_nothing_behind_after_gc() {
                 tally.cycles += 1;
                 let cid = format!("fault-{next_id:05}");
                 let pod = NetnsHolder::new();
-                let add = Call::new("ADD", &cid, Some(pod.path()), &conf);
+                let conf = &confs[rng.below(2)];
+                let add = Call::new("ADD", &cid, Some(pod.path()), conf);
                 let ending = finish(add.spawn(&bins), random_kill(&mut rng, 30), &mut tally);
                 match ending {
                     Ending::Ok(stdout) => {
@@ -181,7 +185,8 @@ fn add_and_del_killed_at_random_moments_leave_nothing_behind_after_gc() {
                         // libcni follows a failed ADD with a DEL, which may die too;
                         // a runtime that died with it never sends one (GC's job).
                         if rng.chance(50) {
-                            let del = Call::new("DEL", &cid, Some(pod.path()), &conf);
+                            let conf = &confs[rng.below(2)];
+                            let del = Call::new("DEL", &cid, Some(pod.path()), conf);
                             finish(del.spawn(&bins), random_kill(&mut rng, 30), &mut tally);
                         }
                     }
@@ -194,7 +199,8 @@ fn add_and_del_killed_at_random_moments_leave_nothing_behind_after_gc() {
                     } else {
                         None
                     };
-                    let del = Call::new("DEL", &cid, netns, &conf);
+                    let conf = &confs[rng.below(2)];
+                    let del = Call::new("DEL", &cid, netns, conf);
                     match finish(del.spawn(&bins), random_kill(&mut rng, 30), &mut tally) {
                         Ending::Ok(_) => {
                             tally.del_ok += 1;
@@ -203,7 +209,7 @@ fn add_and_del_killed_at_random_moments_leave_nothing_behind_after_gc() {
                         Ending::Failed | Ending::Killed => {
                             live.remove(&cid);
                             if rng.chance(50) {
-                                Call::new("DEL", &cid, None, &conf)
+                                Call::new("DEL", &cid, None, conf)
                                     .run(&bins)
                                     .assert_silent_ok();
                                 tally.del_ok += 1;
@@ -215,7 +221,7 @@ fn add_and_del_killed_at_random_moments_leave_nothing_behind_after_gc() {
             }
 
             // The runtime's cleanup: GC with what it still runs.
-            let mut gc = conf.clone();
+            let mut gc = confs[1].clone();
             gc["cni.dev/valid-attachments"] = live
                 .keys()
                 .map(|cid| json!({"containerID": cid, "ifname": "eth0"}))
@@ -258,7 +264,7 @@ fn add_and_del_killed_at_random_moments_leave_nothing_behind_after_gc() {
 
             // End of the batch: the runtime stops its pods.
             for cid in live.keys() {
-                Call::new("DEL", cid, Some(pods[cid].path()), &conf)
+                Call::new("DEL", cid, Some(pods[cid].path()), &confs[1])
                     .run(&bins)
                     .assert_silent_ok();
             }

@@ -115,11 +115,13 @@ impl Snapshot {
             let v: Value = serde_json::from_slice(bytes).expect("the state file still parses");
             assert_eq!(v["version"], 1, "{v}");
         }
-        // The lock file is created by the first ADD on a node; it holds no state.
+        // The lock file and the boot marker are created by the first ADD on a node
+        // (in a boot); they hold no allocation.
+        let bookkeeping = |n: &String| n != "lock" && n != "boot-id";
         let mut state_names = names(&self.state);
-        state_names.retain(|n| n != "lock");
+        state_names.retain(bookkeeping);
         let mut was = self.state_names.clone();
-        was.retain(|n| n != "lock");
+        was.retain(bookkeeping);
         assert_eq!(state_names, was, "state dir changed (a temporary left?)");
         assert_eq!(names(&self.blocks), self.block_names, "block store changed");
         assert_eq!(sluice_links(), self.links, "a host link was left behind");

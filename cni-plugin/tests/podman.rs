@@ -150,3 +150,76 @@ fn podman_runs_containers_on_a_sluice_network_and_rm_leaves_nothing() {
         run_with(ipam);
     }
 }
+
+#[test]
+fn podman_ip_gives_a_container_that_address_and_a_held_one_is_refused_cleanly() {
+    if !require_root("podman")
+        || !require_tool("podman", "podman")
+        || !require_tool("podman", "runc")
+        || !require_sluice_ipam("podman")
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let bins = CniBin::new(dir);
+    let (_, tar) = busybox_rootfs(dir);
+    in_new_netns(|| {
+        setup_node();
+        // The example conflist: sluice-ipam in-process, the `ips` capability declared.
+        let podman = Podman::setup(dir, &bins, Ipam::SluiceIpam);
+        podman.ok(&[
+            "import",
+            tar.to_str().unwrap(),
+            "localhost/sluice-busybox:latest",
+        ]);
+        let want = "10.244.200.9";
+        let run = |name: &str| {
+            podman.cmd(&[
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--network",
+                "sluice-test",
+                "--ip",
+                want,
+                "localhost/sluice-busybox",
+                "sleep",
+                "1000",
+            ])
+        };
+        let out = run("pinned");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let net = "{{(index .NetworkSettings.Networks \"sluice-test\").IPAddress}}";
+        assert_eq!(podman.ok(&["inspect", "pinned", "--format", net]), want);
+        let id = podman.ok(&["inspect", "pinned", "--format", "{{.Id}}"]);
+        let addr = podman.ok(&["exec", "pinned", "ip", "-4", "addr", "show", "eth0"]);
+        assert!(addr.contains(&format!("inet {want}/32")), "{addr}");
+        let state = Ipam::SluiceIpam.allocations(dir);
+        assert!(state.contains("\"requested\":true"), "{state}");
+
+        // The same address again: refused with code 116, nothing left behind.
+        let links_before = sluice_links();
+        let out = run("second");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is held by container"), "{err}");
+        assert_eq!(sluice_links(), links_before, "a link was left");
+        let _ = podman.cmd(&["rm", "--force", "--time", "0", "second"]);
+        assert_eq!(
+            Ipam::SluiceIpam.allocations(dir),
+            state,
+            "IPAM state changed"
+        );
+
+        podman.ok(&["rm", "--force", "--time", "0", "pinned"]);
+        assert_eq!(sluice_links(), Vec::<String>::new());
+        assert_no_node_leftovers();
+        assert!(!Ipam::SluiceIpam.allocations(dir).contains(id.as_str()));
+    });
+}

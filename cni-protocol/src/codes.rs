@@ -109,6 +109,12 @@ registry! {
     /// CHECK found the attachment is not what ADD made (interfaces, routes, or the
     /// address IPAM holds for it).
     CheckFailed = 114, Both, "CHECK found the attachment differs from what ADD made";
+    /// The requested address (`runtimeConfig.ips`, `IP=` in CNI_ARGS) is malformed,
+    /// more than one, IPv6, or not a pod address of the pool.
+    RequestedAddressInvalid = 115, Both, "the requested address is malformed, not exactly one IPv4 address, or not a pod address of the pool";
+    /// The requested address is held by another attachment, or its block belongs to
+    /// another node (or, in a cluster, is not published for this node).
+    RequestedAddressUnavailable = 116, Ipam, "the requested address is held by another attachment, or its block is not this node's";
 }
 
 impl ErrorCode {

@@ -29,6 +29,7 @@ mod config;
 mod env;
 mod error;
 mod panic;
+mod requested;
 mod result;
 mod version;
 
@@ -39,6 +40,7 @@ pub use env::{
 };
 pub use error::CniError;
 pub use panic::catch_panic;
+pub use requested::{requested_ips, single_requested};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::{SUPPORTED_VERSIONS, Version, version_info};
 

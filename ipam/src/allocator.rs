@@ -72,6 +72,10 @@ pub struct Allocation {
     pub network: String,
     /// Seconds since the epoch when it was first allocated (operator information).
     pub allocated_unix: u64,
+    /// The runtime asked for this very address (CNI `ips` capability, `IP=` in
+    /// CNI_ARGS, or an annotation). Absent in state files written before it existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requested: bool,
 }
 
 /// An address that was released, with its place in the node-wide release order.
@@ -143,6 +147,18 @@ pub enum AllocError {
     /// Every address of every block the node owns is held.
     #[error("all {capacity} pod addresses of this node's blocks ({blocks}) are in use")]
     BlocksFull { blocks: String, capacity: u32 },
+}
+
+/// Why a requested address cannot be given to an attachment. The caller has already
+/// checked that it lies in a block this node owns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("{ip} is the network, tunnel or broadcast address of block {block}, not a pod address")]
+    NotAPodAddress { ip: Ipv4Addr, block: Ipv4Net },
+    #[error("{ip} is held by container {} interface {}", .holder.container_id, .holder.ifname)]
+    Held { ip: Ipv4Addr, holder: AttachmentKey },
+    #[error("this attachment already holds {held}, not the requested {ip}")]
+    HoldsAnother { ip: Ipv4Addr, held: Ipv4Addr },
 }
 
 /// Why a stored allocator value is not one this code could have written.
@@ -272,8 +288,72 @@ impl Allocator {
                 key: key.clone(),
                 network: network.to_string(),
                 allocated_unix: now_unix,
+                requested: false,
             });
         Ok((ip, cidr))
+    }
+
+    /// Give `key` exactly `ip` from `block` (which the caller owns and which holds
+    /// `ip`). Idempotent: an attachment holding `ip` already gets it again.
+    ///
+    /// An address above the block's fresh cursor moves the cursor past it; the
+    /// never-used addresses it skips are recorded as released (in address order), so
+    /// every address below the cursor stays either held or released and all of them
+    /// are still handed out, only after the block's fresh ones.
+    pub fn allocate_requested(
+        &mut self,
+        key: &AttachmentKey,
+        network: &str,
+        ip: Ipv4Addr,
+        block: Ipv4Net,
+        now_unix: u64,
+    ) -> Result<(Ipv4Addr, Ipv4Net), RequestError> {
+        debug_assert!(block.contains(&ip));
+        if let Some((a, cidr)) = self.lookup(key) {
+            return if a.ip == ip {
+                Ok((ip, cidr))
+            } else {
+                Err(RequestError::HoldsAnother { ip, held: a.ip })
+            };
+        }
+        let offset = u32::from(ip) - u32::from(block.network());
+        let last = block_size(block) - 2;
+        if !(FIRST_POD_OFFSET..=last).contains(&offset) {
+            return Err(RequestError::NotAPodAddress { ip, block });
+        }
+        if let Some(holder) = self.allocations().find(|a| a.ip == ip) {
+            return Err(RequestError::Held {
+                ip,
+                holder: holder.key.clone(),
+            });
+        }
+        self.ensure_block(block);
+        let b = self.block_mut(block).expect("ensured above");
+        if offset >= b.next_fresh {
+            let skipped: Vec<Ipv4Addr> = (b.next_fresh..offset)
+                .map(|o| Ipv4Addr::from(u32::from(block.network()) + o))
+                .collect();
+            b.next_fresh = offset + 1;
+            for s in skipped {
+                let seq = self.take_release_seq();
+                self.block_mut(block)
+                    .expect("ensured above")
+                    .released
+                    .push(Released { ip: s, seq });
+            }
+        } else {
+            b.released.retain(|r| r.ip != ip);
+        }
+        self.block_mut(block)
+            .expect("ensured above")
+            .insert(Allocation {
+                ip,
+                key: key.clone(),
+                network: network.to_string(),
+                allocated_unix: now_unix,
+                requested: true,
+            });
+        Ok((ip, block))
     }
 
     /// Release what `key` holds. Releasing an unknown key is not an error (CNI DEL of
@@ -476,6 +556,60 @@ mod tests {
             .allocate(&AttachmentKey::new("c", "net1"), &owned, 0)
             .unwrap();
         assert_ne!(x, y);
+    }
+
+    #[test]
+    fn a_requested_address_is_given_once_and_skipped_addresses_stay_handed_out_later() {
+        let mut a = Allocator::new();
+        let b = net("10.0.0.0/29"); // pods: .2 .3 .4 .5 .6
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        a.allocate(&key(0), &[b], 0).unwrap(); // .2
+        assert_eq!(
+            a.allocate_requested(&key(1), "n", ip("10.0.0.5"), b, 0),
+            Ok((ip("10.0.0.5"), b))
+        );
+        a.validate().unwrap();
+        assert!(a.lookup(&key(1)).unwrap().0.requested);
+        // Idempotent for the same attachment; refused for anyone else.
+        assert!(
+            a.allocate_requested(&key(1), "n", ip("10.0.0.5"), b, 0)
+                .is_ok()
+        );
+        assert!(matches!(
+            a.allocate_requested(&key(2), "n", ip("10.0.0.5"), b, 0),
+            Err(RequestError::Held { .. })
+        ));
+        assert!(matches!(
+            a.allocate_requested(&key(1), "n", ip("10.0.0.6"), b, 0),
+            Err(RequestError::HoldsAnother { .. })
+        ));
+        for bad in ["10.0.0.0", "10.0.0.1", "10.0.0.7"] {
+            assert!(matches!(
+                a.allocate_requested(&key(3), "n", ip(bad), b, 0),
+                Err(RequestError::NotAPodAddress { .. })
+            ));
+        }
+        // .6 is fresh, then the skipped .3 and .4; a released one can be requested.
+        let next = |a: &mut Allocator, i| a.allocate(&key(i), &[b], 0).unwrap().0.to_string();
+        assert_eq!(next(&mut a, 10), "10.0.0.6");
+        a.release(&key(0));
+        assert_eq!(
+            a.allocate_requested(&key(4), "n", ip("10.0.0.2"), b, 0),
+            Ok((ip("10.0.0.2"), b))
+        );
+        assert_eq!(next(&mut a, 11), "10.0.0.3");
+        assert_eq!(next(&mut a, 12), "10.0.0.4");
+        assert!(a.allocate(&key(13), &[b], 0).is_err());
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn a_state_written_before_requested_addresses_reads_as_not_requested() {
+        let old = serde_json::json!({"ip": "10.0.0.2", "containerId": "c", "ifname": "eth0",
+            "allocatedUnix": 1});
+        let a: Allocation = serde_json::from_value(old).unwrap();
+        assert!(!a.requested);
+        assert!(serde_json::to_value(&a).unwrap().get("requested").is_none());
     }
 
     #[test]

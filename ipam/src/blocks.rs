@@ -64,6 +64,15 @@ impl Pool {
         Ipv4Net::new(Ipv4Addr::from(base), self.block_prefix).expect("prefix checked in new")
     }
 
+    /// The block of this pool holding `ip`, if the pool holds it.
+    pub fn block_of(&self, ip: Ipv4Addr) -> Option<Ipv4Net> {
+        self.cidr.contains(&ip).then(|| {
+            Ipv4Net::new(ip, self.block_prefix)
+                .expect("prefix checked in new")
+                .trunc()
+        })
+    }
+
     /// Whether `block` is one of this pool's blocks.
     pub fn has_block(&self, block: Ipv4Net) -> bool {
         block.prefix_len() == self.block_prefix

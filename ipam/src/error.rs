@@ -2,7 +2,11 @@
 
 use std::path::PathBuf;
 
-use crate::allocator::AllocError;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::allocator::{AllocError, RequestError};
 use crate::blocks::ClaimError;
 use crate::config::ConfigError;
 use crate::state::StateError;
@@ -58,6 +62,36 @@ pub enum IpamError {
         held: String,
         expected: String,
     },
+    #[error(
+        "the requested address {ip} is outside the pool {pool}: request an address inside \
+         ipam.pool"
+    )]
+    RequestedOutsidePool { ip: Ipv4Addr, pool: Ipv4Net },
+    #[error("the requested address cannot be given: {source}")]
+    Requested {
+        #[source]
+        source: RequestError,
+    },
+    #[error(
+        "the requested address {ip} is in block {block}, which node {owner} owns: start the \
+         pod on {owner}, or request an address of this node's blocks"
+    )]
+    RequestedBlockOfAnotherNode {
+        ip: Ipv4Addr,
+        block: Ipv4Net,
+        owner: String,
+    },
+    #[error(
+        "the requested address {ip} is in block {block}, which is not published for node \
+         {node} (in a cluster the agent claims blocks; this node has {published}): request an \
+         address of this node's blocks"
+    )]
+    RequestedBlockNotPublished {
+        ip: Ipv4Addr,
+        block: Ipv4Net,
+        node: String,
+        published: String,
+    },
 }
 
 impl From<ClaimError> for IpamError {
@@ -89,6 +123,17 @@ impl IpamError {
             IpamError::Store(_) => ErrorCode::BlockStore,
             IpamError::NotAllocated { .. } | IpamError::AddressMismatch { .. } => {
                 ErrorCode::CheckFailed
+            }
+            IpamError::RequestedOutsidePool { .. }
+            | IpamError::Requested {
+                source: RequestError::NotAPodAddress { .. },
+            } => ErrorCode::RequestedAddressInvalid,
+            IpamError::Requested {
+                source: RequestError::Held { .. } | RequestError::HoldsAnother { .. },
+            }
+            | IpamError::RequestedBlockOfAnotherNode { .. }
+            | IpamError::RequestedBlockNotPublished { .. } => {
+                ErrorCode::RequestedAddressUnavailable
             }
         }
     }

@@ -9,6 +9,8 @@
 //! - [`config`]: the conflist's `ipam` section.
 //! - [`node_ipam`]: ADD, DEL, CHECK, GC and STATUS for one node.
 //! - [`error`]: the operations' errors and their CNI codes.
+//! - [`cni`]: the CNI side (settings, result, requested address, error mapping),
+//!   shared by `sluice-ipam` and the `sluice` plugin's in-process IPAM.
 //!
 //! On a node (docs/node-files.md): `<stateDir>/lock` (flock), `<stateDir>/allocations.json`
 //! (the [`Allocator`], replaced atomically by `sluice_node_files::atomic`), the node-blocks file (cluster), or one
@@ -22,6 +24,7 @@
 pub mod allocator;
 pub mod block_on;
 pub mod blocks;
+pub mod cni;
 pub mod config;
 pub mod error;
 pub mod node_blocks;
@@ -29,7 +32,9 @@ pub mod node_ipam;
 pub mod state;
 pub mod store;
 
-pub use allocator::{Allocation, Allocator, AttachmentKey, block_capacity, tunnel_address};
+pub use allocator::{
+    Allocation, Allocator, AttachmentKey, RequestError, block_capacity, tunnel_address,
+};
 pub use blocks::{
     Pool, block_name, blocks_of, claim_block, parse_block_name, release_orphan_blocks,
 };

@@ -18,8 +18,9 @@ use crate::blocks::{blocks_of, claim_block};
 use crate::config::{BlockSource, IpamSettings};
 use crate::error::IpamError;
 use crate::node_blocks::{self, NodeBlocksError};
-use crate::state::StateDir;
+use crate::state::{LockedState, StateDir};
 use crate::store::dir::DirStore;
+use crate::store::{BlockStore, ClaimOutcome};
 
 /// An address handed to an attachment, and the block it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,9 +46,18 @@ impl NodeIpam {
     }
 
     /// ADD: the attachment's address, allocating one (for `network`, the config's
-    /// `name`) if it has none.
-    pub fn add(&self, key: &AttachmentKey, network: &str) -> Result<Assigned, IpamError> {
+    /// `name`) if it has none: `requested` when the runtime asked for one (see
+    /// [`NodeIpam::add_requested`]), else the next free one.
+    pub fn add(
+        &self,
+        key: &AttachmentKey,
+        network: &str,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<Assigned, IpamError> {
         let mut locked = self.state.lock()?;
+        if let Some(ip) = requested {
+            return self.add_requested(locked, key, network, ip);
+        }
         if let Some((a, block)) = locked.allocator.lookup(key) {
             return Ok(Assigned { ip: a.ip, block });
         }
@@ -81,6 +91,61 @@ impl NodeIpam {
         };
         locked.commit()?;
         Ok(assigned)
+    }
+
+    /// ADD of a requested address: it must be a pod address of the pool, not held by
+    /// another attachment, in a block this node owns, or in a free block, which a
+    /// standalone node then claims. Everything is checked before the claim, so a
+    /// refused request changes nothing; only an allocation that succeeds commits.
+    fn add_requested(
+        &self,
+        mut locked: LockedState,
+        key: &AttachmentKey,
+        network: &str,
+        ip: Ipv4Addr,
+    ) -> Result<Assigned, IpamError> {
+        let pool = &self.settings.pool;
+        let block = pool.block_of(ip).ok_or(IpamError::RequestedOutsidePool {
+            ip,
+            pool: pool.cidr(),
+        })?;
+        // The allocator's own checks (pod address, held, this attachment's other
+        // address) on a copy, before anything is claimed.
+        let mut trial = locked.allocator.clone();
+        trial
+            .allocate_requested(key, network, ip, block, 0)
+            .map_err(|source| IpamError::Requested { source })?;
+        let owned = self.owned_blocks()?;
+        if !owned.contains(&block) {
+            match &self.settings.source {
+                BlockSource::DirStore(dir) => {
+                    let store = DirStore::new(dir);
+                    // Our node's claims are serialized by the state lock we hold, so
+                    // Taken means another node's.
+                    if block_on(store.claim(block, &self.settings.node))? == ClaimOutcome::Taken {
+                        let owner = block_on(store.list())?
+                            .into_iter()
+                            .find(|c| c.cidr == block)
+                            .map_or_else(|| "another node".to_owned(), |c| c.node);
+                        return Err(IpamError::RequestedBlockOfAnotherNode { ip, block, owner });
+                    }
+                }
+                BlockSource::NodeBlocksFile(_) => {
+                    return Err(IpamError::RequestedBlockNotPublished {
+                        ip,
+                        block,
+                        node: self.settings.node.clone(),
+                        published: join(&owned),
+                    });
+                }
+            }
+        }
+        let (ip, block) = locked
+            .allocator
+            .allocate_requested(key, network, ip, block, now_unix())
+            .map_err(|source| IpamError::Requested { source })?;
+        locked.commit()?;
+        Ok(Assigned { ip, block })
     }
 
     /// DEL: release the attachment's address. Unknown attachments are not an error.
@@ -250,6 +315,128 @@ fn now_unix() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blocks::Pool;
+    use sluice_cni_protocol::ErrorCode;
+
+    fn standalone(dir: &Path, node: &str) -> NodeIpam {
+        NodeIpam::new(IpamSettings {
+            node: node.into(),
+            pool: Pool::new("10.50.0.0/22".parse().unwrap(), 24).unwrap(),
+            state_dir: dir.join(format!("state-{node}")),
+            source: BlockSource::DirStore(dir.join("blocks")),
+            routes: vec![],
+        })
+    }
+
+    fn ip(s: &str) -> Option<Ipv4Addr> {
+        Some(s.parse().unwrap())
+    }
+
+    fn k(c: &str) -> AttachmentKey {
+        AttachmentKey::new(c, "eth0")
+    }
+
+    fn claims(dir: &Path) -> Vec<(String, String)> {
+        block_on(DirStore::new(dir.join("blocks")).list())
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.cidr.to_string(), c.node))
+            .collect()
+    }
+
+    #[test]
+    fn a_requested_address_in_a_free_block_claims_that_block_for_the_node() {
+        let d = tempfile::tempdir().unwrap();
+        let a = standalone(d.path(), "a");
+        let got = a.add(&k("c1"), "net", ip("10.50.2.77")).unwrap();
+        assert_eq!(got.ip.to_string(), "10.50.2.77");
+        assert_eq!(claims(d.path()), [("10.50.2.0/24".into(), "a".into())]);
+        let snap = a.snapshot().unwrap();
+        assert!(snap.lookup(&k("c1")).unwrap().0.requested);
+        // The next unrequested pod comes from the same (now owned) block.
+        let next = a.add(&k("c2"), "net", None).unwrap();
+        assert_eq!(next.block.to_string(), "10.50.2.0/24");
+        // A repeated ADD of the same attachment and address is the same answer.
+        assert_eq!(a.add(&k("c1"), "net", ip("10.50.2.77")).unwrap(), got);
+    }
+
+    #[test]
+    fn each_bad_request_fails_with_its_code_and_changes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let a = standalone(d.path(), "a");
+        let b = standalone(d.path(), "b");
+        b.add(&k("b1"), "net", ip("10.50.1.9")).unwrap();
+        a.add(&k("a1"), "net", ip("10.50.2.9")).unwrap();
+        let before_claims = claims(d.path());
+        let before_state = std::fs::read(d.path().join("state-a/allocations.json")).unwrap();
+        let cases = [
+            (
+                "10.60.0.5",
+                ErrorCode::RequestedAddressInvalid,
+                "outside the pool",
+            ),
+            ("10.50.3.1", ErrorCode::RequestedAddressInvalid, "tunnel"),
+            (
+                "10.50.3.255",
+                ErrorCode::RequestedAddressInvalid,
+                "broadcast",
+            ),
+            (
+                "10.50.1.20",
+                ErrorCode::RequestedAddressUnavailable,
+                "node b owns",
+            ),
+            (
+                "10.50.2.9",
+                ErrorCode::RequestedAddressUnavailable,
+                "held by container a1",
+            ),
+        ];
+        for (req, code, says) in cases {
+            let e = a.add(&k("new"), "net", ip(req)).unwrap_err();
+            assert_eq!(e.cni_code(), code, "{req}: {e}");
+            assert!(e.to_string().contains(says), "{req}: {e}");
+            assert!(a.snapshot().unwrap().lookup(&k("new")).is_none());
+        }
+        assert_eq!(claims(d.path()), before_claims, "no block claimed");
+        assert_eq!(
+            std::fs::read(d.path().join("state-a/allocations.json")).unwrap(),
+            before_state,
+            "state untouched"
+        );
+    }
+
+    #[test]
+    fn in_a_cluster_a_requested_address_outside_the_published_blocks_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("node-blocks.json");
+        node_blocks::write(
+            &file,
+            &node_blocks::NodeBlocks {
+                node: "a".into(),
+                blocks: vec!["10.50.0.0/24".parse().unwrap()],
+                updated_unix: 0,
+            },
+        )
+        .unwrap();
+        let a = NodeIpam::new(IpamSettings {
+            node: "a".into(),
+            pool: Pool::new("10.50.0.0/22".parse().unwrap(), 24).unwrap(),
+            state_dir: d.path().join("state"),
+            source: BlockSource::NodeBlocksFile(file),
+            routes: vec![],
+        });
+        assert_eq!(
+            a.add(&k("c"), "net", ip("10.50.0.40"))
+                .unwrap()
+                .ip
+                .to_string(),
+            "10.50.0.40"
+        );
+        let e = a.add(&k("d"), "net", ip("10.50.1.40")).unwrap_err();
+        assert_eq!(e.cni_code(), ErrorCode::RequestedAddressUnavailable);
+        assert!(e.to_string().contains("not published"), "{e}");
+    }
 
     #[test]
     fn the_agent_is_asked_for_another_block_below_the_low_water_mark() {

@@ -5,6 +5,18 @@
 //!
 //! A state file that does not parse or breaks an allocator invariant is reported,
 //! never reset: starting over would hand out addresses that running pods still hold.
+//!
+//! Durability: the state is replaced by rename without fsync. The rename alone
+//! survives kill -9 of the writer at any point; only a power loss (or kernel crash)
+//! can lose or tear an unsynced write, and that also kills every pod of the node,
+//! so no running pod can hold an address from the lost state. What must not happen
+//! is that a torn file from before the reboot wedges the node. `<stateDir>/boot-id`
+//! records, durably (fsynced once per boot, before the boot's first unsynced state
+//! write), the boot that last wrote the state: a state file that does not parse
+//! while the marker names an earlier boot was torn by that boot's end, and is moved
+//! aside (`allocations.json.torn-<unix time>`) instead of refused. A damaged file
+//! written in the current boot is still refused, as above. docs/architecture.md
+//! has the table of every IPAM write and what it protects against.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -13,10 +25,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::allocator::Allocator;
-use sluice_node_files::atomic::write_atomic_locked;
+use sluice_node_files::atomic::{Survives, write_atomic_locked};
 
 pub const STATE_FILE: &str = "allocations.json";
 pub const LOCK_FILE: &str = "lock";
+/// The boot that last wrote the state (see the module docs).
+pub const BOOT_FILE: &str = "boot-id";
+/// The kernel's id of the current boot, new at every boot.
+const KERNEL_BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,12 +116,47 @@ impl StateDir {
             op: "lock",
             source: e,
         })?;
-        let allocator = self.load()?;
+        let (allocator, survives) = self.load_in_this_boot(kernel_boot_id().as_deref())?;
         Ok(LockedState {
             _lock: lock,
             dir: self.clone(),
             allocator,
+            survives,
         })
+    }
+
+    /// Load under the exclusive lock, and make sure the boot marker names `boot`
+    /// before anything is written unsynced. Returns how commits must be written:
+    /// without a boot id (no /proc) there is no marker and every commit is fsynced.
+    fn load_in_this_boot(&self, boot: Option<&str>) -> Result<(Allocator, Survives), StateError> {
+        let Some(boot) = boot else {
+            return Ok((self.load()?, Survives::PowerLoss));
+        };
+        let marker_path = self.dir.join(BOOT_FILE);
+        let marker = std::fs::read_to_string(&marker_path).ok();
+        if marker.as_deref().map(str::trim) == Some(boot) {
+            return Ok((self.load()?, Survives::ProcessCrash));
+        }
+        let allocator = match self.load() {
+            Ok(a) => a,
+            // Written unsynced by an earlier boot (the marker says so) and torn by
+            // its end: none of its pods survived that, so nothing holds its addresses.
+            Err(StateError::Corrupt { path, reason }) if marker.is_some() => {
+                let aside = self.dir.join(format!("{STATE_FILE}.torn-{}", now_unix()));
+                std::fs::rename(&path, &aside)
+                    .map_err(|e| self.write_error("move aside", &path, e))?;
+                eprintln!(
+                    "sluice-ipam: {} from an earlier boot was damaged ({reason}); moved to {} and started empty",
+                    path.display(),
+                    aside.display()
+                );
+                Allocator::new()
+            }
+            Err(e) => return Err(e),
+        };
+        write_atomic_locked(&marker_path, boot.as_bytes(), None, Survives::PowerLoss)
+            .map_err(|e| self.write_error("write", &marker_path, e))?;
+        Ok((allocator, Survives::ProcessCrash))
     }
 
     /// Lock exclusively only if the state directory exists (DEL and GC on a node that
@@ -198,11 +249,13 @@ pub struct LockedState {
     _lock: File,
     dir: StateDir,
     pub allocator: Allocator,
+    survives: Survives,
 }
 
 impl LockedState {
     /// Write the allocator back atomically. Until this returns nothing is changed on
-    /// disk; a crash before the rename leaves the previous state intact.
+    /// disk; a crash before the rename leaves the previous state intact. Not fsynced
+    /// (see the module docs): a power loss may undo it, along with every pod.
     pub fn commit(&self) -> Result<(), StateError> {
         let file = StateFile {
             version: FORMAT_VERSION,
@@ -211,15 +264,82 @@ impl LockedState {
         let bytes = serde_json::to_vec(&file).expect("state serializes");
         let path = self.dir.state_path();
         // Under the state lock: one writer at a time.
-        write_atomic_locked(&path, &bytes, None)
+        write_atomic_locked(&path, &bytes, None, self.survives)
             .map_err(|e| self.dir.write_error("write", &path, e))
     }
+}
+
+fn kernel_boot_id() -> Option<String> {
+    std::fs::read_to_string(KERNEL_BOOT_ID)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::allocator::AttachmentKey;
+
+    #[test]
+    fn a_torn_state_from_an_earlier_boot_is_moved_aside_and_one_from_this_boot_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        let path = d.path().join(STATE_FILE);
+        // Boot "a" writes the marker; its state is then torn.
+        s.load_in_this_boot(Some("a")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.path().join(BOOT_FILE)).unwrap(),
+            "a"
+        );
+        std::fs::write(&path, b"").unwrap();
+        // Still boot "a": real damage, refused and left alone.
+        assert!(matches!(
+            s.load_in_this_boot(Some("a")),
+            Err(StateError::Corrupt { .. })
+        ));
+        assert!(path.exists());
+        // Boot "b": the torn file is the earlier boot's; moved aside, empty state.
+        let (a, survives) = s.load_in_this_boot(Some("b")).unwrap();
+        assert!(a.is_empty());
+        assert_eq!(survives, Survives::ProcessCrash);
+        assert!(!path.exists());
+        assert_eq!(
+            std::fs::read_to_string(d.path().join(BOOT_FILE)).unwrap(),
+            "b"
+        );
+        let aside = std::fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("allocations.json.torn-")
+            })
+            .count();
+        assert_eq!(aside, 1);
+    }
+
+    #[test]
+    fn a_damaged_state_without_a_boot_marker_is_refused_as_it_was_written_durably() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        std::fs::write(d.path().join(STATE_FILE), b"{").unwrap();
+        assert!(matches!(
+            s.load_in_this_boot(Some("b")),
+            Err(StateError::Corrupt { .. })
+        ));
+        // Without a boot id every commit is fsynced.
+        std::fs::remove_file(d.path().join(STATE_FILE)).unwrap();
+        assert_eq!(s.load_in_this_boot(None).unwrap().1, Survives::PowerLoss);
+    }
 
     fn owned() -> Vec<ipnet::Ipv4Net> {
         vec!["10.244.1.0/24".parse().unwrap()]

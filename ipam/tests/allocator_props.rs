@@ -1,12 +1,12 @@
 //! Property tests of the allocator's invariants, over random sequences of ADD, DEL
-//! and GC on one or two small blocks.
+//! and GC (and ADDs of a requested address) on one or two small blocks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use proptest::prelude::*;
-use sluice_ipam::allocator::{AllocError, Allocator, AttachmentKey, block_capacity};
+use sluice_ipam::allocator::{AllocError, Allocator, AttachmentKey, RequestError, block_capacity};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -14,6 +14,16 @@ enum Op {
     Del(u8),
     /// GC keeping the keys whose bit is set.
     Gc(u64),
+    /// ADD asking for the address at this offset of this owned block.
+    Request(u8, u8, u8),
+}
+
+/// [`op`] plus requested addresses.
+fn op_with_requests() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => op(),
+        2 => (0u8..48, any::<u8>(), any::<u8>()).prop_map(|(k, b, o)| Op::Request(k, b, o)),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -59,7 +69,7 @@ proptest! {
     /// address is a pod address of an owned block; the state always validates and
     /// survives a serialization round trip.
     #[test]
-    fn no_address_is_ever_held_twice(owned in owned_blocks(), ops in prop::collection::vec(op(), 1..200)) {
+    fn no_address_is_ever_held_twice(owned in owned_blocks(), ops in prop::collection::vec(op_with_requests(), 1..200)) {
         let mut a = Allocator::new();
         let mut model: BTreeMap<AttachmentKey, Ipv4Addr> = BTreeMap::new();
         for op in ops {
@@ -83,6 +93,25 @@ proptest! {
                             prop_assert_eq!(capacity, cap);
                             prop_assert_eq!(model.len() as u32, cap, "full while addresses were free");
                         }
+                    }
+                }
+                Op::Request(i, b, o) => {
+                    let k = key(i);
+                    let block = owned[b as usize % owned.len()];
+                    let size = 1u32 << (32 - u32::from(block.prefix_len()));
+                    let ip = Ipv4Addr::from(u32::from(block.network()) + u32::from(o) % size);
+                    let holder = model.iter().find(|(_, v)| **v == ip).map(|(k, _)| k.clone());
+                    match a.allocate_requested(&k, "", ip, block, 0) {
+                        Ok((got, _)) => {
+                            prop_assert_eq!(got, ip);
+                            prop_assert!(is_pod_address(ip, &owned), "{ip} is reserved");
+                            prop_assert!(holder.is_none() || holder.as_ref() == Some(&k), "{ip} held by {holder:?}");
+                            prop_assert!(model.get(&k).is_none_or(|p| *p == ip));
+                            model.insert(k, ip);
+                        }
+                        Err(RequestError::NotAPodAddress { .. }) => prop_assert!(!is_pod_address(ip, &owned)),
+                        Err(RequestError::Held { holder: h, .. }) => prop_assert_eq!(Some(h), holder),
+                        Err(RequestError::HoldsAnother { held, .. }) => prop_assert_eq!(model.get(&k), Some(&held)),
                     }
                 }
                 Op::Del(i) => {
@@ -143,6 +172,7 @@ proptest! {
                         released_order.push(x.ip);
                     }
                 }
+                Op::Request(..) => unreachable!("op() makes no requests"),
                 Op::Gc(mask) => {
                     let live = |k: &AttachmentKey| {
                         let i: u8 = k.container_id[3..].parse().unwrap();

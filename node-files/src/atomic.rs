@@ -3,6 +3,12 @@
 //! fsync the directory. A reader (or a process restarted after a crash at any
 //! point) sees either the old content or the new, never a mix, and once this
 //! returns the new content survives a power loss.
+//!
+//! [`write_atomic_locked`] can skip the two fsyncs ([`Survives::ProcessCrash`]) for
+//! state that a reboot makes worthless anyway: the rename alone already gives
+//! old-or-new to every process, and to a writer restarted after kill -9, because
+//! the page cache outlives the process; only a power loss can then leave the file
+//! old, empty or torn, and the caller must be ready for that.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -16,20 +22,40 @@ use std::path::{Path, PathBuf};
 /// process, and a dot file ending in `.tmp`, which no directory reader of sluice
 /// (manifests, block store) picks up.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
-    write_via(path, &temp_path(path), bytes, mode)
+    write_via(path, &temp_path(path), bytes, mode, Survives::PowerLoss)
+}
+
+/// What a replacement must survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Survives {
+    /// The writer's crash (kill -9) at any point: rename-atomic, no fsync.
+    ProcessCrash,
+    /// A power loss or kernel crash too: file and directory fsynced.
+    PowerLoss,
 }
 
 /// [`write_atomic`] for a writer that holds an exclusive lock over `path` (IPAM's
 /// state under its lock file): the temporary file is always `.<name>.tmp`, so a
 /// writer killed between create and rename leaves at most one stray file, which
 /// the next write replaces, instead of one per killed process.
-pub fn write_atomic_locked(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+pub fn write_atomic_locked(
+    path: &Path,
+    bytes: &[u8],
+    mode: Option<u32>,
+    survives: Survives,
+) -> std::io::Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = parent_dir(path).join(format!(".{name}.tmp"));
-    write_via(path, &tmp, bytes, mode)
+    write_via(path, &tmp, bytes, mode, survives)
 }
 
-fn write_via(path: &Path, tmp: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+fn write_via(
+    path: &Path,
+    tmp: &Path,
+    bytes: &[u8],
+    mode: Option<u32>,
+    survives: Survives,
+) -> std::io::Result<()> {
     let dir = parent_dir(path);
     std::fs::create_dir_all(dir)?;
     let result = (|| {
@@ -42,9 +68,14 @@ fn write_via(path: &Path, tmp: &Path, bytes: &[u8], mode: Option<u32>) -> std::i
         if let Some(mode) = mode {
             f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         }
-        f.sync_all()?;
+        if survives == Survives::PowerLoss {
+            f.sync_all()?;
+        }
         std::fs::rename(tmp, path)?;
-        sync_dir(dir)
+        if survives == Survives::PowerLoss {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(tmp);

@@ -55,6 +55,14 @@ struct Sluice<'a> {
     require_agent: bool,
     log_file: String,
     ipam: Ipam<'a>,
+    capabilities: SluiceCapabilities,
+}
+
+/// What the runtime may pass in `runtimeConfig`: `ips` is a requested address
+/// (podman `--ip`).
+#[derive(Serialize)]
+struct SluiceCapabilities {
+    ips: bool,
 }
 
 #[derive(Serialize)]
@@ -135,6 +143,7 @@ impl NodeConflist {
                         node_blocks_file,
                         block_store,
                     },
+                    capabilities: SluiceCapabilities { ips: true },
                 },
                 Portmap {
                     kind: "portmap",
@@ -214,6 +223,8 @@ mod tests {
             "/var/lib/sluice/ipam/node-blocks.json"
         );
         assert!(p["ipam"].get("blockStore").is_none());
+        // podman --ip (and any runtime's `ips`) reaches the plugin as runtimeConfig.ips.
+        assert_eq!(p["capabilities"], serde_json::json!({"ips": true}));
         assert_eq!(v["plugins"][1]["type"], "portmap");
         let parsed: serde_json::Value = serde_json::from_str(&cluster().to_text()).unwrap();
         assert_eq!(parsed, v);

@@ -112,6 +112,8 @@ struct AllocationView {
     ifname: String,
     network: String,
     allocated_unix: u64,
+    /// The runtime asked for this address (`runtimeConfig.ips`, `IP=`, an annotation).
+    requested: bool,
 }
 
 type StateInput = (
@@ -165,6 +167,7 @@ impl IpamView {
                         ifname: a.key.ifname.clone(),
                         network: a.network.clone(),
                         allocated_unix: a.allocated_unix,
+                        requested: a.requested,
                     });
                 }
             }
@@ -205,6 +208,7 @@ impl IpamView {
             "CONTAINER".into(),
             "IFNAME".into(),
             "NETWORK".into(),
+            "REQUESTED".into(),
         ]];
         for a in &self.allocations {
             rows.push([
@@ -214,6 +218,7 @@ impl IpamView {
                 a.container_id.clone(),
                 a.ifname.clone(),
                 a.network.clone(),
+                if a.requested { "yes" } else { "" }.into(),
             ]);
         }
         out.push_str(&table(&rows));
@@ -257,6 +262,30 @@ mod tests {
     }
 
     #[test]
+    fn a_requested_address_is_marked_in_both_formats() {
+        let mut a = Allocator::new();
+        let block = net("10.244.3.0/24");
+        a.allocate(&AttachmentKey::new("auto", "eth0"), &[block], 1)
+            .unwrap();
+        a.allocate_requested(
+            &AttachmentKey::new("asked", "eth0"),
+            "",
+            "10.244.3.77".parse().unwrap(),
+            block,
+            2,
+        )
+        .unwrap();
+        let view = IpamView::build(&[("/s".into(), a, None)], &[]);
+        let text = view.render_text();
+        let line = |ip: &str| text.lines().find(|l| l.starts_with(ip)).unwrap().to_owned();
+        assert!(line("10.244.3.77 ").ends_with("yes"), "{text}");
+        assert!(!line("10.244.3.2 ").ends_with("yes"), "{text}");
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["allocations"][1]["requested"], true);
+        assert_eq!(json["allocations"][0]["requested"], false);
+    }
+
+    #[test]
     fn view_joins_store_owners_with_allocations_and_counts_free() {
         let mut a = Allocator::new();
         let owned = [net("10.244.3.0/24")];
@@ -290,6 +319,7 @@ mod tests {
         );
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["blocks"][0]["free"], 251);
+        assert_eq!(json["allocations"][0]["requested"], false);
         assert_eq!(json["allocations"][1]["containerId"], "def");
         assert_eq!(json["allocations"][1]["ip"], "10.244.3.3");
     }

@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use serde_json::Value;
-use sluice_cni::delegate;
-use sluice_cni::protocol::{CniResult, Command};
+use sluice_cni::protocol::CniResult;
 
 use super::Ctx;
 use crate::error::PluginError;
+use crate::ipam::{Ipam, Requested};
 use crate::log::log;
 use crate::mtu;
 use crate::netns::Netns;
@@ -21,8 +21,8 @@ use sluice_node_files::status as agent_status;
 
 /// What has been created so far, to undo on failure.
 enum Done {
-    /// The IPAM plugin and the config it was given.
-    Ipam(std::path::PathBuf, Vec<u8>),
+    /// IPAM allocated (in-process or delegated).
+    Ipam(Ipam),
     /// The host end: recorded as soon as the kernel accepted the pair, its index
     /// as soon as it is known. Undone by index, never by name alone: the name is
     /// the pod's, shared by all its sandboxes, and may pass to another one.
@@ -41,6 +41,9 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
             "the sluice plugin needs an \"ipam\" section (e.g. sluice-ipam or host-local)".into(),
         ));
     };
+    // Every address this ADD asks for, gathered (and a malformed one refused)
+    // before anything is touched; IPAM takes them from here.
+    let requested = Requested::from_cni(ctx.env, ctx.conf)?;
     let netns_path = ctx.env.netns.as_deref().unwrap_or(Path::new(""));
     let netns = Netns::open(netns_path)?;
     let ifname = ctx.env.ifname();
@@ -109,6 +112,7 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         &mut pod,
         &mut done,
         &ipam.plugin_type,
+        &requested,
         mtu,
         pod_mac,
     );
@@ -116,7 +120,7 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         Ok(v) => Ok(v),
         Err(e) => {
             log!("ADD failed: {e}; rolling back");
-            rollback(&mut host, done);
+            rollback(ctx, &mut host, done);
             Err(e)
         }
     }
@@ -130,13 +134,13 @@ fn wire(
     pod: &mut Netlink,
     done: &mut Vec<Done>,
     ipam_type: &str,
+    requested: &Requested,
     mtu: u32,
     pod_mac: Option<[u8; 6]>,
 ) -> Result<Value, PluginError> {
-    let ipam_path = delegate::find_in_path(ipam_type, &ctx.env.path)?;
-    let ipam_conf = delegate::config_for(&ipam_path, ctx.conf)?;
-    let ipam_result = delegate::ipam_add(&ipam_path, &ipam_conf)?;
-    done.push(Done::Ipam(ipam_path, ipam_conf));
+    let mut ipam = Ipam::of(ctx)?.expect("exec checked the ipam section");
+    let ipam_result = ipam.add(ctx, requested)?;
+    done.push(Done::Ipam(ipam));
     let address = wiring::pod_address(&ipam_result).ok_or_else(|| PluginError::NoIpv4 {
         ipam: ipam_type.to_owned(),
     })?;
@@ -229,7 +233,7 @@ fn wire(
         .render(ctx.conf.cni_version))
 }
 
-fn rollback(host: &mut Netlink, done: Vec<Done>) {
+fn rollback(ctx: &Ctx<'_>, host: &mut Netlink, done: Vec<Done>) {
     for step in done.into_iter().rev() {
         match step {
             // Deleting the host end removes the pod end, the pod's address and
@@ -248,8 +252,8 @@ fn rollback(host: &mut Netlink, done: Vec<Done>) {
                     log!("rollback: deleting {name}: {e}");
                 }
             }
-            Done::Ipam(path, conf) => {
-                if let Err(e) = delegate::ipam_verb(&path, Command::Del, &conf) {
+            Done::Ipam(ipam) => {
+                if let Err(e) = ipam.del(ctx) {
                     log!("rollback: IPAM DEL: {e}");
                 }
             }

@@ -3,11 +3,9 @@
 //! links already gone. Every step runs even when an earlier one failed; failures
 //! are reported together at the end.
 
-use sluice_cni::delegate;
-use sluice_cni::protocol::Command;
-
 use super::Ctx;
 use crate::error::{Errors, PluginError};
+use crate::ipam::Ipam;
 use crate::log::log;
 use crate::netns::{Netns, NetnsError};
 use sluice_netlink::Netlink;
@@ -92,11 +90,8 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
         }
     }
 
-    if let Some(Some(path)) = errors.keep(ctx.ipam_path())
-        && let Some(conf) = errors.keep(delegate::config_for(&path, ctx.conf))
-        && errors
-            .keep(delegate::ipam_verb(&path, Command::Del, &conf))
-            .is_some()
+    if let Some(Some(ipam)) = errors.keep(Ipam::of(ctx))
+        && errors.keep(ipam.del(ctx)).is_some()
     {
         log!("IPAM released the address");
     }

@@ -93,7 +93,8 @@ impl CniBin {
         // Cargo builds this package's binary for its own integration tests.
         symlink(env!("CARGO_BIN_EXE_sluice"), dir.join("sluice")).unwrap();
         if let Some(ipam) = sluice_ipam_bin() {
-            symlink(ipam, dir.join("sluice-ipam")).unwrap();
+            symlink(&ipam, dir.join("sluice-ipam")).unwrap();
+            symlink(ipam, dir.join(SLUICE_IPAM_EXEC)).unwrap();
         }
         for p in ["host-local", "portmap", "bridge", "loopback"] {
             let src = Path::new("/usr/lib/cni").join(p);
@@ -122,6 +123,19 @@ impl CniBin {
     pub fn sluice(&self) -> PathBuf {
         self.dir.join("sluice")
     }
+}
+
+/// The `sluice-ipam` binary under another name: a config naming it makes the plugin
+/// exec it, as it execs any IPAM plugin, where `sluice-ipam` itself runs in-process.
+pub const SLUICE_IPAM_EXEC: &str = "sluice-ipam-exec";
+
+/// `conf` with its IPAM exec'd ([`SLUICE_IPAM_EXEC`]) instead of in-process: same
+/// state directory, same block store.
+pub fn exec_ipam(conf: &Value) -> Value {
+    let mut c = conf.clone();
+    assert_eq!(c["ipam"]["type"], "sluice-ipam");
+    c["ipam"]["type"] = SLUICE_IPAM_EXEC.into();
+    c
 }
 
 /// The built `sluice-ipam`, if it exists (tests/run.sh builds every binary).

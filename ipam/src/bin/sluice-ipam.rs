@@ -1,24 +1,19 @@
 //! `sluice-ipam`: the CNI IPAM plugin. Parses the CNI environment and config with
 //! `sluice_cni_protocol`, runs the verb on [`NodeIpam`], prints the result or one
-//! CNI error. All decisions live in the library.
-//!
-//! The address is returned as a /32: a pod owns exactly one address and nothing is
-//! on-link (the `sluice` plugin routes via 169.254.1.1), so handing a main plugin the
-//! block prefix would wrongly suggest the whole block is reachable on the link.
+//! CNI error. All decisions live in the library ([`sluice_ipam::cni`] for the CNI
+//! side, which the `sluice` plugin's in-process IPAM shares).
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use ipnet::{IpNet, Ipv4Net};
 use serde_json::Value;
 use sluice_cni_protocol::{
-    self as protocol, CniError, CniResult, Command, Env, ErrorCode, IpConfig, NetConf, Route,
-    Version,
+    self as protocol, CniError, CniResult, Command, Env, ErrorCode, NetConf, Version,
 };
-use sluice_ipam::{AttachmentKey, IpamConfig, IpamError, NodeIpam};
-
+use sluice_ipam::cni::{cni_error, settings};
+use sluice_ipam::{AttachmentKey, NodeIpam};
 fn main() {
     let mut stdin = Vec::new();
     let outcome = protocol::catch_panic(|| run(&mut stdin));
@@ -33,51 +28,29 @@ fn run(stdin: &mut Vec<u8>) -> Result<Option<Value>, CniError> {
     }
     std::io::stdin().read_to_end(stdin).map_err(CniError::io)?;
     let conf = NetConf::parse(stdin)?;
-    let ipam_conf: IpamConfig = match conf.raw.get("ipam") {
-        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-            CniError::new(
-                ErrorCode::InvalidNetworkConfig,
-                "invalid sluice-ipam configuration",
-            )
-            .with_details(e.to_string())
-        })?,
-        None => IpamConfig::default(),
-    };
     let log = EventLog::new(conf.raw.get("logFile").and_then(Value::as_str));
-    let node_from_args = env
-        .args
-        .other
-        .iter()
-        .find(|(k, _)| k == "K8S_NODE_NAME")
-        .map(|(_, v)| v.as_str());
-    let settings = ipam_conf
-        .resolve(node_from_args, sluice_ipam::config::hostname)
-        .map_err(|e| cni_error(IpamError::from(e)))?;
-    let routes: Vec<Route> = settings
-        .routes
-        .iter()
-        .map(|r| Route::new(r.dst, r.gw))
-        .collect();
-    let ipam = NodeIpam::new(settings);
+    let ipam = NodeIpam::new(settings(&conf, &env)?);
     let key = AttachmentKey::new(env.container_id(), env.ifname());
 
     let outcome = match env.command {
-        Command::Add => ipam.add(&key, &conf.name).map(|a| {
-            log.event(format_args!(
-                "ADD {}/{} -> {} (block {})",
-                key.container_id, key.ifname, a.ip, a.block
-            ));
-            let result = CniResult {
-                ips: vec![IpConfig {
-                    address: IpNet::V4(Ipv4Net::from(a.ip)),
-                    gateway: None,
-                    interface: None,
-                }],
-                routes,
-                ..CniResult::default()
-            };
-            Some(result.render(conf.cni_version))
-        }),
+        Command::Add => {
+            let requested = sluice_ipam::cni::requested(&env, &conf)?;
+            ipam.add(&key, &conf.name, requested).map(|a| {
+                log.event(format_args!(
+                    "ADD {}/{} -> {} (block {}{})",
+                    key.container_id,
+                    key.ifname,
+                    a.ip,
+                    a.block,
+                    if requested.is_some() {
+                        ", requested"
+                    } else {
+                        ""
+                    }
+                ));
+                Some(sluice_ipam::cni::add_result(ipam.settings(), a).render(conf.cni_version))
+            })
+        }
         Command::Del => ipam.del(&key).map(|released| {
             match released {
                 Some(a) => log.event(format_args!(
@@ -157,20 +130,6 @@ fn expected_address(conf: &NetConf) -> Result<Option<std::net::Ipv4Addr>, CniErr
         IpAddr::V4(a) => Some(a),
         IpAddr::V6(_) => None,
     }))
-}
-
-/// The one place an IPAM error becomes a CNI error: the code from
-/// [`IpamError::cni_code`], the full message (which says what to do) as `msg`, the
-/// underlying cause as `details`.
-fn cni_error(e: IpamError) -> CniError {
-    let code = e.cni_code();
-    let mut details = Vec::new();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        details.push(s.to_string());
-        src = s.source();
-    }
-    CniError::new(code, e.to_string()).with_details(details.join(": "))
 }
 
 /// One line per event: to `logFile` when the config sets one, else to stderr (the
