@@ -110,6 +110,13 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
             rejected.reason
         );
     }
+    if !cluster.cluster_policies.is_empty() {
+        // Said on every render so nobody reads the output as enforcing them.
+        eprintln!(
+            "warning: {} ClusterNetworkPolicies are not compiled into the dataplane yet (policy check evaluates them); only rejected ones hold pods",
+            cluster.cluster_policies.len()
+        );
+    }
     let known = cluster.nodes.contains_key(&args.node)
         || cluster
             .pods
