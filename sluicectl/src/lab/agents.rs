@@ -49,6 +49,8 @@ pub fn command_line(st: &LabState, node: &NodeState, paths: &LabPaths) -> Vec<St
         st.iptables_backend.as_str().into(),
         "--status-file".into(),
         r(&files.agent_status_file),
+        "--agent-socket".into(),
+        r(&files.agent_socket),
         "--mtu-file".into(),
         r(&files.mtu_file),
         "--ipam-state-dir".into(),
