@@ -71,6 +71,12 @@ fn scenarios(dataplane: DataplaneKind) {
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.to_string_lossy().ends_with(".expect.yaml"))
+        // ClusterNetworkPolicy is not compiled to the dataplanes yet: its cases
+        // (`cnp-*`) hold in the evaluator only (semantics_scenarios.rs).
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("cnp-"))
+        })
         .collect();
     expects.sort();
     assert!(
