@@ -22,7 +22,7 @@
 #
 # Environment: SLUICECTL (default $CARGO_TARGET_DIR/release/sluicectl, falling back to
 # debug), DATAPLANES (default "iptables nftables"), POLICIES (default "0 10 100 1000",
-# ascending), CONNECTS (default 2000 per point), ROUNDS (default 4), WARMUP (default 100
+# ascending), BLOCKS (distinct, default, or shared: the policies' ipBlocks), CONNECTS (default 2000 per point), ROUNDS (default 4), WARMUP (default 100
 # per round, not counted). --smoke: POLICIES="0 10", CONNECTS=200, ROUNDS=1; it checks
 # that connections succeed and that policies are enforced, nothing about time.
 set -euo pipefail
@@ -53,6 +53,9 @@ else
     WARMUP=${WARMUP:-100}
 fi
 PORT=8080
+# distinct: every policy has ten ipBlocks of its own; shared: all use the same ten.
+BLOCKS=${BLOCKS:-distinct}
+case $BLOCKS in distinct | shared) ;; *) echo "connect-latency: BLOCKS is distinct or shared" >&2; exit 2 ;; esac
 
 [ "$(id -u)" = 0 ] || { echo "connect-latency: needs root (network namespaces)" >&2; exit 2; }
 [ -x "$S" ] || { echo "connect-latency: no sluicectl at $S (cargo build --release --bins)" >&2; exit 2; }
@@ -111,7 +114,8 @@ policy() {
     printf 'spec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress]\n'
     printf '  ingress:\n  - ports: [{port: %s, protocol: TCP}]\n    from:\n' "$PORT"
     for j in 0 1 2 3 4 5 6 7 8 9; do
-        k=$((i * 10 + j))
+        k=$j
+        [ "$BLOCKS" = distinct ] && k=$((i * 10 + j))
         printf '    - ipBlock: {cidr: 100.%d.%d.0/24, except: [100.%d.%d.128/25]}\n' \
             $((64 + k / 256)) $((k % 256)) $((64 + k / 256)) $((k % 256))
     done
@@ -167,7 +171,13 @@ programmed() { # DATAPLANE NETNS
     fi
 }
 enough() { # DATAPLANE POLICIES COUNT
-    if [ "$1" = nftables ]; then [ "$3" -ge $((10 * $2)) ]; else [ "$3" -eq "$2" ]; fi
+    if [ "$1" = iptables ]; then
+        [ "$3" -eq "$2" ]
+    elif [ "$BLOCKS" = distinct ]; then
+        [ "$3" -ge $((10 * $2)) ]
+    else
+        [ "$2" -eq 0 ] || [ "$3" -ge 10 ]
+    fi
 }
 check_dataplanes() {
     local dp got
