@@ -3,16 +3,20 @@
 //! cost of one pod's label change (recompile + diff + delta text). Sizes (rules, sets,
 //! members, text) are printed once before timing; the figures are in `policy/BENCH.md`.
 //!
+//! The same figures for the nftables dataplane's flat form (`compile::flat`, the
+//! `nft -f` text, the planner's no-op resync and one remote label change), beside.
+//!
 //! `CARGO_TARGET_DIR=... cargo bench -p sluice-policy --bench render`
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice_policy::compile::{Ruleset, compile};
+use sluice_policy::compile::{Ruleset, compile, flat};
+use sluice_policy::dataplane::nft_plan::{NftState, plan as nft_plan};
 use sluice_policy::dataplane::plan::diff;
 use sluice_policy::model::*;
-use sluice_policy::render::{ipset, iptables};
+use sluice_policy::render::{ipset, iptables, nft};
 use sluice_policy::selector::{LabelSelector, Operator, Requirement};
 
 #[path = "../tests/dataplane_support/mod.rs"]
@@ -265,6 +269,46 @@ fn report(label: &str, c: &Cluster) {
     }
 }
 
+/// Sizes of the flat (nftables) form, and of one remote relabel's plan.
+fn report_nft(label: &str, c: &Cluster) {
+    let rs = flat::compile(c, NODE, &FakeVeths).unwrap();
+    let text = nft::render(&rs);
+    let state = NftState::of(&rs);
+    eprintln!(
+        "{label} (nftables): {} chains, {} rules, {} sets/maps, {} elements, nft text {} KiB",
+        nft::chains(&rs).len(),
+        rs.rule_count() + rs.jumps.len(),
+        state.sets.len(),
+        state.element_count(),
+        text.len() / 1024,
+    );
+    if std::env::var_os("SLUICE_BENCH_TOP").is_some() {
+        let mut sizes: Vec<(usize, &String)> = state
+            .sets
+            .iter()
+            .map(|(n, s)| (s.elements.len(), n))
+            .collect();
+        sizes.sort();
+        for (n, name) in sizes.iter().rev().take(15) {
+            eprintln!("    {n:>6} {name}");
+        }
+        let groups = state.chains.keys().filter(|n| n.contains("-G")).count();
+        eprintln!("    {groups} group chains");
+    }
+    let iptables_rs = compile(c, NODE, &FakeVeths).unwrap();
+    let changed = relabelled(c, &iptables_rs, false);
+    let new = flat::compile(&changed, NODE, &FakeVeths).unwrap();
+    let p = nft_plan(&new, Some(&state)).unwrap();
+    eprintln!(
+        "  remote pod relabel (nftables): {} chains rewritten, {} elements added, {} deleted, {} sets created; script {} bytes",
+        p.chains_rewritten,
+        p.elements_added,
+        p.elements_deleted,
+        p.sets_created,
+        p.script.len()
+    );
+}
+
 /// Feeds `text` to a restore tool and returns how long it took.
 fn restore(tool: &str, args: &[&str], text: &str) -> std::time::Duration {
     use std::io::Write;
@@ -317,9 +361,76 @@ fn kernel_apply(c: &Cluster) {
             "kernel (iptables-nft): ipset restore {sets:?}, iptables-restore {rules:?} (first), {again:?} (rewrite of everything), delta of one remote relabel {delta:?}"
         );
     });
+    if std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return;
+    }
+    let rs = flat::compile(c, NODE, &FakeVeths).unwrap();
+    let changed = flat::compile(
+        &relabelled(c, &compile(c, NODE, &FakeVeths).unwrap(), false),
+        NODE,
+        &FakeVeths,
+    )
+    .unwrap();
+    let p = nft_plan(&changed, Some(&NftState::of(&rs))).unwrap();
+    sluice_testkit::in_new_netns(|| {
+        let first = restore("nft", &["-f", "-"], &nft::render(&rs));
+        let again = restore("nft", &["-f", "-"], &nft::render(&rs));
+        let delta = restore("nft", &["-f", "-"], &p.script);
+        eprintln!(
+            "kernel (nftables): nft -f {first:?} (first), {again:?} (replace the table), delta of one remote relabel {delta:?}"
+        );
+    });
+}
+
+/// With `SLUICE_BENCH_STRESS=1` (root, nft installed): the stress node, every one of
+/// 10,000 pods local, in the flat form: compile, render, and one `nft -f`.
+fn stress_nft() {
+    if std::env::var_os("SLUICE_BENCH_STRESS").is_none_or(|v| v != "1") {
+        return;
+    }
+    let c = cluster(10_000, 1_000, 200, 1);
+    let start = std::time::Instant::now();
+    let rs = flat::compile(&c, NODE, &FakeVeths).unwrap();
+    let compiled = start.elapsed();
+    let text = nft::render(&rs);
+    let state = NftState::of(&rs);
+    eprintln!(
+        "stress (10,000 local pods, nftables): compile {compiled:?}, {} chains, {} sets/maps, {} elements, nft text {} KiB",
+        state.chains.len(),
+        state.sets.len(),
+        state.element_count(),
+        text.len() / 1024
+    );
+    // One more local pod, as a new pod's sync would plan it.
+    let mut more = c.clone();
+    let mut pod = c.pods.values().next().unwrap().clone();
+    pod.name = "pod-new".into();
+    pod.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2))];
+    more.add_pod(pod);
+    let start = std::time::Instant::now();
+    let p = nft_plan(
+        &flat::compile(&more, NODE, &FakeVeths).unwrap(),
+        Some(&state),
+    )
+    .unwrap();
+    let planned = start.elapsed();
+    sluice_testkit::in_new_netns(|| {
+        let first = restore("nft", &["-f", "-"], &text);
+        let again = restore("nft", &["-f", "-"], &text);
+        let delta = restore("nft", &["-f", "-"], &p.script);
+        eprintln!(
+            "stress (nftables): nft -f {first:?} (first), {again:?} (replace); one new pod: compile + plan {planned:?}, {} elements added, {} chains rewritten, nft -f {delta:?}",
+            p.elements_added, p.chains_rewritten
+        );
+    });
 }
 
 fn bench(cr: &mut Criterion) {
+    stress_nft();
     // Growth check: rules follow policies and local pods, not pods × policies.
     report("quarter", &cluster(2_500, 250, 50, 25));
     report("half", &cluster(5_000, 500, 100, 50));
@@ -328,6 +439,7 @@ fn bench(cr: &mut Criterion) {
     kernel_apply(&c);
     let more_remote = cluster(20_000, 1_000, 200, 200);
     report("double pods, same policies, same local count", &more_remote);
+    report_nft("full", &c);
 
     let rs = compile(&c, NODE, &FakeVeths).unwrap();
     // The common case: a pod elsewhere changes labels, this node updates set members.
@@ -354,6 +466,23 @@ fn bench(cr: &mut Criterion) {
             let new = compile(black_box(&changed), NODE, &FakeVeths).unwrap();
             let d = diff(&rs, &new);
             (d.ipset_before(), d.iptables_all(), d.ipset_after())
+        })
+    });
+    let flat_rs = flat::compile(&c, NODE, &FakeVeths).unwrap();
+    let flat_state = NftState::of(&flat_rs);
+    g.bench_function("nft_compile_flat", |b| {
+        b.iter(|| flat::compile(black_box(&c), NODE, &FakeVeths).unwrap())
+    });
+    g.bench_function("nft_render_text", |b| {
+        b.iter(|| nft::render(black_box(&flat_rs)))
+    });
+    g.bench_function("nft_noop_resync_plan", |b| {
+        b.iter(|| nft_plan(black_box(&flat_rs), Some(&flat_state)).unwrap())
+    });
+    g.bench_function("nft_incremental_one_remote_label_change", |b| {
+        b.iter(|| {
+            let new = flat::compile(black_box(&changed), NODE, &FakeVeths).unwrap();
+            nft_plan(&new, Some(&flat_state)).unwrap()
         })
     });
     g.finish();

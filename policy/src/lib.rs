@@ -1,10 +1,13 @@
 //! Kubernetes NetworkPolicy, exactly: the meaning (this crate's model, selectors and
-//! reference evaluator) and its compilation to iptables and ipset text. Pure: no I/O,
-//! no Kubernetes client; callers read files or watch the API and hand in text/objects.
+//! reference evaluator) and its compilation to iptables and ipset text, or to one
+//! nftables table. Pure: no I/O, no Kubernetes client; callers read files or watch
+//! the API and hand in text/objects.
 //!
 //! - [`dataplane`]: the typed rule model of a node, the complete rule set the agent
-//!   programs ([`dataplane::node`]) and the change planner ([`dataplane::plan`]);
-//!   [`compile`] fills in its policy part, [`render`] turns it into kernel text.
+//!   programs ([`dataplane::node`]) and the change planners ([`dataplane::plan`] for
+//!   iptables and ipset, [`dataplane::nft_plan`] for nftables); [`compile`] fills in
+//!   its policy part (per policy for iptables, the flat form of [`compile::flat`]
+//!   for nftables), [`render`] turns it into kernel text.
 //!
 //! - [`model`]: the domain types (namespaces, pods, nodes, policies, [`Cluster`]).
 //! - [`selector`]: label selectors.

@@ -100,8 +100,7 @@ pub fn policy_chain(policy: &NamespacedName, direction: Direction) -> String {
 /// The chain of a group of local pods (nftables flat form) isolated in `direction` by
 /// the same `policies` and, for ingress, resolving the named ports those policies
 /// reference to the same numbers (`named`: name, protocol, ports):
-/// `SLUICE-GI-<hash>` / `SLUICE-GE-<hash>`. Its sets are [`group_tuple_set`] and
-/// [`group_any_set`].
+/// `SLUICE-GI-<hash>` / `SLUICE-GE-<hash>`. Its sets are named by [`flat_set`].
 pub fn group_chain(
     direction: Direction,
     policies: &[NamespacedName],
@@ -128,14 +127,13 @@ pub fn group_chain(
     format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
 }
 
-/// A group's (peer address, protocol, port) tuple set.
-pub fn group_tuple_set(group_chain: &str) -> String {
-    format!("{group_chain}-P")
-}
-
-/// A group's set of peers allowed with no port restriction (every protocol).
-pub fn group_any_set(group_chain: &str) -> String {
-    format!("{group_chain}-A")
+/// A set of the nftables flat form, named after the (peer, ports) pairs it is built
+/// from (`key`, canonical), so groups allowing the same pairs share it:
+/// `SLUICE-FT-<hash>` for (address . protocol . port) tuples, `SLUICE-FA-<hash>` for
+/// peers allowed on every port of every protocol (`any`).
+pub fn flat_set(any: bool, key: &str) -> String {
+    let kind = if any { "FA" } else { "FT" };
+    format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
 }
 
 /// The hash:ip set of the pods a pod peer names. The policy's namespace is part of the

@@ -303,11 +303,16 @@ fn chain_and_set_names_in_the_docs_exist_in_the_code() {
     for doc in docs() {
         let text = read(&doc);
         for (i, _) in text.match_indices("SLUICE-") {
-            let name: String = text[i..]
+            let token: String = text[i..]
                 .chars()
-                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '-')
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
                 .collect();
-            let name = name.trim_end_matches('-');
+            // A hashed name (`SLUICE-GI-2a28409c41396343`, nftables listings): the
+            // lowercase hash is generated, the code holds the prefix up to its dash.
+            let name = match token.find(|c: char| c.is_ascii_lowercase()) {
+                Some(j) => &token[..=token[..j].rfind('-').unwrap_or(j - 1)],
+                None => token.trim_end_matches('-'),
+            };
             if name == "SLUICE" {
                 continue; // the prefix itself (`SLUICE-*`)
             }

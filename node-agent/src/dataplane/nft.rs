@@ -131,12 +131,17 @@ pub fn read_listing(runner: &dyn CommandRunner) -> Result<Option<String>, Datapl
 }
 
 /// Remove sluice's table (a node switched to the iptables dataplane). Reads first, so
-/// a node without the table sees no write at all; a host without `nft` has no table.
-/// Returns whether a table was removed.
+/// a node without the table sees no write at all; a host without `nft`, or whose
+/// kernel has no nf_tables, has no table. Returns whether a table was removed.
 pub fn remove_table(runner: &dyn CommandRunner) -> Result<bool, DataplaneError> {
     let listing = match read_listing(runner) {
         Ok(l) => l,
         Err(DataplaneError::Run(super::runner::RunError::Spawn { .. })) => return Ok(false),
+        Err(DataplaneError::Run(super::runner::RunError::Failed { stderr, .. }))
+            if stderr.contains("not supported") =>
+        {
+            return Ok(false);
+        }
         Err(e) => return Err(e),
     };
     if listing.is_none() {

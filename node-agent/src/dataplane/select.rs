@@ -91,11 +91,13 @@ pub fn select(runner: &dyn CommandRunner, choice: DataplaneChoice) -> Selection 
     decide(choice, || probe_nftables(runner))
 }
 
-/// An empty model with every iptables table: syncing it removes every chain, jump and
-/// set of sluice's and nothing else (the planner deletes only owned objects).
+/// An empty model with the tables sluice writes (filter and nat; the model has no raw
+/// or mangle rules, and reading those fails where their modules are absent): syncing
+/// it removes every chain, jump and set of sluice's and nothing else (the planner
+/// deletes only owned objects).
 fn no_iptables_objects() -> Ruleset {
     let mut rs = Ruleset::default();
-    for t in [Table::Raw, Table::Mangle, Table::Nat, Table::Filter] {
+    for t in [Table::Nat, Table::Filter] {
         rs.tables.insert(t, Default::default());
     }
     rs
@@ -143,8 +145,11 @@ impl<R: CommandRunner> SelectedDataplane<R> {
         self.selection.kind
     }
 
-    /// Sync the selected dataplane; after its first success, remove the other's
-    /// objects (an error there is the sync's error, so the loop retries it).
+    /// Sync the selected dataplane; after a success, remove the other's objects until
+    /// that has succeeded once. A failure there is logged and retried at the next full
+    /// sync, never the sync's error: the chosen dataplane enforces either way, and a
+    /// host whose kernel lacks the other's machinery (no ip_set, no nf_tables) must
+    /// still become ready.
     pub fn sync_with(
         &self,
         desired: &Ruleset,
@@ -154,22 +159,28 @@ impl<R: CommandRunner> SelectedDataplane<R> {
             DataplaneKind::Iptables => self.iptables.sync_with(desired, mode)?,
             DataplaneKind::Nftables => self.nftables.sync_with(desired, mode)?,
         };
-        if !self.other_removed.load(Ordering::SeqCst) {
+        if mode == SyncMode::Full && !self.other_removed.load(Ordering::SeqCst) {
             let (other, removed) = match self.selection.kind {
-                DataplaneKind::Iptables => (
-                    "nftables",
-                    super::nft::remove_table(self.iptables.runner())?,
-                ),
-                DataplaneKind::Nftables => ("iptables", remove_iptables_objects(&self.iptables)?),
+                DataplaneKind::Iptables => {
+                    ("nftables", super::nft::remove_table(self.iptables.runner()))
+                }
+                DataplaneKind::Nftables => ("iptables", remove_iptables_objects(&self.iptables)),
             };
-            if removed {
-                tracing::info!(
-                    dataplane = self.selection.kind.as_str(),
-                    removed = other,
-                    "switched dataplane: removed sluice's {other} objects"
-                );
+            match removed {
+                Ok(removed) => {
+                    if removed {
+                        tracing::info!(
+                            dataplane = self.selection.kind.as_str(),
+                            "switched dataplane: removed sluice's {other} objects"
+                        );
+                    }
+                    self.other_removed.store(true, Ordering::SeqCst);
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot remove sluice's {other} objects yet; retrying at the next full sync"
+                ),
             }
-            self.other_removed.store(true, Ordering::SeqCst);
         }
         Ok(report)
     }
@@ -265,6 +276,36 @@ mod tests {
         rec.clear();
         dp.sync_with(&d, SyncMode::Full).unwrap();
         assert!(rec.calls().iter().all(|c| c.program != "nft"), "once");
+    }
+
+    #[test]
+    fn a_failing_removal_of_the_other_dataplane_does_not_fail_the_sync_and_is_retried() {
+        let rec = RecordingRunner::new(|c: &RecordedCall| match c.program.as_str() {
+            "ipset" => CommandOutput {
+                status: 1,
+                stdout: String::new(),
+                stderr: "Kernel error received: Protocol not supported".into(),
+            },
+            _ => no_table(c),
+        });
+        let dp = SelectedDataplane::new(
+            rec.clone(),
+            Backend::Nft,
+            decide(DataplaneChoice::Nftables, || Ok(())),
+        );
+        let d = Ruleset::default();
+        dp.sync_with(&d, SyncMode::Full).unwrap();
+        rec.clear();
+        dp.sync_with(&d, SyncMode::Incremental).unwrap();
+        assert!(
+            rec.calls().iter().all(|c| c.program != "ipset"),
+            "not on incremental"
+        );
+        dp.sync_with(&d, SyncMode::Full).unwrap();
+        assert!(
+            rec.calls().iter().any(|c| c.program == "ipset"),
+            "retried on full"
+        );
     }
 
     #[test]

@@ -26,18 +26,23 @@
 //!                  iifname "<nsprefix>*" drop    (unknown pod, egress policy in ns)
 //! SLUICE-TO-POD:   oifname vmap @SLUICE-M-TO-POD "<veth>" : goto SLUICE-GI-<h> | return
 //!                  oifname "<nsprefix>*" drop    (unknown pod, ingress policy in ns)
-//! SLUICE-GI-<h>:   ip saddr . meta l4proto . th dport @SLUICE-GI-<h>-P return
-//!                  ip saddr @SLUICE-GI-<h>-A return
+//! SLUICE-GI-<h>:   ip saddr . meta l4proto . th dport @SLUICE-FT-<t> return
+//!                  ip saddr @SLUICE-FA-<a> return
 //!                  drop
 //! ```
 //!
 //! Decisions, and why:
 //! - A pod that is not isolated in a direction has a `return` element, so its
 //!   becoming isolated (or a policy change regrouping it) changes one map element.
-//! - Both sets of a group exist and are looked up even when empty, so a peer that
-//!   appears later is an element addition, never a chain rewrite.
-//! - Group names hash the group's identity (policies, named-port resolution), not its
-//!   contents: pods and peers coming and going change elements only.
+//! - A group chain is named after the group's identity (its policies, its named-port
+//!   resolution); its sets are named after the (peer, ports) pairs they are built
+//!   from, so groups whose policies allow the same pairs share one set (every
+//!   namespace's "DNS and everything in env=prod" egress policy, say) instead of
+//!   copying thousands of addresses per group. Neither name hashes contents: pods,
+//!   labels and peers coming and going change elements only.
+//! - A set is looked up only when some pair can put an element in it (a tuple
+//!   lookup for pairs with ports, an address lookup for pairs without); which pairs
+//!   exist changes only with the policies, and then so does the group.
 //! - Each group chain's comment names the policies that isolate it (truncated to what
 //!   a comment holds, with the count of the rest), to trace a drop to its policies.
 //! - Anti-spoofing, fail-closed unknown pods, conntrack first and the INPUT path
@@ -66,7 +71,8 @@ use crate::dataplane::{
     SetDirection, SetKind, SetMember, Table, Target, VerdictMap,
 };
 use crate::model::{
-    Cluster, NamespacedName, NetworkPolicy, Peer, Peers, Pod, PortMatch, Ports, Protocol,
+    Cluster, IpBlock, NamespacedName, NetworkPolicy, Peer, Peers, Pod, PodPeer, PortMatch, Ports,
+    Protocol,
 };
 use crate::names::{self, Direction};
 
@@ -184,6 +190,46 @@ fn rules_of(policy: &NetworkPolicy, direction: Direction) -> &[crate::model::Rul
     }
 }
 
+/// One (peer, ports) pair a group's policies allow: the unit the sets are built from
+/// and named after.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum PeerRef<'p> {
+    Any,
+    Pods(&'p str, &'p PodPeer),
+    Block(&'p IpBlock),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum PortRef {
+    /// Every port of every protocol.
+    Any,
+    Range(Protocol, u16, u16),
+    /// Egress: resolved on each peer pod.
+    Named(Protocol, String),
+}
+
+impl PeerRef<'_> {
+    /// The peer's identity: the name its ipset has on iptables, a hash of its
+    /// canonical encoding.
+    fn key(&self) -> String {
+        match self {
+            PeerRef::Any => "any".into(),
+            PeerRef::Pods(ns, pp) => names::pod_peer_set(ns, pp),
+            PeerRef::Block(b) => names::ip_block_set(b),
+        }
+    }
+}
+
+impl PortRef {
+    fn key(&self) -> String {
+        match self {
+            PortRef::Any => "any".into(),
+            PortRef::Range(p, a, b) => format!("{}:{a}-{b}", p.as_str()),
+            PortRef::Named(p, n) => format!("{}:name:{n}", p.as_str()),
+        }
+    }
+}
+
 impl Flat<'_> {
     /// The map verdict of `pod` in `direction`: `return` when no policy isolates it,
     /// else a goto to its group's chain (built on first use).
@@ -212,55 +258,35 @@ impl Flat<'_> {
         };
         let chain = names::group_chain(direction, &keys, &named);
         if self.ruleset.chain(Table::Filter, &chain).is_none() {
-            let allowed = self.allowed(&policies, direction, pod);
-            self.add_group(&chain, direction, &keys, allowed);
+            let pairs = contributions(&policies, direction, pod);
+            self.add_group(&chain, direction, &keys, &pairs);
         }
         MapVerdict::Goto(chain)
     }
 
-    /// Everything `policies` allow in `direction` for the pods of `pod`'s group.
-    pub(crate) fn allowed(
-        &mut self,
-        policies: &[&NetworkPolicy],
-        direction: Direction,
-        pod: &Pod,
-    ) -> Allowed {
+    /// What a list of (peer, ports) pairs allows.
+    fn allowed(&mut self, pairs: &[(PeerRef<'_>, PortRef)]) -> Allowed {
         let mut out = Allowed::default();
-        for policy in policies {
-            for rule in rules_of(policy, direction) {
-                let region = self.peer_region(policy, &rule.peers);
-                if region.is_empty() {
-                    continue;
-                }
-                let list = match &rule.ports {
-                    Ports::Any => {
-                        out.any.insert_set(&region);
-                        continue;
-                    }
-                    Ports::Listed(list) => list,
-                };
-                for p in list {
-                    match &p.port {
-                        PortMatch::All => out.tuples.insert(&region, p.protocol, 0, u16::MAX, ()),
-                        PortMatch::Numbers { start, end } => {
-                            out.tuples.insert(&region, p.protocol, *start, *end, ())
+        let mut regions: BTreeMap<&PeerRef<'_>, AddrSet> = BTreeMap::new();
+        for (peer, port) in pairs {
+            if !regions.contains_key(peer) {
+                let r = self.peer_region(peer);
+                regions.insert(peer, r);
+            }
+            let region = &regions[peer];
+            if region.is_empty() {
+                continue;
+            }
+            match port {
+                PortRef::Any => out.any.insert_set(region),
+                PortRef::Range(proto, a, b) => out.tuples.insert(region, *proto, *a, *b, ()),
+                PortRef::Named(proto, name) => {
+                    for (ip, port) in self.named_ports(name, *proto) {
+                        if region.contains(ip) {
+                            let mut point = AddrSet::default();
+                            point.insert(u32::from(ip), u32::from(ip));
+                            out.tuples.insert(&point, *proto, port, port, ());
                         }
-                        PortMatch::Named(name) => match direction {
-                            Direction::Ingress => {
-                                for port in pod.resolve_named_port(name, p.protocol) {
-                                    out.tuples.insert(&region, p.protocol, port, port, ());
-                                }
-                            }
-                            Direction::Egress => {
-                                for (ip, port) in self.named_ports(name, p.protocol) {
-                                    if region.contains(ip) {
-                                        let mut point = AddrSet::default();
-                                        point.insert(u32::from(ip), u32::from(ip));
-                                        out.tuples.insert(&point, p.protocol, port, port, ());
-                                    }
-                                }
-                            }
-                        },
                     }
                 }
             }
@@ -285,36 +311,76 @@ impl Flat<'_> {
             .clone()
     }
 
-    /// The addresses a rule's peers name (IPv4 only).
-    fn peer_region(&self, policy: &NetworkPolicy, peers: &Peers) -> AddrSet {
-        let listed = match peers {
-            Peers::Any => return AddrSet::all(),
-            Peers::Listed(list) => list,
-        };
-        let mut out = AddrSet::default();
-        for peer in listed {
-            match peer {
-                Peer::Pods(pp) => {
-                    for m in self.index.pod_peer_members(&policy.namespace, pp) {
-                        if let SetMember::Ip(ip) = m {
-                            out.insert(u32::from(ip), u32::from(ip));
-                        }
+    /// The addresses a peer names (IPv4 only).
+    fn peer_region(&self, peer: &PeerRef<'_>) -> AddrSet {
+        match peer {
+            PeerRef::Any => AddrSet::all(),
+            PeerRef::Pods(ns, pp) => {
+                let mut out = AddrSet::default();
+                for m in self.index.pod_peer_members(ns, pp) {
+                    if let SetMember::Ip(ip) = m {
+                        out.insert(u32::from(ip), u32::from(ip));
                     }
                 }
-                Peer::IpBlock(block) => {
-                    let IpNet::V4(cidr) = block.cidr else {
-                        continue; // an IPv6 block names no IPv4 packet
-                    };
-                    let mut region = AddrSet::of_net(cidr);
-                    for e in v4_excepts(block) {
-                        let (a, b) = super::intervals::net_bounds(e);
-                        region.subtract(a, b);
-                    }
-                    out.insert_set(&region);
+                out
+            }
+            PeerRef::Block(block) => {
+                let IpNet::V4(cidr) = block.cidr else {
+                    return AddrSet::default(); // an IPv6 block names no IPv4 packet
+                };
+                let mut region = AddrSet::of_net(cidr);
+                for e in v4_excepts(block) {
+                    let (a, b) = super::intervals::net_bounds(e);
+                    region.subtract(a, b);
                 }
+                region
             }
         }
-        out
+    }
+
+    /// A set named after the pairs it is built from, created (and filled) on first
+    /// use: groups whose policies allow the same pairs share it, and its content
+    /// changes only by elements when pods and labels change.
+    fn shared_set(&mut self, any: bool, pairs: &[(PeerRef<'_>, PortRef)]) -> String {
+        let mut key = String::new();
+        for (peer, port) in pairs {
+            key.push_str(&peer.key());
+            key.push(' ');
+            key.push_str(&port.key());
+            key.push(';');
+        }
+        let name = names::flat_set(any, &key);
+        if !self.ruleset.sets.contains_key(&name) {
+            let allowed = self.allowed(pairs);
+            let (kind, members) = if any {
+                let members = allowed.any.ranges().map(SetMember::Range).collect();
+                (SetKind::AddrIntervals, members)
+            } else {
+                let members = allowed
+                    .tuples
+                    .boxes()
+                    .into_iter()
+                    .map(|(b, ())| SetMember::Tuple {
+                        addrs: b.addrs,
+                        protocol: b.protocol,
+                        ports: PortRange {
+                            start: b.ports.start,
+                            end: b.ports.end,
+                        },
+                    })
+                    .collect();
+                (SetKind::AddrProtoPortIntervals, members)
+            };
+            self.ruleset.sets.insert(
+                name.clone(),
+                IpSet {
+                    name: name.clone(),
+                    kind,
+                    members,
+                },
+            );
+        }
+        name
     }
 
     fn add_group(
@@ -322,62 +388,41 @@ impl Flat<'_> {
         chain: &str,
         direction: Direction,
         policies: &[NamespacedName],
-        allowed: Allowed,
+        pairs: &[(PeerRef<'_>, PortRef)],
     ) {
         let set_dir = match direction {
             Direction::Ingress => SetDirection::Src,
             Direction::Egress => SetDirection::Dst,
         };
-        let tuple_set = names::group_tuple_set(chain);
-        let any_set = names::group_any_set(chain);
-        let tuples = allowed
-            .tuples
-            .boxes()
-            .into_iter()
-            .map(|(b, ())| SetMember::Tuple {
-                addrs: b.addrs,
-                protocol: b.protocol,
-                ports: PortRange {
-                    start: b.ports.start,
-                    end: b.ports.end,
-                },
-            })
-            .collect();
-        let any = allowed.any.ranges().map(SetMember::Range).collect();
-        self.ruleset.sets.insert(
-            tuple_set.clone(),
-            IpSet {
-                name: tuple_set.clone(),
-                kind: SetKind::AddrProtoPortIntervals,
-                members: tuples,
-            },
-        );
-        self.ruleset.sets.insert(
-            any_set.clone(),
-            IpSet {
-                name: any_set.clone(),
-                kind: SetKind::AddrIntervals,
-                members: any,
-            },
-        );
-        let rules = vec![
-            Rule::new(
+        let (any, tuples): (Vec<_>, Vec<_>) = pairs
+            .iter()
+            .cloned()
+            .partition(|(_, port)| *port == PortRef::Any);
+        let mut rules = Vec::new();
+        // A lookup only where some pair can ever put an element in the set: which
+        // pairs a group has changes only with its policies, and so does its name.
+        if !tuples.is_empty() {
+            let set = self.shared_set(false, &tuples);
+            rules.push(Rule::new(
                 vec![Match::Tuple {
-                    set: tuple_set,
+                    set,
                     direction: set_dir,
                 }],
                 Target::Return,
-            ),
-            Rule::new(
+            ));
+        }
+        if !any.is_empty() {
+            let set = self.shared_set(true, &any);
+            rules.push(Rule::new(
                 vec![Match::Set {
-                    name: any_set,
+                    name: set,
                     direction: set_dir,
                     negated: false,
                 }],
                 Target::Return,
-            ),
-            Rule::new(vec![], Target::Drop),
-        ];
+            ));
+        }
+        rules.push(Rule::new(vec![], Target::Drop));
         self.ruleset.add_chain(
             Table::Filter,
             Chain {
@@ -389,6 +434,60 @@ impl Flat<'_> {
             .chain_comments
             .insert(chain.to_string(), group_comment(direction, policies));
     }
+}
+
+/// The (peer, ports) pairs `policies` allow in `direction`, sorted and deduplicated;
+/// ingress named ports resolved on `pod` (every pod of its group agrees).
+fn contributions<'p>(
+    policies: &[&'p NetworkPolicy],
+    direction: Direction,
+    pod: &Pod,
+) -> Vec<(PeerRef<'p>, PortRef)> {
+    let mut out = BTreeSet::new();
+    for policy in policies {
+        for rule in rules_of(policy, direction) {
+            let peers: Vec<PeerRef<'p>> = match &rule.peers {
+                Peers::Any => vec![PeerRef::Any],
+                Peers::Listed(list) => list
+                    .iter()
+                    .filter_map(|peer| match peer {
+                        Peer::Pods(pp) => Some(PeerRef::Pods(&policy.namespace, pp)),
+                        Peer::IpBlock(b) if matches!(b.cidr, IpNet::V4(_)) => {
+                            Some(PeerRef::Block(b))
+                        }
+                        Peer::IpBlock(_) => None,
+                    })
+                    .collect(),
+            };
+            let ports: Vec<PortRef> = match &rule.ports {
+                Ports::Any => vec![PortRef::Any],
+                Ports::Listed(list) => list
+                    .iter()
+                    .flat_map(|p| match &p.port {
+                        PortMatch::All => vec![PortRef::Range(p.protocol, 0, u16::MAX)],
+                        PortMatch::Numbers { start, end } if start <= end => {
+                            vec![PortRef::Range(p.protocol, *start, *end)]
+                        }
+                        PortMatch::Numbers { .. } => vec![],
+                        PortMatch::Named(name) => match direction {
+                            Direction::Ingress => pod
+                                .resolve_named_port(name, p.protocol)
+                                .into_iter()
+                                .map(|n| PortRef::Range(p.protocol, n, n))
+                                .collect(),
+                            Direction::Egress => vec![PortRef::Named(p.protocol, name.clone())],
+                        },
+                    })
+                    .collect(),
+            };
+            for peer in &peers {
+                for port in &ports {
+                    out.insert((peer.clone(), port.clone()));
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// `ingress: ns/a, ns/b` — as many policies as fit, then `+N`.
@@ -478,6 +577,19 @@ mod tests {
         }
     }
 
+    fn tuple_set_of(rs: &Ruleset, chain: &str) -> String {
+        rs.chain(Table::Filter, chain)
+            .unwrap()
+            .rules
+            .iter()
+            .flat_map(|r| &r.matches)
+            .find_map(|m| match m {
+                Match::Tuple { set, .. } => Some(set.clone()),
+                _ => None,
+            })
+            .unwrap()
+    }
+
     fn elements(rs: &Ruleset, set: &str) -> Vec<String> {
         crate::render::nft::sets(rs)[set]
             .elements
@@ -516,7 +628,7 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            elements(&rs, &names::group_tuple_set(&chain)),
+            elements(&rs, &tuple_set_of(&rs, &chain)),
             // 8080 lies inside 8000-8100: one box for the /12 over the range, none
             // overlapping it for the named port.
             ["172.16.0.0-172.31.255.255 . tcp . 8000-8100"]
@@ -525,12 +637,32 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            elements(&rs, &names::group_tuple_set(&chain_c)),
+            elements(&rs, &tuple_set_of(&rs, &chain_c)),
             [
                 "172.16.0.0-172.16.7.255 . tcp . 9090",
                 "172.16.0.0-172.31.255.255 . tcp . 8000-8100",
                 "172.16.9.0-172.16.255.255 . tcp . 9090",
             ]
+        );
+    }
+
+    #[test]
+    fn a_group_comment_names_its_policies_within_what_nft_keeps() {
+        let many: Vec<NamespacedName> = (0..40)
+            .map(|i| NamespacedName::new("payments", format!("allow-from-service-{i}")))
+            .collect();
+        let c = group_comment(Direction::Ingress, &many);
+        assert!(c.len() <= MAX_COMMENT, "{c}");
+        assert!(
+            c.starts_with("ingress: payments/allow-from-service-0,"),
+            "{c}"
+        );
+        let (listed, rest) = c.rsplit_once(" +").unwrap();
+        let shown = listed.matches("payments/").count();
+        assert_eq!(shown + rest.parse::<usize>().unwrap(), many.len(), "{c}");
+        assert_eq!(
+            group_comment(Direction::Egress, &many[..1]),
+            "egress: payments/allow-from-service-0"
         );
     }
 
@@ -568,7 +700,7 @@ mod tests {
             else {
                 panic!()
             };
-            assert_eq!(rs.sets[&names::group_tuple_set(&chain)].members.len(), 1);
+            assert_eq!(rs.sets[&tuple_set_of(&rs, &chain)].members.len(), 1);
             cls.trace.len()
         };
         assert_eq!(trace_len(1), trace_len(1000));

@@ -386,6 +386,34 @@ mod tests {
 
     proptest! {
         #[test]
+        fn addr_sets_agree_with_a_plain_set_of_addresses(
+            ops in prop::collection::vec((any::<bool>(), 0u32..48, 0u32..48), 0..16),
+        ) {
+            let mut s = AddrSet::default();
+            let mut plain = std::collections::BTreeSet::new();
+            for (add, a, b) in ops {
+                let (a, b) = (a.min(b), a.max(b));
+                if add {
+                    s.insert(a, b);
+                    plain.extend(a..=b);
+                } else {
+                    s.subtract(a, b);
+                    for x in a..=b {
+                        plain.remove(&x);
+                    }
+                }
+            }
+            for x in 0..50u32 {
+                prop_assert_eq!(s.contains(Ipv4Addr::from(x)), plain.contains(&x));
+            }
+            // Disjoint and never adjacent: merged.
+            let bounds: Vec<(u32, u32)> = s.bounds().collect();
+            for w in bounds.windows(2) {
+                prop_assert!(w[0].1 + 1 < w[1].0, "{:?}", bounds);
+            }
+        }
+
+        #[test]
         fn boxes_are_disjoint_canonical_and_agree_with_the_insertions(
             inserts in prop::collection::vec(
                 (0u32..64, 0u32..64, 0usize..3, 0u16..20, 0u16..20, 0u8..3),

@@ -14,7 +14,7 @@
 //!    those chains deleted (nothing references them any more).
 //!
 //! A set, map or base chain whose declaration differs (type, flags, hook) cannot be
-//! changed in place; the plan is then the full [`render::nft::render`], which
+//! changed in place; the plan is then the full [`crate::render::nft::render`], which
 //! replaces the table in the same single transaction.
 //!
 //! Chains are compared by the identity hashes in their rules' comments (the same

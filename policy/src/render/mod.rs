@@ -1,5 +1,6 @@
 //! Text for the kernel's tools, from a [`crate::dataplane::Ruleset`]: `iptables-restore`
-//! input ([`iptables`]) and `ipset restore` input ([`ipset`]). Byte-for-byte
+//! input ([`iptables`]) and `ipset restore` input ([`ipset`]), or `nft -f` input
+//! ([`nft`]). Byte-for-byte
 //! deterministic: chains, sets and members are emitted in sorted order, rules in
 //! chain order, and every rule's identity comment is a hash of its chain, its
 //! predecessor and its text.
