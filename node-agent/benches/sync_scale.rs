@@ -6,7 +6,7 @@
 //! markdown tables; asserts nothing about time. Scenarios: a realistic node (10,000
 //! pods cluster-wide, 110 on this node) and a stress case (every one of the 10,000
 //! pods on this node). `SLUICE_BENCH_DATAPLANES=iptables` (or `nftables`) measures one
-//! dataplane only.
+//! dataplane only, `SLUICE_BENCH_SCENARIOS=realistic` (or `stress`) one scenario.
 //!
 //! Kernel memory is the growth of the machine's unreclaimable kernel memory
 //! (`/proc/meminfo` SUnreclaim + VmallocUsed + Percpu) across the first apply, and its
@@ -197,7 +197,10 @@ fn kernel_counts(kind: DataplaneKind) -> Vec<(String, String)> {
                 }
             }
             vec![
-                ("rules in the kernel (iptables-save)".into(), rules.trim().into()),
+                (
+                    "rules in the kernel (iptables-save)".into(),
+                    rules.trim().into(),
+                ),
                 (
                     "ipsets / members in the kernel".into(),
                     format!("{sets} / {members}"),
@@ -223,7 +226,10 @@ fn kernel_counts(kind: DataplaneKind) -> Vec<(String, String)> {
             }
             let c = |k| count.get(k).copied().unwrap_or(0);
             vec![
-                ("chains / rules in the kernel (nft list)".into(), format!("{} / {}", c("chain"), c("rule"))),
+                (
+                    "chains / rules in the kernel (nft list)".into(),
+                    format!("{} / {}", c("chain"), c("rule")),
+                ),
                 (
                     "sets + maps / elements in the kernel".into(),
                     format!("{} + {} / {elements}", c("set"), c("map")),
@@ -337,6 +343,7 @@ fn measure(kind: DataplaneKind, local: usize, kernel: bool) -> Vec<(String, Stri
 }
 
 fn scenario(name: &str, local: usize, kinds: &[DataplaneKind], kernel: bool) {
+    let load_before = loadavg();
     let results: Vec<Vec<(String, String)>> = kinds
         .iter()
         .map(|k| {
@@ -347,7 +354,7 @@ fn scenario(name: &str, local: usize, kinds: &[DataplaneKind], kernel: bool) {
     println!(
         "## {name}: {PODS} pods ({local} on this node), {POLICIES} policies, {NAMESPACES} namespaces, {NODES} nodes\n"
     );
-    println!("load average before: {}", loadavg());
+    println!("load average (1, 5, 15 min) before: {load_before}");
     print!("\n| step |");
     for k in kinds {
         print!(" {} |", k.as_str());
@@ -374,7 +381,7 @@ fn scenario(name: &str, local: usize, kinds: &[DataplaneKind], kernel: bool) {
         }
         println!();
     }
-    println!("\nload average after: {}\n", loadavg());
+    println!("\nload average (1, 5, 15 min) after: {}\n", loadavg());
 }
 
 fn loadavg() -> String {
@@ -398,6 +405,13 @@ fn main() {
             other => panic!("SLUICE_BENCH_DATAPLANES: unknown dataplane {other:?}"),
         })
         .collect();
-    scenario("realistic node", 110, &kinds, root);
-    scenario("stress: every pod on this node", PODS, &kinds, root);
+    // SLUICE_BENCH_SCENARIOS=realistic (or stress) runs one scenario only.
+    let scenarios =
+        std::env::var("SLUICE_BENCH_SCENARIOS").unwrap_or_else(|_| "realistic,stress".into());
+    if scenarios.split(',').any(|s| s.trim() == "realistic") {
+        scenario("realistic node", 110, &kinds, root);
+    }
+    if scenarios.split(',').any(|s| s.trim() == "stress") {
+        scenario("stress: every pod on this node", PODS, &kinds, root);
+    }
 }

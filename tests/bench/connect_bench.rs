@@ -58,7 +58,8 @@ fn run_loop(addr: &str, count: &str, warmup: &str, out: &str) -> Result<(), Stri
     for s in &samples {
         let _ = writeln!(text, "{s}");
     }
-    f.write_all(text.as_bytes()).map_err(|e| format!("{out}: {e}"))
+    f.write_all(text.as_bytes())
+        .map_err(|e| format!("{out}: {e}"))
 }
 
 trait LingerZero {
@@ -131,7 +132,10 @@ fn read_tsv(path: &str) -> Result<Vec<Point>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let mut out = Vec::new();
     // Columns: dataplane policies median_us p99_us samples load
-    for l in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         let f: Vec<&str> = l.split('\t').collect();
         if f.len() < 4 {
             return Err(format!("{path}: short line {l:?}"));
@@ -200,7 +204,13 @@ fn plot(tsv: &str, svg: &str, title: &str) -> Result<(), String> {
         );
         decade += 1;
     }
-    for (n, label) in [(0.0, "0"), (1.0, "1"), (10.0, "10"), (100.0, "100"), (1000.0, "1000")] {
+    for (n, label) in [
+        (0.0, "0"),
+        (1.0, "1"),
+        (10.0, "10"),
+        (100.0, "100"),
+        (1000.0, "1000"),
+    ] {
         let x = x_of(n);
         let _ = writeln!(
             s,
@@ -285,5 +295,7 @@ fn fmt_us(v: f64) -> String {
 }
 
 fn escape(t: &str) -> String {
-    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
