@@ -484,6 +484,15 @@ impl Flat<'_> {
                 target,
             ));
         }
+        // Lookups whose verdict is the fall-through's anyway (a Pass set last, say)
+        // decide nothing: one lookup fewer per packet.
+        while rules.last().is_some_and(|r| r.target == on_pass) {
+            for m in rules.pop().map(|r| r.matches).unwrap_or_default() {
+                if let Match::Tuple { set: name, .. } | Match::Set { name, .. } = m {
+                    self.ruleset.sets.remove(&name);
+                }
+            }
+        }
         rules.push(Rule::new(vec![], on_pass));
         self.ruleset.add_chain(
             Table::Filter,
