@@ -126,10 +126,11 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
             rejected.reason
         );
     }
-    if !cluster.cluster_policies.is_empty() {
-        // Said on every render so nobody reads the output as enforcing them.
+    if !cluster.cluster_policies.is_empty() && args.dataplane == Dataplane::Iptables {
+        // Said on every iptables render so nobody reads the output as enforcing
+        // them; the nftables form compiles them.
         eprintln!(
-            "warning: {} ClusterNetworkPolicies are not compiled into the dataplane yet (policy check evaluates them); only rejected ones hold pods",
+            "warning: {} ClusterNetworkPolicies are not compiled into the iptables dataplane yet (--dataplane nftables compiles them; policy check evaluates them); only rejected ones hold pods",
             cluster.cluster_policies.len()
         );
     }
