@@ -17,6 +17,7 @@ use sluice_cni::delegate;
 use sluice_cni::protocol::{
     CniError, CniResult, Command, Env, NetConf, requested_ips, single_requested,
 };
+use sluice_ipam::config::BlockSource;
 use sluice_ipam::{AttachmentKey, NodeIpam};
 
 use crate::commands::Ctx;
@@ -85,7 +86,14 @@ impl Ipam {
         };
         if section.plugin_type == IN_PROCESS_TYPE {
             let settings = sluice_ipam::cni::settings(ctx.conf, ctx.env).map_err(named)?;
-            return Ok(Some(Ipam::InProcess(Box::new(NodeIpam::new(settings)))));
+            let cluster = matches!(settings.source, BlockSource::NodeBlocksFile(_));
+            let mut node = NodeIpam::new(settings);
+            if cluster {
+                node = node.with_claimer(Box::new(sluice_ipam::cni::AgentClaimer {
+                    socket: ctx.plugin.agent_socket.clone(),
+                }));
+            }
+            return Ok(Some(Ipam::InProcess(Box::new(node))));
         }
         let path = delegate::find_in_path(&section.plugin_type, &ctx.env.path)?;
         let conf = delegate::config_for(&path, ctx.conf)?;

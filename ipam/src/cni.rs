@@ -16,7 +16,7 @@ use sluice_cni_protocol::{
 
 use crate::config::{IpamConfig, IpamSettings};
 use crate::error::IpamError;
-use crate::node_ipam::Assigned;
+use crate::node_ipam::{Assigned, BlockClaimer, ClaimAnswer};
 
 /// The `ipam` section of `conf`, resolved (the node name may come from CNI_ARGS
 /// `K8S_NODE_NAME`, else the host name).
@@ -77,4 +77,25 @@ pub fn cni_error(e: IpamError) -> CniError {
         src = s.source();
     }
     CniError::new(code, e.to_string()).with_details(details.join(": "))
+}
+
+/// The block claimer of a cluster node: the agent claims the block of a requested
+/// address over the node-local API (`claim-block`, `sluice_node_files::local_api`)
+/// and publishes it in the node-blocks file before answering.
+pub struct AgentClaimer {
+    pub socket: std::path::PathBuf,
+}
+
+impl BlockClaimer for AgentClaimer {
+    fn claim(&self, ip: Ipv4Addr, _block: Ipv4Net) -> Result<ClaimAnswer, String> {
+        use sluice_node_files::local_api::{self, CLAIM_TIMEOUT, Request, Response};
+        let req = Request::ClaimBlock { address: ip };
+        match local_api::call(&self.socket, &req, CLAIM_TIMEOUT) {
+            Ok(Response::BlockClaimed { .. }) => Ok(ClaimAnswer::Claimed),
+            Ok(Response::BlockTaken { owner, .. }) => Ok(ClaimAnswer::Taken { owner }),
+            Ok(Response::Error { message }) => Err(format!("the agent says: {message}")),
+            Ok(other) => Err(format!("the agent answered {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }

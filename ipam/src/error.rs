@@ -92,6 +92,15 @@ pub enum IpamError {
         node: String,
         published: String,
     },
+    #[error(
+        "the requested address {ip} is in block {block}, which this node does not hold, and \
+         the agent could not claim it for the node: {why}"
+    )]
+    RequestedBlockClaimFailed {
+        ip: Ipv4Addr,
+        block: Ipv4Net,
+        why: String,
+    },
 }
 
 impl From<ClaimError> for IpamError {
@@ -115,10 +124,11 @@ impl IpamError {
             }
             IpamError::State(StateError::Corrupt { .. }) => ErrorCode::StateCorrupt,
             IpamError::State(StateError::Io { .. }) => ErrorCode::IoFailure,
-            // The agent has not published a block yet, or is claiming another one.
-            IpamError::NoBlockPublished { .. } | IpamError::NodeBlocksFull { .. } => {
-                ErrorCode::TryAgainLater
-            }
+            // The agent has not published a block yet, is claiming another one, or
+            // could not be reached to claim a requested address's block.
+            IpamError::NoBlockPublished { .. }
+            | IpamError::NodeBlocksFull { .. }
+            | IpamError::RequestedBlockClaimFailed { .. } => ErrorCode::TryAgainLater,
             IpamError::PoolExhausted { .. } => ErrorCode::PoolExhausted,
             IpamError::Store(_) => ErrorCode::BlockStore,
             IpamError::NotAllocated { .. } | IpamError::AddressMismatch { .. } => {

@@ -40,6 +40,6 @@ pub use blocks::{
 };
 pub use config::{IpamConfig, IpamSettings};
 pub use error::IpamError;
-pub use node_ipam::{Assigned, NodeIpam, needs_another_block};
+pub use node_ipam::{Assigned, BlockClaimer, ClaimAnswer, NodeIpam, needs_another_block};
 pub use state::StateDir;
 pub use store::{BlockClaim, BlockStore, ClaimOutcome, StoreError, dir::DirStore};

@@ -29,16 +29,45 @@ pub struct Assigned {
     pub block: Ipv4Net,
 }
 
+/// What a cluster node's block owner (the agent) answers when asked to claim the
+/// block holding a requested address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimAnswer {
+    /// The block is this node's now and the node-blocks file lists it.
+    Claimed,
+    /// Another node owns the block.
+    Taken { owner: String },
+}
+
+/// Who claims a block for this node in a cluster, where only the agent writes the
+/// block store: asked when a requested address lies in a block the node-blocks file
+/// does not list. `Err` says why nobody could claim it (agent down, store outage).
+pub trait BlockClaimer: Send + Sync {
+    fn claim(&self, ip: Ipv4Addr, block: Ipv4Net) -> Result<ClaimAnswer, String>;
+}
+
 /// One node's IPAM, as configured.
 pub struct NodeIpam {
     settings: IpamSettings,
     state: StateDir,
+    claimer: Option<Box<dyn BlockClaimer>>,
 }
 
 impl NodeIpam {
     pub fn new(settings: IpamSettings) -> NodeIpam {
         let state = StateDir::new(&settings.state_dir);
-        NodeIpam { settings, state }
+        NodeIpam {
+            settings,
+            state,
+            claimer: None,
+        }
+    }
+
+    /// In a cluster, ask `claimer` (the agent) for the block of a requested address
+    /// the node does not hold, instead of refusing the request.
+    pub fn with_claimer(mut self, claimer: Box<dyn BlockClaimer>) -> NodeIpam {
+        self.claimer = Some(claimer);
+        self
     }
 
     pub fn settings(&self) -> &IpamSettings {
@@ -95,11 +124,11 @@ impl NodeIpam {
 
     /// ADD of a requested address: it must be a pod address of the pool, not held by
     /// another attachment, in a block this node owns, or in a free block, which a
-    /// standalone node then claims. Everything is checked before the claim, so a
+    /// standalone node then claims (a cluster node asks its claimer, the agent). Everything is checked before the claim, so a
     /// refused request changes nothing; only an allocation that succeeds commits.
     fn add_requested(
         &self,
-        mut locked: LockedState,
+        locked: LockedState,
         key: &AttachmentKey,
         network: &str,
         ip: Ipv4Addr,
@@ -131,15 +160,60 @@ impl NodeIpam {
                     }
                 }
                 BlockSource::NodeBlocksFile(_) => {
-                    return Err(IpamError::RequestedBlockNotPublished {
-                        ip,
-                        block,
-                        node: self.settings.node.clone(),
-                        published: join(&owned),
-                    });
+                    let Some(claimer) = &self.claimer else {
+                        return Err(IpamError::RequestedBlockNotPublished {
+                            ip,
+                            block,
+                            node: self.settings.node.clone(),
+                            published: join(&owned),
+                        });
+                    };
+                    // The agent writes the block store, then the node-blocks file, and
+                    // may read the IPAM state meanwhile: never hold the state lock
+                    // across the call. Everything the request could fail on here was
+                    // checked above; a concurrent ADD taking the address while the lock
+                    // is released is caught by the second pass, which leaves the block
+                    // claimed for the node (as a low-water claim would) and nothing
+                    // allocated.
+                    drop(locked);
+                    match claimer.claim(ip, block) {
+                        Ok(ClaimAnswer::Claimed) => {}
+                        Ok(ClaimAnswer::Taken { owner }) => {
+                            return Err(IpamError::RequestedBlockOfAnotherNode {
+                                ip,
+                                block,
+                                owner,
+                            });
+                        }
+                        Err(why) => {
+                            return Err(IpamError::RequestedBlockClaimFailed { ip, block, why });
+                        }
+                    }
+                    let locked = self.state.lock()?;
+                    if !self.owned_blocks()?.contains(&block) {
+                        return Err(IpamError::RequestedBlockClaimFailed {
+                            ip,
+                            block,
+                            why: "the agent answered that it claimed the block, but the \
+                                  node-blocks file does not list it"
+                                .into(),
+                        });
+                    }
+                    return self.allocate_requested(locked, key, network, ip, block);
                 }
             }
         }
+        self.allocate_requested(locked, key, network, ip, block)
+    }
+
+    fn allocate_requested(
+        &self,
+        mut locked: LockedState,
+        key: &AttachmentKey,
+        network: &str,
+        ip: Ipv4Addr,
+        block: Ipv4Net,
+    ) -> Result<Assigned, IpamError> {
         let (ip, block) = locked
             .allocator
             .allocate_requested(key, network, ip, block, now_unix())
@@ -436,6 +510,79 @@ mod tests {
         let e = a.add(&k("d"), "net", ip("10.50.1.40")).unwrap_err();
         assert_eq!(e.cni_code(), ErrorCode::RequestedAddressUnavailable);
         assert!(e.to_string().contains("not published"), "{e}");
+    }
+
+    /// Plays the agent: publishes the block in the node-blocks file when it is free,
+    /// answers Taken for node b's block, and fails for anything else.
+    struct FakeAgent {
+        file: std::path::PathBuf,
+        asked: std::sync::Arc<std::sync::Mutex<Vec<Ipv4Net>>>,
+    }
+
+    impl BlockClaimer for FakeAgent {
+        fn claim(&self, _ip: Ipv4Addr, block: Ipv4Net) -> Result<ClaimAnswer, String> {
+            self.asked.lock().unwrap().push(block);
+            match block.to_string().as_str() {
+                "10.50.1.0/24" => {
+                    let mut nb = node_blocks::read(&self.file).unwrap().unwrap();
+                    nb.blocks.push(block);
+                    node_blocks::write(&self.file, &nb).unwrap();
+                    Ok(ClaimAnswer::Claimed)
+                }
+                "10.50.2.0/24" => Ok(ClaimAnswer::Taken { owner: "b".into() }),
+                _ => Err("connection refused".into()),
+            }
+        }
+    }
+
+    #[test]
+    fn in_a_cluster_the_agent_claims_the_block_of_a_requested_address() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("node-blocks.json");
+        node_blocks::write(
+            &file,
+            &node_blocks::NodeBlocks {
+                node: "a".into(),
+                blocks: vec!["10.50.0.0/24".parse().unwrap()],
+                updated_unix: 0,
+            },
+        )
+        .unwrap();
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = NodeIpam::new(IpamSettings {
+            node: "a".into(),
+            pool: Pool::new("10.50.0.0/22".parse().unwrap(), 24).unwrap(),
+            state_dir: d.path().join("state"),
+            source: BlockSource::NodeBlocksFile(file.clone()),
+            routes: vec![],
+        })
+        .with_claimer(Box::new(FakeAgent {
+            file: file.clone(),
+            asked: asked.clone(),
+        }));
+        // In a held block: the agent is not asked.
+        a.add(&k("c"), "net", ip("10.50.0.40")).unwrap();
+        assert!(asked.lock().unwrap().is_empty());
+        // In a free block: claimed through the agent, then allocated.
+        let got = a.add(&k("d"), "net", ip("10.50.1.40")).unwrap();
+        assert_eq!(got.block.to_string(), "10.50.1.0/24");
+        assert!(a.snapshot().unwrap().lookup(&k("d")).unwrap().0.requested);
+        // Another node's block, and an agent that cannot claim: refused, nothing held.
+        let before = std::fs::read(d.path().join("state/allocations.json")).unwrap();
+        let e = a.add(&k("e"), "net", ip("10.50.2.40")).unwrap_err();
+        assert_eq!(e.cni_code(), ErrorCode::RequestedAddressUnavailable);
+        assert!(e.to_string().contains("node b owns"), "{e}");
+        let e = a.add(&k("f"), "net", ip("10.50.3.40")).unwrap_err();
+        assert_eq!(e.cni_code(), ErrorCode::TryAgainLater);
+        assert!(e.to_string().contains("connection refused"), "{e}");
+        // An address the pool forbids is refused before the agent is asked.
+        let e = a.add(&k("g"), "net", ip("10.50.3.255")).unwrap_err();
+        assert_eq!(e.cni_code(), ErrorCode::RequestedAddressInvalid);
+        assert_eq!(
+            std::fs::read(d.path().join("state/allocations.json")).unwrap(),
+            before
+        );
+        assert_eq!(asked.lock().unwrap().len(), 3);
     }
 
     #[test]

@@ -131,13 +131,13 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     // The datastore publishes to the node-local API's overlay, which lays the CNI
     // plugin's reports over each snapshot and feeds the loop.
     let (ds_tx, ds_rx) = tokio::sync::watch::channel(None);
+    let api = crate::local_api::LocalApi::new(ds_rx.clone(), metrics.clone());
     {
-        let api = crate::local_api::LocalApi::new(ds_rx.clone(), metrics.clone());
         let listener = crate::local_api::bind(&cfg.files.agent_socket)?;
         tracing::info!(socket = %cfg.files.agent_socket.display(), "serving the node-local API");
         tokio::spawn(crate::local_api::serve(listener, api.clone()));
         tokio::spawn(crate::local_api::overlay(
-            api,
+            api.clone(),
             ds_rx,
             tx,
             cfg.node_name.clone(),
@@ -168,8 +168,17 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 state_dir: cfg.files.ipam_state_dir.clone(),
                 low_water: cfg.block_low_water,
                 orphan_grace: cfg.orphan_block_grace(),
+                publish_lock: Default::default(),
             };
             let block_metrics = metrics.clone();
+            api.set_block_claims(crate::local_api::claims::block_claims(
+                store.clone(),
+                pool,
+                node.clone(),
+                file.clone(),
+                block_settings.clone(),
+                metrics.clone(),
+            ));
             tokio::spawn(agent::supervise(
                 move || {
                     KubeDatastore::new(

@@ -94,6 +94,7 @@ async fn start() -> Agent {
             state_dir: dir.path().join("ipam"),
             low_water: 0,
             orphan_grace: None,
+            publish_lock: Default::default(),
         },
         metrics.clone(),
     )

@@ -78,6 +78,7 @@ fn start(client: kube::Client, dir: &Path, low_water: u32, grace: Duration) -> A
             state_dir: dir.join("ipam"),
             low_water,
             orphan_grace: Some(grace),
+            publish_lock: Default::default(),
         },
         metrics.clone(),
     );
@@ -179,5 +180,95 @@ async fn the_agent_loop_releases_blocks_of_gone_nodes_after_the_grace_period_onl
     .await;
     assert_eq!(a.metrics.blocks_released.get(), 2);
     assert!(owners(&shared).values().all(|n| n == "n1"));
+    a.task.abort();
+}
+
+/// Issue 12: a pod asks for an address (`sluice.dev/ip-addrs`) in a block no node
+/// holds. The plugin's IPAM asks the agent over the node-local API (`claim-block`,
+/// the plugin's own client); the agent claims the block in the cluster's store,
+/// publishes it, and the address is allocated. A block another node holds is refused
+/// with code 116 and nothing allocated, and the agent's later polls keep the claimed
+/// block published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_address_in_a_free_block_is_claimed_by_the_agent_over_the_local_api() {
+    use sluice_agent::local_api::{self, LocalApi};
+    use sluice_ipam::config::{BlockSource, IpamSettings};
+    use sluice_ipam::{NodeIpam, cni::AgentClaimer};
+
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("ipam")).unwrap();
+    let (client, shared) = fake_api(
+        &[("n1", "192.168.1.1"), ("n2", "192.168.1.2")],
+        &[("10.250.0.16/29", "n2")],
+    )
+    .await;
+    let mut a = start(client.clone(), d.path(), 2, Duration::from_secs(600));
+    let file = d.path().join("ipam/node-blocks.json");
+    a.rx.wait_for(|s| s.as_ref().is_some_and(|s| s.blocks_of("n1").len() == 1))
+        .await
+        .unwrap();
+
+    // The agent's node-local API, serving claim-block from the same store.
+    let (_ds_tx, ds_rx) = tokio::sync::watch::channel(None);
+    let api = LocalApi::new(ds_rx, a.metrics.clone());
+    let pool = Pool::new("10.250.0.0/24".parse().unwrap(), 29).unwrap();
+    api.set_block_claims(local_api::claims::block_claims(
+        KubeStore::new(client),
+        pool,
+        "n1".into(),
+        file.clone(),
+        BlockSettings::new(d.path().join("ipam")),
+        a.metrics.clone(),
+    ));
+    let socket = d.path().join("run/agent.sock");
+    tokio::spawn(local_api::serve(local_api::bind(&socket).unwrap(), api));
+
+    let ipam = NodeIpam::new(IpamSettings {
+        node: "n1".into(),
+        pool,
+        state_dir: d.path().join("ipam"),
+        source: BlockSource::NodeBlocksFile(file.clone()),
+        routes: vec![],
+    })
+    .with_claimer(Box::new(AgentClaimer { socket }));
+    let ipam = Arc::new(ipam);
+    let add = |c: &'static str, ip: &'static str| {
+        let ipam = ipam.clone();
+        tokio::task::spawn_blocking(move || {
+            ipam.add(
+                &AttachmentKey::new(c, "eth0"),
+                "net",
+                Some(ip.parse().unwrap()),
+            )
+        })
+    };
+
+    let got = add("c1", "10.250.0.42").await.unwrap().unwrap();
+    assert_eq!(got.block.to_string(), "10.250.0.40/29");
+    assert_eq!(owners(&shared)["10.250.0.40/29"], "n1");
+    assert!(published(&file).contains(&got.block));
+
+    let e = add("c2", "10.250.0.18").await.unwrap().unwrap_err();
+    assert_eq!(e.cni_code().code(), 116, "requested address unavailable");
+    assert!(e.to_string().contains("node n2 owns"), "{e}");
+    let state = StateDir::new(d.path().join("ipam")).snapshot().unwrap();
+    assert!(state.lookup(&AttachmentKey::new("c2", "eth0")).is_none());
+    assert_eq!(
+        owners(&shared)["10.250.0.16/29"],
+        "n2",
+        "n2's block untouched"
+    );
+
+    // The agent's own loop sees the claim and keeps publishing it.
+    let snap =
+        a.rx.wait_for(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.blocks_of("n1").contains(&got.block))
+        })
+        .await
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert_eq!(snap.blocks_of("n1"), published(&file));
     a.task.abort();
 }

@@ -34,6 +34,7 @@ fn settings(state: &Path, low_water: u32) -> BlockSettings {
         state_dir: state.to_path_buf(),
         low_water,
         orphan_grace: Some(Duration::from_secs(600)),
+        publish_lock: Default::default(),
     }
 }
 

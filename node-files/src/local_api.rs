@@ -33,6 +33,10 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// The plugin's default deadline for one call (connect + write + read): long enough
 /// for an idle agent on a busy node, short enough that ADD does not feel it.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5);
+/// The plugin's deadline for [`Request::ClaimBlock`]: the agent writes the cluster's
+/// block store (one API request) before answering. Rare (a pod asking for an address
+/// in a block its node does not hold), so it may take what an API write takes.
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Pod annotation: a JSON list holding one IPv4 address, taken from the pool through
 /// IPAM (Calico's `cni.projectcalico.org/ipAddrs`).
@@ -59,6 +63,10 @@ pub enum Request {
     ReportDetachment(Detachment),
     /// The pod's address annotations, from the agent's datastore cache.
     PodAnnotations { namespace: String, name: String },
+    /// A requested address lies in a block this node does not hold: claim that block
+    /// for the node (in a cluster only the agent writes the block store) and publish
+    /// it before answering. Claiming a block the node already holds is a no-op.
+    ClaimBlock { address: Ipv4Addr },
 }
 
 /// One wired attachment, as ADD made it.
@@ -105,6 +113,11 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ip_addrs_no_ipam: Option<String>,
     },
+    /// The block holding the address is this node's now (claimed, or already held)
+    /// and the node-blocks file says so.
+    BlockClaimed { block: String },
+    /// The block holding the address belongs to another node.
+    BlockTaken { block: String, owner: String },
     /// The request was not understood or could not be served.
     Error { message: String },
 }
@@ -334,6 +347,35 @@ mod tests {
         assert_eq!(
             String::from_utf8(encode_response(&ans)).unwrap(),
             "{\"result\":\"annotations\",\"known\":true,\"ipAddrsNoIpam\":\"[\\\"192.0.2.7\\\"]\"}\n"
+        );
+    }
+
+    #[test]
+    fn a_block_claim_and_its_answers_have_the_documented_wire_form() {
+        let req = Request::ClaimBlock {
+            address: "10.244.7.9".parse().unwrap(),
+        };
+        let text = serde_json::to_string(&Envelope {
+            v: VERSION,
+            request: req.clone(),
+        })
+        .unwrap();
+        assert_eq!(text, r#"{"v":1,"op":"claim-block","address":"10.244.7.9"}"#);
+        assert_eq!(decode_request(text.as_bytes()), Ok(req));
+        let taken = Response::BlockTaken {
+            block: "10.244.7.0/24".into(),
+            owner: "node-3".into(),
+        };
+        assert_eq!(
+            String::from_utf8(encode_response(&taken)).unwrap(),
+            "{\"result\":\"block-taken\",\"block\":\"10.244.7.0/24\",\"owner\":\"node-3\"}\n"
+        );
+        let claimed = Response::BlockClaimed {
+            block: "10.244.7.0/24".into(),
+        };
+        assert_eq!(
+            String::from_utf8(encode_response(&claimed)).unwrap(),
+            "{\"result\":\"block-claimed\",\"block\":\"10.244.7.0/24\"}\n"
         );
     }
 

@@ -8,12 +8,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use sluice_ipam::blocks::{ClaimError, Pool, blocks_of, claim_block};
 use sluice_ipam::node_blocks::{self, NodeBlocks};
-use sluice_ipam::store::{BlockClaim, BlockStore};
+use sluice_ipam::store::{BlockClaim, BlockStore, ClaimOutcome};
 
 use super::DatastoreError;
 use crate::metrics::Metrics;
@@ -33,6 +34,10 @@ pub struct BlockSettings {
     pub low_water: u32,
     /// Release a node's blocks once it has been absent this long; `None` disables it.
     pub orphan_grace: Option<Duration>,
+    /// Held while the node's blocks are read from the store and published, by the
+    /// datastore's block poll and by [`claim_requested`]: a poll that read the store
+    /// before a claim must not publish after it and drop the claimed block.
+    pub publish_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl BlockSettings {
@@ -41,8 +46,65 @@ impl BlockSettings {
             state_dir,
             low_water: DEFAULT_LOW_WATER,
             orphan_grace: Some(DEFAULT_ORPHAN_GRACE),
+            publish_lock: Arc::default(),
         }
     }
+}
+
+/// What [`claim_requested`] did with the block of a requested address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestedClaim {
+    /// The block is the node's (claimed now, or held already) and published.
+    Claimed(Ipv4Net),
+    /// Another node holds the block.
+    Taken { block: Ipv4Net, owner: String },
+    /// The address is not in the pool (the plugin checks this first; an agent with
+    /// another pool configuration would disagree).
+    OutsidePool,
+}
+
+/// The node-local API's `claim-block`: the CNI plugin asks for the block holding
+/// `address`, a pod's requested address (issue 12). Claim it for `node` unless it is
+/// held, then publish the node's blocks before answering, so the plugin finds it in
+/// the node-blocks file.
+pub async fn claim_requested<S: BlockStore>(
+    store: &S,
+    pool: &Pool,
+    node: &str,
+    file: &Path,
+    settings: &BlockSettings,
+    address: std::net::Ipv4Addr,
+    metrics: Option<&Metrics>,
+) -> Result<RequestedClaim, DatastoreError> {
+    let Some(block) = pool.block_of(address) else {
+        return Ok(RequestedClaim::OutsidePool);
+    };
+    let _publishing = settings.publish_lock.lock().await;
+    if !blocks_of(store, pool, node).await?.contains(&block) {
+        // The store's claim is atomic across nodes: Taken names whoever won.
+        if store.claim(block, node).await? == ClaimOutcome::Taken {
+            let owner = store
+                .list()
+                .await?
+                .into_iter()
+                .find(|c| c.cidr == block)
+                .map(|c| c.node);
+            match owner {
+                Some(owner) if owner != node => {
+                    return Ok(RequestedClaim::Taken { block, owner });
+                }
+                _ => {}
+            }
+        } else {
+            tracing::info!(%block, %address, node, "claimed block for a requested address");
+            if let Some(m) = metrics {
+                m.blocks_claimed.inc();
+            }
+        }
+    }
+    let own = blocks_of(store, pool, node).await?;
+    publish(file, node, &own)?;
+    Ok(RequestedClaim::Claimed(block))
 }
 
 /// Make sure `node` holds a block and, when its blocks are (nearly) full, one more.

@@ -103,6 +103,7 @@ impl<S: BlockStore + Send + Sync + 'static> KubeDatastore<S> {
     /// Claim a block if we hold none or ours run low, publish ours for the IPAM
     /// plugin, and return our blocks and every claim in the pool.
     async fn blocks(&self) -> Result<(Vec<Ipv4Net>, BTreeMap<Ipv4Net, String>), DatastoreError> {
+        let _publishing = self.settings.publish_lock.lock().await;
         let own = ensure_capacity(
             &self.blocks,
             &self.pool,

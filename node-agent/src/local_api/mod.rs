@@ -12,11 +12,15 @@
 //! report is a new snapshot, which the loop applies at once (without its coalescing
 //! pause: the pod is waiting fail-closed), not at the next poll. [`reports`] decides what a report changes.
 
+pub mod claims;
 pub mod reports;
 
+use std::future::Future;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use sluice_node_files::local_api::{self, MAX_MESSAGE, Request, Response};
@@ -43,6 +47,12 @@ pub enum LocalApiError {
     },
 }
 
+/// Claims the block holding a requested address for this node and publishes it
+/// (`claim-block`); set only where the agent owns the node's blocks (the Kubernetes
+/// datastore, [`claims::block_claims`]).
+pub type BlockClaims =
+    Arc<dyn Fn(Ipv4Addr) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync>;
+
 /// The state the socket and the overlay share.
 pub struct LocalApi {
     reports: Mutex<Reports>,
@@ -50,6 +60,7 @@ pub struct LocalApi {
     /// The datastore's own snapshots (not the overlay's): annotations come from here.
     datastore: SnapshotReceiver,
     metrics: Arc<Metrics>,
+    block_claims: OnceLock<BlockClaims>,
 }
 
 impl LocalApi {
@@ -59,16 +70,30 @@ impl LocalApi {
             wake: Notify::new(),
             datastore,
             metrics,
+            block_claims: OnceLock::new(),
         })
+    }
+
+    /// Serve `claim-block` with `claims` (once; later calls are ignored).
+    pub fn set_block_claims(&self, claims: BlockClaims) {
+        let _ = self.block_claims.set(claims);
     }
 
     fn reports(&self) -> std::sync::MutexGuard<'_, Reports> {
         self.reports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Answer one request (no I/O besides the shared state).
-    pub fn handle(&self, req: Request) -> Response {
+    /// Answer one request: the shared state, or for `claim-block` the block store.
+    pub async fn handle(&self, req: Request) -> Response {
         match req {
+            Request::ClaimBlock { address } => match self.block_claims.get() {
+                Some(claims) => claims(address).await,
+                None => Response::Error {
+                    message: "this agent does not claim blocks: with the directory datastore \
+                              the IPAM plugin claims its node's blocks itself"
+                        .into(),
+                },
+            },
             Request::ReportAttachment(a) => {
                 tracing::info!(pod = %format!("{}/{}", a.namespace, a.name), address = %a.address, no_ipam = a.no_ipam, "attachment reported; enforcing now");
                 self.metrics.local_reports.inc();
@@ -173,7 +198,7 @@ async fn connection(mut stream: UnixStream, api: &LocalApi) -> std::io::Result<(
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
     let resp = match local_api::decode_request(line) {
-        Ok(req) => api.handle(req),
+        Ok(req) => api.handle(req).await,
         Err(message) => Response::Error { message },
     };
     stream.write_all(&local_api::encode_response(&resp)).await?;
@@ -355,14 +380,16 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_request_of_another_version_gets_an_error_answer() {
+    #[tokio::test]
+    async fn a_request_of_another_version_gets_an_error_answer() {
         let (_tx, rx) = tokio::sync::watch::channel(None);
         let api = LocalApi::new(rx, Arc::new(Metrics::new()));
-        let r = api.handle(Request::PodAnnotations {
-            namespace: "a".into(),
-            name: "b".into(),
-        });
+        let r = api
+            .handle(Request::PodAnnotations {
+                namespace: "a".into(),
+                name: "b".into(),
+            })
+            .await;
         assert_eq!(
             r,
             Response::Annotations {
@@ -372,5 +399,14 @@ mod tests {
             }
         );
         assert!(local_api::decode_request(br#"{"v":9,"op":"pod-annotations"}"#).is_err());
+        // Without the Kubernetes datastore nobody claims blocks: a clear refusal.
+        let r = api
+            .handle(Request::ClaimBlock {
+                address: "10.244.0.9".parse().unwrap(),
+            })
+            .await;
+        assert!(
+            matches!(r, Response::Error { message } if message.contains("claims its node's blocks itself"))
+        );
     }
 }
