@@ -1,6 +1,7 @@
 //! Root: the plugin and the node-local API. ADD succeeds with no agent and with an
 //! agent that never answers; with an agent, ADD reports the attachment and DEL its
-//! removal; the pod's `sluice.dev/ip-addrs-no-ipam` address is used as given; a bad
+//! removal; the pod's `sluice.dev/ip-addrs-no-ipam` address is used as given (and
+//! CHECK passes on it, IPAM holding nothing for it); a bad
 //! annotation (malformed, two addresses, both annotations) is code 130 and a no-IPAM
 //! address the node already uses is code 131, each leaving nothing behind.
 
@@ -175,6 +176,13 @@ fn annotations_through_the_agent_give_the_no_ipam_address_and_bad_ones_leave_not
             agent.reports().last(),
             Some(Request::ReportAttachment(a)) if a.no_ipam && a.address.to_string() == "192.0.2.7"
         ));
+        // CHECK of the no-IPAM pod: IPAM holds nothing for it, and that is right.
+        let mut check_conf = conf.clone();
+        check_conf["prevResult"] = r.clone();
+        Call::new("CHECK", "ctr-pinned", Some(pinned.path()), &check_conf)
+            .k8s("prod", "pinned")
+            .run(&bins)
+            .assert_silent_ok();
 
         // Bad requests: their code, and nothing left (no link, no route, no address).
         let before_links = links();

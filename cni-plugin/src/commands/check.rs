@@ -1,5 +1,5 @@
 //! CHECK: compare the kernel with what ADD made (interface, addresses, routes,
-//! sysctls), after the IPAM plugin's own CHECK. Any difference is an error listing
+//! sysctls), after the IPAM plugin's own CHECK (skipped for a no-IPAM address). Any difference is an error listing
 //! every one found.
 
 use std::path::Path;
@@ -8,12 +8,14 @@ use sluice_cni::delegate;
 use sluice_cni::protocol::{CniError, CniResult, Command, ErrorCode};
 
 use super::Ctx;
+use crate::agent_api;
 use crate::error::PluginError;
 use crate::netns::Netns;
 use crate::sysctl;
 use crate::wiring::{self, HostView, Plan, PodView};
 use sluice_cni::veth::PRIMARY_IFNAME;
 use sluice_netlink::Netlink;
+use sluice_node_files::local_api::RequestedAddress;
 
 pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     let prev = ctx.conf.prev_result.as_ref().ok_or_else(|| {
@@ -23,10 +25,6 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
         )
     })?;
     let prev = CniResult::parse(prev)?;
-    if let Some(path) = ctx.ipam_path()? {
-        let conf = delegate::config_for(&path, ctx.conf)?;
-        delegate::ipam_verb(&path, Command::Check, &conf)?;
-    }
     // The address ADD reported for our pod interface.
     let pod_index = prev.interfaces.iter().position(|i| {
         i.name == ctx.env.ifname() && i.sandbox.as_deref().is_some_and(|s| !s.is_empty())
@@ -45,6 +43,18 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
                 ctx.env.ifname()
             )])
         })?;
+    // IPAM's own CHECK, unless the address is the pod's no-IPAM one (ADD used it as
+    // given and IPAM holds nothing for it). Only the agent knows the annotation; when
+    // it cannot say, IPAM's CHECK runs and reports what it holds.
+    // An annotation changed since ADD into something malformed is not CHECK's error.
+    let no_ipam = matches!(
+        agent_api::requested_address(ctx).ok().flatten(),
+        Some(RequestedAddress::NoIpam(a)) if a == address.addr()
+    );
+    if let Some(path) = ctx.ipam_path()?.filter(|_| !no_ipam) {
+        let conf = delegate::config_for(&path, ctx.conf)?;
+        delegate::ipam_verb(&path, Command::Check, &conf)?;
+    }
 
     let netns = Netns::open(ctx.env.netns.as_deref().unwrap_or(Path::new("")))?;
     let mut host = Netlink::open()?;
