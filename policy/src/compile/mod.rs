@@ -27,11 +27,12 @@
 //!                  --dport 80 -j MARK --set-xmark 0x10000/0x10000`.
 //! ```
 //!
-//! ClusterNetworkPolicy is not compiled by this (iptables) form yet: it ignores
-//! them, except that a rejected one holds the pods it selects, like a rejected
-//! NetworkPolicy. The nftables form ([`flat`]) compiles both tiers; here the plan is
-//! ordered chains ahead of the NetworkPolicy part and Baseline after it, a linear
-//! walk in rule count (docs/known-gaps.md).
+//! ClusterNetworkPolicy ([`tiers`]): a pod's chain starts with a jump to its Admin
+//! tier's group chain (an Accept returns at once, allowed; a Deny drops; a Pass or
+//! no match goes on), and a pod no NetworkPolicy isolates in that direction ends
+//! with its Baseline tier's group chain instead of nothing. The tiers are ordered
+//! chains, walked in rule count; the nftables form ([`flat`]) keeps the order in
+//! set contents instead.
 //!
 //! Decisions, and why:
 //! - Rule count is O(policies selecting local pods + local pods): peers are ipsets, so
