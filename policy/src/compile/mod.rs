@@ -22,6 +22,9 @@
 //! SLUICE-TW-<veth> (isolated pod): -j SLUICE-PI-<policy>; mark? RETURN; ...; DROP
 //! SLUICE-TW-<veth> (not isolated): empty, so the pod's dispatch rule never changes
 //!                  when it becomes isolated: only its own chain is rewritten.
+//!                  ClusterNetworkPolicy ([`tiers`]) adds `-j SLUICE-CGI-<Admin
+//!                  group>; mark? RETURN` in front, and (not isolated) `-j
+//!                  SLUICE-CGI-<Baseline group>` in place of nothing.
 //! SLUICE-PI-<policy>: one rule per (peer, port) of each ingress rule, each setting
 //!                  the allow mark: `-m set --match-set SLUICE-P-… src -p tcp
 //!                  --dport 80 -j MARK --set-xmark 0x10000/0x10000`.
