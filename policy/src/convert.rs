@@ -839,10 +839,8 @@ fn cluster_peer(
     } else {
         "namespaces, pods, nodes, networks, domainNames"
     };
-    let egress_only = foreign > 0
-        || raw.nodes.is_some()
-        || raw.networks.is_some()
-        || raw.domain_names.is_some();
+    let egress_only =
+        foreign > 0 || raw.nodes.is_some() || raw.networks.is_some() || raw.domain_names.is_some();
     if count != 1 || (ingress && egress_only) {
         return Err(cnp_error(field, E::PeerForms { allowed, count }));
     }
@@ -1016,7 +1014,9 @@ impl From<wire::ClusterNetworkPolicyEgressRule> for RuleParts {
         RuleParts {
             name: r.name,
             action: r.action,
-            peers: r.to.map(|peers| peers.into_iter().map(|p| (p, 0)).collect()),
+            peers: r
+                .to
+                .map(|peers| peers.into_iter().map(|p| (p, 0)).collect()),
             protocols: r.protocols,
             other_direction: r.foreign.contains_key("from"),
         }

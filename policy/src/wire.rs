@@ -65,7 +65,7 @@ pub struct ClusterNetworkPolicySpec {
     #[schemars(extend("enum" = ["Admin", "Baseline"]))]
     pub tier: String,
     /// 0 to 1000; lower values are evaluated first within a tier.
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(extend("minimum" = 0, "maximum" = 1000))]
     pub priority: i32,
     /// The pods the policy applies to (never host-networked ones).
     pub subject: ClusterNetworkPolicySubject,
@@ -101,7 +101,7 @@ pub struct NamespacedPod {
     /// Required upstream; `{}` selects every pod. (An `Option` so that a missing one
     /// is a named error rather than a serde message.)
     #[schemars(required)]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
 }
 
@@ -116,7 +116,7 @@ pub struct ClusterNetworkPolicyIngressRule {
     #[schemars(extend("enum" = ["Accept", "Deny", "Pass"]))]
     pub action: String,
     /// Sources; 1 to 25, any of which matches.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(required, length(min = 1, max = 25))]
     pub from: Option<Vec<ClusterNetworkPolicyIngressPeer>>,
     /// Destination ports; missing matches every port of every protocol.
@@ -150,7 +150,7 @@ pub struct ClusterNetworkPolicyEgressRule {
     #[schemars(extend("enum" = ["Accept", "Deny", "Pass"]))]
     pub action: String,
     /// Destinations; 1 to 25, any of which matches.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(required, length(min = 1, max = 25))]
     pub to: Option<Vec<ClusterNetworkPolicyEgressPeer>>,
     /// Destination ports; missing matches every port of every protocol.
@@ -198,8 +198,8 @@ pub struct ClusterNetworkPolicyEgressPeer {
         extend("x-kubernetes-list-type" = "set")
     )]
     pub networks: Option<Vec<Cidr>>,
-    /// 1 to 25 domain names, optionally `*.`-prefixed (experimental upstream; sluice
-    /// does not implement it and says so in the policy's status).
+    /// 1 to 25 domain names, optionally `*.`-prefixed, only in Accept rules
+    /// (experimental upstream; sluice does not implement it: it matches nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 25),
@@ -250,7 +250,7 @@ pub struct ProtocolPort {
 #[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
 pub struct Port {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(extend("minimum" = 1, "maximum" = 65535))]
     pub number: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub range: Option<PortRange>,
@@ -262,9 +262,9 @@ pub struct Port {
     {"rule": "self.start < self.end", "message": "start must be less than end"}
 ]))]
 pub struct PortRange {
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(extend("minimum" = 1, "maximum" = 65535))]
     pub start: i32,
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(extend("minimum" = 1, "maximum" = 65535))]
     pub end: i32,
 }
 
@@ -294,7 +294,7 @@ pub struct Condition {
     pub status: String,
     /// The `metadata.generation` the condition was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(extend("minimum" = 0))]
     pub observed_generation: Option<i64>,
     /// RFC 3339.
     #[schemars(extend("format" = "date-time"))]
