@@ -55,6 +55,9 @@ pub struct HealthView {
     pub datastore: Option<String>,
     /// The policy dataplane and why (`dataplane nftables (auto: …)`).
     pub dataplane: Option<String>,
+    /// The datastore's notes, which do not affect readiness (e.g. the
+    /// ClusterNetworkPolicy CRD is not installed).
+    pub datastore_notes: Vec<String>,
 }
 
 impl HealthView {
@@ -136,6 +139,11 @@ impl Health {
             consecutive_failures: i.consecutive_failures,
             last_error: i.last_error,
             datastore: self.datastore.as_ref().and_then(|d| d.problem()),
+            datastore_notes: self
+                .datastore
+                .as_ref()
+                .map(|d| d.notes())
+                .unwrap_or_default(),
             dataplane: self
                 .dataplane
                 .lock()
@@ -185,6 +193,9 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     }
     if let Some(d) = &v.dataplane {
         body.push_str(&format!("{d}\n"));
+    }
+    for n in &v.datastore_notes {
+        body.push_str(&format!("{n}\n"));
     }
     let code = if v.serving_ready() {
         StatusCode::OK

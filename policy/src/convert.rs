@@ -18,6 +18,7 @@ use crate::model::{
     PolicyType, PolicyTypes, PortMatch, Ports, Protocol, Rule, Subject, Tier,
 };
 use crate::selector::{LabelSelector, Operator, Requirement};
+use crate::wire::{self, MAX_ITEMS};
 
 /// Why one object could not be converted. The caller adds which source and object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -272,24 +273,7 @@ pub fn node(object: &serde_json::Value) -> Result<Node, ConvertError> {
 
 // ---------------------------------------------------------------- NetworkPolicy
 
-#[derive(Deserialize)]
-struct RawRequirement {
-    key: String,
-    operator: String,
-    #[serde(default)]
-    values: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawSelector {
-    #[serde(default)]
-    match_labels: Option<Labels>,
-    #[serde(default)]
-    match_expressions: Option<Vec<RawRequirement>>,
-}
-
-fn selector(field: &str, raw: RawSelector) -> Result<LabelSelector, ConvertError> {
+fn selector(field: &str, raw: wire::LabelSelector) -> Result<LabelSelector, ConvertError> {
     let mut match_expressions = Vec::new();
     for (i, r) in raw
         .match_expressions
@@ -340,9 +324,9 @@ struct RawIpBlock {
 #[serde(rename_all = "camelCase")]
 struct RawPeer {
     #[serde(default)]
-    pod_selector: Option<RawSelector>,
+    pod_selector: Option<wire::LabelSelector>,
     #[serde(default)]
-    namespace_selector: Option<RawSelector>,
+    namespace_selector: Option<wire::LabelSelector>,
     #[serde(default)]
     ip_block: Option<RawIpBlock>,
 }
@@ -522,7 +506,7 @@ pub fn network_policy(object: &serde_json::Value) -> Result<NetworkPolicy, Conve
     #[serde(rename_all = "camelCase")]
     struct RawSpec {
         #[serde(default)]
-        pod_selector: Option<RawSelector>,
+        pod_selector: Option<wire::LabelSelector>,
         #[serde(default)]
         ingress: Option<Vec<RawRule>>,
         #[serde(default)]
@@ -797,82 +781,9 @@ fn cnp_error(field: impl Into<String>, error: ClusterPolicyError) -> ConvertErro
     }
 }
 
-const MAX_ITEMS: usize = 25;
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawNamespacedPod {
-    #[serde(default)]
-    namespace_selector: Option<RawSelector>,
-    #[serde(default)]
-    pod_selector: Option<RawSelector>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawClusterPeer {
-    #[serde(default)]
-    namespaces: Option<RawSelector>,
-    #[serde(default)]
-    pods: Option<RawNamespacedPod>,
-    #[serde(default)]
-    nodes: Option<RawSelector>,
-    #[serde(default)]
-    networks: Option<Vec<String>>,
-    #[serde(default)]
-    domain_names: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-struct RawPortSpec {
-    #[serde(default)]
-    number: Option<i64>,
-    #[serde(default)]
-    range: Option<RawRange>,
-}
-
-#[derive(Deserialize)]
-struct RawRange {
-    start: i64,
-    end: i64,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawProtocolPort {
-    #[serde(default)]
-    destination_port: Option<RawPortSpec>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawClusterProtocol {
-    #[serde(default)]
-    tcp: Option<RawProtocolPort>,
-    #[serde(default)]
-    udp: Option<RawProtocolPort>,
-    #[serde(default)]
-    sctp: Option<RawProtocolPort>,
-    #[serde(default)]
-    destination_named_port: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct RawClusterRule {
-    #[serde(default)]
-    name: Option<String>,
-    action: String,
-    #[serde(default)]
-    from: Option<Vec<RawClusterPeer>>,
-    #[serde(default)]
-    to: Option<Vec<RawClusterPeer>>,
-    #[serde(default)]
-    protocols: Option<Vec<RawClusterProtocol>>,
-}
-
 fn namespaced_pod(
     field: &str,
-    raw: RawNamespacedPod,
+    raw: wire::NamespacedPod,
 ) -> Result<(LabelSelector, LabelSelector), ConvertError> {
     let namespaces = match raw.namespace_selector {
         None => LabelSelector::everything(),
@@ -885,10 +796,30 @@ fn namespaced_pod(
     Ok((namespaces, pods))
 }
 
+/// The egress-only peer forms, by their wire names.
+const EGRESS_ONLY_PEERS: [&str; 3] = ["nodes", "networks", "domainNames"];
+
+/// An ingress peer as the egress peer it is a subset of, and how many egress-only
+/// forms were written in it anyway (they are not in its wire type).
+fn ingress_peer(
+    raw: wire::ClusterNetworkPolicyIngressPeer,
+) -> (wire::ClusterNetworkPolicyEgressPeer, usize) {
+    let foreign = EGRESS_ONLY_PEERS
+        .iter()
+        .filter(|k| raw.foreign.contains_key(**k))
+        .count();
+    let peer = wire::ClusterNetworkPolicyEgressPeer {
+        namespaces: raw.namespaces,
+        pods: raw.pods,
+        ..Default::default()
+    };
+    (peer, foreign)
+}
+
 fn cluster_peer(
     field: &str,
     ingress: bool,
-    raw: RawClusterPeer,
+    (raw, foreign): (wire::ClusterNetworkPolicyEgressPeer, usize),
     not_implemented: &mut Vec<String>,
 ) -> Result<ClusterPeer, ConvertError> {
     use ClusterPolicyError as E;
@@ -901,13 +832,15 @@ fn cluster_peer(
     ]
     .iter()
     .filter(|b| **b)
-    .count();
+    .count()
+        + foreign;
     let allowed = if ingress {
         "namespaces, pods"
     } else {
         "namespaces, pods, nodes, networks, domainNames"
     };
-    let egress_only = raw.nodes.is_some() || raw.networks.is_some() || raw.domain_names.is_some();
+    let egress_only =
+        foreign > 0 || raw.nodes.is_some() || raw.networks.is_some() || raw.domain_names.is_some();
     if count != 1 || (ingress && egress_only) {
         return Err(cnp_error(field, E::PeerForms { allowed, count }));
     }
@@ -930,7 +863,7 @@ fn cluster_peer(
             return Err(cnp_error(f, E::NetworksCount(nets.len())));
         }
         let mut out = Vec::new();
-        for (i, n) in nets.iter().enumerate() {
+        for (i, wire::Cidr(n)) in nets.iter().enumerate() {
             let net = n
                 .parse::<IpNet>()
                 .map_err(|_| cnp_error(format!("{f}[{i}]"), E::BadCidr(n.clone())))?;
@@ -972,16 +905,16 @@ fn is_domain_name(name: &str) -> bool {
         })
 }
 
-fn cluster_port(field: &str, raw: Option<RawProtocolPort>) -> Result<PortMatch, ConvertError> {
+fn cluster_port(field: &str, raw: Option<wire::ProtocolPort>) -> Result<PortMatch, ConvertError> {
     use ClusterPolicyError as E;
     let Some(spec) = raw.and_then(|r| r.destination_port) else {
         return Ok(PortMatch::All);
     };
-    let number = |n: i64| {
+    let number = |n: i32| {
         u16::try_from(n)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| cnp_error(field, E::PortOutOfRange(n)))
+            .ok_or_else(|| cnp_error(field, E::PortOutOfRange(i64::from(n))))
     };
     match (spec.number, spec.range) {
         (Some(n), None) => {
@@ -994,8 +927,8 @@ fn cluster_port(field: &str, raw: Option<RawProtocolPort>) -> Result<PortMatch, 
                 return Err(cnp_error(
                     field,
                     E::PortRangeOrder {
-                        start: r.start,
-                        end: r.end,
+                        start: i64::from(r.start),
+                        end: i64::from(r.end),
                     },
                 ));
             }
@@ -1005,7 +938,10 @@ fn cluster_port(field: &str, raw: Option<RawProtocolPort>) -> Result<PortMatch, 
     }
 }
 
-fn cluster_protocol(field: &str, raw: RawClusterProtocol) -> Result<Vec<PolicyPort>, ConvertError> {
+fn cluster_protocol(
+    field: &str,
+    raw: wire::ClusterNetworkPolicyProtocol,
+) -> Result<Vec<PolicyPort>, ConvertError> {
     use ClusterPolicyError as E;
     let numbered = [raw.tcp.is_some(), raw.udp.is_some(), raw.sctp.is_some()]
         .iter()
@@ -1047,10 +983,50 @@ fn cluster_protocol(field: &str, raw: RawClusterProtocol) -> Result<Vec<PolicyPo
     Ok(vec![PolicyPort { protocol, port }])
 }
 
+/// A rule of either direction, as [`cluster_rule`] reads it.
+struct RuleParts {
+    name: Option<String>,
+    action: String,
+    /// `from` of an ingress rule or `to` of an egress rule, each peer with its count
+    /// of egress-only forms written into an ingress peer.
+    peers: Option<Vec<(wire::ClusterNetworkPolicyEgressPeer, usize)>>,
+    protocols: Option<Vec<wire::ClusterNetworkPolicyProtocol>>,
+    /// The other direction's peer list was written too (`to` in an ingress rule).
+    other_direction: bool,
+}
+
+impl From<wire::ClusterNetworkPolicyIngressRule> for RuleParts {
+    fn from(r: wire::ClusterNetworkPolicyIngressRule) -> Self {
+        RuleParts {
+            name: r.name,
+            action: r.action,
+            peers: r
+                .from
+                .map(|peers| peers.into_iter().map(ingress_peer).collect()),
+            protocols: r.protocols,
+            other_direction: r.foreign.contains_key("to"),
+        }
+    }
+}
+
+impl From<wire::ClusterNetworkPolicyEgressRule> for RuleParts {
+    fn from(r: wire::ClusterNetworkPolicyEgressRule) -> Self {
+        RuleParts {
+            name: r.name,
+            action: r.action,
+            peers: r
+                .to
+                .map(|peers| peers.into_iter().map(|p| (p, 0)).collect()),
+            protocols: r.protocols,
+            other_direction: r.foreign.contains_key("from"),
+        }
+    }
+}
+
 fn cluster_rule(
     field: &str,
     ingress: bool,
-    raw: RawClusterRule,
+    raw: RuleParts,
     not_implemented: &mut Vec<String>,
 ) -> Result<ClusterRule, ConvertError> {
     use ClusterPolicyError as E;
@@ -1073,12 +1049,9 @@ fn cluster_rule(
             ));
         }
     };
-    let (key, peers_raw, other) = if ingress {
-        ("from", raw.from, raw.to)
-    } else {
-        ("to", raw.to, raw.from)
-    };
-    if other.is_some() {
+    let key = if ingress { "from" } else { "to" };
+    let peers_raw = raw.peers;
+    if raw.other_direction {
         return Err(invalid(
             field,
             format!(
@@ -1158,23 +1131,6 @@ pub fn cluster_network_policy(
 ) -> Result<ClusterNetworkPolicy, ConvertError> {
     use ClusterPolicyError as E;
     #[derive(Deserialize)]
-    struct RawSubject {
-        #[serde(default)]
-        namespaces: Option<RawSelector>,
-        #[serde(default)]
-        pods: Option<RawNamespacedPod>,
-    }
-    #[derive(Deserialize)]
-    struct RawSpec {
-        tier: String,
-        priority: i64,
-        subject: RawSubject,
-        #[serde(default)]
-        ingress: Option<Vec<RawClusterRule>>,
-        #[serde(default)]
-        egress: Option<Vec<RawClusterRule>>,
-    }
-    #[derive(Deserialize)]
     struct Raw {
         #[serde(default)]
         metadata: ObjectMeta,
@@ -1182,7 +1138,7 @@ pub fn cluster_network_policy(
     }
     let raw: Raw = parse(object)?;
     let name = name_of(&raw.metadata)?;
-    let spec: RawSpec = match &raw.spec {
+    let spec: wire::ClusterNetworkPolicySpec = match &raw.spec {
         None => return Err(ConvertError::Shape("spec is missing".into())),
         Some(s) => parse(s)?,
     };
@@ -1194,7 +1150,12 @@ pub fn cluster_network_policy(
     let priority = u16::try_from(spec.priority)
         .ok()
         .filter(|p| *p <= 1000)
-        .ok_or_else(|| cnp_error("spec.priority", E::PriorityOutOfRange(spec.priority)))?;
+        .ok_or_else(|| {
+            cnp_error(
+                "spec.priority",
+                E::PriorityOutOfRange(i64::from(spec.priority)),
+            )
+        })?;
     let subject = match (spec.subject.namespaces, spec.subject.pods) {
         (Some(ns), None) => Subject::Namespaces(selector("spec.subject.namespaces", ns)?),
         (None, Some(p)) => {
@@ -1207,7 +1168,7 @@ pub fn cluster_network_policy(
         }
     };
     let mut not_implemented = Vec::new();
-    let mut rules = |ingress: bool, list: Option<Vec<RawClusterRule>>| {
+    let mut rules = |ingress: bool, list: Option<Vec<RuleParts>>| {
         let direction = if ingress { "ingress" } else { "egress" };
         let list = list.unwrap_or_default();
         if list.len() > MAX_ITEMS {
@@ -1231,8 +1192,16 @@ pub fn cluster_network_policy(
             })
             .collect::<Result<Vec<_>, _>>()
     };
-    let ingress = rules(true, spec.ingress)?;
-    let egress = rules(false, spec.egress)?;
+    let ingress = rules(
+        true,
+        spec.ingress
+            .map(|l| l.into_iter().map(RuleParts::from).collect()),
+    )?;
+    let egress = rules(
+        false,
+        spec.egress
+            .map(|l| l.into_iter().map(RuleParts::from).collect()),
+    )?;
     Ok(ClusterNetworkPolicy {
         name,
         tier,

@@ -14,6 +14,8 @@
 //! - [`manifest`] + [`convert`]: kubectl-shaped YAML/JSON text → model objects; the
 //!   one manifest reader of sluice (CLI, lab and agent), lenient or strict.
 //! - [`evaluate`]: the reference evaluator (probe → verdict + reason).
+//! - [`wire`]: the ClusterNetworkPolicy API's wire types, which the reader parses and
+//!   the agent's CRD is generated from.
 //!
 //! ```
 //! use sluice_policy::{Protocol, Verdict, evaluate::Probe, evaluate, parse_documents};
@@ -51,6 +53,7 @@ pub mod evaluate;
 pub mod manifest;
 pub mod model;
 pub mod selector;
+pub mod wire;
 
 // The dataplane half: rule model, compiler, renderers, planner and the in-process
 // classifier.

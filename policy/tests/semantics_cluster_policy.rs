@@ -330,6 +330,17 @@ fn every_validation_rule_is_a_named_error_and_holds_the_subject_fail_closed() {
                 "Admin",
                 1,
                 &format!(
+                    "{subject}  ingress:\n  - {{action: Deny, from: [{{namespaces: {{}}, nodes: {{}}}}]}}\n"
+                ),
+            ),
+            |e| matches!(e, E::PeerForms { count: 2, .. }),
+        ),
+        (
+            cnp(
+                "p",
+                "Admin",
+                1,
+                &format!(
                     "{subject}  ingress:\n  - {{action: Deny, from: [{{namespaces: {{}}}}], protocols: [{{tcp: {{destinationPort: {{number: 80}}}}, destinationNamedPort: http}}]}}\n"
                 ),
             ),

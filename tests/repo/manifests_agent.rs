@@ -409,6 +409,11 @@ const WATCHED_KINDS: &[(&str, &str, &str)] = &[
     ("Pod", "", "pods"),
     ("Namespace", "", "namespaces"),
     ("NetworkPolicy", "networking.k8s.io", "networkpolicies"),
+    (
+        "ClusterNetworkPolicy",
+        "policy.networking.k8s.io",
+        "clusternetworkpolicies",
+    ),
     ("IPAMBlock", "sluice.dev", "ipamblocks"),
 ];
 
@@ -602,6 +607,24 @@ fn the_crd_matches_the_ipam_block_type() {
         schema(crd),
         schema(&generated),
         "spec fields of the YAML CRD vs the Rust type"
+    );
+}
+
+/// The bundle installs the ClusterNetworkPolicy CRD the agent watches, as its type
+/// generates it (node-agent/tests/cnp_kube_datastore.rs checks the file itself).
+#[test]
+fn the_crd_matches_the_cluster_network_policy_type() {
+    use kube::{CustomResourceExt, Resource};
+    use sluice_agent::datastore::cluster_network_policy::ClusterNetworkPolicy;
+    let bundle = Bundle::load();
+    let crd = bundle
+        .crds()
+        .find(|c| c.spec.group == ClusterNetworkPolicy::group(&()))
+        .expect("the bundle installs the ClusterNetworkPolicy CRD");
+    assert_eq!(
+        serde_json::to_value(crd).unwrap(),
+        serde_json::to_value(ClusterNetworkPolicy::crd()).unwrap(),
+        "run SLUICE_WRITE_CRD=1 cargo test -p sluice-agent --test cnp_kube_datastore, then make manifests"
     );
 }
 

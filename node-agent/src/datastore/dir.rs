@@ -271,6 +271,35 @@ mod tests {
         task.abort();
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_network_policies_in_the_directory_reach_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, b) = (dir.path().join("m"), dir.path().join("b"));
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(
+            m.join("cnp.yaml"),
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: block-metadata}\n\
+             spec: {tier: Admin, priority: 0, subject: {namespaces: {}}, egress: [{action: Deny, to: [{networks: [169.254.169.254/32]}]}]}\n\
+             ---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: broken}\n\
+             spec: {tier: Admin, priority: 1001, subject: {namespaces: {matchLabels: {tenant: a}}}}\n",
+        )
+        .unwrap();
+        let pool = Pool::new("10.244.0.0/16".parse().unwrap(), 24).unwrap();
+        let ds = DirDatastore::new(m, b, pool, "n1".into(), Duration::from_millis(20));
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
+        let task = tokio::spawn(ds.run(tx));
+        let s = next(&mut rx).await;
+        assert!(s.cluster.cluster_policies.contains_key("block-metadata"));
+        // A broken one holds its subject, as a broken NetworkPolicy does.
+        assert!(
+            s.cluster
+                .rejected_policies
+                .contains_key(&NamespacedName::cluster_scoped("broken"))
+        );
+        task.abort();
+    }
+
     #[test]
     fn list_and_managed_fields_are_handled() {
         let objs = parse_manifest_text(

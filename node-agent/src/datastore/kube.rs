@@ -1,8 +1,13 @@
 //! The Kubernetes datastore: one reflector per kind (Nodes, Pods, Namespaces,
-//! NetworkPolicies) with managed fields stripped before they are stored, a change
-//! signal that coalesces bursts into one snapshot, and the node's block claimed
-//! through the ipam crate's Kubernetes store and published to the node-blocks file
-//! the IPAM plugin reads.
+//! NetworkPolicies, ClusterNetworkPolicies) with managed fields stripped before they
+//! are stored, a change signal that coalesces bursts into one snapshot, and the node's
+//! block claimed through the ipam crate's Kubernetes store and published to the
+//! node-blocks file the IPAM plugin reads.
+//!
+//! The ClusterNetworkPolicy CRD is optional: while the API answers 404 for it, the
+//! agent runs with no ClusterNetworkPolicies, says so once in its log and in
+//! `/readyz` (a note, not a failure), and its reflector's backoff keeps listing, so
+//! policies apply as soon as the CRD is installed.
 //!
 //! Every object is serialized to JSON and converted by [`super::objects`], the same
 //! path the directory datastore takes.
@@ -10,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -30,6 +36,7 @@ use super::block_lifecycle::{
 };
 use crate::metrics::Metrics;
 
+use super::cluster_network_policy::ClusterNetworkPolicy;
 use super::objects::convert;
 use super::{Datastore, DatastoreError, DatastoreHealth, Snapshot, SnapshotSender};
 
@@ -125,9 +132,93 @@ impl<S: BlockStore + Send + Sync + 'static> KubeDatastore<S> {
     }
 }
 
+/// What `/readyz` says while the ClusterNetworkPolicy CRD is missing.
+pub const CRD_NOT_INSTALLED: &str = "CRD clusternetworkpolicies.policy.networking.k8s.io is not installed (404): no ClusterNetworkPolicies apply; looking again periodically";
+
 /// Start a reflector for `K`; every event pokes `changed`, and failures and
 /// recoveries go to `health`.
 fn reflect<K>(api: Api<K>, changed: Arc<Notify>, health: Arc<DatastoreHealth>) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    spawn_reflector(api, changed, health, None)
+}
+
+/// A kind whose CRD may be missing, watched anyway.
+struct OptionalKind<K: Resource + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store: Store<K>,
+    /// The last list answered 404: the kind does not exist, so none of its objects
+    /// apply (whatever the store still holds from before the CRD was deleted).
+    missing: Arc<AtomicBool>,
+    /// Poked when a list answers 404, so start-up need not wait for a first list
+    /// that cannot succeed.
+    found_missing: Arc<Notify>,
+}
+
+impl<K> OptionalKind<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    /// The objects, none while the CRD is missing.
+    fn state(&self) -> Vec<Arc<K>> {
+        if self.missing.load(Ordering::SeqCst) {
+            Vec::new()
+        } else {
+            self.store.state()
+        }
+    }
+}
+
+/// Like [`reflect`], for a kind whose CRD may not be installed: a 404 is recorded as
+/// a note in `health` (logged once), not a failure, and the watcher's backoff keeps
+/// listing, which is the periodic rediscovery.
+fn optional_reflect<K>(
+    api: Api<K>,
+    changed: Arc<Notify>,
+    health: Arc<DatastoreHealth>,
+) -> OptionalKind<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    let missing = Arc::new(AtomicBool::new(false));
+    let found_missing = Arc::new(Notify::new());
+    let store = spawn_reflector(
+        api,
+        changed,
+        health,
+        Some((missing.clone(), found_missing.clone())),
+    );
+    OptionalKind {
+        store,
+        missing,
+        found_missing,
+    }
+}
+
+/// Whether a watch error is the API server saying the resource does not exist.
+fn not_found(e: &watcher::Error) -> bool {
+    let api = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s,
+        watcher::Error::WatchError(s) => s,
+        _ => return false,
+    };
+    api.code == 404
+}
+
+fn spawn_reflector<K>(
+    api: Api<K>,
+    changed: Arc<Notify>,
+    health: Arc<DatastoreHealth>,
+    optional: Option<(Arc<AtomicBool>, Arc<Notify>)>,
+) -> Store<K>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Default,
@@ -148,7 +239,24 @@ where
                     None => break,
                     Some(Ok(_)) => {
                         health.ok(kind);
+                        if let Some((missing, _)) = &optional
+                            && missing.swap(false, Ordering::SeqCst)
+                        {
+                            tracing::info!(kind, "the CRD is installed now; watching it");
+                            health.note(kind, None);
+                        }
                         changed.notify_one()
+                    }
+                    Some(Err(e)) if optional.is_some() && not_found(&e) => {
+                        let (missing, found_missing) = optional.as_ref().expect("checked");
+                        if !missing.swap(true, Ordering::SeqCst) {
+                            tracing::warn!(kind, "{CRD_NOT_INSTALLED}");
+                            health.note(kind, Some(CRD_NOT_INSTALLED.to_string()));
+                            changed.notify_one();
+                        }
+                        // A missing CRD is a fact about the cluster, not an outage.
+                        health.ok(kind);
+                        found_missing.notify_one();
                     }
                     // The backoff retries; the store keeps its last content meanwhile,
                     // so an API outage freezes the snapshot rather than emptying it.
@@ -169,7 +277,7 @@ where
     reader
 }
 
-/// `K`'s kind as a static name (the five kinds watched here).
+/// `K`'s kind as a static name (the six kinds watched here).
 fn kind_name<K: Resource>() -> &'static str
 where
     K::DynamicType: Default,
@@ -179,6 +287,7 @@ where
         "Pod" => "Pod",
         "Namespace" => "Namespace",
         "NetworkPolicy" => "NetworkPolicy",
+        "ClusterNetworkPolicy" => "ClusterNetworkPolicy",
         "IPAMBlock" => "IPAMBlock",
         _ => "object",
     }
@@ -215,6 +324,11 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
             changed.clone(),
             h(),
         );
+        let cluster_policies = optional_reflect(
+            Api::<ClusterNetworkPolicy>::all(self.client.clone()),
+            changed.clone(),
+            h(),
+        );
         // Block claims are read through the ipam store (one reading of the CRD);
         // the reflector only says when to read them again.
         let blocks_changed = Arc::new(Notify::new());
@@ -234,6 +348,18 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                 kind,
                 reason: e.to_string(),
             })?;
+        }
+        // The first snapshot must hold the ClusterNetworkPolicies if there are any:
+        // one without them would drop the Admin tier's denies until the next. So wait
+        // for their first list, unless the API says the kind does not exist.
+        tokio::select! {
+            ready = cluster_policies.store.wait_until_ready() => {
+                ready.map_err(|e| DatastoreError::Watch {
+                    kind: "ClusterNetworkPolicy",
+                    reason: e.to_string(),
+                })?;
+            }
+            _ = cluster_policies.found_missing.notified() => {}
         }
         tracing::info!("initial list of every kind complete");
 
@@ -306,6 +432,7 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                 objects.extend(to_json(&namespaces.state()));
                 objects.extend(to_json(&pods.state()));
                 objects.extend(to_json(&policies.state()));
+                objects.extend(to_json(&cluster_policies.state()));
                 let conv = convert(&objects);
                 let snap = Snapshot {
                     cluster: conv.cluster,
@@ -318,7 +445,7 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                         tracing::warn!(object = %s, "API object skipped");
                     }
                     for r in &conv.rejected {
-                        tracing::error!(object = %r, "NetworkPolicy rejected; the pods it selects are held fail-closed");
+                        tracing::error!(object = %r, "policy rejected; the pods it selects are held fail-closed");
                     }
                     let snap = Arc::new(snap);
                     last = Some(snap.clone());

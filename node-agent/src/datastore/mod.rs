@@ -12,6 +12,7 @@
 //! and `sluicectl policy check` cannot disagree on meaning.
 
 pub mod block_lifecycle;
+pub mod cluster_network_policy;
 pub mod dir;
 pub mod kube;
 pub mod objects;
@@ -109,6 +110,9 @@ pub const OUT_OF_SYNC_AFTER: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct DatastoreHealth {
     failing: Mutex<BTreeMap<&'static str, Failure>>,
+    /// Facts about the source that are not failures but an operator should see in
+    /// `/readyz` (an optional CRD that is not installed), by kind.
+    notes: Mutex<BTreeMap<&'static str, String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +142,26 @@ impl DatastoreHealth {
             .entry(kind)
             .and_modify(|f| f.error.clone_from(&error))
             .or_insert(Failure { since: now, error });
+    }
+
+    /// Record a fact about `kind` for `/readyz` that does not make the datastore out
+    /// of sync; `None` removes it.
+    pub fn note(&self, kind: &'static str, note: Option<String>) {
+        let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        match note {
+            Some(n) => notes.insert(kind, n),
+            None => notes.remove(kind),
+        };
+    }
+
+    /// Every note, as `kind: note` lines in kind order.
+    pub fn notes(&self) -> Vec<String> {
+        self.notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, n)| format!("{k}: {n}"))
+            .collect()
     }
 
     /// Whether the watch of `kind` is failing now (at any age).

@@ -3,8 +3,10 @@
 //! `resourceVersion`, `watch=true` streams (Node events pushed by the test, other
 //! kinds never change), and IPAMBlocks with create (409 AlreadyExists), get and
 //! delete with uid/resourceVersion preconditions (409 Conflict), errors as `Status`
-//! objects. Serves Nodes, Pods, Namespaces, NetworkPolicies and IPAMBlocks; anything
-//! else is a 404 `Status`.
+//! objects. Serves Nodes, Pods, Namespaces, NetworkPolicies, IPAMBlocks and
+//! ClusterNetworkPolicies; anything else is a 404 `Status`. The ClusterNetworkPolicy
+//! CRD can be "not installed" ([`Fake::cluster_policies_installed`]): then its list
+//! and watch answer 404 NotFound, as an API server without the CRD does.
 //!
 //! Faults, as a real API server shows them: Pods, Namespaces and NetworkPolicies
 //! changed with [`Fake::apply`] are kept in a watch history, so a watch that resumes
@@ -60,6 +62,11 @@ pub struct Fake {
     pub lists: u64,
     /// Watch requests served.
     pub watches: u64,
+    /// Whether the ClusterNetworkPolicy CRD is installed (true unless a test says
+    /// otherwise); while it is not, [`CLUSTER_POLICIES`] answers 404.
+    pub cluster_policies_installed: bool,
+    /// Lists of ClusterNetworkPolicies asked for, 404s included (not in `lists`).
+    pub cluster_policy_lists: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +81,8 @@ enum Control {
 pub const PODS: &str = "/api/v1/pods";
 pub const NAMESPACES: &str = "/api/v1/namespaces";
 pub const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+/// ClusterNetworkPolicies (cluster-scoped): their key in [`Fake::apply`] is `/name`.
+pub const CLUSTER_POLICIES: &str = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies";
 
 pub type Shared = Arc<Mutex<Fake>>;
 
@@ -95,11 +104,13 @@ impl Fake {
             control: broadcast::channel(16).0,
             lists: 0,
             watches: 0,
+            cluster_policies_installed: true,
+            cluster_policy_lists: 0,
         }))
     }
 
     /// Create or replace `obj` in the collection at `path` ([`PODS`], [`NAMESPACES`],
-    /// [`POLICIES`]): a new resourceVersion, and an ADDED or MODIFIED event to every
+    /// [`POLICIES`], [`CLUSTER_POLICIES`]): a new resourceVersion, and an ADDED or MODIFIED event to every
     /// watch of that collection (and to the history a resumed watch replays).
     pub fn apply(shared: &Shared, path: &str, mut obj: Value) {
         Self::change(shared, path, &mut obj, false);
@@ -215,6 +226,12 @@ async fn handle(shared: Shared, req: Request) -> Response {
     let body = axum::body::to_bytes(req.into_body(), usize::MAX)
         .await
         .unwrap();
+    if path == CLUSTER_POLICIES && !shared.lock().unwrap().cluster_policies_installed {
+        if !watch {
+            shared.lock().unwrap().cluster_policy_lists += 1;
+        }
+        return status(404, "NotFound");
+    }
     if watch {
         let from: u64 = query_param(&query, "resourceVersion")
             .and_then(|v| v.parse().ok())
@@ -251,7 +268,9 @@ async fn handle(shared: Shared, req: Request) -> Response {
     }
     let mut f = shared.lock().unwrap();
     let rv = f.rv;
-    if method == Method::GET && !path.starts_with(BLOCKS) {
+    if method == Method::GET && path == CLUSTER_POLICIES {
+        f.cluster_policy_lists += 1;
+    } else if method == Method::GET && !path.starts_with(BLOCKS) {
         f.lists += 1;
     }
     match (method, path.as_str()) {
@@ -265,6 +284,12 @@ async fn handle(shared: Shared, req: Request) -> Response {
             "networking.k8s.io/v1",
             rv,
             f.items(POLICIES),
+        ),
+        (Method::GET, CLUSTER_POLICIES) => list(
+            "ClusterNetworkPolicy",
+            "policy.networking.k8s.io/v1alpha2",
+            rv,
+            f.items(CLUSTER_POLICIES),
         ),
         (Method::GET, BLOCKS) => list(
             "IPAMBlock",
