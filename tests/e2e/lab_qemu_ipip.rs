@@ -125,7 +125,7 @@ fn lab_e2e_runs_with_ipip_under_qemu() {
 /// The ClusterNetworkPolicy admin-ingress SCTP conformance scenarios (upstream's
 /// `standard-ingress-sctp-rules`: Accept, Deny and Pass in rule order, and at a
 /// port), which need SCTP sockets this host's kernel lacks: `lab_cnp`'s conformance
-/// test in the guest, narrowed to them, on nftables. Its own VM, so it can be
+/// test in the guest, narrowed to them, on each dataplane in turn. Its own VM, so it can be
 /// run alone.
 #[test]
 fn cluster_network_policy_sctp_scenarios_hold_with_ipip_under_qemu() {
@@ -136,7 +136,9 @@ fn cluster_network_policy_sctp_scenarios_hold_with_ipip_under_qemu() {
     let script = format!(
         "set -e\n\
          echo '== ClusterNetworkPolicy admin ingress SCTP, nftables'\n\
-         {c} --exact cluster_network_policy_conformance_scenarios_hold_with_real_packets_on_nftables --nocapture\n",
+         {c} --exact cluster_network_policy_conformance_scenarios_hold_with_real_packets_on_nftables --nocapture\n\
+         echo '== ClusterNetworkPolicy admin ingress SCTP, iptables'\n\
+         {c} --exact cluster_network_policy_conformance_scenarios_hold_with_real_packets_on_iptables --nocapture\n",
         c = cnp.display(),
     );
     let status = run_in_vm(&script, "cnp-admin-ingress-sctp", 900);
