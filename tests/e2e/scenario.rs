@@ -419,6 +419,33 @@ mod tests {
     }
 
     #[test]
+    fn cluster_network_policy_cases_are_found_by_listing_and_grouped_by_their_fixture() {
+        let cases = cases("cnp-");
+        assert!(cases.len() >= 10, "{cases:?}");
+        let groups = by_cluster(&cases);
+        let grouped: usize = groups.iter().map(|(_, g)| g.len()).sum();
+        assert_eq!(grouped, cases.len(), "every case in exactly one group");
+        for (cluster, group) in &groups {
+            assert!(!fixture(cluster).pods.is_empty(), "{cluster:?}");
+            for c in group {
+                let (_, policies) = scenario_files(&load_expect(c));
+                assert!(
+                    !policies.is_empty(),
+                    "{c}: its ClusterNetworkPolicies are policies"
+                );
+                for f in cluster {
+                    let text = std::fs::read_to_string(f).unwrap();
+                    assert!(
+                        !text.contains("kind: ClusterNetworkPolicy"),
+                        "{}",
+                        f.display()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn every_upstream_expectation_file_parses() {
         let cases = upstream_cases();
         assert!(cases.len() >= 20, "{cases:?}");
