@@ -38,14 +38,20 @@ fn cluster_network_policy_conformance_scenarios_hold_with_real_packets_on_iptabl
     conformance(Dataplane::Iptables);
 }
 
-/// Whether a case has anything this kernel can probe (a matrix, or a probe on a
-/// protocol it serves), so that a case which probes nothing is noticed.
-fn runnable(case: &str, sctp: bool) -> bool {
+/// Whether a case has anything the lab can probe (a matrix on a protocol this kernel
+/// serves, or a probe [`scenario::unrunnable`] keeps) in a cluster it can build, so
+/// that a case which probes nothing is noticed.
+fn runnable(case: &str, fx: &scenario::Fixture, sctp: bool) -> bool {
     let e = scenario::load_expect(case);
-    e.matrix
+    let matrix = e
+        .matrix
         .iter()
-        .any(|m| m.protocols.iter().any(|p| sctp || p != "SCTP"))
-        || e.probes.iter().any(|p| sctp || p.protocol != "SCTP")
+        .any(|m| m.protocols.iter().any(|p| sctp || p != "SCTP"));
+    let probes = e
+        .probes
+        .iter()
+        .any(|p| scenario::unrunnable(p, fx, sctp, scenario::POOL).is_none());
+    scenario::unsupported(&e).is_none() && (matrix || probes)
 }
 
 fn conformance(dataplane: Dataplane) {
@@ -76,11 +82,12 @@ fn conformance(dataplane: Dataplane) {
         let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
         lab.apply(&refs);
         let sctp = lab.serves_sctp();
-        want_run += group.iter().filter(|c| runnable(c, sctp)).count();
+        want_run += group.iter().filter(|c| runnable(c, &fx, sctp)).count();
         total.merge(scenario::run_cases(
             &lab,
             dataplane.as_str(),
             &group,
+            &files,
             &fx,
             sctp,
         ));

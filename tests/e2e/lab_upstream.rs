@@ -29,12 +29,13 @@ fn upstream_truth_tables(dataplane: Dataplane) {
     let lab = Lab::up_on("e2e-upstream", 2, &encap(), dataplane);
     let cluster = policy_data("upstream-cluster/cluster.yaml");
     lab.apply(&[&cluster]);
-    let fx = scenario::fixture(&[cluster]);
+    let fx = scenario::fixture(std::slice::from_ref(&cluster));
     let sctp = lab.serves_sctp();
     // SLUICE_E2E_CASES=upstream-01,upstream-29 runs a subset (the QEMU suite does).
     let only = scenario::only();
     let selected = scenario::selected(scenario::upstream_cases());
-    let total: Report = scenario::run_cases(&lab, dataplane.as_str(), &selected, &fx, sctp);
+    let total: Report =
+        scenario::run_cases(&lab, dataplane.as_str(), &selected, &[cluster], &fx, sctp);
     let cases = total.cases;
     eprintln!(
         "upstream on {}: {cases} truth tables, {} cells, {} probes in {:.0} s; skipped: {:#?}",

@@ -314,6 +314,9 @@ pub fn lab_pod_ips(lab: &Lab) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The lab's pod pool (`lab up`'s default).
+pub const POOL: &str = "10.244.0.0/16";
+
 /// Why a probe of the scenario cannot be reproduced honestly in the lab, if so.
 pub fn unrunnable(p: &ProbeSpec, fx: &Fixture, sctp: bool, pool: &str) -> Option<String> {
     let pool: ipnet_lite::Net = pool.parse().expect("pool");
@@ -575,7 +578,7 @@ pub fn check(lab: &Lab, name: &str, e: &Expect, fx: &Fixture, sctp: bool) -> Rep
     }
     let mut to_check: Vec<(Key, bool)> = Vec::new();
     for p in &e.probes {
-        if let Some(why) = unrunnable(p, fx, sctp, "10.244.0.0/16") {
+        if let Some(why) = unrunnable(p, fx, sctp, POOL) {
             r.skipped.push(format!(
                 "{name}: {} -> {} {}/{}: {why}",
                 p.from, p.to, p.protocol, p.port
@@ -660,14 +663,62 @@ pub fn differential(lab: &Lab, name: &str) -> (usize, Vec<String>) {
     )
 }
 
-/// Run `cases` one after the other in a lab whose cluster is already applied (`fx`
-/// its fixture): each case's policies are applied with pod addresses rewritten,
-/// checked with [`check`], and deleted again. One line per case on stderr.
-pub fn run_cases(lab: &Lab, label: &str, cases: &[String], fx: &Fixture, sctp: bool) -> Report {
+/// Why a case cannot be set up in the lab at all, if so: the lab refuses hostNetwork
+/// pods (the servers of upstream's node-peer cases), so such a case is skipped with
+/// this reason, and is shown in the evaluator and the compiled rules only.
+pub fn unsupported(e: &Expect) -> Option<String> {
+    let (cluster, policies) = scenario_files(e);
+    cluster.iter().chain(&policies).find_map(|f| {
+        documents(&std::fs::read_to_string(f).unwrap())
+            .into_iter()
+            .find(|v| v["kind"] == "Pod" && v["spec"]["hostNetwork"] == true)
+            .map(|v| {
+                format!(
+                    "pod {}/{} is host-networked, which the lab does not support",
+                    v["metadata"]["namespace"].as_str().unwrap_or("default"),
+                    v["metadata"]["name"].as_str().unwrap_or("?")
+                )
+            })
+    })
+}
+
+/// Whether a case's files hold more than policies (a Namespace relabelled for the
+/// case): deleting them deletes those objects too, so the cluster is applied again.
+fn changes_cluster(files: &[PathBuf]) -> bool {
+    files.iter().any(|f| {
+        documents(&std::fs::read_to_string(f).unwrap())
+            .iter()
+            .any(|v| {
+                !matches!(
+                    v["kind"].as_str(),
+                    Some("NetworkPolicy" | "ClusterNetworkPolicy")
+                )
+            })
+    })
+}
+
+/// Run `cases` one after the other in a lab whose cluster (`cluster`, the files as
+/// applied; `fx` their fixture) is already applied: each case's policies are applied
+/// with pod addresses rewritten, checked with [`check`], and deleted again (and the
+/// cluster applied again when the case changed it), so every case starts from the
+/// same cluster. One line per case on stderr.
+pub fn run_cases(
+    lab: &Lab,
+    label: &str,
+    cases: &[String],
+    cluster: &[PathBuf],
+    fx: &Fixture,
+    sctp: bool,
+) -> Report {
     let ips = lab_pod_ips(lab);
     let mut total = Report::default();
     for case in cases {
         let e = load_expect(case);
+        if let Some(why) = unsupported(&e) {
+            eprintln!("{label} {case}: skipped: {why}");
+            total.skipped.push(format!("{case}: {why}"));
+            continue;
+        }
         let (_, policies) = scenario_files(&e);
         let dir = tempfile::tempdir().unwrap();
         let files: Vec<PathBuf> = rewrite(&policies, dir.path(), fx, &ips);
@@ -676,6 +727,10 @@ pub fn run_cases(lab: &Lab, label: &str, cases: &[String], fx: &Fixture, sctp: b
         lab.apply(&refs);
         let r = check(lab, case, &e, fx, sctp);
         lab.delete(&refs);
+        if changes_cluster(&files) {
+            let c: Vec<&Path> = cluster.iter().map(PathBuf::as_path).collect();
+            lab.apply(&c);
+        }
         eprintln!(
             "{label} {case}: {} cells, {} probes, {} failures, {} differential, {} skipped, {:.1} s",
             r.cells,
