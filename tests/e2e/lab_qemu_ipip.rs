@@ -4,7 +4,8 @@
 //! `SLUICE_E2E_ENCAP=ipip`: seed 001's NodePort Local/Cluster (the tunnel address is
 //! tunl0's now) and cross-node traffic through tunl0 on both policy dataplanes,
 //! `lab down` leaving nothing, and upstream truth tables including SCTP, which the
-//! guest kernel has (five on iptables, three of them on nftables). The guest runs the
+//! guest kernel has (five on iptables, three of them on nftables), and, in a VM of
+//! its own, the ClusterNetworkPolicy SCTP conformance scenarios. The guest runs the
 //! host's own `nft` (the root file system is shared) on Debian's kernel's nf_tables.
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,40 @@ fn sibling_test(name: &str) -> PathBuf {
         })
 }
 
+/// Run `script` in a guest with `SLUICE_E2E_ENCAP=ipip`, `SLUICE_E2E_CASES=cases`
+/// and a 3 s probe timeout, within `limit_s` seconds of wall clock.
+fn run_in_vm(script: &str, cases: &str, limit_s: u32) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    let status = Command::new(workspace_root().join("tests/qemu/run-vm.sh"))
+        .args([
+            "-t",
+            &limit_s.to_string(),
+            "-e",
+            "SLUICE_E2E_ENCAP",
+            "-e",
+            "SLUICE_E2E_CASES",
+            "-e",
+            "SLUICE_E2E_TIMEOUT_MS",
+        ])
+        .args(["--", "bash", "-c", script])
+        .env("SLUICE_E2E_ENCAP", "ipip")
+        .env("SLUICE_E2E_CASES", cases)
+        .env("SLUICE_E2E_TIMEOUT_MS", "3000")
+        .current_dir(workspace_root())
+        .status()
+        .expect("run tests/qemu/run-vm.sh");
+    eprintln!("QEMU run: {:.0} s", started.elapsed().as_secs_f64());
+    status
+}
+
+/// Whether this is the host that boots the guest (not the guest, and the tools are
+/// there).
+fn boots_vm(test: &str) -> bool {
+    std::env::var_os("SLUICE_IN_VM").is_none()
+        && sluice_testkit::require_root(test)
+        && sluice_testkit::require_tool(test, "qemu-system-x86_64")
+}
+
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     p.metadata()
@@ -46,13 +81,8 @@ fn is_executable(p: &Path) -> bool {
 
 #[test]
 fn lab_e2e_runs_with_ipip_under_qemu() {
-    if std::env::var_os("SLUICE_IN_VM").is_some() {
-        return; // already the guest: no VM inside the VM
-    }
-    if !sluice_testkit::require_root("lab_e2e_ipip_qemu")
-        || !sluice_testkit::require_tool("lab_e2e_ipip_qemu", "qemu-system-x86_64")
-    {
-        return;
+    if !boots_vm("lab_e2e_ipip_qemu") {
+        return; // the guest (no VM inside the VM), or a host that cannot boot one
     }
     let seeds = sibling_test("lab_seeds");
     let topo = sibling_test("lab_topology");
@@ -79,33 +109,41 @@ fn lab_e2e_runs_with_ipip_under_qemu() {
         t = topo.display(),
         u = upstream.display(),
     );
-    let started = std::time::Instant::now();
-    let status = Command::new(workspace_root().join("tests/qemu/run-vm.sh"))
-        .args([
-            "-t",
-            "1500",
-            "-e",
-            "SLUICE_E2E_ENCAP",
-            "-e",
-            "SLUICE_E2E_CASES",
-            "-e",
-            "SLUICE_E2E_TIMEOUT_MS",
-        ])
-        .args(["--", "bash", "-c", &script])
-        .env("SLUICE_E2E_ENCAP", "ipip")
-        // a few upstream cases: plain deny, namespace and pod selectors, ports, and
-        // the two SCTP ones the host kernel cannot run
-        .env(
-            "SLUICE_E2E_CASES",
-            "upstream-01,upstream-10,upstream-14,upstream-29,upstream-42",
-        )
-        .env("SLUICE_E2E_TIMEOUT_MS", "3000")
-        .current_dir(workspace_root())
-        .status()
-        .expect("run tests/qemu/run-vm.sh");
-    eprintln!("QEMU ipip suite: {:.0} s", started.elapsed().as_secs_f64());
+    // a few upstream cases: plain deny, namespace and pod selectors, ports, and
+    // the two SCTP ones the host kernel cannot run
+    let status = run_in_vm(
+        &script,
+        "upstream-01,upstream-10,upstream-14,upstream-29,upstream-42",
+        1500,
+    );
     assert!(
         status.success(),
         "the lab e2e under QEMU with ipip failed: {status}"
+    );
+}
+
+/// The ClusterNetworkPolicy admin-ingress SCTP conformance scenarios (upstream's
+/// `standard-ingress-sctp-rules`: Accept, Deny and Pass in rule order, and at a
+/// port), which need SCTP sockets this host's kernel lacks: `lab_cnp`'s conformance
+/// test in the guest, narrowed to them, on each dataplane in turn. Its own VM, so it can be
+/// run alone.
+#[test]
+fn cluster_network_policy_sctp_scenarios_hold_with_ipip_under_qemu() {
+    if !boots_vm("lab_cnp_sctp_qemu") {
+        return;
+    }
+    let cnp = sibling_test("lab_cnp");
+    let script = format!(
+        "set -e\n\
+         echo '== ClusterNetworkPolicy admin ingress SCTP, nftables'\n\
+         {c} --exact cluster_network_policy_conformance_scenarios_hold_with_real_packets_on_nftables --nocapture\n\
+         echo '== ClusterNetworkPolicy admin ingress SCTP, iptables'\n\
+         {c} --exact cluster_network_policy_conformance_scenarios_hold_with_real_packets_on_iptables --nocapture\n",
+        c = cnp.display(),
+    );
+    let status = run_in_vm(&script, "cnp-admin-ingress-sctp", 900);
+    assert!(
+        status.success(),
+        "the ClusterNetworkPolicy SCTP scenarios under QEMU failed: {status}"
     );
 }

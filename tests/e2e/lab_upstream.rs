@@ -4,8 +4,6 @@
 //! hand-written expectation and against `sluicectl policy check` (the differential),
 //! on the nftables and the iptables dataplane.
 
-use std::path::{Path, PathBuf};
-
 use sluice_e2e::scenario::{self, Report};
 use sluice_e2e::{Dataplane, Lab, policy_data};
 
@@ -31,51 +29,14 @@ fn upstream_truth_tables(dataplane: Dataplane) {
     let lab = Lab::up_on("e2e-upstream", 2, &encap(), dataplane);
     let cluster = policy_data("upstream-cluster/cluster.yaml");
     lab.apply(&[&cluster]);
-    let fx = scenario::fixture(&[cluster]);
-    let ips = scenario::lab_pod_ips(&lab);
+    let fx = scenario::fixture(std::slice::from_ref(&cluster));
     let sctp = lab.serves_sctp();
-    let mut total = Report::default();
-    let mut cases = 0;
     // SLUICE_E2E_CASES=upstream-01,upstream-29 runs a subset (the QEMU suite does).
-    let only: Option<Vec<String>> = std::env::var("SLUICE_E2E_CASES")
-        .ok()
-        .map(|v| v.split(',').map(str::to_string).collect());
-    let selected: Vec<String> = scenario::upstream_cases()
-        .into_iter()
-        .filter(|c| {
-            only.as_ref()
-                .is_none_or(|o| o.iter().any(|p| c.starts_with(p.as_str())))
-        })
-        .collect();
-    for case in selected.clone() {
-        let e = scenario::load_expect(&case);
-        let (_, policies) = scenario::scenario_files(&e);
-        let dir = tempfile::tempdir().unwrap();
-        let files: Vec<PathBuf> = scenario::rewrite(&policies, dir.path(), &fx, &ips);
-        let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-        let t = std::time::Instant::now();
-        lab.apply(&refs);
-        let r = scenario::check(&lab, &case, &e, &fx, sctp);
-        lab.delete(&refs);
-        eprintln!(
-            "{} {case}: {} cells, {} probes, {} failures, {} differential, {} skipped, {:.1} s",
-            dataplane.as_str(),
-            r.cells,
-            r.probes,
-            r.failures.len(),
-            r.differential.len(),
-            r.skipped.len(),
-            t.elapsed().as_secs_f64()
-        );
-        if r.cells > 0 {
-            cases += 1;
-        }
-        total.cells += r.cells;
-        total.probes += r.probes;
-        total.failures.extend(r.failures);
-        total.differential.extend(r.differential);
-        total.skipped.extend(r.skipped);
-    }
+    let only = scenario::only();
+    let selected = scenario::selected(scenario::upstream_cases());
+    let total: Report =
+        scenario::run_cases(&lab, dataplane.as_str(), &selected, &[cluster], &fx, sctp);
+    let cases = total.cases;
     eprintln!(
         "upstream on {}: {cases} truth tables, {} cells, {} probes in {:.0} s; skipped: {:#?}",
         dataplane.as_str(),

@@ -363,6 +363,60 @@ impl Lab {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("probe output {out:?}: {e}"))
     }
 
+    /// Many probes at once through `lab probe --probes FILE -o json`, which sends them
+    /// in parallel (a blocked probe waits out its whole timeout, so one at a time
+    /// would cost a second each). Outcomes in input order; a probe that could not
+    /// be sent is a panic naming it, never a verdict.
+    pub fn probe_all(&self, probes: &[(String, String, u16, String)]) -> Vec<ProbeOutcome> {
+        if probes.is_empty() {
+            return Vec::new();
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("probes.jsonl");
+        let lines: Vec<String> = probes
+            .iter()
+            .map(|(from, to, port, protocol)| {
+                serde_json::json!({"from": from, "to": to, "port": port, "protocol": protocol})
+                    .to_string()
+            })
+            .collect();
+        std::fs::write(&file, lines.join("\n") + "\n").expect("write probes");
+        let f = file.display().to_string();
+        let t = timeout_ms();
+        let out = run(&[
+            "lab",
+            "probe",
+            "--name",
+            &self.name,
+            "--probes",
+            &f,
+            "--timeout-ms",
+            &t,
+            "-o",
+            "json",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let values: Vec<Value> = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "lab probe --probes: {e}\nstdout: {stdout}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        assert_eq!(values.len(), probes.len(), "one outcome per probe");
+        values
+            .into_iter()
+            .zip(probes)
+            .map(|(v, (from, to, port, protocol))| {
+                assert!(
+                    v.get("error").is_none(),
+                    "probe {from} -> {to} {protocol}/{port} could not be sent: {}",
+                    v["error"]
+                );
+                serde_json::from_value(v).expect("probe outcome")
+            })
+            .collect()
+    }
+
     /// A probe that must be refused as an error (never a verdict); returns stderr.
     pub fn probe_error(&self, from: &str, to: &str, port: u16, protocol: &str) -> String {
         let p = port.to_string();

@@ -64,15 +64,56 @@ pub fn load_expect(name: &str) -> Expect {
 
 /// Every upstream case name (`upstream-NN-*`) that has an expectation file.
 pub fn upstream_cases() -> Vec<String> {
+    cases("upstream-")
+}
+
+/// Every case whose name starts with `prefix` and has an expectation file, sorted:
+/// found by listing, so a case added to the data is run without naming it here.
+pub fn cases(prefix: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(policy_data(""))
         .expect("policy/tests/data")
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .filter_map(|f| f.strip_suffix(".expect.yaml").map(str::to_string))
-        .filter(|f| f.starts_with("upstream-"))
+        .filter(|f| f.starts_with(prefix))
         .collect();
     v.sort();
     v
+}
+
+/// `SLUICE_E2E_CASES=a,b` (name prefixes), when set: the part of `cases` this run
+/// covers (the QEMU suite runs a subset this way).
+pub fn only() -> Option<Vec<String>> {
+    std::env::var("SLUICE_E2E_CASES")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+}
+
+/// `cases` narrowed by [`only`].
+pub fn selected(cases: Vec<String>) -> Vec<String> {
+    match only() {
+        None => cases,
+        Some(o) => cases
+            .into_iter()
+            .filter(|c| o.iter().any(|p| c.starts_with(p.as_str())))
+            .collect(),
+    }
+}
+
+/// `cases` grouped by the cluster files (Namespaces, Pods, Nodes) their manifests
+/// name, in first-seen order: each group runs in one lab built from its cluster, so
+/// cases written against different fixtures never share pods.
+pub fn by_cluster(cases: &[String]) -> Vec<(Vec<PathBuf>, Vec<String>)> {
+    let mut groups: Vec<(Vec<PathBuf>, Vec<String>)> = Vec::new();
+    for c in cases {
+        let (cluster, _) = scenario_files(&load_expect(c));
+        match groups.iter_mut().find(|(k, _)| *k == cluster) {
+            Some((_, v)) => v.push(c.clone()),
+            None => groups.push((cluster, vec![c.clone()])),
+        }
+    }
+    groups
 }
 
 /// `*`, `ns/*`, `*/pod`, `ns/pod`.
@@ -134,7 +175,10 @@ pub fn scenario_files(expect: &Expect) -> (Vec<PathBuf>, Vec<PathBuf>) {
         };
         for f in files {
             let text = std::fs::read_to_string(&f).unwrap();
-            if text.contains("kind: NetworkPolicy") || text.contains("\"NetworkPolicy\"") {
+            let policy = ["NetworkPolicy", "ClusterNetworkPolicy"].iter().any(|k| {
+                text.contains(&format!("kind: {k}")) || text.contains(&format!("\"{k}\""))
+            });
+            if policy {
                 policies.push(f);
             } else {
                 cluster.push(f);
@@ -163,6 +207,8 @@ fn documents(text: &str) -> Vec<Value> {
 #[derive(Debug, Default, Clone)]
 pub struct Fixture {
     pub nodes: Vec<String>,
+    /// Every pod, `ns/name`, in file order.
+    pub pods: Vec<String>,
     pub node_ips: Vec<String>,
     pub pod_ips: BTreeMap<String, String>,
 }
@@ -185,9 +231,10 @@ pub fn fixture(cluster: &[PathBuf]) -> Fixture {
                     }
                 }
                 Some("Pod") => {
+                    let ns = v["metadata"]["namespace"].as_str().unwrap_or("default");
+                    let name = v["metadata"]["name"].as_str().unwrap();
+                    fx.pods.push(format!("{ns}/{name}"));
                     if let Some(ip) = v["status"]["podIP"].as_str() {
-                        let ns = v["metadata"]["namespace"].as_str().unwrap_or("default");
-                        let name = v["metadata"]["name"].as_str().unwrap();
                         fx.pod_ips.insert(format!("{ns}/{name}"), ip.to_string());
                     }
                 }
@@ -266,6 +313,9 @@ pub fn lab_pod_ips(lab: &Lab) -> BTreeMap<String, String> {
         })
         .collect()
 }
+
+/// The lab's pod pool (`lab up`'s default).
+pub const POOL: &str = "10.244.0.0/16";
 
 /// Why a probe of the scenario cannot be reproduced honestly in the lab, if so.
 pub fn unrunnable(p: &ProbeSpec, fx: &Fixture, sctp: bool, pool: &str) -> Option<String> {
@@ -372,6 +422,33 @@ mod tests {
     }
 
     #[test]
+    fn cluster_network_policy_cases_are_found_by_listing_and_grouped_by_their_fixture() {
+        let cases = cases("cnp-");
+        assert!(cases.len() >= 10, "{cases:?}");
+        let groups = by_cluster(&cases);
+        let grouped: usize = groups.iter().map(|(_, g)| g.len()).sum();
+        assert_eq!(grouped, cases.len(), "every case in exactly one group");
+        for (cluster, group) in &groups {
+            assert!(!fixture(cluster).pods.is_empty(), "{cluster:?}");
+            for c in group {
+                let (_, policies) = scenario_files(&load_expect(c));
+                assert!(
+                    !policies.is_empty(),
+                    "{c}: its ClusterNetworkPolicies are policies"
+                );
+                for f in cluster {
+                    let text = std::fs::read_to_string(f).unwrap();
+                    assert!(
+                        !text.contains("kind: ClusterNetworkPolicy"),
+                        "{}",
+                        f.display()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn every_upstream_expectation_file_parses() {
         let cases = upstream_cases();
         assert!(cases.len() >= 20, "{cases:?}");
@@ -387,17 +464,81 @@ mod tests {
 pub struct Report {
     pub cells: usize,
     pub probes: usize,
+    /// Cases that probed anything (a case whose every probe was skipped is not one).
+    pub cases: usize,
     pub skipped: Vec<String>,
     pub failures: Vec<String>,
     /// Cells where the lab and `sluicectl policy check` disagree.
     pub differential: Vec<String>,
 }
 
+impl Report {
+    pub fn merge(&mut self, other: Report) {
+        self.cells += other.cells;
+        self.probes += other.probes;
+        self.cases += other.cases;
+        self.skipped.extend(other.skipped);
+        self.failures.extend(other.failures);
+        self.differential.extend(other.differential);
+    }
+
+    pub fn is_clean(&self) -> bool {
+        self.failures.is_empty() && self.differential.is_empty()
+    }
+}
+
+/// A cell's key as [`Truth`] has it.
+type Key = (String, String, u16, String);
+
+/// The cells of `want` a matrix does not cover (a port the destination does not
+/// declare, or the same port on another protocol), probed in one parallel batch:
+/// the lab starts a server for such a port on first use.
+fn probe_missing(lab: &Lab, want: &Truth, got: &mut Truth) {
+    let missing: Vec<Key> = want
+        .keys()
+        .filter(|k| !got.contains_key(*k))
+        .cloned()
+        .collect();
+    for (k, o) in missing.iter().zip(lab.probe_all(&missing)) {
+        got.insert(k.clone(), o.connected());
+    }
+}
+
+/// The matrix's cells between `pods` (every lab pod when empty), and the cells of
+/// `want` it does not cover.
+fn measure(lab: &Lab, want: &Truth, pods: &[String]) -> Truth {
+    let mut got = lab.matrix().truth();
+    if !pods.is_empty() {
+        got.retain(|k, _| pods.contains(&k.0) && pods.contains(&k.1));
+    }
+    probe_missing(lab, want, &mut got);
+    got
+}
+
+/// A [`crate::Matrix`] of the given cells (no results), to ask `policy check` about.
+fn cells_of(keys: &[Key]) -> crate::Matrix {
+    crate::Matrix {
+        pods: vec![],
+        probes: keys
+            .iter()
+            .map(|(from, to, port, protocol)| crate::Cell {
+                from: from.clone(),
+                to: to.clone(),
+                port: *port,
+                protocol: protocol.clone(),
+                result: None,
+                error: None,
+            })
+            .collect(),
+    }
+}
+
 /// Check a scenario whose objects are already applied: its matrices against the
 /// hand-written expectations and against `sluicectl policy check` over the lab's own
-/// manifests directory (what the agents see), and its single probes against the
-/// expectations. A mismatching matrix is measured once more after a pause, since
-/// agents converge asynchronously; the second answer is final.
+/// manifests directory (what the agents see), and its single probes the same way.
+/// Matrices cover the scenario's own pods (every lab pod when its fixture names
+/// none). Probes go out in parallel batches; a mismatch is measured once more after
+/// a pause, since agents converge asynchronously, and the second answer is final.
 pub fn check(lab: &Lab, name: &str, e: &Expect, fx: &Fixture, sctp: bool) -> Report {
     let mut r = Report::default();
     let protocols: Vec<&str> = if sctp {
@@ -405,33 +546,39 @@ pub fn check(lab: &Lab, name: &str, e: &Expect, fx: &Fixture, sctp: bool) -> Rep
     } else {
         vec!["TCP", "UDP"]
     };
+    let own: Vec<String> = fx.pods.clone();
     if !e.matrix.is_empty() {
-        let mut m = lab.matrix();
-        let pods = m.pods.clone();
+        let pods: Vec<String> = if own.is_empty() {
+            lab_pod_ips(lab).into_keys().collect()
+        } else {
+            own.clone()
+        };
         let mut want = Truth::new();
         for spec in &e.matrix {
             want.extend(expected(spec, &pods, &protocols));
         }
-        let mut d = crate::differences(&want, &m.truth());
+        let mut got = measure(lab, &want, &own);
+        let mut d = crate::differences(&want, &got);
         if !d.is_empty() {
             std::thread::sleep(std::time::Duration::from_secs(2));
-            m = lab.matrix();
-            d = crate::differences(&want, &m.truth());
+            got = measure(lab, &want, &own);
+            d = crate::differences(&want, &got);
         }
         r.cells = want.len();
         r.failures
             .extend(d.into_iter().map(|s| format!("{name}: {s}")));
-        let got = m.truth();
-        let predicted = crate::predicted(&[&lab.manifests_dir()], &m);
+        // Every cell measured (the matrix's and the extra ones) through `policy check`.
+        let keys: Vec<Key> = got.keys().cloned().collect();
+        let predicted = crate::predicted(&[&lab.manifests_dir()], &cells_of(&keys));
         r.differential.extend(
             crate::differences(&predicted, &got)
                 .into_iter()
                 .map(|s| format!("{name}: policy check vs lab: {s}")),
         );
     }
-    let mut to_check = Vec::new();
+    let mut to_check: Vec<(Key, bool)> = Vec::new();
     for p in &e.probes {
-        if let Some(why) = unrunnable(p, fx, sctp, "10.244.0.0/16") {
+        if let Some(why) = unrunnable(p, fx, sctp, POOL) {
             r.skipped.push(format!(
                 "{name}: {} -> {} {}/{}: {why}",
                 p.from, p.to, p.protocol, p.port
@@ -442,50 +589,160 @@ pub fn check(lab: &Lab, name: &str, e: &Expect, fx: &Fixture, sctp: bool) -> Rep
             Some(n) => format!("node:{}", fx.map_node(n)),
             None => s.to_string(),
         };
-        to_check.push((map(&p.from), map(&p.to), p));
+        to_check.push((
+            (map(&p.from), map(&p.to), p.port, p.protocol.clone()),
+            p.verdict == "allow",
+        ));
     }
-    for (from, to, p) in &to_check {
-        let o = lab.probe(from, to, p.port, &p.protocol);
-        r.probes += 1;
-        let want = p.verdict == "allow";
-        if o.connected() != want {
-            r.failures.push(format!(
-                "{name}: probe {from} -> {to} {}/{}: expected {}, lab says {} ({:?})",
-                p.protocol, p.port, p.verdict, o.result, o.detail
-            ));
-        }
-    }
-    // The same single probes through `policy check`, over what the agents see.
     if !to_check.is_empty() {
-        let m = crate::Matrix {
-            pods: vec![],
-            probes: to_check
-                .iter()
-                .map(|(from, to, p)| crate::Cell {
-                    from: from.clone(),
-                    to: to.clone(),
-                    port: p.port,
-                    protocol: p.protocol.clone(),
-                    result: None,
-                    error: None,
-                })
-                .collect(),
+        let keys: Vec<Key> = to_check.iter().map(|(k, _)| k.clone()).collect();
+        let want: Truth = to_check.iter().cloned().collect();
+        let measure_probes = || -> Truth {
+            keys.iter()
+                .cloned()
+                .zip(lab.probe_all(&keys).iter().map(|o| o.connected()))
+                .collect()
         };
-        let pred = crate::predicted(&[&lab.manifests_dir()], &m);
-        for (from, to, p) in &to_check {
-            let k = (from.clone(), to.clone(), p.port, p.protocol.clone());
-            if pred[&k] != (p.verdict == "allow") {
+        let mut got = measure_probes();
+        if !crate::differences(&want, &got).is_empty() {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            got = measure_probes();
+        }
+        r.probes += keys.len();
+        r.failures.extend(
+            crate::differences(&want, &got)
+                .into_iter()
+                .map(|s| format!("{name}: probe {s}")),
+        );
+        // The same single probes through `policy check`, over what the agents see.
+        let pred = crate::predicted(&[&lab.manifests_dir()], &cells_of(&keys));
+        for (k, allow) in &to_check {
+            if pred[k] != *allow {
                 r.differential.push(format!(
-                    "{name}: policy check says {} for {from} -> {to} {}/{}, expected {}",
-                    if pred[&k] { "allow" } else { "deny" },
-                    p.protocol,
-                    p.port,
-                    p.verdict
+                    "{name}: policy check says {} for {} -> {} {}/{}, expected {}",
+                    if pred[k] { "allow" } else { "deny" },
+                    k.0,
+                    k.1,
+                    k.3,
+                    k.2,
+                    if *allow { "allow" } else { "deny" }
                 ));
             }
         }
     }
+    if r.cells > 0 || r.probes > 0 {
+        r.cases = 1;
+    }
     r
+}
+
+/// Every pod to every pod on every declared port, measured in the lab and asked of
+/// `sluicectl policy check` over the lab's manifests directory (what the agents
+/// see): the cells where they disagree, measured twice (agents converge
+/// asynchronously; the second answer is final).
+pub fn differential(lab: &Lab, name: &str) -> (usize, Vec<String>) {
+    let mut d = Vec::new();
+    let mut cells = 0;
+    for attempt in 0..2 {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+        let m = lab.matrix();
+        let predicted = crate::predicted(&[&lab.manifests_dir()], &m);
+        cells = m.probes.len();
+        d = crate::differences(&predicted, &m.truth());
+        if d.is_empty() {
+            break;
+        }
+    }
+    (
+        cells,
+        d.into_iter()
+            .map(|s| format!("{name}: policy check vs lab: {s}"))
+            .collect(),
+    )
+}
+
+/// Why a case cannot be set up in the lab at all, if so: the lab refuses hostNetwork
+/// pods (the servers of upstream's node-peer cases), so such a case is skipped with
+/// this reason, and is shown in the evaluator and the compiled rules only.
+pub fn unsupported(e: &Expect) -> Option<String> {
+    let (cluster, policies) = scenario_files(e);
+    cluster.iter().chain(&policies).find_map(|f| {
+        documents(&std::fs::read_to_string(f).unwrap())
+            .into_iter()
+            .find(|v| v["kind"] == "Pod" && v["spec"]["hostNetwork"] == true)
+            .map(|v| {
+                format!(
+                    "pod {}/{} is host-networked, which the lab does not support",
+                    v["metadata"]["namespace"].as_str().unwrap_or("default"),
+                    v["metadata"]["name"].as_str().unwrap_or("?")
+                )
+            })
+    })
+}
+
+/// Whether a case's files hold more than policies (a Namespace relabelled for the
+/// case): deleting them deletes those objects too, so the cluster is applied again.
+fn changes_cluster(files: &[PathBuf]) -> bool {
+    files.iter().any(|f| {
+        documents(&std::fs::read_to_string(f).unwrap())
+            .iter()
+            .any(|v| {
+                !matches!(
+                    v["kind"].as_str(),
+                    Some("NetworkPolicy" | "ClusterNetworkPolicy")
+                )
+            })
+    })
+}
+
+/// Run `cases` one after the other in a lab whose cluster (`cluster`, the files as
+/// applied; `fx` their fixture) is already applied: each case's policies are applied
+/// with pod addresses rewritten, checked with [`check`], and deleted again (and the
+/// cluster applied again when the case changed it), so every case starts from the
+/// same cluster. One line per case on stderr.
+pub fn run_cases(
+    lab: &Lab,
+    label: &str,
+    cases: &[String],
+    cluster: &[PathBuf],
+    fx: &Fixture,
+    sctp: bool,
+) -> Report {
+    let ips = lab_pod_ips(lab);
+    let mut total = Report::default();
+    for case in cases {
+        let e = load_expect(case);
+        if let Some(why) = unsupported(&e) {
+            eprintln!("{label} {case}: skipped: {why}");
+            total.skipped.push(format!("{case}: {why}"));
+            continue;
+        }
+        let (_, policies) = scenario_files(&e);
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<PathBuf> = rewrite(&policies, dir.path(), fx, &ips);
+        let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        let t = std::time::Instant::now();
+        lab.apply(&refs);
+        let r = check(lab, case, &e, fx, sctp);
+        lab.delete(&refs);
+        if changes_cluster(&files) {
+            let c: Vec<&Path> = cluster.iter().map(PathBuf::as_path).collect();
+            lab.apply(&c);
+        }
+        eprintln!(
+            "{label} {case}: {} cells, {} probes, {} failures, {} differential, {} skipped, {:.1} s",
+            r.cells,
+            r.probes,
+            r.failures.len(),
+            r.differential.len(),
+            r.skipped.len(),
+            t.elapsed().as_secs_f64()
+        );
+        total.merge(r);
+    }
+    total
 }
 
 /// Apply a whole scenario (cluster, then its policies with addresses rewritten) to a

@@ -5,9 +5,10 @@
 //!
 //! The lab needs the objects whole (it writes them back into the agents' datastore),
 //! so it keeps each as JSON and reads out only the few fields it acts on: a pod's
-//! node and ports, a Service's selector and NodePorts. The meaning of policies is
-//! `sluice_policy`'s business; the lab never interprets them (a malformed policy is
-//! written through, and the agents hold the pods it selects).
+//! node and ports, a Service's selector and NodePorts. The meaning of policies
+//! (NetworkPolicies and ClusterNetworkPolicies alike) is `sluice_policy`'s business;
+//! the lab never interprets them (a malformed policy is written through, and the
+//! agents hold the pods it selects).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,21 @@ use super::LabError;
 use super::state::{DeclaredPort, ObjectKey, Protocol};
 
 /// Kinds the lab acts on; `Node` is accepted and ignored (the lab makes its own).
-pub const KINDS: &[&str] = &["Namespace", "Pod", "NetworkPolicy", "Service"];
+pub const KINDS: &[&str] = &[
+    "Namespace",
+    "Pod",
+    "NetworkPolicy",
+    "ClusterNetworkPolicy",
+    "Service",
+];
+
+/// Kinds without a namespace: their key's namespace is empty, whatever
+/// `metadata.namespace` says (the API server ignores it for them too).
+const CLUSTER_SCOPED: &[&str] = &["Namespace", "ClusterNetworkPolicy"];
+
+/// Kinds the lab writes through to the agents' datastore as they are: the agents
+/// give them their meaning (`sluice_policy`).
+pub const POLICY_KINDS: &[&str] = &["NetworkPolicy", "ClusterNetworkPolicy"];
 
 #[derive(Debug, Clone)]
 pub struct Object {
@@ -86,7 +101,7 @@ fn push_object(v: Value, source: &str, out: &mut Vec<Object>) -> Result<(), LabE
         .as_str()
         .ok_or_else(|| bad(format!("a {kind} without metadata.name")))?
         .to_string();
-    let namespace = if kind == "Namespace" {
+    let namespace = if CLUSTER_SCOPED.contains(&kind.as_str()) {
         String::new()
     } else {
         v["metadata"]["namespace"]
@@ -269,6 +284,38 @@ items:
         assert_eq!(ports.len(), 2);
         assert_eq!(ports[0].protocol, Protocol::Tcp);
         assert_eq!(ports[1].name.as_deref(), Some("dns"));
+    }
+
+    #[test]
+    fn cluster_network_policies_are_kept_cluster_scoped_beside_networkpolicies() {
+        let text = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: block-metadata, namespace: ignored}
+spec: {tier: Admin, priority: 0, subject: {namespaces: {}}, egress: [{action: Deny, to: [{networks: [169.254.169.254/32]}]}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: x}
+spec: {podSelector: {}}
+"#;
+        let mut out = Vec::new();
+        for raw in sluice_policy::split_documents("p.yaml", text).unwrap() {
+            push_object(raw.value, "p.yaml", &mut out).unwrap();
+        }
+        let keys: Vec<String> = out.iter().map(|o| o.key.to_string()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "ClusterNetworkPolicy/block-metadata",
+                "NetworkPolicy/x/deny"
+            ]
+        );
+        assert!(
+            out.iter()
+                .all(|o| POLICY_KINDS.contains(&o.key.kind.as_str()))
+        );
+        assert_eq!(out[0].value["spec"]["priority"], 0, "kept whole");
     }
 
     #[test]

@@ -53,7 +53,8 @@ pub struct Args {
 enum Command {
     /// Build the underlay, the nodes, and start an agent on each.
     Up(topology::UpArgs),
-    /// Create or update Namespaces, Pods, NetworkPolicies and NodePort Services.
+    /// Create or update Namespaces, Pods, NetworkPolicies, ClusterNetworkPolicies and
+    /// NodePort Services.
     Apply(pods::ApplyArgs),
     /// Remove the objects in the files (pods through CNI DEL).
     Delete(pods::DeleteArgs),

@@ -1,7 +1,7 @@
 //! `lab apply` and `lab delete`: objects into the lab.
 //!
-//! Namespaces, NetworkPolicies and Services are written into the shared manifests
-//! directory the agents watch. A new Pod is scheduled (to `spec.nodeName`, or to the
+//! Namespaces, NetworkPolicies, ClusterNetworkPolicies and Services are written into
+//! the shared manifests directory the agents watch. A new Pod is scheduled (to `spec.nodeName`, or to the
 //! node with the fewest pods), gets a named namespace, is wired by exec'ing the
 //! node's CNI chain (the real `sluice`) inside the node namespace, gets an echo
 //! server for every declared container port, and is then written to the manifests
@@ -75,8 +75,8 @@ fn remove_manifest(paths: &LabPaths, key: &ObjectKey) -> bool {
     std::fs::remove_file(manifest_path(paths, &key.kind, &key.namespace, &key.name)).is_ok()
 }
 
-/// A digest of what the agents act on (Pods, Namespaces, NetworkPolicies; Services
-/// are the kube-proxy stand-in's business): when it did not change, no agent will
+/// A digest of what the agents act on (Pods, Namespaces, NetworkPolicies,
+/// ClusterNetworkPolicies; Services are the kube-proxy stand-in's business): when it did not change, no agent will
 /// sync, so there is nothing to wait for.
 fn agent_view(paths: &LabPaths) -> Vec<u8> {
     use sha2::{Digest, Sha256};
@@ -85,8 +85,9 @@ fn agent_view(paths: &LabPaths) -> Vec<u8> {
         .unwrap_or_default();
     files.retain(|p| {
         p.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
-            ["Pod_", "Namespace_", "NetworkPolicy_"]
+            ["Pod_", "Namespace_"]
                 .iter()
+                .chain(manifests::POLICY_KINDS)
                 .any(|k| f.starts_with(k))
                 && f.ends_with(".yaml")
         })
@@ -457,10 +458,9 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     // Policies before pods, so a new pod's policy is already known to its agent.
-    for o in objects
-        .iter()
-        .filter(|o| o.key.kind == "NetworkPolicy" || o.key.kind == "Service")
-    {
+    for o in objects.iter().filter(|o| {
+        manifests::POLICY_KINDS.contains(&o.key.kind.as_str()) || o.key.kind == "Service"
+    }) {
         write_manifest(&paths, &o.key.kind, &o.key.namespace, &o.key.name, &o.value)?;
         println!("{} configured", o.key.to_string().to_lowercase());
     }
@@ -546,7 +546,7 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let rank = |k: &str| match k {
         "Pod" => 0,
         "Service" => 1,
-        "NetworkPolicy" => 2,
+        "NetworkPolicy" | "ClusterNetworkPolicy" => 2,
         _ => 3,
     };
     let mut keys: Vec<&ObjectKey> = objects.iter().map(|o| &o.key).collect();
