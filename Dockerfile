@@ -51,11 +51,12 @@ FROM binaries-${BINARIES} AS build
 
 FROM ${BASE_IMAGE}
 # iptables ships both backends (iptables-legacy-* and iptables-nft-*): the agent
-# uses whichever already holds the host's rules. ipset for policy peer sets,
+# uses whichever already holds the host's rules. nftables (`nft`) for the nftables
+# dataplane and its probe, ipset for the iptables dataplane's peer sets,
 # iproute2 and conntrack for operators debugging from inside the pod, kmod so
 # modprobe works against the host's /lib/modules (mounted read-only).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables ipset iproute2 conntrack kmod \
+ && apt-get install -y --no-install-recommends iptables ipset nftables iproute2 conntrack kmod \
  && rm -rf /var/lib/apt/lists/*
 # /opt/sluice/bin is where `sluice-agent install-cni` copies the CNI binaries from
 # (its --source-bin-dir default); on PATH for the agent and operators.

@@ -63,6 +63,18 @@ impl<R: crate::dataplane::CommandRunner + 'static> PolicyDataplane for Dataplane
     }
 }
 
+impl<R: crate::dataplane::CommandRunner + 'static> PolicyDataplane
+    for crate::dataplane::SelectedDataplane<R>
+{
+    fn sync(
+        &self,
+        desired: &sluice_policy::dataplane::Ruleset,
+        mode: SyncMode,
+    ) -> Result<SyncReport, DataplaneError> {
+        self.sync_with(desired, mode)
+    }
+}
+
 /// Everything the loop needs besides the snapshot stream.
 pub struct Loop<P, N> {
     pub settings: NodeSettings,
@@ -254,13 +266,18 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
 
 /// Keep the status file fresh: on every change of readiness and every [`status::REFRESH`].
 pub async fn status_writer(path: PathBuf, node: String, health: Arc<Health>) {
-    let mut last: Option<(bool, String, bool)> = None;
+    let mut last: Option<(bool, String, bool, Option<String>)> = None;
     let mut written = Instant::now() - status::REFRESH;
     loop {
         let v = health.view();
         // The datastore reason carries its age in seconds: its presence is the change
         // (the text is refreshed with the file), so an outage is not a rewrite a tick.
-        let now = (v.ready, v.reason.clone(), v.datastore.is_some());
+        let now = (
+            v.ready,
+            v.reason.clone(),
+            v.datastore.is_some(),
+            v.dataplane.clone(),
+        );
         if last.as_ref() != Some(&now) || written.elapsed() >= status::REFRESH {
             let s = AgentStatus {
                 ready: v.ready,
@@ -268,6 +285,7 @@ pub async fn status_writer(path: PathBuf, node: String, health: Arc<Health>) {
                 node: node.clone(),
                 updated_unix: status::unix_now(),
                 datastore: v.datastore,
+                dataplane: v.dataplane,
             };
             match status::write_status(&path, &s) {
                 Ok(()) => {
@@ -306,13 +324,23 @@ fn programmed_rules(rs: &sluice_policy::dataplane::Ruleset) -> usize {
     rs.rule_count() + rs.jumps.len()
 }
 
-/// The real dataplane for this host.
+/// The real dataplane for this host: `dataplane` resolved (`auto` probes nftables),
+/// and the iptables backend it writes with or cleans up.
 pub fn exec_dataplane(
     choice: crate::dataplane::BackendChoice,
-) -> Result<Dataplane<ExecRunner>, crate::dataplane::runner::RunError> {
+    dataplane: crate::dataplane::DataplaneChoice,
+) -> Result<crate::dataplane::SelectedDataplane<ExecRunner>, crate::dataplane::runner::RunError> {
+    let selection = crate::dataplane::select::select(&ExecRunner, dataplane);
+    tracing::info!(
+        dataplane = selection.kind.as_str(),
+        reason = %selection.reason,
+        "policy dataplane"
+    );
     let backend = crate::dataplane::backend::detect_backend(&ExecRunner, choice)?;
     tracing::info!(backend = backend.name(), "iptables backend");
-    Ok(Dataplane::new(ExecRunner, backend))
+    Ok(crate::dataplane::SelectedDataplane::new(
+        ExecRunner, backend, selection,
+    ))
 }
 
 #[cfg(test)]

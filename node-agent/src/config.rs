@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use sluice_node_files::paths;
 
-use crate::dataplane::BackendChoice;
+use crate::dataplane::{BackendChoice, DataplaneChoice};
 use crate::tunnel::{DEFAULT_VXLAN_PORT, DEFAULT_VXLAN_VNI, Encapsulation};
 
 #[derive(Debug, Parser)]
@@ -158,6 +158,13 @@ pub struct RunConfig {
         default_value = "auto"
     )]
     pub iptables_backend: BackendChoice,
+
+    /// Policy dataplane: nftables (one table of sluice's, set lookups whose cost does
+    /// not grow with the number of policies), iptables (chains and ipsets), or auto:
+    /// nftables when `nft` and the kernel support what sluice uses, else iptables.
+    /// Switching removes the other dataplane's sluice objects and nothing else.
+    #[arg(long, env = "SLUICE_DATAPLANE", value_enum, default_value = "auto")]
+    pub dataplane: DataplaneChoice,
 
     /// Full resync (read kernel state, repair drift) at least this often, in seconds.
     #[arg(long, env = "SLUICE_RESYNC_SECONDS", default_value_t = 30)]

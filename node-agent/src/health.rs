@@ -40,6 +40,8 @@ pub struct Health {
     /// The loop must attempt a sync at least this often to count as alive.
     stall_after: Duration,
     datastore: Option<Arc<DatastoreHealth>>,
+    /// The policy dataplane and why it was chosen, once it has been.
+    dataplane: Mutex<Option<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +53,8 @@ pub struct HealthView {
     pub last_error: Option<String>,
     /// Why the datastore is out of sync (None while its watches are healthy).
     pub datastore: Option<String>,
+    /// The policy dataplane and why (`dataplane nftables (auto: …)`).
+    pub dataplane: Option<String>,
 }
 
 impl HealthView {
@@ -72,6 +76,7 @@ impl Health {
             }),
             stall_after,
             datastore: None,
+            dataplane: Mutex::new(None),
         }
     }
 
@@ -79,6 +84,11 @@ impl Health {
     pub fn with_datastore(mut self, datastore: Arc<DatastoreHealth>) -> Health {
         self.datastore = Some(datastore);
         self
+    }
+
+    /// The dataplane chosen at start, for `/readyz` and the status file.
+    pub fn set_dataplane(&self, detail: String) {
+        *self.dataplane.lock().unwrap_or_else(|e| e.into_inner()) = Some(detail);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -126,6 +136,11 @@ impl Health {
             consecutive_failures: i.consecutive_failures,
             last_error: i.last_error,
             datastore: self.datastore.as_ref().and_then(|d| d.problem()),
+            dataplane: self
+                .dataplane
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 }
@@ -166,6 +181,9 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         ));
     }
     if let Some(d) = &v.datastore {
+        body.push_str(&format!("{d}\n"));
+    }
+    if let Some(d) = &v.dataplane {
         body.push_str(&format!("{d}\n"));
     }
     let code = if v.serving_ready() {

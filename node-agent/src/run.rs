@@ -68,7 +68,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         block_size: cfg.block_size,
         source,
     })?;
-    let settings = node_settings(&cfg)?;
+    let mut settings = node_settings(&cfg)?;
     let datastore_health = Arc::new(crate::datastore::DatastoreHealth::default());
     let health = Arc::new(
         Health::new(cfg.resync_interval() * 3 + Duration::from_secs(30))
@@ -117,11 +117,13 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     }
 
     let dataplane = {
-        let choice = cfg.iptables_backend;
-        tokio::task::spawn_blocking(move || agent::exec_dataplane(choice))
+        let (choice, kind) = (cfg.iptables_backend, cfg.dataplane);
+        tokio::task::spawn_blocking(move || agent::exec_dataplane(choice, kind))
             .await
             .expect("backend detection does not panic")?
     };
+    settings.dataplane = dataplane.kind();
+    health.set_dataplane(dataplane.selection().detail());
 
     let (tx, rx) = tokio::sync::watch::channel(None);
     match cfg.datastore {

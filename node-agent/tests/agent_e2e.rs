@@ -3,7 +3,9 @@
 //! connections: policy allows and denies, the node reaches its pods, NodePort clients
 //! keep their address (seed 001), pods leaving the pool are masqueraded, unknown pods
 //! of a namespace with policy are fail-closed, hand-made drift is repaired, foreign
-//! rules survive, and a restart under load neither opens nor closes anything.
+//! rules survive, and a restart under load neither opens nor closes anything: each on
+//! the nftables and the iptables dataplane. The tunnel guard's packet counters and the
+//! missing-ipip case read iptables counters and run on iptables.
 
 mod agent_support;
 
@@ -91,7 +93,7 @@ fn foreign(w: &World) -> Vec<String> {
         .collect()
 }
 
-fn setup() -> (World, Agent) {
+fn setup(dataplane: Dataplane) -> (World, Agent) {
     let mut w = World::new();
     w.add_pod("prod", "web", "10.244.1.10");
     w.add_pod("prod", "db", "10.244.1.11");
@@ -110,18 +112,99 @@ fn setup() -> (World, Agent) {
     .join("---\n");
     w.write_manifest("10-pods.yaml", &pods);
     w.write_manifest("20-policies.yaml", POLICIES);
-    let agent = w.start_agent(&["--encapsulation", "none", "--iptables-backend", "nft"]);
+    let agent = w.start_agent(&agent_args(dataplane));
     w.wait_ready(&agent, Duration::from_secs(20));
+    // The status file and /readyz say which dataplane runs.
+    let status = std::fs::read_to_string(w.status_file()).unwrap();
+    let want = format!("dataplane {} (configured)", dataplane.as_str());
+    assert!(status.contains(&want), "{status}");
+    assert!(w.http_get("/readyz").contains(&want));
     (w, agent)
 }
 
+fn agent_args(dataplane: Dataplane) -> [&'static str; 6] {
+    [
+        "--encapsulation",
+        "none",
+        "--iptables-backend",
+        "nft",
+        "--dataplane",
+        dataplane.as_str(),
+    ]
+}
+
+/// What is not sluice's: iptables-nft's rules and, on nftables, every other table.
+fn foreign_of(w: &World, dataplane: Dataplane) -> Vec<String> {
+    let mut f = foreign(w);
+    if dataplane == Dataplane::Nftables {
+        f.extend(w.foreign_nft());
+    }
+    f
+}
+
+/// sluice's table as `nft list` prints it, without handles.
+fn our_table(w: &World) -> String {
+    w.node.exec("nft list table ip sluice")
+}
+
+/// Delete one rule of sluice's (the first rule of the first chain that has one) by
+/// hand; returns the rule's text.
+fn delete_one_of_our_rules(w: &World, dataplane: Dataplane) -> String {
+    match dataplane {
+        Dataplane::Iptables => {
+            let save = w.iptables_save();
+            let victim = save
+                .lines()
+                .filter(|l| l.contains("sluice:"))
+                .find(|l| l.starts_with("-A SLUICE-NAT-OUTGOING"))
+                .expect("nat rule")
+                .to_string();
+            w.node
+                .exec(&format!("iptables-nft -t nat -D {}", &victim[3..]));
+            victim
+        }
+        Dataplane::Nftables => {
+            let listing = w.node.exec("nft -a list table ip sluice");
+            let mut chain = None;
+            for l in listing.lines().map(str::trim) {
+                if let Some(c) = l.strip_prefix("chain ") {
+                    chain = c.split_whitespace().next().map(str::to_string);
+                    continue;
+                }
+                let Some((rule, handle)) = l.rsplit_once(" # handle ") else {
+                    continue;
+                };
+                if let Some(chain) = &chain
+                    && !rule.starts_with("type ")
+                    && !rule.starts_with("policy ")
+                {
+                    w.node.exec(&format!(
+                        "nft delete rule ip sluice {chain} handle {handle}"
+                    ));
+                    return format!("{chain}: {rule}");
+                }
+            }
+            panic!("no rule in sluice's table:\n{listing}")
+        }
+    }
+}
+
 #[test]
-fn policy_nat_and_nodeport_with_real_packets() {
+fn policy_nat_and_nodeport_with_real_packets_on_nftables() {
+    policy_nat_and_nodeport_with_real_packets(Dataplane::Nftables);
+}
+
+#[test]
+fn policy_nat_and_nodeport_with_real_packets_on_iptables() {
+    policy_nat_and_nodeport_with_real_packets(Dataplane::Iptables);
+}
+
+fn policy_nat_and_nodeport_with_real_packets(dataplane: Dataplane) {
     if !require_root("policy_nat_and_nodeport_with_real_packets") {
         return;
     }
-    let (w, agent) = setup();
-    let before_foreign = foreign(&w);
+    let (w, agent) = setup(dataplane);
+    let before_foreign = foreign_of(&w, dataplane);
 
     // Pod to pod: allowed by db-from-web, denied for everyone else.
     let web = w.pod("web");
@@ -196,27 +279,26 @@ fn policy_nat_and_nodeport_with_real_packets() {
     }
 
     // Drift: delete one of our rules by hand; the periodic resync (1 s) restores it.
-    let save = w.iptables_save();
-    let ours_before: Vec<&str> = save.lines().filter(|l| l.contains("sluice:")).collect();
-    let victim = ours_before
-        .iter()
-        .find(|l| l.starts_with("-A SLUICE-NAT-OUTGOING"))
-        .expect("nat rule");
-    w.node
-        .exec(&format!("iptables-nft -t nat -D {}", &victim[3..]));
+    let ours_before = match dataplane {
+        Dataplane::Iptables => w.node.exec("iptables-nft-save -t nat"),
+        Dataplane::Nftables => our_table(&w),
+    };
+    let victim = delete_one_of_our_rules(&w, dataplane);
     wait_for(
         "resync restores the deleted rule",
         Duration::from_secs(5),
-        || {
-            w.node
+        || match dataplane {
+            Dataplane::Iptables => w
+                .node
                 .exec("iptables-nft-save -t nat")
-                .contains(&victim.to_string())
+                .contains(victim.as_str()),
+            Dataplane::Nftables => our_table(&w) == ours_before,
         },
     );
 
     // Many resyncs later, the foreign rules are byte for byte what they were.
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(foreign(&w), before_foreign);
+    assert_eq!(foreign_of(&w, dataplane), before_foreign);
     drop(agent);
 }
 
@@ -229,12 +311,21 @@ fn connect_echo(from: &Pod, ip: &str, port: u16) -> bool {
 }
 
 #[test]
-fn restart_under_load_opens_nothing_and_cuts_nothing() {
+fn restart_under_load_opens_nothing_and_cuts_nothing_on_nftables() {
+    restart_under_load_opens_nothing_and_cuts_nothing(Dataplane::Nftables);
+}
+
+#[test]
+fn restart_under_load_opens_nothing_and_cuts_nothing_on_iptables() {
+    restart_under_load_opens_nothing_and_cuts_nothing(Dataplane::Iptables);
+}
+
+fn restart_under_load_opens_nothing_and_cuts_nothing(dataplane: Dataplane) {
     if !require_root("restart_under_load_opens_nothing_and_cuts_nothing") {
         return;
     }
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-    let (w, agent) = setup();
+    let (w, agent) = setup(dataplane);
     let web = w.pod("web");
     let intruder = w.pod("intruder");
     assert!(connect_echo(web, "10.244.1.11", 5432));
@@ -276,7 +367,7 @@ fn restart_under_load_opens_nothing_and_cuts_nothing() {
         ping_for(Duration::from_secs(1));
         agent.stop();
         ping_for(Duration::from_millis(1500)); // no agent at all: rules hold
-        let again = w.start_agent(&["--encapsulation", "none", "--iptables-backend", "nft"]);
+        let again = w.start_agent(&agent_args(dataplane));
         w.wait_ready(&again, Duration::from_secs(20));
         ping_for(Duration::from_secs(2)); // resyncs of the new agent
         stop.store(true, Relaxed);
@@ -290,7 +381,10 @@ fn restart_under_load_opens_nothing_and_cuts_nothing() {
         denied_passed.load(Relaxed),
         denied_blocked.load(Relaxed),
     );
-    eprintln!("allowed ok {ok} failed {failed}; denied passed {passed} blocked {blocked}");
+    eprintln!(
+        "{}: allowed ok {ok} failed {failed}; denied passed {passed} blocked {blocked}",
+        dataplane.as_str()
+    );
     assert_eq!(
         passed, 0,
         "a denied connection got through during the restart"
@@ -318,11 +412,20 @@ spec:
 "#;
 
 #[test]
-fn unknown_pods_fail_closed_until_enforced_and_bad_policy_holds_its_pods() {
+fn unknown_pods_fail_closed_until_enforced_and_bad_policy_holds_its_pods_on_nftables() {
+    unknown_pods_fail_closed_until_enforced_and_bad_policy_holds_its_pods(Dataplane::Nftables);
+}
+
+#[test]
+fn unknown_pods_fail_closed_until_enforced_and_bad_policy_holds_its_pods_on_iptables() {
+    unknown_pods_fail_closed_until_enforced_and_bad_policy_holds_its_pods(Dataplane::Iptables);
+}
+
+fn unknown_pods_fail_closed_until_enforced_and_bad_policy_holds_its_pods(dataplane: Dataplane) {
     if !require_root("unknown_pods_fail_closed_until_enforced_and_bad_policy_holds_its_pods") {
         return;
     }
-    let (mut w, _agent) = setup();
+    let (mut w, _agent) = setup(dataplane);
     // Control: from outside, a pod of a namespace without policy is reachable.
     assert_eq!(
         w.client_connect(CLIENT_IP, "10.244.1.20", 8080).unwrap(),

@@ -1,9 +1,14 @@
 //! The dataplane against the real kernel, in throwaway network namespaces: what
 //! `iptables-save` and `ipset save` show after a sync is what was rendered; foreign
 //! chains survive syncs byte for byte; a hand-deleted rule is restored; both iptables
-//! backends behave the same.
+//! backends behave the same. The same cases run on the nftables dataplane (sluice's
+//! table `ip sluice` read back with `nft -j list`), and switching a node between the
+//! two removes the other's sluice objects and leaves foreign ones byte for byte.
 
-use sluice_agent::dataplane::{Backend, Dataplane, ExecRunner};
+use sluice_agent::dataplane::nft::NftDataplane;
+use sluice_agent::dataplane::select::{DataplaneChoice, SelectedDataplane, decide};
+use sluice_agent::dataplane::{Backend, Dataplane, ExecRunner, SyncMode};
+use sluice_policy::dataplane::nft_plan::NftState;
 use sluice_policy::dataplane::{
     BuiltinJump, Chain, CtState, Interface, IpSet, Match, Rule, Ruleset, SetDirection, SetKind,
     SetMember, Table, Target,
@@ -183,6 +188,60 @@ fn both_backends(test: &str, f: impl Fn(Backend) + Sync) {
     }
 }
 
+/// A foreign nftables table (a kube-proxy nftables-mode stand-in) in the current netns.
+fn install_foreign_nft() {
+    sh("nft -f - <<'EOF'
+table inet kube-proxy {
+    set cluster-ips {
+        type ipv4_addr
+        elements = { 10.96.0.1, 10.96.0.10 }
+    }
+    chain forward {
+        type filter hook forward priority filter - 1; policy accept;
+        ip daddr @cluster-ips ct state new counter accept
+    }
+}
+EOF");
+}
+
+/// The nftables tables that are neither sluice's nor iptables-nft's (those are
+/// compared through `iptables-save`), counters set aside.
+fn foreign_nft() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for l in sh("nft list ruleset").lines() {
+        if l.starts_with("table ") {
+            skip = l.starts_with("table ip sluice ")
+                || ["filter", "nat", "mangle", "raw", "security"]
+                    .iter()
+                    .any(|t| l == format!("table ip {t} {{"));
+        }
+        if !skip {
+            let l = match l.find("counter packets") {
+                Some(i) => format!("{}counter", &l[..i]),
+                None => l.to_string(),
+            };
+            out.push(l);
+        }
+        if l == "}" {
+            skip = false;
+        }
+    }
+    out
+}
+
+/// sluice's table as the kernel holds it, through the planner's own parser.
+fn nft_state() -> Option<NftState> {
+    NftDataplane::new(ExecRunner).read().unwrap()
+}
+
+fn nft_available(test: &str) -> bool {
+    if !require_root(test) {
+        return false;
+    }
+    sluice_testkit::require_tool(test, "nft")
+}
+
 #[test]
 fn saved_rules_and_sets_are_the_rendered_text() {
     both_backends("saved_rules_and_sets_are_the_rendered_text", |backend| {
@@ -358,6 +417,216 @@ fn auto_detection_follows_the_backend_that_holds_the_rules() {
         assert_eq!(
             detect_backend(&ExecRunner, BackendChoice::Auto).unwrap(),
             Backend::Nft
+        );
+    });
+}
+
+#[test]
+fn nft_table_holds_what_was_planned_and_a_second_sync_writes_nothing() {
+    if !nft_available("nft_table_holds_what_was_planned") {
+        return;
+    }
+    in_new_netns(|| {
+        let dp = NftDataplane::new(ExecRunner);
+        let d = desired(None);
+        let first = dp.sync(&d).unwrap();
+        assert!(first.changed_anything());
+        assert_eq!(nft_state(), Some(NftState::of(&d)), "read back = planned");
+        let again = dp.sync(&d).unwrap();
+        assert!(!again.changed_anything(), "{again:?}");
+        // An added member, incremental: the kernel matches the model again.
+        let more = desired(Some("192.168.50.9"));
+        dp.sync_with(&more, SyncMode::Incremental).unwrap();
+        assert_eq!(nft_state(), Some(NftState::of(&more)));
+    });
+}
+
+#[test]
+fn nft_foreign_tables_and_iptables_rules_are_byte_identical_after_ten_syncs() {
+    if !nft_available("nft_foreign_tables_are_byte_identical") {
+        return;
+    }
+    in_new_netns(|| {
+        install_foreign(Backend::Nft);
+        install_foreign_nft();
+        let before = (foreign_lines(Backend::Nft), foreign_nft());
+        assert!(
+            before.1.iter().any(|l| l.contains("cluster-ips")),
+            "{before:?}"
+        );
+        let dp = NftDataplane::new(ExecRunner);
+        for i in 0..10 {
+            let extra = (i % 2 == 1).then_some("192.168.50.9");
+            let mode = if i % 3 == 0 {
+                SyncMode::Full
+            } else {
+                SyncMode::Incremental
+            };
+            dp.sync_with(&desired(extra), mode).unwrap();
+        }
+        assert!(nft_state().is_some());
+        assert_eq!((foreign_lines(Backend::Nft), foreign_nft()), before);
+    });
+}
+
+#[test]
+fn nft_hand_deleted_rule_and_table_are_restored_by_a_full_sync() {
+    if !nft_available("nft_hand_deleted_rule_is_restored") {
+        return;
+    }
+    in_new_netns(|| {
+        let dp = NftDataplane::new(ExecRunner);
+        let d = desired(None);
+        dp.sync(&d).unwrap();
+        let before = sh("nft list table ip sluice");
+        // The first rule of the first chain that has one, by handle.
+        let listing = sh("nft -a list table ip sluice");
+        let mut chain = None;
+        let mut victim = None;
+        for l in listing.lines().map(str::trim) {
+            if let Some(c) = l.strip_prefix("chain ") {
+                chain = c.split_whitespace().next().map(str::to_string);
+            } else if let (Some(c), Some((rule, h))) = (&chain, l.rsplit_once(" # handle "))
+                && !rule.starts_with("type ")
+                && !rule.starts_with("policy ")
+            {
+                victim = Some((c.clone(), h.to_string()));
+                break;
+            }
+        }
+        let (c, h) = victim.unwrap_or_else(|| panic!("no rule:\n{listing}"));
+        sh(&format!("nft delete rule ip sluice {c} handle {h}"));
+        assert_ne!(sh("nft list table ip sluice"), before);
+        let r = dp.sync(&d).unwrap();
+        assert!(r.chains_rewritten >= 1, "{r:?}");
+        assert_eq!(sh("nft list table ip sluice"), before);
+        // The whole table gone: recreated.
+        sh("nft delete table ip sluice");
+        dp.sync(&d).unwrap();
+        assert_eq!(sh("nft list table ip sluice"), before);
+    });
+}
+
+#[test]
+fn nft_removed_chains_and_sets_are_deleted() {
+    if !nft_available("nft_removed_chains_and_sets_are_deleted") {
+        return;
+    }
+    in_new_netns(|| {
+        let dp = NftDataplane::new(ExecRunner);
+        dp.sync(&desired(None)).unwrap();
+        let mut smaller = Ruleset::default();
+        smaller.tables.insert(Table::Filter, Default::default());
+        smaller.tables.insert(Table::Nat, Default::default());
+        let r = dp.sync(&smaller).unwrap();
+        assert!(r.changed_anything(), "{r:?}");
+        assert_eq!(nft_state(), Some(NftState::of(&smaller)));
+        let listed = sh("nft list table ip sluice");
+        assert!(
+            !listed.contains("192.168.50.1") && !listed.contains("10.244.0.0/16"),
+            "{listed}"
+        );
+    });
+}
+
+#[test]
+fn switching_dataplanes_removes_the_others_sluice_objects_and_nothing_foreign() {
+    if !nft_available("switching_dataplanes") {
+        return;
+    }
+    in_new_netns(|| {
+        install_foreign(Backend::Nft);
+        install_foreign_nft();
+        let foreign = || {
+            (
+                foreign_lines(Backend::Nft),
+                foreign_nft(),
+                ipsets_not_ours(),
+            )
+        };
+        sh("ipset create FOREIGN-SET hash:ip && ipset add FOREIGN-SET 10.1.1.1");
+        let before = foreign();
+        // Both of sluice's at once, as a node mid-switch could hold them.
+        let d = desired(None);
+        Dataplane::new(ExecRunner, Backend::Nft).sync(&d).unwrap();
+        NftDataplane::new(ExecRunner).sync(&d).unwrap();
+        assert!(sh("iptables-nft-save").contains("SLUICE") && nft_state().is_some());
+
+        // Start on nftables: sluice's iptables chains, jumps and ipsets go.
+        let on_nft = SelectedDataplane::new(
+            ExecRunner,
+            Backend::Nft,
+            decide(DataplaneChoice::Nftables, || Ok(())),
+        );
+        on_nft.sync_with(&d, SyncMode::Full).unwrap();
+        assert!(
+            !sh("iptables-nft-save").contains("SLUICE"),
+            "{}",
+            sh("iptables-nft-save")
+        );
+        assert!(!sh("ipset save").contains("SLUICE"));
+        assert_eq!(nft_state(), Some(NftState::of(&d)));
+        assert_eq!(
+            foreign(),
+            before,
+            "foreign objects after switching to nftables"
+        );
+        // A restart on nftables finds nothing to remove and writes nothing.
+        let again = SelectedDataplane::new(
+            ExecRunner,
+            Backend::Nft,
+            decide(DataplaneChoice::Nftables, || Ok(())),
+        );
+        assert!(
+            !again
+                .sync_with(&d, SyncMode::Full)
+                .unwrap()
+                .changed_anything()
+        );
+
+        // Back to iptables: sluice's table goes, its chains come back.
+        let on_ipt = SelectedDataplane::new(
+            ExecRunner,
+            Backend::Nft,
+            decide(DataplaneChoice::Iptables, || Ok(())),
+        );
+        on_ipt.sync_with(&d, SyncMode::Full).unwrap();
+        assert_eq!(nft_state(), None, "{}", sh("nft list ruleset"));
+        assert!(sh("iptables-nft-save").contains("SLUICE-FORWARD"));
+        let now = foreign();
+        assert_eq!(
+            now, before,
+            "foreign objects after switching back to iptables"
+        );
+    });
+}
+
+/// `ipset save` lines of sets that are not sluice's.
+fn ipsets_not_ours() -> Vec<String> {
+    sh("ipset save")
+        .lines()
+        .filter(|l| !l.contains("SLUICE-"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn auto_picks_nftables_on_this_kernel_because_nft_check_accepts_the_probe() {
+    if !nft_available("auto_picks_nftables") {
+        return;
+    }
+    in_new_netns(|| {
+        let s = sluice_agent::dataplane::select::select(&ExecRunner, DataplaneChoice::Auto);
+        assert_eq!(
+            s.kind,
+            sluice_policy::dataplane::DataplaneKind::Nftables,
+            "{s:?}"
+        );
+        // --check commits nothing: no probe table is left behind.
+        assert!(
+            !sh("nft list ruleset").contains("table"),
+            "{}",
+            sh("nft list ruleset")
         );
     });
 }

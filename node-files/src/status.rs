@@ -1,6 +1,7 @@
 //! The agent status file: `{"ready": true, "reason": "…", "node": "node-1",
 //! "updatedUnix": 1732380000}`, plus `"datastore": "…"` while the agent's datastore
-//! is out of sync (the API server unreachable). `ready` alone gates ADD: a node whose
+//! is out of sync (the API server unreachable), and `"dataplane": "…"` once the agent
+//! has chosen its policy dataplane. `ready` alone gates ADD: a node whose
 //! dataplane is programmed keeps starting pods through an API outage. The agent writes it atomically on every readiness
 //! change and at least every [`REFRESH`]; the plugin's STATUS (and ADD with
 //! `requireAgent`) reads it and judges it with [`assess`], which treats a file older
@@ -31,6 +32,10 @@ pub struct AgentStatus {
     /// Informational: readers do not gate on it (the last state stays programmed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datastore: Option<String>,
+    /// The policy dataplane the agent runs and why (`dataplane nftables (auto: …)`);
+    /// absent before it has chosen. Informational, like `datastore`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<String>,
 }
 
 /// Seconds since the Unix epoch, now.
@@ -149,6 +154,7 @@ mod tests {
             node: "node-1".into(),
             updated_unix: unix_now(),
             datastore: None,
+            dataplane: None,
         };
         write(&p, &s).unwrap();
         assert_eq!(read(&p), Readiness::Ready);
@@ -164,6 +170,7 @@ mod tests {
             node: "node-1".into(),
             updated_unix: 1732380000,
             datastore: None,
+            dataplane: None,
         };
         write(&p, &s).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();

@@ -100,8 +100,7 @@ pub fn policy_chain(policy: &NamespacedName, direction: Direction) -> String {
 /// The chain of a group of local pods (nftables flat form) isolated in `direction` by
 /// the same `policies` and, for ingress, resolving the named ports those policies
 /// reference to the same numbers (`named`: name, protocol, ports):
-/// `SLUICE-GI-<hash>` / `SLUICE-GE-<hash>`. Its sets are [`group_tuple_set`] and
-/// [`group_any_set`].
+/// `SLUICE-GI-<hash>` / `SLUICE-GE-<hash>`. Its sets are named by [`flat_set`].
 pub fn group_chain(
     direction: Direction,
     policies: &[NamespacedName],

@@ -2,8 +2,10 @@
 //! (this host's kernel has no ipip): `tests/qemu/run-vm.sh` boots it on
 //! this host's own filesystem, and the same e2e test binaries run inside with
 //! `SLUICE_E2E_ENCAP=ipip`: seed 001's NodePort Local/Cluster (the tunnel address is
-//! tunl0's now), cross-node traffic through tunl0, `lab down` leaving nothing, and
-//! upstream truth tables including SCTP, which the guest kernel has.
+//! tunl0's now) and cross-node traffic through tunl0 on both policy dataplanes,
+//! `lab down` leaving nothing, and upstream truth tables including SCTP, which the
+//! guest kernel has (five on iptables, three of them on nftables). The guest runs the
+//! host's own `nft` (the root file system is shared) on Debian's kernel's nf_tables.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,16 +57,24 @@ fn lab_e2e_runs_with_ipip_under_qemu() {
     let seeds = sibling_test("lab_seeds");
     let topo = sibling_test("lab_topology");
     let upstream = sibling_test("lab_upstream");
+    // Both dataplanes: seed 001 (NodePort, tunnel addresses) and cross-node traffic
+    // through tunl0 on each; the upstream tables in full subset on iptables and a
+    // representative part of it on nftables (plain deny, selectors, ports, SCTP),
+    // which keeps the VM's run time in check (tests/e2e/TIMINGS.md).
     let script = format!(
         "set -e\n\
-         echo '== seed 001 with ipip'\n\
-         {s} --exact seed_001_nodeport_local_keeps_the_load_balancer_address_and_cluster_does_not --nocapture\n\
-         echo '== cross-node through tunl0'\n\
-         {t} --exact cross_node_traffic_crosses_the_tunnel_with_pod_addresses_and_reaches_outside --nocapture\n\
+         nft --version\n\
+         echo '== seed 001 with ipip, nftables and iptables'\n\
+         {s} seed_001_nodeport_local --nocapture\n\
+         echo '== cross-node through tunl0, nftables and iptables'\n\
+         {t} cross_node_traffic_crosses_the_tunnel --nocapture\n\
          echo '== lab down leaves nothing'\n\
          {t} --exact lab_down_leaves_no_namespace_link_rule_set_file_or_process --nocapture\n\
-         echo '== upstream truth tables, SCTP included'\n\
-         {u} --nocapture\n",
+         echo '== upstream truth tables, SCTP included, iptables'\n\
+         {u} --exact upstream_netpol_truth_tables_hold_with_real_packets_on_iptables --nocapture\n\
+         echo '== upstream truth tables, SCTP included, nftables (subset)'\n\
+         SLUICE_E2E_CASES=upstream-01,upstream-14,upstream-42 \\\n\
+         {u} --exact upstream_netpol_truth_tables_hold_with_real_packets_on_nftables --nocapture\n",
         s = seeds.display(),
         t = topo.display(),
         u = upstream.display(),

@@ -4,11 +4,12 @@
 //! externalTrafficPolicy Local vs Cluster), and ipBlock 172.16.0.0/16 except
 //! 172.16.8.0/24 on TCP 80 and 81 (seed 003). Expectations are the policy engine's
 //! hand-written files; every probe is also checked against `sluicectl policy check`.
+//! Each scenario runs on the nftables and on the iptables dataplane.
 
 use std::path::Path;
 
 use sluice_e2e::scenario::{self, Report};
-use sluice_e2e::{Lab, e2e_data, policy_data};
+use sluice_e2e::{Dataplane, Lab, e2e_data, policy_data};
 
 fn encap() -> String {
     std::env::var("SLUICE_E2E_ENCAP").unwrap_or_else(|_| "auto".into())
@@ -34,34 +35,73 @@ fn assert_clean(r: &Report) {
     );
 }
 
-fn run_seed(lab_name: &str, scenario_name: &str) {
-    let lab = Lab::up(lab_name, nodes_of(scenario_name), &encap());
+fn run_seed(test: &str, lab_name: &str, scenario_name: &str, dataplane: Dataplane) {
+    if !dataplane.runs(test) {
+        return;
+    }
+    let lab = Lab::up_on(lab_name, nodes_of(scenario_name), &encap(), dataplane);
     let r = scenario::run(&lab, scenario_name, lab.serves_sctp());
     assert_clean(&r);
 }
 
 #[test]
-fn seed_000_egress_default_deny_still_allows_dns_on_tcp_and_udp_53() {
-    if !sluice_testkit::require_root("seed_000") {
-        return;
-    }
-    run_seed("e2e-seed0", "seed-000-egress-dns");
+fn seed_000_egress_default_deny_still_allows_dns_on_tcp_and_udp_53_on_nftables() {
+    run_seed(
+        "seed_000",
+        "e2e-seed0",
+        "seed-000-egress-dns",
+        Dataplane::Nftables,
+    );
 }
 
 #[test]
-fn seed_000_egress_to_kube_dns_only_allows_nothing_else() {
-    if !sluice_testkit::require_root("seed_000_kube_dns_only") {
-        return;
-    }
-    run_seed("e2e-seed0k", "seed-000-egress-dns-kube-dns-only");
+fn seed_000_egress_default_deny_still_allows_dns_on_tcp_and_udp_53_on_iptables() {
+    run_seed(
+        "seed_000",
+        "e2e-seed0",
+        "seed-000-egress-dns",
+        Dataplane::Iptables,
+    );
 }
 
 #[test]
-fn seed_003_ipblock_except_on_tcp_80_and_81() {
-    if !sluice_testkit::require_root("seed_003") {
-        return;
-    }
-    run_seed("e2e-seed3", "seed-003-linuxea-ipblock-except");
+fn seed_000_egress_to_kube_dns_only_allows_nothing_else_on_nftables() {
+    run_seed(
+        "seed_000_kube_dns_only",
+        "e2e-seed0k",
+        "seed-000-egress-dns-kube-dns-only",
+        Dataplane::Nftables,
+    );
+}
+
+#[test]
+fn seed_000_egress_to_kube_dns_only_allows_nothing_else_on_iptables() {
+    run_seed(
+        "seed_000_kube_dns_only",
+        "e2e-seed0k",
+        "seed-000-egress-dns-kube-dns-only",
+        Dataplane::Iptables,
+    );
+}
+
+#[test]
+fn seed_003_ipblock_except_on_tcp_80_and_81_on_nftables() {
+    run_seed(
+        "seed_003",
+        "e2e-seed3",
+        "seed-003-linuxea-ipblock-except",
+        Dataplane::Nftables,
+    );
+}
+
+#[test]
+fn seed_003_ipblock_except_on_tcp_80_and_81_on_iptables() {
+    run_seed(
+        "seed_003",
+        "e2e-seed3",
+        "seed-003-linuxea-ipblock-except",
+        Dataplane::Iptables,
+    );
 }
 
 fn tunnel_ip(lab: &Lab, node: &str) -> String {
@@ -77,11 +117,20 @@ fn tunnel_ip(lab: &Lab, node: &str) -> String {
 }
 
 #[test]
-fn seed_001_nodeport_local_keeps_the_load_balancer_address_and_cluster_does_not() {
-    if !sluice_testkit::require_root("seed_001") {
+fn seed_001_nodeport_local_keeps_the_load_balancer_address_and_cluster_does_not_on_nftables() {
+    seed_001(Dataplane::Nftables);
+}
+
+#[test]
+fn seed_001_nodeport_local_keeps_the_load_balancer_address_and_cluster_does_not_on_iptables() {
+    seed_001(Dataplane::Iptables);
+}
+
+fn seed_001(dataplane: Dataplane) {
+    if !dataplane.runs("seed_001") {
         return;
     }
-    let lab = Lab::up("e2e-seed1", 2, &encap());
+    let lab = Lab::up_on("e2e-seed1", 2, &encap(), dataplane);
     // The seed's own probes (pod and ipBlock semantics).
     let r = scenario::run(&lab, "seed-001-foo-ipblock-region", lab.serves_sctp());
     assert_clean(&r);

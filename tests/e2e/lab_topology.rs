@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use sluice_e2e::{Lab, e2e_data};
+use sluice_e2e::{Dataplane, Lab, e2e_data};
 
 fn encap() -> String {
     std::env::var("SLUICE_E2E_ENCAP").unwrap_or_else(|_| "auto".into())
@@ -298,16 +298,25 @@ fn probes_that_cannot_be_sent_are_errors_not_blocked() {
 }
 
 #[test]
-fn cross_node_traffic_crosses_the_tunnel_with_pod_addresses_and_reaches_outside() {
-    if !sluice_testkit::require_root("cross_node") {
+fn cross_node_traffic_crosses_the_tunnel_with_pod_addresses_and_reaches_outside_on_nftables() {
+    cross_node(Dataplane::Nftables);
+}
+
+#[test]
+fn cross_node_traffic_crosses_the_tunnel_with_pod_addresses_and_reaches_outside_on_iptables() {
+    cross_node(Dataplane::Iptables);
+}
+
+fn cross_node(dataplane: Dataplane) {
+    if !dataplane.runs("cross_node") {
         return;
     }
-    let lab = Lab::up("e2e-x", 2, &encap());
+    let lab = Lab::up_on("e2e-x", 2, &encap(), dataplane);
     lab.apply(&[&e2e_data("basic/pods.yaml")]);
     let front = lab.pod_ip("web/front");
     let back = lab.pod_ip("web/back");
     // node-1 reaches node-2's pods through the tunnel device, not the underlay.
-    let route = sh(&format!("ip -n e2e-x-node-1 route get {back}"));
+    let route = sh(&format!("ip -n {}-node-1 route get {back}", lab.name));
     assert!(
         route.contains("tunl0") || route.contains("sluice.vxlan"),
         "{route}"
@@ -336,7 +345,7 @@ fn cross_node_traffic_crosses_the_tunnel_with_pod_addresses_and_reaches_outside(
     // With nat-outgoing on, the agent masquerades pod traffic leaving the pool:
     // the outside server sees the node's uplink address instead.
     let lab = Lab::up_with(
-        "e2e-xnat",
+        &dataplane.lab_name("e2e-xnat"),
         &[
             "--nodes",
             "2",
@@ -344,8 +353,11 @@ fn cross_node_traffic_crosses_the_tunnel_with_pod_addresses_and_reaches_outside(
             &encap(),
             "--nat-outgoing",
             "true",
+            "--dataplane",
+            dataplane.as_str(),
         ],
     );
+    lab.assert_dataplane(dataplane);
     lab.apply(&[&e2e_data("basic/pods.yaml")]);
     let o = lab.probe("web/back", "ip:198.51.100.7", 443, "TCP");
     assert!(o.connected(), "{o:?}");

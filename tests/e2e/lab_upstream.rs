@@ -1,24 +1,34 @@
 //! The upstream Kubernetes e2e NetworkPolicy cases (x, y, z × a, b, c; ports 80 and
 //! 81 over TCP and UDP, SCTP where the kernel has it) with real packets through
 //! `sluice`, `sluice-agent` and the kernel, each truth table checked against the
-//! hand-written expectation and against `sluicectl policy check` (the differential).
+//! hand-written expectation and against `sluicectl policy check` (the differential),
+//! on the nftables and the iptables dataplane.
 
 use std::path::{Path, PathBuf};
 
 use sluice_e2e::scenario::{self, Report};
-use sluice_e2e::{Lab, policy_data};
+use sluice_e2e::{Dataplane, Lab, policy_data};
 
 fn encap() -> String {
     std::env::var("SLUICE_E2E_ENCAP").unwrap_or_else(|_| "auto".into())
 }
 
 #[test]
-fn upstream_netpol_truth_tables_hold_with_real_packets_and_match_policy_check() {
-    if !sluice_testkit::require_root("upstream_netpol_truth_tables") {
+fn upstream_netpol_truth_tables_hold_with_real_packets_on_nftables() {
+    upstream_truth_tables(Dataplane::Nftables);
+}
+
+#[test]
+fn upstream_netpol_truth_tables_hold_with_real_packets_on_iptables() {
+    upstream_truth_tables(Dataplane::Iptables);
+}
+
+fn upstream_truth_tables(dataplane: Dataplane) {
+    if !dataplane.runs("upstream_netpol_truth_tables") {
         return;
     }
     let started = std::time::Instant::now();
-    let lab = Lab::up("e2e-upstream", 2, &encap());
+    let lab = Lab::up_on("e2e-upstream", 2, &encap(), dataplane);
     let cluster = policy_data("upstream-cluster/cluster.yaml");
     lab.apply(&[&cluster]);
     let fx = scenario::fixture(&[cluster]);
@@ -48,7 +58,8 @@ fn upstream_netpol_truth_tables_hold_with_real_packets_and_match_policy_check() 
         let r = scenario::check(&lab, &case, &e, &fx, sctp);
         lab.delete(&refs);
         eprintln!(
-            "{case}: {} cells, {} probes, {} failures, {} differential, {} skipped, {:.1} s",
+            "{} {case}: {} cells, {} probes, {} failures, {} differential, {} skipped, {:.1} s",
+            dataplane.as_str(),
             r.cells,
             r.probes,
             r.failures.len(),
@@ -66,7 +77,8 @@ fn upstream_netpol_truth_tables_hold_with_real_packets_and_match_policy_check() 
         total.skipped.extend(r.skipped);
     }
     eprintln!(
-        "upstream: {cases} truth tables, {} cells, {} probes in {:.0} s; skipped: {:#?}",
+        "upstream on {}: {cases} truth tables, {} cells, {} probes in {:.0} s; skipped: {:#?}",
+        dataplane.as_str(),
         total.cells,
         total.probes,
         started.elapsed().as_secs_f64(),
@@ -81,7 +93,8 @@ fn upstream_netpol_truth_tables_hold_with_real_packets_and_match_policy_check() 
     }
     assert!(
         total.failures.is_empty() && total.differential.is_empty(),
-        "lab vs expectations:\n{}\n\nlab vs sluicectl policy check:\n{}",
+        "{}: lab vs expectations:\n{}\n\nlab vs sluicectl policy check:\n{}",
+        dataplane.as_str(),
         total.failures.join("\n"),
         total.differential.join("\n")
     );

@@ -164,6 +164,60 @@ fn verdict(b: bool) -> &'static str {
     if b { "allowed" } else { "denied" }
 }
 
+/// The policy dataplane a lab's agents run (`sluicectl lab up --dataplane`). Every
+/// lab suite runs each case on both (issue 11: both dataplanes are first-class);
+/// `SLUICE_E2E_DATAPLANES=nftables` (or `iptables`, comma-separated) narrows a run,
+/// which is how the QEMU suite keeps to a representative subset on one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dataplane {
+    Nftables,
+    Iptables,
+}
+
+impl Dataplane {
+    pub const BOTH: [Dataplane; 2] = [Dataplane::Nftables, Dataplane::Iptables];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dataplane::Nftables => "nftables",
+            Dataplane::Iptables => "iptables",
+        }
+    }
+
+    /// Whether this run covers the dataplane (`SLUICE_E2E_DATAPLANES`, default both).
+    pub fn selected(self) -> bool {
+        match std::env::var("SLUICE_E2E_DATAPLANES") {
+            Ok(v) if !v.trim().is_empty() => v.split(',').any(|d| d.trim() == self.as_str()),
+            _ => true,
+        }
+    }
+
+    /// The lab name for a case on this dataplane (lab names are at most 24 characters).
+    pub fn lab_name(self, base: &str) -> String {
+        let suffix = match self {
+            Dataplane::Nftables => "-nf",
+            Dataplane::Iptables => "-ip",
+        };
+        format!("{base}{suffix}")
+    }
+
+    /// `require_root` for a privileged case on this dataplane, and whether this run
+    /// covers it (a dataplane left out is a skip with a line saying so, not a pass).
+    pub fn runs(self, test: &str) -> bool {
+        if !sluice_testkit::require_root(test) {
+            return false;
+        }
+        if !self.selected() {
+            eprintln!(
+                "{test}: {} not in SLUICE_E2E_DATAPLANES, skipped",
+                self.as_str()
+            );
+            return false;
+        }
+        true
+    }
+}
+
 /// A running lab; `lab down` on drop.
 pub struct Lab {
     pub name: String,
@@ -177,6 +231,40 @@ impl Lab {
         must(&["lab", "up", "--name", name, "--nodes", &n, "--encap", encap]);
         Lab {
             name: name.to_string(),
+        }
+    }
+
+    /// `lab up` with the agents on `dataplane`, named for it (two dataplanes' labs of
+    /// one case never collide), after checking that every agent chose it.
+    pub fn up_on(base: &str, nodes: usize, encap: &str, dataplane: Dataplane) -> Lab {
+        let n = nodes.to_string();
+        let name = dataplane.lab_name(base);
+        let lab = Lab::up_with(
+            &name,
+            &[
+                "--nodes",
+                &n,
+                "--encap",
+                encap,
+                "--dataplane",
+                dataplane.as_str(),
+            ],
+        );
+        lab.assert_dataplane(dataplane);
+        lab
+    }
+
+    /// Every node's agent reports running `dataplane`.
+    pub fn assert_dataplane(&self, dataplane: Dataplane) {
+        let st = self.status();
+        for n in st["nodes"].as_array().expect("nodes") {
+            let d = n["agent"]["dataplane"].as_str().unwrap_or("");
+            assert!(
+                d.starts_with(&format!("dataplane {}", dataplane.as_str())),
+                "{}: agent reports {d:?}, wanted {}",
+                n["name"],
+                dataplane.as_str()
+            );
         }
     }
 

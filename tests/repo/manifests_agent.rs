@@ -824,6 +824,7 @@ fn the_image_carries_every_tool_the_agent_executes() {
     let package_of = |program: &str| match program {
         p if p.starts_with("iptables") || p.starts_with("ip6tables") => "iptables",
         "ipset" => "ipset",
+        "nft" => "nftables",
         "ip" | "bridge" | "tc" => "iproute2",
         "modprobe" => "kmod",
         "conntrack" => "conntrack",

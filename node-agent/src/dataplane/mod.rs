@@ -17,11 +17,16 @@
 //! the change adds (a pod relabelled into a peer set while the policy naming that
 //! peer is deleted) — allowed by neither policy.
 //!
+//! The nftables dataplane ([`nft`]) is the same model written as one table in one
+//! transaction; [`select`] picks one per node and is what the agent holds.
+//!
 //! A sync with nothing to change writes nothing, which is what lets a periodic resync
 //! repair drift without disturbing the rest.
 
 pub mod backend;
+pub mod nft;
 pub mod runner;
+pub mod select;
 
 use sluice_policy::dataplane::plan::{self, KernelState, Plan};
 use sluice_policy::dataplane::{ModelError, Ruleset};
@@ -29,7 +34,9 @@ use sluice_policy::names;
 use sluice_policy::render::{ipset, iptables};
 
 pub use backend::{Backend, BackendChoice};
+pub use nft::NftDataplane;
 pub use runner::{CommandRunner, ExecRunner, RecordingRunner};
+pub use select::{DataplaneChoice, SelectedDataplane, Selection};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -37,6 +44,8 @@ pub enum DataplaneError {
     Run(#[from] runner::RunError),
     #[error(transparent)]
     Plan(#[from] ModelError),
+    #[error(transparent)]
+    NftListing(#[from] sluice_policy::dataplane::nft_plan::NftParseError),
 }
 
 /// What a sync did.

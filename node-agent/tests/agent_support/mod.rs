@@ -357,6 +357,14 @@ impl World {
                 "1",
             ])
             .args(["--log", "info,sluice_agent=debug"])
+            // Tests that read iptables state name no dataplane: iptables for them, not
+            // whatever `auto` finds; the nftables cases pass `--dataplane nftables`.
+            .args(
+                (!extra.contains(&"--dataplane"))
+                    .then_some(["--dataplane", "iptables"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .env_remove("SLUICE_NODE_NAME")
             .stdin(Stdio::null())
@@ -409,6 +417,58 @@ impl World {
 
     pub fn iptables_save(&self) -> String {
         self.node.exec("iptables-nft-save")
+    }
+
+    /// Every table of the node's nftables ruleset but sluice's and iptables-nft's,
+    /// counters zeroed: what the nftables dataplane must never touch.
+    pub fn foreign_nft(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut in_ours = false;
+        for l in self.node.exec("nft list ruleset").lines() {
+            // iptables-nft's tables are compared through iptables-save.
+            if l.starts_with("table ") {
+                in_ours = l.starts_with("table ip sluice ")
+                    || ["filter", "nat", "mangle", "raw", "security"]
+                        .iter()
+                        .any(|t| l == format!("table ip {t} {{"));
+            }
+            if !in_ours {
+                out.push(zero_counters(l));
+            }
+            if l == "}" {
+                in_ours = false;
+            }
+        }
+        out
+    }
+}
+
+/// `counter packets 3 bytes 180` → `counter`: real traffic moves counters.
+fn zero_counters(line: &str) -> String {
+    let mut words: Vec<&str> = Vec::new();
+    let mut it = line.split(' ').peekable();
+    while let Some(w) = it.next() {
+        words.push(w);
+        if w == "counter" && it.peek() == Some(&"packets") {
+            it.nth(3); // packets N bytes N
+        }
+    }
+    words.join(" ")
+}
+
+/// The policy dataplane of an agent test: each case that is about policy runs on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dataplane {
+    Nftables,
+    Iptables,
+}
+
+impl Dataplane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dataplane::Nftables => "nftables",
+            Dataplane::Iptables => "iptables",
+        }
     }
 }
 

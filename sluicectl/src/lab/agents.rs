@@ -47,6 +47,8 @@ pub fn command_line(st: &LabState, node: &NodeState, paths: &LabPaths) -> Vec<St
         st.nat_outgoing.to_string(),
         "--iptables-backend".into(),
         st.iptables_backend.as_str().into(),
+        "--dataplane".into(),
+        st.dataplane.as_str().into(),
         "--status-file".into(),
         r(&files.agent_status_file),
         "--mtu-file".into(),
@@ -88,6 +90,9 @@ pub struct Health {
     pub running: bool,
     pub ready: bool,
     pub reason: String,
+    /// The policy dataplane the agent chose and why (its status file says).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<String>,
 }
 
 pub fn read_status(node: &NodeState) -> Option<AgentStatus> {
@@ -101,6 +106,7 @@ pub fn health(node: &NodeState) -> Health {
         Some(s) => Health {
             running,
             ready: running && s.ready,
+            dataplane: s.dataplane,
             reason: if running {
                 s.reason
             } else {
@@ -110,6 +116,7 @@ pub fn health(node: &NodeState) -> Health {
         None => Health {
             running,
             ready: false,
+            dataplane: None,
             reason: if running {
                 "no status file yet".into()
             } else {

@@ -14,8 +14,9 @@
 //! sluicectl lab delete --name NAME -f PATH
 //! sluicectl lab down  --name NAME
 //! ```
-//! Extra knobs beyond that interface: `up --iptables-backend auto|nft|legacy` (which
-//! iptables the agents program), `up --nat-outgoing true` (off by default: the
+//! Extra knobs beyond that interface: `up --dataplane auto|nftables|iptables` (the
+//! agents' policy dataplane; `status` shows each one's choice and why),
+//! `up --iptables-backend auto|nft|legacy` (which iptables the agents program), `up --nat-outgoing true` (off by default: the
 //! lab's outside network routes pod addresses, so outside hosts see pods' own
 //! addresses), `matrix --timeout-ms`, `apply --prune`.
 //!
@@ -95,7 +96,14 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
                 st.pool
             );
             for n in &st.nodes {
-                println!("  {}  netns {}  uplink {}", n.name, n.netns, n.uplink_ip);
+                let dataplane = agents::read_status(n)
+                    .and_then(|s| s.dataplane)
+                    .map(|d| format!("  {d}"))
+                    .unwrap_or_default();
+                println!(
+                    "  {}  netns {}  uplink {}{dataplane}",
+                    n.name, n.netns, n.uplink_ip
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

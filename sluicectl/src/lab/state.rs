@@ -39,6 +39,27 @@ pub enum IptablesBackend {
     Legacy,
 }
 
+/// Which policy dataplane the lab's agents run (`sluice-agent run --dataplane`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Dataplane {
+    /// The agent's own choice: nftables where `nft` and the kernel support it.
+    #[default]
+    Auto,
+    Nftables,
+    Iptables,
+}
+
+impl Dataplane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dataplane::Auto => "auto",
+            Dataplane::Nftables => "nftables",
+            Dataplane::Iptables => "iptables",
+        }
+    }
+}
+
 impl IptablesBackend {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -223,6 +244,9 @@ pub struct LabState {
     /// The iptables backend the agents use.
     #[serde(default)]
     pub iptables_backend: IptablesBackend,
+    /// The policy dataplane the agents were asked for (each reports what it chose).
+    #[serde(default)]
+    pub dataplane: Dataplane,
     /// Whether agents run (false only with the hidden `--no-agent`).
     #[serde(default = "yes")]
     pub agents: bool,

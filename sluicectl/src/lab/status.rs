@@ -48,6 +48,7 @@ pub fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     running: false,
                     ready: false,
                     reason: "lab made without agents".into(),
+                    dataplane: None,
                 }
             };
             (n, h)
@@ -59,6 +60,7 @@ pub fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
             let v = json!({
                 "name": st.name,
                 "encap": st.encap.as_str(),
+                "dataplaneRequested": st.dataplane.as_str(),
                 "sctp": super::serve::sctp_supported(),
                 "pool": st.pool.to_string(),
                 "underlay": st.underlay_cidr.to_string(),
@@ -89,11 +91,14 @@ pub fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
             );
             println!("NODE      UPLINK           NETNS                     AGENT");
             for (n, h) in &nodes {
-                let agent = if h.ready {
+                let mut agent = if h.ready {
                     "ready".to_string()
                 } else {
                     format!("not ready: {}", h.reason)
                 };
+                if let Some(d) = &h.dataplane {
+                    agent.push_str(&format!(", {d}"));
+                }
                 println!(
                     "{:9} {:16} {:25} {agent}",
                     n.name,

@@ -47,6 +47,10 @@ pub struct UpArgs {
     /// gets nft), nft or legacy. Shows that sluice behaves the same on both.
     #[arg(long, value_enum, default_value_t = state::IptablesBackend::Auto)]
     pub iptables_backend: state::IptablesBackend,
+    /// Policy dataplane of the agents: auto (nftables where `nft` and the kernel
+    /// support it, else iptables), nftables or iptables.
+    #[arg(long, value_enum, default_value_t = state::Dataplane::Auto)]
+    pub dataplane: state::Dataplane,
     /// Build nodes without agents (debugging the topology alone).
     #[arg(long, hide = true)]
     pub no_agent: bool,
@@ -204,6 +208,7 @@ pub fn up(args: UpArgs) -> Result<LabState, LabError> {
         agents: !args.no_agent,
         nat_outgoing: args.nat_outgoing,
         iptables_backend: args.iptables_backend,
+        dataplane: args.dataplane,
     };
     // Save early: if anything below fails, `down` still finds what was made.
     for d in [paths.manifests(), paths.blocks(), paths.logs()] {

@@ -7,6 +7,8 @@
 //!
 //! The default output is both texts under `#` comment lines (both tools skip them);
 //! `--only ipset` or `--only iptables` prints one text alone, ready to pipe.
+//! `--dataplane nftables` prints instead the `nft -f` text of sluice's table, the
+//! agent's nftables form of the same node (`sluice-agent run --dataplane nftables`).
 
 use std::net::Ipv4Addr;
 use std::process::ExitCode;
@@ -15,10 +17,11 @@ use anyhow::Context;
 use std::collections::BTreeMap;
 
 use sluice_policy::compile::Ruleset;
+use sluice_policy::dataplane::DataplaneKind;
 use sluice_policy::dataplane::node::{NodeSettings, TunnelFilter, node_ruleset};
 use sluice_policy::model::{Cluster, Peer, Peers, PortMatch, Ports};
 use sluice_policy::names::{self, Direction};
-use sluice_policy::render::{ipset, iptables};
+use sluice_policy::render::{ipset, iptables, nft};
 use sluice_policy::veth_names::VethNames;
 
 const AFTER_HELP: &str = "\
@@ -60,6 +63,16 @@ pub struct Args {
     /// This node's address, instead of its Node object's (the agent's --node-ip).
     #[arg(long, value_name = "IPV4")]
     node_ip: Option<Ipv4Addr>,
+    /// Which dataplane's text: iptables (ipset + iptables-restore) or nftables (the
+    /// `nft -f` text of sluice's table). The agent's --dataplane, resolved.
+    #[arg(long, value_enum, default_value_t = Dataplane::Iptables)]
+    dataplane: Dataplane,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Dataplane {
+    Iptables,
+    Nftables,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -89,7 +102,10 @@ impl Args {
             },
             nat_outgoing: self.nat_outgoing,
             node_ip: self.node_ip,
-            dataplane: sluice_policy::dataplane::DataplaneKind::Iptables,
+            dataplane: match self.dataplane {
+                Dataplane::Iptables => DataplaneKind::Iptables,
+                Dataplane::Nftables => DataplaneKind::Nftables,
+            },
         }
     }
 }
@@ -118,6 +134,13 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
     }
     let ruleset = node_ruleset(&cluster, &args.settings(), &VethNames)
         .with_context(|| format!("compiling the rules of node {}", args.node))?;
+    if args.dataplane == Dataplane::Nftables {
+        if args.only.is_some() {
+            anyhow::bail!("--only picks one of the iptables dataplane's texts; nftables has one");
+        }
+        print!("{}", nft::render(&ruleset));
+        return Ok(ExitCode::SUCCESS);
+    }
     let out = match args.only {
         Some(Only::Ipset) => ipset::render(&ruleset),
         Some(Only::Iptables) => iptables::render(&ruleset),
