@@ -66,6 +66,7 @@ use super::{
     CompileError, Dispatch, builtin_jumps, fail_closed_unknown_pods, forward_chains, input_chains,
     local_pod_veths,
 };
+use crate::dataplane::deny_log::{self, DenyReason, DenyTag};
 use crate::dataplane::{
     Chain, InterfaceNames, IpSet, MapKey, MapKeyValue, MapVerdict, Match, PortRange, Rule, Ruleset,
     SetDirection, SetKind, SetMember, Table, Target, VerdictMap,
@@ -82,6 +83,8 @@ pub const MAP_TO_POD: &str = "SLUICE-M-TO-POD";
 pub const MAP_FROM_POD: &str = "SLUICE-M-FROM-POD";
 /// `iifname` of every local pod → drop: what the map above did not take is spoofed.
 pub const MAP_VETHS: &str = "SLUICE-M-VETHS";
+/// Where [`MAP_VETHS`] sends a pod's packets with a source not its own: logged, dropped.
+pub const CHAIN_SPOOFED: &str = "SLUICE-SPOOFED";
 
 /// Longest chain comment written (nft keeps at most 128 bytes of it).
 const MAX_COMMENT: usize = 120;
@@ -131,9 +134,10 @@ pub fn compile(
                 .elements
                 .insert(MapKeyValue::IfaceAddr(veth.clone(), ip), egress.clone());
         }
-        veths
-            .elements
-            .insert(MapKeyValue::Iface(veth), MapVerdict::Drop);
+        veths.elements.insert(
+            MapKeyValue::Iface(veth),
+            MapVerdict::Goto(CHAIN_SPOOFED.into()),
+        );
     }
     let vmap = |m: &str| Rule::new(vec![], Target::Vmap(m.to_string()));
     let mut dispatch = Dispatch {
@@ -148,6 +152,16 @@ pub fn compile(
         .chain(input_chains(false));
     for chain in chains {
         c.ruleset.add_chain(Table::Filter, chain);
+    }
+    if !veths.elements.is_empty() {
+        let spoofed = DenyTag::new(DenyReason::Spoofed, Direction::Egress, None);
+        c.ruleset.add_chain(
+            Table::Filter,
+            Chain {
+                name: CHAIN_SPOOFED.into(),
+                rules: deny_log::deny(vec![], &spoofed).into(),
+            },
+        );
     }
     for map in [to_pod, from_pod, veths] {
         c.ruleset.maps.insert(map.name.clone(), map);
@@ -422,7 +436,12 @@ impl Flat<'_> {
                 Target::Return,
             ));
         }
-        rules.push(Rule::new(vec![], Target::Drop));
+        let tag = DenyTag::new(DenyReason::Isolated, direction, Some(chain.to_string()));
+        rules.extend(deny_log::deny(vec![], &tag));
+        self.ruleset.deny_policies.insert(
+            chain.to_string(),
+            policies.iter().map(ToString::to_string).collect(),
+        );
         self.ruleset.add_chain(
             Table::Filter,
             Chain {
