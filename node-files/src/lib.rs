@@ -13,6 +13,7 @@
 
 pub mod atomic;
 pub mod conflist;
+pub mod flows;
 pub mod ifname;
 pub mod paths;
 pub mod status;
