@@ -220,19 +220,96 @@ impl FlowLog {
     }
 }
 
+/// A netlink socket bound to one NFLOG group (the shell around [`parse_nflog`]).
+pub struct NflogSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl NflogSocket {
+    /// Binds `group` and asks for the first 128 bytes of each packet: the IPv4 and
+    /// transport headers are all a record needs.
+    pub fn bind(group: u16) -> std::io::Result<NflogSocket> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2); the descriptor is owned from here on.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let sock = NflogSocket {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) },
+        };
+        let bind_cmd = attr_bytes(1, &[1]); // NFULA_CFG_CMD: NFULNL_CFG_CMD_BIND
+        let mut mode = 128u32.to_be_bytes().to_vec();
+        mode.extend([2, 0]); // NFULNL_COPY_PACKET
+        sock.send_config(group, &bind_cmd)?;
+        sock.send_config(group, &attr_bytes(2, &mode))?; // NFULA_CFG_MODE
+        Ok(sock)
+    }
+
+    fn send_config(&self, group: u16, attrs: &[u8]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let len = 16 + 4 + attrs.len();
+        let mut msg = (len as u32).to_ne_bytes().to_vec();
+        msg.extend(NFULNL_CONFIG.to_ne_bytes());
+        msg.extend((libc::NLM_F_REQUEST as u16).to_ne_bytes());
+        msg.extend([0u8; 8]); // seq, pid
+        msg.extend([libc::AF_UNSPEC as u8, 0]);
+        msg.extend(group.to_be_bytes());
+        msg.extend(attrs);
+        // SAFETY: a zeroed sockaddr_nl is the kernel as destination.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: msg and addr outlive the call; lengths are theirs.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Blocks for the next datagram and returns its packets.
+    pub fn recv(&self, buf: &mut [u8]) -> std::io::Result<Vec<NflogPacket>> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(parse_nflog(&buf[..n as usize]))
+    }
+}
+
+fn attr_bytes(ty: u16, v: &[u8]) -> Vec<u8> {
+    let mut out = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
+    out.extend(ty.to_ne_bytes());
+    out.extend(v);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn attr(ty: u16, v: &[u8]) -> Vec<u8> {
-        let mut out = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
-        out.extend(ty.to_ne_bytes());
-        out.extend(v);
-        while out.len() % 4 != 0 {
-            out.push(0);
-        }
-        out
-    }
+    use super::attr_bytes as attr;
 
     fn message(prefix: &str, payload: &[u8]) -> Vec<u8> {
         let mut body = vec![2, 0, 0, 7];
@@ -313,5 +390,51 @@ mod tests {
             let _ = parse_nflog(&buf[..cut]);
         }
         assert_eq!(decode_ipv4(&[0x45; 10]), None);
+    }
+
+    /// Privileged: a real NFLOG rule in a throwaway network namespace reports a real
+    /// packet with its prefix.
+    #[test]
+    fn a_kernel_nflog_rule_reaches_the_socket_with_its_prefix() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let ns = format!("slcflows{}", std::process::id());
+        let sh = |cmd: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", cmd])
+                .status()
+                .unwrap()
+                .success()
+        };
+        assert!(sh(&format!("ip netns add {ns}")));
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let sock = NflogSocket::bind(7).unwrap();
+                assert!(sh(&format!(
+                    "ip netns exec {ns} sh -c 'ip link set lo up && iptables -A OUTPUT -p udp \\
+                     --dport 9 -m conntrack --ctstate NEW -j NFLOG --nflog-group 7 \\
+                     --nflog-prefix slc:iso:e:X'"
+                )));
+                let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                udp.send_to(b"x", "127.0.0.1:9").unwrap();
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let got = sock.recv(&mut buf).unwrap();
+                    if let Some(p) = got.into_iter().next() {
+                        return p;
+                    }
+                }
+            })
+            .join()
+        });
+        sh(&format!("ip netns del {ns}"));
+        let p = result.unwrap();
+        assert_eq!(p.prefix, "slc:iso:e:X");
+        let conn = decode_ipv4(&p.payload).unwrap();
+        assert_eq!((conn.protocol, conn.port), (17, 9));
     }
 }
