@@ -7,7 +7,8 @@ use serde::Deserialize;
 use crate::error::PluginError;
 
 use sluice_node_files::paths::{
-    AGENT_STATUS_FILE as DEFAULT_AGENT_STATUS_FILE, MTU_FILE as DEFAULT_MTU_FILE,
+    AGENT_SOCKET as DEFAULT_AGENT_SOCKET, AGENT_STATUS_FILE as DEFAULT_AGENT_STATUS_FILE,
+    MTU_FILE as DEFAULT_MTU_FILE,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +18,8 @@ pub struct PluginConf {
     pub mtu: Option<u32>,
     pub mtu_file: PathBuf,
     pub agent_status_file: PathBuf,
+    /// The agent's node-local API socket (conflist `agentSocket`).
+    pub agent_socket: PathBuf,
     pub require_agent: bool,
     pub log_file: Option<PathBuf>,
 }
@@ -30,6 +33,8 @@ struct Keys {
     mtu_file: Option<PathBuf>,
     #[serde(default)]
     agent_status_file: Option<PathBuf>,
+    #[serde(default)]
+    agent_socket: Option<PathBuf>,
     #[serde(default)]
     require_agent: Option<bool>,
     #[serde(default)]
@@ -58,6 +63,7 @@ impl PluginConf {
             mtu_file: nonempty(k.mtu_file).unwrap_or_else(|| DEFAULT_MTU_FILE.into()),
             agent_status_file: nonempty(k.agent_status_file)
                 .unwrap_or_else(|| DEFAULT_AGENT_STATUS_FILE.into()),
+            agent_socket: nonempty(k.agent_socket).unwrap_or_else(|| DEFAULT_AGENT_SOCKET.into()),
             require_agent: k.require_agent.unwrap_or(false),
             log_file: nonempty(k.log_file),
         })
@@ -78,6 +84,7 @@ mod tests {
                 mtu: None,
                 mtu_file: DEFAULT_MTU_FILE.into(),
                 agent_status_file: DEFAULT_AGENT_STATUS_FILE.into(),
+                agent_socket: DEFAULT_AGENT_SOCKET.into(),
                 require_agent: false,
                 log_file: None,
             }

@@ -42,6 +42,13 @@ pub enum PluginError {
     MtuFile { path: PathBuf, detail: String },
     #[error("{0}")]
     AgentNotReady(String),
+    #[error(transparent)]
+    AddressAnnotation(#[from] sluice_node_files::local_api::AnnotationError),
+    #[error("no-IPAM address {address} is already used by {holder}")]
+    NoIpamCollides {
+        address: std::net::Ipv4Addr,
+        holder: String,
+    },
     #[error("CHECK failed: {}", .0.join("; "))]
     Check(Vec<String>),
     /// Teardown (DEL, GC) keeps going past failures and reports them together.
@@ -96,6 +103,16 @@ impl From<PluginError> for CniError {
                 "the agent writes one number; fix or remove the file, or set mtu in the config",
             ),
             PluginError::AgentNotReady(m) => CniError::new(ErrorCode::TryAgainLater, m),
+            e @ PluginError::AddressAnnotation(_) => sluice(
+                ErrorCode::AddressAnnotationInvalid,
+                e.to_string(),
+                "write a JSON list of one IPv4 address, e.g. [\"10.244.3.7\"], in one of the two annotations",
+            ),
+            e @ PluginError::NoIpamCollides { .. } => sluice(
+                ErrorCode::NoIpamAddressCollides,
+                e.to_string(),
+                "with sluice.dev/ip-addrs-no-ipam the operator answers for uniqueness: pick an unused address",
+            ),
             e @ PluginError::Check(_) => sluice(
                 ErrorCode::CheckFailed,
                 e.to_string(),
@@ -203,6 +220,17 @@ mod tests {
                 ErrorCode::MtuFile,
             ),
             (PluginError::Check(vec!["x".into()]), ErrorCode::CheckFailed),
+            (
+                PluginError::AddressAnnotation(sluice_node_files::local_api::AnnotationError::Both),
+                ErrorCode::AddressAnnotationInvalid,
+            ),
+            (
+                PluginError::NoIpamCollides {
+                    address: "10.0.0.1".parse().unwrap(),
+                    holder: "x".into(),
+                },
+                ErrorCode::NoIpamAddressCollides,
+            ),
             (
                 PluginError::Delegate(DelegateError::NotFound {
                     plugin: "p".into(),

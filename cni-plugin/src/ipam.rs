@@ -49,8 +49,7 @@ impl Requested {
     }
 
     /// Ask for `ip` too (another source than the CNI config and environment).
-    // The agent's report of a pod annotation (the node-local API) is its caller.
-    #[allow(dead_code)]
+    // The pod's `sluice.dev/ip-addrs` annotation (the node-local API) is its caller.
     pub fn add(&mut self, ip: Ipv4Addr) {
         if !self.from_cni.contains(&ip) && !self.added.contains(&ip) {
             self.added.push(ip);

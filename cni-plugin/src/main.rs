@@ -1,6 +1,7 @@
 //! `sluice`, the CNI plugin: parse, dispatch to one verb, print. Single-threaded and
 //! synchronous: it runs once per pod start and stop and must be quick.
 
+mod agent_api;
 mod commands;
 mod config;
 mod error;

@@ -115,6 +115,13 @@ registry! {
     /// The requested address is held by another attachment, or its block belongs to
     /// another node (or, in a cluster, is not published for this node).
     RequestedAddressUnavailable = 116, Ipam, "the requested address is held by another attachment, or its block is not this node's";
+    /// The pod's address annotation (`sluice.dev/ip-addrs` or
+    /// `sluice.dev/ip-addrs-no-ipam`) is not a JSON list of one IPv4 address, or
+    /// both are set.
+    AddressAnnotationInvalid = 130, Plugin, "the pod's address annotation is malformed, names more than one address, or both address annotations are set";
+    /// A `sluice.dev/ip-addrs-no-ipam` address is a node's tunnel (or other host)
+    /// address, or held by IPAM or another pod on this node.
+    NoIpamAddressCollides = 131, Plugin, "the no-IPAM address is already a host address or held by IPAM or another pod on this node";
 }
 
 impl ErrorCode {

@@ -87,6 +87,7 @@ fn snapshot(objs: &[Value]) -> Snapshot {
                 )
             })
             .collect(),
+        ..Default::default()
     }
 }
 

@@ -128,6 +128,15 @@ impl EnforcementTracker {
             .collect()
     }
 
+    /// Pods the CNI plugin reported (node-local API): their wait starts at the report.
+    pub fn reported(&mut self, reported: &BTreeMap<NamespacedName, Instant>) {
+        for (p, at) in reported {
+            if let Some(t) = self.pending.get_mut(p) {
+                *t = (*t).min(*at);
+            }
+        }
+    }
+
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
@@ -148,6 +157,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
             tracing::warn!("{w}");
         }
         let waiting = tracker.observe(&desired.local_pods, started);
+        tracker.reported(&snap.reported);
         self.metrics.pods_waiting_for_policy.set(waiting as i64);
         self.metrics
             .rejected_policies
@@ -229,6 +239,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
         loop {
             self.health.heartbeat();
             let snap = rx.borrow_and_update().clone().expect("set before the loop");
+            let applying = Instant::now();
             if Instant::now() >= next_full {
                 mode = SyncMode::Full;
             }
@@ -255,7 +266,14 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
                         return;
                     }
                     // Let a burst settle into one apply.
-                    tokio::time::sleep(self.coalesce).await;
+                    // …except a pod the plugin just reported: it waits fail-closed.
+                    let reported = rx
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|s| s.reported_after(applying));
+                    if !reported {
+                        tokio::time::sleep(self.coalesce).await;
+                    }
                     mode = SyncMode::Incremental;
                 }
                 _ = tokio::time::sleep(wait) => mode = SyncMode::Full,
@@ -364,6 +382,13 @@ mod tests {
         assert_eq!(t.pending(), 0);
         // Already enforced pods are not pending again.
         assert_eq!(t.observe(&local, t0 + Duration::from_secs(1)), 0);
+        // A pod the plugin reported is measured from its report.
+        let b: BTreeSet<_> = [key("a"), key("b")].into();
+        let t1 = t0 + Duration::from_secs(2);
+        t.observe(&b, t1 + Duration::from_millis(50));
+        t.reported(&[(key("b"), t1)].into());
+        let done = t.applied(&b, t1 + Duration::from_millis(60));
+        assert_eq!(done, vec![(key("b"), Duration::from_millis(60))]);
         // A pod that left and came back (new incarnation) is measured again.
         t.observe(&BTreeSet::new(), t0);
         assert_eq!(t.observe(&local, t0), 1);
@@ -388,6 +413,7 @@ mod loop_tests {
         Snapshot {
             cluster: conv.cluster,
             blocks: [("10.244.1.0/24".parse().unwrap(), "node-1".to_string())].into(),
+            ..Default::default()
         }
     }
 

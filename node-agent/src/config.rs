@@ -147,6 +147,12 @@ pub struct RunConfig {
     pub orphan_block_grace_seconds: u64,
 
     /// Address of /healthz, /readyz and /metrics (bound in the agent's network namespace).
+    /// How long a pod the CNI plugin reported over the node-local API is enforced
+    /// without the datastore confirming it; then the report is dropped (the
+    /// datastore is the truth).
+    #[arg(long, env = "SLUICE_REPORT_GRACE_SECONDS", default_value_t = 120)]
+    pub report_grace_seconds: u64,
+
     #[arg(long, env = "SLUICE_HEALTH_ADDR", default_value = "0.0.0.0:9099")]
     pub health_addr: SocketAddr,
 
@@ -196,6 +202,10 @@ impl RunConfig {
     pub fn orphan_block_grace(&self) -> Option<Duration> {
         (self.orphan_block_grace_seconds > 0)
             .then(|| Duration::from_secs(self.orphan_block_grace_seconds))
+    }
+
+    pub fn report_grace(&self) -> Duration {
+        Duration::from_secs(self.report_grace_seconds)
     }
 
     pub fn poll_interval(&self) -> Duration {
@@ -261,6 +271,11 @@ pub struct NodeFiles {
     /// Agent status file the CNI STATUS verb reads (conflist agentStatusFile).
     #[arg(long, env = "SLUICE_STATUS_FILE", default_value = paths::AGENT_STATUS_FILE)]
     pub status_file: PathBuf,
+
+    /// The node-local API socket the agent serves and the CNI plugin reports to
+    /// (conflist agentSocket; docs/architecture.md, "The node-local API").
+    #[arg(long, env = "SLUICE_AGENT_SOCKET", default_value = paths::AGENT_SOCKET)]
+    pub agent_socket: PathBuf,
 
     /// The IPAM plugin's per-node state directory (conflist ipam.stateDir). The agent
     /// only creates it at start, so the plugin's first ADD finds it.

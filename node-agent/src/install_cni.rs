@@ -45,6 +45,7 @@ pub fn node_conflist(cfg: &InstallCniConfig) -> NodeConflist {
         paths: NodePaths {
             mtu_file: cfg.files.mtu_file.clone(),
             agent_status_file: cfg.files.status_file.clone(),
+            agent_socket: cfg.files.agent_socket.clone(),
             ipam_state_dir: cfg.files.ipam_state_dir.clone(),
             node_blocks_file: cfg.files.node_blocks_file.clone(),
             cni_bin_dir: cfg.cni_bin_dir.clone(),

@@ -9,6 +9,7 @@
 //! - [`dataplane`]: owned iptables chains and ipsets, planned against the kernel.
 //! - [`agent`]: the loop that ties them together; [`health`], [`metrics`], [`status`].
 //! - [`install_cni`]: the init container's job.
+//! - [`local_api`]: the node-local socket the CNI plugin reports pods on.
 
 pub mod agent;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod datastore;
 pub mod flows;
 pub mod health;
 pub mod install_cni;
+pub mod local_api;
 pub mod metrics;
 pub mod node_network;
 pub mod reconcile;

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub blocks_claimed: Counter,
     pub block_claim_failures: Counter,
     pub blocks_released: Counter,
+    pub local_reports: Counter,
+    pub local_reports_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -47,6 +49,8 @@ impl Metrics {
             blocks_claimed: Counter::default(),
             block_claim_failures: Counter::default(),
             blocks_released: Counter::default(),
+            local_reports: Counter::default(),
+            local_reports_pending: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -56,7 +60,7 @@ impl Metrics {
         );
         registry.register(
             "add_to_enforced_seconds",
-            "From a local pod's first appearance with an IP to its policy chains applied",
+            "From a local pod's first appearance with an IP (the CNI plugin's report over the node-local API, or the datastore) to its policy chains applied",
             m.add_to_enforced.clone(),
         );
         registry.register("syncs", "Dataplane syncs attempted", m.syncs.clone());
@@ -104,6 +108,16 @@ impl Metrics {
             "blocks_released",
             "IPAM blocks of nodes gone longer than the grace period that this agent released",
             m.blocks_released.clone(),
+        );
+        registry.register(
+            "local_reports",
+            "Attachments the CNI plugin reported over the node-local API",
+            m.local_reports.clone(),
+        );
+        registry.register(
+            "local_reports_pending",
+            "Reported attachments the datastore has not confirmed yet",
+            m.local_reports_pending.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -85,7 +85,8 @@ impl NodeNetwork for KernelNetwork {
         spec.vxlan = self.vxlan;
         let state = tunnel::ensure(&self.netlink, &spec).await?;
         mtu::write_mtu_file(&self.mtu_file, state.mtu)?;
-        let want = routes::desired(&self.node, &d.blocks, &state.route_encap());
+        let mut want = routes::desired(&self.node, &d.blocks, &state.route_encap());
+        routes::add_pod_routes(&mut want, &d.blocks, &d.pod_routes);
         let report = routes::sync(&self.netlink, &want).await?;
         for c in &report.conflicts {
             tracing::warn!(route = %c, "a route of another owner holds a block destination; left alone");

@@ -35,6 +35,9 @@ pub struct Desired {
     pub dataplane: Ruleset,
     /// Every block whose owner's address is known (ours included).
     pub blocks: Vec<BlockRoute>,
+    /// Pods on other nodes whose address lies in none of their node's blocks
+    /// (`sluice.dev/ip-addrs-no-ipam`), each as a /32 owned by the pod's node.
+    pub pod_routes: Vec<BlockRoute>,
     /// This node's blocks, ascending; tunl0 gets IPAM's tunnel address of the first.
     pub own_blocks: Vec<Ipv4Net>,
     /// This node's address, when known.
@@ -98,6 +101,9 @@ pub fn desired(snapshot: &Snapshot, settings: &NodeSettings) -> Result<Desired, 
             )),
         }
     }
+
+    out.pod_routes =
+        crate::routes::off_block_pods(cluster, &snapshot.blocks, &settings.node, &node_ips);
 
     out.local_pods = cluster
         .pods
@@ -168,6 +174,7 @@ spec: {podSelector: {}}
                 ("10.244.9.0/24".parse().unwrap(), "node-gone".to_string()),
             ]
             .into(),
+            ..Default::default()
         }
     }
 

@@ -128,6 +128,60 @@ pub fn desired(local_node: &str, blocks: &[BlockOwner], encap: &RouteEncap) -> D
     out
 }
 
+/// Pods on other nodes whose address is in none of their node's blocks (a
+/// `sluice.dev/ip-addrs-no-ipam` address, inside or outside the pool), each as a /32
+/// "block" of the pod's node. Learned from the datastore's pods, so every node routes
+/// the address the same way. Pure.
+pub fn off_block_pods(
+    cluster: &sluice_policy::Cluster,
+    blocks: &BTreeMap<Ipv4Net, String>,
+    local_node: &str,
+    node_ips: &BTreeMap<&str, Ipv4Addr>,
+) -> Vec<BlockOwner> {
+    let mut out: Vec<BlockOwner> = cluster
+        .pods
+        .values()
+        .filter(|p| !p.host_network)
+        .filter_map(|p| {
+            let node = p.node.as_deref().filter(|n| *n != local_node)?;
+            let node_ip = *node_ips.get(node)?;
+            p.ips.iter().find_map(|ip| match ip {
+                std::net::IpAddr::V4(a) => {
+                    let in_own_block = blocks
+                        .iter()
+                        .any(|(b, owner)| owner == node && b.contains(a));
+                    (!in_own_block).then(|| BlockOwner {
+                        node: node.to_owned(),
+                        node_ip,
+                        block: Ipv4Net::from(*a),
+                    })
+                }
+                std::net::IpAddr::V6(_) => None,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.block.cmp(&b.block).then(a.node.cmp(&b.node)));
+    out.dedup_by(|a, b| a.block == b.block);
+    out
+}
+
+/// Add a /32 per off-block pod, through its node the way that node's blocks are
+/// reached (the same tunnel, gateway and VTEP). A pod whose node has no block route
+/// yet is skipped until it has one.
+pub fn add_pod_routes(want: &mut DesiredRoutes, blocks: &[BlockOwner], pods: &[BlockOwner]) {
+    for p in pods {
+        let target = blocks
+            .iter()
+            .filter(|b| b.node == p.node)
+            .find_map(|b| want.routes.get(&b.block))
+            .filter(|t| !matches!(t, RouteTarget::Blackhole))
+            .cloned();
+        if let Some(t) = target {
+            want.routes.insert(p.block, t);
+        }
+    }
+}
+
 /// What a sync must change; computed from the desired and the observed state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncPlan {
@@ -371,6 +425,52 @@ mod tests {
             owner("node-3", "192.168.0.3", "10.244.3.0/24"),
             owner("node-3", "192.168.0.3", "10.244.7.0/24"),
         ]
+    }
+
+    #[test]
+    fn a_no_ipam_address_anywhere_is_routed_as_a_32_to_its_pods_node() {
+        use crate::datastore::objects::{convert, parse_manifest_text};
+        let pod = |name: &str, node: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: d}}\n\
+                 spec: {{nodeName: {node}, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: {ip}}}\n"
+            )
+        };
+        let text = [
+            pod("in-block", "node-2", "10.244.2.9"),
+            pod("outside-pool", "node-2", "192.0.2.7"),
+            pod("in-another-block", "node-3", "10.244.2.200"),
+            pod("local", "node-1", "198.51.100.1"),
+        ]
+        .join("---\n");
+        let objects = convert(&parse_manifest_text("t", &text).unwrap()).cluster;
+        let blocks: BTreeMap<Ipv4Net, String> = cluster_blocks_by_net();
+        let node_ips: BTreeMap<&str, Ipv4Addr> = [
+            ("node-1", ip("192.168.0.1")),
+            ("node-2", ip("192.168.0.2")),
+            ("node-3", ip("192.168.0.3")),
+        ]
+        .into();
+        let pods = off_block_pods(&objects, &blocks, "node-1", &node_ips);
+        assert_eq!(
+            pods.iter()
+                .map(|p| (p.block, p.node.as_str()))
+                .collect::<Vec<_>>(),
+            vec![
+                (net("10.244.2.200/32"), "node-3"),
+                (net("192.0.2.7/32"), "node-2")
+            ],
+            "in-block pods ride their block's route; local ones have their veth route"
+        );
+        let mut d = desired("node-1", &cluster(), &ipip());
+        add_pod_routes(&mut d, &cluster(), &pods);
+        assert_eq!(d.routes[&net("192.0.2.7/32")], via_tunl0("192.168.0.2"));
+        assert_eq!(d.routes[&net("10.244.2.200/32")], via_tunl0("192.168.0.3"));
+        assert_eq!(d.routes[&net("10.244.2.0/24")], via_tunl0("192.168.0.2"));
+    }
+
+    fn cluster_blocks_by_net() -> BTreeMap<Ipv4Net, String> {
+        cluster().into_iter().map(|b| (b.block, b.node)).collect()
     }
 
     #[test]

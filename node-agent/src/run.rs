@@ -35,6 +35,8 @@ pub enum RunError {
     Datastore(#[from] crate::datastore::DatastoreError),
     #[error("opening route netlink: {0}")]
     Netlink(#[source] crate::kernel::KernelError),
+    #[error(transparent)]
+    LocalApi(#[from] crate::local_api::LocalApiError),
     #[error("--node-ip must be IPv4 (sluice's tunnels are IPv4), got {0}")]
     NodeIpV6(IpAddr),
 }
@@ -126,6 +128,22 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     health.set_dataplane(dataplane.selection().detail());
 
     let (tx, rx) = tokio::sync::watch::channel(None);
+    // The datastore publishes to the node-local API's overlay, which lays the CNI
+    // plugin's reports over each snapshot and feeds the loop.
+    let (ds_tx, ds_rx) = tokio::sync::watch::channel(None);
+    {
+        let api = crate::local_api::LocalApi::new(ds_rx.clone(), metrics.clone());
+        let listener = crate::local_api::bind(&cfg.files.agent_socket)?;
+        tracing::info!(socket = %cfg.files.agent_socket.display(), "serving the node-local API");
+        tokio::spawn(crate::local_api::serve(listener, api.clone()));
+        tokio::spawn(crate::local_api::overlay(
+            api,
+            ds_rx,
+            tx,
+            cfg.node_name.clone(),
+            cfg.report_grace(),
+        ));
+    }
     match cfg.datastore {
         DatastoreKind::Directory => {
             let manifests = cfg.manifests_dir.clone().expect("clap requires it");
@@ -135,7 +153,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 move || {
                     DirDatastore::new(manifests.clone(), blocks.clone(), pool, node.clone(), poll)
                 },
-                tx,
+                ds_tx,
             ));
         }
         DatastoreKind::Kubernetes => {
@@ -165,7 +183,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                     .with_block_settings(block_settings.clone(), block_metrics.clone())
                     .with_health(datastore_health.clone())
                 },
-                tx,
+                ds_tx,
             ));
         }
     }

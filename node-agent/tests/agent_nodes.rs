@@ -60,6 +60,8 @@ fn start_node(fabric: &NetnsHolder, dir: &std::path::Path, i: u8) -> Node {
         .arg(dir.join("blocks"))
         .arg("--status-file")
         .arg(dir.join(format!("{name}/status.json")))
+        .arg("--agent-socket")
+        .arg(dir.join(format!("{name}/agent.sock")))
         .arg("--mtu-file")
         .arg(dir.join(format!("{name}/mtu")))
         .arg("--ipam-state-dir")

@@ -52,6 +52,7 @@ struct Sluice<'a> {
     mtu: u32,
     mtu_file: String,
     agent_status_file: String,
+    agent_socket: String,
     require_agent: bool,
     log_file: String,
     ipam: Ipam<'a>,
@@ -132,6 +133,7 @@ impl NodeConflist {
                     mtu: self.mtu,
                     mtu_file: text(&self.paths.mtu_file),
                     agent_status_file: text(&self.paths.agent_status_file),
+                    agent_socket: text(&self.paths.agent_socket),
                     require_agent: self.require_agent,
                     log_file: text(&self.paths.cni_log_file),
                     ipam: Ipam {

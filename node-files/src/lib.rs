@@ -8,6 +8,8 @@
 //! - [`conflist`]: the conflist `install-cni` (and the lab) writes.
 //! - [`ifname`]: the host-side interface naming rule (pure).
 //! - [`atomic`]: the one crash-safe file replacement.
+//! - [`local_api`]: the agent's node-local socket: its requests, answers, framing and
+//!   the plugin's bounded client, and the pod address annotations.
 //!
 //! [`ifname`] is pure (the policy crate uses it); the rest does file I/O.
 
@@ -15,5 +17,6 @@ pub mod atomic;
 pub mod conflist;
 pub mod flows;
 pub mod ifname;
+pub mod local_api;
 pub mod paths;
 pub mod status;

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 pub const MTU_FILE: &str = "/var/lib/sluice/mtu";
 /// The agent status file (conflist `agentStatusFile`), see [`crate::status`].
 pub const AGENT_STATUS_FILE: &str = "/run/sluice/agent-status.json";
+/// The agent's node-local API socket (conflist `agentSocket`), see
+/// [`crate::local_api`].
+pub const AGENT_SOCKET: &str = "/run/sluice/agent.sock";
 /// `sluice-ipam`'s per-node state directory (conflist `ipam.stateDir`).
 pub const IPAM_STATE_DIR: &str = "/var/lib/sluice/ipam";
 /// The node's claimed blocks, published by the agent (conflist `ipam.nodeBlocksFile`).
@@ -28,6 +31,7 @@ pub const CONFLIST_NAME: &str = "10-sluice.conflist";
 pub struct NodePaths {
     pub mtu_file: PathBuf,
     pub agent_status_file: PathBuf,
+    pub agent_socket: PathBuf,
     pub ipam_state_dir: PathBuf,
     pub node_blocks_file: PathBuf,
     pub cni_log_file: PathBuf,
@@ -50,6 +54,7 @@ impl NodePaths {
         NodePaths {
             mtu_file: p(MTU_FILE),
             agent_status_file: p(AGENT_STATUS_FILE),
+            agent_socket: p(AGENT_SOCKET),
             ipam_state_dir: p(IPAM_STATE_DIR),
             node_blocks_file: p(NODE_BLOCKS_FILE),
             cni_log_file: p(CNI_LOG_FILE),
@@ -77,6 +82,7 @@ mod tests {
             d.agent_status_file,
             Path::new("/run/sluice/agent-status.json")
         );
+        assert_eq!(d.agent_socket, Path::new("/run/sluice/agent.sock"));
         assert_eq!(d.conflist(), Path::new("/etc/cni/net.d/10-sluice.conflist"));
     }
 

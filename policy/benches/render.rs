@@ -386,7 +386,51 @@ fn kernel_apply(c: &Cluster) {
     });
 }
 
+/// With `SLUICE_BENCH_STRESS=1` (root, nft installed): the stress node, every one of
+/// 10,000 pods local, in the flat form: compile, render, and one `nft -f`.
+fn stress_nft() {
+    if std::env::var_os("SLUICE_BENCH_STRESS").is_none_or(|v| v != "1") {
+        return;
+    }
+    let c = cluster(10_000, 1_000, 200, 1);
+    let start = std::time::Instant::now();
+    let rs = flat::compile(&c, NODE, &FakeVeths).unwrap();
+    let compiled = start.elapsed();
+    let text = nft::render(&rs);
+    let state = NftState::of(&rs);
+    eprintln!(
+        "stress (10,000 local pods, nftables): compile {compiled:?}, {} chains, {} sets/maps, {} elements, nft text {} KiB",
+        state.chains.len(),
+        state.sets.len(),
+        state.element_count(),
+        text.len() / 1024
+    );
+    // One more local pod, as a new pod's sync would plan it.
+    let mut more = c.clone();
+    let mut pod = c.pods.values().next().unwrap().clone();
+    pod.name = "pod-new".into();
+    pod.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2))];
+    more.add_pod(pod);
+    let start = std::time::Instant::now();
+    let p = nft_plan(
+        &flat::compile(&more, NODE, &FakeVeths).unwrap(),
+        Some(&state),
+    )
+    .unwrap();
+    let planned = start.elapsed();
+    sluice_testkit::in_new_netns(|| {
+        let first = restore("nft", &["-f", "-"], &text);
+        let again = restore("nft", &["-f", "-"], &text);
+        let delta = restore("nft", &["-f", "-"], &p.script);
+        eprintln!(
+            "stress (nftables): nft -f {first:?} (first), {again:?} (replace); one new pod: compile + plan {planned:?}, {} elements added, {} chains rewritten, nft -f {delta:?}",
+            p.elements_added, p.chains_rewritten
+        );
+    });
+}
+
 fn bench(cr: &mut Criterion) {
+    stress_nft();
     // Growth check: rules follow policies and local pods, not pods × policies.
     report("quarter", &cluster(2_500, 250, 50, 25));
     report("half", &cluster(5_000, 500, 100, 50));

@@ -62,3 +62,12 @@ fn agent_flags_change_the_agent_rules() {
     let none = render(&["--encapsulation", "none"]);
     assert!(!none.contains("SLUICE-TUNNEL-IN"), "{none}");
 }
+
+#[test]
+fn dataplane_nftables_prints_the_nft_text_of_sluices_table_and_iptables_is_the_default() {
+    assert_eq!(render(&[]), render(&["--dataplane", "iptables"]));
+    let text = render(&["--dataplane", "nftables"]);
+    assert!(text.starts_with("add table ip sluice\n"), "{text}");
+    assert!(text.contains("masquerade"), "{text}");
+    assert!(!text.contains("-A SLUICE-"), "no iptables text: {text}");
+}

@@ -174,6 +174,7 @@ fn the_image_runs_as_the_daemonset_runs_it_installs_cni_and_becomes_ready_with_v
             "strip",
             "tar",
             "iptables-save",
+            "nft",
         ]
         .iter()
         .all(|t| require_tool(TEST, t))
@@ -351,11 +352,18 @@ fn the_image_runs_as_the_daemonset_runs_it_installs_cni_and_becomes_ready_with_v
     assert_eq!(code, 200, "/metrics");
     assert!(metrics.contains("sluice_"), "{metrics}");
 
-    // Dataplane: the agent's chains in the node's namespace.
+    // Dataplane: the ConfigMap says `auto` and the image carries `nft`, so the agent
+    // runs sluice's nftables table in the node's namespace, and no iptables chains.
+    let table = lab.node.try_exec("nft list table ip sluice");
+    let table_text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.status.success() && table_text.contains("chain SLUICE-FORWARD"),
+        "no nftables table of sluice's:\n{table_text}\nlogs:\n{logs}"
+    );
     let rules = iptables_rules(&lab);
     assert!(
-        rules.contains(":SLUICE-"),
-        "no SLUICE-* chains:\n{rules}\nlogs:\n{logs}"
+        !rules.contains(":SLUICE-"),
+        "iptables chains on an nftables node:\n{rules}\nlogs:\n{logs}"
     );
 
     // Tunnel: the VXLAN device and the route to node-2's block through it.

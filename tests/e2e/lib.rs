@@ -300,6 +300,21 @@ impl Lab {
         self.apply(&[&p])
     }
 
+    /// Apply YAML text that must fail; returns stderr.
+    pub fn apply_yaml_fails(&self, yaml: &str) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("objects.yaml");
+        std::fs::write(&p, yaml).expect("write yaml");
+        let f = p.display().to_string();
+        let out = run(&["lab", "apply", "--name", &self.name, "-f", &f]);
+        assert!(
+            !out.status.success(),
+            "apply should fail, got: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     pub fn delete(&self, files: &[&Path]) -> String {
         let mut args = vec!["lab", "delete", "--name", &self.name];
         let fs: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();

@@ -8,6 +8,7 @@ use serde_json::Value;
 use sluice_cni::protocol::CniResult;
 
 use super::Ctx;
+use crate::agent_api;
 use crate::error::PluginError;
 use crate::ipam::{Ipam, Requested};
 use crate::log::log;
@@ -17,6 +18,7 @@ use crate::sysctl;
 use crate::wiring::{self, HOST_MAC, Plan};
 use sluice_cni::veth::PRIMARY_IFNAME;
 use sluice_netlink::{Netlink, VethPeer, parse_mac};
+use sluice_node_files::local_api::RequestedAddress;
 use sluice_node_files::status as agent_status;
 
 /// What has been created so far, to undo on failure.
@@ -42,8 +44,21 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         ));
     };
     // Every address this ADD asks for, gathered (and a malformed one refused)
-    // before anything is touched; IPAM takes them from here.
-    let requested = Requested::from_cni(ctx.env, ctx.conf)?;
+    // before anything is touched; IPAM takes them from here. Then the pod's
+    // annotations through the agent: ip-addrs joins the same request,
+    // ip-addrs-no-ipam bypasses IPAM.
+    let mut requested = Requested::from_cni(ctx.env, ctx.conf)?;
+    let no_ipam = match agent_api::requested_address(ctx)? {
+        Some(RequestedAddress::Ipam(a)) => {
+            requested.add(a);
+            None
+        }
+        Some(RequestedAddress::NoIpam(a)) => {
+            agent_api::no_ipam_alone(a, &requested.all())?;
+            Some(a)
+        }
+        None => None,
+    };
     let netns_path = ctx.env.netns.as_deref().unwrap_or(Path::new(""));
     let netns = Netns::open(netns_path)?;
     let ifname = ctx.env.ifname();
@@ -115,6 +130,7 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<Value, PluginError> {
         &requested,
         mtu,
         pod_mac,
+        no_ipam,
     );
     match outcome {
         Ok(v) => Ok(v),
@@ -137,10 +153,23 @@ fn wire(
     requested: &Requested,
     mtu: u32,
     pod_mac: Option<[u8; 6]>,
+    no_ipam: Option<std::net::Ipv4Addr>,
 ) -> Result<Value, PluginError> {
-    let mut ipam = Ipam::of(ctx)?.expect("exec checked the ipam section");
-    let ipam_result = ipam.add(ctx, requested)?;
-    done.push(Done::Ipam(ipam));
+    let ipam_result = match no_ipam {
+        // IPAM bypassed: the operator answers for uniqueness, this node only
+        // refuses what it already uses.
+        Some(a) => {
+            agent_api::check_no_ipam(host, a)?;
+            agent_api::check_no_ipam_allocations(Ipam::of(ctx)?.as_ref(), a)?;
+            agent_api::no_ipam_result(a)
+        }
+        None => {
+            let mut ipam = Ipam::of(ctx)?.expect("exec checked the ipam section");
+            let r = ipam.add(ctx, requested)?;
+            done.push(Done::Ipam(ipam));
+            r
+        }
+    };
     let address = wiring::pod_address(&ipam_result).ok_or_else(|| PluginError::NoIpv4 {
         ipam: ipam_type.to_owned(),
     })?;
@@ -227,6 +256,12 @@ fn wire(
         plan.host_ifname,
         plan.pod_ifname,
         plan.address
+    );
+    agent_api::report_attachment(
+        ctx,
+        &plan.host_ifname,
+        plan.address.addr(),
+        no_ipam.is_some(),
     );
     Ok(plan
         .result(mac, &netns_str, dns, prev)

@@ -95,6 +95,7 @@ pub fn exec(ctx: &Ctx<'_>) -> Result<(), PluginError> {
     {
         log!("IPAM released the address");
     }
+    crate::agent_api::report_detachment(ctx);
     errors.finish()
 }
 

@@ -181,6 +181,8 @@ impl Datastore for DirDatastore {
                 Ok(Some(Snapshot {
                     cluster: conv.cluster,
                     blocks,
+                    annotations: conv.annotations,
+                    reported: Default::default(),
                 }))
             }
             .await;

@@ -309,6 +309,8 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                 let snap = Snapshot {
                     cluster: conv.cluster,
                     blocks: blocks.clone(),
+                    annotations: conv.annotations.clone(),
+                    reported: Default::default(),
                 };
                 if last.as_deref() != Some(&snap) {
                     for s in &conv.skipped {

@@ -32,9 +32,21 @@ pub struct Snapshot {
     pub cluster: Cluster,
     /// Every claimed block in the pool: block → owning node.
     pub blocks: BTreeMap<Ipv4Net, String>,
+    /// Pods' address annotations (only pods that have one).
+    pub annotations:
+        BTreeMap<sluice_policy::NamespacedName, sluice_node_files::local_api::AddressAnnotations>,
+    /// Pods whose address comes from the CNI plugin's report over the node-local API
+    /// (not yet from the datastore), with the report's instant: the loop syncs for
+    /// them at once and measures their wait from the report.
+    pub reported: BTreeMap<sluice_policy::NamespacedName, Instant>,
 }
 
 impl Snapshot {
+    /// Whether a pod was reported after `t`: a new pod is waiting fail-closed.
+    pub fn reported_after(&self, t: Instant) -> bool {
+        self.reported.values().any(|at| *at > t)
+    }
+
     /// Blocks owned by `node`, ascending.
     pub fn blocks_of(&self, node: &str) -> Vec<Ipv4Net> {
         self.blocks

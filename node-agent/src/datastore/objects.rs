@@ -4,8 +4,11 @@
 //! serializes its typed objects to JSON ([`RawObject::new`]), and [`convert`] gives
 //! them meaning, so the two backends and `sluicectl policy check` cannot disagree.
 
-use sluice_policy::Cluster;
+use std::collections::BTreeMap;
+
+use sluice_node_files::local_api::AddressAnnotations;
 use sluice_policy::manifest::{self, ManifestError, RawObject};
+use sluice_policy::{Cluster, NamespacedName};
 
 /// The outcome of converting one batch of objects.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -17,6 +20,8 @@ pub struct Conversion {
     /// NetworkPolicies that do not convert, in the same form. They are in
     /// `cluster.rejected_policies`: the pods they select are held fail-closed.
     pub rejected: Vec<String>,
+    /// Pods' address annotations, for the node-local API's `pod-annotations`.
+    pub annotations: BTreeMap<NamespacedName, AddressAnnotations>,
 }
 
 /// Splits a manifest file (JSON, or YAML with `---` separated documents) into
@@ -34,10 +39,30 @@ pub fn convert(objects: &[RawObject]) -> Conversion {
     let (rejected, skipped): (Vec<_>, Vec<_>) =
         parsed.rejected.iter().partition(|e| e.holds_pods());
     Conversion {
+        annotations: address_annotations(objects),
         skipped: skipped.iter().map(|e| e.to_string()).collect(),
         rejected: rejected.iter().map(|e| e.to_string()).collect(),
         cluster: parsed.into_cluster(),
     }
+}
+
+/// The address annotations of every pod that has one: what the plugin asks the agent
+/// for on ADD, so it must be there before the pod has an address.
+fn address_annotations(objects: &[RawObject]) -> BTreeMap<NamespacedName, AddressAnnotations> {
+    objects
+        .iter()
+        .filter(|o| o.kind() == "Pod")
+        .filter_map(|o| {
+            let meta = o.value.get("metadata")?;
+            let a = AddressAnnotations::from_metadata(meta.get("annotations")?)?;
+            let name = meta.get("name")?.as_str()?;
+            let ns = meta
+                .get("namespace")
+                .and_then(|n| n.as_str())
+                .unwrap_or("default");
+            Some((NamespacedName::new(ns, name), a))
+        })
+        .collect()
 }
 
 fn finished_pod(o: &RawObject) -> bool {

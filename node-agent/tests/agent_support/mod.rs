@@ -339,6 +339,8 @@ impl World {
             .arg(d.join("blocks"))
             .arg("--status-file")
             .arg(self.status_file())
+            .arg("--agent-socket")
+            .arg(d.join("run/agent.sock"))
             .arg("--mtu-file")
             .arg(d.join("run/mtu"))
             .arg("--ipam-state-dir")

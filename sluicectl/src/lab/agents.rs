@@ -51,6 +51,8 @@ pub fn command_line(st: &LabState, node: &NodeState, paths: &LabPaths) -> Vec<St
         st.dataplane.as_str().into(),
         "--status-file".into(),
         r(&files.agent_status_file),
+        "--agent-socket".into(),
+        r(&files.agent_socket),
         "--mtu-file".into(),
         r(&files.mtu_file),
         "--ipam-state-dir".into(),

@@ -3,8 +3,9 @@
 //! real packets.
 //!
 //! ```text
-//! sluicectl lab up    --name NAME [--nodes N] [--encap auto|ipip|vxlan|none] [--pool CIDR]
-//! sluicectl lab apply --name NAME -f PATH [-f PATH ...] [--prune]
+//! sluicectl lab up    --name NAME [--nodes N | --node-ips A,B,C [--underlay CIDR]]
+//!                     [--encap auto|ipip|vxlan|none] [--pool CIDR]
+//! sluicectl lab apply --name NAME -f PATH [-f PATH ...] [--prune] [--no-wait]
 //! sluicectl lab probe --name NAME --from NS/POD|ip:ADDR|node:NODE
 //!                     --to NS/POD|ip:ADDR|node:NODE:PORT --port N [--protocol TCP|UDP|SCTP]
 //!                     [--timeout-ms MS] [-o text|json]

@@ -27,6 +27,10 @@ pub struct ApplyArgs {
     /// Delete objects a previous apply of these files made that they no longer hold.
     #[arg(long)]
     pub prune: bool,
+    /// Return as soon as every CNI ADD has returned, without waiting for the agents
+    /// to sync (so ADD → first connection can be timed from outside).
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(clap::Args)]
@@ -144,21 +148,96 @@ fn pod_object(o: &Object, pod: &PodState, host_ip: std::net::Ipv4Addr) -> Value 
     v
 }
 
-fn create_pod(st: &mut LabState, paths: &LabPaths, o: &Object) -> Result<(), LabError> {
-    let v = &o.value;
-    let (ns, name) = (o.key.namespace.clone(), o.key.name.clone());
-    if v["spec"]["hostNetwork"].as_bool() == Some(true) {
-        return Err(LabError::Usage(format!(
-            "pod {ns}/{name}: hostNetwork pods are not supported by the lab"
-        )));
-    }
-    let ports = manifests::pod_ports(v, &o.source)?;
+/// A scheduled pod as the API server shows it before kubelet reports the sandbox:
+/// on its node, annotations and labels known, no address yet. Written before ADD, so
+/// the agent can answer the plugin's annotation lookup and enforce from its report.
+fn scheduled_pod_object(o: &Object, node: &str) -> Value {
+    let mut v = o.value.clone();
+    v["metadata"]["namespace"] = json!(o.key.namespace);
+    v["spec"]["nodeName"] = json!(node);
+    v["status"] = json!({"phase": "Pending"});
+    v
+}
+
+/// Schedule the new pods and write them as scheduled; returns pod key → node.
+fn schedule_new_pods(
+    st: &LabState,
+    paths: &LabPaths,
+    objects: &[Object],
+) -> Result<BTreeMap<String, String>, LabError> {
     let node_names: Vec<String> = st.nodes.iter().map(|n| n.name.clone()).collect();
     let mut load = BTreeMap::new();
     for p in st.pods.values() {
         *load.entry(p.node.clone()).or_insert(0) += 1;
     }
-    let node_name = schedule(v["spec"]["nodeName"].as_str(), &node_names, &load)?;
+    let mut placed = BTreeMap::new();
+    for o in objects.iter().filter(|o| o.key.kind == "Pod") {
+        let key = format!("{}/{}", o.key.namespace, o.key.name);
+        if st.pods.contains_key(&key) {
+            continue;
+        }
+        if o.value["spec"]["hostNetwork"].as_bool() == Some(true) {
+            return Err(LabError::Usage(format!(
+                "pod {key}: hostNetwork pods are not supported by the lab"
+            )));
+        }
+        let node = schedule(o.value["spec"]["nodeName"].as_str(), &node_names, &load)?;
+        *load.entry(node.clone()).or_insert(0) += 1;
+        write_manifest(
+            paths,
+            "Pod",
+            &o.key.namespace,
+            &o.key.name,
+            &scheduled_pod_object(o, &node),
+        )?;
+        placed.insert(key, node);
+    }
+    Ok(placed)
+}
+
+/// Wait (bounded) until each node's agent knows its scheduled pods, as kubelet's
+/// node has the pod in its cache before it asks for a sandbox.
+fn wait_known(st: &LabState, placed: &BTreeMap<String, String>, timeout: std::time::Duration) {
+    use sluice_node_files::local_api::{Request, Response, call};
+    let deadline = std::time::Instant::now() + timeout;
+    for (key, node) in placed {
+        let Some(n) = st.node(node) else { continue };
+        // A node whose agent is down has nobody to ask: its pods start anyway.
+        if !n.agent_pid.is_some_and(netns::alive) {
+            continue;
+        }
+        let socket = sluice_node_files::paths::NodePaths::under(&n.root).agent_socket;
+        let (ns, name) = key.split_once('/').expect("ns/name");
+        let req = Request::PodAnnotations {
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        loop {
+            if let Ok(Response::Annotations { known: true, .. }) =
+                call(&socket, &req, std::time::Duration::from_millis(200))
+            {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                eprintln!(
+                    "note: the agent on {node} did not learn of pod {key} in time; its ADD proceeds without it"
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+fn create_pod(
+    st: &mut LabState,
+    paths: &LabPaths,
+    o: &Object,
+    node_name: String,
+) -> Result<(), LabError> {
+    let v = &o.value;
+    let (ns, name) = (o.key.namespace.clone(), o.key.name.clone());
+    let ports = manifests::pod_ports(v, &o.source)?;
     let node = st
         .node(&node_name)
         .expect("scheduled to a lab node")
@@ -186,6 +265,7 @@ fn create_pod(st: &mut LabState, paths: &LabPaths, o: &Object) -> Result<(), Lab
         Ok(r) => r,
         Err(e) => {
             let _ = netns::delete(&pod_ns);
+            remove_manifest(paths, &o.key);
             return Err(e);
         }
     };
@@ -384,13 +464,27 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         write_manifest(&paths, &o.key.kind, &o.key.namespace, &o.key.name, &o.value)?;
         println!("{} configured", o.key.to_string().to_lowercase());
     }
+    let mut placed = schedule_new_pods(&st, &paths, &objects)?;
+    if st.agents {
+        wait_known(&st, &placed, std::time::Duration::from_secs(5));
+    }
     for o in objects.iter().filter(|o| o.key.kind == "Pod") {
         let key = format!("{}/{}", o.key.namespace, o.key.name);
-        if st.pods.contains_key(&key) {
+        if let Some(node) = placed.remove(&key) {
+            if let Err(e) = create_pod(&mut st, &paths, o, node) {
+                // The pods not created yet leave nothing behind either.
+                for k in placed.keys() {
+                    if let Some(p) = objects.iter().find(|x| {
+                        x.key.kind == "Pod" && format!("{}/{}", x.key.namespace, x.key.name) == *k
+                    }) {
+                        remove_manifest(&paths, &p.key);
+                    }
+                }
+                return Err(e.into());
+            }
+        } else {
             update_pod(&mut st, &paths, o)?;
             println!("pod/{key} configured");
-        } else {
-            create_pod(&mut st, &paths, o)?;
         }
     }
 
@@ -419,7 +513,9 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     }
     state::save(&st)?;
     services::sync(&st, &paths)?;
-    settle(&st, &paths, syncs_before);
+    if !args.no_wait {
+        settle(&st, &paths, syncs_before);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -34,6 +34,14 @@ pub struct UpArgs {
     pub name: String,
     #[arg(long, default_value_t = 2)]
     pub nodes: usize,
+    /// Lay the nodes out exactly: node-i gets the i-th address (and their count
+    /// is the number of nodes). The underlay is the /24 holding them, unless
+    /// `--underlay` says otherwise; the lab's gateway takes a free address in it.
+    #[arg(long, value_delimiter = ',')]
+    pub node_ips: Vec<Ipv4Addr>,
+    /// The underlay network (default: the /24 of `--node-ips`, else 192.168.77.0/24).
+    #[arg(long)]
+    pub underlay: Option<ipnet::Ipv4Net>,
     #[arg(long, value_enum, default_value_t = Encap::Auto)]
     pub encap: Encap,
     #[arg(long, default_value = "10.244.0.0/16")]
@@ -63,6 +71,47 @@ pub struct UpArgs {
 pub struct DownArgs {
     #[arg(long)]
     pub name: String,
+}
+
+/// The address plan for exact node addresses: node-i gets `ips[i]`, the underlay is
+/// `underlay` or the /24 holding the first, and the gateway the lowest host address
+/// no node has. Pure.
+pub fn plan_exact(
+    ips: &[Ipv4Addr],
+    underlay: Option<ipnet::Ipv4Net>,
+) -> Result<UnderlayPlan, LabError> {
+    let first = *ips
+        .first()
+        .ok_or_else(|| LabError::Usage("--node-ips needs at least one address".into()))?;
+    let cidr = match underlay {
+        Some(c) => c.trunc(),
+        None => ipnet::Ipv4Net::new(first, 24)
+            .expect("24 is a prefix")
+            .trunc(),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for ip in ips {
+        if !cidr.contains(ip) || *ip == cidr.network() || *ip == cidr.broadcast() {
+            return Err(LabError::Usage(format!(
+                "node address {ip} is not a host address of the underlay {cidr} (give --underlay)"
+            )));
+        }
+        if !seen.insert(*ip) {
+            return Err(LabError::Usage(format!("node address {ip} is given twice")));
+        }
+    }
+    let gateway = cidr.hosts().find(|h| !seen.contains(h)).ok_or_else(|| {
+        LabError::Usage(format!("no free address left in {cidr} for the gateway"))
+    })?;
+    Ok(UnderlayPlan {
+        cidr,
+        gateway,
+        nodes: ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (names::node_name(i + 1), *ip))
+            .collect(),
+    })
 }
 
 /// The address plan of an underlay: pure, so it is tested without a kernel.
@@ -183,8 +232,14 @@ pub fn up(args: UpArgs) -> Result<LabState, LabError> {
     if paths.state_file().exists() {
         return Err(LabError::Exists(args.name.clone()));
     }
-    let cidr: ipnet::Ipv4Net = DEFAULT_UNDERLAY.parse().expect("constant CIDR");
-    let plan = plan_underlay(cidr, args.nodes)?;
+    let plan = if args.node_ips.is_empty() {
+        let cidr = args
+            .underlay
+            .unwrap_or_else(|| DEFAULT_UNDERLAY.parse().expect("constant CIDR"));
+        plan_underlay(cidr, args.nodes)?
+    } else {
+        plan_exact(&args.node_ips, args.underlay)?
+    };
     if plan.cidr.contains(&args.pool.network()) || args.pool.contains(&plan.cidr.network()) {
         return Err(LabError::Usage(format!(
             "pool {} overlaps the underlay {}",
@@ -446,6 +501,30 @@ pub fn down(name: &str) -> Result<(), LabError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exact_node_ips_keep_their_order_and_the_gateway_takes_a_free_address() {
+        let ips: Vec<Ipv4Addr> = ["10.0.5.1", "10.0.5.7", "10.0.5.3"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let p = plan_exact(&ips, None).unwrap();
+        assert_eq!(p.cidr, "10.0.5.0/24".parse().unwrap());
+        assert_eq!(p.gateway, "10.0.5.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            p.nodes,
+            vec![
+                ("node-1".to_string(), ips[0]),
+                ("node-2".to_string(), ips[1]),
+                ("node-3".to_string(), ips[2])
+            ]
+        );
+        let wide = plan_exact(&ips[..1], Some("10.0.0.0/16".parse().unwrap())).unwrap();
+        assert_eq!(wide.cidr, "10.0.0.0/16".parse().unwrap());
+        assert!(plan_exact(&ips, Some("10.9.0.0/24".parse().unwrap())).is_err());
+        assert!(plan_exact(&[ips[0], ips[0]], None).is_err());
+        assert!(plan_exact(&[], None).is_err());
+    }
 
     #[test]
     fn underlay_plan_puts_gateway_first_and_nodes_after_ten() {

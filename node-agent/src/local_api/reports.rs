@@ -1,0 +1,226 @@
+//! What the CNI plugin reported over the node-local API, laid over the datastore's
+//! snapshot (pure). The datastore stays the truth:
+//!
+//! - a report fills in the address of a pod the datastore knows but shows without
+//!   one (kubelet has not written the status yet), so policy for it is programmed
+//!   now; its labels come from the datastore, so it gets exactly its policies;
+//! - a pod the datastore does not know (yet) is not added: without its labels no
+//!   policy could be chosen for it, and it stays fail-closed until it appears;
+//! - a report the datastore confirms (the pod shows that address) is done and
+//!   dropped; one it contradicts (another address) is not applied;
+//! - a report the datastore has not confirmed after the grace period is dropped.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use sluice_node_files::local_api::{Attachment, Detachment};
+use sluice_policy::NamespacedName;
+
+use crate::datastore::Snapshot;
+
+/// The default grace period of an unconfirmed report.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reported {
+    pub attachment: Attachment,
+    pub at: Instant,
+}
+
+/// What became of a report in one overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The datastore showed the pod without an address: the report's is used.
+    Applied,
+    /// The datastore shows the reported address: the report is done.
+    Confirmed,
+    /// The datastore does not know the pod, or shows another address: waiting.
+    Waiting,
+    /// Unconfirmed for longer than the grace period: dropped.
+    Expired,
+}
+
+#[derive(Debug, Default)]
+pub struct Reports {
+    by_pod: BTreeMap<NamespacedName, Reported>,
+}
+
+impl Reports {
+    pub fn attach(&mut self, a: Attachment, now: Instant) {
+        let key = NamespacedName::new(&a.namespace, &a.name);
+        self.by_pod.insert(
+            key,
+            Reported {
+                attachment: a,
+                at: now,
+            },
+        );
+    }
+
+    /// Forget the report of this attachment (not a newer sandbox's of the same pod).
+    pub fn detach(&mut self, d: &Detachment) -> bool {
+        let key = NamespacedName::new(&d.namespace, &d.name);
+        let ours = self.by_pod.get(&key).is_some_and(|r| {
+            r.attachment.container_id == d.container_id && r.attachment.ifname == d.ifname
+        });
+        if ours {
+            self.by_pod.remove(&key);
+        }
+        ours
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_pod.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_pod.is_empty()
+    }
+
+    /// When the oldest report expires, if any is held.
+    pub fn next_expiry(&self, grace: Duration) -> Option<Instant> {
+        self.by_pod.values().map(|r| r.at + grace).min()
+    }
+
+    /// `snap` with the reports laid over it; confirmed and expired reports are
+    /// dropped from `self`. Returns each report's outcome.
+    pub fn overlay(
+        &mut self,
+        snap: &Snapshot,
+        node: &str,
+        now: Instant,
+        grace: Duration,
+    ) -> (Snapshot, Vec<(NamespacedName, Outcome)>) {
+        let mut out = snap.clone();
+        let mut outcomes = Vec::new();
+        self.by_pod.retain(|key, r| {
+            let addr = IpAddr::V4(r.attachment.address);
+            let outcome = match out.cluster.pods.get_mut(key) {
+                Some(p) if p.ips.contains(&addr) => Outcome::Confirmed,
+                _ if now.saturating_duration_since(r.at) > grace => Outcome::Expired,
+                Some(p) if p.ips.is_empty() && !p.host_network => {
+                    p.ips = vec![addr];
+                    p.node.get_or_insert_with(|| node.to_owned());
+                    out.reported.insert(key.clone(), r.at);
+                    Outcome::Applied
+                }
+                _ => Outcome::Waiting,
+            };
+            outcomes.push((key.clone(), outcome));
+            matches!(outcome, Outcome::Applied | Outcome::Waiting)
+        });
+        (out, outcomes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::objects::{convert, parse_manifest_text};
+
+    fn attachment(name: &str, ip: &str) -> Attachment {
+        Attachment {
+            namespace: "prod".into(),
+            name: name.into(),
+            container_id: format!("cid-{name}"),
+            ifname: "eth0".into(),
+            host_ifname: "slc0".into(),
+            address: ip.parse().unwrap(),
+            no_ipam: false,
+        }
+    }
+
+    fn snap(pods: &[(&str, Option<&str>)]) -> Snapshot {
+        let text: Vec<String> = pods
+            .iter()
+            .map(|(n, ip)| {
+                let status = ip.map(|i| format!("status: {{podIP: {i}}}\n")).unwrap_or_default();
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {n}, namespace: prod, labels: {{app: {n}}}}}\n\
+                     spec: {{nodeName: node-1, containers: [{{name: c, image: x}}]}}\n{status}"
+                )
+            })
+            .collect();
+        Snapshot {
+            cluster: convert(&parse_manifest_text("t", &text.join("---\n")).unwrap()).cluster,
+            ..Default::default()
+        }
+    }
+
+    fn key(n: &str) -> NamespacedName {
+        NamespacedName::new("prod", n)
+    }
+
+    #[test]
+    fn a_report_gives_a_known_pod_its_address_until_the_datastore_confirms_it() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(10);
+        let mut r = Reports::default();
+        r.attach(attachment("web", "10.244.1.5"), t0);
+        let (merged, o) = r.overlay(&snap(&[("web", None)]), "node-1", t0, grace);
+        assert_eq!(o, vec![(key("web"), Outcome::Applied)]);
+        let pod = &merged.cluster.pods[&key("web")];
+        assert_eq!(pod.ips, vec!["10.244.1.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(merged.reported.get(&key("web")), Some(&t0));
+        assert!(merged.reported_after(t0 - Duration::from_millis(1)));
+        // kubelet caught up: the datastore is the truth and the report is done.
+        let (_, o) = r.overlay(&snap(&[("web", Some("10.244.1.5"))]), "node-1", t0, grace);
+        assert_eq!(o, vec![(key("web"), Outcome::Confirmed)]);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn an_unknown_pod_is_not_invented_and_an_unconfirmed_report_expires() {
+        let t0 = Instant::now();
+        let grace = Duration::from_millis(100);
+        let mut r = Reports::default();
+        r.attach(attachment("ghost", "10.244.1.6"), t0);
+        let (merged, o) = r.overlay(&snap(&[]), "node-1", t0, grace);
+        assert!(
+            merged.cluster.pods.is_empty(),
+            "no labels, no policy: fail-closed"
+        );
+        assert_eq!(o, vec![(key("ghost"), Outcome::Waiting)]);
+        assert_eq!(r.next_expiry(grace), Some(t0 + grace));
+        let later = t0 + Duration::from_millis(150);
+        let (_, o) = r.overlay(&snap(&[("ghost", None)]), "node-1", later, grace);
+        assert_eq!(o, vec![(key("ghost"), Outcome::Expired)]);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn the_datastore_wins_over_a_contradicting_report() {
+        let t0 = Instant::now();
+        let mut r = Reports::default();
+        r.attach(attachment("web", "10.244.1.5"), t0);
+        let (merged, o) = r.overlay(
+            &snap(&[("web", Some("10.244.1.9"))]),
+            "node-1",
+            t0,
+            DEFAULT_GRACE,
+        );
+        assert_eq!(o, vec![(key("web"), Outcome::Waiting)]);
+        assert_eq!(
+            merged.cluster.pods[&key("web")].ips,
+            vec!["10.244.1.9".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_detachment_forgets_only_its_own_sandbox() {
+        let mut r = Reports::default();
+        r.attach(attachment("web", "10.244.1.5"), Instant::now());
+        let mut old = Detachment {
+            namespace: "prod".into(),
+            name: "web".into(),
+            container_id: "an-older-sandbox".into(),
+            ifname: "eth0".into(),
+        };
+        assert!(!r.detach(&old));
+        old.container_id = "cid-web".into();
+        assert!(r.detach(&old));
+        assert!(r.is_empty());
+    }
+}
