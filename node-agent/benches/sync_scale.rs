@@ -1,18 +1,30 @@
-//! Sync time and rule counts for a large cluster: 10,000 pods and 1,000 policies.
+//! Sync time, rule counts and kernel memory for a large cluster (10,000 pods and 1,000
+//! policies), on both policy dataplanes side by side (issue 11).
 //!
 //! `cargo bench -p sluice-agent --bench sync_scale` (as root for the kernel part,
-//! which runs in a throwaway network namespace). Prints a table; asserts nothing about
-//! time. Scenarios: a realistic node (10,000 pods cluster-wide, 110 on this node) and
-//! a stress case (every one of the 10,000 pods on this node).
+//! which runs in a throwaway network namespace per scenario and dataplane). Prints
+//! markdown tables; asserts nothing about time. Scenarios: a realistic node (10,000
+//! pods cluster-wide, 110 on this node) and a stress case (every one of the 10,000
+//! pods on this node). `SLUICE_BENCH_DATAPLANES=iptables` (or `nftables`) measures one
+//! dataplane only, `SLUICE_BENCH_SCENARIOS=realistic` (or `stress`) one scenario.
+//!
+//! Kernel memory is the growth of the machine's unreclaimable kernel memory
+//! (`/proc/meminfo` SUnreclaim + VmallocUsed + Percpu) across the first apply, and its
+//! drop when the ruleset is removed again (`nft flush ruleset` and `ipset destroy` in
+//! the throwaway namespace), each after an RCU grace; other processes on the machine
+//! allocate at the same time, so the idle drift over the same interval is printed as
+//! the noise floor. For iptables, ipset's own figure (`Size in memory`) is printed too.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sluice_agent::dataplane::{Backend, Dataplane, ExecRunner, SyncMode};
+use sluice_agent::dataplane::{Backend, Dataplane, ExecRunner, NftDataplane, SyncMode};
 use sluice_agent::datastore::Snapshot;
 use sluice_agent::datastore::objects::convert;
 use sluice_agent::reconcile::{self, NodeSettings, TunnelFilter};
 use sluice_policy::RawObject;
+use sluice_policy::dataplane::{DataplaneKind, Ruleset};
 
 const PODS: usize = 10_000;
 const POLICIES: usize = 1_000;
@@ -66,6 +78,13 @@ fn objects(local_pods: usize) -> Vec<Value> {
     out
 }
 
+fn newcomer() -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "newcomer", "namespace": "ns-0", "labels": {"app": "app-0", "tier": "fe"}},
+        "spec": {"nodeName": "node-0", "containers": [{"name": "c", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": "10.244.200.2"}})
+}
+
 fn snapshot(objs: &[Value]) -> Snapshot {
     let objs: Vec<RawObject> = objs
         .iter()
@@ -92,106 +111,308 @@ fn snapshot(objs: &[Value]) -> Snapshot {
 }
 
 fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    let v = d.as_secs_f64() * 1000.0;
+    if v < 10.0 {
+        format!("{v:.2} ms")
+    } else {
+        format!("{v:.1} ms")
+    }
 }
 
-fn scenario(name: &str, local: usize, kernel: bool) {
+/// The writer under test: the agent's own dataplane executor of either kind.
+enum Writer {
+    Iptables(Dataplane<ExecRunner>),
+    Nftables(NftDataplane<ExecRunner>),
+}
+
+/// What one sync wrote.
+struct Wrote {
+    changed: bool,
+    detail: String,
+}
+
+impl Writer {
+    fn new(kind: DataplaneKind) -> Writer {
+        match kind {
+            DataplaneKind::Iptables => Writer::Iptables(Dataplane::new(ExecRunner, Backend::Nft)),
+            DataplaneKind::Nftables => Writer::Nftables(NftDataplane::new(ExecRunner)),
+        }
+    }
+
+    fn sync(&self, desired: &Ruleset, mode: SyncMode) -> Wrote {
+        let (r, unit) = match self {
+            Writer::Iptables(dp) => (dp.sync_with(desired, mode).unwrap(), "set members"),
+            Writer::Nftables(dp) => (dp.sync_with(desired, mode).unwrap(), "set/map elements"),
+        };
+        Wrote {
+            changed: r.changed_anything(),
+            detail: format!(
+                "{} chains rewritten, {} {unit} changed",
+                r.chains_rewritten, r.set_members_changed
+            ),
+        }
+    }
+}
+
+/// Unreclaimable kernel memory of the whole machine, KiB: where netfilter's rules,
+/// sets and elements live (slab, vmalloc, per-cpu counters).
+fn kernel_kib() -> i64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let field = |name: &str| -> i64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|r| r.trim_start_matches(':').split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    field("SUnreclaim") + field("VmallocUsed") + field("Percpu")
+}
+
+/// Let freed netfilter objects pass their RCU grace period before reading memory.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+fn kib(v: i64) -> String {
+    if v.abs() >= 10 * 1024 {
+        format!("{:.1} MiB", v as f64 / 1024.0)
+    } else {
+        format!("{v} KiB")
+    }
+}
+
+/// Objects in the kernel after the scenario, per dataplane.
+fn kernel_counts(kind: DataplaneKind) -> Vec<(String, String)> {
+    match kind {
+        DataplaneKind::Iptables => {
+            let rules = sluice_testkit::sh("iptables-nft-save | grep -c '^-A SLUICE' || true");
+            let headers = sluice_testkit::sh("ipset list -t");
+            let (mut sets, mut members, mut bytes) = (0u64, 0u64, 0u64);
+            for l in headers.lines() {
+                if let Some(v) = l.strip_prefix("Name: ") {
+                    sets += u64::from(v.starts_with("SLUICE"));
+                } else if let Some(v) = l.strip_prefix("Number of entries: ") {
+                    members += v.trim().parse::<u64>().unwrap_or(0);
+                } else if let Some(v) = l.strip_prefix("Size in memory: ") {
+                    bytes += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+            vec![
+                (
+                    "rules in the kernel (iptables-save)".into(),
+                    rules.trim().into(),
+                ),
+                (
+                    "ipsets / members in the kernel".into(),
+                    format!("{sets} / {members}"),
+                ),
+                (
+                    "ipset memory (ipset's `Size in memory`)".into(),
+                    kib((bytes / 1024) as i64),
+                ),
+            ]
+        }
+        DataplaneKind::Nftables => {
+            let listing = sluice_testkit::sh("nft -j list table ip sluice");
+            let v: Value = serde_json::from_str(&listing).unwrap();
+            let mut count: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut elements = 0u64;
+            for o in v["nftables"].as_array().into_iter().flatten() {
+                for kind in ["chain", "rule", "set", "map"] {
+                    if let Some(x) = o.get(kind) {
+                        *count.entry(kind).or_default() += 1;
+                        elements += x["elem"].as_array().map_or(0, |e| e.len() as u64);
+                    }
+                }
+            }
+            let c = |k| count.get(k).copied().unwrap_or(0);
+            vec![
+                (
+                    "chains / rules in the kernel (nft list)".into(),
+                    format!("{} / {}", c("chain"), c("rule")),
+                ),
+                (
+                    "sets + maps / elements in the kernel".into(),
+                    format!("{} + {} / {elements}", c("set"), c("map")),
+                ),
+            ]
+        }
+    }
+}
+
+/// One scenario on one dataplane: rows of (step, result).
+fn measure(kind: DataplaneKind, local: usize, kernel: bool) -> Vec<(String, String)> {
     let settings = NodeSettings {
         node: "node-0".into(),
         pool: "10.244.0.0/16".parse().unwrap(),
         tunnel: TunnelFilter::Ipip,
         nat_outgoing: true,
         node_ip: None,
-        dataplane: sluice_policy::dataplane::DataplaneKind::Iptables,
+        dataplane: kind,
     };
+    let mut rows: Vec<(String, String)> = Vec::new();
     let objs = objects(local);
     let t = Instant::now();
     let snap = snapshot(&objs);
-    let t_convert = t.elapsed();
+    rows.push(("convert objects → model".into(), ms(t.elapsed())));
     let t = Instant::now();
     let desired = reconcile::desired(&snap, &settings).unwrap();
-    let t_desired = t.elapsed();
-    let chains: usize = desired.dataplane.tables.values().map(|t| t.len()).sum();
-    println!(
-        "## {name}: {PODS} pods ({local} on this node), {POLICIES} policies, {NAMESPACES} namespaces, {NODES} nodes"
-    );
-    println!("| step | result |\n|---|---|");
-    println!("| convert objects → model | {} |", ms(t_convert));
-    println!("| compile + agent rules (pure) | {} |", ms(t_desired));
-    println!(
-        "| owned chains / rules | {chains} / {} |",
-        desired.dataplane.rule_count()
-    );
-    println!(
-        "| ipsets / members | {} / {} |",
-        desired.dataplane.sets.len(),
-        desired.dataplane.set_member_count()
-    );
-
+    rows.push(("compile + agent rules (pure)".into(), ms(t.elapsed())));
+    let dp = &desired.dataplane;
+    let chains: usize = dp.tables.values().map(|t| t.len()).sum();
+    rows.push((
+        "model: chains / rules".into(),
+        format!("{chains} / {}", dp.rule_count()),
+    ));
+    rows.push((
+        "model: sets / members".into(),
+        format!("{} / {}", dp.sets.len(), dp.set_member_count()),
+    ));
+    let mut objs2 = objs.clone();
+    objs2.push(newcomer());
+    let t = Instant::now();
+    let d2 = reconcile::desired(&snapshot(&objs2), &settings).unwrap();
+    rows.push((
+        "one new local pod: convert + compile (pure)".into(),
+        ms(t.elapsed()),
+    ));
     if !kernel {
-        println!("| kernel apply | skipped (not root) |\n");
-        return;
+        rows.push(("kernel".into(), "skipped (not root)".into()));
+        return rows;
     }
-    sluice_testkit::in_new_netns(|| {
-        let dp = Dataplane::new(ExecRunner, Backend::Nft);
+    let kernel_rows = sluice_testkit::in_new_netns(|| {
+        let mut rows: Vec<(String, String)> = Vec::new();
+        let w = Writer::new(kind);
+        settle();
+        let idle0 = kernel_kib();
+        settle();
+        let before = kernel_kib();
         let t = Instant::now();
-        let r = dp.sync(&desired.dataplane).unwrap();
-        println!(
-            "| first apply (ipset restore + iptables-nft-restore) | {} ({} chains written) |",
-            ms(t.elapsed()),
-            r.chains_rewritten
-        );
+        let r = w.sync(&desired.dataplane, SyncMode::Full);
+        rows.push((
+            "first apply".into(),
+            format!("{} ({})", ms(t.elapsed()), r.detail),
+        ));
+        settle();
+        let grown = kernel_kib() - before;
         let mut noop = Vec::new();
         for _ in 0..5 {
             let t = Instant::now();
-            let r = dp.sync(&desired.dataplane).unwrap();
-            assert!(!r.changed_anything());
+            let r = w.sync(&desired.dataplane, SyncMode::Full);
+            assert!(!r.changed, "a no-op resync wrote something");
             noop.push(t.elapsed());
         }
         noop.sort();
-        println!(
-            "| no-op resync (save, parse, compare), median of 5 | {} |",
-            ms(noop[2])
-        );
-
-        // One new local pod: the ADD-to-enforced work at this scale.
-        let mut objs2 = objs.clone();
-        objs2.push(json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "newcomer", "namespace": "ns-0", "labels": {"app": "app-0", "tier": "fe"}},
-            "spec": {"nodeName": "node-0", "containers": [{"name": "c", "image": "x"}]},
-            "status": {"phase": "Running", "podIP": "10.244.200.2"}}));
+        rows.push((
+            "no-op resync (read kernel, compare), median of 5".into(),
+            ms(noop[2]),
+        ));
+        // One new local pod: the ADD-to-enforced work at this scale, as the agent does
+        // it (diff against its last write: one transaction).
         let t = Instant::now();
-        let snap2 = snapshot(&objs2);
-        let d2 = reconcile::desired(&snap2, &settings).unwrap();
-        let t_pure = t.elapsed();
-        let t = Instant::now();
-        let r = dp.sync_with(&d2.dataplane, SyncMode::Incremental).unwrap();
-        println!(
-            "| one new local pod: convert+compile / incremental apply | {} / {} ({} chains rewritten, {} set members changed) |",
-            ms(t_pure),
-            ms(t.elapsed()),
-            r.chains_rewritten,
-            r.set_members_changed
-        );
+        let r = w.sync(&d2.dataplane, SyncMode::Incremental);
+        rows.push((
+            "one new local pod: incremental apply (one transaction)".into(),
+            format!("{} ({})", ms(t.elapsed()), r.detail),
+        ));
         // The same change found by a full resync (kernel read back first).
-        dp.sync(&desired.dataplane).unwrap();
+        w.sync(&desired.dataplane, SyncMode::Full);
         let t = Instant::now();
-        dp.sync_with(&d2.dataplane, SyncMode::Full).unwrap();
-        println!(
-            "| one new local pod, full-read apply | {} |",
-            ms(t.elapsed())
-        );
-        let saved = sluice_testkit::sh("iptables-nft-save | grep -c '^-A SLUICE'");
-        println!(
-            "| rules in the kernel (iptables-save) | {} |\n",
-            saved.trim()
-        );
+        w.sync(&d2.dataplane, SyncMode::Full);
+        rows.push((
+            "one new local pod, full (kernel-reading) sync".into(),
+            ms(t.elapsed()),
+        ));
+        rows.extend(kernel_counts(kind));
+        settle();
+        let before_rm = kernel_kib();
+        sluice_testkit::sh("nft flush ruleset; ipset destroy 2>/dev/null || true");
+        settle();
+        let dropped = before_rm - kernel_kib();
+        rows.push((
+            "kernel memory: growth on first apply / drop on removal".into(),
+            format!("{} / {}", kib(grown), kib(dropped)),
+        ));
+        rows.push((
+            "kernel memory noise floor (idle drift over the same interval)".into(),
+            kib(before - idle0),
+        ));
+        rows
     });
+    rows.extend(kernel_rows);
+    rows
+}
+
+fn scenario(name: &str, local: usize, kinds: &[DataplaneKind], kernel: bool) {
+    let load_before = loadavg();
+    let results: Vec<Vec<(String, String)>> = kinds
+        .iter()
+        .map(|k| {
+            eprintln!("{name}: measuring {}", k.as_str());
+            measure(*k, local, kernel)
+        })
+        .collect();
+    println!(
+        "## {name}: {PODS} pods ({local} on this node), {POLICIES} policies, {NAMESPACES} namespaces, {NODES} nodes\n"
+    );
+    println!("load average (1, 5, 15 min) before: {load_before}");
+    print!("\n| step |");
+    for k in kinds {
+        print!(" {} |", k.as_str());
+    }
+    print!("\n|---|");
+    for _ in kinds {
+        print!("---|");
+    }
+    println!();
+    // Rows in first-seen order; a step one dataplane lacks is shown as "–".
+    let mut steps: Vec<&str> = Vec::new();
+    for r in &results {
+        for (s, _) in r {
+            if !steps.contains(&s.as_str()) {
+                steps.push(s);
+            }
+        }
+    }
+    for s in steps {
+        print!("| {s} |");
+        for r in &results {
+            let v = r.iter().find(|(k, _)| k == s).map_or("–", |(_, v)| v);
+            print!(" {v} |");
+        }
+        println!();
+    }
+    println!("\nload average (1, 5, 15 min) after: {}\n", loadavg());
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn main() {
     // `cargo bench` passes --bench; anything else is ignored.
     let root = nix::unistd::geteuid().is_root();
-    scenario("realistic node", 110, root);
-    scenario("stress: every pod on this node", PODS, root);
+    let kinds: Vec<DataplaneKind> = std::env::var("SLUICE_BENCH_DATAPLANES")
+        .unwrap_or_else(|_| "iptables,nftables".into())
+        .split(',')
+        .map(|s| match s.trim() {
+            "iptables" => DataplaneKind::Iptables,
+            "nftables" => DataplaneKind::Nftables,
+            other => panic!("SLUICE_BENCH_DATAPLANES: unknown dataplane {other:?}"),
+        })
+        .collect();
+    // SLUICE_BENCH_SCENARIOS=realistic (or stress) runs one scenario only.
+    let scenarios =
+        std::env::var("SLUICE_BENCH_SCENARIOS").unwrap_or_else(|_| "realistic,stress".into());
+    if scenarios.split(',').any(|s| s.trim() == "realistic") {
+        scenario("realistic node", 110, &kinds, root);
+    }
+    if scenarios.split(',').any(|s| s.trim() == "stress") {
+        scenario("stress: every pod on this node", PODS, &kinds, root);
+    }
 }

@@ -416,6 +416,7 @@ spec: {podSelector: {}}
             RejectedPolicy {
                 reason: "except outside cidr".into(),
                 pod_selector: Some(LabelSelector::from_labels([("app", "web")])),
+                namespace_selector: None,
             },
         );
         let d = desired(&snap, &settings()).unwrap();

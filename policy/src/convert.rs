@@ -13,8 +13,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::model::{
-    ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, NetworkPolicy, Node, Peer, Peers,
-    Pod, PodPeer, PolicyPort, PolicyType, PolicyTypes, PortMatch, Ports, Protocol, Rule,
+    Action, ClusterNetworkPolicy, ClusterPeer, ClusterRule, ContainerPort, IpBlock, Labels,
+    Namespace, NamespaceScope, NetworkPolicy, Node, Peer, Peers, Pod, PodPeer, PolicyPort,
+    PolicyType, PolicyTypes, PortMatch, Ports, Protocol, Rule, Subject, Tier,
 };
 use crate::selector::{LabelSelector, Operator, Requirement};
 
@@ -29,6 +30,12 @@ pub enum ConvertError {
     Protocol { field: String, value: String },
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
+    /// A ClusterNetworkPolicy breaking one of the upstream API's validation rules.
+    #[error("{field}: {error}")]
+    ClusterPolicy {
+        field: String,
+        error: ClusterPolicyError,
+    },
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConvertError {
@@ -720,5 +727,548 @@ mod tests {
             p.resolve_named_port("serve-81-udp", Protocol::Tcp)
                 .is_empty()
         );
+    }
+}
+
+// ---------------------------------------------------------------- ClusterNetworkPolicy
+
+/// Each validation rule of `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy
+/// (kubernetes-sigs/network-policy-api `apis/v1alpha2/clusternetworkpolicy_types.go`:
+/// its kubebuilder markers and CEL rules), by name, so `policy check` and the agent
+/// say which rule a policy breaks. The API server enforces these for objects it
+/// stores; sluice checks them again because a file (or an older CRD) may not.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterPolicyError {
+    #[error("priority {0} is outside 0..=1000")]
+    PriorityOutOfRange(i64),
+    #[error("tier {0:?} is neither Admin nor Baseline")]
+    UnknownTier(String),
+    #[error("subject must set exactly one of namespaces and pods (has {0})")]
+    SubjectForms(usize),
+    #[error("{count} {direction} rules; at most 25 are allowed")]
+    TooManyRules {
+        direction: &'static str,
+        count: usize,
+    },
+    #[error("rule name is {0} characters; at most 100 are allowed")]
+    RuleNameTooLong(usize),
+    #[error("action {0:?} is not Accept, Deny or Pass")]
+    UnknownAction(String),
+    #[error("{0} is missing or empty; a rule needs at least one peer")]
+    EmptyPeers(&'static str),
+    #[error("{count} peers; at most 25 are allowed")]
+    TooManyPeers { count: usize },
+    #[error("a peer must set exactly one of {allowed} (has {count})")]
+    PeerForms { allowed: &'static str, count: usize },
+    #[error("protocols is empty; leave it out to match every protocol")]
+    EmptyProtocols,
+    #[error("{count} protocols; at most 25 are allowed")]
+    TooManyProtocols { count: usize },
+    #[error(
+        "a protocols entry must set exactly one of tcp, udp, sctp, destinationNamedPort (has {0})"
+    )]
+    ProtocolForms(usize),
+    #[error("a named port cannot be given together with a port number in one protocols entry")]
+    NamedPortWithNumber,
+    #[error("{0} must set exactly one of number and range")]
+    PortForms(&'static str),
+    #[error("port {0} is outside 1..=65535")]
+    PortOutOfRange(i64),
+    #[error("port range start {start} must be less than end {end}")]
+    PortRangeOrder { start: i64, end: i64 },
+    #[error("networks/nodes/domainNames peers cannot be used with destinationNamedPort")]
+    NamedPortWithNonPodPeer,
+    #[error("{0:?} is not a CIDR")]
+    BadCidr(String),
+    #[error("networks is empty or has more than 25 CIDRs ({0})")]
+    NetworksCount(usize),
+    #[error("domainNames is empty or has more than 25 names ({0})")]
+    DomainNamesCount(usize),
+    #[error("{0:?} is not a domain name (optionally with a leading *.)")]
+    BadDomainName(String),
+    #[error("domainNames peers are only allowed in Accept rules")]
+    DomainNamesNotAccept,
+}
+
+fn cnp_error(field: impl Into<String>, error: ClusterPolicyError) -> ConvertError {
+    ConvertError::ClusterPolicy {
+        field: field.into(),
+        error,
+    }
+}
+
+const MAX_ITEMS: usize = 25;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawNamespacedPod {
+    #[serde(default)]
+    namespace_selector: Option<RawSelector>,
+    #[serde(default)]
+    pod_selector: Option<RawSelector>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawClusterPeer {
+    #[serde(default)]
+    namespaces: Option<RawSelector>,
+    #[serde(default)]
+    pods: Option<RawNamespacedPod>,
+    #[serde(default)]
+    nodes: Option<RawSelector>,
+    #[serde(default)]
+    networks: Option<Vec<String>>,
+    #[serde(default)]
+    domain_names: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct RawPortSpec {
+    #[serde(default)]
+    number: Option<i64>,
+    #[serde(default)]
+    range: Option<RawRange>,
+}
+
+#[derive(Deserialize)]
+struct RawRange {
+    start: i64,
+    end: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawProtocolPort {
+    #[serde(default)]
+    destination_port: Option<RawPortSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawClusterProtocol {
+    #[serde(default)]
+    tcp: Option<RawProtocolPort>,
+    #[serde(default)]
+    udp: Option<RawProtocolPort>,
+    #[serde(default)]
+    sctp: Option<RawProtocolPort>,
+    #[serde(default)]
+    destination_named_port: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawClusterRule {
+    #[serde(default)]
+    name: Option<String>,
+    action: String,
+    #[serde(default)]
+    from: Option<Vec<RawClusterPeer>>,
+    #[serde(default)]
+    to: Option<Vec<RawClusterPeer>>,
+    #[serde(default)]
+    protocols: Option<Vec<RawClusterProtocol>>,
+}
+
+fn namespaced_pod(
+    field: &str,
+    raw: RawNamespacedPod,
+) -> Result<(LabelSelector, LabelSelector), ConvertError> {
+    let namespaces = match raw.namespace_selector {
+        None => LabelSelector::everything(),
+        Some(s) => selector(&format!("{field}.namespaceSelector"), s)?,
+    };
+    let pods = match raw.pod_selector {
+        None => return Err(invalid(field, "podSelector is required")),
+        Some(s) => selector(&format!("{field}.podSelector"), s)?,
+    };
+    Ok((namespaces, pods))
+}
+
+fn cluster_peer(
+    field: &str,
+    ingress: bool,
+    raw: RawClusterPeer,
+    not_implemented: &mut Vec<String>,
+) -> Result<ClusterPeer, ConvertError> {
+    use ClusterPolicyError as E;
+    let count = [
+        raw.namespaces.is_some(),
+        raw.pods.is_some(),
+        raw.nodes.is_some(),
+        raw.networks.is_some(),
+        raw.domain_names.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    let allowed = if ingress {
+        "namespaces, pods"
+    } else {
+        "namespaces, pods, nodes, networks, domainNames"
+    };
+    let egress_only = raw.nodes.is_some() || raw.networks.is_some() || raw.domain_names.is_some();
+    if count != 1 || (ingress && egress_only) {
+        return Err(cnp_error(field, E::PeerForms { allowed, count }));
+    }
+    if let Some(s) = raw.namespaces {
+        return Ok(ClusterPeer::Namespaces(selector(
+            &format!("{field}.namespaces"),
+            s,
+        )?));
+    }
+    if let Some(p) = raw.pods {
+        let (namespaces, pods) = namespaced_pod(&format!("{field}.pods"), p)?;
+        return Ok(ClusterPeer::Pods { namespaces, pods });
+    }
+    if let Some(s) = raw.nodes {
+        return Ok(ClusterPeer::Nodes(selector(&format!("{field}.nodes"), s)?));
+    }
+    if let Some(nets) = raw.networks {
+        let f = format!("{field}.networks");
+        if nets.is_empty() || nets.len() > MAX_ITEMS {
+            return Err(cnp_error(f, E::NetworksCount(nets.len())));
+        }
+        let mut out = Vec::new();
+        for (i, n) in nets.iter().enumerate() {
+            let net = n
+                .parse::<IpNet>()
+                .map_err(|_| cnp_error(format!("{f}[{i}]"), E::BadCidr(n.clone())))?;
+            out.push(net.trunc());
+        }
+        out.sort();
+        out.dedup();
+        return Ok(ClusterPeer::Networks(out));
+    }
+    let names = raw.domain_names.unwrap_or_default();
+    let f = format!("{field}.domainNames");
+    if names.is_empty() || names.len() > MAX_ITEMS {
+        return Err(cnp_error(f, E::DomainNamesCount(names.len())));
+    }
+    for (i, n) in names.iter().enumerate() {
+        if !is_domain_name(n) {
+            return Err(cnp_error(format!("{f}[{i}]"), E::BadDomainName(n.clone())));
+        }
+    }
+    not_implemented.push(f);
+    Ok(ClusterPeer::DomainNames(names))
+}
+
+/// Upstream's `DomainName` pattern: dot-separated labels of letters, digits, `-`
+/// and `_` (not at a label's ends), at least two labels, an optional leading `*.`
+/// and trailing `.`.
+fn is_domain_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let labels: Vec<&str> = name.split('.').collect();
+    labels.len() >= 2
+        && labels.iter().all(|l| {
+            let b = l.as_bytes();
+            !b.is_empty()
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
+        })
+}
+
+fn cluster_port(field: &str, raw: Option<RawProtocolPort>) -> Result<PortMatch, ConvertError> {
+    use ClusterPolicyError as E;
+    let Some(spec) = raw.and_then(|r| r.destination_port) else {
+        return Ok(PortMatch::All);
+    };
+    let number = |n: i64| {
+        u16::try_from(n)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| cnp_error(field, E::PortOutOfRange(n)))
+    };
+    match (spec.number, spec.range) {
+        (Some(n), None) => {
+            let p = number(n)?;
+            Ok(PortMatch::Numbers { start: p, end: p })
+        }
+        (None, Some(r)) => {
+            let (start, end) = (number(r.start)?, number(r.end)?);
+            if start >= end {
+                return Err(cnp_error(
+                    field,
+                    E::PortRangeOrder {
+                        start: r.start,
+                        end: r.end,
+                    },
+                ));
+            }
+            Ok(PortMatch::Numbers { start, end })
+        }
+        _ => Err(cnp_error(field, E::PortForms("destinationPort"))),
+    }
+}
+
+fn cluster_protocol(field: &str, raw: RawClusterProtocol) -> Result<Vec<PolicyPort>, ConvertError> {
+    use ClusterPolicyError as E;
+    let numbered = [raw.tcp.is_some(), raw.udp.is_some(), raw.sctp.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    let named = raw.destination_named_port.is_some();
+    if named && numbered > 0 {
+        return Err(cnp_error(field, E::NamedPortWithNumber));
+    }
+    if numbered + usize::from(named) != 1 {
+        return Err(cnp_error(
+            field,
+            E::ProtocolForms(numbered + usize::from(named)),
+        ));
+    }
+    if let Some(name) = raw.destination_named_port {
+        if name.is_empty() || !name.chars().any(|c| c.is_ascii_alphabetic()) {
+            return Err(invalid(
+                format!("{field}.destinationNamedPort"),
+                format!("{name:?} is not a port name"),
+            ));
+        }
+        // A container port's name belongs to its protocol: one entry per protocol
+        // matches the named port whatever protocol the container declares it with.
+        return Ok(Protocol::ALL
+            .iter()
+            .map(|p| PolicyPort {
+                protocol: *p,
+                port: PortMatch::Named(name.clone()),
+            })
+            .collect());
+    }
+    let (protocol, port, key) = match (raw.tcp, raw.udp, raw.sctp) {
+        (Some(t), _, _) => (Protocol::Tcp, Some(t), "tcp"),
+        (_, Some(u), _) => (Protocol::Udp, Some(u), "udp"),
+        (_, _, s) => (Protocol::Sctp, s, "sctp"),
+    };
+    let port = cluster_port(&format!("{field}.{key}.destinationPort"), port)?;
+    Ok(vec![PolicyPort { protocol, port }])
+}
+
+fn cluster_rule(
+    field: &str,
+    ingress: bool,
+    raw: RawClusterRule,
+    not_implemented: &mut Vec<String>,
+) -> Result<ClusterRule, ConvertError> {
+    use ClusterPolicyError as E;
+    if let Some(n) = &raw.name
+        && n.chars().count() > 100
+    {
+        return Err(cnp_error(
+            format!("{field}.name"),
+            E::RuleNameTooLong(n.chars().count()),
+        ));
+    }
+    let action = match raw.action.as_str() {
+        "Accept" => Action::Accept,
+        "Deny" => Action::Deny,
+        "Pass" => Action::Pass,
+        other => {
+            return Err(cnp_error(
+                format!("{field}.action"),
+                E::UnknownAction(other.to_string()),
+            ));
+        }
+    };
+    let (key, peers_raw, other) = if ingress {
+        ("from", raw.from, raw.to)
+    } else {
+        ("to", raw.to, raw.from)
+    };
+    if other.is_some() {
+        return Err(invalid(
+            field,
+            format!(
+                "{} does not belong in this rule (use {key})",
+                if ingress { "to" } else { "from" }
+            ),
+        ));
+    }
+    let peers_raw = peers_raw.unwrap_or_default();
+    if peers_raw.is_empty() {
+        return Err(cnp_error(
+            format!("{field}.{key}"),
+            E::EmptyPeers(if ingress { "from" } else { "to" }),
+        ));
+    }
+    if peers_raw.len() > MAX_ITEMS {
+        return Err(cnp_error(
+            format!("{field}.{key}"),
+            E::TooManyPeers {
+                count: peers_raw.len(),
+            },
+        ));
+    }
+    let peers = peers_raw
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| cluster_peer(&format!("{field}.{key}[{i}]"), ingress, p, not_implemented))
+        .collect::<Result<Vec<_>, _>>()?;
+    let not_pod = |p: &ClusterPeer| {
+        matches!(
+            p,
+            ClusterPeer::Nodes(_) | ClusterPeer::Networks(_) | ClusterPeer::DomainNames(_)
+        )
+    };
+    if action != Action::Accept
+        && peers
+            .iter()
+            .any(|p| matches!(p, ClusterPeer::DomainNames(_)))
+    {
+        return Err(cnp_error(format!("{field}.{key}"), E::DomainNamesNotAccept));
+    }
+    let ports = match raw.protocols {
+        None => Ports::Any,
+        Some(list) if list.is_empty() => {
+            return Err(cnp_error(format!("{field}.protocols"), E::EmptyProtocols));
+        }
+        Some(list) if list.len() > MAX_ITEMS => {
+            return Err(cnp_error(
+                format!("{field}.protocols"),
+                E::TooManyProtocols { count: list.len() },
+            ));
+        }
+        Some(list) => {
+            let has_named = list.iter().any(|p| p.destination_named_port.is_some());
+            if has_named && peers.iter().any(not_pod) {
+                return Err(cnp_error(field, E::NamedPortWithNonPodPeer));
+            }
+            let mut ports = Vec::new();
+            for (i, p) in list.into_iter().enumerate() {
+                ports.extend(cluster_protocol(&format!("{field}.protocols[{i}]"), p)?);
+            }
+            Ports::Listed(ports)
+        }
+    };
+    Ok(ClusterRule {
+        name: raw.name.filter(|n| !n.is_empty()),
+        action,
+        peers,
+        ports,
+    })
+}
+
+/// Converts a `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy, checking every
+/// validation rule of the upstream API ([`ClusterPolicyError`]).
+pub fn cluster_network_policy(
+    object: &serde_json::Value,
+) -> Result<ClusterNetworkPolicy, ConvertError> {
+    use ClusterPolicyError as E;
+    #[derive(Deserialize)]
+    struct RawSubject {
+        #[serde(default)]
+        namespaces: Option<RawSelector>,
+        #[serde(default)]
+        pods: Option<RawNamespacedPod>,
+    }
+    #[derive(Deserialize)]
+    struct RawSpec {
+        tier: String,
+        priority: i64,
+        subject: RawSubject,
+        #[serde(default)]
+        ingress: Option<Vec<RawClusterRule>>,
+        #[serde(default)]
+        egress: Option<Vec<RawClusterRule>>,
+    }
+    #[derive(Deserialize)]
+    struct Raw {
+        #[serde(default)]
+        metadata: ObjectMeta,
+        spec: Option<serde_json::Value>,
+    }
+    let raw: Raw = parse(object)?;
+    let name = name_of(&raw.metadata)?;
+    let spec: RawSpec = match &raw.spec {
+        None => return Err(ConvertError::Shape("spec is missing".into())),
+        Some(s) => parse(s)?,
+    };
+    let tier = match spec.tier.as_str() {
+        "Admin" => Tier::Admin,
+        "Baseline" => Tier::Baseline,
+        other => return Err(cnp_error("spec.tier", E::UnknownTier(other.to_string()))),
+    };
+    let priority = u16::try_from(spec.priority)
+        .ok()
+        .filter(|p| *p <= 1000)
+        .ok_or_else(|| cnp_error("spec.priority", E::PriorityOutOfRange(spec.priority)))?;
+    let subject = match (spec.subject.namespaces, spec.subject.pods) {
+        (Some(ns), None) => Subject::Namespaces(selector("spec.subject.namespaces", ns)?),
+        (None, Some(p)) => {
+            let (namespaces, pods) = namespaced_pod("spec.subject.pods", p)?;
+            Subject::Pods { namespaces, pods }
+        }
+        (ns, p) => {
+            let count = usize::from(ns.is_some()) + usize::from(p.is_some());
+            return Err(cnp_error("spec.subject", E::SubjectForms(count)));
+        }
+    };
+    let mut not_implemented = Vec::new();
+    let mut rules = |ingress: bool, list: Option<Vec<RawClusterRule>>| {
+        let direction = if ingress { "ingress" } else { "egress" };
+        let list = list.unwrap_or_default();
+        if list.len() > MAX_ITEMS {
+            return Err(cnp_error(
+                format!("spec.{direction}"),
+                E::TooManyRules {
+                    direction,
+                    count: list.len(),
+                },
+            ));
+        }
+        list.into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                cluster_rule(
+                    &format!("spec.{direction}[{i}]"),
+                    ingress,
+                    r,
+                    &mut not_implemented,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let ingress = rules(true, spec.ingress)?;
+    let egress = rules(false, spec.egress)?;
+    Ok(ClusterNetworkPolicy {
+        name,
+        tier,
+        priority,
+        subject,
+        ingress,
+        egress,
+        not_implemented,
+    })
+}
+
+/// What is still known of a ClusterNetworkPolicy that did not convert: its subject's
+/// selectors, each `None` when it does not read (then all namespaces, or all pods
+/// of the held namespaces, are held).
+pub fn rejected_cluster_subject(
+    value: &serde_json::Value,
+) -> (Option<LabelSelector>, Option<LabelSelector>) {
+    let sel = |ptr: &str| value.pointer(ptr).and_then(|s| label_selector(s).ok());
+    match (
+        value.pointer("/spec/subject/namespaces"),
+        value.pointer("/spec/subject/pods"),
+    ) {
+        (Some(_), None) => (
+            sel("/spec/subject/namespaces"),
+            Some(LabelSelector::everything()),
+        ),
+        (None, Some(_)) => (
+            sel("/spec/subject/pods/namespaceSelector").or_else(|| {
+                // A missing namespaceSelector means every namespace.
+                value
+                    .pointer("/spec/subject/pods/namespaceSelector")
+                    .is_none()
+                    .then(LabelSelector::everything)
+            }),
+            sel("/spec/subject/pods/podSelector"),
+        ),
+        _ => (None, None),
     }
 }

@@ -36,13 +36,32 @@
 //!   ways whatever the other policies say, until the policy is fixed. Loopback and
 //!   ingress from the pod's own node stay allowed, as for any isolated pod. This is
 //!   the agent's behaviour, so `sluicectl policy check` says what the node does.
+//!
+//! ClusterNetworkPolicy (`policy.networking.k8s.io/v1alpha2`, the tiers around
+//! NetworkPolicy; kubernetes-sigs/network-policy-api `apis/v1alpha2`), per direction
+//! of a pod, after loopback, own-node ingress and held pods above:
+//! 1. the Admin tier: policies whose subject selects the pod, by priority (lower
+//!    first; equal priorities by name, a choice upstream leaves open), each one's
+//!    rules of this direction in written order; the first rule whose peers and
+//!    protocols match decides: Accept allows, Deny denies, Pass skips the rest of
+//!    the tier;
+//! 2. NetworkPolicy: a pod isolated in this direction is decided by its policies;
+//! 3. the Baseline tier, the same walk, only for a pod no NetworkPolicy isolates in
+//!    this direction; Pass or no match there allows.
+//!
+//! Each side is still judged alone: an egress Accept does not bypass the
+//! destination's ingress (upstream: "any ingress rules at the destination do
+//! apply"). Subjects are never hostNetwork pods, so node and external endpoints
+//! stay unpoliced; a `networks` peer matches any address in it, pod addresses
+//! included; a `nodes` peer matches a node's addresses (hostNetwork pods are their
+//! node); `domainNames` peers are not implemented and match nothing.
 
 use std::fmt;
 use std::net::IpAddr;
 
 use crate::model::{
-    Cluster, NamespacedName, NetworkPolicy, Node, Peer, Peers, Pod, PolicyPort, PortMatch, Ports,
-    Protocol, Rule,
+    Action, Cluster, ClusterPeer, ClusterRule, NamespacedName, NetworkPolicy, Node, Peer, Peers,
+    Pod, PolicyPort, PortMatch, Ports, Protocol, Rule, Tier,
 };
 
 /// One end of a probe, as the user names it.
@@ -178,6 +197,34 @@ pub struct RuleRef {
     pub rule: usize,
 }
 
+/// A ClusterNetworkPolicy rule that decided a direction, or passed it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterRuleRef {
+    pub tier: Tier,
+    pub policy: String,
+    pub priority: u16,
+    /// Index into the policy's `spec.ingress` or `spec.egress`.
+    pub rule: usize,
+    /// The rule's `name`, when it has one.
+    pub name: Option<String>,
+    pub action: Action,
+}
+
+impl ClusterRuleRef {
+    /// `Admin ClusterNetworkPolicy NAME (priority P) egress[i] "rule-name": Deny`.
+    pub fn describe(&self, direction: &str) -> String {
+        let name = self
+            .name
+            .as_ref()
+            .map(|n| format!(" {n:?}"))
+            .unwrap_or_default();
+        format!(
+            "{} ClusterNetworkPolicy {} (priority {}) {direction}[{}]{name}: {}",
+            self.tier, self.policy, self.priority, self.rule, self.action
+        )
+    }
+}
+
 /// How one direction (the source's egress or the destination's ingress) decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Side {
@@ -202,6 +249,9 @@ pub enum Side {
     /// Held fail-closed by policies that could not be read (in key order): denied
     /// whatever any other policy allows.
     Held { rejected: Vec<HeldBy> },
+    /// An Admin rule, or a Baseline rule for a pod no NetworkPolicy isolates,
+    /// accepted or denied it (`by.action` is Accept or Deny).
+    ClusterPolicy { by: ClusterRuleRef },
 }
 
 /// A rejected policy holding a pod, and why it was rejected.
@@ -213,7 +263,12 @@ pub struct HeldBy {
 
 impl fmt::Display for HeldBy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NetworkPolicy {} ({})", self.policy, self.reason)
+        let kind = if self.policy.is_cluster_scoped() {
+            "ClusterNetworkPolicy"
+        } else {
+            "NetworkPolicy"
+        };
+        write!(f, "{kind} {} ({})", self.policy, self.reason)
     }
 }
 
@@ -230,7 +285,11 @@ pub fn held_text(rejected: &[HeldBy]) -> String {
 
 impl Side {
     pub fn allows(&self) -> bool {
-        !matches!(self, Side::Denied { .. } | Side::Held { .. })
+        match self {
+            Side::Denied { .. } | Side::Held { .. } => false,
+            Side::ClusterPolicy { by } => by.action == Action::Accept,
+            _ => true,
+        }
     }
 
     /// The policies isolating this side (empty when not isolated).
@@ -254,6 +313,18 @@ pub struct Evaluation {
     pub egress: Side,
     /// The destination's ingress side.
     pub ingress: Side,
+    /// ClusterNetworkPolicy Pass rules that handed the egress side to the next tier,
+    /// in evaluation order (at most one per tier).
+    pub egress_passed: Vec<ClusterRuleRef>,
+    /// The same for the ingress side.
+    pub ingress_passed: Vec<ClusterRuleRef>,
+}
+
+fn passed_text(passed: &[ClusterRuleRef], direction: &str) -> String {
+    passed
+        .iter()
+        .map(|p| format!(" (passed on by {})", p.describe(direction)))
+        .collect()
 }
 
 fn names(list: &[NamespacedName]) -> String {
@@ -285,7 +356,8 @@ impl Evaluation {
                 self.to
             ),
             Side::Held { rejected } => format!("egress: {}", held_text(rejected)),
-        };
+            Side::ClusterPolicy { by } => format!("egress: {}", by.describe("egress")),
+        } + &passed_text(&self.egress_passed, "egress");
         let ingress = match &self.ingress {
             Side::NotPoliced => format!("ingress: {} is not a policed pod", self.to),
             Side::NotIsolated => format!("ingress: no policy isolates {} for ingress", self.to),
@@ -308,7 +380,8 @@ impl Evaluation {
                 self.from
             ),
             Side::Held { rejected } => format!("ingress: {}", held_text(rejected)),
-        };
+            Side::ClusterPolicy { by } => format!("ingress: {}", by.describe("ingress")),
+        } + &passed_text(&self.ingress_passed, "ingress");
         format!("{egress}; {ingress}")
     }
 }
@@ -498,6 +571,105 @@ fn judge<'a>(
     }
 }
 
+/// Whether a ClusterNetworkPolicy peer names the endpoint `other`.
+pub fn cluster_peer_matches(cluster: &Cluster, peer: &ClusterPeer, other: &Resolved) -> bool {
+    match peer {
+        ClusterPeer::Namespaces(ns) => pod_of(cluster, other)
+            .is_some_and(|pod| ns.matches(&cluster.namespace_labels(&pod.namespace))),
+        ClusterPeer::Pods { namespaces, pods } => pod_of(cluster, other).is_some_and(|pod| {
+            namespaces.matches(&cluster.namespace_labels(&pod.namespace))
+                && pods.matches(&pod.labels)
+        }),
+        ClusterPeer::Nodes(sel) => match other {
+            Resolved::Node { node, .. } => sel.matches(&cluster.labels_of_node(node)),
+            _ => false,
+        },
+        ClusterPeer::Networks(nets) => nets.iter().any(|n| n.contains(&other.ip())),
+        ClusterPeer::DomainNames(_) => false,
+    }
+}
+
+/// How one tier treated a direction of a pod.
+enum TierOutcome {
+    Decided(ClusterRuleRef),
+    Passed(ClusterRuleRef),
+    NoMatch,
+}
+
+/// One direction of a policed pod, as the cluster tiers see it.
+struct Direction<'a> {
+    pod: &'a Pod,
+    ingress: bool,
+    /// The peer: the source for ingress, the destination for egress.
+    other: &'a Resolved,
+    port: u16,
+    protocol: Protocol,
+    /// The destination pod, which resolves named ports.
+    dst_pod: Option<&'a Pod>,
+}
+
+/// Walks `tier`'s policies selecting the pod for one direction; the first matching
+/// rule in (priority, name, written order) decides or passes.
+fn walk_tier(cluster: &Cluster, tier: Tier, d: &Direction) -> TierOutcome {
+    for policy in cluster.cluster_policies_selecting(tier, d.pod) {
+        let rules: &[ClusterRule] = if d.ingress {
+            &policy.ingress
+        } else {
+            &policy.egress
+        };
+        for (i, rule) in rules.iter().enumerate() {
+            let matches = rule
+                .peers
+                .iter()
+                .any(|p| cluster_peer_matches(cluster, p, d.other))
+                && ports_match(&rule.ports, d.port, d.protocol, d.dst_pod);
+            if !matches {
+                continue;
+            }
+            let by = ClusterRuleRef {
+                tier,
+                policy: policy.name.clone(),
+                priority: policy.priority,
+                rule: i,
+                name: rule.name.clone(),
+                action: rule.action,
+            };
+            return match rule.action {
+                Action::Pass => TierOutcome::Passed(by),
+                Action::Accept | Action::Deny => TierOutcome::Decided(by),
+            };
+        }
+    }
+    TierOutcome::NoMatch
+}
+
+/// One direction of a policed pod through the three tiers: Admin, NetworkPolicy
+/// (`network_policy` judges it), then Baseline when no NetworkPolicy isolates it.
+fn tiers(
+    cluster: &Cluster,
+    d: &Direction,
+    passed: &mut Vec<ClusterRuleRef>,
+    network_policy: impl FnOnce() -> Side,
+) -> Side {
+    match walk_tier(cluster, Tier::Admin, d) {
+        TierOutcome::Decided(by) => return Side::ClusterPolicy { by },
+        TierOutcome::Passed(by) => passed.push(by),
+        TierOutcome::NoMatch => {}
+    }
+    let side = network_policy();
+    if side != Side::NotIsolated {
+        return side;
+    }
+    match walk_tier(cluster, Tier::Baseline, d) {
+        TierOutcome::Decided(by) => Side::ClusterPolicy { by },
+        TierOutcome::Passed(by) => {
+            passed.push(by);
+            Side::NotIsolated
+        }
+        TierOutcome::NoMatch => Side::NotIsolated,
+    }
+}
+
 /// The rejected policies holding `pod`, if any.
 fn held(cluster: &Cluster, pod: &Pod) -> Option<Side> {
     let rejected: Vec<HeldBy> = cluster
@@ -527,20 +699,31 @@ pub fn evaluate(cluster: &Cluster, probe: &Probe) -> Result<Evaluation, Evaluate
 
     let loopback = matches!((&from, &to), (Resolved::Pod { pod: a, .. }, Resolved::Pod { pod: b, .. }) if a == b);
 
+    let (mut egress_passed, mut ingress_passed) = (Vec::new(), Vec::new());
     let egress = match src_pod {
         _ if loopback => Side::Loopback,
         None => Side::NotPoliced,
         Some(src) => held(cluster, src).unwrap_or_else(|| {
-            judge(
-                cluster
-                    .policies_selecting(src)
-                    .filter(|p| p.policy_types.egress)
-                    .map(|p| (p, p.egress.as_slice())),
-                |policy, rule| {
-                    peers_match(cluster, &policy.namespace, &rule.peers, &to)
-                        && ports_match(&rule.ports, port, protocol, dst_pod)
-                },
-            )
+            let d = Direction {
+                pod: src,
+                ingress: false,
+                other: &to,
+                port,
+                protocol,
+                dst_pod,
+            };
+            tiers(cluster, &d, &mut egress_passed, || {
+                judge(
+                    cluster
+                        .policies_selecting(src)
+                        .filter(|p| p.policy_types.egress)
+                        .map(|p| (p, p.egress.as_slice())),
+                    |policy, rule| {
+                        peers_match(cluster, &policy.namespace, &rule.peers, &to)
+                            && ports_match(&rule.ports, port, protocol, dst_pod)
+                    },
+                )
+            })
         }),
     };
 
@@ -555,16 +738,26 @@ pub fn evaluate(cluster: &Cluster, probe: &Probe) -> Result<Evaluation, Evaluate
             } else if let Some(held) = held(cluster, dst) {
                 held
             } else {
-                judge(
-                    cluster
-                        .policies_selecting(dst)
-                        .filter(|p| p.policy_types.ingress)
-                        .map(|p| (p, p.ingress.as_slice())),
-                    |policy, rule| {
-                        peers_match(cluster, &policy.namespace, &rule.peers, &from)
-                            && ports_match(&rule.ports, port, protocol, Some(dst))
-                    },
-                )
+                let d = Direction {
+                    pod: dst,
+                    ingress: true,
+                    other: &from,
+                    port,
+                    protocol,
+                    dst_pod: Some(dst),
+                };
+                tiers(cluster, &d, &mut ingress_passed, || {
+                    judge(
+                        cluster
+                            .policies_selecting(dst)
+                            .filter(|p| p.policy_types.ingress)
+                            .map(|p| (p, p.ingress.as_slice())),
+                        |policy, rule| {
+                            peers_match(cluster, &policy.namespace, &rule.peers, &from)
+                                && ports_match(&rule.ports, port, protocol, Some(dst))
+                        },
+                    )
+                })
             }
         }
     };
@@ -582,5 +775,7 @@ pub fn evaluate(cluster: &Cluster, probe: &Probe) -> Result<Evaluation, Evaluate
         protocol,
         egress,
         ingress,
+        egress_passed,
+        ingress_passed,
     })
 }

@@ -61,14 +61,16 @@ pub mod names;
 pub mod render;
 pub mod veth_names;
 
+pub use convert::ClusterPolicyError;
 pub use evaluate::{Endpoint, Evaluation, Probe, Verdict, evaluate};
 pub use manifest::{
     ManifestError, Object, ObjectError, Parsed, RawObject, convert_objects, parse_documents,
     parse_value, read_documents, split_documents,
 };
 pub use model::{
-    Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, NamespacedName,
-    NetworkPolicy, Node, Peer, Peers, Pod, PodPeer, PolicyPort, PolicyType, PolicyTypes, PortMatch,
-    Ports, Protocol, RejectedPolicy, Rule,
+    Action, Cluster, ClusterNetworkPolicy, ClusterPeer, ClusterRule, ContainerPort, IpBlock,
+    Labels, Namespace, NamespaceScope, NamespacedName, NetworkPolicy, Node, Peer, Peers, Pod,
+    PodPeer, PolicyPort, PolicyType, PolicyTypes, PortMatch, Ports, Protocol, RejectedPolicy, Rule,
+    Subject, Tier,
 };
 pub use selector::{LabelSelector, Operator, Requirement};

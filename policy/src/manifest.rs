@@ -28,7 +28,10 @@
 //! Pure over text: the caller reads files or watches the API.
 
 use crate::convert::{self, ConvertError, ObjectMeta};
-use crate::model::{Cluster, Namespace, NamespacedName, NetworkPolicy, Node, Pod, RejectedPolicy};
+use crate::model::{
+    Cluster, ClusterNetworkPolicy, Labels, Namespace, NamespacedName, NetworkPolicy, Node, Pod,
+    RejectedPolicy,
+};
 
 /// One object policy cares about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,8 +40,14 @@ pub enum Object {
     Pod(Pod),
     Node(Node),
     NetworkPolicy(NetworkPolicy),
-    /// A NetworkPolicy that did not convert, and what is still known of it.
+    /// A NetworkPolicy that did not convert, and what is still known of it; a
+    /// ClusterNetworkPolicy when the key is [`NamespacedName::cluster_scoped`].
     RejectedPolicy(NamespacedName, RejectedPolicy),
+    /// A `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy.
+    ClusterNetworkPolicy(ClusterNetworkPolicy),
+    /// A Node's `metadata.labels` (ClusterNetworkPolicy `nodes` peers select by them),
+    /// right after its Node when it has any.
+    NodeLabels(String, Labels),
 }
 
 /// An object as read from a source, before conversion.
@@ -92,9 +101,20 @@ impl Parsed {
             match o {
                 Object::Namespace(n) => cluster.add_namespace(n.clone()),
                 Object::Pod(p) => cluster.add_pod(p.clone()),
-                Object::Node(n) => cluster.add_node(n.clone()),
+                Object::Node(n) => {
+                    // Its labels, if any, follow it; a relabelled Node replaces them.
+                    cluster.node_labels.remove(&n.name);
+                    cluster.add_node(n.clone())
+                }
                 Object::NetworkPolicy(p) => cluster.add_policy(p.clone()),
+                Object::RejectedPolicy(key, r) if key.is_cluster_scoped() => {
+                    cluster.reject_cluster_policy(&key.name, r.clone())
+                }
                 Object::RejectedPolicy(key, r) => cluster.reject_policy(key.clone(), r.clone()),
+                Object::ClusterNetworkPolicy(p) => cluster.add_cluster_policy(p.clone()),
+                Object::NodeLabels(node, labels) => {
+                    cluster.node_labels.insert(node.clone(), labels.clone());
+                }
             }
         }
     }
@@ -142,7 +162,7 @@ pub struct ObjectError {
 impl ObjectError {
     /// Whether this is a NetworkPolicy whose pods are held rather than a dropped object.
     pub fn holds_pods(&self) -> bool {
-        self.kind == "NetworkPolicy"
+        self.kind == "NetworkPolicy" || self.kind == "ClusterNetworkPolicy"
     }
 }
 
@@ -295,7 +315,50 @@ fn convert_one(raw: &RawObject, out: &mut Parsed) {
     let converted = match (kind, api_version) {
         ("Namespace", "v1" | "") => convert::namespace(value).map(Object::Namespace),
         ("Pod", "v1" | "") => convert::pod(value).map(Object::Pod),
-        ("Node", "v1" | "") => convert::node(value).map(Object::Node),
+        ("Node", "v1" | "") => match convert::node(value) {
+            Ok(node) => {
+                let labels = meta.labels.clone().unwrap_or_default();
+                let name = node.name.clone();
+                out.objects.push(Object::Node(node));
+                if !labels.is_empty() {
+                    out.objects.push(Object::NodeLabels(name, labels));
+                }
+                return;
+            }
+            Err(e) => Err(e),
+        },
+        ("ClusterNetworkPolicy", v) if v.starts_with("policy.networking.k8s.io/") => {
+            match convert::cluster_network_policy(value) {
+                Ok(p) => {
+                    for field in &p.not_implemented {
+                        out.warnings.push(format!(
+                            "{}: ClusterNetworkPolicy {}: {field} is not implemented by sluice (matches nothing); the rest of the policy applies",
+                            raw.origin, p.name
+                        ));
+                    }
+                    Ok(Object::ClusterNetworkPolicy(p))
+                }
+                Err(error) => {
+                    let (namespace_selector, pod_selector) =
+                        convert::rejected_cluster_subject(value);
+                    let name = meta
+                        .name
+                        .clone()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| "?".to_string());
+                    out.objects.push(Object::RejectedPolicy(
+                        NamespacedName::cluster_scoped(name),
+                        RejectedPolicy {
+                            reason: error.to_string(),
+                            pod_selector,
+                            namespace_selector,
+                        },
+                    ));
+                    out.rejected.push(failed(error));
+                    return;
+                }
+            }
+        }
         ("NetworkPolicy", v) if v.starts_with("networking.k8s.io/") || v.is_empty() => {
             match convert::network_policy(value) {
                 Ok(p) => Ok(Object::NetworkPolicy(p)),
@@ -346,6 +409,7 @@ fn rejected_policy(meta: &ObjectMeta, value: &serde_json::Value, error: &Convert
         RejectedPolicy {
             reason: error.to_string(),
             pod_selector,
+            namespace_selector: None,
         },
     )
 }

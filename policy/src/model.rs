@@ -99,8 +99,23 @@ impl NamespacedName {
     }
 }
 
+impl NamespacedName {
+    /// The key of a cluster-scoped object (a ClusterNetworkPolicy) among namespaced
+    /// ones: an empty namespace, which no namespaced object can have.
+    pub fn cluster_scoped(name: impl Into<String>) -> Self {
+        Self::new("", name)
+    }
+
+    pub fn is_cluster_scoped(&self) -> bool {
+        self.namespace.is_empty()
+    }
+}
+
 impl fmt::Display for NamespacedName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_cluster_scoped() {
+            return f.write_str(&self.name);
+        }
         write!(f, "{}/{}", self.namespace, self.name)
     }
 }
@@ -356,15 +371,38 @@ pub struct Cluster {
     /// are held fail-closed (denied both ways) until the policy is fixed: guessing
     /// what a broken policy meant could open a pod its author meant to close.
     pub rejected_policies: BTreeMap<NamespacedName, RejectedPolicy>,
+    /// `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicies by name. One that
+    /// could not be read is in `rejected_policies` instead, keyed by
+    /// [`NamespacedName::cluster_scoped`].
+    pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
+    /// Node labels (`metadata.labels`), for ClusterNetworkPolicy `nodes` peers.
+    pub node_labels: BTreeMap<String, Labels>,
 }
 
-/// A NetworkPolicy the engine cannot express, and what is still known of it.
+/// A NetworkPolicy or ClusterNetworkPolicy the engine cannot express, and what is
+/// still known of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RejectedPolicy {
     pub reason: String,
-    /// The raw `spec.podSelector`, so the pods it would select can still be found
-    /// (`None` when even that does not parse: then the whole namespace is held).
+    /// The raw `spec.podSelector` (for a ClusterNetworkPolicy, the subject's pod
+    /// selector), so the pods it would select can still be found (`None` when even
+    /// that does not parse: then every pod of the held namespaces is held).
     pub pod_selector: Option<LabelSelector>,
+    /// Only for a ClusterNetworkPolicy (key namespace empty): the subject's namespace
+    /// selector; `None` when unreadable, then every namespace is held. A
+    /// NetworkPolicy holds only its own namespace and leaves this `None`.
+    pub namespace_selector: Option<LabelSelector>,
+}
+
+impl RejectedPolicy {
+    /// A rejected NetworkPolicy's stand-in fields.
+    pub fn network_policy(reason: impl Into<String>, pod_selector: Option<LabelSelector>) -> Self {
+        RejectedPolicy {
+            reason: reason.into(),
+            pod_selector,
+            namespace_selector: None,
+        }
+    }
 }
 
 impl Cluster {
@@ -398,12 +436,56 @@ impl Cluster {
         pod: &'a Pod,
     ) -> impl Iterator<Item = (&'a NamespacedName, &'a RejectedPolicy)> + 'a {
         self.rejected_policies.iter().filter(move |(key, r)| {
+            let namespace_held = if key.is_cluster_scoped() {
+                r.namespace_selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&self.namespace_labels(&pod.namespace)))
+            } else {
+                key.namespace == pod.namespace
+            };
             !pod.host_network
-                && key.namespace == pod.namespace
+                && namespace_held
                 && r.pod_selector
                     .as_ref()
                     .is_none_or(|s| s.matches(&pod.labels))
         })
+    }
+
+    /// Inserts or replaces by name; a rejected ClusterNetworkPolicy of that name is gone.
+    pub fn add_cluster_policy(&mut self, policy: ClusterNetworkPolicy) {
+        self.rejected_policies
+            .remove(&NamespacedName::cluster_scoped(&policy.name));
+        self.cluster_policies.insert(policy.name.clone(), policy);
+    }
+
+    /// Records a ClusterNetworkPolicy that did not convert (the good one of that name
+    /// is gone): the pods its subject would select are held fail-closed.
+    pub fn reject_cluster_policy(&mut self, name: &str, rejected: RejectedPolicy) {
+        self.cluster_policies.remove(name);
+        self.rejected_policies
+            .insert(NamespacedName::cluster_scoped(name), rejected);
+    }
+
+    /// The ClusterNetworkPolicies of `tier` whose subject selects `pod`, in
+    /// evaluation order: priority, then name (upstream leaves equal priorities to the
+    /// implementation; sluice makes the choice deterministic).
+    pub fn cluster_policies_selecting<'a>(
+        &'a self,
+        tier: Tier,
+        pod: &'a Pod,
+    ) -> Vec<&'a ClusterNetworkPolicy> {
+        let mut out: Vec<&ClusterNetworkPolicy> = self
+            .cluster_policies
+            .values()
+            .filter(|p| p.tier == tier && p.subject.selects(self, pod))
+            .collect();
+        out.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+        out
+    }
+
+    /// The node's labels (empty when the Node object had none or is unknown).
+    pub fn labels_of_node(&self, node: &str) -> Labels {
+        self.node_labels.get(node).cloned().unwrap_or_default()
     }
 
     /// The labels namespaceSelectors see: the manifest's labels plus
@@ -450,4 +532,137 @@ impl Cluster {
     pub fn node_by_ip(&self, ip: IpAddr) -> Option<&Node> {
         self.nodes.values().find(|n| n.addresses.contains(&ip))
     }
+}
+
+// ---------------------------------------------------------------- ClusterNetworkPolicy
+
+/// `spec.tier` of a ClusterNetworkPolicy: Admin rules come before NetworkPolicy,
+/// Baseline rules after it (only for pods no NetworkPolicy isolates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    Admin,
+    Baseline,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Admin => "Admin",
+            Tier::Baseline => "Baseline",
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A ClusterNetworkPolicy rule's `action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    /// Allowed; no later rule of this direction (ClusterNetworkPolicy or
+    /// NetworkPolicy) is looked at.
+    Accept,
+    /// Dropped; no later rule is looked at.
+    Deny,
+    /// The rest of this tier is skipped: evaluation continues in the next tier.
+    Pass,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Accept => "Accept",
+            Action::Deny => "Deny",
+            Action::Pass => "Pass",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `spec.subject`: the pods the policy applies to. Exactly one form upstream; both
+/// forms mean "pods matching `pods` in namespaces matching `namespaces`" (the
+/// `namespaces` form has `pods` = everything). hostNetwork pods are never subjects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subject {
+    Namespaces(LabelSelector),
+    Pods {
+        namespaces: LabelSelector,
+        pods: LabelSelector,
+    },
+}
+
+impl Subject {
+    /// The namespace and pod selectors this subject means.
+    pub fn selectors(&self) -> (&LabelSelector, Option<&LabelSelector>) {
+        match self {
+            Subject::Namespaces(ns) => (ns, None),
+            Subject::Pods { namespaces, pods } => (namespaces, Some(pods)),
+        }
+    }
+
+    pub fn selects(&self, cluster: &Cluster, pod: &Pod) -> bool {
+        let (ns, pods) = self.selectors();
+        !pod.host_network
+            && ns.matches(&cluster.namespace_labels(&pod.namespace))
+            && pods.is_none_or(|p| p.matches(&pod.labels))
+    }
+}
+
+/// One entry of a ClusterNetworkPolicy rule's `from` (ingress: only `Namespaces` and
+/// `Pods`) or `to` (egress: all forms).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ClusterPeer {
+    /// Every non-hostNetwork pod of the matching namespaces.
+    Namespaces(LabelSelector),
+    /// Pods matching `pods` in namespaces matching `namespaces`.
+    Pods {
+        namespaces: LabelSelector,
+        pods: LabelSelector,
+    },
+    /// Any address of the matching nodes (experimental upstream).
+    Nodes(LabelSelector),
+    /// Any address inside one of these CIDRs, pod addresses included (upstream says
+    /// cluster-internal traffic is checked against it too).
+    Networks(Vec<IpNet>),
+    /// Experimental upstream, not implemented by sluice: matches nothing, so an
+    /// Accept rule (the only action upstream allows it with) admits nothing through
+    /// it. The reader warns and the rest of the policy applies.
+    DomainNames(Vec<String>),
+}
+
+/// One ClusterNetworkPolicy rule, in written order within its direction.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterRule {
+    /// `name`, when written (`policy check` names the rule by it, else by index).
+    pub name: Option<String>,
+    pub action: Action,
+    /// `from` / `to`: never empty (validated); matches when any peer does.
+    pub peers: Vec<ClusterPeer>,
+    /// `protocols`: [`Ports::Any`] when missing. `destinationNamedPort` becomes one
+    /// [`PortMatch::Named`] entry per protocol, since a container port's name
+    /// belongs to its protocol.
+    pub ports: Ports,
+}
+
+/// A `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy (cluster-scoped).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterNetworkPolicy {
+    pub name: String,
+    pub tier: Tier,
+    /// 0..=1000, lower first.
+    pub priority: u16,
+    pub subject: Subject,
+    pub ingress: Vec<ClusterRule>,
+    pub egress: Vec<ClusterRule>,
+    /// What of the policy sluice does not implement (field paths, e.g.
+    /// `spec.egress[0].to[1].domainNames`): reported, while the rest applies.
+    pub not_implemented: Vec<String>,
 }

@@ -215,6 +215,7 @@ fn pods_labels_and_peers_are_element_changes_and_every_plan_lands_exactly() {
             RejectedPolicy {
                 reason: "test".into(),
                 pod_selector: None,
+                namespace_selector: None,
             },
         );
         sync(&desired(&c));

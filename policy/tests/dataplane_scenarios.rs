@@ -71,6 +71,15 @@ fn scenarios(dataplane: DataplaneKind) {
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.to_string_lossy().ends_with(".expect.yaml"))
+        // ClusterNetworkPolicy is compiled into the nftables dataplane only: the
+        // iptables compiler still ignores it (docs/known-gaps.md), so its cases
+        // (`cnp-*`) run on nftables and are skipped on iptables.
+        .filter(|p| {
+            dataplane == DataplaneKind::Nftables
+                || !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("cnp-"))
+        })
         .collect();
     expects.sort();
     assert!(
@@ -108,6 +117,22 @@ fn scenarios(dataplane: DataplaneKind) {
                     for pp in list {
                         if let PortMatch::Numbers { start, end } = pp.port {
                             ports.extend([start, end, end.saturating_add(1)]);
+                        }
+                    }
+                }
+            }
+        }
+        for p in cluster.cluster_policies.values() {
+            for r in p.ingress.iter().chain(&p.egress) {
+                if let Ports::Listed(list) = &r.ports {
+                    for pp in list {
+                        if let PortMatch::Numbers { start, end } = pp.port {
+                            ports.extend([
+                                start.saturating_sub(1),
+                                start,
+                                end,
+                                end.saturating_add(1),
+                            ]);
                         }
                     }
                 }

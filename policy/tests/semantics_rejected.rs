@@ -121,6 +121,7 @@ fn an_unreadable_selector_holds_the_whole_namespace() {
         RejectedPolicy {
             reason: "bad selector".into(),
             pod_selector: None,
+            namespace_selector: None,
         },
     );
     let e = evaluate(&c, &probe("y/other", "x/db")).unwrap();

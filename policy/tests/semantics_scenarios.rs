@@ -254,3 +254,11 @@ fn the_expectation_format_can_fail() {
     assert_eq!(evaluate(&cluster, &probe).unwrap().verdict, expected);
     assert_ne!(Verdict::Allow, expected);
 }
+
+/// The upstream ClusterNetworkPolicy conformance cases translated in `tests/data/cnp-*`
+/// (the tiers around NetworkPolicy).
+#[test]
+fn upstream_cluster_network_policy_conformance_cases_hold() {
+    let n = run_scenarios("cnp-");
+    assert!(n >= 3, "only {n} ClusterNetworkPolicy cases found");
+}

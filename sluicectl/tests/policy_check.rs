@@ -385,3 +385,109 @@ fn bad_probes_are_errors_not_verdicts() {
         assert!(!stderr(&o).is_empty());
     }
 }
+
+fn cnp_case(name: &str) -> [String; 2] {
+    [
+        data("cnp-cluster").to_string_lossy().into_owned(),
+        data(name).to_string_lossy().into_owned(),
+    ]
+}
+
+const HARRY: &str = "network-policy-conformance-gryffindor/harry-potter-0";
+const DRACO: &str = "network-policy-conformance-slytherin/draco-malfoy-0";
+
+#[test]
+fn a_cluster_network_policy_decision_names_tier_policy_priority_and_rule() {
+    let [cluster, case] = cnp_case("cnp-integration-1-admin-deny");
+    let args = [
+        "policy", "check", "-f", &cluster, "-f", &case, "--from", DRACO, "--to", HARRY, "--port",
+        "80",
+    ];
+    let o = sluicectl(&args, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.starts_with("DENY: "), "{text}");
+    assert!(
+        text.contains("ingress: DENIED by Admin ClusterNetworkPolicy pass-example (priority 10) ingress[0] \"deny-all-ingress-from-slytherin\": Deny"),
+        "{text}"
+    );
+    let mut json_args = args.to_vec();
+    json_args.extend(["-o", "json"]);
+    let j = json_of(&sluicectl(&json_args, None));
+    assert_eq!(j["verdict"], "deny");
+    let by = &j["ingress_cluster_policy"]["decided_by"];
+    assert_eq!(
+        (
+            by["tier"].as_str(),
+            by["policy"].as_str(),
+            by["rule"].as_u64(),
+            by["action"].as_str()
+        ),
+        (Some("Admin"), Some("pass-example"), Some(0), Some("Deny"))
+    );
+    assert_eq!(by["rule_name"], "deny-all-ingress-from-slytherin");
+    assert!(
+        j.get("egress_cluster_policy").is_none(),
+        "draco's egress is not a subject: {j}"
+    );
+}
+
+#[test]
+fn a_pass_is_shown_on_the_way_to_the_networkpolicy_that_decided() {
+    let [cluster, case] = cnp_case("cnp-integration-2-admin-pass-to-networkpolicy");
+    let o = sluicectl(
+        &[
+            "policy", "check", "-f", &cluster, "-f", &case, "--from", DRACO, "--to", HARRY,
+            "--port", "80",
+        ],
+        None,
+    );
+    let text = stdout(&o);
+    assert!(text.starts_with("ALLOW: "), "{text}");
+    assert!(text.contains("allowed by network-policy-conformance-gryffindor/allow-gress-from-to-slytherin-to-gryffindor ingress[0]"), "{text}");
+    assert!(
+        text.contains(
+            "passed on by Admin ClusterNetworkPolicy pass-example (priority 10) ingress[0]"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_broken_cluster_network_policy_is_a_named_warning_and_holds_its_subject() {
+    let s = Scratch::new("cnp-broken");
+    let [cluster, _] = cnp_case("cnp-integration-1-admin-deny");
+    s.write(
+        "bad.yaml",
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: bad}\nspec:\n  tier: Admin\n  priority: 1001\n  subject: {namespaces: {matchLabels: {conformance-house: gryffindor}}}\n",
+    );
+    let o = sluicectl(
+        &[
+            "policy",
+            "check",
+            "-f",
+            &cluster,
+            "-f",
+            s.path(),
+            "--from",
+            DRACO,
+            "--to",
+            HARRY,
+            "--port",
+            "80",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("ClusterNetworkPolicy bad: spec.priority: priority 1001 is outside 0..=1000"),
+        "{err}"
+    );
+    assert!(err.contains("held fail-closed"), "{err}");
+    let text = stdout(&o);
+    assert!(
+        text.contains("DENIED: held fail-closed by rejected ClusterNetworkPolicy bad ("),
+        "{text}"
+    );
+}

@@ -204,7 +204,7 @@ impl<R: CommandRunner> Dataplane<R> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::runner::{CommandOutput, RecordedCall};
     use super::*;
 
@@ -212,7 +212,9 @@ mod tests {
         BuiltinJump, Chain, IpSet, Rule, SetKind, SetMember, Table, Target,
     };
 
-    fn desired() -> Ruleset {
+    /// A small model with a chain, a built-in jump and a set: the executors' tests
+    /// (this module's and `nft`'s) sync it.
+    pub(in crate::dataplane) fn desired() -> Ruleset {
         let mut rs = Ruleset::default();
         rs.add_chain(
             Table::Filter,

@@ -154,36 +154,9 @@ pub fn remove_table(runner: &dyn CommandRunner) -> Result<bool, DataplaneError> 
 #[cfg(test)]
 mod tests {
     use super::super::runner::{CommandOutput, RecordedCall, RecordingRunner};
+    use super::super::tests::desired;
     use super::*;
-
-    use sluice_policy::dataplane::{
-        BuiltinJump, Chain, IpSet, Rule, SetKind, SetMember, Table, Target,
-    };
-
-    fn desired() -> Ruleset {
-        let mut rs = Ruleset::default();
-        rs.add_chain(
-            Table::Filter,
-            Chain {
-                name: "SLUICE-FORWARD".into(),
-                rules: vec![Rule::new(vec![], Target::Accept)],
-            },
-        );
-        rs.jumps = vec![BuiltinJump {
-            table: Table::Filter,
-            chain: "FORWARD".into(),
-            rule: Rule::new(vec![], Target::Jump("SLUICE-FORWARD".into())),
-        }];
-        rs.sets.insert(
-            "SLUICE-NODES".into(),
-            IpSet {
-                name: "SLUICE-NODES".into(),
-                kind: SetKind::HashIp,
-                members: [SetMember::Ip("10.0.0.1".parse().unwrap())].into(),
-            },
-        );
-        rs
-    }
+    use sluice_policy::dataplane::SetMember;
 
     fn no_table() -> CommandOutput {
         CommandOutput {

@@ -3,7 +3,8 @@
 //!
 //! `auto` picks nftables where `nft` exists and the kernel accepts, in a transaction
 //! `nft --check` never commits, a table using every feature the renderer emits
-//! ([`sluice_policy::render::nft::probe_script`]); else iptables. The choice and the
+//! ([`sluice_policy::render::nft::probe_script`]) and no other table drops forwarded
+//! packets by policy ([`forward_drop_policies`]); else iptables. The choice and the
 //! reason are logged and shown in `/readyz`, the status file and `lab status`.
 //!
 //! Switching a node from one dataplane to the other removes the other's sluice objects
@@ -86,9 +87,64 @@ pub fn probe_nftables(runner: &dyn CommandRunner) -> Result<(), String> {
     }
 }
 
-/// Resolve `choice` on this host.
+/// Base chains of other tables that drop forwarded packets by policy, from `nft -j
+/// list chains` and `iptables-legacy-save -t filter` (either may be empty). Docker
+/// sets iptables' `FORWARD` policy to `DROP`: an `accept` in sluice's own nftables
+/// table does not override another table's verdict, so pod traffic would die there,
+/// while the iptables dataplane's `ACCEPT` sits in that same `FORWARD` chain ahead of
+/// the policy. `auto` must not pick a dataplane that black-holes the node's pods.
+pub fn forward_drop_policies(nft_chains_json: &str, legacy_filter_save: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let listing: serde_json::Value = serde_json::from_str(nft_chains_json).unwrap_or_default();
+    for item in listing["nftables"].as_array().into_iter().flatten() {
+        let c = &item["chain"];
+        let text = |k: &str| c[k].as_str().unwrap_or_default();
+        let ours = text("family") == nft::FAMILY && text("table") == nft::TABLE;
+        if text("hook") == "forward" && text("policy") == "drop" && !ours {
+            out.push(format!(
+                "nft chain {} {} {}",
+                text("family"),
+                text("table"),
+                text("name")
+            ));
+        }
+    }
+    if legacy_filter_save
+        .lines()
+        .any(|l| l.starts_with(":FORWARD DROP"))
+    {
+        out.push("iptables-legacy filter FORWARD".into());
+    }
+    out
+}
+
+/// Resolve `choice` on this host: for `auto`, nftables only where the probe passes
+/// and no other table drops forwarded traffic by policy.
 pub fn select(runner: &dyn CommandRunner, choice: DataplaneChoice) -> Selection {
-    decide(choice, || probe_nftables(runner))
+    decide(choice, || {
+        probe_nftables(runner)?;
+        let read = |cmd: &str, args: &[&str]| {
+            runner
+                .run(cmd, args, None)
+                .ok()
+                .filter(|o| o.success())
+                .map(|o| o.stdout)
+                .unwrap_or_default()
+        };
+        let drops = forward_drop_policies(
+            &read(NFT, &["-j", "list", "chains"]),
+            &read("iptables-legacy-save", &["-t", "filter"]),
+        );
+        if drops.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} drop(s) forwarded packets by policy, which an accept in sluice's nftables \
+                 table cannot override; the iptables dataplane accepts pod traffic ahead of it",
+                drops.join(", ")
+            ))
+        }
+    })
 }
 
 /// An empty model with the tables sluice writes (filter and nat; the model has no raw
@@ -192,6 +248,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_forward_drop_policy_in_another_table_is_found_and_ours_is_not() {
+        let chains = r#"{"nftables": [{"metainfo": {"json_schema_version": 1}},
+            {"chain": {"family": "ip", "table": "filter", "name": "FORWARD", "handle": 2,
+                       "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}},
+            {"chain": {"family": "ip", "table": "filter", "name": "INPUT", "handle": 1,
+                       "type": "filter", "hook": "input", "prio": 0, "policy": "drop"}},
+            {"chain": {"family": "inet", "table": "fw", "name": "fwd_in", "handle": 3,
+                       "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}},
+            {"chain": {"family": "ip", "table": "sluice", "name": "FORWARD", "handle": 4,
+                       "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}},
+            {"chain": {"family": "ip", "table": "filter", "name": "DOCKER-USER", "handle": 5}}]}"#;
+        assert_eq!(
+            forward_drop_policies(chains, ""),
+            ["nft chain ip filter FORWARD"]
+        );
+        let legacy = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\nCOMMIT\n";
+        assert_eq!(
+            forward_drop_policies("", legacy),
+            ["iptables-legacy filter FORWARD"]
+        );
+        assert!(forward_drop_policies("", "*filter\n:FORWARD ACCEPT [0:0]\n").is_empty());
+        assert!(forward_drop_policies("not json", "").is_empty());
+    }
+
+    #[test]
     fn auto_picks_nftables_only_when_the_probe_passes() {
         let s = decide(DataplaneChoice::Auto, || Ok(()));
         assert_eq!(s.kind, DataplaneKind::Nftables);
@@ -236,6 +317,29 @@ mod tests {
         let ok = RecordingRunner::default();
         assert_eq!(
             select(&ok, DataplaneChoice::Auto).kind,
+            DataplaneKind::Nftables
+        );
+    }
+
+    #[test]
+    fn auto_keeps_iptables_where_another_table_drops_forwarded_traffic() {
+        let docker = RecordingRunner::new(|c: &RecordedCall| {
+            if c.program == "iptables-legacy-save" {
+                CommandOutput::ok("*filter\n:FORWARD DROP [0:0]\nCOMMIT\n")
+            } else {
+                CommandOutput::ok("")
+            }
+        });
+        let s = select(&docker, DataplaneChoice::Auto);
+        assert_eq!(s.kind, DataplaneKind::Iptables);
+        assert!(
+            s.reason.contains("iptables-legacy filter FORWARD"),
+            "{}",
+            s.reason
+        );
+        // Configured, it is the operator's call (docs/known-gaps.md says what to add).
+        assert_eq!(
+            select(&docker, DataplaneChoice::Nftables).kind,
             DataplaneKind::Nftables
         );
     }

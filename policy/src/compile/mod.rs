@@ -27,6 +27,12 @@
 //!                  --dport 80 -j MARK --set-xmark 0x10000/0x10000`.
 //! ```
 //!
+//! ClusterNetworkPolicy is not compiled by this (iptables) form yet: it ignores
+//! them, except that a rejected one holds the pods it selects, like a rejected
+//! NetworkPolicy. The nftables form ([`flat`]) compiles both tiers; here the plan is
+//! ordered chains ahead of the NetworkPolicy part and Baseline after it, a linear
+//! walk in rule count (docs/known-gaps.md).
+//!
 //! Decisions, and why:
 //! - Rule count is O(policies selecting local pods + local pods): peers are ipsets, so
 //!   a pod joining a peer is one set member, and a policy's chain is shared by all the

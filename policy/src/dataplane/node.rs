@@ -115,7 +115,30 @@ fn fail_closed_policy(key: &NamespacedName, selector: Option<&LabelSelector>) ->
 pub fn with_stand_ins(cluster: &Cluster) -> Cluster {
     let mut out = cluster.clone();
     for (key, rejected) in &cluster.rejected_policies {
-        out.add_policy(fail_closed_policy(key, rejected.pod_selector.as_ref()));
+        if !key.is_cluster_scoped() {
+            out.add_policy(fail_closed_policy(key, rejected.pod_selector.as_ref()));
+            continue;
+        }
+        // A rejected ClusterNetworkPolicy: one stand-in in every namespace its
+        // subject would reach, with its pod selector.
+        let namespaces: BTreeSet<&String> = cluster
+            .namespaces
+            .keys()
+            .chain(cluster.pods.values().map(|p| &p.namespace))
+            .collect();
+        for ns in namespaces {
+            let held = rejected
+                .namespace_selector
+                .as_ref()
+                .is_none_or(|s| s.matches(&cluster.namespace_labels(ns)));
+            if held {
+                let stand_in = NamespacedName::new(ns.as_str(), format!("cnp:{}", key.name));
+                out.add_policy(fail_closed_policy(
+                    &stand_in,
+                    rejected.pod_selector.as_ref(),
+                ));
+            }
+        }
     }
     out
 }
@@ -161,7 +184,7 @@ pub fn node_addresses(cluster: &Cluster, settings: &NodeSettings) -> BTreeSet<Ip
 fn held_interfaces(cluster: &Cluster, node: &str, ifaces: &dyn InterfaceNames) -> Vec<Interface> {
     let mut out = BTreeSet::new();
     for (key, rejected) in &cluster.rejected_policies {
-        if rejected.pod_selector.is_none() {
+        if rejected.pod_selector.is_none() && !key.is_cluster_scoped() {
             out.insert(Interface::prefix(ifaces.namespace_prefix(&key.namespace)));
         }
     }
@@ -397,6 +420,7 @@ mod tests {
             RejectedPolicy {
                 reason: "test".into(),
                 pod_selector: Some(LabelSelector::from_labels([("app", "web")])),
+                namespace_selector: None,
             },
         );
         c

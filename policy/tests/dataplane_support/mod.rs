@@ -634,3 +634,82 @@ pub fn compile_all_nodes(
         })
         .collect()
 }
+
+// ---- random ClusterNetworkPolicies (issue 13) ----
+
+pub fn arb_cluster_peer(ingress: bool) -> impl Strategy<Value = ClusterPeer> {
+    let pods = prop_oneof![
+        arb_ns_selector().prop_map(ClusterPeer::Namespaces),
+        (arb_ns_selector(), arb_pod_selector())
+            .prop_map(|(namespaces, pods)| ClusterPeer::Pods { namespaces, pods }),
+    ];
+    if ingress {
+        pods.boxed()
+    } else {
+        prop_oneof![
+            3 => pods,
+            1 => arb_selector(&["zone"], &["a", "b"]).prop_map(ClusterPeer::Nodes),
+            2 => prop::collection::vec(arb_ip_block().prop_map(|b| b.cidr), 1..3)
+                .prop_map(ClusterPeer::Networks),
+        ]
+        .boxed()
+    }
+}
+
+/// A rule; named ports only where validation lets them be (no `nodes`/`networks`
+/// peer), which the compiled form relies on no more than the evaluator does.
+pub fn arb_cluster_rule(ingress: bool) -> impl Strategy<Value = ClusterRule> {
+    (
+        prop::sample::select(vec![Action::Accept, Action::Deny, Action::Pass]),
+        prop::collection::vec(arb_cluster_peer(ingress), 1..3),
+        prop_oneof![
+            1 => Just(Ports::Any),
+            2 => prop::collection::vec(arb_policy_port(), 1..3).prop_map(Ports::Listed),
+        ],
+    )
+        .prop_map(|(action, peers, ports)| ClusterRule {
+            name: None,
+            action,
+            peers,
+            ports,
+        })
+}
+
+pub fn arb_cluster_policy(index: usize) -> impl Strategy<Value = ClusterNetworkPolicy> {
+    (
+        prop::sample::select(vec![Tier::Admin, Tier::Baseline]),
+        prop::sample::select(vec![10u16, 20, 20, 500]),
+        prop_oneof![
+            arb_ns_selector().prop_map(Subject::Namespaces),
+            (arb_ns_selector(), arb_pod_selector())
+                .prop_map(|(namespaces, pods)| Subject::Pods { namespaces, pods }),
+        ],
+        prop::collection::vec(arb_cluster_rule(true), 0..4),
+        prop::collection::vec(arb_cluster_rule(false), 0..4),
+    )
+        .prop_map(
+            move |(tier, priority, subject, ingress, egress)| ClusterNetworkPolicy {
+                name: format!("cnp{index}"),
+                tier,
+                priority,
+                subject,
+                ingress,
+                egress,
+                not_implemented: vec![],
+            },
+        )
+}
+
+/// [`arb_cluster`] plus up to four ClusterNetworkPolicies of both tiers and node
+/// labels for `nodes` peers.
+pub fn arb_cluster_with_cluster_policies() -> impl Strategy<Value = Cluster> {
+    let cnps = (0..5usize).prop_flat_map(|n| (0..n).map(arb_cluster_policy).collect::<Vec<_>>());
+    (arb_cluster(), cnps, prop::sample::select(vec!["a", "b"])).prop_map(|(mut c, cnps, zone)| {
+        c.node_labels
+            .insert(NODES[0].0.to_string(), labels(&[("zone", zone)]));
+        for p in cnps {
+            c.add_cluster_policy(p);
+        }
+        c
+    })
+}

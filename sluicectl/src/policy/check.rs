@@ -7,7 +7,10 @@
 //! sluicectl policy check -f PATH ... --probes FILE [-o json]
 //! ```
 //! JSON for one probe is `{"verdict":"allow"|"deny","reason":"..."}`; for `--probes`
-//! an array of those in input order. Exit 0 whenever the check ran, whatever the
+//! an array of those in input order. When a ClusterNetworkPolicy rule took part in a
+//! side, that object also has `egress_cluster_policy` / `ingress_cluster_policy`:
+//! `{"decided_by": RULE|null, "passed_by": [RULE...]}`, RULE being
+//! `{"tier","policy","priority","rule","rule_name","action"}`. Exit 0 whenever the check ran, whatever the
 //! verdicts; non-zero on bad input.
 //!
 //! Manifests are read as the agent reads them: a malformed NetworkPolicy is a
@@ -22,7 +25,9 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use sluice_policy::Protocol;
-use sluice_policy::evaluate::{Endpoint, Evaluation, Probe, Resolved, Side, evaluate, held_text};
+use sluice_policy::evaluate::{
+    ClusterRuleRef, Endpoint, Evaluation, Probe, Resolved, Side, evaluate, held_text,
+};
 
 const AFTER_HELP: &str = "\
 Every probe is the first packet of a new connection (replies are always allowed).
@@ -132,7 +137,21 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
         Output::Json => {
             let items: Vec<serde_json::Value> = evaluations
                 .iter()
-                .map(|e| serde_json::json!({"verdict": e.verdict.as_str(), "reason": e.reason()}))
+                .map(|e| {
+                    let mut v =
+                        serde_json::json!({"verdict": e.verdict.as_str(), "reason": e.reason()});
+                    // Added only when a ClusterNetworkPolicy took part, so the
+                    // NetworkPolicy-only output stays exactly as it was.
+                    for (key, side, passed) in [
+                        ("egress", &e.egress, &e.egress_passed),
+                        ("ingress", &e.ingress, &e.ingress_passed),
+                    ] {
+                        if let Some(j) = cluster_json(side, passed) {
+                            v[format!("{key}_cluster_policy")] = j;
+                        }
+                    }
+                    v
+                })
                 .collect();
             let value = if args.probes.is_some() {
                 serde_json::Value::Array(items)
@@ -151,6 +170,33 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The ClusterNetworkPolicy part of one side for JSON: the rule that decided
+/// (`decided_by`) and the Pass rules on the way (`passed_by`); `None` when no
+/// ClusterNetworkPolicy rule matched.
+fn cluster_json(side: &Side, passed: &[ClusterRuleRef]) -> Option<serde_json::Value> {
+    let rule = |r: &ClusterRuleRef| {
+        serde_json::json!({
+            "tier": r.tier.as_str(),
+            "policy": r.policy,
+            "priority": r.priority,
+            "rule": r.rule,
+            "rule_name": r.name,
+            "action": r.action.as_str(),
+        })
+    };
+    let decided = match side {
+        Side::ClusterPolicy { by } => Some(rule(by)),
+        _ => None,
+    };
+    if decided.is_none() && passed.is_empty() {
+        return None;
+    }
+    Some(serde_json::json!({
+        "decided_by": decided,
+        "passed_by": passed.iter().map(rule).collect::<Vec<_>>(),
+    }))
 }
 
 fn read_probes(path: &PathBuf) -> anyhow::Result<Vec<Probe>> {
@@ -220,7 +266,20 @@ fn side_text(side: &Side, direction: &str, endpoint: &Resolved) -> String {
             list(isolating)
         ),
         Side::Held { rejected } => format!("DENIED: {}", held_text(rejected)),
+        Side::ClusterPolicy { by } => {
+            let verdict = if side.allows() { "allowed" } else { "DENIED" };
+            format!("{verdict} by {}", by.describe(direction))
+        }
     }
+}
+
+/// Lines naming the ClusterNetworkPolicy Pass rules that handed a side to the next
+/// tier, so a reader sees why a NetworkPolicy (or the baseline) decided.
+fn passed_lines(passed: &[ClusterRuleRef], direction: &str) -> String {
+    passed
+        .iter()
+        .map(|p| format!("           passed on by {}\n", p.describe(direction)))
+        .collect()
 }
 
 /// The human form: verdict first, then each side with its policies and rule.
@@ -234,7 +293,9 @@ fn text(e: &Evaluation) -> String {
         e.port
     );
     s += &format!("  egress:  {}\n", side_text(&e.egress, "egress", &e.from));
+    s += &passed_lines(&e.egress_passed, "egress");
     s += &format!("  ingress: {}\n", side_text(&e.ingress, "ingress", &e.to));
+    s += &passed_lines(&e.ingress_passed, "ingress");
     if let (Side::Denied { .. }, Resolved::Node { node, .. }) = (&e.ingress, &e.from) {
         s += &format!(
             "  note: traffic from node {node} is not the client's. A NodePort connection \

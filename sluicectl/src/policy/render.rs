@@ -116,9 +116,22 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {w}");
     }
     for (key, rejected) in &cluster.rejected_policies {
+        let kind = if key.is_cluster_scoped() {
+            "ClusterNetworkPolicy"
+        } else {
+            "NetworkPolicy"
+        };
         eprintln!(
-            "warning: NetworkPolicy {key} cannot be enforced ({}); the pods it selects are held fail-closed",
+            "warning: {kind} {key} cannot be enforced ({}); the pods it selects are held fail-closed",
             rejected.reason
+        );
+    }
+    if !cluster.cluster_policies.is_empty() && args.dataplane == Dataplane::Iptables {
+        // Said on every iptables render so nobody reads the output as enforcing
+        // them; the nftables form compiles them.
+        eprintln!(
+            "warning: {} ClusterNetworkPolicies are not compiled into the iptables dataplane yet (--dataplane nftables compiles them; policy check evaluates them); only rejected ones hold pods",
+            cluster.cluster_policies.len()
         );
     }
     let known = cluster.nodes.contains_key(&args.node)
