@@ -215,15 +215,24 @@ fn referenced_names(
     policies: &[&NetworkPolicy],
     direction: Direction,
 ) -> BTreeSet<(String, Protocol)> {
+    named_ports_in(
+        policies
+            .iter()
+            .flat_map(|p| rules_of(p, direction))
+            .map(|r| &r.ports),
+    )
+}
+
+/// The named ports (name, protocol) among `ports`.
+fn named_ports_in<'a>(ports: impl Iterator<Item = &'a Ports>) -> BTreeSet<(String, Protocol)> {
     let mut out = BTreeSet::new();
-    for p in policies {
-        for rule in rules_of(p, direction) {
-            if let Ports::Listed(list) = &rule.ports {
-                for port in list {
-                    if let PortMatch::Named(name) = &port.port {
-                        out.insert((name.clone(), port.protocol));
-                    }
-                }
+    for list in ports.filter_map(|p| match p {
+        Ports::Listed(list) => Some(list),
+        Ports::Any => None,
+    }) {
+        for port in list {
+            if let PortMatch::Named(name) = &port.port {
+                out.insert((name.clone(), port.protocol));
             }
         }
     }
@@ -243,19 +252,11 @@ fn cluster_referenced_names<'p>(
     policies: impl Iterator<Item = &'p ClusterNetworkPolicy>,
     direction: Direction,
 ) -> BTreeSet<(String, Protocol)> {
-    let mut out = BTreeSet::new();
-    for p in policies {
-        for rule in cluster_rules_of(p, direction) {
-            if let Ports::Listed(list) = &rule.ports {
-                for port in list {
-                    if let PortMatch::Named(name) = &port.port {
-                        out.insert((name.clone(), port.protocol));
-                    }
-                }
-            }
-        }
-    }
-    out
+    named_ports_in(
+        policies
+            .flat_map(|p| cluster_rules_of(p, direction))
+            .map(|r| &r.ports),
+    )
 }
 
 /// A tier's policies as a group identity: cluster-scoped keys `<tier>:<name>`, in
