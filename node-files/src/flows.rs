@@ -161,6 +161,203 @@ pub fn read_records(path: &Path) -> io::Result<Vec<FlowRecord>> {
     Ok(out)
 }
 
+/// What a reader asks of the records: the `flows` op of the node-local API and the
+/// query parameters of the agent's `GET /flows` (`since`, `denied`, `namespace`,
+/// `limit`, `follow`) are this one type, so both answer the same question the same
+/// way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowQuery {
+    /// Only records at or after this RFC 3339 instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Only denied connections (today every record is one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub denied: bool,
+    /// Only records whose source or destination pod is in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// At most the last this many of the matching records (before following).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Keep the answer open and send each new matching record as it is made.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("since={0:?} is not an RFC 3339 time (e.g. 2026-12-06T07:00:00Z)")]
+    Since(String),
+    #[error("{key}={value:?}: expected 1, 0, true or false")]
+    Flag { key: String, value: String },
+    #[error("limit={0:?} is not a count")]
+    Limit(String),
+    #[error("unknown parameter {0:?} (since, denied, namespace, limit, follow)")]
+    Unknown(String),
+}
+
+impl FlowQuery {
+    /// Reads URL query parameters (already percent-decoded): `denied` and `follow`
+    /// take `1`, `true`, `0`, `false`, or no value (= true).
+    pub fn from_params<'a>(
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<FlowQuery, QueryError> {
+        let flag = |key: &str, value: &str| match value {
+            "" | "1" | "true" => Ok(true),
+            "0" | "false" => Ok(false),
+            _ => Err(QueryError::Flag {
+                key: key.into(),
+                value: value.into(),
+            }),
+        };
+        let mut q = FlowQuery::default();
+        for (key, value) in params {
+            match key {
+                "since" => {
+                    parse_rfc3339(value).ok_or_else(|| QueryError::Since(value.into()))?;
+                    q.since = Some(value.into());
+                }
+                "denied" => q.denied = flag(key, value)?,
+                "follow" => q.follow = flag(key, value)?,
+                "namespace" => q.namespace = Some(value.into()),
+                "limit" => {
+                    q.limit = Some(value.parse().map_err(|_| QueryError::Limit(value.into()))?)
+                }
+                other => return Err(QueryError::Unknown(other.into())),
+            }
+        }
+        Ok(q)
+    }
+
+    /// The query string of `GET /flows` (without `?`), percent-encoded.
+    pub fn to_query_string(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(s) = &self.since {
+            parts.push(format!("since={}", percent_encode(s)));
+        }
+        if self.denied {
+            parts.push("denied=1".into());
+        }
+        if let Some(ns) = &self.namespace {
+            parts.push(format!("namespace={}", percent_encode(ns)));
+        }
+        if let Some(n) = self.limit {
+            parts.push(format!("limit={n}"));
+        }
+        if self.follow {
+            parts.push("follow=1".into());
+        }
+        parts.join("&")
+    }
+
+    /// Whether one record passes the filters (`limit` and `follow` aside).
+    pub fn matches(&self, r: &FlowRecord) -> bool {
+        if self.denied && r.verdict != "deny" {
+            return false;
+        }
+        if let Some(ns) = &self.namespace
+            && !r.namespaces().any(|n| n == ns)
+        {
+            return false;
+        }
+        if let Some(since) = self.since.as_deref().and_then(parse_rfc3339) {
+            match parse_rfc3339(&r.time) {
+                Some(t) if t >= since => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// The matching records of `records` (oldest first), the last `limit` of them.
+    pub fn select<'a>(&self, records: impl IntoIterator<Item = &'a FlowRecord>) -> Vec<FlowRecord> {
+        let mut out: Vec<FlowRecord> = records
+            .into_iter()
+            .filter(|r| self.matches(r))
+            .cloned()
+            .collect();
+        if let Some(n) = self.limit {
+            out.drain(..out.len().saturating_sub(n));
+        }
+        out
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// An RFC 3339 instant (`2026-12-06T07:00:00Z`, fractions and `±HH:MM` offsets
+/// allowed) as milliseconds since the Unix epoch; `None` if it is not one.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        let frac = &s[start..i.min(start + 3)];
+        millis = frac.parse::<i64>().ok()? * 10i64.pow(3 - frac.len() as u32);
+    }
+    let offset = match &s[i..] {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+            let (h, m) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+            let v = (h * 60 + m) * 60;
+            if o.starts_with('-') { -v } else { v }
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant's algorithm), the inverse of `rfc3339`.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + min * 60 + sec - offset;
+    Some(secs * 1000 + millis)
+}
+
+/// The last `n` records of the file (and its rotated predecessor), oldest first.
+pub fn read_last(path: &Path, n: usize) -> io::Result<Vec<FlowRecord>> {
+    let mut all = read_records(path)?;
+    all.drain(..all.len().saturating_sub(n));
+    Ok(all)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,5 +422,50 @@ mod tests {
         let got = read_records(&path).unwrap();
         assert_eq!(got.last().unwrap().port, 199);
         assert!(got.windows(2).all(|w| w[0].port + 1 == w[1].port));
+    }
+
+    #[test]
+    fn rfc3339_reads_back_what_it_writes_and_honours_offsets() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_796_540_400_123);
+        assert_eq!(parse_rfc3339(&rfc3339(t)), Some(1_796_540_400_123));
+        assert_eq!(
+            parse_rfc3339("2026-12-06T08:00:00+01:00"),
+            parse_rfc3339("2026-12-06T07:00:00Z")
+        );
+        assert_eq!(parse_rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400_000));
+        for bad in [
+            "",
+            "yesterday",
+            "2026-12-06",
+            "2026-13-06T07:00:00Z",
+            "2026-12-06T07:00:00",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_query_filters_by_time_verdict_and_namespace_and_keeps_the_last_limit() {
+        let mut records: Vec<FlowRecord> = (0..5).map(record).collect();
+        records[0].time = "2026-12-06T06:59:59.000Z".into();
+        records[1].src = "other/x".into();
+        records[1].dst = "ip:10.0.0.1".into();
+        let q = FlowQuery::from_params([
+            ("since", "2026-12-06T07:00:00Z"),
+            ("denied", "1"),
+            ("namespace", "prod"),
+            ("limit", "2"),
+        ])
+        .unwrap();
+        let ports: Vec<u16> = q.select(&records).iter().map(|r| r.port).collect();
+        assert_eq!(ports, [3, 4]);
+        assert_eq!(
+            q.to_query_string(),
+            "since=2026-12-06T07%3A00%3A00Z&denied=1&namespace=prod&limit=2"
+        );
+        assert!(FlowQuery::from_params([("since", "now")]).is_err());
+        assert!(FlowQuery::from_params([("follow", "yes")]).is_err());
+        assert!(FlowQuery::from_params([("verdict", "deny")]).is_err());
+        assert!(FlowQuery::from_params([("follow", "")]).unwrap().follow);
     }
 }

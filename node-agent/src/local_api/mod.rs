@@ -50,6 +50,8 @@ pub struct LocalApi {
     /// The datastore's own snapshots (not the overlay's): annotations come from here.
     datastore: SnapshotReceiver,
     metrics: Arc<Metrics>,
+    /// The denied-connection records the `flows` op serves.
+    flows: std::sync::OnceLock<Arc<crate::flows::FlowStore>>,
 }
 
 impl LocalApi {
@@ -59,7 +61,14 @@ impl LocalApi {
             wake: Notify::new(),
             datastore,
             metrics,
+            flows: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Serve `flows` from this store.
+    pub fn with_flows(self: Arc<Self>, flows: Arc<crate::flows::FlowStore>) -> Arc<Self> {
+        let _ = self.flows.set(flows);
+        self
     }
 
     fn reports(&self) -> std::sync::MutexGuard<'_, Reports> {
@@ -101,6 +110,10 @@ impl LocalApi {
                     }
                 }
             }
+            // Streamed by `connection`; here only when no store serves it.
+            Request::Flows(_) => Response::Error {
+                message: "this agent does not record denied connections".into(),
+            },
         }
     }
 }
@@ -173,6 +186,14 @@ async fn connection(mut stream: UnixStream, api: &LocalApi) -> std::io::Result<(
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
     let resp = match local_api::decode_request(line) {
+        Ok(Request::Flows(query)) if api.flows.get().is_some() => {
+            let store = api.flows.get().expect("checked");
+            let mut lines = std::pin::pin!(crate::flows::answer(store, query));
+            while let Some(line) = futures::StreamExt::next(&mut lines).await {
+                stream.write_all(&line).await?;
+            }
+            return stream.shutdown().await;
+        }
         Ok(req) => api.handle(req),
         Err(message) => Response::Error { message },
     };
