@@ -88,7 +88,7 @@ fn lab_cluster(lab: &Lab) -> Cluster {
 
 /// The record a denied side makes, if it denies.
 fn side_record(side: &Side, direction: &str) -> Option<(String, String, Vec<String>)> {
-    let mut names = |v: Vec<String>| {
+    let names = |v: Vec<String>| {
         let mut v = v;
         v.sort();
         v
