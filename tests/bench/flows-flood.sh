@@ -17,6 +17,10 @@ RATE=${RATE:-10000}
 SECS=${SECS:-10}
 PROBES=${PROBES:-20}
 DATAPLANE=${DATAPLANE:-nftables}
+# The flood's target: shop/db:5432 is denied to intruder. A control run against an
+# allowed one (TARGET=shop/web DPORT=80) tells the flood's own cost from logging's.
+TARGET=${TARGET:-shop/db}
+DPORT=${DPORT:-5432}
 T=${CARGO_TARGET_DIR:-target}/debug
 SLUICECTL=${SLUICECTL:-$T/sluicectl}
 export SLUICE_BIN_SLUICE=${SLUICE_BIN_SLUICE:-$T/sluice}
@@ -24,7 +28,7 @@ export SLUICE_BIN_SLUICE_IPAM=${SLUICE_BIN_SLUICE_IPAM:-$T/sluice-ipam}
 export SLUICE_BIN_SLUICE_AGENT=${SLUICE_BIN_SLUICE_AGENT:-$T/sluice-agent}
 lab() { "$SLUICECTL" lab "$@"; }
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"; lab down --name "$NAME" >/dev/null 2>&1 || true' EXIT
+trap 'cp "/run/sluice-lab/$NAME/logs/agent-node-2.log" "$WORK/../$NAME-agent.log" 2>/dev/null; rm -rf "$WORK"; lab down --name "$NAME" >/dev/null 2>&1 || true' EXIT
 
 # The demo's cluster and policies, from the demo itself.
 for f in cluster policy; do
@@ -37,7 +41,7 @@ lab apply --name "$NAME" -f "$WORK/cluster.yaml" >/dev/null
 lab apply --name "$NAME" -f "$WORK/policy.yaml" >/dev/null
 STATUS=$(lab status --name "$NAME" -o json)
 pod() { python3 -c "import json,sys; p=[p for p in json.load(sys.stdin)['pods'] if p['namespace']+'/'+p['name']=='$1'][0]; print(p['$2'])" <<<"$STATUS"; }
-SRC_NS=$(pod other/intruder netns); SRC_IP=$(pod other/intruder ip); DST_IP=$(pod shop/db ip)
+SRC_NS=$(pod other/intruder netns); SRC_IP=$(pod other/intruder ip); DST_IP=$(pod "$TARGET" ip)
 AGENT=$(pgrep -f "sluice-agent run --node-name node-2 .*sluice-lab/$NAME/" | head -1)
 FILE=$(find "/run/sluice-lab/$NAME" -path '*node-2*' -name flows.jsonl | head -1)
 HZ=$(getconf CLK_TCK)
@@ -53,9 +57,9 @@ BEFORE=$(latency)
 RSS0=$(rss)
 SINCE=$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)
 CPU0=$(cpu)
-ip netns exec "$SRC_NS" python3 - "$SRC_IP" "$DST_IP" "$RATE" "$SECS" <<'PY' &
+ip netns exec "$SRC_NS" python3 - "$SRC_IP" "$DST_IP" "$RATE" "$SECS" "$DPORT" <<'PY' &
 import socket, struct, sys, time
-src, dst, rate, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+src, dst, rate, secs, dport = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 sa, da = socket.inet_aton(src), socket.inet_aton(dst)
 def csum(b):
@@ -67,7 +71,7 @@ sent, start, port = 0, time.time(), 10000
 while time.time() - start < secs:
     for _ in range(100):
         port = 10000 + (port - 9999) % 50000
-        tcp = struct.pack("!HHIIBBHHH", port, 5432, 1, 0, 0x50, 0x02, 64240, 0, 0)
+        tcp = struct.pack("!HHIIBBHHH", port, dport, 1, 0, 0x50, 0x02, 64240, 0, 0)
         c = csum(sa + da + struct.pack("!BBH", 0, 6, 20) + tcp)
         tcp = tcp[:16] + struct.pack("!H", c) + tcp[18:]
         s.sendto(ip + tcp, (dst, 0)); sent += 1
@@ -87,7 +91,7 @@ SIZE=$(stat -c %s "$FILE")
 python3 - <<PY
 secs, hz = $SECS, $HZ
 print(f"dataplane            $DATAPLANE")
-print(f"flood                $RATE denied SYN/s for {secs} s")
+print(f"flood                $RATE SYN/s to $TARGET:$DPORT for {secs} s")
 print(f"records              $RECORDS ({$RECORDS / secs:.0f}/s; kernel limit 100/s + burst 100 per log rule)")
 print(f"agent CPU (flood)    {($CPU1 - $CPU0) / hz / secs * 100:.1f} % of one core")
 print(f"agent RSS            $RSS0 kB before, $RSS1 kB after")
