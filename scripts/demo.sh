@@ -112,6 +112,8 @@ lab apply --name "$NAME" -f "$WORK/policy.yaml"
 echo
 echo "== matrix after the policy"
 lab matrix --name "$NAME"
+echo "== what the agents recorded of the blocked cells (sluicectl lab flows; on a node: sluicectl flows)"
+lab flows --name "$NAME" --limit 6
 echo "== and what sluicectl policy check predicts for one cell, without a kernel:"
 "$SLUICECTL" policy check -f "/run/sluice-lab/$NAME/manifests" \
     --from other/intruder --to shop/api --port 8080 || true

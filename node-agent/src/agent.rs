@@ -84,6 +84,9 @@ pub struct Loop<P, N> {
     pub metrics: Arc<Metrics>,
     pub resync: Duration,
     pub coalesce: Duration,
+    /// Named after each apply: who has which address, which policies each log id
+    /// stands for (None: denied connections are not recorded).
+    pub flows: Option<Arc<crate::flows::FlowStore>>,
 }
 
 /// Tracks local pods from first sight with an address to policy applied.
@@ -176,6 +179,12 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
                 return Err(e.to_string());
             }
         };
+        if let Some(flows) = &self.flows {
+            flows.set_context(
+                crate::flows::endpoints(&snap.cluster),
+                desired.dataplane.deny_policies.clone(),
+            );
+        }
         self.metrics
             .rules_programmed
             .set(programmed_rules(&desired.dataplane) as i64);
@@ -457,6 +466,7 @@ mod loop_tests {
             metrics: metrics.clone(),
             resync: Duration::from_millis(50),
             coalesce: Duration::from_millis(1),
+            flows: None,
         };
         tokio::spawn(lp.run(rx));
         Fixture {

@@ -134,6 +134,16 @@ pub struct RunConfig {
     #[command(flatten)]
     pub files: NodeFiles,
 
+    /// The denied-connection records, JSON lines, rotated at 4 MiB to `<file>.1`
+    /// (docs/flows.md); served by `sluicectl flows` and `GET /flows`.
+    #[arg(long, env = "SLUICE_FLOW_LOG_FILE", default_value = paths::FLOW_LOG_FILE)]
+    pub flow_log_file: PathBuf,
+
+    /// Record denied connections from the kernel's log rules (off: the rules stay,
+    /// the agent does not read them).
+    #[arg(long, env = "SLUICE_RECORD_FLOWS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub record_flows: bool,
+
     /// Kubernetes datastore: claim another block for this node when fewer than this
     /// many pod addresses are free in its blocks (checked every 2 s against the IPAM
     /// state; the IPAM plugin answers "try again later" once the blocks are full).

@@ -157,14 +157,98 @@ impl Health {
 struct AppState {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    flows: Option<Arc<crate::flows::FlowStore>>,
 }
 
 pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
+    router_with_flows(health, metrics, None)
+}
+
+/// The endpoints, and `GET /flows` when the agent records denied connections.
+///
+/// `GET /flows?since=RFC3339&denied=1&namespace=NS&limit=N&follow=1` answers
+/// `application/x-ndjson`: one record per line, the fields of
+/// `sluice_node_files::flows::FlowRecord` exactly (what `sluicectl flows -o json`
+/// prints); with `follow=1` the answer stays open and each new record is a new line.
+/// This is the contract the cluster path (`sluicectl flows --node`, through the API
+/// server's pod proxy) reads.
+pub fn router_with_flows(
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    flows: Option<Arc<crate::flows::FlowStore>>,
+) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(AppState { health, metrics })
+        .route("/flows", get(flows_lines))
+        .with_state(AppState {
+            health,
+            metrics,
+            flows,
+        })
+}
+
+async fn flows_lines(
+    State(s): State<AppState>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> axum::response::Response {
+    let Some(store) = s.flows.as_ref() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "this agent does not record denied connections\n",
+        )
+            .into_response();
+    };
+    let params = decode_query(raw.as_deref().unwrap_or(""));
+    let query = match sluice_node_files::flows::FlowQuery::from_params(
+        params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    ) {
+        Ok(q) => q,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let body = futures::StreamExt::map(crate::flows::answer(store, query), |line| {
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// `a=1&b=x%3Ay` → pairs, percent- and `+`-decoded.
+fn decode_query(raw: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' => match s
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                },
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
@@ -221,7 +305,17 @@ pub async fn serve(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(health, metrics)).await
+    serve_with_flows(listener, health, metrics, None).await
+}
+
+/// [`serve`], with `GET /flows` from `flows`.
+pub async fn serve_with_flows(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    flows: Option<Arc<crate::flows::FlowStore>>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router_with_flows(health, metrics, flows)).await
 }
 
 #[cfg(test)]
@@ -262,6 +356,19 @@ mod tests {
         assert!(h.view().ready);
         ds.ok("Pod");
         assert_eq!(h.view().datastore, None);
+    }
+
+    #[test]
+    fn query_strings_decode_percent_escapes_and_bare_flags() {
+        assert_eq!(
+            decode_query("since=2026-12-06T07%3A00%3A00Z&follow&namespace=a+b&x=%zz"),
+            [
+                ("since".to_string(), "2026-12-06T07:00:00Z".to_string()),
+                ("follow".into(), "".into()),
+                ("namespace".into(), "a b".into()),
+                ("x".into(), "%zz".into()),
+            ]
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod datastore;
+pub mod flows;
 pub mod health;
 pub mod install_cni;
 pub mod local_api;

@@ -2,6 +2,7 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -22,6 +23,9 @@ pub struct Metrics {
     pub blocks_released: Counter,
     pub local_reports: Counter,
     pub local_reports_pending: Gauge,
+    /// `sluice_policy_denied_connections_total{namespace,policy,direction}`: one
+    /// increment per denied-connection record (docs/flows.md, "Counters").
+    pub denied_connections: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -32,7 +36,10 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("sluice_agent");
+        // The agent's own metrics are `sluice_agent_*`; the policy counter's name is
+        // the issue's, `sluice_policy_denied_connections_total`, so it sits at the root.
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("sluice_agent");
         // 1 ms … ~33 s: a no-op resync is milliseconds, a 10k-pod rewrite seconds.
         let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let add_to_enforced = Histogram::new(exponential_buckets(0.005, 2.0, 14));
@@ -51,6 +58,7 @@ impl Metrics {
             blocks_released: Counter::default(),
             local_reports: Counter::default(),
             local_reports_pending: Gauge::default(),
+            denied_connections: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -119,7 +127,15 @@ impl Metrics {
             "Reported attachments the datastore has not confirmed yet",
             m.local_reports_pending.clone(),
         );
-        Metrics { registry, ..m }
+        root.register(
+            "sluice_policy_denied_connections",
+            "Denied new connections recorded from the kernel's log rules, by the protected pod's namespace, the deciding policies (- for isolation by none) and direction",
+            m.denied_connections.clone(),
+        );
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     /// The Prometheus text exposition.
@@ -127,5 +143,30 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_denied_counter_has_the_issues_name_and_labels() {
+        let m = Metrics::new();
+        m.denied_connections
+            .get_or_create(&vec![
+                ("namespace".into(), "prod".into()),
+                ("policy".into(), "-".into()),
+                ("direction".into(), "ingress".into()),
+            ])
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "sluice_policy_denied_connections_total{namespace=\"prod\",policy=\"-\",direction=\"ingress\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("sluice_agent_syncs_total"), "{text}");
     }
 }

@@ -77,6 +77,25 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             .with_datastore(datastore_health.clone()),
     );
     let metrics = Arc::new(Metrics::new());
+    let flows = crate::flows::FlowStore::new(
+        &cfg.node_name,
+        crate::flows::RECENT_RECORDS,
+        metrics.clone(),
+    );
+    // Its own thread: a blocking netlink socket and blocking file writes, and a
+    // lock it may have to wait for (an earlier agent draining on its way out).
+    let stop_reader = crate::flows::StopReader::default();
+    let reader = cfg.record_flows.then(|| {
+        let (store, path, stop) = (
+            flows.clone(),
+            cfg.flow_log_file.clone(),
+            stop_reader.clone(),
+        );
+        std::thread::Builder::new()
+            .name("flow-records".into())
+            .spawn(move || crate::flows::read_loop(store, path, stop))
+            .expect("spawning a thread")
+    });
 
     let listener = tokio::net::TcpListener::bind(cfg.health_addr)
         .await
@@ -84,11 +103,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             addr: cfg.health_addr,
             source,
         })?;
-    tracing::info!(addr = %cfg.health_addr, "serving /healthz /readyz /metrics");
+    tracing::info!(addr = %cfg.health_addr, "serving /healthz /readyz /metrics /flows");
     {
-        let (h, m) = (health.clone(), metrics.clone());
+        let (h, m, f) = (health.clone(), metrics.clone(), flows.clone());
         tokio::spawn(async move {
-            if let Err(e) = crate::health::serve(listener, h, m).await {
+            if let Err(e) = crate::health::serve_with_flows(listener, h, m, Some(f)).await {
                 tracing::error!(error = %e, "health endpoint stopped");
             }
         });
@@ -131,7 +150,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     // The datastore publishes to the node-local API's overlay, which lays the CNI
     // plugin's reports over each snapshot and feeds the loop.
     let (ds_tx, ds_rx) = tokio::sync::watch::channel(None);
-    let api = crate::local_api::LocalApi::new(ds_rx.clone(), metrics.clone());
+    let api =
+        crate::local_api::LocalApi::new(ds_rx.clone(), metrics.clone()).with_flows(flows.clone());
     {
         let listener = crate::local_api::bind(&cfg.files.agent_socket)?;
         tracing::info!(socket = %cfg.files.agent_socket.display(), "serving the node-local API");
@@ -220,10 +240,16 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         metrics,
         resync: cfg.resync_interval(),
         coalesce: cfg.coalesce(),
+        flows: Some(flows),
     };
     tokio::select! {
         _ = lp.run(rx) => {}
         _ = shutdown_signal() => tracing::info!("terminating; programmed state stays in place"),
+    }
+    // Records the kernel queued before we unbind are written, not lost.
+    stop_reader.stop();
+    if let Some(r) = reader {
+        let _ = tokio::task::spawn_blocking(move || r.join()).await;
     }
     Ok(())
 }

@@ -118,6 +118,7 @@ async fn start() -> Agent {
         metrics: metrics.clone(),
         resync: Duration::from_millis(500),
         coalesce: Duration::from_millis(20),
+        flows: None,
     };
     tokio::spawn(lp.run(rx.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

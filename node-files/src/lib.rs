@@ -15,6 +15,7 @@
 
 pub mod atomic;
 pub mod conflist;
+pub mod flows;
 pub mod ifname;
 pub mod local_api;
 pub mod paths;

@@ -67,6 +67,12 @@ pub enum Request {
     /// for the node (in a cluster only the agent writes the block store) and publish
     /// it before answering. Claiming a block the node already holds is a no-op.
     ClaimBlock { address: Ipv4Addr },
+    /// The node's denied-connection records (`sluicectl flows`). Unlike every other
+    /// op the answer is not one [`Response`] but JSON lines, one
+    /// [`FlowRecord`](crate::flows::FlowRecord) each, oldest first, ended by the
+    /// agent closing the connection (never, with `follow`, until the client goes);
+    /// a refused request is answered by one `{"result":"error",…}` line instead.
+    Flows(crate::flows::FlowQuery),
 }
 
 /// One wired attachment, as ADD made it.
@@ -290,6 +296,80 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Respons
     })
 }
 
+/// Reads the `flows` answer: each record to `each` as it arrives (return `false` to
+/// stop). Without `follow` the whole answer must come within `timeout`; with it,
+/// only the connection and the request do, and the stream ends when the agent goes.
+pub fn flows(
+    path: &Path,
+    query: &crate::flows::FlowQuery,
+    timeout: Duration,
+    mut each: impl FnMut(crate::flows::FlowRecord) -> bool,
+) -> Result<(), CallError> {
+    use std::io::BufRead;
+    let io = |source: std::io::Error| {
+        if matches!(
+            source.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            CallError::Timeout {
+                path: path.to_owned(),
+                ms: timeout.as_millis(),
+            }
+        } else {
+            CallError::Io {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    };
+    let mut s = UnixStream::connect(path).map_err(io)?;
+    let mut line = serde_json::to_vec(&Envelope {
+        v: VERSION,
+        request: Request::Flows(query.clone()),
+    })
+    .expect("requests serialize");
+    line.push(b'\n');
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    s.write_all(&line).map_err(io)?;
+    s.shutdown(std::net::Shutdown::Write).map_err(io)?;
+    let deadline = Instant::now() + timeout;
+    let mut reader = std::io::BufReader::new(s);
+    let mut text = String::new();
+    loop {
+        if !query.follow {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| CallError::Timeout {
+                    path: path.to_owned(),
+                    ms: timeout.as_millis(),
+                })?;
+            reader.get_ref().set_read_timeout(Some(left)).map_err(io)?;
+        }
+        text.clear();
+        if reader.read_line(&mut text).map_err(io)? == 0 {
+            return Ok(());
+        }
+        let decode = |reason: String| CallError::Decode {
+            path: path.to_owned(),
+            reason,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| decode(e.to_string()))?;
+        if v.get("result").is_some() {
+            let r: Response = serde_json::from_value(v).map_err(|e| decode(e.to_string()))?;
+            return Err(decode(match r {
+                Response::Error { message } => message,
+                other => format!("unexpected answer {other:?}"),
+            }));
+        }
+        let record = serde_json::from_value(v).map_err(|e| decode(e.to_string()))?;
+        if !each(record) {
+            return Ok(());
+        }
+    }
+}
+
 /// The agent's side: decode one request (version checked).
 pub fn decode_request(bytes: &[u8]) -> Result<Request, String> {
     let v: serde_json::Value =
@@ -380,12 +460,37 @@ mod tests {
     }
 
     #[test]
+    fn the_flows_op_carries_the_query_fields_by_their_http_names() {
+        let q = crate::flows::FlowQuery {
+            since: Some("2026-12-06T07:00:00Z".into()),
+            denied: true,
+            namespace: Some("prod".into()),
+            limit: Some(5),
+            follow: true,
+        };
+        let text = serde_json::to_string(&Envelope {
+            v: VERSION,
+            request: Request::Flows(q.clone()),
+        })
+        .unwrap();
+        assert_eq!(
+            text,
+            r#"{"v":1,"op":"flows","since":"2026-12-06T07:00:00Z","denied":true,"namespace":"prod","limit":5,"follow":true}"#
+        );
+        assert_eq!(decode_request(text.as_bytes()), Ok(Request::Flows(q)));
+        assert_eq!(
+            decode_request(br#"{"v":1,"op":"flows"}"#),
+            Ok(Request::Flows(Default::default()))
+        );
+    }
+
+    #[test]
     fn another_version_or_an_unknown_op_is_refused_not_guessed() {
         assert!(
             decode_request(br#"{"v":2,"op":"pod-annotations","namespace":"a","name":"b"}"#)
                 .is_err()
         );
-        assert!(decode_request(br#"{"v":1,"op":"flows"}"#).is_err());
+        assert!(decode_request(br#"{"v":1,"op":"teleport"}"#).is_err());
         assert!(decode_request(br#"{"op":"pod-annotations","namespace":"a","name":"b"}"#).is_err());
     }
 

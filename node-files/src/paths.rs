@@ -17,6 +17,8 @@ pub const IPAM_STATE_DIR: &str = "/var/lib/sluice/ipam";
 pub const NODE_BLOCKS_FILE: &str = "/var/lib/sluice/ipam/node-blocks.json";
 /// The CNI binaries' event log, when the conflist sets `logFile`.
 pub const CNI_LOG_FILE: &str = "/var/log/sluice/cni.log";
+/// The agent's denied-connection records, JSON lines (see [`crate::flows`]).
+pub const FLOW_LOG_FILE: &str = "/var/log/sluice/flows.jsonl";
 /// The node's CNI binary directory.
 pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
 /// The node's CNI configuration directory.
@@ -33,6 +35,7 @@ pub struct NodePaths {
     pub ipam_state_dir: PathBuf,
     pub node_blocks_file: PathBuf,
     pub cni_log_file: PathBuf,
+    pub flow_log_file: PathBuf,
     pub cni_bin_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
 }
@@ -55,6 +58,7 @@ impl NodePaths {
             ipam_state_dir: p(IPAM_STATE_DIR),
             node_blocks_file: p(NODE_BLOCKS_FILE),
             cni_log_file: p(CNI_LOG_FILE),
+            flow_log_file: p(FLOW_LOG_FILE),
             cni_bin_dir: p(CNI_BIN_DIR),
             cni_conf_dir: p(CNI_CONF_DIR),
         }

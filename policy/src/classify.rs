@@ -304,7 +304,7 @@ pub fn classify(
             }
             Target::SetMark { value, mask } => mark = (mark & !mask) ^ value,
             // Address translation decides nothing about the verdict.
-            Target::Masquerade => {}
+            Target::Masquerade | Target::Log(_) => {}
             Target::Jump(target) => {
                 let chain = lookup(target)?;
                 if stack.len() >= MAX_DEPTH {

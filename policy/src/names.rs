@@ -184,6 +184,12 @@ pub fn cluster_rule_set(tier: Tier, policy: &str, direction: Direction, rule: us
 /// from (`key`, canonical), so groups allowing the same pairs share it:
 /// `SLUICE-FT-<hash>` for (address . protocol . port) tuples, `SLUICE-FA-<hash>` for
 /// peers allowed on every port of every protocol (`any`).
+/// nftables: the chain a ClusterNetworkPolicy tier chain sends its denied packets to,
+/// which logs each under the policy that denied it (see `compile::flat`).
+pub fn tier_deny_chain(tier_chain: &str) -> String {
+    format!("{PREFIX}DN-{}", hash16(tier_chain.as_bytes()))
+}
+
 pub fn flat_set(any: bool, key: &str) -> String {
     let kind = if any { "FA" } else { "FT" };
     format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))

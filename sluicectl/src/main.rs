@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod flows;
 mod ipam;
 mod lab;
 mod policy;
@@ -26,6 +27,8 @@ enum Command {
     Policy(policy::Args),
     /// Show IPAM blocks and allocations.
     Ipam(ipam::Args),
+    /// A node's denied-connection records: what was dropped, and which policy did it.
+    Flows(flows::Args),
     /// A multi-node cluster on one host in network namespaces.
     Lab(lab::Args),
 }
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy(args) => policy::exec(args),
         Command::Ipam(args) => ipam::exec(args),
+        Command::Flows(args) => flows::exec(args),
         Command::Lab(args) => lab::exec(args),
     };
     match result {

@@ -61,6 +61,8 @@ pub struct LocalApi {
     datastore: SnapshotReceiver,
     metrics: Arc<Metrics>,
     block_claims: OnceLock<BlockClaims>,
+    /// The denied-connection records the `flows` op serves.
+    flows: OnceLock<Arc<crate::flows::FlowStore>>,
 }
 
 impl LocalApi {
@@ -71,12 +73,19 @@ impl LocalApi {
             datastore,
             metrics,
             block_claims: OnceLock::new(),
+            flows: OnceLock::new(),
         })
     }
 
     /// Serve `claim-block` with `claims` (once; later calls are ignored).
     pub fn set_block_claims(&self, claims: BlockClaims) {
         let _ = self.block_claims.set(claims);
+    }
+
+    /// Serve `flows` from this store.
+    pub fn with_flows(self: Arc<Self>, flows: Arc<crate::flows::FlowStore>) -> Arc<Self> {
+        let _ = self.flows.set(flows);
+        self
     }
 
     fn reports(&self) -> std::sync::MutexGuard<'_, Reports> {
@@ -126,6 +135,10 @@ impl LocalApi {
                     }
                 }
             }
+            // Streamed by `connection`; here only when no store serves it.
+            Request::Flows(_) => Response::Error {
+                message: "this agent does not record denied connections".into(),
+            },
         }
     }
 }
@@ -198,6 +211,14 @@ async fn connection(mut stream: UnixStream, api: &LocalApi) -> std::io::Result<(
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
     let resp = match local_api::decode_request(line) {
+        Ok(Request::Flows(query)) if api.flows.get().is_some() => {
+            let store = api.flows.get().expect("checked");
+            let mut lines = std::pin::pin!(crate::flows::answer(store, query));
+            while let Some(line) = futures::StreamExt::next(&mut lines).await {
+                stream.write_all(&line).await?;
+            }
+            return stream.shutdown().await;
+        }
         Ok(req) => api.handle(req).await,
         Err(message) => Response::Error { message },
     };

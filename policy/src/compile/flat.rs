@@ -94,6 +94,7 @@ use super::{
     CompileError, Dispatch, builtin_jumps, fail_closed_unknown_pods, forward_chains, input_chains,
     local_pod_veths,
 };
+use crate::dataplane::deny_log::{self, DenyReason, DenyTag};
 use crate::dataplane::{
     AddrRange, Chain, InterfaceNames, IpSet, MapKey, MapKeyValue, MapVerdict, Match, PortRange,
     Rule, Ruleset, SetDirection, SetKind, SetMember, Table, Target, VerdictMap,
@@ -110,6 +111,8 @@ pub const MAP_TO_POD: &str = "SLUICE-M-TO-POD";
 pub const MAP_FROM_POD: &str = "SLUICE-M-FROM-POD";
 /// `iifname` of every local pod → drop: what the map above did not take is spoofed.
 pub const MAP_VETHS: &str = "SLUICE-M-VETHS";
+/// Where [`MAP_VETHS`] sends a pod's packets with a source not its own: logged, dropped.
+pub const CHAIN_SPOOFED: &str = "SLUICE-SPOOFED";
 
 /// Longest chain comment written (nft keeps at most 128 bytes of it).
 const MAX_COMMENT: usize = 120;
@@ -159,9 +162,10 @@ pub fn compile(
                 .elements
                 .insert(MapKeyValue::IfaceAddr(veth.clone(), ip), egress.clone());
         }
-        veths
-            .elements
-            .insert(MapKeyValue::Iface(veth), MapVerdict::Drop);
+        veths.elements.insert(
+            MapKeyValue::Iface(veth),
+            MapVerdict::Goto(CHAIN_SPOOFED.into()),
+        );
     }
     let vmap = |m: &str| Rule::new(vec![], Target::Vmap(m.to_string()));
     let mut dispatch = Dispatch {
@@ -177,6 +181,16 @@ pub fn compile(
     for chain in chains {
         c.ruleset.add_chain(Table::Filter, chain);
     }
+    if !veths.elements.is_empty() {
+        let spoofed = DenyTag::new(DenyReason::Spoofed, Direction::Egress, None);
+        c.ruleset.add_chain(
+            Table::Filter,
+            Chain {
+                name: CHAIN_SPOOFED.into(),
+                rules: deny_log::deny(vec![], &spoofed).into(),
+            },
+        );
+    }
     for map in [to_pod, from_pod, veths] {
         c.ruleset.maps.insert(map.name.clone(), map);
     }
@@ -184,9 +198,23 @@ pub fn compile(
     Ok(c.ruleset)
 }
 
+/// The set a tier rule's one match looks up.
+fn set_name(m: &Match) -> &str {
+    match m {
+        Match::Tuple { set, .. } | Match::Set { name: set, .. } => set,
+        _ => "",
+    }
+}
+
 /// One tier's decisions for one group: disjoint (address × protocol × port) boxes,
 /// and address ranges decided by rules on every protocol.
-type TierDecisions = (Vec<(Box3, Action)>, Vec<(u32, u32, Action)>);
+type TierDecisions = (Vec<(Box3, Decision)>, Vec<(u32, u32, Decision)>);
+
+/// What a tier decides at a point: the action, and for `Deny` the policy whose rule
+/// denied, so each denying policy gets its own sets and its own log rule (a record
+/// names the ClusterNetworkPolicy that dropped the connection). `Accept` and `Pass`
+/// carry no name, so their points still merge across policies.
+type Decision = (Action, Option<String>);
 
 struct Flat<'a> {
     index: Index<'a>,
@@ -411,79 +439,80 @@ impl Flat<'_> {
         // address sets below, built from the every-protocol rules only, cannot
         // contain it. Other protocols (ICMP) never hit a tuple box and are decided by
         // those address sets alone, painted in the same order.
+        let deny_policies: BTreeSet<String> = tuples
+            .iter()
+            .map(|(_, d)| d)
+            .chain(any.iter().map(|(_, _, d)| d))
+            .filter_map(|d| d.1.clone())
+            .collect();
+        let deny = self.tier_sets(&tuples, &any, &format!("{chain};Deny"), set_dir, |d| {
+            d.0 == Action::Deny
+        });
+        // Denied packets are logged under the policy that denied them. With one
+        // denying policy the tier's Deny sets say which; with several, a packet in
+        // the tier's Deny sets goes to a chain that asks each policy's own sets, so
+        // only denied packets pay a lookup per denying policy and the tier chain
+        // keeps its fixed number of lookups.
+        let deny_target = if deny_policies.len() > 1 {
+            let deny_chain = names::tier_deny_chain(chain);
+            let mut deny_rules = Vec::new();
+            for p in &deny_policies {
+                let own =
+                    self.tier_sets(&tuples, &any, &format!("{chain};Deny;{p}"), set_dir, |d| {
+                        d.0 == Action::Deny && d.1.as_deref() == Some(p.as_str())
+                    });
+                for m in own {
+                    let tag = self.deny_tag(direction, set_name(&m), [p]);
+                    deny_rules.extend(deny_log::deny(vec![m], &tag));
+                }
+            }
+            // Not reached (the tier's Deny sets are the union of the policies'), but
+            // a drop is never unlogged.
+            let tag = self.deny_tag(direction, &deny_chain, &deny_policies);
+            deny_rules.extend(deny_log::deny(vec![], &tag));
+            self.ruleset.add_chain(
+                Table::Filter,
+                Chain {
+                    name: deny_chain.clone(),
+                    rules: deny_rules,
+                },
+            );
+            Some(Target::Goto(deny_chain))
+        } else {
+            None
+        };
+        let mut tuple_rules = Vec::new();
+        let mut any_rules = Vec::new();
+        for m in deny {
+            let out = if matches!(m, Match::Tuple { .. }) {
+                &mut tuple_rules
+            } else {
+                &mut any_rules
+            };
+            match &deny_target {
+                Some(t) => out.push(Rule::new(vec![m], t.clone())),
+                None => {
+                    let tag = self.deny_tag(direction, set_name(&m), &deny_policies);
+                    out.extend(deny_log::deny(vec![m], &tag));
+                }
+            }
+        }
         for (action, target) in [
-            (Action::Deny, Target::Drop),
             (Action::Accept, Target::Return),
             (Action::Pass, on_pass.clone()),
         ] {
-            let members: BTreeSet<SetMember> = tuples
-                .iter()
-                .filter(|(_, a)| *a == action)
-                .map(|(b, _)| SetMember::Tuple {
-                    addrs: b.addrs,
-                    protocol: b.protocol,
-                    ports: PortRange {
-                        start: b.ports.start,
-                        end: b.ports.end,
-                    },
-                })
-                .collect();
-            if members.is_empty() {
-                continue;
+            let key = format!("{chain};{}", action.as_str());
+            for m in self.tier_sets(&tuples, &any, &key, set_dir, |d| d.0 == action) {
+                let out = if matches!(m, Match::Tuple { .. }) {
+                    &mut tuple_rules
+                } else {
+                    &mut any_rules
+                };
+                out.push(Rule::new(vec![m], target.clone()));
             }
-            let name = names::flat_set(false, &format!("{chain};{}", action.as_str()));
-            self.ruleset.sets.insert(
-                name.clone(),
-                IpSet {
-                    name: name.clone(),
-                    kind: SetKind::AddrProtoPortIntervals,
-                    members,
-                },
-            );
-            rules.push(Rule::new(
-                vec![Match::Tuple {
-                    set: name,
-                    direction: set_dir,
-                }],
-                target,
-            ));
         }
-        for (action, target) in [
-            (Action::Deny, Target::Drop),
-            (Action::Accept, Target::Return),
-            (Action::Pass, on_pass.clone()),
-        ] {
-            let members: BTreeSet<SetMember> = any
-                .iter()
-                .filter(|(_, _, a)| *a == action)
-                .map(|(s, e, _)| {
-                    SetMember::Range(AddrRange {
-                        start: Ipv4Addr::from(*s),
-                        end: Ipv4Addr::from(*e),
-                    })
-                })
-                .collect();
-            if members.is_empty() {
-                continue;
-            }
-            let name = names::flat_set(true, &format!("{chain};{}", action.as_str()));
-            self.ruleset.sets.insert(
-                name.clone(),
-                IpSet {
-                    name: name.clone(),
-                    kind: SetKind::AddrIntervals,
-                    members,
-                },
-            );
-            rules.push(Rule::new(
-                vec![Match::Set {
-                    name,
-                    direction: set_dir,
-                    negated: false,
-                }],
-                target,
-            ));
-        }
+        rules.extend(tuple_rules);
+        rules.extend(any_rules);
         // Lookups whose verdict is the fall-through's anyway (a Pass set last, say)
         // decide nothing: one lookup fewer per packet.
         while rules.last().is_some_and(|r| r.target == on_pass) {
@@ -510,6 +539,91 @@ impl Flat<'_> {
             .insert(chain.to_string(), group_comment(direction, &keys));
     }
 
+    /// The set matches of one tier decision: a tuple set of the boxes and an
+    /// address set of the every-protocol ranges whose decision passes `keep`, named
+    /// from `key`, each only when it has members.
+    fn tier_sets(
+        &mut self,
+        tuples: &[(Box3, Decision)],
+        any: &[(u32, u32, Decision)],
+        key: &str,
+        set_dir: SetDirection,
+        keep: impl Fn(&Decision) -> bool,
+    ) -> Vec<Match> {
+        let mut out = Vec::new();
+        let members: BTreeSet<SetMember> = tuples
+            .iter()
+            .filter(|(_, d)| keep(d))
+            .map(|(b, _)| SetMember::Tuple {
+                addrs: b.addrs,
+                protocol: b.protocol,
+                ports: PortRange {
+                    start: b.ports.start,
+                    end: b.ports.end,
+                },
+            })
+            .collect();
+        if !members.is_empty() {
+            let name = names::flat_set(false, key);
+            self.ruleset.sets.insert(
+                name.clone(),
+                IpSet {
+                    name: name.clone(),
+                    kind: SetKind::AddrProtoPortIntervals,
+                    members,
+                },
+            );
+            out.push(Match::Tuple {
+                set: name,
+                direction: set_dir,
+            });
+        }
+        let members: BTreeSet<SetMember> = any
+            .iter()
+            .filter(|(_, _, d)| keep(d))
+            .map(|(s, e, _)| {
+                SetMember::Range(AddrRange {
+                    start: Ipv4Addr::from(*s),
+                    end: Ipv4Addr::from(*e),
+                })
+            })
+            .collect();
+        if !members.is_empty() {
+            let name = names::flat_set(true, key);
+            self.ruleset.sets.insert(
+                name.clone(),
+                IpSet {
+                    name: name.clone(),
+                    kind: SetKind::AddrIntervals,
+                    members,
+                },
+            );
+            out.push(Match::Set {
+                name,
+                direction: set_dir,
+                negated: false,
+            });
+        }
+        out
+    }
+
+    /// The log tag of a ClusterNetworkPolicy Deny under `id`, and what it names.
+    fn deny_tag<'p>(
+        &mut self,
+        direction: Direction,
+        id: &str,
+        policies: impl IntoIterator<Item = &'p String>,
+    ) -> DenyTag {
+        self.ruleset.deny_policies.insert(
+            id.to_string(),
+            policies
+                .into_iter()
+                .map(|p| format!("ClusterNetworkPolicy/{p}"))
+                .collect(),
+        );
+        DenyTag::new(DenyReason::DeniedByRule, direction, Some(id.to_string()))
+    }
+
     /// One tier's rules for one group, in evaluation order (priority, name, written
     /// order), painted first-writer-wins: each point of (peer address × protocol ×
     /// port) keeps the action of the first rule that matches it, so the order lives
@@ -522,8 +636,8 @@ impl Flat<'_> {
         direction: Direction,
         pod: &Pod,
     ) -> TierDecisions {
-        let mut tuples: BoxSet<Action> = BoxSet::default();
-        let mut any: Painter<Action> = Painter::default();
+        let mut tuples: BoxSet<Decision> = BoxSet::default();
+        let mut any: Painter<Decision> = Painter::default();
         for policy in policies {
             for rule in cluster_rules_of(policy, direction) {
                 let mut region = AddrSet::default();
@@ -533,29 +647,39 @@ impl Flat<'_> {
                 if region.is_empty() {
                     continue;
                 }
-                let action = rule.action;
+                let action: Decision = match rule.action {
+                    Action::Deny => (Action::Deny, Some(policy.name.clone())),
+                    a => (a, None),
+                };
+                let action = &action;
                 match &rule.ports {
                     Ports::Any => {
                         for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
-                            tuples.insert(&region, proto, 0, u16::MAX, action);
+                            tuples.insert(&region, proto, 0, u16::MAX, action.clone());
                         }
                         for (s, e) in region.bounds() {
-                            any.paint(s, e, &action);
+                            any.paint(s, e, action);
                         }
                     }
                     Ports::Listed(list) => {
                         for p in list {
                             match &p.port {
                                 PortMatch::All => {
-                                    tuples.insert(&region, p.protocol, 0, u16::MAX, action)
+                                    tuples.insert(&region, p.protocol, 0, u16::MAX, action.clone())
                                 }
                                 PortMatch::Numbers { start, end } => {
-                                    tuples.insert(&region, p.protocol, *start, *end, action)
+                                    tuples.insert(&region, p.protocol, *start, *end, action.clone())
                                 }
                                 PortMatch::Named(name) => match direction {
                                     Direction::Ingress => {
                                         for n in pod.resolve_named_port(name, p.protocol) {
-                                            tuples.insert(&region, p.protocol, n, n, action);
+                                            tuples.insert(
+                                                &region,
+                                                p.protocol,
+                                                n,
+                                                n,
+                                                action.clone(),
+                                            );
                                         }
                                     }
                                     Direction::Egress => {
@@ -563,8 +687,13 @@ impl Flat<'_> {
                                             if region.contains(ip) {
                                                 let mut point = AddrSet::default();
                                                 point.insert(u32::from(ip), u32::from(ip));
-                                                tuples
-                                                    .insert(&point, p.protocol, port, port, action);
+                                                tuples.insert(
+                                                    &point,
+                                                    p.protocol,
+                                                    port,
+                                                    port,
+                                                    action.clone(),
+                                                );
                                             }
                                         }
                                     }
@@ -749,7 +878,12 @@ impl Flat<'_> {
                 Target::Return,
             ));
         }
-        rules.push(Rule::new(vec![], Target::Drop));
+        let tag = DenyTag::new(DenyReason::Isolated, direction, Some(chain.to_string()));
+        rules.extend(deny_log::deny(vec![], &tag));
+        self.ruleset.deny_policies.insert(
+            chain.to_string(),
+            policies.iter().map(ToString::to_string).collect(),
+        );
         self.ruleset.add_chain(
             Table::Filter,
             Chain {
@@ -1098,6 +1232,59 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_policy_deny_is_logged_under_the_policy_that_denied_it() {
+        use crate::dataplane::deny_log::{DenyReason, DenyTag};
+        for denying in [1usize, 3] {
+            let mut c = Cluster::default();
+            c.add_pod(pod("a", "10.244.1.2", "n1", vec![]));
+            for i in 0..denying {
+                let cidr = format!("172.16.{i}.0/24");
+                c.add_cluster_policy(admin(
+                    &format!("deny-{i}"),
+                    10 + i as u16,
+                    Action::Deny,
+                    &cidr,
+                    80,
+                ));
+            }
+            c.add_cluster_policy(admin("accept", 50, Action::Accept, "172.16.0.0/16", 80));
+            let rs = compile(&c, "n1", &Veths).unwrap();
+            for i in 0..denying {
+                let packet = Packet {
+                    hook: Hook::Forward,
+                    in_iface: Some("eth0".into()),
+                    out_iface: Some("slca".into()),
+                    src: format!("172.16.{i}.9").parse().unwrap(),
+                    dst: "10.244.1.2".parse().unwrap(),
+                    protocol: Protocol::Tcp,
+                    dport: 80,
+                    ct: CtState::New,
+                };
+                let cls = classify(&rs, Table::Filter, &packet).unwrap();
+                assert_eq!(cls.verdict, Verdict::Drop);
+                let logs: Vec<DenyTag> = cls
+                    .trace
+                    .iter()
+                    .filter_map(|(chain, i)| {
+                        match &rs.chain(Table::Filter, chain)?.rules[*i].target {
+                            Target::Log(spec) => DenyTag::parse(&spec.prefix),
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                assert_eq!(logs.len(), 1, "{denying} denying: {logs:?}");
+                assert_eq!(logs[0].reason, DenyReason::DeniedByRule);
+                let id = logs[0].id.as_deref().unwrap();
+                assert_eq!(
+                    rs.deny_policies[id],
+                    [format!("ClusterNetworkPolicy/deny-{i}")],
+                    "{denying} denying"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_new_connection_costs_the_same_lookups_under_one_cluster_policy_or_a_hundred() {
         let trace_len = |policies: usize| {
             let mut c = Cluster::default();
@@ -1123,13 +1310,18 @@ mod tests {
                 Verdict::Accept
             };
             assert_eq!(verdict, expected);
+            // Only denied packets go on to the chain that logs them by policy.
             let rules: usize = rs.tables[&Table::Filter]
-                .values()
-                .map(|c| c.rules.len())
+                .iter()
+                .filter(|(name, _)| !name.starts_with("SLUICE-DN-"))
+                .map(|(_, c)| c.rules.len())
                 .sum();
             (len, rules)
         };
-        // Same rules matched and the same rules in all: the policies are elements.
-        assert_eq!(trace_len(2), trace_len(100));
+        // Same rules matched and the same rules in all: the policies are elements
+        // (one denying policy logs its drop in the tier chain itself: one rule more).
+        let (few, many) = (trace_len(2), trace_len(100));
+        assert_eq!(few.0, many.0);
+        assert!(few.1.abs_diff(many.1) <= 1, "{few:?} vs {many:?}");
     }
 }

@@ -65,6 +65,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::{IpNet, Ipv4Net};
 
+use crate::dataplane::deny_log::{self, DenyReason, DenyTag};
 use crate::model::{Cluster, NetworkPolicy, Peer, Peers, Pod, PortMatch, Ports, Protocol, Tier};
 use crate::names::{self, Direction};
 
@@ -313,7 +314,12 @@ impl<'a> Compiler<'a> {
                 rules.push(Rule::new(vec![], Target::Jump(chain_name)));
                 rules.push(Rule::new(vec![mark_is_allow()], Target::Return));
             }
-            rules.push(Rule::new(vec![], Target::Drop));
+            let tag = DenyTag::new(DenyReason::Isolated, dir, Some(name.clone()));
+            rules.extend(deny_log::deny(vec![], &tag));
+            self.ruleset.deny_policies.insert(
+                name.clone(),
+                policies.iter().map(|p| p.key().to_string()).collect(),
+            );
         } else if let Some(baseline) = baseline {
             // Deny drops in there; Accept, Pass and no match fall off: allowed.
             rules.push(jump_rule(&baseline));
@@ -449,9 +455,10 @@ impl Compiler<'_> {
                 Target::Goto(fw.clone()),
             ));
         }
+        let spoofed = DenyTag::new(DenyReason::Spoofed, Direction::Egress, None);
         dispatch
             .from_pod
-            .push(Rule::new(vec![Match::InInterface(iface)], Target::Drop));
+            .extend(deny_log::deny(vec![Match::InInterface(iface)], &spoofed));
     }
 }
 
@@ -513,16 +520,17 @@ pub(crate) fn fail_closed_unknown_pods(
     };
     let egress_prefixes = prefixes(egress_ns)?;
     let ingress_prefixes = prefixes(ingress_ns)?;
+    let unknown = |dir| DenyTag::new(DenyReason::PodNotYetProgrammed, dir, None);
     for prefix in egress_prefixes {
-        dispatch.from_pod.push(Rule::new(
+        dispatch.from_pod.extend(deny_log::deny(
             vec![Match::InInterface(Interface::prefix(prefix))],
-            Target::Drop,
+            &unknown(Direction::Egress),
         ));
     }
     for prefix in ingress_prefixes {
-        dispatch.to_pod.push(Rule::new(
+        dispatch.to_pod.extend(deny_log::deny(
             vec![Match::OutInterface(Interface::prefix(prefix))],
-            Target::Drop,
+            &unknown(Direction::Ingress),
         ));
     }
     Ok(())

@@ -40,11 +40,14 @@
 //!   the group chain, one rule per decision instead of a mark and a return. The group
 //!   chain clears [`MARK_DECIDED`] first, so a Pass of the Admin tier never stops the
 //!   Baseline walk; [`MARK_ALLOW`] is cleared before each direction as before.
+//! - A `Deny` is a logged drop (`deny_log`): the record names the policy through its
+//!   chain, which `Ruleset::deny_policies` maps to `ClusterNetworkPolicy/NAME`.
 
 use std::collections::BTreeSet;
 
 use super::members::ip_block_members;
 use super::{Compiler, jump_rule, port_spec_matches};
+use crate::dataplane::deny_log::{self, DenyReason, DenyTag};
 use crate::dataplane::{
     Chain, MARK_ALLOW, MARK_DECIDED, Match, Rule, SetDirection, SetKind, SetMember, Table, Target,
 };
@@ -170,8 +173,23 @@ impl Compiler<'_> {
                     },
                 ];
                 matches.extend(port_spec_matches(&port));
-                rules.push(Rule::new(matches, target.clone()));
+                if rule.action == Action::Deny {
+                    // Logged under this chain, which deny_policies names the policy by.
+                    let tag = DenyTag::new(DenyReason::DeniedByRule, direction, Some(name.clone()));
+                    rules.extend(deny_log::deny(matches, &tag));
+                } else {
+                    rules.push(Rule::new(matches, target.clone()));
+                }
             }
+        }
+        if rules_of(policy, direction)
+            .iter()
+            .any(|r| r.action == Action::Deny)
+        {
+            self.ruleset.deny_policies.insert(
+                name.clone(),
+                vec![format!("ClusterNetworkPolicy/{}", policy.name)],
+            );
         }
         self.ruleset.add_chain(
             Table::Filter,
@@ -307,13 +325,23 @@ mod tests {
         let rs = compile(&cluster_with_admin(2), "n1", &Veths).unwrap();
         let chain = names::cluster_policy_chain(Tier::Admin, "p000", Direction::Ingress);
         let rules = &rs.chain(Table::Filter, &chain).unwrap().rules;
-        assert_eq!(rules.len(), 1);
-        assert_eq!(rules[0].target, Target::Drop);
+        // The log rule, then the drop, both carrying the rule's comment.
+        assert_eq!(rules.len(), 2);
+        let Target::Log(log) = &rules[0].target else {
+            panic!("a log rule first: {:?}", rules[0]);
+        };
+        let tag = DenyTag::parse(&log.prefix).unwrap();
+        assert_eq!(tag.reason, DenyReason::DeniedByRule);
         assert_eq!(
-            rules[0].matches[0],
+            rs.deny_policies[tag.id.as_deref().unwrap()],
+            ["ClusterNetworkPolicy/p000"]
+        );
+        assert_eq!(rules[1].target, Target::Drop);
+        assert_eq!(
+            rules[1].matches[0],
             Match::Comment("ClusterNetworkPolicy/p000 ingress[0]".into())
         );
-        let text = crate::render::iptables::rule_body(&rules[0]);
+        let text = crate::render::iptables::rule_body(&rules[1]);
         assert!(
             text.contains("-m comment --comment \"ClusterNetworkPolicy/p000 ingress[0]\""),
             "{text}"
@@ -389,7 +417,9 @@ mod tests {
              {walked_2} rules matched by the last one's packet; 100: {rules_100}, {sets_100}, \
              {walked_100}"
         );
-        assert_eq!(rules_100 - rules_2, 98 * 3);
+        // Three rules per policy, and the log rule before each Deny policy's drop
+        // (every other policy denies: 49 of the 98 added).
+        assert_eq!(rules_100 - rules_2, 98 * 3 + 49);
         assert_eq!(pod_2, pod_100);
         assert_eq!(sets_100 - sets_2, 98);
         // Matched rules only: the jump into each policy chain walked past, plus the

@@ -18,6 +18,7 @@
 //!   held pods) into everything the agent programs on one node;
 //! - [`plan`] diffs a desired model against the kernel's (or a previous model).
 
+pub mod deny_log;
 pub mod nft_plan;
 pub mod node;
 pub mod plan;
@@ -193,6 +194,9 @@ pub enum Target {
     /// [`MapKey`] says with what) and take the element's verdict; no element: the
     /// rule does not apply and the next rule is evaluated.
     Vmap(String),
+    /// Non-terminal: emit a kernel log record (NFLOG / `log group`), rate-limited,
+    /// and go on with the next rule. See [`deny_log`].
+    Log(deny_log::LogSpec),
 }
 
 /// One rule: its matches, ANDed, and its target. Its identity comment
@@ -353,6 +357,10 @@ pub struct Ruleset {
     /// nftables only: a chain's comment (e.g. the policies isolating a group chain),
     /// by chain name. It names, it does not decide: never part of a rule's identity.
     pub chain_comments: BTreeMap<String, String>,
+    /// The policies behind each isolation log id ([`deny_log::DenyTag::id`]): every
+    /// policy that isolated the pods of that chain, as `NS/NAME`. What the agent
+    /// reads to name the policies of a denied connection.
+    pub deny_policies: BTreeMap<String, Vec<String>>,
 }
 
 impl Ruleset {

@@ -25,12 +25,14 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 
+use super::deny_log::{self, DenyReason, DenyTag};
 use super::{
     BuiltinJump, Chain, CtState, Interface, IpSet, Match, Rule, Ruleset, SetDirection, SetKind,
     SetMember, Table, Target,
 };
 use crate::compile::{self, CompileError, InterfaceNames, jump_rule, pod_iface_prefixes};
 use crate::model::{Cluster, NamespacedName, NetworkPolicy, PolicyTypes, Protocol};
+use crate::names::Direction;
 use crate::selector::LabelSelector;
 
 /// Node addresses: the only sources allowed to send us tunnel packets.
@@ -252,12 +254,16 @@ fn hold_pods(rs: &mut Ruleset, held: Vec<Interface>) {
         return;
     }
     let mut rules = Vec::new();
+    let held_tag = |dir| DenyTag::new(DenyReason::PodNotYetProgrammed, dir, None);
     for iface in held {
-        rules.push(Rule::new(
+        rules.extend(deny_log::deny(
             vec![Match::OutInterface(iface.clone())],
-            Target::Drop,
+            &held_tag(Direction::Ingress),
         ));
-        rules.push(Rule::new(vec![Match::InInterface(iface)], Target::Drop));
+        rules.extend(deny_log::deny(
+            vec![Match::InInterface(iface)],
+            &held_tag(Direction::Egress),
+        ));
     }
     rs.add_chain(
         Table::Filter,
@@ -314,14 +320,15 @@ fn guard_tunnel(rs: &mut Ruleset, tunnel: TunnelFilter) {
     let Some(encapsulated) = tunnel.matches() else {
         return;
     };
+    let tag = DenyTag::new(DenyReason::TunnelGuard, Direction::Ingress, None);
     let mut guard: Vec<Rule> = pod_iface_prefixes()
-        .map(|p| Rule::new(vec![Match::InInterface(p)], Target::Drop))
+        .flat_map(|p| deny_log::deny(vec![Match::InInterface(p)], &tag))
         .collect();
     guard.push(Rule::new(
         vec![set_match(SET_NODES, SetDirection::Src, false)],
         Target::Return,
     ));
-    guard.push(Rule::new(vec![], Target::Drop));
+    guard.extend(deny_log::deny(vec![], &tag));
     rs.add_chain(
         Table::Filter,
         Chain {
@@ -342,10 +349,10 @@ fn guard_tunnel(rs: &mut Ruleset, tunnel: TunnelFilter) {
     // A pod must not reach another node's tunnel endpoint with a hand-made
     // encapsulated packet either.
     let from_pods = pod_iface_prefixes()
-        .map(|p| {
+        .flat_map(|p| {
             let mut matches = vec![Match::InInterface(p)];
             matches.extend(encapsulated.iter().cloned());
-            Rule::new(matches, Target::Drop)
+            deny_log::deny(matches, &tag)
         })
         .collect();
     hook(rs, Table::Filter, "FORWARD", FALLBACK_FORWARD, from_pods);
@@ -442,9 +449,20 @@ mod tests {
     #[test]
     fn held_pods_drop_new_connections_before_the_policy_dispatch_sees_them() {
         let rs = node_ruleset(&cluster(), &settings(TunnelFilter::Ipip, true), &Veths).unwrap();
+        let log = |m: &str, dir: &str| {
+            format!(
+                "{m} -m conntrack --ctstate NEW -m limit --limit 100/sec --limit-burst 100 \
+                 -j NFLOG --nflog-prefix \"slc:hold:{dir}\" --nflog-group 7"
+            )
+        };
         assert_eq!(
             bodies(&rs, Table::Filter, CHAIN_HELD),
-            ["-o slcweb -j DROP", "-i slcweb -j DROP"]
+            [
+                log("-o slcweb", "i"),
+                "-o slcweb -j DROP".into(),
+                log("-i slcweb", "e"),
+                "-i slcweb -j DROP".into()
+            ]
         );
         let forward = bodies(&rs, Table::Filter, crate::names::CHAIN_FORWARD);
         let held = forward
@@ -578,5 +596,40 @@ mod tests {
             node_ruleset(&cluster(), &s, &Veths).unwrap(),
             node_ruleset(&cluster(), &s, &Veths).unwrap()
         );
+    }
+
+    #[test]
+    fn every_drop_of_a_new_connection_is_logged_right_before_it_on_both_dataplanes() {
+        use crate::dataplane::DataplaneKind;
+        for kind in [DataplaneKind::Iptables, DataplaneKind::Nftables] {
+            let mut s = settings(TunnelFilter::Ipip, true);
+            s.dataplane = kind;
+            let rs = node_ruleset(&cluster(), &s, &Veths).unwrap();
+            let mut drops = 0;
+            for chain in rs.tables.values().flat_map(|t| t.values()) {
+                for (i, rule) in chain.rules.iter().enumerate() {
+                    let by_state = rule.matches.iter().any(|m| matches!(m, Match::CtState(_)));
+                    if rule.target != Target::Drop || by_state {
+                        continue;
+                    }
+                    drops += 1;
+                    let before = i.checked_sub(1).map(|j| &chain.rules[j]);
+                    let logged = before.is_some_and(|b| {
+                        matches!(b.target, Target::Log(_))
+                            && b.matches[..b.matches.len() - 1] == rule.matches[..]
+                            && b.matches.last() == Some(&Match::CtState(vec![CtState::New]))
+                    });
+                    assert!(logged, "{kind:?} {}: {rule:?} not logged", chain.name);
+                }
+            }
+            assert!(drops > 3, "{kind:?}: only {drops} drops");
+            assert!(
+                rs.deny_policies
+                    .values()
+                    .all(|p| p.iter().all(|p| p.contains('/'))),
+                "{:?}",
+                rs.deny_policies
+            );
+        }
     }
 }

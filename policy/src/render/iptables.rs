@@ -124,6 +124,13 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
         Target::Goto(c) => format!("-g {c}"),
         Target::SetMark { value, mask } => format!("-j MARK --set-xmark {value:#x}/{mask:#x}"),
         Target::Masquerade => "-j MASQUERADE".to_string(),
+        Target::Log(spec) => format!(
+            "-m limit --limit {rate}/sec --limit-burst {burst} -j NFLOG --nflog-prefix \"{prefix}\" --nflog-group {group}",
+            rate = crate::dataplane::deny_log::LOG_RATE_PER_SECOND,
+            burst = crate::dataplane::deny_log::LOG_BURST,
+            prefix = spec.prefix,
+            group = spec.group,
+        ),
         Target::Vmap(_) => unreachable!(
             "verdict maps are nftables-only; the iptables planner refuses such a model \
              (Ruleset::check_iptables) and its compiler never makes one"

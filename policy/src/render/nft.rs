@@ -722,6 +722,13 @@ pub fn rule_text(ruleset: &Ruleset, rule: &Rule) -> String {
             }
         }
         Target::Masquerade => "masquerade".into(),
+        Target::Log(spec) => format!(
+            "limit rate {rate}/second burst {burst} packets log prefix \"{prefix}\" group {group}",
+            rate = crate::dataplane::deny_log::LOG_RATE_PER_SECOND,
+            burst = crate::dataplane::deny_log::LOG_BURST,
+            prefix = spec.prefix,
+            group = spec.group,
+        ),
         Target::Vmap(name) => {
             let key = match ruleset.maps.get(name).map(|m| m.key) {
                 Some(MapKey::OutIface) => "oifname",

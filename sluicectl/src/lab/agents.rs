@@ -59,6 +59,8 @@ pub fn command_line(st: &LabState, node: &NodeState, paths: &LabPaths) -> Vec<St
         r(&files.ipam_state_dir),
         "--node-blocks-file".into(),
         r(&files.node_blocks_file),
+        "--flow-log-file".into(),
+        r(&files.flow_log_file),
         "--health-addr".into(),
         format!("127.0.0.1:{HEALTH_PORT}"),
     ];

@@ -12,6 +12,8 @@
 //! sluicectl lab probe --name NAME --probes FILE -o json
 //! sluicectl lab matrix --name NAME [-o text|json]
 //! sluicectl lab status --name NAME [-o text|json]
+//! sluicectl lab flows --name NAME [--node NODE] [--denied] [--namespace NS]
+//!                     [--since RFC3339] [--limit N] [--follow] [-o text|json]
 //! sluicectl lab delete --name NAME -f PATH
 //! sluicectl lab down  --name NAME
 //! ```
@@ -31,6 +33,7 @@ use std::process::ExitCode;
 pub mod agents;
 pub mod cni;
 pub mod external;
+pub mod flows;
 pub mod manifests;
 pub mod matrix;
 pub mod names;
@@ -64,6 +67,8 @@ enum Command {
     Matrix(matrix::MatrixArgs),
     /// Nodes, pods, addresses and agent health.
     Status(status::StatusArgs),
+    /// The nodes' denied-connection records (`sluicectl flows` on each node).
+    Flows(flows::FlowsArgs),
     /// Remove everything the lab made.
     Down(topology::DownArgs),
     /// Echo server run inside pods and outside hosts (internal).
@@ -114,6 +119,7 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
         Command::Probe(a) => probe::exec(a),
         Command::Matrix(a) => matrix::exec(a),
         Command::Status(a) => status::exec(a),
+        Command::Flows(a) => flows::exec(a),
         Command::Down(a) => {
             topology::down(&a.name)?;
             println!("lab {} down", a.name);

@@ -1,0 +1,931 @@
+//! Denied-connection records: what the kernel's log rules (NFLOG / `log group`, see
+//! [`sluice_policy::dataplane::deny_log`]) report, turned into [`FlowRecord`]s.
+//!
+//! Pure core: [`parse_nflog`] reads nfnetlink_log messages, [`decode_ipv4`] the
+//! packet head they carry, [`FlowContext::record`] names endpoints and policies from
+//! the last applied ruleset. The shell ([`FlowLog`]) keeps the last N records in
+//! memory and appends them to the node's rotated file.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::SystemTime;
+
+use sluice_node_files::flows::{FlowFile, FlowRecord, rfc3339};
+use sluice_policy::dataplane::deny_log::{DenyReason, DenyTag};
+use sluice_policy::names::Direction;
+
+/// `NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET`.
+pub const NFULNL_PACKET: u16 = 4 << 8;
+/// `NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_CONFIG`.
+pub const NFULNL_CONFIG: u16 = (4 << 8) | 1;
+const NFULA_PAYLOAD: u16 = 9;
+const NFULA_PREFIX: u16 = 10;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// One logged packet: its rule's prefix and the head of the packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NflogPacket {
+    pub prefix: String,
+    pub payload: Vec<u8>,
+}
+
+/// The NFLOG packets in one datagram of netlink messages; other messages (acks,
+/// errors) and malformed tails are skipped.
+pub fn parse_nflog(buf: &[u8]) -> Vec<NflogPacket> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
+        if len < 16 || off + len > buf.len() {
+            break;
+        }
+        if ty == NFULNL_PACKET && len >= 20 {
+            // nlmsghdr (16) + nfgenmsg (4), then attributes.
+            let mut prefix = None;
+            let mut payload = None;
+            for (t, v) in attributes(&buf[off + 20..off + len]) {
+                match t {
+                    NFULA_PREFIX => {
+                        let end = v.iter().position(|b| *b == 0).unwrap_or(v.len());
+                        prefix = Some(String::from_utf8_lossy(&v[..end]).into_owned());
+                    }
+                    NFULA_PAYLOAD => payload = Some(v.to_vec()),
+                    _ => {}
+                }
+            }
+            if let (Some(prefix), Some(payload)) = (prefix, payload) {
+                out.push(NflogPacket { prefix, payload });
+            }
+        }
+        off += align4(len);
+    }
+    out
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Netlink attributes (type, value) of `buf`.
+pub fn attributes(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 4 <= buf.len() {
+        let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]) & NLA_TYPE_MASK;
+        if len < 4 || off + len > buf.len() {
+            break;
+        }
+        out.push((ty, &buf[off + 4..off + len]));
+        off += align4(len);
+    }
+    out
+}
+
+/// The connection a packet head opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conn {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: u8,
+    /// Destination port for TCP, UDP and SCTP; 0 otherwise.
+    pub port: u16,
+    /// Source port for TCP, UDP and SCTP; 0 otherwise.
+    pub sport: u16,
+}
+
+/// Reads an IPv4 header and the destination port after it.
+pub fn decode_ipv4(p: &[u8]) -> Option<Conn> {
+    if p.len() < 20 || p[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let protocol = p[9];
+    let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
+    let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+    let (sport, port) = match protocol {
+        6 | 17 | 132 if p.len() >= ihl + 4 => (
+            u16::from_be_bytes([p[ihl], p[ihl + 1]]),
+            u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]),
+        ),
+        _ => (0, 0),
+    };
+    Some(Conn {
+        src,
+        dst,
+        protocol,
+        port,
+        sport,
+    })
+}
+
+/// How long a denied connection's 5-tuple stays "the same connection": a dropped
+/// first packet leaves no conntrack entry, so every retransmitted SYN (1, 3, 7 … s)
+/// or resent datagram is `ct state new` again and logged again. The kernel forgets
+/// an unanswered SYN after 120 s (`nf_conntrack_tcp_timeout_syn_sent`); so do we.
+pub const SAME_CONNECTION_MS: u64 = 120_000;
+/// Most 5-tuples remembered; past it the least recently seen are forgotten.
+pub const MAX_REMEMBERED: usize = 65_536;
+
+/// (source, source port, destination, destination port, protocol).
+pub type ConnKey = (Ipv4Addr, u16, Ipv4Addr, u16, u8);
+
+/// Which logged packets open a new denied connection and which repeat one already
+/// recorded (pure: the caller passes the time).
+#[derive(Debug, Default, Clone)]
+pub struct Repeats {
+    last_seen: std::collections::HashMap<ConnKey, u64>,
+}
+
+impl Repeats {
+    /// Notes a packet of `conn` at `now_ms` (Unix ms); true when it opens a new
+    /// connection (record it), false when it repeats one seen within
+    /// [`SAME_CONNECTION_MS`]. Each sighting extends the window.
+    pub fn first_sight(&mut self, conn: &Conn, now_ms: u64) -> bool {
+        let key = (conn.src, conn.sport, conn.dst, conn.port, conn.protocol);
+        let new = match self.last_seen.get(&key) {
+            Some(t) => now_ms.saturating_sub(*t) >= SAME_CONNECTION_MS,
+            None => true,
+        };
+        self.last_seen.insert(key, now_ms);
+        if self.last_seen.len() > MAX_REMEMBERED {
+            self.forget_before(now_ms.saturating_sub(SAME_CONNECTION_MS));
+            if self.last_seen.len() > MAX_REMEMBERED {
+                // Still full of live ones: drop the oldest half.
+                let mut times: Vec<u64> = self.last_seen.values().copied().collect();
+                times.sort_unstable();
+                let cut = times[times.len() / 2];
+                self.last_seen.retain(|_, t| *t > cut);
+            }
+        }
+        new
+    }
+
+    fn forget_before(&mut self, cutoff_ms: u64) {
+        self.last_seen.retain(|_, t| *t >= cutoff_ms);
+    }
+
+    pub fn len(&self) -> usize {
+        self.last_seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_seen.is_empty()
+    }
+
+    /// The live entries as text lines (`src sport dst dport proto ms`), for the file
+    /// a stopping agent leaves to the next one.
+    pub fn save(&self, now_ms: u64) -> String {
+        let mut out = String::new();
+        for ((s, sp, d, dp, p), t) in &self.last_seen {
+            if now_ms.saturating_sub(*t) < SAME_CONNECTION_MS {
+                out.push_str(&format!("{s} {sp} {d} {dp} {p} {t}\n"));
+            }
+        }
+        out
+    }
+
+    /// Reads [`Repeats::save`]'s text; bad lines are skipped.
+    pub fn load(text: &str, now_ms: u64) -> Repeats {
+        let mut r = Repeats::default();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            let parsed = (|| {
+                Some((
+                    (
+                        f.first()?.parse().ok()?,
+                        f.get(1)?.parse().ok()?,
+                        f.get(2)?.parse().ok()?,
+                        f.get(3)?.parse().ok()?,
+                        f.get(4)?.parse().ok()?,
+                    ),
+                    f.get(5)?.parse::<u64>().ok()?,
+                ))
+            })();
+            if let Some((k, t)) = parsed
+                && now_ms.saturating_sub(t) < SAME_CONNECTION_MS
+            {
+                r.last_seen.insert(k, t);
+            }
+        }
+        r
+    }
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What names a record's endpoints and policies: from the last applied ruleset.
+#[derive(Debug, Clone, Default)]
+pub struct FlowContext {
+    pub node: String,
+    /// Pod address → `NS/POD`.
+    pub endpoints: BTreeMap<Ipv4Addr, String>,
+    /// Isolation log id → `NS/NAME` of the isolating policies.
+    pub deny_policies: BTreeMap<String, Vec<String>>,
+}
+
+impl FlowContext {
+    fn endpoint(&self, ip: Ipv4Addr) -> String {
+        self.endpoints
+            .get(&ip)
+            .cloned()
+            .unwrap_or_else(|| format!("ip:{ip}"))
+    }
+
+    /// The record of one logged packet; `None` when the prefix is not sluice's or the
+    /// packet is not IPv4.
+    pub fn record(&self, packet: &NflogPacket, time: SystemTime) -> Option<FlowRecord> {
+        let tag = DenyTag::parse(&packet.prefix)?;
+        let conn = decode_ipv4(&packet.payload)?;
+        let policies = match (tag.reason, &tag.id) {
+            (DenyReason::Isolated | DenyReason::DeniedByRule, Some(id)) => {
+                self.deny_policies.get(id).cloned().unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        Some(FlowRecord {
+            time: rfc3339(time),
+            node: self.node.clone(),
+            verdict: "deny".into(),
+            direction: match tag.direction {
+                Direction::Ingress => "ingress",
+                Direction::Egress => "egress",
+            }
+            .into(),
+            src: self.endpoint(conn.src),
+            dst: self.endpoint(conn.dst),
+            protocol: match conn.protocol {
+                6 => "TCP".into(),
+                17 => "UDP".into(),
+                132 => "SCTP".into(),
+                n => n.to_string(),
+            },
+            port: conn.port,
+            reason: tag.reason.as_str().into(),
+            policies,
+        })
+    }
+}
+
+/// The pod a record's counter is labelled by: the protected one (destination on
+/// ingress, source on egress), its namespace, or `-` for a bare address.
+pub fn counter_labels(r: &FlowRecord) -> (String, String, String) {
+    let pod = if r.direction == "ingress" {
+        &r.dst
+    } else {
+        &r.src
+    };
+    let namespace = match pod.split_once('/') {
+        Some((ns, _)) if !pod.starts_with("ip:") => ns.to_string(),
+        _ => "-".to_string(),
+    };
+    // One increment per record, under one label naming every deciding policy
+    // (sorted, comma-joined): a sum over the family counts connections, not
+    // connections times policies (docs/flows.md, "Counters").
+    let policy = if r.policies.is_empty() {
+        "-".to_string()
+    } else {
+        let mut p = r.policies.clone();
+        p.sort();
+        p.join(",")
+    };
+    (namespace, policy, r.direction.clone())
+}
+
+/// The last `capacity` records in memory, and the node's file.
+pub struct FlowLog {
+    capacity: usize,
+    recent: VecDeque<FlowRecord>,
+    file: Option<FlowFile>,
+}
+
+impl FlowLog {
+    pub fn new(capacity: usize, file: Option<FlowFile>) -> FlowLog {
+        FlowLog {
+            capacity,
+            recent: VecDeque::with_capacity(capacity),
+            file,
+        }
+    }
+
+    pub fn push(&mut self, record: FlowRecord) -> std::io::Result<()> {
+        if self.recent.len() == self.capacity {
+            self.recent.pop_front();
+        }
+        let out = match &mut self.file {
+            Some(f) => f.append(&record),
+            None => Ok(()),
+        };
+        self.recent.push_back(record);
+        out
+    }
+
+    pub fn recent(&self) -> impl Iterator<Item = &FlowRecord> {
+        self.recent.iter()
+    }
+
+    /// Keeps a record in memory only (one read back from the file).
+    fn remember(&mut self, record: FlowRecord) {
+        if self.recent.len() == self.capacity {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(record);
+    }
+}
+
+/// Records kept in memory for `sluicectl flows` (a record is ~300 bytes there).
+pub const RECENT_RECORDS: usize = 4096;
+
+/// Everything the agent knows of denied connections, shared by the reading thread,
+/// the node-local API and `GET /flows`: the context records are named from, the
+/// last [`RECENT_RECORDS`] records, the file, and the live feed followers read.
+pub struct FlowStore {
+    log: std::sync::Mutex<FlowLog>,
+    context: std::sync::RwLock<FlowContext>,
+    live: tokio::sync::broadcast::Sender<std::sync::Arc<FlowRecord>>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    repeats: std::sync::Mutex<Repeats>,
+    /// The log group is bound: connections denied from now on are recorded.
+    recording: std::sync::atomic::AtomicBool,
+}
+
+impl FlowStore {
+    pub fn new(
+        node: &str,
+        capacity: usize,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> std::sync::Arc<FlowStore> {
+        let (live, _) = tokio::sync::broadcast::channel(1024);
+        std::sync::Arc::new(FlowStore {
+            log: std::sync::Mutex::new(FlowLog::new(capacity, None)),
+            context: std::sync::RwLock::new(FlowContext {
+                node: node.to_string(),
+                ..Default::default()
+            }),
+            live,
+            metrics,
+            repeats: std::sync::Mutex::new(Repeats::default()),
+            recording: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the log group is bound (denied connections are being recorded).
+    pub fn recording(&self) -> bool {
+        self.recording.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn repeats(&self) -> std::sync::MutexGuard<'_, Repeats> {
+        self.repeats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, FlowLog> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After each apply: who has which address, and which policies each isolation
+    /// or deny log id stands for.
+    pub fn set_context(
+        &self,
+        endpoints: BTreeMap<Ipv4Addr, String>,
+        deny_policies: BTreeMap<String, Vec<String>>,
+    ) {
+        let mut c = self.context.write().unwrap_or_else(|e| e.into_inner());
+        c.endpoints = endpoints;
+        c.deny_policies = deny_policies;
+    }
+
+    /// Takes over the file: what it already holds becomes the memory (the last
+    /// `capacity` records), and new records are appended to it.
+    pub fn attach_file(&self, file: FlowFile, earlier: Vec<FlowRecord>) {
+        let mut log = self.log();
+        for r in earlier {
+            log.remember(r);
+        }
+        log.file = Some(file);
+    }
+
+    /// Lets go of the file (on the way out).
+    pub fn detach_file(&self) {
+        self.log().file = None;
+    }
+
+    /// One logged packet: named, kept, written, counted and sent to followers.
+    pub fn ingest(&self, packet: &NflogPacket, time: SystemTime) {
+        let Some(conn) = decode_ipv4(&packet.payload) else {
+            return;
+        };
+        if DenyTag::parse(&packet.prefix).is_none()
+            || !self.repeats().first_sight(&conn, unix_ms(time))
+        {
+            return;
+        }
+        let record = {
+            let c = self.context.read().unwrap_or_else(|e| e.into_inner());
+            match c.record(packet, time) {
+                Some(r) => r,
+                None => return,
+            }
+        };
+        let (namespace, policy, direction) = counter_labels(&record);
+        self.metrics
+            .denied_connections
+            .get_or_create(&vec![
+                ("namespace".to_string(), namespace),
+                ("policy".to_string(), policy),
+                ("direction".to_string(), direction),
+            ])
+            .inc();
+        let mut log = self.log();
+        if let Err(e) = log.push(record.clone()) {
+            tracing::warn!(error = %e, "cannot append to the flow record file");
+        }
+        // Under the log's lock: a follower that subscribed under it gets every
+        // record exactly once, from the memory or from here.
+        let _ = self.live.send(std::sync::Arc::new(record));
+    }
+
+    /// The records `query` asks for now, and (for `follow`) a feed of every later
+    /// one: no record is in both, none is missed between them.
+    pub fn query(
+        &self,
+        query: &sluice_node_files::flows::FlowQuery,
+    ) -> (
+        Vec<FlowRecord>,
+        tokio::sync::broadcast::Receiver<std::sync::Arc<FlowRecord>>,
+    ) {
+        let log = self.log();
+        let feed = self.live.subscribe();
+        (query.select(log.recent()), feed)
+    }
+}
+
+/// The answer to a `flows` request, as JSON lines (one [`FlowRecord`] each): the
+/// matching records in memory, then, with `follow`, every later matching one as it
+/// is made. Shared by the node-local API and `GET /flows`, so both say the same.
+/// A follower too slow for the feed skips what it missed (the file keeps it).
+pub fn answer(
+    store: &FlowStore,
+    query: sluice_node_files::flows::FlowQuery,
+) -> impl futures::Stream<Item = Vec<u8>> + Send + 'static {
+    let (now, feed) = store.query(&query);
+    let feed = query.follow.then_some(feed);
+    let line = |r: &FlowRecord| {
+        let mut v = serde_json::to_vec(r).expect("records serialize");
+        v.push(b'\n');
+        v
+    };
+    let first = futures::stream::iter(now.iter().map(line).collect::<Vec<_>>());
+    let rest = futures::stream::unfold((feed, query), move |(feed, query)| async move {
+        let mut feed = feed?;
+        loop {
+            match feed.recv().await {
+                Ok(r) if query.matches(&r) => return Some((line(&r), (Some(feed), query))),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(missed = n, "flows follower lagged");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    futures::StreamExt::chain(first, rest)
+}
+
+/// Addresses of the cluster's pods (hostNetwork ones share their node's and stay
+/// bare addresses), as `NS/POD`.
+pub fn endpoints(cluster: &sluice_policy::model::Cluster) -> BTreeMap<Ipv4Addr, String> {
+    let mut out = BTreeMap::new();
+    for pod in cluster.pods.values().filter(|p| !p.host_network) {
+        for ip in &pod.ips {
+            if let std::net::IpAddr::V4(v4) = ip {
+                out.insert(*v4, format!("{}/{}", pod.namespace, pod.name));
+            }
+        }
+    }
+    out
+}
+
+/// Stops the reading thread, which then drains what the kernel already queued.
+#[derive(Clone, Default)]
+pub struct StopReader(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl StopReader {
+    pub fn stop(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn stopped(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The reading thread's life, in the order that keeps a restart from losing or
+/// repeating records (docs/flows.md, "Restarts"):
+/// 1. lock `<file>.lock` (an agent on its way out holds it until it has drained);
+/// 2. bind the log group (retrying while the old agent still holds it);
+/// 3. load the file's last records into memory, then append to it;
+/// 4. on stop: unbind (the kernel stops queueing), drain what is queued, write it,
+///    release the file and the lock.
+pub fn read_loop(store: std::sync::Arc<FlowStore>, path: std::path::PathBuf, stop: StopReader) {
+    use sluice_policy::dataplane::deny_log::LOG_GROUP;
+    let beside = |ext: &str| {
+        let mut s = path.as_os_str().to_owned();
+        s.push(ext);
+        std::path::PathBuf::from(s)
+    };
+    let (lock_path, seen_path) = (beside(".lock"), beside(".seen"));
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let lock = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, path = %lock_path.display(), "cannot open the flow record lock; denied connections are not recorded");
+            return;
+        }
+    };
+    // Blocking: an earlier agent draining on its way out is the only holder.
+    if let Err(e) = lock.lock() {
+        tracing::error!(error = %e, "cannot lock the flow record file; denied connections are not recorded");
+        return;
+    }
+    let sock = loop {
+        match NflogSocket::bind(LOG_GROUP) {
+            Ok(s) => break s,
+            Err(e) if stop.stopped() => {
+                tracing::debug!(error = %e, "stopped before the log group was bound");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, group = LOG_GROUP, "cannot bind the log group yet; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    };
+    match (
+        sluice_node_files::flows::read_last(&path, RECENT_RECORDS),
+        FlowFile::open(&path, sluice_node_files::flows::MAX_FILE_BYTES),
+    ) {
+        (Ok(earlier), Ok(file)) => store.attach_file(file, earlier),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, path = %path.display(), "flow record file unusable; keeping records in memory only")
+        }
+    }
+    // The connections the previous agent recorded and may still see retransmitted.
+    if let Ok(text) = std::fs::read_to_string(&seen_path) {
+        *store.repeats() = Repeats::load(&text, unix_ms(SystemTime::now()));
+    }
+    let save_seen = |store: &FlowStore| {
+        let text = store.repeats().save(unix_ms(SystemTime::now()));
+        if let Err(e) = crate::status::write_atomic(&seen_path, text.as_bytes(), 0o600) {
+            tracing::debug!(error = %e, "cannot save the recent denied connections");
+        }
+    };
+    store
+        .recording
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!(group = LOG_GROUP, file = %path.display(), "recording denied connections");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut saved = std::time::Instant::now();
+    let mut unsaved = false;
+    while !stop.stopped() {
+        // Now and then, so even a killed agent leaves its successor most of them.
+        if unsaved && saved.elapsed() >= std::time::Duration::from_secs(2) {
+            save_seen(&store);
+            (saved, unsaved) = (std::time::Instant::now(), false);
+        }
+        match sock.recv(&mut buf) {
+            Ok(packets) => {
+                let now = SystemTime::now();
+                unsaved |= !packets.is_empty();
+                for p in &packets {
+                    store.ingest(p, now);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                tracing::warn!("flow records lost: the log socket's buffer overflowed")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!(error = %e, "reading the log group failed; denied connections are no longer recorded");
+                break;
+            }
+        }
+    }
+    if let Err(e) = sock.unbind(LOG_GROUP) {
+        tracing::warn!(error = %e, "unbinding the log group");
+    }
+    store
+        .recording
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let now = SystemTime::now();
+    for p in sock.drain(&mut buf) {
+        store.ingest(&p, now);
+    }
+    save_seen(&store);
+    store.detach_file();
+    drop(lock);
+}
+
+/// A netlink socket bound to one NFLOG group (the shell around [`parse_nflog`]).
+pub struct NflogSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl NflogSocket {
+    /// Binds `group` and asks for the first 128 bytes of each packet: the IPv4 and
+    /// transport headers are all a record needs.
+    pub fn bind(group: u16) -> std::io::Result<NflogSocket> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2); the descriptor is owned from here on.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let sock = NflogSocket {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) },
+        };
+        let bind_cmd = attr_bytes(1, &[1]); // NFULA_CFG_CMD: NFULNL_CFG_CMD_BIND
+        let mut mode = 128u32.to_be_bytes().to_vec();
+        mode.extend([2, 0]); // NFULNL_COPY_PACKET
+        // Acked: a group another process holds (an agent still draining on its way
+        // out) answers EBUSY, which the caller waits out.
+        sock.send_config(group, &bind_cmd, true)?;
+        sock.ack()?;
+        sock.send_config(group, &attr_bytes(2, &mode), false)?; // NFULA_CFG_MODE
+        // Send each packet at once: nft's `log group` rules carry no threshold of
+        // their own, and the instance's default batches 100 packets or 1 s.
+        sock.send_config(group, &attr_bytes(4, &1u32.to_be_bytes()), false)?; // NFULA_CFG_QTHRESH
+        // A receive timeout, so the reading thread sees a stop request.
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: tv outlives the call; the length is its size.
+        unsafe {
+            use std::os::fd::AsRawFd;
+            libc::setsockopt(
+                sock.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        Ok(sock)
+    }
+
+    /// Stops the kernel sending to this socket (what is already queued stays
+    /// readable: [`NflogSocket::drain`] it).
+    pub fn unbind(&self, group: u16) -> std::io::Result<()> {
+        self.send_config(group, &attr_bytes(1, &[2]), false) // NFULNL_CFG_CMD_UNBIND
+    }
+
+    /// Every packet still queued on the socket, without waiting.
+    pub fn drain(&self, buf: &mut [u8]) -> Vec<NflogPacket> {
+        use std::os::fd::AsRawFd;
+        let mut out = Vec::new();
+        loop {
+            // SAFETY: buf is valid for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                return out;
+            }
+            out.extend(parse_nflog(&buf[..n as usize]));
+        }
+    }
+
+    /// Reads the kernel's answer to an acked request: its error, if any.
+    fn ack(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 1024];
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = n as usize;
+        // nlmsghdr (16), then NLMSG_ERROR's negative errno (0 = ack).
+        if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == libc::NLMSG_ERROR as u16 {
+            let code = i32::from_ne_bytes(buf[16..20].try_into().expect("4 bytes"));
+            if code != 0 {
+                return Err(std::io::Error::from_raw_os_error(-code));
+            }
+        }
+        Ok(())
+    }
+
+    fn send_config(&self, group: u16, attrs: &[u8], ack: bool) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let len = 16 + 4 + attrs.len();
+        let mut msg = (len as u32).to_ne_bytes().to_vec();
+        msg.extend(NFULNL_CONFIG.to_ne_bytes());
+        let flags = libc::NLM_F_REQUEST | if ack { libc::NLM_F_ACK } else { 0 };
+        msg.extend((flags as u16).to_ne_bytes());
+        msg.extend([0u8; 8]); // seq, pid
+        msg.extend([libc::AF_UNSPEC as u8, 0]);
+        msg.extend(group.to_be_bytes());
+        msg.extend(attrs);
+        // SAFETY: a zeroed sockaddr_nl is the kernel as destination.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: msg and addr outlive the call; lengths are theirs.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Blocks for the next datagram and returns its packets.
+    pub fn recv(&self, buf: &mut [u8]) -> std::io::Result<Vec<NflogPacket>> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(parse_nflog(&buf[..n as usize]))
+    }
+}
+
+fn attr_bytes(ty: u16, v: &[u8]) -> Vec<u8> {
+    let mut out = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
+    out.extend(ty.to_ne_bytes());
+    out.extend(v);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::attr_bytes as attr;
+
+    fn message(prefix: &str, payload: &[u8]) -> Vec<u8> {
+        let mut body = vec![2, 0, 0, 7];
+        body.extend(attr(NFULA_PREFIX, &[prefix.as_bytes(), &[0]].concat()));
+        body.extend(attr(NFULA_PAYLOAD, payload));
+        let mut out = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
+        out.extend(NFULNL_PACKET.to_ne_bytes());
+        out.extend([0u8; 10]);
+        out.extend(body);
+        out
+    }
+
+    fn tcp_syn(src: [u8; 4], dst: [u8; 4], port: u16) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0];
+        p.extend(src);
+        p.extend(dst);
+        p.extend([0x9c, 0x40]);
+        p.extend(port.to_be_bytes());
+        p.extend([0u8; 16]);
+        p
+    }
+
+    #[test]
+    fn an_isolation_record_names_both_pods_and_the_isolating_policies() {
+        let mut buf = message(
+            "slc:iso:i:SLUICE-G-abc",
+            &tcp_syn([10, 0, 0, 1], [10, 0, 0, 2], 80),
+        );
+        buf.extend(message("not ours", &tcp_syn([1, 1, 1, 1], [2, 2, 2, 2], 1)));
+        let packets = parse_nflog(&buf);
+        assert_eq!(packets.len(), 2);
+        let ctx = FlowContext {
+            node: "node-2".into(),
+            endpoints: [(Ipv4Addr::new(10, 0, 0, 2), "prod/db".to_string())].into(),
+            deny_policies: [(
+                "SLUICE-G-abc".to_string(),
+                vec!["prod/deny-all".to_string()],
+            )]
+            .into(),
+        };
+        let r = ctx.record(&packets[0], SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(
+            (r.src.as_str(), r.dst.as_str(), r.port, r.protocol.as_str()),
+            ("ip:10.0.0.1", "prod/db", 80, "TCP")
+        );
+        assert_eq!(
+            (r.direction.as_str(), r.reason.as_str()),
+            ("ingress", "isolated")
+        );
+        assert_eq!(r.policies, ["prod/deny-all"]);
+        assert_eq!(
+            counter_labels(&r),
+            ("prod".into(), "prod/deny-all".into(), "ingress".into())
+        );
+        assert!(ctx.record(&packets[1], SystemTime::UNIX_EPOCH).is_none());
+    }
+
+    #[test]
+    fn the_memory_keeps_only_the_last_records() {
+        let mut log = FlowLog::new(2, None);
+        let ctx = FlowContext::default();
+        for port in [1, 2, 3] {
+            let p = NflogPacket {
+                prefix: "slc:spoof:e".into(),
+                payload: tcp_syn([10, 0, 0, 9], [10, 0, 0, 8], port),
+            };
+            log.push(ctx.record(&p, SystemTime::UNIX_EPOCH).unwrap())
+                .unwrap();
+        }
+        let ports: Vec<u16> = log.recent().map(|r| r.port).collect();
+        assert_eq!(ports, [2, 3]);
+    }
+
+    #[test]
+    fn truncated_messages_yield_nothing_rather_than_panicking() {
+        let buf = message("slc:iso:i", &tcp_syn([10, 0, 0, 1], [10, 0, 0, 2], 80));
+        for cut in 0..buf.len() {
+            let _ = parse_nflog(&buf[..cut]);
+        }
+        assert_eq!(decode_ipv4(&[0x45; 10]), None);
+    }
+
+    /// Privileged: a real NFLOG rule in a throwaway network namespace reports a real
+    /// packet with its prefix.
+    #[test]
+    fn a_kernel_nflog_rule_reaches_the_socket_with_its_prefix() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let ns = format!("slcflows{}", std::process::id());
+        let sh = |cmd: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", cmd])
+                .status()
+                .unwrap()
+                .success()
+        };
+        assert!(sh(&format!("ip netns add {ns}")));
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let sock = NflogSocket::bind(7).unwrap();
+                assert!(sh(&format!(
+                    "ip netns exec {ns} sh -c 'ip link set lo up && iptables -A OUTPUT -p udp \\
+                     --dport 9 -m conntrack --ctstate NEW -j NFLOG --nflog-group 7 \\
+                     --nflog-prefix slc:iso:e:X'"
+                )));
+                let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                udp.send_to(b"x", "127.0.0.1:9").unwrap();
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let got = match sock.recv(&mut buf) {
+                        Ok(got) => got,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => panic!("{e}"),
+                    };
+                    if let Some(p) = got.into_iter().next() {
+                        return p;
+                    }
+                }
+            })
+            .join()
+        });
+        sh(&format!("ip netns del {ns}"));
+        let p = result.unwrap();
+        assert_eq!(p.prefix, "slc:iso:e:X");
+        let conn = decode_ipv4(&p.payload).unwrap();
+        assert_eq!((conn.protocol, conn.port), (17, 9));
+    }
+}
