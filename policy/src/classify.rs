@@ -243,6 +243,7 @@ pub fn classify(
                 }
                 Match::CtState(states) => states.contains(&packet.ct),
                 Match::Mark { value, mask } => mark & mask == *value,
+                Match::Comment(_) => true,
             };
             if !ok {
                 matched = false;

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use sha2::{Digest, Sha256};
 
-use crate::model::{IpBlock, NamespaceScope, NamespacedName, PodPeer, Protocol};
+use crate::model::{IpBlock, NamespaceScope, NamespacedName, PodPeer, Protocol, Tier};
 use crate::selector::{LabelSelector, Operator};
 
 /// Prefix of every chain and ipset sluice owns.
@@ -125,6 +125,59 @@ pub fn group_chain(
         key.push(';');
     }
     format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
+}
+
+/// iptables form of ClusterNetworkPolicy: an Accept rule goes here (`-g`), which
+/// marks the packet allowed and decided, and returns to the tier's group chain.
+pub const CHAIN_CNP_ACCEPT: &str = "SLUICE-CNP-ACCEPT";
+/// The same for a Pass rule: decided (the rest of the tier is skipped), not allowed.
+pub const CHAIN_CNP_PASS: &str = "SLUICE-CNP-PASS";
+
+fn direction_letter(direction: Direction) -> char {
+    match direction {
+        Direction::Ingress => 'I',
+        Direction::Egress => 'E',
+    }
+}
+
+/// The chain holding one ClusterNetworkPolicy's rules of one direction, in written
+/// order (iptables form), shared by every local pod it selects:
+/// `SLUICE-CPI-<hash>` / `SLUICE-CPE-<hash>` of its tier and name.
+pub fn cluster_policy_chain(tier: Tier, name: &str, direction: Direction) -> String {
+    let mut key = String::new();
+    push_str(&mut key, tier.as_str());
+    push_str(&mut key, name);
+    format!(
+        "{PREFIX}CP{}-{}",
+        direction_letter(direction),
+        hash16(key.as_bytes())
+    )
+}
+
+/// The chain walking one tier's `policies` (names, in evaluation order) for the
+/// local pods they all select (iptables form): `SLUICE-CGI-<hash>` / `SLUICE-CGE-…`.
+pub fn cluster_group_chain(tier: Tier, direction: Direction, policies: &[&str]) -> String {
+    let mut key = String::new();
+    push_str(&mut key, tier.as_str());
+    for p in policies {
+        push_str(&mut key, p);
+    }
+    format!(
+        "{PREFIX}CG{}-{}",
+        direction_letter(direction),
+        hash16(key.as_bytes())
+    )
+}
+
+/// The hash:net set of the peers of one ClusterNetworkPolicy rule (pod and node
+/// addresses as /32s, networks as they are), named after the rule's place, so pods
+/// and labels coming and going change members only: `SLUICE-CR-<hash>`.
+pub fn cluster_rule_set(tier: Tier, policy: &str, direction: Direction, rule: usize) -> String {
+    let mut key = String::new();
+    push_str(&mut key, tier.as_str());
+    push_str(&mut key, policy);
+    let _ = write!(key, "{}{rule}", direction_letter(direction));
+    format!("{PREFIX}CR-{}", hash16(key.as_bytes()))
 }
 
 /// A set of the nftables flat form, named after the (peer, ports) pairs it is built
@@ -242,7 +295,20 @@ mod tests {
         assert!(temp_set(&set).len() <= MAX_SET_LEN);
         let np = named_port_set(&long, Protocol::Sctp);
         assert!(temp_set(&np).len() <= MAX_SET_LEN, "{}", temp_set(&np));
-        for name in [CHAIN_FORWARD, CHAIN_INPUT, CHAIN_FWD_POD, CHAIN_IN_POD] {
+        let cr = cluster_rule_set(Tier::Baseline, &long, Direction::Egress, 24);
+        assert!(temp_set(&cr).len() <= MAX_SET_LEN, "{}", temp_set(&cr));
+        assert!(cluster_policy_chain(Tier::Admin, &long, Direction::Egress).len() <= MAX_CHAIN_LEN);
+        assert!(
+            cluster_group_chain(Tier::Admin, Direction::Ingress, &[&long]).len() <= MAX_CHAIN_LEN
+        );
+        for name in [
+            CHAIN_FORWARD,
+            CHAIN_INPUT,
+            CHAIN_FWD_POD,
+            CHAIN_IN_POD,
+            CHAIN_CNP_ACCEPT,
+            CHAIN_CNP_PASS,
+        ] {
             assert!(name.len() <= MAX_CHAIN_LEN);
         }
     }

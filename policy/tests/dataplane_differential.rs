@@ -151,9 +151,17 @@ proptest! {
         agree(DataplaneKind::Nftables, &cluster, &probes)?;
     }
 
-    /// ClusterNetworkPolicy is compiled into the nftables form only (the iptables
-    /// compiler ignores it: docs/known-gaps.md), so only nftables is held to the
-    /// evaluator on random mixes of both tiers and NetworkPolicies.
+    /// Both tiers of ClusterNetworkPolicy over NetworkPolicy, on random mixes: the
+    /// iptables form walks ordered chains, the nftables form paints ordered sets,
+    /// and both must mean what the evaluator says.
+    #[test]
+    fn iptables_rules_agree_with_the_evaluator_under_cluster_network_policies(
+        cluster in arb_cluster_with_cluster_policies(),
+        probes in arb_probes(),
+    ) {
+        agree(DataplaneKind::Iptables, &cluster, &probes)?;
+    }
+
     #[test]
     fn flat_nftables_rules_agree_with_the_evaluator_under_cluster_network_policies(
         cluster in arb_cluster_with_cluster_policies(),

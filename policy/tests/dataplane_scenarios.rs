@@ -71,15 +71,6 @@ fn scenarios(dataplane: DataplaneKind) {
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.to_string_lossy().ends_with(".expect.yaml"))
-        // ClusterNetworkPolicy is compiled into the nftables dataplane only: the
-        // iptables compiler still ignores it (docs/known-gaps.md), so its cases
-        // (`cnp-*`) run on nftables and are skipped on iptables.
-        .filter(|p| {
-            dataplane == DataplaneKind::Nftables
-                || !p
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("cnp-"))
-        })
         .collect();
     expects.sort();
     assert!(

@@ -103,7 +103,6 @@ use crate::model::{
     NetworkPolicy, Peer, Peers, Pod, PodPeer, PortMatch, Ports, Protocol, Tier,
 };
 use crate::names::{self, Direction};
-use crate::selector::LabelSelector;
 
 /// `oifname` → the destination pod's ingress verdict.
 pub const MAP_TO_POD: &str = "SLUICE-M-TO-POD";
@@ -579,49 +578,15 @@ impl Flat<'_> {
         (tuples.boxes(), any.merged())
     }
 
-    /// The IPv4 addresses a ClusterNetworkPolicy peer names, as the evaluator's
-    /// `cluster_peer_matches` does: pods (never hostNetwork) by namespace and pod
-    /// labels, nodes' addresses by node labels, CIDRs; domain names match nothing.
+    /// The IPv4 addresses a ClusterNetworkPolicy peer names ([`Index`]'s reading).
     fn cluster_peer_region(&self, peer: &ClusterPeer) -> AddrSet {
-        let cluster = self.index.cluster;
+        let (ips, nets) = self.index.cluster_peer_addresses(peer);
         let mut out = AddrSet::default();
-        let mut add = |ip: &std::net::IpAddr| {
-            if let Some(a) = v4(ip) {
-                out.insert(u32::from(a), u32::from(a));
-            }
-        };
-        let pod_ips = |ns: &LabelSelector, sel: Option<&LabelSelector>| -> Vec<std::net::IpAddr> {
-            cluster
-                .pods
-                .values()
-                .filter(|p| {
-                    !p.host_network
-                        && ns.matches(&cluster.namespace_labels(&p.namespace))
-                        && sel.is_none_or(|s| s.matches(&p.labels))
-                })
-                .flat_map(|p| p.ips.iter().copied())
-                .collect()
-        };
-        match peer {
-            ClusterPeer::Namespaces(ns) => pod_ips(ns, None).iter().for_each(&mut add),
-            ClusterPeer::Pods {
-                namespaces,
-                pods: sel,
-            } => pod_ips(namespaces, Some(sel)).iter().for_each(&mut add),
-            ClusterPeer::Nodes(sel) => cluster
-                .nodes
-                .values()
-                .filter(|n| sel.matches(&cluster.labels_of_node(&n.name)))
-                .flat_map(|n| &n.addresses)
-                .for_each(&mut add),
-            ClusterPeer::Networks(nets) => {
-                for net in nets {
-                    if let IpNet::V4(n) = net {
-                        out.insert_set(&AddrSet::of_net(*n));
-                    }
-                }
-            }
-            ClusterPeer::DomainNames(_) => {}
+        for ip in ips {
+            out.insert(u32::from(ip), u32::from(ip));
+        }
+        for net in nets {
+            out.insert_set(&AddrSet::of_net(net));
         }
         out
     }

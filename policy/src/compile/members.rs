@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::dataplane::SetMember;
-use crate::model::{Cluster, IpBlock, Pod, PodPeer, Protocol};
+use crate::model::{Cluster, ClusterPeer, IpBlock, Pod, PodPeer, Protocol};
+use crate::selector::LabelSelector;
 
 pub(super) fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
     match ip {
@@ -54,6 +55,50 @@ impl<'a> Index<'a> {
             }
         }
         members
+    }
+
+    /// The IPv4 addresses and networks a ClusterNetworkPolicy peer names, as the
+    /// evaluator's `cluster_peer_matches` reads it: pods (never hostNetwork) by
+    /// namespace and pod labels, nodes' addresses by node labels, CIDRs; domain
+    /// names match nothing. One reader for both compiled forms.
+    pub(super) fn cluster_peer_addresses(
+        &self,
+        peer: &ClusterPeer,
+    ) -> (Vec<Ipv4Addr>, Vec<Ipv4Net>) {
+        let cluster = self.cluster;
+        let pod_ips = |ns: &LabelSelector, sel: Option<&LabelSelector>| -> Vec<Ipv4Addr> {
+            self.pods_by_ns
+                .iter()
+                .filter(|(name, _)| ns.matches(&cluster.namespace_labels(name)))
+                .flat_map(|(_, pods)| pods.iter())
+                .filter(|p| sel.is_none_or(|s| s.matches(&p.labels)))
+                .flat_map(|p| p.ips.iter().filter_map(v4))
+                .collect()
+        };
+        match peer {
+            ClusterPeer::Namespaces(ns) => (pod_ips(ns, None), Vec::new()),
+            ClusterPeer::Pods { namespaces, pods } => (pod_ips(namespaces, Some(pods)), Vec::new()),
+            ClusterPeer::Nodes(sel) => {
+                let ips = cluster
+                    .nodes
+                    .values()
+                    .filter(|n| sel.matches(&cluster.labels_of_node(&n.name)))
+                    .flat_map(|n| n.addresses.iter().filter_map(v4))
+                    .collect();
+                (ips, Vec::new())
+            }
+            ClusterPeer::Networks(nets) => {
+                let nets = nets
+                    .iter()
+                    .filter_map(|n| match n {
+                        IpNet::V4(n) => Some(*n),
+                        IpNet::V6(_) => None,
+                    })
+                    .collect();
+                (Vec::new(), nets)
+            }
+            ClusterPeer::DomainNames(_) => (Vec::new(), Vec::new()),
+        }
     }
 
     pub(super) fn named_port_members(&self, name: &str, protocol: Protocol) -> BTreeSet<SetMember> {

@@ -61,12 +61,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::model::{Cluster, NetworkPolicy, Peer, Peers, Pod, PortMatch, Ports, Protocol};
+use crate::model::{Cluster, NetworkPolicy, Peer, Peers, Pod, PortMatch, Ports, Protocol, Tier};
 use crate::names::{self, Direction};
 
 pub mod flat;
 pub mod intervals;
 mod members;
+pub mod tiers;
 use members::{Index, ip_block_members, v4, v4_excepts};
 
 // The model's types, reachable here too: the compiler's output is spelled in them.
@@ -134,6 +135,29 @@ enum PortSpec {
     Protocol(Protocol),
     Range(Protocol, u16, u16),
     Named(Protocol, String),
+}
+
+/// The matches of one port entry (nothing for [`PortSpec::Any`]).
+fn port_spec_matches(port: &PortSpec) -> Vec<Match> {
+    match port {
+        PortSpec::Any => vec![],
+        PortSpec::Protocol(proto) => vec![Match::Protocol(*proto)],
+        PortSpec::Range(proto, start, end) => vec![
+            Match::Protocol(*proto),
+            Match::DestinationPorts {
+                start: *start,
+                end: *end,
+            },
+        ],
+        PortSpec::Named(proto, name) => vec![
+            Match::Protocol(*proto),
+            Match::Set {
+                name: names::named_port_set(name, *proto),
+                direction: SetDirection::DstDstPort,
+                negated: false,
+            },
+        ],
+    }
 }
 
 struct Compiler<'a> {
@@ -236,25 +260,7 @@ impl<'a> Compiler<'a> {
                             negated: false,
                         });
                     }
-                    match port {
-                        PortSpec::Any => {}
-                        PortSpec::Protocol(proto) => matches.push(Match::Protocol(*proto)),
-                        PortSpec::Range(proto, start, end) => {
-                            matches.push(Match::Protocol(*proto));
-                            matches.push(Match::DestinationPorts {
-                                start: *start,
-                                end: *end,
-                            });
-                        }
-                        PortSpec::Named(proto, name) => {
-                            matches.push(Match::Protocol(*proto));
-                            matches.push(Match::Set {
-                                name: names::named_port_set(name, *proto),
-                                direction: SetDirection::DstDstPort,
-                                negated: false,
-                            });
-                        }
-                    }
+                    matches.extend(port_spec_matches(port));
                     let r = Rule::new(matches, set_allow());
                     if seen.insert(r.clone()) {
                         out.push(r);
@@ -268,11 +274,30 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    /// A pod's chain for one direction: not isolated → empty (RETURN, allowed);
-    /// isolated → each selecting policy in key order, returning as soon as one allowed,
-    /// and DROP when none did.
-    fn pod_chain(&mut self, name: String, policies: &[&NetworkPolicy], dir: Direction) -> Chain {
+    /// A pod's chain for one direction: the Admin tier's group chain first (an
+    /// Accept there returns, allowed); then, isolated → each selecting policy in key
+    /// order, returning as soon as one allowed, and DROP when none did; not isolated
+    /// → the Baseline tier's group chain, else nothing (RETURN, allowed).
+    fn pod_chain(
+        &mut self,
+        name: String,
+        pod: &Pod,
+        policies: &[&NetworkPolicy],
+        dir: Direction,
+    ) -> Chain {
+        let admin = self.tier_group(Tier::Admin, pod, dir);
+        let baseline = if policies.is_empty() {
+            self.tier_group(Tier::Baseline, pod, dir)
+        } else {
+            None
+        };
         let mut rules = Vec::new();
+        if let Some(admin) = admin {
+            rules.push(jump_rule(&admin));
+            if !policies.is_empty() || baseline.is_some() {
+                rules.push(Rule::new(vec![mark_is_allow()], Target::Return));
+            }
+        }
         if !policies.is_empty() {
             for policy in policies {
                 let chain_name = names::policy_chain(&policy.key(), dir);
@@ -285,6 +310,9 @@ impl<'a> Compiler<'a> {
                 rules.push(Rule::new(vec![mark_is_allow()], Target::Return));
             }
             rules.push(Rule::new(vec![], Target::Drop));
+        } else if let Some(baseline) = baseline {
+            // Deny drops in there; Accept, Pass and no match fall off: allowed.
+            rules.push(jump_rule(&baseline));
         }
         Chain { name, rules }
     }
@@ -394,8 +422,8 @@ impl Compiler<'_> {
             .collect();
         let tw = names::pod_ingress_chain(veth);
         let fw = names::pod_egress_chain(veth);
-        let tw_chain = self.pod_chain(tw.clone(), &ingress, Direction::Ingress);
-        let fw_chain = self.pod_chain(fw.clone(), &egress, Direction::Egress);
+        let tw_chain = self.pod_chain(tw.clone(), pod, &ingress, Direction::Ingress);
+        let fw_chain = self.pod_chain(fw.clone(), pod, &egress, Direction::Egress);
         self.ruleset.add_chain(Table::Filter, tw_chain);
         self.ruleset.add_chain(Table::Filter, fw_chain);
 

@@ -31,8 +31,11 @@ use crate::model::{Pod, Protocol};
 
 /// The mark bit a policy rule sets when it allows a packet.
 pub const MARK_ALLOW: u32 = 0x10000;
-/// All mark bits sluice may use (allow, and one spare), disjoint from kube-proxy's
-/// 0x4000 (masquerade) and 0x8000 (drop). Only [`MARK_ALLOW`] is used today.
+/// The mark bit a ClusterNetworkPolicy rule sets (iptables form) when it decides its
+/// tier (Accept or Pass), so the walk over the tier's later policies stops.
+pub const MARK_DECIDED: u32 = 0x20000;
+/// All mark bits sluice may use (allow and decided), disjoint from kube-proxy's
+/// 0x4000 (masquerade) and 0x8000 (drop).
 pub const MARK_MASK: u32 = 0x30000;
 
 /// The kernel dataplane a node's ruleset is built for and written with.
@@ -164,6 +167,10 @@ pub enum Match {
         value: u32,
         mask: u32,
     },
+    /// iptables only (`-m comment`): names what a rule stands for, e.g. the
+    /// ClusterNetworkPolicy rule a drop enforces; always matches. Part of the rule's
+    /// text, so of its identity hash too; the nftables renderer leaves it out.
+    Comment(String),
 }
 
 /// What a rule does when it matches.

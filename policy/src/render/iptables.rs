@@ -107,6 +107,10 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
             Match::Mark { value, mask } => {
                 rest.push(format!("-m mark --mark {value:#x}/{mask:#x}"));
             }
+            Match::Comment(text) => {
+                // Quoted as iptables-save prints it (always, for text with a `/`).
+                rest.push(format!("-m comment --comment \"{text}\""));
+            }
             Match::Tuple { .. } => unreachable!(
                 "tuple lookups are nftables-only; the iptables planner refuses such a \
                  model (Ruleset::check_iptables) and its compiler never makes one"

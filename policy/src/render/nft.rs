@@ -703,6 +703,8 @@ pub fn rule_text(ruleset: &Ruleset, rule: &Rule) -> String {
                 format!("ct state {}", list.join(","))
             }
             Match::Mark { value, mask } => format!("meta mark & {mask:#x} == {value:#x}"),
+            // The flat form never writes one; a rule's nft comment is its identity.
+            Match::Comment(_) => continue,
         });
     }
     parts.push(match &rule.target {
