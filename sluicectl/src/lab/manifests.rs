@@ -18,7 +18,16 @@ use super::LabError;
 use super::state::{DeclaredPort, ObjectKey, Protocol};
 
 /// Kinds the lab acts on; `Node` is accepted and ignored (the lab makes its own).
-pub const KINDS: &[&str] = &["Namespace", "Pod", "NetworkPolicy", "Service"];
+pub const KINDS: &[&str] = &[
+    "Namespace",
+    "Pod",
+    "NetworkPolicy",
+    "ClusterNetworkPolicy",
+    "Service",
+];
+
+/// Kinds without a namespace: their key's namespace is empty.
+const CLUSTER_SCOPED: &[&str] = &["Namespace", "ClusterNetworkPolicy"];
 
 #[derive(Debug, Clone)]
 pub struct Object {
@@ -86,7 +95,7 @@ fn push_object(v: Value, source: &str, out: &mut Vec<Object>) -> Result<(), LabE
         .as_str()
         .ok_or_else(|| bad(format!("a {kind} without metadata.name")))?
         .to_string();
-    let namespace = if kind == "Namespace" {
+    let namespace = if CLUSTER_SCOPED.contains(&kind.as_str()) {
         String::new()
     } else {
         v["metadata"]["namespace"]
@@ -269,6 +278,17 @@ items:
         assert_eq!(ports.len(), 2);
         assert_eq!(ports[0].protocol, Protocol::Tcp);
         assert_eq!(ports[1].name.as_deref(), Some("dns"));
+    }
+
+    #[test]
+    fn cluster_network_policies_are_kept_cluster_scoped() {
+        let text = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: deny-all}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}}\n";
+        let mut out = Vec::new();
+        for raw in sluice_policy::split_documents("t.yaml", text).unwrap() {
+            push_object(raw.value, "t.yaml", &mut out).unwrap();
+        }
+        let keys: Vec<String> = out.iter().map(|o| o.key.to_string()).collect();
+        assert_eq!(keys, vec!["ClusterNetworkPolicy/deny-all"]);
     }
 
     #[test]

@@ -75,7 +75,7 @@ fn remove_manifest(paths: &LabPaths, key: &ObjectKey) -> bool {
     std::fs::remove_file(manifest_path(paths, &key.kind, &key.namespace, &key.name)).is_ok()
 }
 
-/// A digest of what the agents act on (Pods, Namespaces, NetworkPolicies; Services
+/// A digest of what the agents act on (Pods, Namespaces, both kinds of policy; Services
 /// are the kube-proxy stand-in's business): when it did not change, no agent will
 /// sync, so there is nothing to wait for.
 fn agent_view(paths: &LabPaths) -> Vec<u8> {
@@ -85,9 +85,14 @@ fn agent_view(paths: &LabPaths) -> Vec<u8> {
         .unwrap_or_default();
     files.retain(|p| {
         p.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
-            ["Pod_", "Namespace_", "NetworkPolicy_"]
-                .iter()
-                .any(|k| f.starts_with(k))
+            [
+                "Pod_",
+                "Namespace_",
+                "NetworkPolicy_",
+                "ClusterNetworkPolicy_",
+            ]
+            .iter()
+            .any(|k| f.starts_with(k))
                 && f.ends_with(".yaml")
         })
     });
@@ -457,10 +462,12 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     // Policies before pods, so a new pod's policy is already known to its agent.
-    for o in objects
-        .iter()
-        .filter(|o| o.key.kind == "NetworkPolicy" || o.key.kind == "Service")
-    {
+    for o in objects.iter().filter(|o| {
+        matches!(
+            o.key.kind.as_str(),
+            "NetworkPolicy" | "ClusterNetworkPolicy" | "Service"
+        )
+    }) {
         write_manifest(&paths, &o.key.kind, &o.key.namespace, &o.key.name, &o.value)?;
         println!("{} configured", o.key.to_string().to_lowercase());
     }
@@ -546,7 +553,7 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let rank = |k: &str| match k {
         "Pod" => 0,
         "Service" => 1,
-        "NetworkPolicy" => 2,
+        "NetworkPolicy" | "ClusterNetworkPolicy" => 2,
         _ => 3,
     };
     let mut keys: Vec<&ObjectKey> = objects.iter().map(|o| &o.key).collect();
