@@ -24,7 +24,8 @@
 # place of the NetworkPolicies: N of them select the server (priority 0..N-1), each
 # with four ingress rules, Deny / Pass / Accept / Deny, on peers and ports that exist
 # (the client, every namespace, the stranger, on ports of the policy's own, never
-# $PORT; and a label no pod has), so all N are compiled into real elements and none
+# $PORT, spaced so no two policies' ports merge into one interval; and a label no
+# pod has), so all N are compiled into elements of their own and none
 # decides the client's connection; for N > 0 a last one, `zz-admit` at priority 1000,
 # accepts the client and denies everyone else. The client's verdict comes after all N.
 # It writes OUTDIR/connect-latency-cnp.tsv and .md (dataplanes named "<dp> CNP"), and
@@ -152,11 +153,11 @@ cnp_policy() {
     printf '  subject: {pods: {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: bench}}, podSelector: {matchLabels: {app: server}}}}\n'
     printf '  ingress:\n'
     printf '  - {name: deny-client-elsewhere, action: Deny, from: [%s], protocols: [{tcp: {destinationPort: {number: %d}}}, {udp: {destinationPort: {number: %d}}}]}\n' \
-        "$(pods_peer client)" $((10000 + i)) $((10000 + i))
+        "$(pods_peer client)" $((10000 + 2 * i)) $((10000 + 2 * i))
     printf '  - {name: pass-all-elsewhere, action: Pass, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {range: {start: %d, end: %d}}}}]}\n' \
-        $((20000 + 10 * i)) $((20009 + 10 * i))
+        $((20000 + 20 * i)) $((20009 + 20 * i))
     printf '  - {name: accept-stranger-elsewhere, action: Accept, from: [%s], protocols: [{tcp: {destinationPort: {number: %d}}}]}\n' \
-        "$(pods_peer stranger)" $((40000 + i))
+        "$(pods_peer stranger)" $((40000 + 2 * i))
     printf '  - {name: deny-nobody, action: Deny, from: [%s]}\n---\n' "$(pods_peer "nobody-$i")"
 }
 pods_peer() { printf '{pods: {namespaceSelector: {}, podSelector: {matchLabels: {role: %s}}}}' "$1"; }
