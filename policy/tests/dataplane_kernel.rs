@@ -152,6 +152,48 @@ fn changed_cluster() -> Cluster {
         "10.244.1.9",
         "node-1",
     ));
+    // Both tiers of ClusterNetworkPolicy: their chains, per-rule sets and the
+    // second `-m comment` naming each rule must read back as written.
+    let tcp =
+        |start, end| Ports::Listed(vec![port(Protocol::Tcp, PortMatch::Numbers { start, end })]);
+    for (name, tier, action, peer, ports) in [
+        (
+            "deny-metadata",
+            Tier::Admin,
+            Action::Deny,
+            ClusterPeer::Networks(vec!["169.254.169.254/32".parse().unwrap()]),
+            Ports::Any,
+        ),
+        (
+            "pass-db",
+            Tier::Admin,
+            Action::Pass,
+            ClusterPeer::Namespaces(LabelSelector::from_labels([("region", "bar")])),
+            tcp(5432, 5440),
+        ),
+        (
+            "accept-dns",
+            Tier::Baseline,
+            Action::Accept,
+            ClusterPeer::Networks(vec!["0.0.0.0/0".parse().unwrap()]),
+            tcp(53, 53),
+        ),
+    ] {
+        c.add_cluster_policy(ClusterNetworkPolicy {
+            name: name.into(),
+            tier,
+            priority: 10,
+            subject: Subject::Namespaces(LabelSelector::everything()),
+            ingress: vec![],
+            egress: vec![ClusterRule {
+                name: None,
+                action,
+                peers: vec![peer],
+                ports,
+            }],
+            not_implemented: vec![],
+        });
+    }
     c
 }
 

@@ -10,14 +10,16 @@
 //! has no IPIP; iptables matches names only); "outside" behind `eth0`.
 //!
 //! Run once per dataplane: iptables + ipset, and the flat form in sluice's nftables
-//! table (loaded with `nft -f`).
+//! table (loaded with `nft -f`). The ClusterNetworkPolicy conformance scenarios run
+//! the same way, on every node of each (`cluster_policy_scenarios`).
 
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 
 use sluice_policy::classify::{Hook, Packet, Verdict, classify};
-use sluice_policy::compile::{CtState, InterfaceNames, Table, compile_for};
+use sluice_policy::compile::{CtState, InterfaceNames, Ruleset, Table, compile_for};
 use sluice_policy::dataplane::DataplaneKind;
+use sluice_policy::evaluate::{Endpoint, Probe, Verdict as EvalVerdict, evaluate};
 use sluice_policy::model::*;
 use sluice_policy::render::{ipset, iptables, nft};
 use sluice_testkit::NetnsHolder;
@@ -188,29 +190,7 @@ fn packets(dataplane: DataplaneKind) {
     pg.ns.exec("ip addr add 10.244.1.99/32 dev eth0");
     node.exec(&format!("ip route add 10.244.1.99/32 dev {}", pg.veth));
 
-    let dir = tempfile::tempdir().unwrap();
-    match dataplane {
-        DataplaneKind::Iptables => {
-            std::fs::write(dir.path().join("ipset"), ipset::render(&rs)).unwrap();
-            std::fs::write(dir.path().join("iptables"), iptables::render(&rs)).unwrap();
-            node.exec(&format!(
-                "ipset restore < {d}/ipset && iptables-restore --noflush -w < {d}/iptables",
-                d = dir.path().display()
-            ));
-            for j in iptables::builtin_jump_specs(&rs) {
-                node.exec(&format!(
-                    "iptables -w -t {} -I {} 1 {}",
-                    j.table.as_str(),
-                    j.chain,
-                    j.spec
-                ));
-            }
-        }
-        DataplaneKind::Nftables => {
-            std::fs::write(dir.path().join("nft"), nft::render(&rs)).unwrap();
-            node.exec(&format!("nft -f {}/nft", dir.path().display()));
-        }
-    }
+    load_rules(&node, dataplane, &rs);
 
     let mut procs = Procs(Vec::new());
     listen(&front.ns, &[8080, 9090, 81], &mut procs);
@@ -383,4 +363,254 @@ fn packets(dataplane: DataplaneKind) {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn cluster_network_policy_scenarios_decide_real_connections_with_iptables() {
+    let test = "cluster_network_policy_scenarios_decide_real_connections_with_iptables";
+    if !sluice_testkit::require_root(test) || !sluice_testkit::require_tool(test, "socat") {
+        return;
+    }
+    cluster_policy_scenarios(DataplaneKind::Iptables);
+}
+
+#[test]
+fn cluster_network_policy_scenarios_decide_real_connections_with_nftables() {
+    let test = "cluster_network_policy_scenarios_decide_real_connections_with_nftables";
+    if !sluice_testkit::require_root(test)
+        || !sluice_testkit::require_tool(test, "socat")
+        || !sluice_testkit::require_tool(test, "nft")
+    {
+        return;
+    }
+    cluster_policy_scenarios(DataplaneKind::Nftables);
+}
+
+/// Loads `rs` into the node namespace, in the dataplane's own way.
+fn load_rules(node: &NetnsHolder, dataplane: DataplaneKind, rs: &Ruleset) {
+    let dir = tempfile::tempdir().unwrap();
+    match dataplane {
+        DataplaneKind::Iptables => {
+            std::fs::write(dir.path().join("ipset"), ipset::render(rs)).unwrap();
+            std::fs::write(dir.path().join("iptables"), iptables::render(rs)).unwrap();
+            node.exec(&format!(
+                "ipset restore < {d}/ipset && iptables-restore --noflush -w < {d}/iptables",
+                d = dir.path().display()
+            ));
+            for j in iptables::builtin_jump_specs(rs) {
+                node.exec(&format!(
+                    "iptables -w -t {} -I {} 1 {}",
+                    j.table.as_str(),
+                    j.chain,
+                    j.spec
+                ));
+            }
+        }
+        DataplaneKind::Nftables => {
+            std::fs::write(dir.path().join("nft"), nft::render(rs)).unwrap();
+            node.exec(&format!("nft -f {}/nft", dir.path().display()));
+        }
+    }
+}
+
+/// The ClusterNetworkPolicy conformance scenarios (`tests/data/cnp-*`) with real TCP
+/// connections, once per node of each: that node's pods behind their veths, the
+/// other nodes' pods behind `tunl0`, the outside addresses the scenario names behind
+/// `eth0`. Every connection that crosses the node must be decided by the kernel as
+/// the classifier predicts for that hop, and where the node is the only hop (pod to
+/// pod on it, pod to outside) as the evaluator says. UDP and SCTP are left to the
+/// classifier (`dataplane_scenarios.rs`): the host kernel has no SCTP sockets.
+fn cluster_policy_scenarios(dataplane: DataplaneKind) {
+    let (dir, expects) = scenario_files("cnp-");
+    assert!(expects.len() >= 10, "expected the cnp-* scenario files");
+    let (mut failures, mut tried, mut denied) = (Vec::new(), 0usize, 0usize);
+    for path in &expects {
+        let text = std::fs::read_to_string(path).unwrap();
+        let expect: Expect = serde_yaml_ng::from_str(&text).unwrap();
+        let cluster = load(&dir, &expect.manifests);
+        let outside: Vec<Ipv4Addr> = mentioned_endpoints(&text)
+            .iter()
+            .filter_map(|e| e.strip_prefix("ip:")?.parse::<Ipv4Addr>().ok())
+            .filter(|ip| {
+                let ip = std::net::IpAddr::V4(*ip);
+                cluster.pod_by_ip(ip).is_none() && cluster.node_by_ip(ip).is_none()
+            })
+            .collect();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        for node in cluster.nodes.keys() {
+            let (f, t, d) = scenario_on_node(dataplane, &name, &cluster, node, &outside);
+            failures.extend(f);
+            tried += t;
+            denied += d;
+        }
+    }
+    assert!(
+        tried > 200 && denied > 20,
+        "too few connections tried: {tried} ({denied} denied)"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} disagreements:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!(
+        "{}: {} scenario files, {tried} real connections, {denied} denied",
+        dataplane.as_str(),
+        expects.len()
+    );
+}
+
+/// One scenario on one node: (failures, connections tried, denied by the kernel).
+fn scenario_on_node(
+    dataplane: DataplaneKind,
+    scenario: &str,
+    cluster: &Cluster,
+    node_name: &str,
+    outside_addrs: &[Ipv4Addr],
+) -> (Vec<String>, usize, usize) {
+    let rs = compile_for(dataplane, cluster, node_name, &FakeVeths).unwrap();
+    let node = NetnsHolder::new();
+    node.exec(
+        "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 && \
+         ip addr add 192.168.0.1/32 dev lo",
+    );
+    let pods: Vec<&Pod> = cluster
+        .pods
+        .values()
+        .filter(|p| !p.host_network && p.ips.iter().any(|ip| ip.is_ipv4()))
+        .collect();
+    let local: Vec<(&Pod, Pod_)> = pods
+        .iter()
+        .filter(|p| p.node.as_deref() == Some(node_name))
+        .map(|p| (*p, pod_ns(&node, p)))
+        .collect();
+    let remote_addrs: Vec<String> = pods
+        .iter()
+        .filter(|p| p.node.as_deref() != Some(node_name))
+        .map(|p| p.ips[0].to_string())
+        .collect();
+    let remote_refs: Vec<&str> = remote_addrs.iter().map(String::as_str).collect();
+    let remote_routes: Vec<String> = remote_addrs.iter().map(|a| format!("{a}/32")).collect();
+    let remote_route_refs: Vec<&str> = remote_routes.iter().map(String::as_str).collect();
+    let remote = peer_ns(&node, TUNNEL, 99, &remote_refs, &remote_route_refs);
+    let outside_strs: Vec<String> = outside_addrs.iter().map(|a| a.to_string()).collect();
+    let outside_refs: Vec<&str> = outside_strs.iter().map(String::as_str).collect();
+    let outside = peer_ns(&node, UPLINK, 98, &outside_refs, &["default"]);
+    load_rules(&node, dataplane, &rs);
+
+    // Every TCP port a pod or a rule names, and one nobody does.
+    let mut ports: std::collections::BTreeSet<u16> = [81].into();
+    for pod in &pods {
+        ports.extend(
+            pod.ports
+                .iter()
+                .filter(|p| p.protocol == Protocol::Tcp)
+                .map(|p| p.port),
+        );
+    }
+    for p in cluster.cluster_policies.values() {
+        for r in p.ingress.iter().chain(&p.egress) {
+            if let Ports::Listed(list) = &r.ports {
+                for pp in list.iter().filter(|pp| pp.protocol == Protocol::Tcp) {
+                    if let PortMatch::Numbers { start, end } = pp.port {
+                        ports.extend([start, end]);
+                    }
+                }
+            }
+        }
+    }
+    let ports: Vec<u16> = ports.into_iter().collect();
+    let mut procs = Procs(Vec::new());
+    for (_, p) in &local {
+        listen(&p.ns, &ports, &mut procs);
+    }
+    listen(&remote, &ports, &mut procs);
+    listen(&outside, &ports, &mut procs);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+
+    // (endpoint, the namespace its connections start in)
+    let mut ends: Vec<(Endpoint, &NetnsHolder, bool)> = Vec::new();
+    for (pod, p) in &local {
+        ends.push((Endpoint::Pod(pod.key()), &p.ns, true));
+    }
+    for pod in pods.iter().filter(|p| p.node.as_deref() != Some(node_name)) {
+        ends.push((Endpoint::Pod(pod.key()), &remote, false));
+    }
+    for a in outside_addrs {
+        ends.push((Endpoint::Ip(std::net::IpAddr::V4(*a)), &outside, false));
+    }
+
+    // Every connection crossing this node, with the hop's prediction and, when this
+    // node is its only hop, the evaluator's verdict.
+    let mut planned = Vec::new();
+    for (from, client, from_local) in &ends {
+        for (to, _, to_local) in &ends {
+            if from == to || !(*from_local || *to_local) {
+                continue;
+            }
+            for &port in &ports {
+                let probe = Probe {
+                    from: from.clone(),
+                    to: to.clone(),
+                    port,
+                    protocol: Protocol::Tcp,
+                };
+                let Ok(eval) = evaluate(cluster, &probe) else {
+                    continue;
+                };
+                let path = hops(cluster, &eval.from, &eval.to, Protocol::Tcp, port);
+                let Some(hop) = path.iter().find(|h| h.node == node_name) else {
+                    continue;
+                };
+                let predicted = classify(&rs, Table::Filter, &hop.packet).unwrap();
+                let only_hop = path.len() == 1;
+                let expected = only_hop.then_some(eval.verdict == EvalVerdict::Allow);
+                planned.push((probe, *client, hop.packet.clone(), predicted, expected));
+            }
+        }
+    }
+
+    // All at once, a batch at a time: a dropped connection costs its timeout.
+    let mut failures = Vec::new();
+    let mut denied = 0;
+    for batch in planned.chunks(96) {
+        let children: Vec<Child> = batch
+            .iter()
+            .map(|(_, client, packet, _, _)| {
+                Command::new("nsenter")
+                    .arg(format!("--net={}", client.path().display()))
+                    .args([
+                        "socat",
+                        "-u",
+                        "/dev/null",
+                        &format!(
+                            "TCP:{}:{},bind={},connect-timeout=1",
+                            packet.dst, packet.dport, packet.src
+                        ),
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn socat client")
+            })
+            .collect();
+        for ((probe, _, _, predicted, expected), mut child) in batch.iter().zip(children) {
+            let kernel = child.wait().unwrap().success();
+            denied += usize::from(!kernel);
+            let model = predicted.verdict == Verdict::Accept;
+            if kernel != model || expected.is_some_and(|e| e != kernel) {
+                failures.push(format!(
+                    "{}: {scenario} on {node_name}: {} -> {} tcp/{}: kernel {kernel}, \
+                     classifier {model} (trace {:?}), evaluator {expected:?}",
+                    dataplane.as_str(),
+                    probe.from,
+                    probe.to,
+                    probe.port,
+                    predicted.trace
+                ));
+            }
+        }
+    }
+    (failures, planned.len(), denied)
 }

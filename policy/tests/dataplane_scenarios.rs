@@ -6,54 +6,13 @@
 //! holds to the expected verdicts. So the dataplane meets the same expectations.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use sluice_policy::evaluate::{Endpoint, Probe, Verdict, evaluate};
 use sluice_policy::model::*;
 
 mod dataplane_support;
-use dataplane_support::{compile_all_nodes, dataplane_allows};
+use dataplane_support::{Expect, compile_all_nodes, dataplane_allows, load, mentioned_endpoints};
 use sluice_policy::dataplane::DataplaneKind;
-
-#[derive(serde::Deserialize)]
-struct Expect {
-    manifests: Vec<String>,
-}
-
-fn load(dir: &Path, manifests: &[String]) -> Cluster {
-    let mut cluster = Cluster::default();
-    for m in manifests {
-        let mut files: Vec<_> = std::fs::read_dir(dir.join(m))
-            .unwrap_or_else(|e| panic!("{m}: {e}"))
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml" | "json")
-                )
-            })
-            .collect();
-        files.sort();
-        for f in files {
-            let text = std::fs::read_to_string(&f).unwrap();
-            sluice_policy::parse_documents(&f.display().to_string(), &text)
-                .unwrap_or_else(|e| panic!("{e}"))
-                .add_to(&mut cluster);
-        }
-    }
-    cluster
-}
-
-/// `ip:` and `node:` endpoints the expectation file mentions, verbatim.
-fn mentioned_endpoints(text: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for token in text.split(|c: char| c.is_whitespace() || matches!(c, ',' | '{' | '}' | '"')) {
-        if token.starts_with("ip:") || token.starts_with("node:") {
-            out.insert(token.to_string());
-        }
-    }
-    out
-}
 
 #[test]
 fn compiled_rules_meet_every_scenario_expectation_with_iptables() {
@@ -66,13 +25,7 @@ fn compiled_rules_meet_every_scenario_expectation_with_nftables() {
 }
 
 fn scenarios(dataplane: DataplaneKind) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut expects: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.to_string_lossy().ends_with(".expect.yaml"))
-        .collect();
-    expects.sort();
+    let (dir, expects) = dataplane_support::scenario_files("");
     assert!(
         expects.len() >= 10,
         "expected the scenario files in {}",

@@ -71,3 +71,33 @@ fn dataplane_nftables_prints_the_nft_text_of_sluices_table_and_iptables_is_the_d
     assert!(text.contains("masquerade"), "{text}");
     assert!(!text.contains("-A SLUICE-"), "no iptables text: {text}");
 }
+
+#[test]
+fn cluster_network_policies_are_compiled_on_iptables_without_a_warning() {
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/tests/data");
+    let cluster = policy.join("cnp-cluster").display().to_string();
+    let case = policy
+        .join("cnp-integration-1-admin-deny")
+        .display()
+        .to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluicectl"))
+        .args([
+            "policy", "render", "-f", &cluster, "-f", &case, "--node", "n1",
+        ])
+        .output()
+        .unwrap();
+    let (text, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("ClusterNetworkPolic"), "{err}");
+    // The Admin Deny is a drop of its own, naming the policy and the rule.
+    assert!(
+        text.lines().any(|l| l
+            .contains("--comment \"ClusterNetworkPolicy/pass-example ingress[0]\"")
+            && l.ends_with("-j DROP")),
+        "{text}"
+    );
+    assert!(text.contains("-A SLUICE-CGI-"), "{text}");
+}

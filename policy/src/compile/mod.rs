@@ -22,16 +22,20 @@
 //! SLUICE-TW-<veth> (isolated pod): -j SLUICE-PI-<policy>; mark? RETURN; ...; DROP
 //! SLUICE-TW-<veth> (not isolated): empty, so the pod's dispatch rule never changes
 //!                  when it becomes isolated: only its own chain is rewritten.
+//!                  ClusterNetworkPolicy ([`tiers`]) adds `-j SLUICE-CGI-<Admin
+//!                  group>; mark? RETURN` in front, and (not isolated) `-j
+//!                  SLUICE-CGI-<Baseline group>` in place of nothing.
 //! SLUICE-PI-<policy>: one rule per (peer, port) of each ingress rule, each setting
 //!                  the allow mark: `-m set --match-set SLUICE-P-… src -p tcp
 //!                  --dport 80 -j MARK --set-xmark 0x10000/0x10000`.
 //! ```
 //!
-//! ClusterNetworkPolicy is not compiled by this (iptables) form yet: it ignores
-//! them, except that a rejected one holds the pods it selects, like a rejected
-//! NetworkPolicy. The nftables form ([`flat`]) compiles both tiers; here the plan is
-//! ordered chains ahead of the NetworkPolicy part and Baseline after it, a linear
-//! walk in rule count (docs/known-gaps.md).
+//! ClusterNetworkPolicy ([`tiers`]): a pod's chain starts with a jump to its Admin
+//! tier's group chain (an Accept returns at once, allowed; a Deny drops; a Pass or
+//! no match goes on), and a pod no NetworkPolicy isolates in that direction ends
+//! with its Baseline tier's group chain instead of nothing. The tiers are ordered
+//! chains, walked in rule count; the nftables form ([`flat`]) keeps the order in
+//! set contents instead.
 //!
 //! Decisions, and why:
 //! - Rule count is O(policies selecting local pods + local pods): peers are ipsets, so

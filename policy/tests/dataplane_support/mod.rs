@@ -713,3 +713,64 @@ pub fn arb_cluster_with_cluster_policies() -> impl Strategy<Value = Cluster> {
         c
     })
 }
+
+// ---- the scenario files of tests/data ----
+
+/// What the dataplane tests read of a `*.expect.yaml`: the manifest directories of
+/// its cluster.
+#[derive(serde::Deserialize)]
+pub struct Expect {
+    pub manifests: Vec<String>,
+}
+
+/// The cluster of a scenario: every manifest file of `manifests` (directories of
+/// `dir`), in name order.
+pub fn load(dir: &std::path::Path, manifests: &[String]) -> Cluster {
+    let mut cluster = Cluster::default();
+    for m in manifests {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join(m))
+            .unwrap_or_else(|e| panic!("{m}: {e}"))
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                )
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            sluice_policy::parse_documents(&f.display().to_string(), &text)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .add_to(&mut cluster);
+        }
+    }
+    cluster
+}
+
+/// `ip:` and `node:` endpoints the expectation file mentions, verbatim.
+pub fn mentioned_endpoints(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for token in text.split(|c: char| c.is_whitespace() || matches!(c, ',' | '{' | '}' | '"')) {
+        if token.starts_with("ip:") || token.starts_with("node:") {
+            out.insert(token.to_string());
+        }
+    }
+    out
+}
+
+/// The scenario files whose name starts with `prefix`, sorted, with their directory.
+pub fn scenario_files(prefix: &str) -> (std::path::PathBuf, Vec<std::path::PathBuf>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut expects: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(prefix) && name.ends_with(".expect.yaml")
+        })
+        .collect();
+    expects.sort();
+    (dir, expects)
+}

@@ -126,14 +126,6 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
             rejected.reason
         );
     }
-    if !cluster.cluster_policies.is_empty() && args.dataplane == Dataplane::Iptables {
-        // Said on every iptables render so nobody reads the output as enforcing
-        // them; the nftables form compiles them.
-        eprintln!(
-            "warning: {} ClusterNetworkPolicies are not compiled into the iptables dataplane yet (--dataplane nftables compiles them; policy check evaluates them); only rejected ones hold pods",
-            cluster.cluster_policies.len()
-        );
-    }
     let known = cluster.nodes.contains_key(&args.node)
         || cluster
             .pods
