@@ -100,6 +100,16 @@ pub enum ClassifyError {
 /// The kernel's own limit on nested jumps is about this deep too.
 const MAX_DEPTH: usize = 64;
 
+/// The IP header's protocol number (IANA), what `Match::IpProtocol` compares.
+fn ip_protocol_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Icmp => 1,
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
+    }
+}
+
 fn set_contains(
     kind: SetKind,
     members: &std::collections::BTreeSet<SetMember>,
@@ -190,9 +200,12 @@ pub fn classify(
                 Match::Source { net, negated } => net.contains(&packet.src) != *negated,
                 Match::Destination { net, negated } => net.contains(&packet.dst) != *negated,
                 Match::Protocol(p) => packet.protocol == *p,
-                // Packets here are TCP, UDP or SCTP, never another IP protocol.
-                Match::IpProtocol(_) => false,
-                Match::DestinationPorts { start, end } => (*start..=*end).contains(&packet.dport),
+                // Packets here are TCP, UDP, SCTP or ICMP, never a tunnel's.
+                Match::IpProtocol(n) => ip_protocol_number(packet.protocol) == *n,
+                // An ICMP packet has no ports, so no port range admits it.
+                Match::DestinationPorts { start, end } => {
+                    packet.protocol != Protocol::Icmp && (*start..=*end).contains(&packet.dport)
+                }
                 Match::Set {
                     name,
                     direction,

@@ -118,6 +118,7 @@ impl std::str::FromStr for Endpoint {
 pub struct Probe {
     pub from: Endpoint,
     pub to: Endpoint,
+    /// The destination port; ICMP has none, so it is ignored there (0 will do).
     pub port: u16,
     pub protocol: Protocol,
 }
@@ -684,7 +685,7 @@ fn held(cluster: &Cluster, pod: &Pod) -> Option<Side> {
 
 /// Evaluates `probe` against `cluster`.
 pub fn evaluate(cluster: &Cluster, probe: &Probe) -> Result<Evaluation, EvaluateError> {
-    if probe.port == 0 {
+    if probe.port == 0 && probe.protocol != Protocol::Icmp {
         return Err(EvaluateError::PortZero);
     }
     if matches!(probe.to, Endpoint::Node(_)) {

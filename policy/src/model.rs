@@ -42,6 +42,11 @@ pub enum Protocol {
     Tcp,
     Udp,
     Sctp,
+    /// A packet's protocol only, never a port's: neither NetworkPolicy nor
+    /// ClusterNetworkPolicy can name it (so [`FromStr`](std::str::FromStr) and
+    /// [`Protocol::ALL`] leave it out), yet an ICMP packet is policed all the same, by
+    /// the rules without ports. Probes and the classifier use it to check that.
+    Icmp,
 }
 
 impl Protocol {
@@ -54,6 +59,7 @@ impl Protocol {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
             Protocol::Sctp => "SCTP",
+            Protocol::Icmp => "ICMP",
         }
     }
 }
@@ -72,7 +78,8 @@ pub struct UnknownProtocol(pub String);
 impl std::str::FromStr for Protocol {
     type Err = UnknownProtocol;
 
-    /// Accepts the Kubernetes spelling, case-insensitively (CLI users type `tcp`).
+    /// Accepts the Kubernetes spelling, case-insensitively (CLI users type `tcp`), of
+    /// the protocols a port can name: not ICMP.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_uppercase().as_str() {
             "TCP" => Ok(Protocol::Tcp),

@@ -90,7 +90,8 @@ fn arb_probes() -> impl Strategy<Value = Vec<ProbeSpec>> {
             arb_endpoint_index(),
             arb_endpoint_index(),
             prop::sample::select(vec![53u16, 80, 81, 9090]),
-            arb_protocol(),
+            // ICMP too: only the rules without ports admit it (its port is ignored).
+            prop_oneof![4 => arb_protocol(), 1 => Just(Protocol::Icmp)],
         ),
         1..25,
     )

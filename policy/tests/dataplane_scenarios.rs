@@ -89,26 +89,30 @@ fn scenarios(dataplane: DataplaneKind) {
                 if from == to {
                     continue;
                 }
-                for &port in &ports {
-                    for protocol in Protocol::ALL {
-                        let probe = Probe {
-                            from: from.clone(),
-                            to: to.clone(),
-                            port,
-                            protocol,
-                        };
-                        let Ok(eval) = evaluate(&cluster, &probe) else {
-                            continue;
-                        };
-                        let Some((allowed, traces)) = dataplane_allows(
-                            &cluster, &rulesets, &eval.from, &eval.to, protocol, port,
-                        ) else {
-                            continue;
-                        };
-                        judged += 1;
-                        denied += usize::from(!allowed);
-                        if allowed != (eval.verdict == Verdict::Allow) {
-                            failures.push(format!(
+                // ICMP has no port: one probe of it per pair is enough.
+                let probes = ports
+                    .iter()
+                    .flat_map(|&port| Protocol::ALL.map(|protocol| (port, protocol)))
+                    .chain([(0, Protocol::Icmp)]);
+                for (port, protocol) in probes {
+                    let probe = Probe {
+                        from: from.clone(),
+                        to: to.clone(),
+                        port,
+                        protocol,
+                    };
+                    let Ok(eval) = evaluate(&cluster, &probe) else {
+                        continue;
+                    };
+                    let Some((allowed, traces)) =
+                        dataplane_allows(&cluster, &rulesets, &eval.from, &eval.to, protocol, port)
+                    else {
+                        continue;
+                    };
+                    judged += 1;
+                    denied += usize::from(!allowed);
+                    if allowed != (eval.verdict == Verdict::Allow) {
+                        failures.push(format!(
                                 "{}: {} -> {} {protocol}/{port}: evaluator {} ({}), dataplane {allowed}\n  {}",
                                 path.file_name().unwrap().to_string_lossy(),
                                 from,
@@ -117,7 +121,6 @@ fn scenarios(dataplane: DataplaneKind) {
                                 eval.reason(),
                                 traces.join("\n  ")
                             ));
-                        }
                     }
                 }
             }

@@ -205,6 +205,51 @@ fn protocols_ports_ranges_and_named_ports_match_as_written() {
     assert_eq!(deny(8080, Protocol::Udp), Verdict::Allow);
 }
 
+/// Upstream (apis/v1alpha2 `protocols`: "If unspecified, protocol-specific
+/// attributes will not be used to match traffic"; `networks` "matches both regular IP
+/// traffic and ICMP traffic"): a rule without protocols matches ICMP, a rule with
+/// protocols (ports or named ports) never does, and NetworkPolicy ports likewise.
+#[test]
+fn icmp_is_matched_only_by_rules_without_protocols() {
+    let icmp = |c: &Cluster, from: &str, to: &str| check(c, from, to, 0, Protocol::Icmp).verdict;
+    let with_ports = cnp(
+        "ports-only",
+        "Admin",
+        1,
+        "  subject: {namespaces: {}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {number: 80}}}, {destinationNamedPort: http}]}\n",
+    );
+    let c = cluster(&with_ports);
+    assert_eq!(icmp(&c, "tenant-b/api", "tenant-a/web"), Verdict::Allow);
+    let everything = cnp(
+        "everything",
+        "Admin",
+        2,
+        "  subject: {namespaces: {}}\n  egress:\n  - {action: Deny, to: [{networks: [0.0.0.0/0]}]}\n",
+    );
+    let c = cluster(&(with_ports + &everything));
+    let e = check(&c, "tenant-b/api", "tenant-a/web", 0, Protocol::Icmp);
+    assert_eq!(e.verdict, Verdict::Deny, "{}", e.reason());
+    assert!(e.reason().contains("everything"), "{}", e.reason());
+    // A NetworkPolicy port names a protocol too: only its port-less rules admit ICMP.
+    let np = |ports: &str| {
+        cluster(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: np, namespace: tenant-a}}\nspec:\n  podSelector: {{}}\n  ingress: [{{from: [{{namespaceSelector: {{}}}}]{ports}}}]\n"
+        ))
+    };
+    assert_eq!(
+        icmp(
+            &np(", ports: [{protocol: TCP}]"),
+            "tenant-b/api",
+            "tenant-a/web"
+        ),
+        Verdict::Deny
+    );
+    assert_eq!(
+        icmp(&np(""), "tenant-b/api", "tenant-a/web"),
+        Verdict::Allow
+    );
+}
+
 #[test]
 fn egress_to_networks_and_nodes_and_domain_names_are_read() {
     let text = format!(

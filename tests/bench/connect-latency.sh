@@ -20,9 +20,21 @@
 # loadavg-1m), OUTDIR/connect-latency.svg (the figure), OUTDIR/connect-latency.md (the
 # table) and OUTDIR/nft-excerpt.txt (the server pod's part of the nftables table).
 #
-# Environment: SLUICECTL (default $CARGO_TARGET_DIR/release/sluicectl, falling back to
+# SERIES=cnp measures the same with Admin-tier ClusterNetworkPolicies (issue 13) in
+# place of the NetworkPolicies: N of them select the server (priority 0..N-1), each
+# with four ingress rules, Deny / Pass / Accept / Deny, on peers and ports that exist
+# (the client, every namespace, the stranger, on ports of the policy's own, never
+# $PORT, spaced so no two policies' ports merge into one interval; and a label no
+# pod has), so all N are compiled into elements of their own and none
+# decides the client's connection; for N > 0 a last one, `zz-admit` at priority 1000,
+# accepts the client and denies everyone else. The client's verdict comes after all N.
+# It writes OUTDIR/connect-latency-cnp.tsv and .md (dataplanes named "<dp> CNP"), and
+# the figure is redrawn from both series' TSVs, whichever exist.
+#
+# Environment: SERIES (np, the default, or cnp), LAB_PREFIX (default cb: the labs are
+# LAB_PREFIX-<dataplane>), SLUICECTL (default $CARGO_TARGET_DIR/release/sluicectl, falling back to
 # debug), DATAPLANES (default "iptables nftables"), POLICIES (default "0 10 100 1000",
-# ascending), BLOCKS (distinct, default, or shared: the policies' ipBlocks), CONNECTS (default 2000 per point), ROUNDS (default 4), WARMUP (default 100
+# for cnp "0 10 100"; ascending), BLOCKS (distinct, default, or shared: the policies' ipBlocks), CONNECTS (default 2000 per point), ROUNDS (default 4), WARMUP (default 100
 # per round, not counted). --smoke: POLICIES="0 10", CONNECTS=200, ROUNDS=1; it checks
 # that connections succeed and that policies are enforced, nothing about time.
 set -euo pipefail
@@ -41,6 +53,16 @@ if [ -z "${SLUICECTL:-}" ]; then
 fi
 S=$SLUICECTL
 DATAPLANES=${DATAPLANES:-iptables nftables}
+SERIES=${SERIES:-np}
+case $SERIES in
+np) BASE=connect-latency ;;
+cnp)
+    BASE=connect-latency-cnp
+    [ $SMOKE = 1 ] || POLICIES=${POLICIES:-0 10 100}
+    ;;
+*) echo "connect-latency: SERIES is np or cnp" >&2; exit 2 ;;
+esac
+LAB_PREFIX=${LAB_PREFIX:-cb}
 if [ $SMOKE = 1 ]; then
     POLICIES=${POLICIES:-0 10}
     CONNECTS=${CONNECTS:-200}
@@ -64,7 +86,7 @@ WORK=$(mktemp -d /tmp/sluice-connect-bench.XXXXXX)
 HELPER=$WORK/connect_bench
 rustc -O --edition 2024 tests/bench/connect_bench.rs -o "$HELPER"
 
-lab_of() { echo "cb-$1"; }
+lab_of() { echo "$LAB_PREFIX-$1"; }
 LABS=()
 for dp in $DATAPLANES; do LABS+=("$(lab_of "$dp")"); done
 cleanup() {
@@ -121,8 +143,40 @@ policy() {
     done
     printf '    - podSelector: {matchLabels: {role: %s}}\n---\n' "$role"
 }
+# cnp_policy NAME INDEX: an Admin ClusterNetworkPolicy selecting the server, priority
+# INDEX, whose rules all miss the client's connection to $PORT (see the header).
+cnp_policy() {
+    local name=$1 i=$2
+    printf 'apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n'
+    printf 'metadata: {name: %s}\n' "$name"
+    printf 'spec:\n  tier: Admin\n  priority: %d\n' "$i"
+    printf '  subject: {pods: {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: bench}}, podSelector: {matchLabels: {app: server}}}}\n'
+    printf '  ingress:\n'
+    printf '  - {name: deny-client-elsewhere, action: Deny, from: [%s], protocols: [{tcp: {destinationPort: {number: %d}}}, {udp: {destinationPort: {number: %d}}}]}\n' \
+        "$(pods_peer client)" $((10000 + 2 * i)) $((10000 + 2 * i))
+    printf '  - {name: pass-all-elsewhere, action: Pass, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {range: {start: %d, end: %d}}}}]}\n' \
+        $((20000 + 20 * i)) $((20009 + 20 * i))
+    printf '  - {name: accept-stranger-elsewhere, action: Accept, from: [%s], protocols: [{tcp: {destinationPort: {number: %d}}}]}\n' \
+        "$(pods_peer stranger)" $((40000 + 2 * i))
+    printf '  - {name: deny-nobody, action: Deny, from: [%s]}\n---\n' "$(pods_peer "nobody-$i")"
+}
+pods_peer() { printf '{pods: {namespaceSelector: {}, podSelector: {matchLabels: {role: %s}}}}' "$1"; }
+cnp_admit() {
+    printf 'apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n'
+    printf 'metadata: {name: zz-admit}\n'
+    printf 'spec:\n  tier: Admin\n  priority: 1000\n'
+    printf '  subject: {pods: {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: bench}}, podSelector: {matchLabels: {app: server}}}}\n'
+    printf '  ingress:\n'
+    printf '  - {name: admit-client, action: Accept, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {role: client}}}}]}\n'
+    printf '  - {name: deny-the-rest, action: Deny, from: [{namespaces: {}}]}\n'
+}
 policies_file() {
     local n=$1 i
+    if [ "$SERIES" = cnp ]; then
+        for ((i = 0; i < n; i++)); do cnp_policy "$(printf 'bench-%04d' "$i")" "$i"; done
+        cnp_admit
+        return
+    fi
     for ((i = 0; i < n; i++)); do policy "$(printf 'bench-%04d' "$i")" "$i" "nobody-$i"; done
     policy zz-admit 1023 client
 }
@@ -160,19 +214,24 @@ dataplane_of_node() { # NETNS: prints nftables, iptables, both or none
     case $nft$ipt in 10) echo nftables ;; 01) echo iptables ;; 11) echo both ;; *) echo none ;; esac
 }
 # How much of the policies the server's node holds: iptables, its policy chains
-# (SLUICE-PI-*, one per policy); nftables, the elements of its sets (each policy adds
-# ten disjoint ipBlock intervals to the server's allowed tuples).
+# (SLUICE-PI-*, or SLUICE-CPI-* for ClusterNetworkPolicies, one per policy);
+# nftables, the elements of its sets (each NetworkPolicy adds ten disjoint ipBlock
+# intervals to the server's allowed tuples; each ClusterNetworkPolicy its own ports).
 programmed() { # DATAPLANE NETNS
+    local chains=SLUICE-PI-
+    [ "$SERIES" = cnp ] && chains=SLUICE-CPI-
     if [ "$1" = nftables ]; then
         ip netns exec "$2" nft -j list table ip sluice 2>/dev/null |
             jq '[.nftables[] | (.set // .map // empty) | (.elem // []) | length] | add // 0'
     else
-        ip netns exec "$2" iptables-nft-save 2>/dev/null | grep -c '^:SLUICE-PI-' || true
+        ip netns exec "$2" iptables-nft-save 2>/dev/null | grep -c "^:$chains" || true
     fi
 }
 enough() { # DATAPLANE POLICIES COUNT
     if [ "$1" = iptables ]; then
         [ "$3" -eq "$2" ]
+    elif [ "$SERIES" = cnp ]; then
+        [ "$3" -ge "$2" ]
     elif [ "$BLOCKS" = distinct ]; then
         [ "$3" -ge $((10 * $2)) ]
     else
@@ -190,7 +249,9 @@ check_dataplanes() {
     done
 }
 
-TSV=$OUT/connect-latency.tsv
+TSV=$OUT/$BASE.tsv
+# The row label: the dataplane, and for the ClusterNetworkPolicy series which policies.
+series_of() { if [ "$SERIES" = cnp ]; then echo "$1 CNP"; else echo "$1"; fi; }
 {
     echo "# $(date -u +%FT%TZ) $(uname -r) $(nproc) cores; sluicectl $S; $CONNECTS connects per point in $ROUNDS rounds"
     printf '# dataplane\tpolicies\tmedian_us\tp99_us\tsamples\tloadavg_1m\n'
@@ -241,14 +302,14 @@ for n in $POLICIES; do
     done
     for dp in $DATAPLANES; do
         read -r med p99 count < <("$HELPER" stats "$WORK"/raw-"$dp"-"$n"-*.txt)
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$dp" "$total" "$med" "$p99" "$count" "$(load1)" >> "$TSV"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$(series_of "$dp")" "$total" "$med" "$p99" "$count" "$(load1)" >> "$TSV"
         log "$dp, $total policies: connect() median $med µs, p99 $p99 µs ($count connects)"
     done
 done
 
 # The server pod's part of the nftables table, for the report (largest N).
 for dp in $DATAPLANES; do
-    if [ "$dp" = nftables ]; then
+    if [ "$dp" = nftables ] && [ "$SERIES" = np ]; then
         # Long element lists are cut to their first lines: the shape is the point.
         ip netns exec "$(lab_of "$dp")-node-2" nft list table ip sluice 2>&1 | awk '
             /elements = \{/ { inel = 1; n = 0 }
@@ -259,20 +320,25 @@ for dp in $DATAPLANES; do
     fi
 done
 
-"$HELPER" plot "$TSV" "$OUT/connect-latency.svg" \
-    "New TCP connection: connect() latency vs policies selecting the pod"
+# One figure for both series: whichever TSVs the output directory holds.
+TSVS=()
+for b in connect-latency connect-latency-cnp; do [ -f "$OUT/$b.tsv" ] && TSVS+=("$OUT/$b.tsv"); done
+"$HELPER" plot "$OUT/connect-latency.svg" \
+    "New TCP connection: connect() latency vs policies selecting the pod" "${TSVS[@]}"
 {
-    echo "| policies selecting the server | $(for dp in $DATAPLANES; do printf '%s median / p99 (µs) | ' "$dp"; done)load (1 min) |"
+    what="policies"
+    [ "$SERIES" = cnp ] && what="Admin ClusterNetworkPolicies"
+    echo "| $what selecting the server | $(for dp in $DATAPLANES; do printf '%s median / p99 (µs) | ' "$dp"; done)load (1 min) |"
     echo "|---|$(for _ in $DATAPLANES; do printf -- '---|'; done)---|"
     for n in $POLICIES; do
         total=$((n > 0 ? n + 1 : 0))
         row="| $total |"
         for dp in $DATAPLANES; do
-            row="$row $(awk -F'\t' -v d="$dp" -v t="$total" '$1==d && $2==t {printf "%s / %s", $3, $4}' "$TSV") |"
+            row="$row $(awk -F'\t' -v d="$(series_of "$dp")" -v t="$total" '$1==d && $2==t {printf "%s / %s", $3, $4}' "$TSV") |"
         done
         row="$row $(awk -F'\t' -v t="$total" '$2==t {l=$6} END{print l}' "$TSV") |"
         echo "$row"
     done
-} > "$OUT/connect-latency.md"
-cat "$OUT/connect-latency.md"
-log "wrote $TSV, $OUT/connect-latency.svg, $OUT/connect-latency.md"
+} > "$OUT/$BASE.md"
+cat "$OUT/$BASE.md"
+log "wrote $TSV, $OUT/connect-latency.svg, $OUT/$BASE.md"

@@ -5,7 +5,7 @@
 //! ```text
 //! connect_bench loop ADDR:PORT COUNT WARMUP OUT   connect() COUNT times, one latency in ns per line
 //! connect_bench stats FILE...                      "median_us p99_us samples" over all files
-//! connect_bench plot RESULTS.tsv OUT.svg TITLE     the latency-versus-policies figure
+//! connect_bench plot OUT.svg TITLE RESULTS.tsv...  the latency-versus-policies figure
 //! ```
 //!
 //! Each connection is closed with SO_LINGER 0 (a RST, no TIME_WAIT), so thousands of
@@ -24,8 +24,8 @@ fn main() -> ExitCode {
     let r = match args.first().map(String::as_str) {
         Some("loop") if args.len() == 5 => run_loop(&args[1], &args[2], &args[3], &args[4]),
         Some("stats") if args.len() >= 2 => stats(&args[1..]),
-        Some("plot") if args.len() == 4 => plot(&args[1], &args[2], &args[3]),
-        _ => Err("usage: connect_bench loop ADDR:PORT COUNT WARMUP OUT | stats FILE... | plot TSV SVG TITLE".into()),
+        Some("plot") if args.len() >= 4 => plot(&args[1], &args[2], &args[3..]),
+        _ => Err("usage: connect_bench loop ADDR:PORT COUNT WARMUP OUT | stats FILE... | plot SVG TITLE TSV...".into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -153,14 +153,19 @@ fn read_tsv(path: &str) -> Result<Vec<Point>, String> {
 
 /// The figure: connect() median (solid) and p99 (dashed) against policies selecting
 /// the server pod, log x (0 policies drawn at the left edge as "0"), log y, one colour
-/// per dataplane. Plain SVG text: no plotting library on the machine or in the build.
-fn plot(tsv: &str, svg: &str, title: &str) -> Result<(), String> {
-    let pts = read_tsv(tsv)?;
-    if pts.is_empty() {
-        return Err(format!("{tsv}: no points"));
+/// per series (a dataplane, and which kind of policy: the first column of the TSVs,
+/// all drawn together). Plain SVG text: no plotting library on the machine or in the
+/// build.
+fn plot(svg: &str, title: &str, tsvs: &[String]) -> Result<(), String> {
+    let mut pts = Vec::new();
+    for tsv in tsvs {
+        pts.extend(read_tsv(tsv)?);
     }
-    let (w, h) = (720.0, 460.0);
-    let (left, right, top, bottom) = (80.0, 190.0, 50.0, 60.0);
+    if pts.is_empty() {
+        return Err(format!("{}: no points", tsvs.join(", ")));
+    }
+    let (w, h) = (740.0, 460.0);
+    let (left, right, top, bottom) = (80.0, 210.0, 50.0, 60.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     // x: decades 1..1000 plus a "0" slot one decade left of 1 (log of 0 is undefined).
     let x_of = |n: f64| {
@@ -225,7 +230,7 @@ fn plot(tsv: &str, svg: &str, title: &str) -> Result<(), String> {
     );
     let _ = writeln!(
         s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">NetworkPolicies selecting the server pod (log scale; 0 = none)</text>"#,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">policies selecting the server pod (log scale; 0 = none; CNP: Admin tier)</text>"#,
         left + pw / 2.0,
         h - 15.0
     );

@@ -54,6 +54,7 @@ pub fn member_text(member: &SetMember) -> String {
                 Protocol::Tcp => "tcp",
                 Protocol::Udp => "udp",
                 Protocol::Sctp => "sctp",
+                Protocol::Icmp => "icmp",
             };
             format!("{ip},{p}:{port}")
         }

@@ -49,6 +49,7 @@ fn proto(p: Protocol) -> &'static str {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
         Protocol::Sctp => "sctp",
+        Protocol::Icmp => "icmp",
     }
 }
 

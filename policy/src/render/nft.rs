@@ -601,6 +601,7 @@ pub fn proto_text(p: Protocol) -> &'static str {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
         Protocol::Sctp => "sctp",
+        Protocol::Icmp => "icmp",
     }
 }
 
