@@ -7,6 +7,9 @@
 //! - [`socket`]: [`Netlink`], a synchronous socket that sends one request and
 //!   collects its replies. No async runtime and no background thread: the
 //!   single-threaded CNI binary drives it directly, the agent from a thread it owns.
+//! - [`nftables`]: nf_tables' ruleset generation (`NFT_MSG_GETGEN` over
+//!   `NETLINK_NETFILTER`), which tells the agent whether its last nftables write is
+//!   still exactly what the kernel holds.
 //!
 //! A netlink socket belongs to the network namespace it was created in for its whole
 //! life, whichever thread then uses it: open it in the namespace you mean
@@ -14,6 +17,7 @@
 
 pub mod error;
 pub mod message;
+pub mod nftables;
 pub mod socket;
 pub mod types;
 

@@ -3,18 +3,33 @@
 //! transaction per sync.
 //!
 //! One sync = read (`nft -j list table ip sluice`, or trust the last write), plan
-//! (pure, [`sluice_policy::dataplane::nft_plan::plan`]), then write the whole change as
+//! (pure, [`sluice_policy::dataplane::nft_plan`]), then write the whole change as
 //! one transaction. nftables commits a transaction entirely or not at all, so unlike
 //! the iptables dataplane there is no ordering of steps to get right: a failed `nft`
 //! leaves the table exactly as it was, the error goes to the agent's loop (which
 //! retries with backoff), and the retry reads the kernel again. Nothing outside the
 //! table is ever written: kube-proxy's, Docker's and iptables-nft's tables are left
 //! alone by construction.
+//!
+//! When to read the table back: reading it costs as much as the table is big (a
+//! second for 54,000 elements), planning against the last write costs as much as the
+//! change. An incremental sync trusts the last successful write, as before. A full
+//! sync trusts it too when nf_tables' ruleset generation
+//! ([`sluice_netlink::nftables`]) is the one our own last transaction left: the
+//! kernel bumps it on every commit by anyone, so an unchanged generation means no one
+//! has written any table since, ours included. A foreign write anywhere, a failed
+//! sync, a transaction that was not the only one between our two reads, or a start
+//! (nothing trusted yet) makes the next full sync read the table. And whatever the
+//! generation says, a full sync reads the table at least every
+//! [`KERNEL_READ_EVERY`], so a mistake in our own bookkeeping cannot outlive that;
+//! kube-proxy's nftables mode does the same with partial syncs and a full one at
+//! least every `FullSyncPeriod` (`pkg/proxy/nftables/proxier.go`, `doFullSync`).
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use sluice_policy::dataplane::Ruleset;
-use sluice_policy::dataplane::nft_plan::{self, NftState};
+use sluice_policy::dataplane::nft_plan::{self, NftPlan, NftState};
 use sluice_policy::render::nft;
 
 use super::runner::CommandRunner;
@@ -23,18 +38,62 @@ use super::{DataplaneError, SyncMode, SyncReport};
 /// The `nft` binary.
 pub const NFT: &str = "nft";
 
+/// A full sync reads the table back at least this often, even when the generation
+/// says nothing changed.
+pub const KERNEL_READ_EVERY: Duration = Duration::from_secs(600);
+
+/// nf_tables' ruleset generation of the namespace the dataplane writes to (`None`
+/// when it cannot be read: then nothing is trusted on a full sync).
+pub trait RulesetGeneration: Send + Sync {
+    fn current(&self) -> Option<u32>;
+}
+
+/// The kernel's generation, read with `NFT_MSG_GETGEN` in the calling thread's
+/// namespace (the one the `nft` children of that thread write to).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelGeneration;
+
+impl RulesetGeneration for KernelGeneration {
+    fn current(&self) -> Option<u32> {
+        match sluice_netlink::nftables::ruleset_generation() {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::debug!(error = %e, "nf_tables generation unreadable; full syncs read the table");
+                None
+            }
+        }
+    }
+}
+
+/// What the last fully successful write left in the table.
+struct Written {
+    ruleset: Ruleset,
+    /// The ruleset generation right after that write, when it is known to be the
+    /// state of exactly that write (`None`: a full sync must read the table).
+    generation: Option<u32>,
+    /// When the table was last read back from the kernel.
+    read_at: Instant,
+}
+
 /// The writer of sluice's nftables table through a [`CommandRunner`].
 pub struct NftDataplane<R: CommandRunner> {
     runner: R,
-    /// What the table holds after the last fully successful write; `None` before the
-    /// first one or after a failure, so the next sync reads the kernel.
-    last: Mutex<Option<NftState>>,
+    generation: Box<dyn RulesetGeneration>,
+    /// `None` before the first successful write or after a failure, so the next
+    /// sync reads the kernel.
+    last: Mutex<Option<Written>>,
 }
 
 impl<R: CommandRunner> NftDataplane<R> {
+    /// A dataplane that trusts the kernel's generation ([`KernelGeneration`]).
     pub fn new(runner: R) -> Self {
+        Self::with_generation(runner, Box::new(KernelGeneration))
+    }
+
+    pub fn with_generation(runner: R, generation: Box<dyn RulesetGeneration>) -> Self {
         NftDataplane {
             runner,
+            generation,
             last: Mutex::new(None),
         }
     }
@@ -43,9 +102,14 @@ impl<R: CommandRunner> NftDataplane<R> {
         &self.runner
     }
 
-    /// Bring the table to `desired` after reading it, touching only what differs.
+    /// Bring the table to `desired`, touching only what differs.
     pub fn sync(&self, desired: &Ruleset) -> Result<SyncReport, DataplaneError> {
         self.sync_with(desired, SyncMode::Full)
+    }
+
+    /// Forget the last write: the next sync, of either mode, reads the table.
+    pub fn distrust(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Sync in `mode`; the last-write view is kept only after a complete success.
@@ -54,14 +118,30 @@ impl<R: CommandRunner> NftDataplane<R> {
         desired: &Ruleset,
         mode: SyncMode,
     ) -> Result<SyncReport, DataplaneError> {
-        let cached = match mode {
-            SyncMode::Full => None,
-            SyncMode::Incremental => self.last.lock().unwrap_or_else(|e| e.into_inner()).take(),
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // Before anything is read or written: what our own transaction is checked
+        // against afterwards.
+        let before = self.generation.current();
+        let trusted = last.filter(|w| match mode {
+            SyncMode::Incremental => true,
+            SyncMode::Full => {
+                w.generation.is_some()
+                    && w.generation == before
+                    && w.read_at.elapsed() < KERNEL_READ_EVERY
+            }
+        });
+        let result = self.sync_from(desired, trusted.as_ref(), before);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = match result {
+            Ok((_, generation_ok, read_at)) => Some(Written {
+                ruleset: desired.clone(),
+                generation: generation_ok,
+                read_at: read_at
+                    .or(trusted.map(|w| w.read_at))
+                    .unwrap_or_else(Instant::now),
+            }),
+            Err(_) => None,
         };
-        let result = self.sync_from(desired, cached);
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
-            result.as_ref().ok().map(|_| NftState::of(desired));
-        result
+        result.map(|(report, _, _)| report)
     }
 
     /// What sluice's table holds now; `None` when there is no table.
@@ -72,17 +152,45 @@ impl<R: CommandRunner> NftDataplane<R> {
         }
     }
 
+    /// One sync from `trusted` (or, without it, from the kernel's table). Returns the
+    /// report, the generation to trust afterwards, and when the table was read (if
+    /// it was).
+    #[allow(clippy::type_complexity)]
     fn sync_from(
         &self,
         desired: &Ruleset,
-        cached: Option<NftState>,
-    ) -> Result<SyncReport, DataplaneError> {
+        trusted: Option<&Written>,
+        before: Option<u32>,
+    ) -> Result<(SyncReport, Option<u32>, Option<Instant>), DataplaneError> {
         desired.validate()?;
-        let kernel = match cached {
-            Some(state) => Some(state),
-            None => self.read()?,
+        let (plan, read_at, base_known) = match trusted {
+            Some(w) => (
+                nft_plan::plan_from_written(desired, &w.ruleset)?,
+                None,
+                w.generation.is_some() && w.generation == before,
+            ),
+            None => {
+                let read_at = Instant::now();
+                let kernel = self.read()?;
+                (
+                    nft_plan::plan(desired, kernel.as_ref())?,
+                    Some(read_at),
+                    true,
+                )
+            }
         };
-        let plan = nft_plan::plan(desired, kernel.as_ref())?;
+        let report = self.write(&plan)?;
+        // Ours was the only commit since `before` (none when nothing was written):
+        // the generation now names exactly the state we planned.
+        let after = self.generation.current();
+        let expected = before.map(|g| g.wrapping_add(report.restores as u32));
+        let generation = (base_known && before.is_some() && after == expected)
+            .then_some(after)
+            .flatten();
+        Ok((report, generation, read_at))
+    }
+
+    fn write(&self, plan: &NftPlan) -> Result<SyncReport, DataplaneError> {
         let mut report = SyncReport {
             chains_rewritten: plan.chains_rewritten,
             chains_deleted: plan.chains_deleted,
@@ -157,6 +265,8 @@ mod tests {
     use super::super::tests::desired;
     use super::*;
     use sluice_policy::dataplane::SetMember;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
     fn no_table() -> CommandOutput {
         CommandOutput {
@@ -170,16 +280,66 @@ mod tests {
         rec.calls().iter().map(RecordedCall::command_line).collect()
     }
 
+    /// A kernel in miniature: no table to list, every successful `nft -f` one commit,
+    /// and a knob for another writer's commits.
+    #[derive(Clone, Default)]
+    struct FakeKernel {
+        generation: Arc<AtomicU32>,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl RulesetGeneration for FakeKernel {
+        fn current(&self) -> Option<u32> {
+            Some(self.generation.load(Ordering::SeqCst))
+        }
+    }
+
+    impl FakeKernel {
+        fn runner(&self) -> RecordingRunner {
+            let k = self.clone();
+            RecordingRunner::new(move |c: &RecordedCall| {
+                if c.args.first().map(String::as_str) == Some("-j") {
+                    no_table()
+                } else if k.fail.load(Ordering::SeqCst) {
+                    CommandOutput {
+                        status: 1,
+                        stdout: String::new(),
+                        stderr: "/dev/stdin:3:1-20: Error: Could not process rule".into(),
+                    }
+                } else {
+                    k.generation.fetch_add(1, Ordering::SeqCst);
+                    CommandOutput::ok("")
+                }
+            })
+        }
+
+        fn dataplane(&self) -> (NftDataplane<RecordingRunner>, RecordingRunner) {
+            let rec = self.runner();
+            (
+                NftDataplane::with_generation(rec.clone(), Box::new(self.clone())),
+                rec,
+            )
+        }
+
+        /// Another program commits something, anywhere in nf_tables.
+        fn foreign_write(&self) {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn with_member(ip: &str) -> Ruleset {
+        let mut more = desired();
+        more.sets
+            .get_mut("SLUICE-NODES")
+            .unwrap()
+            .members
+            .insert(SetMember::Ip(ip.parse().unwrap()));
+        more
+    }
+
     #[test]
     fn first_sync_reads_an_absent_table_and_writes_one_transaction() {
-        let rec = RecordingRunner::new(|c: &RecordedCall| {
-            if c.args.first().map(String::as_str) == Some("-j") {
-                no_table()
-            } else {
-                CommandOutput::ok("")
-            }
-        });
-        let dp = NftDataplane::new(rec.clone());
+        let (dp, rec) = FakeKernel::default().dataplane();
         let report = dp.sync(&desired()).unwrap();
         assert_eq!(
             lines(&rec),
@@ -197,15 +357,8 @@ mod tests {
     }
 
     #[test]
-    fn incremental_sync_trusts_the_last_write_and_full_sync_reads_the_kernel() {
-        let rec = RecordingRunner::new(|c: &RecordedCall| {
-            if c.args.first().map(String::as_str) == Some("-j") {
-                no_table()
-            } else {
-                CommandOutput::ok("")
-            }
-        });
-        let dp = NftDataplane::new(rec.clone());
+    fn incremental_sync_trusts_the_last_write_and_plans_only_the_change() {
+        let (dp, rec) = FakeKernel::default().dataplane();
         // No trusted write yet: incremental falls back to reading.
         dp.sync_with(&desired(), SyncMode::Incremental).unwrap();
         assert_eq!(lines(&rec)[0], "nft -j list table ip sluice");
@@ -215,45 +368,116 @@ mod tests {
         assert!(rec.calls().is_empty(), "{:?}", rec.calls());
         assert!(!r.changed_anything());
         // A new member: one transaction of the planner's delta, no reads.
-        let mut more = desired();
-        more.sets
-            .get_mut("SLUICE-NODES")
-            .unwrap()
-            .members
-            .insert(SetMember::Ip("10.0.0.2".parse().unwrap()));
+        let more = with_member("10.0.0.2");
         dp.sync_with(&more, SyncMode::Incremental).unwrap();
         assert_eq!(lines(&rec), ["nft -f -"]);
-        let want = nft_plan::plan(&more, Some(&NftState::of(&desired()))).unwrap();
+        let want = nft_plan::plan_from_written(&more, &desired()).unwrap();
         assert_eq!(rec.calls()[0].stdin.as_deref(), Some(want.script.as_str()));
+        assert_eq!(
+            want.script, "add element ip sluice SLUICE-NODES { 10.0.0.2 }\n",
+            "one element, nothing else"
+        );
+    }
+
+    #[test]
+    fn full_sync_trusts_the_last_write_while_the_generation_is_its_own_and_reads_after_another_commit()
+     {
+        let kernel = FakeKernel::default();
+        let (dp, rec) = kernel.dataplane();
+        dp.sync(&desired()).unwrap();
         rec.clear();
-        dp.sync_with(&more, SyncMode::Full).unwrap();
+        // Our own commit was the only one: a no-op resync reads and writes nothing.
+        let r = dp.sync(&desired()).unwrap();
+        assert!(rec.calls().is_empty(), "{:?}", rec.calls());
+        assert!(!r.changed_anything());
+        // A change, still trusted: only the delta is written.
+        dp.sync(&with_member("10.0.0.2")).unwrap();
+        assert_eq!(lines(&rec), ["nft -f -"]);
+        rec.clear();
+        // Someone else commits (any table): the next full sync reads ours.
+        kernel.foreign_write();
+        dp.sync(&with_member("10.0.0.2")).unwrap();
+        assert_eq!(lines(&rec)[0], "nft -j list table ip sluice");
+        rec.clear();
+        // The read made it trusted again.
+        dp.sync(&with_member("10.0.0.2")).unwrap();
+        assert!(rec.calls().is_empty(), "{:?}", rec.calls());
+    }
+
+    #[test]
+    fn an_incremental_write_after_a_foreign_commit_leaves_the_next_full_sync_reading() {
+        let kernel = FakeKernel::default();
+        let (dp, rec) = kernel.dataplane();
+        dp.sync(&desired()).unwrap();
+        kernel.foreign_write();
+        // Incremental syncs trust the last write whatever the generation says…
+        dp.sync_with(&with_member("10.0.0.2"), SyncMode::Incremental)
+            .unwrap();
+        rec.clear();
+        // …but what another writer did before it is not known: a full sync reads.
+        dp.sync(&with_member("10.0.0.2")).unwrap();
+        assert_eq!(lines(&rec)[0], "nft -j list table ip sluice");
+    }
+
+    #[test]
+    fn a_commit_racing_our_own_leaves_the_next_full_sync_reading() {
+        let kernel = FakeKernel::default();
+        let k2 = kernel.clone();
+        // Another writer commits while our `nft` runs: the generation moves by two.
+        let rec = RecordingRunner::new(move |c: &RecordedCall| {
+            if c.args.first().map(String::as_str) == Some("-j") {
+                no_table()
+            } else {
+                k2.generation.fetch_add(2, Ordering::SeqCst);
+                CommandOutput::ok("")
+            }
+        });
+        let dp = NftDataplane::with_generation(rec.clone(), Box::new(kernel.clone()));
+        dp.sync(&desired()).unwrap();
+        rec.clear();
+        dp.sync(&desired()).unwrap();
+        assert_eq!(lines(&rec)[0], "nft -j list table ip sluice");
+    }
+
+    #[test]
+    fn without_a_readable_generation_every_full_sync_reads_the_table() {
+        struct Unreadable;
+        impl RulesetGeneration for Unreadable {
+            fn current(&self) -> Option<u32> {
+                None
+            }
+        }
+        let rec = FakeKernel::default().runner();
+        let dp = NftDataplane::with_generation(rec.clone(), Box::new(Unreadable));
+        dp.sync(&desired()).unwrap();
+        rec.clear();
+        dp.sync(&desired()).unwrap();
+        assert_eq!(lines(&rec)[0], "nft -j list table ip sluice");
+        // Incremental syncs still trust the last write.
+        rec.clear();
+        dp.sync_with(&desired(), SyncMode::Incremental).unwrap();
+        assert!(rec.calls().is_empty());
+    }
+
+    #[test]
+    fn distrust_makes_the_next_sync_read_the_table() {
+        let (dp, rec) = FakeKernel::default().dataplane();
+        dp.sync(&desired()).unwrap();
+        dp.distrust();
+        rec.clear();
+        dp.sync_with(&desired(), SyncMode::Incremental).unwrap();
         assert_eq!(lines(&rec)[0], "nft -j list table ip sluice");
     }
 
     #[test]
     fn failed_transaction_is_an_error_and_the_next_sync_reads_the_kernel_again() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let fail = Arc::new(AtomicBool::new(true));
-        let f2 = fail.clone();
-        let rec = RecordingRunner::new(move |c: &RecordedCall| {
-            if c.args.first().map(String::as_str) == Some("-j") {
-                no_table()
-            } else if f2.load(Ordering::SeqCst) {
-                CommandOutput {
-                    status: 1,
-                    stdout: String::new(),
-                    stderr: "/dev/stdin:3:1-20: Error: Could not process rule".into(),
-                }
-            } else {
-                CommandOutput::ok("")
-            }
-        });
-        let dp = NftDataplane::new(rec.clone());
+        let kernel = FakeKernel::default();
+        kernel.fail.store(true, Ordering::SeqCst);
+        let (dp, rec) = kernel.dataplane();
         let err = dp.sync(&desired()).unwrap_err();
         assert!(err.to_string().contains("Could not process rule"), "{err}");
         rec.clear();
-        fail.store(false, Ordering::SeqCst);
+        kernel.fail.store(false, Ordering::SeqCst);
         // Even an incremental sync does not trust a write that failed.
         dp.sync_with(&desired(), SyncMode::Incremental).unwrap();
         assert_eq!(lines(&rec), ["nft -j list table ip sluice", "nft -f -"]);

@@ -26,7 +26,7 @@ use std::net::Ipv4Addr;
 
 use serde_json::Value;
 
-use super::{ModelError, Ruleset};
+use super::{ModelError, Ruleset, SetMember};
 use crate::render::iptables::COMMENT_PREFIX;
 use crate::render::nft::{self, FAMILY, TABLE};
 
@@ -368,6 +368,25 @@ fn element_key<'a>(keyword: &str, text: &'a str) -> &'a str {
     }
 }
 
+/// One set or map that a plan touches.
+struct SetDelta {
+    name: String,
+    /// The `add set|map` line, when the set is new.
+    declare: Option<String>,
+    /// Keys of elements to delete (deduplicated: two members may write one element).
+    delete: BTreeSet<String>,
+    /// Elements to add.
+    add: BTreeSet<String>,
+}
+
+/// What a plan changes, before it is written out.
+#[derive(Default)]
+struct Delta {
+    sets: Vec<SetDelta>,
+    /// (`set` or `map`, name) of sets and maps no longer wanted.
+    gone_sets: Vec<(&'static str, String)>,
+}
+
 /// The transaction from `kernel` (`None`: no sluice table yet) to `desired`.
 pub fn plan(desired: &Ruleset, kernel: Option<&NftState>) -> Result<NftPlan, ModelError> {
     check(desired)?;
@@ -381,66 +400,25 @@ pub fn plan(desired: &Ruleset, kernel: Option<&NftState>) -> Result<NftPlan, Mod
         have.sets
             .get(&s.name)
             .is_some_and(|h| h.decl != s.state_text())
-    }) || chains.values().any(|c| {
-        have.chains
-            .get(&c.name)
-            .is_some_and(|h| h.hook != c.hook.map(|x| x.state_text()))
-    });
+    }) || hooks_changed(&chains, &have.chains);
     if redeclared {
         return Ok(full(desired));
     }
-    let mut p = NftPlan::default();
-    let mut out = String::new();
-    let table = TABLE;
-    // 1, 2: declarations.
-    for c in chains
-        .values()
-        .filter(|c| !have.chains.contains_key(&c.name))
-    {
-        out.push_str(&nft::add_chain_line(table, c));
-    }
-    for s in sets.values().filter(|s| !have.sets.contains_key(&s.name)) {
-        out.push_str(&nft::add_set_line(table, s));
-        p.sets_created += 1;
-    }
-    // 3: elements, deletions first.
-    for s in sets.values() {
-        if let Some(h) = have.sets.get(&s.name) {
-            let gone: Vec<String> = h
-                .elements
-                .difference(&s.elements)
-                .map(|e| element_key(s.keyword, e).to_string())
-                .collect();
-            p.elements_deleted += gone.len();
-            nft::push_elements(&mut out, "delete", table, &s.name, gone.iter());
-        }
-    }
+    let mut delta = Delta::default();
     for s in sets.values() {
         let empty = BTreeSet::new();
-        let had = have.sets.get(&s.name).map_or(&empty, |h| &h.elements);
-        let new: Vec<&String> = s.elements.difference(had).collect();
-        p.elements_added += new.len();
-        nft::push_elements(&mut out, "add", table, &s.name, new.into_iter());
-    }
-    // 4: rules of new and changed chains.
-    for c in chains.values() {
-        let want: Vec<Option<String>> = c.rules.iter().map(|(_, h)| Some(h.clone())).collect();
-        match have.chains.get(&c.name) {
-            Some(h) if h.rules == want => continue,
-            Some(_) => out.push_str(&format!("flush chain {FAMILY} {table} {}\n", c.name)),
-            None => {}
-        }
-        nft::push_rules(&mut out, table, c);
-        p.chains_rewritten += 1;
-    }
-    // 5: removals, references first.
-    let gone_chains: Vec<&String> = have
-        .chains
-        .keys()
-        .filter(|n| !chains.contains_key(*n))
-        .collect();
-    for name in &gone_chains {
-        out.push_str(&format!("flush chain {FAMILY} {table} {name}\n"));
+        let had = have.sets.get(&s.name);
+        let had_elements = had.map_or(&empty, |h| &h.elements);
+        let d = SetDelta {
+            name: s.name.clone(),
+            declare: had.is_none().then(|| nft::add_set_line(TABLE, s)),
+            delete: had_elements
+                .difference(&s.elements)
+                .map(|e| element_key(s.keyword, e).to_string())
+                .collect(),
+            add: s.elements.difference(had_elements).cloned().collect(),
+        };
+        delta.sets.push(d);
     }
     for (name, h) in have.sets.iter().filter(|(n, _)| !sets.contains_key(*n)) {
         let keyword = if h.decl.starts_with("map") {
@@ -448,6 +426,204 @@ pub fn plan(desired: &Ruleset, kernel: Option<&NftState>) -> Result<NftPlan, Mod
         } else {
             "set"
         };
+        delta.gone_sets.push((keyword, name.clone()));
+    }
+    Ok(write(&chains, &have.chains, delta))
+}
+
+/// The transaction from `written`, the model the last successful write brought the
+/// table to, to `desired`. The same transaction [`plan`] makes from the kernel's
+/// listing of that table, at the cost of the change rather than of the table: a set
+/// or map whose members are unchanged is compared, never rendered, and a changed one
+/// renders only its added and removed members (`hash:net`, whose elements are painted
+/// from all its members together, renders whole both times).
+pub fn plan_from_written(desired: &Ruleset, written: &Ruleset) -> Result<NftPlan, ModelError> {
+    check(desired)?;
+    let chains = nft::chains(desired);
+    let had_chains: BTreeMap<String, NftChainState> = nft::chains(written)
+        .into_values()
+        .map(|c| (c.name, chain_state(c.hook, &c.rules)))
+        .collect();
+    let set_redeclared = desired.sets.values().any(|s| {
+        written.maps.contains_key(&s.name)
+            || written.sets.get(&s.name).is_some_and(|w| {
+                w.kind != s.kind && nft::set_decl_of(w.kind) != nft::set_decl_of(s.kind)
+            })
+    });
+    let map_redeclared = desired.maps.values().any(|m| {
+        written.sets.contains_key(&m.name)
+            || written.maps.get(&m.name).is_some_and(|w| {
+                w.key != m.key && nft::map_decl_of(w.key) != nft::map_decl_of(m.key)
+            })
+    });
+    if set_redeclared || map_redeclared || hooks_changed(&chains, &had_chains) {
+        return Ok(full(desired));
+    }
+    let mut delta = Delta::default();
+    for s in desired.sets.values() {
+        let Some(w) = written.sets.get(&s.name) else {
+            let new = nft::nft_set(s);
+            delta.sets.push(SetDelta {
+                name: s.name.clone(),
+                declare: Some(nft::add_set_line(TABLE, &new)),
+                delete: BTreeSet::new(),
+                add: new.elements,
+            });
+            continue;
+        };
+        if w.members == s.members && w.kind == s.kind {
+            continue;
+        }
+        if !nft::member_local(s.kind) || w.kind != s.kind {
+            let (old, new) = (nft::nft_set(w), nft::nft_set(s));
+            delta.sets.push(SetDelta {
+                name: s.name.clone(),
+                declare: None,
+                delete: old.elements.difference(&new.elements).cloned().collect(),
+                add: new.elements.difference(&old.elements).cloned().collect(),
+            });
+            continue;
+        }
+        let kind = s.kind;
+        // A member whose element another member of the other side still writes
+        // (an address and its one-address range) changes nothing in the kernel.
+        let written_by = |set: &BTreeSet<SetMember>, m: &SetMember| {
+            nft::element_alias(kind, m).is_some_and(|a| set.contains(&a))
+        };
+        delta.sets.push(SetDelta {
+            name: s.name.clone(),
+            declare: None,
+            delete: w
+                .members
+                .difference(&s.members)
+                .filter(|m| !written_by(&s.members, m))
+                .filter_map(|m| nft::element_text(kind, m))
+                .collect(),
+            add: s
+                .members
+                .difference(&w.members)
+                .filter(|m| !written_by(&w.members, m))
+                .filter_map(|m| nft::element_text(kind, m))
+                .collect(),
+        });
+    }
+    for m in desired.maps.values() {
+        let Some(w) = written.maps.get(&m.name) else {
+            let new = nft::nft_map(m);
+            delta.sets.push(SetDelta {
+                name: m.name.clone(),
+                declare: Some(nft::add_set_line(TABLE, &new)),
+                delete: BTreeSet::new(),
+                add: new.elements,
+            });
+            continue;
+        };
+        if w.elements == m.elements {
+            continue;
+        }
+        // A key whose verdict changed is deleted and added again, as from a listing.
+        delta.sets.push(SetDelta {
+            name: m.name.clone(),
+            declare: None,
+            delete: w
+                .elements
+                .iter()
+                .filter(|(k, v)| m.elements.get(*k) != Some(*v))
+                .map(|(k, _)| nft::map_key_text(k))
+                .collect(),
+            add: m
+                .elements
+                .iter()
+                .filter(|(k, v)| w.elements.get(*k) != Some(*v))
+                .map(|(k, v)| nft::map_element_text(k, v))
+                .collect(),
+        });
+    }
+    for name in written
+        .sets
+        .keys()
+        .filter(|n| !desired.sets.contains_key(*n))
+    {
+        delta.gone_sets.push(("set", name.clone()));
+    }
+    for name in written
+        .maps
+        .keys()
+        .filter(|n| !desired.maps.contains_key(*n))
+    {
+        delta.gone_sets.push(("map", name.clone()));
+    }
+    Ok(write(&chains, &had_chains, delta))
+}
+
+fn chain_state(hook: Option<nft::BaseHook>, rules: &[(String, String)]) -> NftChainState {
+    NftChainState {
+        hook: hook.map(|h| h.state_text()),
+        rules: rules.iter().map(|(_, h)| Some(h.clone())).collect(),
+    }
+}
+
+/// Whether a base chain's hook differs from the one it has (it cannot change in place).
+fn hooks_changed(
+    chains: &BTreeMap<String, nft::NftChain>,
+    have: &BTreeMap<String, NftChainState>,
+) -> bool {
+    chains.values().any(|c| {
+        have.get(&c.name)
+            .is_some_and(|h| h.hook != c.hook.map(|x| x.state_text()))
+    })
+}
+
+/// The one transaction, in the order of the module's comment.
+fn write(
+    chains: &BTreeMap<String, nft::NftChain>,
+    have: &BTreeMap<String, NftChainState>,
+    delta: Delta,
+) -> NftPlan {
+    let mut p = NftPlan::default();
+    let mut out = String::new();
+    let table = TABLE;
+    // 1, 2: declarations.
+    for c in chains.values().filter(|c| !have.contains_key(&c.name)) {
+        out.push_str(&nft::add_chain_line(table, c));
+    }
+    for line in delta.sets.iter().filter_map(|d| d.declare.as_ref()) {
+        out.push_str(line);
+        p.sets_created += 1;
+    }
+    // 3: elements, deletions first.
+    for d in &delta.sets {
+        p.elements_deleted += d.delete.len();
+        nft::push_elements(&mut out, "delete", table, &d.name, d.delete.iter());
+    }
+    for d in &delta.sets {
+        p.elements_added += d.add.len();
+        nft::push_elements(&mut out, "add", table, &d.name, d.add.iter());
+    }
+    // 4: rules of new and changed chains.
+    for c in chains.values() {
+        match have.get(&c.name) {
+            Some(h)
+                if h.rules.len() == c.rules.len()
+                    && h.rules
+                        .iter()
+                        .zip(&c.rules)
+                        .all(|(had, (_, want))| had.as_deref() == Some(want.as_str())) =>
+            {
+                continue;
+            }
+            Some(_) => out.push_str(&format!("flush chain {FAMILY} {table} {}\n", c.name)),
+            None => {}
+        }
+        nft::push_rules(&mut out, table, c);
+        p.chains_rewritten += 1;
+    }
+    // 5: removals, references first.
+    let gone_chains: Vec<&String> = have.keys().filter(|n| !chains.contains_key(*n)).collect();
+    for name in &gone_chains {
+        out.push_str(&format!("flush chain {FAMILY} {table} {name}\n"));
+    }
+    for (keyword, name) in &delta.gone_sets {
         out.push_str(&format!("delete {keyword} {FAMILY} {table} {name}\n"));
         p.sets_deleted += 1;
     }
@@ -456,7 +632,7 @@ pub fn plan(desired: &Ruleset, kernel: Option<&NftState>) -> Result<NftPlan, Mod
         p.chains_deleted += 1;
     }
     p.script = out;
-    Ok(p)
+    p
 }
 
 #[cfg(test)]
@@ -520,5 +696,131 @@ mod tests {
     fn garbage_is_an_error_not_an_empty_state() {
         assert!(parse_listing("nope").is_err());
         assert!(parse_listing("{}").is_err());
+    }
+
+    /// The probe model changed in every way a sync can change a set or map.
+    fn changed(mut rs: Ruleset) -> Ruleset {
+        use crate::dataplane::{AddrRange, MapKeyValue, MapVerdict, PortRange, SetKind};
+        use crate::model::Protocol;
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let set = |rs: &mut Ruleset, n: &str| rs.sets.get_mut(n).unwrap().members.clone();
+        let mut t = set(&mut rs, "SLUICE-T");
+        t.clear();
+        t.insert(SetMember::Tuple {
+            addrs: AddrRange {
+                start: ip("10.1.0.0"),
+                end: ip("10.1.0.255"),
+            },
+            protocol: Protocol::Tcp,
+            ports: PortRange { start: 1, end: 2 },
+        });
+        t.insert(SetMember::IpPort {
+            ip: ip("10.2.0.1"),
+            protocol: Protocol::Udp,
+            port: 53,
+        });
+        rs.sets.get_mut("SLUICE-T").unwrap().members = t;
+        rs.sets
+            .get_mut("SLUICE-I")
+            .unwrap()
+            .members
+            .insert(SetMember::Ip(ip("10.0.0.2")));
+        rs.sets
+            .get_mut("SLUICE-N")
+            .unwrap()
+            .members
+            .insert(SetMember::Net {
+                net: "10.1.2.0/24".parse().unwrap(),
+                nomatch: false,
+            });
+        let m = rs.maps.get_mut("SLUICE-MO").unwrap();
+        m.elements
+            .insert(MapKeyValue::Iface("slc1".into()), MapVerdict::Drop);
+        m.elements
+            .insert(MapKeyValue::Iface("slc9".into()), MapVerdict::Accept);
+        m.elements.remove(&MapKeyValue::Iface("slc3".into()));
+        rs.sets.insert(
+            "SLUICE-NEW".into(),
+            crate::dataplane::IpSet {
+                name: "SLUICE-NEW".into(),
+                kind: SetKind::AddrIntervals,
+                members: [SetMember::Ip(ip("10.9.9.9"))].into(),
+            },
+        );
+        rs
+    }
+
+    fn sorted_lines(script: &str) -> Vec<&str> {
+        let mut l: Vec<&str> = script.lines().collect();
+        l.sort_unstable();
+        l
+    }
+
+    #[test]
+    fn planning_from_the_last_write_makes_the_transaction_planning_from_its_listing_makes() {
+        let before = crate::render::nft::probe_ruleset();
+        let after = changed(before.clone());
+        for (from, to) in [(&before, &after), (&after, &before)] {
+            let listed = plan(to, Some(&NftState::of(from))).unwrap();
+            let written = plan_from_written(to, from).unwrap();
+            assert_eq!(
+                sorted_lines(&written.script),
+                sorted_lines(&listed.script),
+                "same commands"
+            );
+            assert_eq!(
+                (
+                    written.elements_added,
+                    written.elements_deleted,
+                    written.sets_created,
+                    written.sets_deleted,
+                    written.chains_rewritten
+                ),
+                (
+                    listed.elements_added,
+                    listed.elements_deleted,
+                    listed.sets_created,
+                    listed.sets_deleted,
+                    listed.chains_rewritten
+                )
+            );
+            assert!(written.elements_added > 0 && written.elements_deleted > 0);
+        }
+        assert!(plan_from_written(&before, &before).unwrap().is_empty());
+    }
+
+    #[test]
+    fn two_spellings_of_one_element_change_nothing_in_the_kernel() {
+        use crate::dataplane::AddrRange;
+        let mut before = changed(crate::render::nft::probe_ruleset());
+        let mut after = before.clone();
+        let a: Ipv4Addr = "10.9.9.9".parse().unwrap();
+        after.sets.get_mut("SLUICE-NEW").unwrap().members =
+            [SetMember::Range(AddrRange { start: a, end: a })].into();
+        assert!(plan_from_written(&after, &before).unwrap().is_empty());
+        assert!(plan_from_written(&before, &after).unwrap().is_empty());
+        // Both spellings at once, then neither: the element is deleted once.
+        before
+            .sets
+            .get_mut("SLUICE-NEW")
+            .unwrap()
+            .members
+            .insert(SetMember::Range(AddrRange { start: a, end: a }));
+        after.sets.get_mut("SLUICE-NEW").unwrap().members.clear();
+        let p = plan_from_written(&after, &before).unwrap();
+        assert_eq!(
+            p.script,
+            "delete element ip sluice SLUICE-NEW { 10.9.9.9 }\n"
+        );
+    }
+
+    #[test]
+    fn a_changed_set_type_replaces_the_table() {
+        let before = crate::render::nft::probe_ruleset();
+        let mut after = before.clone();
+        after.sets.get_mut("SLUICE-I").unwrap().kind = crate::dataplane::SetKind::HashNet;
+        after.sets.get_mut("SLUICE-I").unwrap().members.clear();
+        let p = plan_from_written(&after, &before).unwrap();
+        assert_eq!(p.script, nft::render(&after));
     }
 }

@@ -97,7 +97,7 @@ pub fn probe_script() -> String {
 }
 
 /// A small model with one of everything the renderer can emit.
-fn probe_ruleset() -> Ruleset {
+pub(crate) fn probe_ruleset() -> Ruleset {
     use crate::dataplane::{AddrRange, PortRange};
     let ip = |s: &str| s.parse::<Ipv4Addr>().expect("literal address");
     let mut rs = Ruleset::default();
@@ -467,68 +467,119 @@ pub fn set_decl(types: &str, interval: bool) -> String {
     }
 }
 
-fn nft_set(set: &IpSet) -> NftSet {
-    let (decl, elements): (String, BTreeSet<String>) = match set.kind {
-        SetKind::HashIp => (
-            set_decl("ipv4_addr", false),
-            set.members
-                .iter()
-                .filter_map(|m| match m {
-                    SetMember::Ip(ip) => Some(ip.to_string()),
-                    _ => None,
-                })
-                .collect(),
-        ),
-        SetKind::HashNet => (
-            set_decl("ipv4_addr", true),
-            net_ranges(&set.members)
-                .into_iter()
-                .map(|(a, b)| addr_text(a, b))
-                .collect(),
-        ),
-        SetKind::AddrIntervals => (
-            set_decl("ipv4_addr", true),
-            set.members
-                .iter()
-                .filter_map(|m| match m {
-                    SetMember::Range(r) => Some(addr_text(u32::from(r.start), u32::from(r.end))),
-                    SetMember::Ip(ip) => Some(ip.to_string()),
-                    _ => None,
-                })
-                .collect(),
-        ),
-        SetKind::HashIpPort | SetKind::AddrProtoPortIntervals => (
-            set_decl(TUPLE_TYPE, true),
-            set.members
-                .iter()
-                .filter_map(|m| match m {
-                    SetMember::IpPort { ip, protocol, port } => Some(tuple_text(
-                        u32::from(*ip),
-                        u32::from(*ip),
-                        *protocol,
-                        *port,
-                        *port,
-                    )),
-                    SetMember::Tuple {
-                        addrs,
-                        protocol,
-                        ports,
-                    } => Some(tuple_text(
-                        u32::from(addrs.start),
-                        u32::from(addrs.end),
-                        *protocol,
-                        ports.start,
-                        ports.end,
-                    )),
-                    _ => None,
-                })
-                .collect(),
-        ),
+/// The declaration of an ipset of `kind` in nft.
+pub fn set_decl_of(kind: SetKind) -> String {
+    match kind {
+        SetKind::HashIp => set_decl("ipv4_addr", false),
+        SetKind::HashNet | SetKind::AddrIntervals => set_decl("ipv4_addr", true),
+        SetKind::HashIpPort | SetKind::AddrProtoPortIntervals => set_decl(TUPLE_TYPE, true),
+    }
+}
+
+/// Whether each member of a set of `kind` is one element of its own, written by
+/// [`element_text`]; not so for `hash:net`, whose elements are what the members paint
+/// together (a `nomatch` entry cuts a hole in another's range).
+pub fn member_local(kind: SetKind) -> bool {
+    kind != SetKind::HashNet
+}
+
+/// The element a member of a set of `kind` becomes (`None`: a member the kind
+/// ignores), for every kind but `hash:net` ([`member_local`]).
+pub fn element_text(kind: SetKind, member: &SetMember) -> Option<String> {
+    match (kind, member) {
+        (SetKind::HashIp, SetMember::Ip(ip)) => Some(ip.to_string()),
+        (SetKind::AddrIntervals, SetMember::Range(r)) => {
+            Some(addr_text(u32::from(r.start), u32::from(r.end)))
+        }
+        (SetKind::AddrIntervals, SetMember::Ip(ip)) => Some(ip.to_string()),
+        (
+            SetKind::HashIpPort | SetKind::AddrProtoPortIntervals,
+            SetMember::IpPort { ip, protocol, port },
+        ) => Some(tuple_text(
+            u32::from(*ip),
+            u32::from(*ip),
+            *protocol,
+            *port,
+            *port,
+        )),
+        (
+            SetKind::HashIpPort | SetKind::AddrProtoPortIntervals,
+            SetMember::Tuple {
+                addrs,
+                protocol,
+                ports,
+            },
+        ) => Some(tuple_text(
+            u32::from(addrs.start),
+            u32::from(addrs.end),
+            *protocol,
+            ports.start,
+            ports.end,
+        )),
+        _ => None,
+    }
+}
+
+/// The other spelling of the same element, if the model has one: an address and the
+/// one-address range, an address-port pair and its one-port tuple. A planner that diffs
+/// members must not delete an element another member still writes.
+pub fn element_alias(kind: SetKind, member: &SetMember) -> Option<SetMember> {
+    use crate::dataplane::{AddrRange, PortRange};
+    match (kind, member) {
+        (SetKind::AddrIntervals, SetMember::Ip(ip)) => Some(SetMember::Range(AddrRange {
+            start: *ip,
+            end: *ip,
+        })),
+        (SetKind::AddrIntervals, SetMember::Range(r)) if r.start == r.end => {
+            Some(SetMember::Ip(r.start))
+        }
+        (
+            SetKind::HashIpPort | SetKind::AddrProtoPortIntervals,
+            SetMember::IpPort { ip, protocol, port },
+        ) => Some(SetMember::Tuple {
+            addrs: AddrRange {
+                start: *ip,
+                end: *ip,
+            },
+            protocol: *protocol,
+            ports: PortRange {
+                start: *port,
+                end: *port,
+            },
+        }),
+        (
+            SetKind::HashIpPort | SetKind::AddrProtoPortIntervals,
+            SetMember::Tuple {
+                addrs,
+                protocol,
+                ports,
+            },
+        ) if addrs.start == addrs.end && ports.start == ports.end => Some(SetMember::IpPort {
+            ip: addrs.start,
+            protocol: *protocol,
+            port: ports.start,
+        }),
+        _ => None,
+    }
+}
+
+/// An ipset as an nft set, every element rendered.
+pub fn nft_set(set: &IpSet) -> NftSet {
+    let elements: BTreeSet<String> = if member_local(set.kind) {
+        set.members
+            .iter()
+            .filter_map(|m| element_text(set.kind, m))
+            .collect()
+    } else {
+        net_ranges(&set.members)
+            .into_iter()
+            .map(|(a, b)| addr_text(a, b))
+            .collect()
     };
     NftSet {
         name: set.name.clone(),
         keyword: "set",
-        decl,
+        decl: set_decl_of(set.kind),
         elements,
     }
 }
@@ -566,15 +617,26 @@ fn map_key_type(key: MapKey) -> &'static str {
     }
 }
 
-fn nft_map(map: &VerdictMap) -> NftSet {
+/// The declaration of a verdict map keyed by `key` in nft.
+pub fn map_decl_of(key: MapKey) -> String {
+    format!("type {} : verdict;", map_key_type(key))
+}
+
+/// A verdict map element as written and read back: `key : verdict`.
+pub fn map_element_text(key: &MapKeyValue, verdict: &MapVerdict) -> String {
+    format!("{} : {}", map_key_text(key), verdict_text(verdict))
+}
+
+/// A verdict map as an nft map, every element rendered.
+pub fn nft_map(map: &VerdictMap) -> NftSet {
     NftSet {
         name: map.name.clone(),
         keyword: "map",
-        decl: format!("type {} : verdict;", map_key_type(map.key)),
+        decl: map_decl_of(map.key),
         elements: map
             .elements
             .iter()
-            .map(|(k, v)| format!("{} : {}", map_key_text(k), verdict_text(v)))
+            .map(|(k, v)| map_element_text(k, v))
             .collect(),
     }
 }
@@ -618,7 +680,7 @@ pub fn iface_text(name: &str) -> String {
     format!("\"{name}\"")
 }
 
-fn map_key_text(k: &MapKeyValue) -> String {
+pub fn map_key_text(k: &MapKeyValue) -> String {
     match k {
         MapKeyValue::Iface(i) => iface_text(i),
         MapKeyValue::IfaceAddr(i, a) => format!("{} . {a}", iface_text(i)),
