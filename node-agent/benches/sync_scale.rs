@@ -16,15 +16,17 @@
 //! the noise floor. For iptables, ipset's own figure (`Size in memory`) is printed too.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sluice_agent::dataplane::{Backend, Dataplane, ExecRunner, NftDataplane, SyncMode};
 use sluice_agent::datastore::Snapshot;
-use sluice_agent::datastore::objects::convert;
+use sluice_agent::datastore::objects::{convert, convert_source};
 use sluice_agent::reconcile::{self, NodeSettings, TunnelFilter};
-use sluice_policy::RawObject;
 use sluice_policy::dataplane::{DataplaneKind, Ruleset};
+use sluice_policy::sources::Sources;
+use sluice_policy::{Cluster, RawObject};
 
 const PODS: usize = 10_000;
 const POLICIES: usize = 1_000;
@@ -276,6 +278,7 @@ fn measure(kind: DataplaneKind, local: usize, kernel: bool) -> Vec<(String, Stri
         "one new local pod: convert + compile (pure)".into(),
         ms(t.elapsed()),
     ));
+    rows.extend(incremental(&objs, &settings, &d2));
     if !kernel {
         rows.push(("kernel".into(), "skipped (not root)".into()));
         return rows;
@@ -341,6 +344,61 @@ fn measure(kind: DataplaneKind, local: usize, kernel: bool) -> Vec<(String, Stri
     });
     rows.extend(kernel_rows);
     rows
+}
+
+/// The same new pod as the agent handles it: the directory datastore converts only
+/// the new pod's file ([`Sources`]) and copies the cluster into the snapshot it
+/// publishes, the loop compiles incrementally ([`reconcile::Compiler`]). Checks the
+/// result equals the full compile's.
+fn incremental(
+    objs: &[Value],
+    settings: &NodeSettings,
+    full: &reconcile::Desired,
+) -> Vec<(String, String)> {
+    let raw = |objs: &[Value]| -> Vec<RawObject> {
+        objs.iter()
+            .map(|v| RawObject::new("bench", v.clone()))
+            .collect()
+    };
+    let mut sources: Sources<usize> = Sources::default();
+    sources.replace(0, convert_source(&raw(objs)).parsed);
+    let base = snapshot(objs);
+    let snap = |cluster: Cluster| {
+        Arc::new(Snapshot {
+            cluster,
+            ..base.clone()
+        })
+    };
+    let mut compiler = reconcile::Compiler::default();
+    let (_, kind) = compiler
+        .desired(&snap(sources.cluster().clone()), settings)
+        .unwrap();
+    assert_eq!(kind, reconcile::CompileKind::Full);
+
+    let t = Instant::now();
+    sources.replace(1, convert_source(&raw(&[newcomer()])).parsed);
+    let converted = t.elapsed();
+    let t = Instant::now();
+    let next = snap(sources.cluster().clone());
+    let copied = t.elapsed();
+    let t = Instant::now();
+    let (d, kind) = compiler.desired(&next, settings).unwrap();
+    let compiled = t.elapsed();
+    assert_eq!(kind, reconcile::CompileKind::Incremental);
+    assert!(
+        d == *full,
+        "the incremental compile differs from the full one"
+    );
+    vec![
+        (
+            "one new local pod: incremental convert + compile (pure)".into(),
+            ms(converted + copied + compiled),
+        ),
+        (
+            "… of which: convert the new pod's source / copy the cluster into the snapshot / compile + agent rules".into(),
+            format!("{} / {} / {}", ms(converted), ms(copied), ms(compiled)),
+        ),
+    ]
 }
 
 fn scenario(name: &str, local: usize, kinds: &[DataplaneKind], kernel: bool) {

@@ -51,6 +51,7 @@ pub mod evaluate;
 pub mod manifest;
 pub mod model;
 pub mod selector;
+pub mod sources;
 
 // The dataplane half: rule model, compiler, renderers, planner and the in-process
 // classifier.
