@@ -330,6 +330,26 @@ spec: {podSelector: {}}
     }
 
     #[test]
+    fn the_compiler_gives_what_a_full_compile_gives_and_says_which_compile_ran() {
+        let s = settings();
+        let mut compiler = Compiler::default();
+        let first = std::sync::Arc::new(snapshot(""));
+        let (d, kind) = compiler.desired(&first, &s).unwrap();
+        assert_eq!(kind, CompileKind::Full);
+        assert_eq!(d, desired(&first, &s).unwrap());
+        let next = std::sync::Arc::new(snapshot(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: new, namespace: prod, labels: {app: web}}\n\
+             spec: {nodeName: node-1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.1.11}\n",
+        ));
+        let (d, kind) = compiler.desired(&next, &s).unwrap();
+        assert_eq!(kind, CompileKind::Incremental);
+        assert_eq!(d, desired(&next, &s).unwrap());
+        assert!(d.local_pods.contains(&NamespacedName::new("prod", "new")));
+        compiler.reset();
+        assert_eq!(compiler.desired(&first, &s).unwrap().1, CompileKind::Full);
+    }
+
+    #[test]
     fn blocks_routes_and_local_pods_come_from_the_snapshot() {
         let d = desired(&snapshot(""), &settings()).unwrap();
         assert_eq!(d.node_ip, Some("192.168.0.1".parse().unwrap()));
