@@ -164,7 +164,8 @@ mod tests {
         let grace = Duration::from_secs(10);
         let mut r = Reports::default();
         r.attach(attachment("web", "10.244.1.5"), t0);
-        let (merged, o) = r.overlay(&snap(&[("web", None)]), "node-1", t0, grace);
+        let s = snap(&[("web", None)]);
+        let (merged, o) = r.overlay(&s, "node-1", t0, grace);
         assert_eq!(o, vec![(key("web"), Outcome::Applied)]);
         let pod = &merged.cluster.pods[&key("web")];
         assert_eq!(pod.ips, vec!["10.244.1.5".parse::<IpAddr>().unwrap()]);
@@ -183,7 +184,8 @@ mod tests {
         let grace = Duration::from_millis(100);
         let mut r = Reports::default();
         r.attach(attachment("ghost", "10.244.1.6"), t0);
-        let (merged, o) = r.overlay(&snap(&[]), "node-1", t0, grace);
+        let s = snap(&[]);
+        let (merged, o) = r.overlay(&s, "node-1", t0, grace);
         assert!(
             merged.cluster.pods.is_empty(),
             "no labels, no policy: fail-closed"
@@ -201,12 +203,8 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Reports::default();
         r.attach(attachment("web", "10.244.1.5"), t0);
-        let (merged, o) = r.overlay(
-            &snap(&[("web", Some("10.244.1.9"))]),
-            "node-1",
-            t0,
-            DEFAULT_GRACE,
-        );
+        let s = snap(&[("web", Some("10.244.1.9"))]);
+        let (merged, o) = r.overlay(&s, "node-1", t0, DEFAULT_GRACE);
         assert_eq!(o, vec![(key("web"), Outcome::Waiting)]);
         assert_eq!(
             merged.cluster.pods[&key("web")].ips,
