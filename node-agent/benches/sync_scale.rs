@@ -16,24 +16,53 @@
 //! the noise floor. For iptables, ipset's own figure (`Size in memory`) is printed too.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sluice_agent::dataplane::{Backend, Dataplane, ExecRunner, NftDataplane, SyncMode};
 use sluice_agent::datastore::Snapshot;
-use sluice_agent::datastore::objects::convert;
+use sluice_agent::datastore::objects::{convert, convert_source};
 use sluice_agent::reconcile::{self, NodeSettings, TunnelFilter};
-use sluice_policy::RawObject;
 use sluice_policy::dataplane::{DataplaneKind, Ruleset};
+use sluice_policy::sources::Sources;
+use sluice_policy::{Cluster, RawObject};
 
 const PODS: usize = 10_000;
 const POLICIES: usize = 1_000;
 const NAMESPACES: usize = 100;
 const NODES: usize = 91; // 10,000 / 110 rounded up
 
+/// Where the synthetic cluster's pods live and what they are called.
+struct Layout {
+    /// The node under test.
+    local_node: String,
+    /// The other nodes are `<prefix><n>`.
+    other_prefix: &'static str,
+    /// Pod `i` gets `<first>.<second>.(i / 250).(i % 250 + 2)`.
+    pod_net: (u8, u8),
+    /// Whether to describe the Node objects too (their addresses).
+    nodes: bool,
+}
+
+impl Layout {
+    fn bench() -> Layout {
+        Layout {
+            local_node: "node-0".into(),
+            other_prefix: "node-",
+            pod_net: (10, 244),
+            nodes: true,
+        }
+    }
+}
+
 fn objects(local_pods: usize) -> Vec<Value> {
+    objects_in(local_pods, &Layout::bench())
+}
+
+fn objects_in(local_pods: usize, layout: &Layout) -> Vec<Value> {
     let mut out = Vec::new();
-    for n in 0..NODES {
+    for n in (0..NODES).filter(|_| layout.nodes) {
         out.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{n}")},
             "status": {"addresses": [{"type": "InternalIP", "address": format!("192.168.{}.{}", n / 250, n % 250 + 1)}]}}));
     }
@@ -44,16 +73,17 @@ fn objects(local_pods: usize) -> Vec<Value> {
     for i in 0..PODS {
         // The first `local_pods` pods run on node-0; the rest spread over the others.
         let node = if i < local_pods {
-            0
+            layout.local_node.clone()
         } else {
-            1 + i % (NODES - 1)
+            format!("{}{}", layout.other_prefix, 1 + i % (NODES - 1))
         };
+        let (a, b) = layout.pod_net;
         out.push(json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("pod-{i}"), "namespace": format!("ns-{}", i % NAMESPACES),
                          "labels": {"app": format!("app-{}", i % 20), "tier": if i % 2 == 0 {"fe"} else {"be"}}},
-            "spec": {"nodeName": format!("node-{node}"),
+            "spec": {"nodeName": node,
                      "containers": [{"name": "c", "image": "x", "ports": [{"name": "http", "containerPort": 8080}]}]},
-            "status": {"phase": "Running", "podIP": format!("10.244.{}.{}", i / 250, i % 250 + 2)}}));
+            "status": {"phase": "Running", "podIP": format!("{a}.{b}.{}.{}", i / 250, i % 250 + 2)}}));
     }
     for p in 0..POLICIES {
         let ns = p % NAMESPACES;
@@ -284,6 +314,7 @@ fn measure(kind: DataplaneKind, local: usize, kernel: bool) -> Vec<(String, Stri
         "one new local pod: convert + compile (pure)".into(),
         ms(t.elapsed()),
     ));
+    rows.extend(incremental(&objs, &settings, &d2));
     if !kernel {
         rows.push(("kernel".into(), "skipped (not root)".into()));
         return rows;
@@ -367,6 +398,61 @@ fn measure(kind: DataplaneKind, local: usize, kernel: bool) -> Vec<(String, Stri
     rows
 }
 
+/// The same new pod as the agent handles it: the directory datastore converts only
+/// the new pod's file ([`Sources`]) and copies the cluster into the snapshot it
+/// publishes, the loop compiles incrementally ([`reconcile::Compiler`]). Checks the
+/// result equals the full compile's.
+fn incremental(
+    objs: &[Value],
+    settings: &NodeSettings,
+    full: &reconcile::Desired,
+) -> Vec<(String, String)> {
+    let raw = |objs: &[Value]| -> Vec<RawObject> {
+        objs.iter()
+            .map(|v| RawObject::new("bench", v.clone()))
+            .collect()
+    };
+    let mut sources: Sources<usize> = Sources::default();
+    sources.replace(0, convert_source(&raw(objs)).parsed);
+    let base = snapshot(objs);
+    let snap = |cluster: Cluster| {
+        Arc::new(Snapshot {
+            cluster,
+            ..base.clone()
+        })
+    };
+    let mut compiler = reconcile::Compiler::default();
+    let (_, kind) = compiler
+        .desired(&snap(sources.cluster().clone()), settings)
+        .unwrap();
+    assert_eq!(kind, reconcile::CompileKind::Full);
+
+    let t = Instant::now();
+    sources.replace(1, convert_source(&raw(&[newcomer()])).parsed);
+    let converted = t.elapsed();
+    let t = Instant::now();
+    let next = snap(sources.cluster().clone());
+    let copied = t.elapsed();
+    let t = Instant::now();
+    let (d, kind) = compiler.desired(&next, settings).unwrap();
+    let compiled = t.elapsed();
+    assert_eq!(kind, reconcile::CompileKind::Incremental);
+    assert!(
+        d == *full,
+        "the incremental compile differs from the full one"
+    );
+    vec![
+        (
+            "one new local pod: incremental convert + compile (pure)".into(),
+            ms(converted + copied + compiled),
+        ),
+        (
+            "… of which: convert the new pod's source / copy the cluster into the snapshot / compile + agent rules".into(),
+            format!("{} / {} / {}", ms(converted), ms(copied), ms(compiled)),
+        ),
+    ]
+}
+
 fn scenario(name: &str, local: usize, kinds: &[DataplaneKind], kernel: bool) {
     let load_before = loadavg();
     let results: Vec<Vec<(String, String)>> = kinds
@@ -419,6 +505,22 @@ fn loadavg() -> String {
 }
 
 fn main() {
+    // The same cluster for the lab's agents (tests/e2e/measure-add-to-connect.sh):
+    // 110 pods on the lab node SLUICE_BENCH_EMIT_NODE, the rest on nodes that do
+    // not exist, with addresses outside the lab's pool, and no Node objects, so that
+    // the agents route nothing to them.
+    if let Ok(path) = std::env::var("SLUICE_BENCH_EMIT") {
+        let layout = Layout {
+            local_node: std::env::var("SLUICE_BENCH_EMIT_NODE").unwrap_or_else(|_| "node-1".into()),
+            other_prefix: "scale-node-",
+            pod_net: (100, 72),
+            nodes: false,
+        };
+        let objs = objects_in(110, &layout);
+        std::fs::write(&path, serde_json::to_vec(&objs).unwrap()).unwrap();
+        eprintln!("wrote {} objects to {path}", objs.len());
+        return;
+    }
     // `cargo bench` passes --bench; anything else is ignored.
     let root = nix::unistd::geteuid().is_root();
     let kinds: Vec<DataplaneKind> = std::env::var("SLUICE_BENCH_DATAPLANES")

@@ -150,12 +150,19 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
     /// health; metrics are updated here.
     async fn apply_once(
         &self,
-        snap: &Snapshot,
+        snap: &Arc<Snapshot>,
         tracker: &mut EnforcementTracker,
+        compiler: &mut reconcile::Compiler,
         mode: SyncMode,
     ) -> Result<(), String> {
         let started = Instant::now();
-        let desired = reconcile::desired(snap, &self.settings).map_err(|e| e.to_string())?;
+        let (mut desired, kind) = compiler
+            .desired(snap, &self.settings)
+            .map_err(|e| e.to_string())?;
+        self.metrics
+            .compile_duration
+            .get_or_create(&vec![("compile", kind.as_str())])
+            .observe(started.elapsed().as_secs_f64());
         for w in &desired.warnings {
             tracing::warn!("{w}");
         }
@@ -168,10 +175,13 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
         self.metrics.syncs.inc();
 
         let dp = self.dataplane.clone();
-        let want = desired.dataplane.clone();
-        let report = tokio::task::spawn_blocking(move || dp.sync(&want, mode))
+        // Moved to the blocking task and back: a copy of 50,000 set members would
+        // cost more than the incremental compile that made them.
+        let want = std::mem::take(&mut desired.dataplane);
+        let (report, want) = tokio::task::spawn_blocking(move || (dp.sync(&want, mode), want))
             .await
             .map_err(|e| format!("dataplane task: {e}"))?;
+        desired.dataplane = want;
         let report = match report {
             Ok(r) => r,
             Err(e) => {
@@ -240,6 +250,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
         }
         tracing::info!("first full datastore sync received; applying");
         let mut tracker = EnforcementTracker::default();
+        let mut compiler = reconcile::Compiler::default();
         let mut backoff = BACKOFF_MIN;
         // The first apply, every periodic resync and every retry read the kernel;
         // syncs caused by datastore changes in between trust the last write.
@@ -252,7 +263,15 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
             if Instant::now() >= next_full {
                 mode = SyncMode::Full;
             }
-            let wait = match self.apply_once(&snap, &mut tracker, mode).await {
+            // Every full (kernel-reading) sync also compiles from nothing: the
+            // incremental compile's safety net, once per resync period.
+            if mode == SyncMode::Full {
+                compiler.reset();
+            }
+            let wait = match self
+                .apply_once(&snap, &mut tracker, &mut compiler, mode)
+                .await
+            {
                 Ok(()) => {
                     self.health.applied();
                     backoff = BACKOFF_MIN;

@@ -54,6 +54,7 @@ pub mod manifest;
 pub mod model;
 pub mod selector;
 pub mod wire;
+pub mod sources;
 
 // The dataplane half: rule model, compiler, renderers, planner and the in-process
 // classifier.

@@ -50,6 +50,31 @@ pub enum Object {
     NodeLabels(String, Labels),
 }
 
+impl Object {
+    /// Adds the object to `cluster`, replacing the one of the same key (see
+    /// [`Parsed::add_to`]). Touches nothing but that key's entries.
+    pub fn add_to(&self, cluster: &mut Cluster) {
+        match self {
+            Object::Namespace(n) => cluster.add_namespace(n.clone()),
+            Object::Pod(p) => cluster.add_pod(p.clone()),
+            Object::Node(n) => {
+                // Its labels, if any, follow it; a relabelled Node replaces them.
+                cluster.node_labels.remove(&n.name);
+                cluster.add_node(n.clone())
+            }
+            Object::NetworkPolicy(p) => cluster.add_policy(p.clone()),
+            Object::RejectedPolicy(key, r) if key.is_cluster_scoped() => {
+                cluster.reject_cluster_policy(&key.name, r.clone())
+            }
+            Object::RejectedPolicy(key, r) => cluster.reject_policy(key.clone(), r.clone()),
+            Object::ClusterNetworkPolicy(p) => cluster.add_cluster_policy(p.clone()),
+            Object::NodeLabels(node, labels) => {
+                cluster.node_labels.insert(node.clone(), labels.clone());
+            }
+        }
+    }
+}
+
 /// An object as read from a source, before conversion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawObject {
@@ -98,24 +123,7 @@ impl Parsed {
     /// one of the same name and the other way round).
     pub fn add_to(&self, cluster: &mut Cluster) {
         for o in &self.objects {
-            match o {
-                Object::Namespace(n) => cluster.add_namespace(n.clone()),
-                Object::Pod(p) => cluster.add_pod(p.clone()),
-                Object::Node(n) => {
-                    // Its labels, if any, follow it; a relabelled Node replaces them.
-                    cluster.node_labels.remove(&n.name);
-                    cluster.add_node(n.clone())
-                }
-                Object::NetworkPolicy(p) => cluster.add_policy(p.clone()),
-                Object::RejectedPolicy(key, r) if key.is_cluster_scoped() => {
-                    cluster.reject_cluster_policy(&key.name, r.clone())
-                }
-                Object::RejectedPolicy(key, r) => cluster.reject_policy(key.clone(), r.clone()),
-                Object::ClusterNetworkPolicy(p) => cluster.add_cluster_policy(p.clone()),
-                Object::NodeLabels(node, labels) => {
-                    cluster.node_labels.insert(node.clone(), labels.clone());
-                }
-            }
+            o.add_to(cluster);
         }
     }
 

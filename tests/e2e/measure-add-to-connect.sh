@@ -4,22 +4,73 @@
 # created with `lab apply --no-wait`, which returns as soon as its CNI ADD has (plus
 # the lab's bookkeeping: the echo server start and the manifest write); then an
 # allowed client probes it every few milliseconds until the connection goes through.
-# Also prints the agent's own metric of the same delay.
+# Also prints the agent's own metric of the same delay (add_to_enforced_seconds: from
+# the plugin's report, or the pod's first sight with an address, to its policy
+# applied) and its compile times, full and incremental, over the same pods.
 #
 #   sudo tests/e2e/measure-add-to-connect.sh [path/to/sluicectl] [pods]   (default: target/debug, 50)
+#
+# Environment:
+#   DATAPLANES="iptables nftables"  one lab per dataplane, one after the other
+#                                   (default: the lab's own choice, one lab)
+#   SCALE=realistic                 describe the sync_scale bench's realistic cluster
+#                                   to the agents first: 10,000 pods (110 on node-1,
+#                                   the rest on nodes that do not exist, addresses
+#                                   outside the pool) and 1,000 policies in 100
+#                                   namespaces, written into the lab's manifests
+#                                   directory (the agents' directory datastore).
+#                                   The generator is the bench's own
+#                                   (SLUICE_BENCH_EMIT); SCALE_GEN names its built
+#                                   binary, else `cargo bench` runs it.
+#   NAME=measure-a2c                lab name prefix
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 S=${1:-${CARGO_TARGET_DIR:-target}/debug/sluicectl}
 N=${2:-50}
-NAME=measure-a2c
+PREFIX=${NAME:-measure-a2c}
+DATAPLANES=${DATAPLANES:-auto}
+SCALE=${SCALE:-none}
 now() { date +%s%N; }
 pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END{i=int((NR*p+99)/100); if(i<1)i=1; printf "%.1f", a[i]}'; }
+metrics() { ip netns exec "$1" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9099; printf "GET /metrics HTTP/1.0\r\n\r\n" >&3; cat <&3'; }
+# p-th percentile's bucket bound (ms) from two scrapes of a Prometheus histogram.
+hist_pct() { # before after name p  (buckets are exposed in ascending order)
+    paste <(grep "^$3_bucket" "$1") <(grep "^$3_bucket" "$2") |
+        awk -v p="$4" '{le=$1; sub(/.*le="/, "", le); sub(/".*/, "", le); b[NR]=le; c[NR]=$4-$2}
+            END{n=c[NR]; if(n<=0){print "n/a"; exit}
+                for(i=1;i<=NR;i++) if(c[i]>=n*p/100){ if(b[i]=="+Inf") print "> last bucket"; else printf "≤ %.1f ms", b[i]*1000; exit}}'
+}
+hist_sum() { # before after count-series sum-series → "count, mean ms"
+    local c0 c1 s0 s1
+    c0=$(grep -F "$3 " "$1" | awk '{print $NF}' | head -1); c1=$(grep -F "$3 " "$2" | awk '{print $NF}' | head -1)
+    s0=$(grep -F "$4 " "$1" | awk '{print $NF}' | head -1); s1=$(grep -F "$4 " "$2" | awk '{print $NF}' | head -1)
+    awk -v c0="${c0:-0}" -v c1="${c1:-0}" -v s0="${s0:-0}" -v s1="${s1:-0}" \
+        'BEGIN{n=c1-c0; if(n>0) printf "%d, mean %.2f ms", n, (s1-s0)/n*1000; else print "none"}'
+}
 
-"$S" lab down --name $NAME >/dev/null 2>&1 || true
-trap '"$S" lab down --name $NAME >/dev/null' EXIT
-"$S" lab up --name $NAME --nodes 2 >/dev/null
 tmp=$(mktemp -d)
-cat > "$tmp/base.yaml" <<'YAML'
+if [ "$SCALE" = realistic ]; then
+    if [ -n "${SCALE_GEN:-}" ]; then
+        SLUICE_BENCH_EMIT="$tmp/scale.json" SLUICE_BENCH_EMIT_NODE=node-1 "$SCALE_GEN"
+    else
+        SLUICE_BENCH_EMIT="$tmp/scale.json" SLUICE_BENCH_EMIT_NODE=node-1 \
+            cargo bench -q --locked -p sluice-agent --bench sync_scale
+    fi
+fi
+
+measure() { # dataplane
+    local dp=$1 name="$PREFIX-${1:0:3}"
+    [ "$dp" = auto ] && name=$PREFIX
+    "$S" lab down --name "$name" >/dev/null 2>&1 || true
+    trap '"$S" lab down --name '"$name"' >/dev/null 2>&1; rm -rf '"$tmp" EXIT
+    local up=(lab up --name "$name" --nodes 2)
+    [ "$dp" != auto ] && up+=(--dataplane "$dp")
+    "$S" "${up[@]}" >/dev/null
+    if [ "$SCALE" = realistic ]; then
+        mkdir -p "/run/sluice-lab/$name/manifests/scale"
+        cp "$tmp/scale.json" "/run/sluice-lab/$name/manifests/scale/cluster.json"
+    fi
+    cat > "$tmp/base.yaml" <<'YAML'
 apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: bench, labels: {app: client}}
@@ -30,27 +81,49 @@ kind: NetworkPolicy
 metadata: {name: server-from-client, namespace: bench}
 spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]}
 YAML
-"$S" lab apply --name $NAME -f "$tmp/base.yaml" >/dev/null
-: > "$tmp/ms"; : > "$tmp/ms_apply"
-for i in $(seq "$N"); do
-    printf 'apiVersion: v1\nkind: Pod\nmetadata: {name: server-%s, namespace: bench, labels: {app: server}}\nspec: {nodeName: node-1, containers: [{name: c, ports: [{containerPort: 80}]}]}\n' "$i" > "$tmp/p.yaml"
-    t0=$(now)
-    "$S" lab apply --name $NAME -f "$tmp/p.yaml" --no-wait >/dev/null
-    t=$(now)
-    until "$S" lab probe --name $NAME --from bench/client --to "bench/server-$i" --port 80 --timeout-ms 20 | grep -q connected; do
-        if [ $(( ($(now) - t) / 1000000 )) -gt 10000 ]; then echo "server-$i: not connected within 10 s" >&2; break; fi
+    "$S" lab apply --name "$name" -f "$tmp/base.yaml" >/dev/null
+    local ns="$name-node-1"
+    if [ "$SCALE" = realistic ]; then
+        # The scale cluster is in force once node-1 has the synthetic pods' chains
+        # or map elements: wait for its set members to pass 50,000.
+        for _ in $(seq 300); do
+            m=$(metrics "$ns" | awk '/^sluice_agent_set_members_programmed /{print $2}')
+            [ "${m:-0}" -gt 50000 ] && break
+            sleep 0.2
+        done
+        echo "node-1 programs ${m:-?} set members"
+    fi
+    metrics "$ns" > "$tmp/m0"
+    : > "$tmp/ms"; : > "$tmp/ms_apply"
+    for i in $(seq "$N"); do
+        printf 'apiVersion: v1\nkind: Pod\nmetadata: {name: server-%s, namespace: bench, labels: {app: server}}\nspec: {nodeName: node-1, containers: [{name: c, ports: [{containerPort: 80}]}]}\n' "$i" > "$tmp/p.yaml"
+        t0=$(now)
+        "$S" lab apply --name "$name" -f "$tmp/p.yaml" --no-wait >/dev/null
+        t=$(now)
+        until "$S" lab probe --name "$name" --from bench/client --to "bench/server-$i" --port 80 --timeout-ms 20 | grep -q connected; do
+            if [ $(( ($(now) - t) / 1000000 )) -gt 10000 ]; then echo "server-$i: not connected within 10 s" >&2; break; fi
+        done
+        t2=$(now)
+        echo "$(( (t2 - t) / 1000 ))" | awk '{printf "%.1f\n", $1/1000}' >> "$tmp/ms"
+        echo "$(( (t2 - t0) / 1000 ))" | awk '{printf "%.1f\n", $1/1000}' >> "$tmp/ms_apply"
     done
-    t2=$(now)
-    echo "$(( (t2 - t) / 1000 ))" | awk '{printf "%.1f\n", $1/1000}' >> "$tmp/ms"
-    echo "$(( (t2 - t0) / 1000 ))" | awk '{printf "%.1f\n", $1/1000}' >> "$tmp/ms_apply"
+    metrics "$ns" > "$tmp/m1"
+    echo "== dataplane $dp, scale: $SCALE, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "ADD return → first allowed connection over $N pods (cross-node, policy in the namespace):"
+    echo "  from apply's return (a lower bound: apply returns after ADD plus the echo server's start):"
+    echo "    p50 $(pct 50 < "$tmp/ms") ms, p99 $(pct 99 < "$tmp/ms") ms, max $(pct 100 < "$tmp/ms") ms"
+    echo "  from apply's start (an upper bound: includes the ADD itself and the lab's bookkeeping):"
+    echo "    p50 $(pct 50 < "$tmp/ms_apply") ms, p99 $(pct 99 < "$tmp/ms_apply") ms, max $(pct 100 < "$tmp/ms_apply") ms"
+    echo "agent on node-1, over the same pods:"
+    local a=sluice_agent_add_to_enforced_seconds c=sluice_agent_compile_duration_seconds
+    echo "  add_to_enforced_seconds: $(hist_sum "$tmp/m0" "$tmp/m1" "${a}_count" "${a}_sum") (p50 $(hist_pct "$tmp/m0" "$tmp/m1" $a 50), p99 $(hist_pct "$tmp/m0" "$tmp/m1" $a 99), bucket bounds)"
+    for kind in incremental full; do
+        echo "  compile_duration_seconds{compile=\"$kind\"}: $(hist_sum "$tmp/m0" "$tmp/m1" "${c}_count{compile=\"$kind\"}" "${c}_sum{compile=\"$kind\"}")"
+    done
+    "$S" lab down --name "$name" >/dev/null
+    trap 'rm -rf '"$tmp" EXIT
+}
+
+for dp in $DATAPLANES; do
+    measure "$dp"
 done
-echo "ADD return → first allowed connection over $N pods (cross-node, policy in the namespace):"
-echo "  from apply's return (a lower bound: apply returns after ADD plus the echo server's start):"
-echo "    p50 $(pct 50 < "$tmp/ms") ms, p99 $(pct 99 < "$tmp/ms") ms, max $(pct 100 < "$tmp/ms") ms"
-echo "  from apply's start (an upper bound: includes the ADD itself and the lab's bookkeeping):"
-echo "    p50 $(pct 50 < "$tmp/ms_apply") ms, p99 $(pct 99 < "$tmp/ms_apply") ms, max $(pct 100 < "$tmp/ms_apply") ms"
-# The agent's metric of the same delay (from the plugin's report to policy applied).
-ns="$NAME-node-1"
-ip netns exec "$ns" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9099; printf "GET /metrics HTTP/1.0\r\n\r\n" >&3; cat <&3' |
-    grep -E '^sluice_agent_(add_to_enforced_seconds_(sum|count)|local_reports_total)' || true
-rm -rf "$tmp"

@@ -12,9 +12,11 @@ use sluice_ipam::blocks::{Pool, blocks_of, claim_block};
 use sluice_ipam::store::BlockStore;
 use sluice_ipam::store::dir::DirStore;
 
-use sluice_policy::RawObject;
+use sluice_node_files::local_api::AddressAnnotations;
+use sluice_policy::NamespacedName;
+use sluice_policy::sources::Sources;
 
-use super::objects::{convert, parse_manifest_text};
+use super::objects::{convert_source, parse_manifest_text};
 use super::{Datastore, DatastoreError, Snapshot, SnapshotSender};
 
 pub struct DirDatastore {
@@ -110,20 +112,35 @@ fn scan(dir: &Path) -> Result<BTreeMap<PathBuf, Stamp>, DatastoreError> {
 
 /// Per-file cache: a file that stops parsing keeps its last good objects, so a
 /// half-written edit never removes policies (and opens traffic) for a moment.
+///
+/// Each file's objects are converted once, when it changes, and the cluster is
+/// updated by that file's objects only ([`Sources`]): a new pod's file at 10,000
+/// pods costs its own conversion, not everyone's.
 #[derive(Default)]
 pub struct ManifestCache {
-    files: BTreeMap<PathBuf, (Stamp, Vec<RawObject>)>,
+    files: BTreeMap<PathBuf, Stamp>,
+    sources: Sources<PathBuf>,
+    annotations: BTreeMap<PathBuf, BTreeMap<NamespacedName, AddressAnnotations>>,
 }
 
 impl ManifestCache {
     /// Re-read changed files; returns whether anything changed.
     pub fn refresh(&mut self, dir: &Path) -> Result<bool, DatastoreError> {
         let now = scan(dir)?;
-        let before = self.files.len();
-        self.files.retain(|p, _| now.contains_key(p));
-        let mut changed = self.files.len() != before;
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !now.contains_key(*p))
+            .cloned()
+            .collect();
+        let mut changed = !gone.is_empty();
+        for path in gone {
+            self.files.remove(&path);
+            self.annotations.remove(&path);
+            self.sources.remove(&path);
+        }
         for (path, stamp) in now {
-            if self.files.get(&path).is_some_and(|(s, _)| *s == stamp) {
+            if self.files.get(&path).is_some_and(|s| *s == stamp) {
                 continue;
             }
             let text = match std::fs::read_to_string(&path) {
@@ -135,8 +152,21 @@ impl ManifestCache {
             };
             match parse_manifest_text(&path.display().to_string(), &text) {
                 Ok(objects) => {
-                    self.files.insert(path, (stamp, objects));
-                    changed = true;
+                    let conv = convert_source(&objects);
+                    for s in &conv.skipped {
+                        tracing::warn!(object = %s, "manifest object skipped");
+                    }
+                    for r in &conv.rejected {
+                        tracing::error!(object = %r, "NetworkPolicy rejected; the pods it selects are held fail-closed");
+                    }
+                    self.files.insert(path.clone(), stamp);
+                    if conv.annotations.is_empty() {
+                        changed |= self.annotations.remove(&path).is_some();
+                    } else {
+                        changed |= self.annotations.get(&path) != Some(&conv.annotations);
+                        self.annotations.insert(path.clone(), conv.annotations);
+                    }
+                    changed |= self.sources.replace(path, conv.parsed);
                 }
                 Err(e) => {
                     // Not YAML/JSON: nothing in it can be attributed to an object, so
@@ -144,19 +174,25 @@ impl ManifestCache {
                     // half-written edit must not open anything); remember the stamp so
                     // the error is logged once per edit, not once per poll.
                     tracing::error!(error = %e, "manifest does not parse; keeping its previous content");
-                    let old = self.files.remove(&path).map(|(_, o)| o).unwrap_or_default();
-                    self.files.insert(path, (stamp, old));
+                    self.files.insert(path, stamp);
                 }
             }
         }
         Ok(changed)
     }
 
-    pub fn objects(&self) -> Vec<RawObject> {
-        self.files
-            .values()
-            .flat_map(|(_, o)| o.iter().cloned())
-            .collect()
+    /// The cluster every file's objects make.
+    pub fn cluster(&self) -> &sluice_policy::Cluster {
+        self.sources.cluster()
+    }
+
+    /// Pods' address annotations, a later file's winning as a later object would.
+    pub fn annotations(&self) -> BTreeMap<NamespacedName, AddressAnnotations> {
+        let mut out = BTreeMap::new();
+        for a in self.annotations.values() {
+            out.extend(a.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        out
     }
 }
 
@@ -171,17 +207,10 @@ impl Datastore for DirDatastore {
                 if !changed && last.as_ref().is_some_and(|l| l.blocks == blocks) {
                     return Ok(None);
                 }
-                let conv = convert(&cache.objects());
-                for s in &conv.skipped {
-                    tracing::warn!(object = %s, "manifest object skipped");
-                }
-                for r in &conv.rejected {
-                    tracing::error!(object = %r, "NetworkPolicy rejected; the pods it selects are held fail-closed");
-                }
                 Ok(Some(Snapshot {
-                    cluster: conv.cluster,
+                    cluster: cache.cluster().clone(),
                     blocks,
-                    annotations: conv.annotations,
+                    annotations: cache.annotations(),
                     reported: Default::default(),
                 }))
             }

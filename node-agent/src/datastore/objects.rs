@@ -46,6 +46,29 @@ pub fn convert(objects: &[RawObject]) -> Conversion {
     }
 }
 
+/// One source's objects converted, for [`sluice_policy::sources::Sources`]: what
+/// [`convert`] does for all of them, with its messages for the log.
+pub fn convert_source(objects: &[RawObject]) -> SourceConversion {
+    let parsed = manifest::convert_objects(objects.iter().filter(|o| !finished_pod(o)));
+    let (rejected, skipped): (Vec<_>, Vec<_>) =
+        parsed.rejected.iter().partition(|e| e.holds_pods());
+    SourceConversion {
+        annotations: address_annotations(objects),
+        skipped: skipped.iter().map(|e| e.to_string()).collect(),
+        rejected: rejected.iter().map(|e| e.to_string()).collect(),
+        parsed,
+    }
+}
+
+/// One source's part of a [`Conversion`].
+#[derive(Debug, Clone, Default)]
+pub struct SourceConversion {
+    pub parsed: manifest::Parsed,
+    pub skipped: Vec<String>,
+    pub rejected: Vec<String>,
+    pub annotations: BTreeMap<NamespacedName, AddressAnnotations>,
+}
+
 /// The address annotations of every pod that has one: what the plugin asks the agent
 /// for on ADD, so it must be there before the pod has an address.
 fn address_annotations(objects: &[RawObject]) -> BTreeMap<NamespacedName, AddressAnnotations> {

@@ -262,8 +262,20 @@ pub async fn overlay(
             api.metrics
                 .local_reports_pending
                 .set(api.reports().len() as i64);
-            let changed = out.borrow().as_deref() != Some(&merged);
-            if changed && out.send(Some(Arc::new(merged))).is_err() {
+            let merged = match merged {
+                // No report applies: the datastore's snapshot itself, as above.
+                std::borrow::Cow::Borrowed(_) => {
+                    let same = out.borrow().as_ref().is_some_and(|o| Arc::ptr_eq(o, &snap));
+                    (!same).then(|| snap.clone())
+                }
+                std::borrow::Cow::Owned(merged) => {
+                    let changed = out.borrow().as_deref() != Some(&merged);
+                    changed.then(|| Arc::new(merged))
+                }
+            };
+            if let Some(m) = merged
+                && out.send(Some(m)).is_err()
+            {
                 return;
             }
         }

@@ -88,6 +88,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::IpNet;
 
+use super::incremental::{self, Dependency, Recipe, SetCache};
 use super::intervals::{AddrSet, Box3, BoxSet, Painter};
 use super::members::{Index, v4, v4_excepts};
 use super::{
@@ -131,10 +132,22 @@ pub fn compile(
     node: &str,
     ifaces: &dyn InterfaceNames,
 ) -> Result<Ruleset, CompileError> {
+    compile_with(cluster, node, ifaces, None)
+}
+
+/// [`compile`], taking the shared sets' contents from `cache` where a previous
+/// compile left them ([`super::incremental`]).
+pub(super) fn compile_with(
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+    cache: Option<&mut SetCache>,
+) -> Result<Ruleset, CompileError> {
     let mut c = Flat {
         index: Index::new(cluster),
         ruleset: Ruleset::default(),
         named_cache: BTreeMap::new(),
+        cache,
     };
     let mut to_pod = VerdictMap {
         name: MAP_TO_POD.into(),
@@ -221,6 +234,8 @@ struct Flat<'a> {
     ruleset: Ruleset,
     /// Egress named ports: (name, protocol) → every pod's (address, port).
     named_cache: BTreeMap<(String, Protocol), Vec<(Ipv4Addr, u16)>>,
+    /// Shared sets' contents from earlier compiles (an incremental compile).
+    cache: Option<&'a mut SetCache>,
 }
 
 /// The named ports (name, protocol) that `policies` reference in `direction`.
@@ -807,26 +822,18 @@ impl Flat<'_> {
         }
         let name = names::flat_set(any, &key);
         if !self.ruleset.sets.contains_key(&name) {
-            let allowed = self.allowed(pairs);
-            let (kind, members) = if any {
-                let members = allowed.any.ranges().map(SetMember::Range).collect();
-                (SetKind::AddrIntervals, members)
+            let kind = if any {
+                SetKind::AddrIntervals
             } else {
-                let members = allowed
-                    .tuples
-                    .boxes()
-                    .into_iter()
-                    .map(|(b, ())| SetMember::Tuple {
-                        addrs: b.addrs,
-                        protocol: b.protocol,
-                        ports: PortRange {
-                            start: b.ports.start,
-                            end: b.ports.end,
-                        },
-                    })
-                    .collect();
-                (SetKind::AddrProtoPortIntervals, members)
+                SetKind::AddrProtoPortIntervals
             };
+            let mut cache = self.cache.take();
+            let members = incremental::through(
+                &mut cache,
+                || (Recipe::Flat { any, pairs: key }, dependencies(pairs)),
+                || self.shared_members(any, pairs),
+            );
+            self.cache = cache;
             self.ruleset.sets.insert(
                 name.clone(),
                 IpSet {
@@ -837,6 +844,32 @@ impl Flat<'_> {
             );
         }
         name
+    }
+
+    /// What a shared set of `pairs` holds (see [`Flat::shared_set`]).
+    fn shared_members(
+        &mut self,
+        any: bool,
+        pairs: &[(PeerRef<'_>, PortRef)],
+    ) -> BTreeSet<SetMember> {
+        let allowed = self.allowed(pairs);
+        if any {
+            allowed.any.ranges().map(SetMember::Range).collect()
+        } else {
+            allowed
+                .tuples
+                .boxes()
+                .into_iter()
+                .map(|(b, ())| SetMember::Tuple {
+                    addrs: b.addrs,
+                    protocol: b.protocol,
+                    ports: PortRange {
+                        start: b.ports.start,
+                        end: b.ports.end,
+                    },
+                })
+                .collect()
+        }
     }
 
     fn add_group(
@@ -949,6 +982,27 @@ fn contributions<'p>(
         }
     }
     out.into_iter().collect()
+}
+
+/// What a shared set of `pairs` changes with: the pods its pod peers select, the
+/// pods declaring its (egress) named ports.
+fn dependencies(pairs: &[(PeerRef<'_>, PortRef)]) -> Vec<Dependency> {
+    let mut out = Vec::new();
+    for (peer, port) in pairs {
+        if let PeerRef::Pods(ns, pp) = peer {
+            out.push(Dependency::PodPeer {
+                namespace: ns.to_string(),
+                peer: (*pp).clone(),
+            });
+        }
+        if let PortRef::Named(protocol, name) = port {
+            out.push(Dependency::NamedPort {
+                name: name.clone(),
+                protocol: *protocol,
+            });
+        }
+    }
+    out
 }
 
 /// `ingress: ns/a, ns/b` — as many policies as fit, then `+N`.

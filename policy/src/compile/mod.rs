@@ -70,9 +70,11 @@ use crate::model::{Cluster, NetworkPolicy, Peer, Peers, Pod, PortMatch, Ports, P
 use crate::names::{self, Direction};
 
 pub mod flat;
+pub mod incremental;
 pub mod intervals;
 mod members;
 pub mod tiers;
+use incremental::{Dependency, Recipe, SetCache};
 use members::{Index, ip_block_members, v4, v4_excepts};
 
 // The model's types, reachable here too: the compiler's output is spelled in them.
@@ -168,6 +170,7 @@ fn port_spec_matches(port: &PortSpec) -> Vec<Match> {
 struct Compiler<'a> {
     index: Index<'a>,
     ruleset: Ruleset,
+    cache: Option<&'a mut SetCache>,
 }
 
 impl<'a> Compiler<'a> {
@@ -182,7 +185,19 @@ impl<'a> Compiler<'a> {
                 Peer::Pods(pp) => {
                     let name = names::pod_peer_set(&policy.namespace, pp);
                     if !self.ruleset.sets.contains_key(&name) {
-                        let members = self.index.pod_peer_members(&policy.namespace, pp);
+                        let index = &self.index;
+                        let members = incremental::through(
+                            &mut self.cache,
+                            || {
+                                let (namespace, peer) = (policy.namespace.clone(), pp.clone());
+                                let dep = Dependency::PodPeer {
+                                    namespace: namespace.clone(),
+                                    peer: peer.clone(),
+                                };
+                                (Recipe::PodPeer { namespace, peer }, vec![dep])
+                            },
+                            || index.pod_peer_members(&policy.namespace, pp),
+                        );
                         self.add_set(name.clone(), SetKind::HashIp, members);
                     }
                     out.push(PeerMatch::Set(name));
@@ -221,7 +236,19 @@ impl<'a> Compiler<'a> {
                 PortMatch::Named(name) => {
                     let set = names::named_port_set(name, p.protocol);
                     if !self.ruleset.sets.contains_key(&set) {
-                        let members = self.index.named_port_members(name, p.protocol);
+                        let index = &self.index;
+                        let members = incremental::through(
+                            &mut self.cache,
+                            || {
+                                let (name, protocol) = (name.clone(), p.protocol);
+                                let dep = Dependency::NamedPort {
+                                    name: name.clone(),
+                                    protocol,
+                                };
+                                (Recipe::NamedPort { name, protocol }, vec![dep])
+                            },
+                            || index.named_port_members(name, p.protocol),
+                        );
                         self.add_set(set, SetKind::HashIpPort, members);
                     }
                     out.push(PortSpec::Named(p.protocol, name.clone()));
@@ -345,10 +372,35 @@ pub fn compile_for(
     node: &str,
     ifaces: &dyn InterfaceNames,
 ) -> Result<Ruleset, CompileError> {
-    match dataplane {
-        crate::dataplane::DataplaneKind::Iptables => compile(cluster, node, ifaces),
-        crate::dataplane::DataplaneKind::Nftables => flat::compile(cluster, node, ifaces),
+    compile_for_with(dataplane, cluster, node, ifaces, None)
+}
+
+/// [`compile_for`], taking set contents from `cache` where a previous compile left
+/// them ([`incremental`]); without a cache, a full compile that keeps nothing.
+pub fn compile_for_with(
+    dataplane: crate::dataplane::DataplaneKind,
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+    mut cache: Option<&mut SetCache>,
+) -> Result<Ruleset, CompileError> {
+    if let Some(c) = cache.as_deref_mut() {
+        c.start();
     }
+    let out = match dataplane {
+        crate::dataplane::DataplaneKind::Iptables => {
+            compile_with(cluster, node, ifaces, cache.as_deref_mut())
+        }
+        crate::dataplane::DataplaneKind::Nftables => {
+            flat::compile_with(cluster, node, ifaces, cache.as_deref_mut())
+        }
+    };
+    if let Some(c) = cache
+        && out.is_ok()
+    {
+        c.finish();
+    }
+    out
 }
 
 /// Compiles the policy dataplane of node `node`: the local pods are the cluster's
@@ -359,9 +411,19 @@ pub fn compile(
     node: &str,
     ifaces: &dyn InterfaceNames,
 ) -> Result<Ruleset, CompileError> {
+    compile_with(cluster, node, ifaces, None)
+}
+
+fn compile_with(
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+    cache: Option<&mut SetCache>,
+) -> Result<Ruleset, CompileError> {
     let mut c = Compiler {
         index: Index::new(cluster),
         ruleset: Ruleset::default(),
+        cache,
     };
     let mut dispatch = Dispatch::default();
     c.local_pods(node, ifaces, &mut dispatch)?;

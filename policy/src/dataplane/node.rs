@@ -150,8 +150,26 @@ pub fn node_ruleset(
     settings: &NodeSettings,
     ifaces: &dyn InterfaceNames,
 ) -> Result<Ruleset, CompileError> {
-    let full = with_stand_ins(cluster);
-    let mut rs = compile::compile_for(settings.dataplane, &full, &settings.node, ifaces)?;
+    node_ruleset_with(cluster, settings, ifaces, None)
+}
+
+/// [`node_ruleset`] with the policy part compiled incrementally from `cache`
+/// ([`compile::incremental`]); the same result.
+pub fn node_ruleset_with(
+    cluster: &Cluster,
+    settings: &NodeSettings,
+    ifaces: &dyn InterfaceNames,
+    cache: Option<&mut compile::incremental::SetCache>,
+) -> Result<Ruleset, CompileError> {
+    // Copying 10,000 pods costs more than an incremental compile: only when there
+    // are stand-ins to add.
+    let full = if cluster.rejected_policies.is_empty() {
+        std::borrow::Cow::Borrowed(cluster)
+    } else {
+        std::borrow::Cow::Owned(with_stand_ins(cluster))
+    };
+    let mut rs =
+        compile::compile_for_with(settings.dataplane, &full, &settings.node, ifaces, cache)?;
     for table in [Table::Filter, Table::Nat] {
         rs.tables.entry(table).or_default();
     }
