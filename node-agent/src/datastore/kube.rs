@@ -8,6 +8,8 @@
 //! agent runs with no ClusterNetworkPolicies, says so once in its log and in
 //! `/readyz` (a note, not a failure), and its reflector's backoff keeps listing, so
 //! policies apply as soon as the CRD is installed.
+//! Each ClusterNetworkPolicy's `Accepted` status condition is written from a task of
+//! its own, only when the object does not already say it (`docs/cluster-network-policy.md`).
 //!
 //! Every object is serialized to JSON and converted by [`super::objects`], the same
 //! path the directory datastore takes.
