@@ -2,7 +2,9 @@
 //! (real wire format: lists, watch streams of JSON lines, 404 `Status` for a resource
 //! whose CRD is not installed): they reach the snapshot the compiler reads and follow
 //! changes; a missing CRD is not a failure (no ClusterNetworkPolicies, a note in
-//! `/readyz`, found again once installed). Also checks that the CRD manifest in
+//! `/readyz`, found again once installed); each gets its `Accepted` status condition,
+//! written once, whatever the number of agents, and a refused write changes nothing
+//! else. Also checks that the CRD manifest in
 //! `manifests/crds/` is what the Rust type generates and carries upstream's validation.
 
 use std::path::Path;
@@ -297,5 +299,182 @@ async fn without_the_crd_the_agent_runs_notes_it_in_readyz_and_finds_it_once_ins
         a.datastore.notes()
     );
     assert!(shared.lock().unwrap().cluster_policy_lists > probes);
+    a.task.abort();
+}
+
+/// A policy whose second egress peer is `domainNames`, which sluice does not implement.
+fn cnp_with_domain_names(name: &str) -> Value {
+    json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+           "metadata": {"name": name, "uid": format!("cnp-{name}"), "generation": 4},
+           "spec": {"tier": "Admin", "priority": 30,
+                    "subject": {"namespaces": {}},
+                    "egress": [{"action": "Accept",
+                                "to": [{"networks": ["10.0.0.0/8"]},
+                                       {"domainNames": ["example.com"]}]}]}})
+}
+
+/// The `Accepted` condition the fake holds for `name`, if written.
+fn condition(shared: &Shared, name: &str) -> Option<Value> {
+    let f = shared.lock().unwrap();
+    let obj = f.objects.get(CLUSTER_POLICIES)?.get(&format!("/{name}"))?;
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .cloned()
+}
+
+fn patches(shared: &Shared) -> usize {
+    shared.lock().unwrap().status_patches.len()
+}
+
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..300 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_policy_gets_its_accepted_condition_written_once() {
+    let (client, shared) = fake_api(true).await;
+    Fake::apply(&shared, CLUSTER_POLICIES, cnp("deny-ssh", 10, 22));
+    Fake::apply(
+        &shared,
+        CLUSTER_POLICIES,
+        cnp_with_domain_names("to-example"),
+    );
+    Fake::apply(&shared, CLUSTER_POLICIES, cnp("too-low", 5000, 22));
+    let mut a = start(client.clone());
+    snapshot(&mut a, "a first snapshot", |_| true).await;
+    eventually("three conditions", || {
+        ["deny-ssh", "to-example", "too-low"]
+            .iter()
+            .all(|n| condition(&shared, n).is_some())
+    })
+    .await;
+
+    let c = condition(&shared, "deny-ssh").unwrap();
+    assert_eq!(
+        (&c["status"], &c["reason"]),
+        (&json!("True"), &json!("Accepted"))
+    );
+    assert_eq!(c["observedGeneration"], 1);
+    assert!(
+        c["lastTransitionTime"].as_str().unwrap().ends_with('Z'),
+        "{c}"
+    );
+
+    // domainNames: accepted, the unimplemented field named, the rest enforced.
+    let c = condition(&shared, "to-example").unwrap();
+    assert_eq!(
+        (&c["status"], &c["reason"]),
+        (&json!("True"), &json!("NotImplemented"))
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.egress[0].to[1].domainNames"),
+        "{c}"
+    );
+    assert_eq!(c["observedGeneration"], 4);
+
+    let c = condition(&shared, "too-low").unwrap();
+    assert_eq!(
+        (&c["status"], &c["reason"]),
+        (&json!("False"), &json!("Invalid"))
+    );
+    let message = c["message"].as_str().unwrap();
+    assert!(message.starts_with("spec.priority: "), "{message}");
+    assert!(message.contains("5000"), "{message}");
+
+    {
+        let f = shared.lock().unwrap();
+        assert_eq!(f.status_patches.len(), 3, "{:?}", f.status_patches);
+        for p in &f.status_patches {
+            assert_eq!(p.content_type, "application/apply-patch+yaml");
+            assert_eq!(p.field_manager.as_deref(), Some("sluice-agent"));
+            assert!(p.force);
+            assert_eq!(p.body["status"]["conditions"].as_array().unwrap().len(), 1);
+        }
+    }
+
+    // The writes came back through the watch; later syncs, and a second agent with
+    // the same objects, find the status already right and write nothing.
+    let mut b = start(client);
+    snapshot(&mut b, "the second agent's first snapshot", |s| {
+        s.cluster.cluster_policies.contains_key("to-example")
+    })
+    .await;
+    Fake::apply(&shared, CLUSTER_POLICIES, cnp("later", 40, 80));
+    eventually("the new policy's condition", || {
+        condition(&shared, "later").is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let written: Vec<String> = shared.lock().unwrap().status_patches[3..]
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    assert!(
+        !written.is_empty() && written.iter().all(|n| n == "later"),
+        "only the new policy is written (once per agent at most): {written:?}"
+    );
+    assert!(written.len() <= 2, "{written:?}");
+
+    // A new generation that stays accepted: observedGeneration moves, the
+    // transition time does not.
+    let before = condition(&shared, "deny-ssh").unwrap();
+    let mut changed = cnp("deny-ssh", 11, 22);
+    changed["metadata"]["generation"] = json!(2);
+    changed["status"] = json!({"conditions": [before.clone()]});
+    Fake::apply(&shared, CLUSTER_POLICIES, changed);
+    eventually("observedGeneration 2", || {
+        condition(&shared, "deny-ssh").is_some_and(|c| c["observedGeneration"] == 2)
+    })
+    .await;
+    assert_eq!(
+        condition(&shared, "deny-ssh").unwrap()["lastTransitionTime"],
+        before["lastTransitionTime"]
+    );
+    a.task.abort();
+    b.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_status_write_is_logged_and_the_policy_still_applies() {
+    let (client, shared) = fake_api(true).await;
+    shared.lock().unwrap().status_patch_error = Some(403);
+    Fake::apply(&shared, CLUSTER_POLICIES, cnp("deny-ssh", 10, 22));
+    let mut a = start(client);
+    let first = snapshot(&mut a, "a first snapshot", |_| true).await;
+    assert!(first.cluster.cluster_policies.contains_key("deny-ssh"));
+    eventually("the refused write", || patches(&shared) == 1).await;
+
+    // Enforcement goes on: a change still reaches the snapshot, and the refused
+    // write is not retried at every sync.
+    Fake::apply(&shared, CLUSTER_POLICIES, cnp("deny-dns", 20, 53));
+    snapshot(&mut a, "the second policy", |s| {
+        s.cluster.cluster_policies.contains_key("deny-dns")
+    })
+    .await;
+    eventually("the second policy's refused write", || {
+        patches(&shared) == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let names: Vec<String> = shared
+        .lock()
+        .unwrap()
+        .status_patches
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(names, ["deny-ssh", "deny-dns"]);
+    assert!(condition(&shared, "deny-ssh").is_none());
     a.task.abort();
 }

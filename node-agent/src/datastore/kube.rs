@@ -8,6 +8,8 @@
 //! agent runs with no ClusterNetworkPolicies, says so once in its log and in
 //! `/readyz` (a note, not a failure), and its reflector's backoff keeps listing, so
 //! policies apply as soon as the CRD is installed.
+//! Each ClusterNetworkPolicy's `Accepted` status condition is written from a task of
+//! its own, only when the object does not already say it (`docs/cluster-network-policy.md`).
 //!
 //! Every object is serialized to JSON and converted by [`super::objects`], the same
 //! path the directory datastore takes.
@@ -36,7 +38,9 @@ use super::block_lifecycle::{
 };
 use crate::metrics::Metrics;
 
-use super::cluster_network_policy::ClusterNetworkPolicy;
+use super::cluster_network_policy::{
+    ClusterNetworkPolicy, FIELD_MANAGER, condition_update, desired_condition,
+};
 use super::objects::convert;
 use super::{Datastore, DatastoreError, DatastoreHealth, Snapshot, SnapshotSender};
 
@@ -53,6 +57,11 @@ const CAPACITY_POLL: Duration = Duration::from_secs(2);
 /// reconnects without a change delivers no event, so only a probe can say the API
 /// server answers again.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a ClusterNetworkPolicy whose status write failed (no permission, the
+/// policy just deleted, the API down) waits before the write is tried again while
+/// the object is unchanged: once a minute in the log, not once a sync.
+const STATUS_RETRY: Duration = Duration::from_secs(60);
 
 pub struct KubeDatastore<S> {
     client: Client,
@@ -308,6 +317,111 @@ fn to_json<K: Serialize + Resource<DynamicType = ()>>(objs: &[Arc<K>]) -> Vec<Ra
         .collect()
 }
 
+/// The ClusterNetworkPolicies as the status writer sees them.
+type PolicyList = Vec<Arc<ClusterNetworkPolicy>>;
+
+/// Each policy's `(name, resourceVersion)`: what tells the status writer to look again.
+fn versions(list: &PolicyList) -> Vec<(String, Option<String>)> {
+    list.iter()
+        .map(|p| (p.name_any(), p.resource_version()))
+        .collect()
+}
+
+/// Writes each ClusterNetworkPolicy's `Accepted` condition
+/// ([`desired_condition`]) by server-side apply of its `status` under
+/// [`FIELD_MANAGER`], only when the object's status does not already say it
+/// ([`condition_update`]). It runs in a task of its own: a slow, refused (403) or
+/// missing (404) write is logged and never delays or stops a snapshot.
+fn spawn_status_writer(
+    api: Api<ClusterNetworkPolicy>,
+    mut policies: tokio::sync::watch::Receiver<PolicyList>,
+) {
+    tokio::spawn(async move {
+        // name → (resourceVersion handled, when to retry after a failed write).
+        let mut handled: BTreeMap<String, (Option<String>, Option<tokio::time::Instant>)> =
+            BTreeMap::new();
+        loop {
+            let list = policies.borrow_and_update().clone();
+            handled.retain(|name, _| list.iter().any(|p| p.name_any() == *name));
+            let mut next_retry: Option<tokio::time::Instant> = None;
+            for p in &list {
+                let (name, rv) = (p.name_any(), p.resource_version());
+                let now = tokio::time::Instant::now();
+                if let Some((seen, retry)) = handled.get(&name)
+                    && *seen == rv
+                {
+                    match retry {
+                        None => continue,
+                        Some(at) if *at > now => {
+                            next_retry = Some(next_retry.map_or(*at, |n| n.min(*at)));
+                            continue;
+                        }
+                        Some(_) => {}
+                    }
+                }
+                let retry = (!write_status(&api, p).await).then(|| now + STATUS_RETRY);
+                if let Some(at) = retry {
+                    next_retry = Some(next_retry.map_or(at, |n| n.min(at)));
+                }
+                handled.insert(name, (rv, retry));
+            }
+            let retry_sleep = async {
+                match next_retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = policies.changed() => if changed.is_err() { return },
+                _ = retry_sleep => {}
+            }
+        }
+    });
+}
+
+/// Write one policy's condition if its status does not already hold it; false when
+/// the write failed (logged).
+async fn write_status(api: &Api<ClusterNetworkPolicy>, policy: &ClusterNetworkPolicy) -> bool {
+    let name = policy.name_any();
+    let Ok(object) = serde_json::to_value(policy) else {
+        return true;
+    };
+    let desired = desired_condition(&object);
+    let now = k8s_openapi::jiff::fmt::strtime::format(
+        "%Y-%m-%dT%H:%M:%SZ",
+        k8s_openapi::jiff::Timestamp::now(),
+    )
+    .unwrap_or_default();
+    let Some(condition) = condition_update(policy.status.as_ref(), &desired, &now) else {
+        return true;
+    };
+    let patch = serde_json::json!({
+        "apiVersion": ClusterNetworkPolicy::api_version(&()),
+        "kind": ClusterNetworkPolicy::kind(&()),
+        "metadata": {"name": name},
+        "status": {"conditions": [condition]},
+    });
+    // Forced: the condition is the agents' to say, whoever else last edited it.
+    let params = kube::api::PatchParams::apply(FIELD_MANAGER).force();
+    match api
+        .patch_status(&name, &params, &kube::api::Patch::Apply(&patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(policy = %name, reason = desired.reason, "ClusterNetworkPolicy status written");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                policy = %name,
+                error = %e,
+                "writing the ClusterNetworkPolicy's status failed; the policy is enforced all the same"
+            );
+            false
+        }
+    }
+}
+
 impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
     async fn run(self, out: SnapshotSender) -> Result<(), DatastoreError> {
         let changed = Arc::new(Notify::new());
@@ -362,6 +476,8 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
             _ = cluster_policies.found_missing.notified() => {}
         }
         tracing::info!("initial list of every kind complete");
+        let (status_tx, status_rx) = tokio::sync::watch::channel(PolicyList::new());
+        spawn_status_writer(Api::all(self.client.clone()), status_rx);
 
         let mut last: Option<Arc<Snapshot>> = None;
         let mut blocks = BTreeMap::new();
@@ -377,6 +493,14 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
             .map(|g| (g / 4).clamp(Duration::from_secs(1), BLOCK_POLL));
         let mut next_orphan_check = tokio::time::Instant::now();
         loop {
+            status_tx.send_if_modified(|sent| {
+                let policies = cluster_policies.state();
+                let changed = versions(sent) != versions(&policies);
+                if changed {
+                    *sent = policies;
+                }
+                changed
+            });
             let now = tokio::time::Instant::now();
             // The reflectors synced before this loop started (wait_until_ready), so
             // the Node list is a full one, not a partial first page.

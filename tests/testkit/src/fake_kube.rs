@@ -6,7 +6,11 @@
 //! objects. Serves Nodes, Pods, Namespaces, NetworkPolicies, IPAMBlocks and
 //! ClusterNetworkPolicies; anything else is a 404 `Status`. The ClusterNetworkPolicy
 //! CRD can be "not installed" ([`Fake::cluster_policies_installed`]): then its list
-//! and watch answer 404 NotFound, as an API server without the CRD does.
+//! and watch answer 404 NotFound, as an API server without the CRD does. A
+//! ClusterNetworkPolicy's `status` subresource takes a server-side apply PATCH
+//! (`application/apply-patch+yaml`): its conditions replace those of the same `type`,
+//! the object gets a new resourceVersion and a MODIFIED event, and the PATCH is
+//! recorded ([`Fake::status_patches`]); [`Fake::status_patch_error`] refuses it.
 //!
 //! Faults, as a real API server shows them: Pods, Namespaces and NetworkPolicies
 //! changed with [`Fake::apply`] are kept in a watch history, so a watch that resumes
@@ -67,6 +71,22 @@ pub struct Fake {
     pub cluster_policies_installed: bool,
     /// Lists of ClusterNetworkPolicies asked for, 404s included (not in `lists`).
     pub cluster_policy_lists: u64,
+    /// Every PATCH of a ClusterNetworkPolicy's status, refused ones included.
+    pub status_patches: Vec<StatusPatch>,
+    /// Answer status PATCHes with this code (403 Forbidden, say) instead of applying.
+    pub status_patch_error: Option<u16>,
+}
+
+/// One PATCH of a ClusterNetworkPolicy's `status` subresource, as the fake received it.
+#[derive(Debug, Clone)]
+pub struct StatusPatch {
+    pub name: String,
+    pub content_type: String,
+    /// The `fieldManager` query parameter.
+    pub field_manager: Option<String>,
+    /// The `force` query parameter was `true`.
+    pub force: bool,
+    pub body: Value,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +126,8 @@ impl Fake {
             watches: 0,
             cluster_policies_installed: true,
             cluster_policy_lists: 0,
+            status_patches: Vec::new(),
+            status_patch_error: None,
         }))
     }
 
@@ -123,7 +145,11 @@ impl Fake {
     }
 
     fn change(shared: &Shared, path: &str, obj: &mut Value, delete: bool) {
-        let mut f = shared.lock().unwrap();
+        shared.lock().unwrap().change_locked(path, obj, delete);
+    }
+
+    fn change_locked(&mut self, path: &str, obj: &mut Value, delete: bool) {
+        let f = self;
         f.rv += 1;
         let rv = f.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -222,10 +248,24 @@ fn list(kind: &str, api_version: &str, rv: u64, items: Vec<Value>) -> Response {
 async fn handle(shared: Shared, req: Request) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let query = req.uri().query().unwrap_or("").to_string();
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let watch = query_param(&query, "watch") == Some("true".into());
     let body = axum::body::to_bytes(req.into_body(), usize::MAX)
         .await
         .unwrap();
+    if method == Method::PATCH
+        && let Some(name) = path
+            .strip_prefix(CLUSTER_POLICIES)
+            .and_then(|p| p.strip_prefix('/'))
+            .and_then(|p| p.strip_suffix("/status"))
+    {
+        return patch_cluster_policy_status(&shared, name, &query, content_type, &body);
+    }
     if path == CLUSTER_POLICIES && !shared.lock().unwrap().cluster_policies_installed {
         if !watch {
             shared.lock().unwrap().cluster_policy_lists += 1;
@@ -331,6 +371,58 @@ async fn handle(shared: Shared, req: Request) -> Response {
         }
         _ => status(404, "NotFound"),
     }
+}
+
+/// Server-side apply of a ClusterNetworkPolicy's status: the applied conditions
+/// replace those of the same `type` (the list is a map keyed by `type`).
+fn patch_cluster_policy_status(
+    shared: &Shared,
+    name: &str,
+    query: &str,
+    content_type: String,
+    body: &[u8],
+) -> Response {
+    let mut f = shared.lock().unwrap();
+    let Ok(applied) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest");
+    };
+    f.status_patches.push(StatusPatch {
+        name: name.to_string(),
+        content_type: content_type.clone(),
+        field_manager: query_param(query, "fieldManager"),
+        force: query_param(query, "force") == Some("true".into()),
+        body: applied.clone(),
+    });
+    if let Some(code) = f.status_patch_error {
+        return status(code, "Refused");
+    }
+    if content_type != "application/apply-patch+yaml" {
+        return status(415, "UnsupportedMediaType");
+    }
+    let key = format!("/{name}");
+    let Some(mut obj) = f
+        .objects
+        .get(CLUSTER_POLICIES)
+        .and_then(|c| c.get(&key))
+        .cloned()
+    else {
+        return status(404, "NotFound");
+    };
+    let mut conditions: Vec<Value> = obj["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for new in applied["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        conditions.retain(|c| c["type"] != new["type"]);
+        conditions.push(new.clone());
+    }
+    obj["status"] = json!({"conditions": conditions});
+    f.change_locked(CLUSTER_POLICIES, &mut obj, false);
+    json_response(StatusCode::OK, &obj)
 }
 
 impl Fake {
