@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// The live cluster's API server (policy without -f, flows --node).
+mod apiserver;
+mod flows;
 mod ipam;
 mod lab;
 mod policy;
@@ -28,6 +31,8 @@ enum Command {
     Ipam(ipam::Args),
     /// A multi-node cluster on one host in network namespaces.
     Lab(lab::Args),
+    /// A node's policy verdict records (denied connections, and why).
+    Flows(flows::Args),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => policy::exec(args),
         Command::Ipam(args) => ipam::exec(args),
         Command::Lab(args) => lab::exec(args),
+        Command::Flows(args) => flows::exec(args),
     };
     match result {
         Ok(code) => code,

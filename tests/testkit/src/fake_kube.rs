@@ -3,8 +3,13 @@
 //! `resourceVersion`, `watch=true` streams (Node events pushed by the test, other
 //! kinds never change), and IPAMBlocks with create (409 AlreadyExists), get and
 //! delete with uid/resourceVersion preconditions (409 Conflict), errors as `Status`
-//! objects. Serves Nodes, Pods, Namespaces, NetworkPolicies and IPAMBlocks; anything
-//! else is a 404 `Status`.
+//! objects. Serves Nodes, Pods, Namespaces, NetworkPolicies and IPAMBlocks, and
+//! ClusterNetworkPolicies once their collection exists in [`Fake::objects`] (until
+//! then a 404, as a cluster without the CRD answers); anything else is a 404 `Status`.
+//! Pods are also listed per namespace with `labelSelector` (equality terms) and
+//! `fieldSelector=spec.nodeName=…`, and the pod proxy
+//! (`/api/v1/namespaces/NS/pods/NAME:PORT/proxy/REST`) forwards to the local server a
+//! test registers in [`Fake::pod_proxies`], streaming its response back.
 //!
 //! Faults, as a real API server shows them: Pods, Namespaces and NetworkPolicies
 //! changed with [`Fake::apply`] are kept in a watch history, so a watch that resumes
@@ -60,6 +65,9 @@ pub struct Fake {
     pub lists: u64,
     /// Watch requests served.
     pub watches: u64,
+    /// Where the pod proxy sends `NS/NAME:PORT`: a local server standing in for the
+    /// pod (an unregistered pod answers 503, as an unreachable one does).
+    pub pod_proxies: BTreeMap<String, SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +82,9 @@ enum Control {
 pub const PODS: &str = "/api/v1/pods";
 pub const NAMESPACES: &str = "/api/v1/namespaces";
 pub const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+/// Served only once a test creates the collection (`objects.entry(..)` or
+/// [`Fake::apply`]): a cluster without the CRD answers 404.
+pub const CLUSTER_POLICIES: &str = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies";
 
 pub type Shared = Arc<Mutex<Fake>>;
 
@@ -95,6 +106,7 @@ impl Fake {
             control: broadcast::channel(16).0,
             lists: 0,
             watches: 0,
+            pod_proxies: BTreeMap::new(),
         }))
     }
 
@@ -211,6 +223,13 @@ fn list(kind: &str, api_version: &str, rv: u64, items: Vec<Value>) -> Response {
 async fn handle(shared: Shared, req: Request) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let query = req.uri().query().unwrap_or("").to_string();
+    if let Some((pod, rest)) = proxied(&path) {
+        let target = shared.lock().unwrap().pod_proxies.get(&pod).copied();
+        return match target {
+            Some(addr) if method == Method::GET => forward(addr, &rest, &query).await,
+            _ => status(503, "ServiceUnavailable"),
+        };
+    }
     let watch = query_param(&query, "watch") == Some("true".into());
     let body = axum::body::to_bytes(req.into_body(), usize::MAX)
         .await
@@ -255,6 +274,22 @@ async fn handle(shared: Shared, req: Request) -> Response {
         f.lists += 1;
     }
     match (method, path.as_str()) {
+        (Method::GET, p) if namespaced_pods(p).is_some() => {
+            let ns = namespaced_pods(p).unwrap_or_default();
+            let items = f
+                .items(PODS)
+                .into_iter()
+                .filter(|pod| pod["metadata"]["namespace"] == ns)
+                .filter(|pod| selected(pod, &query))
+                .collect();
+            list("Pod", "v1", rv, items)
+        }
+        (Method::GET, CLUSTER_POLICIES) if f.objects.contains_key(CLUSTER_POLICIES) => list(
+            "ClusterNetworkPolicy",
+            "policy.networking.k8s.io/v1alpha2",
+            rv,
+            f.items(CLUSTER_POLICIES),
+        ),
         (Method::GET, "/api/v1/nodes") => {
             list("Node", "v1", rv, f.nodes.values().cloned().collect())
         }
@@ -314,6 +349,99 @@ impl Fake {
             .get(path)
             .map(|c| c.values().cloned().collect())
             .unwrap_or_default()
+    }
+}
+
+/// `NS` of `/api/v1/namespaces/NS/pods`.
+fn namespaced_pods(path: &str) -> Option<&str> {
+    let ns = path
+        .strip_prefix("/api/v1/namespaces/")?
+        .strip_suffix("/pods")?;
+    (!ns.contains('/')).then_some(ns)
+}
+
+/// `(NS/NAME:PORT, /REST)` of a pod proxy path.
+fn proxied(path: &str) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once("/pods/")?;
+    let (pod, rest) = rest.split_once("/proxy")?;
+    Some((
+        format!("{ns}/{pod}"),
+        format!("/{}", rest.trim_start_matches('/')),
+    ))
+}
+
+/// Whether `pod` matches the query's `labelSelector` (comma-separated `k=v` terms)
+/// and `fieldSelector` (`spec.nodeName=…` only).
+fn selected(pod: &Value, query: &str) -> bool {
+    let labels = query_param(query, "labelSelector").map(|s| unescape(&s));
+    let fields = query_param(query, "fieldSelector").map(|s| unescape(&s));
+    let terms = |s: &Option<String>| -> Vec<(String, String)> {
+        s.iter()
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| t.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    terms(&labels)
+        .iter()
+        .all(|(k, v)| pod["metadata"]["labels"][k] == v.as_str())
+        && terms(&fields).iter().all(|(k, v)| match k.as_str() {
+            "spec.nodeName" => pod["spec"]["nodeName"] == v.as_str(),
+            other => panic!("the fake API server has no field selector {other}"),
+        })
+}
+
+/// Percent-decoding of a query value.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The pod proxy's request to the local stand-in for the pod, its response (status,
+/// headers, body) streamed back as it arrives.
+async fn forward(addr: SocketAddr, path: &str, query: &str) -> Response {
+    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+        return status(503, "ServiceUnavailable");
+    };
+    let Ok((mut sender, conn)) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
+    else {
+        return status(503, "ServiceUnavailable");
+    };
+    tokio::spawn(conn);
+    let uri = if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{query}")
+    };
+    let request = axum::http::Request::get(uri)
+        .header(header::HOST, addr.to_string())
+        .body(Body::empty())
+        .unwrap();
+    match sender.send_request(request).await {
+        Ok(response) => response.map(Body::new),
+        Err(_) => status(503, "ServiceUnavailable"),
     }
 }
 
@@ -526,14 +654,19 @@ impl FakeApi {
     /// system's trust store, and an image without `ca-certificates` has none, so the
     /// client could not even be created.
     pub fn kubeconfig(&self) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
-             \x20   certificate-authority-data: {UNUSED_CA_PEM_BASE64}\n\
-             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
-             current-context: fake\n",
-            self.addr
-        )
+        kubeconfig(self.addr)
     }
+}
+
+/// A kubeconfig whose one context `fake` points kube clients at a fake server on
+/// `addr` over plain HTTP (see [`FakeApi::kubeconfig`] for the CA it names).
+pub fn kubeconfig(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
+         \x20   certificate-authority-data: {UNUSED_CA_PEM_BASE64}\n\
+         users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+         current-context: fake\n"
+    )
 }
 
 /// A self-signed CA certificate (PEM, base64), never used to verify anything: the
