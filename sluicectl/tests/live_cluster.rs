@@ -99,11 +99,7 @@ impl Cluster {
         }
         let rt = tokio::runtime::Runtime::new().unwrap();
         let addr = rt.block_on(fake_kube::start_local(shared.clone()));
-        Cluster {
-            shared,
-            addr,
-            rt: rt,
-        }
+        Cluster { shared, addr, rt }
     }
 }
 

@@ -61,9 +61,16 @@ const COLLECTIONS: [(&str, bool); 5] = [
     ),
 ];
 
+/// A text to read, and where it came from for messages: a file's path, or
+/// `Kubernetes API PATH` for a collection.
+struct Input {
+    origin: String,
+    text: String,
+}
+
 /// The texts to read: each file's (see [`load_cluster`]), or each collection's JSON
-/// from the API server, named `Kubernetes API PATH`; and notes for stderr.
-fn texts(source: &Source) -> anyhow::Result<(Vec<(String, String)>, Vec<String>)> {
+/// from the API server; and notes for stderr.
+fn texts(source: &Source) -> anyhow::Result<(Vec<Input>, Vec<String>)> {
     if !source.files.is_empty() {
         if source.kube.given() {
             anyhow::bail!(
@@ -77,7 +84,10 @@ fn texts(source: &Source) -> anyhow::Result<(Vec<(String, String)>, Vec<String>)
     let mut notes = Vec::new();
     for (path, optional) in COLLECTIONS {
         match api.get_text(path)? {
-            Some(text) => texts.push((format!("Kubernetes API {path}"), text)),
+            Some(text) => texts.push(Input {
+                origin: format!("Kubernetes API {path}"),
+                text,
+            }),
             None if optional => notes.push(format!(
                 "the API server does not serve {path} (the ClusterNetworkPolicy CRD is not installed): no ClusterNetworkPolicies read"
             )),
@@ -89,7 +99,7 @@ fn texts(source: &Source) -> anyhow::Result<(Vec<(String, String)>, Vec<String>)
 
 /// Every file named in `paths` (directories searched recursively for
 /// .yaml/.yml/.json, in name order) and its text.
-fn file_texts(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
+fn file_texts(paths: &[PathBuf]) -> anyhow::Result<Vec<Input>> {
     let mut files = Vec::new();
     for path in paths {
         let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
@@ -105,7 +115,10 @@ fn file_texts(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
         .map(|file| {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            Ok((file.display().to_string(), text))
+            Ok(Input {
+                origin: file.display().to_string(),
+                text,
+            })
         })
         .collect()
 }
@@ -119,7 +132,7 @@ fn file_texts(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
 pub(crate) fn load_cluster(source: &Source) -> anyhow::Result<(Cluster, Vec<String>)> {
     let (texts, mut warnings) = texts(source)?;
     let mut cluster = Cluster::default();
-    for (origin, text) in texts {
+    for Input { origin, text } in texts {
         let parsed = sluice_policy::read_documents(&origin, &text)?;
         parsed.add_to(&mut cluster);
         warnings.extend(parsed.warnings);
