@@ -258,9 +258,30 @@ fn expand(
             .try_for_each(|item| expand(origin, document, item, out)),
         serde_json::Value::Object(mut object) => {
             let kind = object.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-            // `kubectl get pods -o yaml` writes `kind: List`; the API writes `PodList`.
+            // `kubectl get pods -o yaml` writes `kind: List`; the API writes `PodList`,
+            // whose items carry no `kind` or `apiVersion` of their own (the list's
+            // name them all), so they are filled in from it.
             if kind == "List" || (kind.ends_with("List") && object.contains_key("items")) {
+                let item_type = (kind != "List").then(|| {
+                    let api_version = object.get("apiVersion").cloned();
+                    (kind.trim_end_matches("List").to_string(), api_version)
+                });
                 return match object.remove("items") {
+                    Some(serde_json::Value::Array(mut items)) => {
+                        if let Some((kind, api_version)) = item_type {
+                            items
+                                .iter_mut()
+                                .filter_map(|i| i.as_object_mut())
+                                .filter(|i| !i.contains_key("kind"))
+                                .for_each(|i| {
+                                    i.insert("kind".into(), kind.clone().into());
+                                    if let Some(v) = &api_version {
+                                        i.entry("apiVersion").or_insert_with(|| v.clone());
+                                    }
+                                });
+                        }
+                        expand(origin, document, serde_json::Value::Array(items), out)
+                    }
                     Some(items) => expand(origin, document, items, out),
                     None => Ok(()),
                 };
@@ -560,6 +581,20 @@ spec:
         assert_eq!(objects[1].document, 2);
         assert!(objects[1].value["metadata"].get("managedFields").is_none());
         assert_eq!(objects[1].kind(), "Namespace");
+    }
+
+    #[test]
+    fn items_of_an_api_list_take_their_kind_and_api_version_from_the_list() {
+        // As the API server answers GET /apis/networking.k8s.io/v1/networkpolicies.
+        let text = r#"{"kind": "NetworkPolicyList", "apiVersion": "networking.k8s.io/v1",
+            "metadata": {"resourceVersion": "7"},
+            "items": [{"metadata": {"name": "deny", "namespace": "x"}, "spec": {"podSelector": {}}}]}"#;
+        let objects = split_documents("api", text).unwrap();
+        assert_eq!(objects.len(), 1);
+        assert_eq!(objects[0].kind(), "NetworkPolicy");
+        assert_eq!(objects[0].value["apiVersion"], "networking.k8s.io/v1");
+        let parsed = convert_objects(&objects).strict().unwrap();
+        assert_eq!(parsed.into_cluster().policies.len(), 1);
     }
 
     #[test]

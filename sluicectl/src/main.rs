@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// The live cluster's API server (policy without -f, flows --node).
+mod apiserver;
 mod flows;
 mod ipam;
 mod lab;

@@ -5,14 +5,16 @@
 //!                 [--since RFC3339] [--limit N] [-o text|json]
 //! ```
 //! On the node itself the records come from the agent over the node-local API
-//! ([`local`]). `-o json` prints each record as one JSON object per line, the fields
-//! of [`FlowRecord`] exactly; `-o text` one line per record for people.
+//! ([`local`]); `--node` naming another node reads them through the cluster
+//! ([`remote`]): the sluice agent pod on that node, reached through the API server's
+//! pod proxy, from anywhere kubectl works (`--kubeconfig`, `--context`). `-o json`
+//! prints each record as one JSON object per line, the fields of [`FlowRecord`]
+//! exactly; `-o text` one line per record for people.
 //!
-//! Where the records come from is a [`Source`]: new transports (the cluster path to
-//! another node) are new variants with their own module; printing and filtering
-//! stay here.
+//! Where the records come from is a [`Source`]; printing and filtering stay here.
 
 pub mod local;
+mod remote;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,6 +22,8 @@ use std::process::ExitCode;
 
 use sluice_node_files::flows::{FlowQuery, FlowRecord};
 use sluice_node_files::paths;
+
+use crate::apiserver::KubeArgs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -66,7 +70,9 @@ impl QueryArgs {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The node whose records to read (default: this node).
+    /// The node whose records to read (default: this node). Another node is read
+    /// through the cluster's API server (the sluice agent pod on that node; needs
+    /// `get` on `pods/proxy` in kube-system).
     #[arg(long)]
     pub node: Option<String>,
     #[command(flatten)]
@@ -79,23 +85,24 @@ pub struct Args {
     pub status_file: PathBuf,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 /// Where records are read from.
 pub enum Source {
     /// This node's agent, over its socket.
     Local(PathBuf),
+    /// Another node's agent, through the cluster's API server.
+    Remote { node: String, kube: KubeArgs },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlowsError {
-    #[error(
-        "node {wanted:?} is not this node ({here}); run `sluicectl flows` on {wanted}, \
-         or without --node here"
-    )]
-    NotThisNode { wanted: String, here: String },
     #[error(transparent)]
     Agent(#[from] sluice_node_files::local_api::CallError),
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
 }
 
 /// The node the agent on this host serves, from its status file.
@@ -106,17 +113,18 @@ fn this_node(status_file: &std::path::Path) -> Option<String> {
         .map(|s| s.node)
 }
 
-pub fn source(args: &Args) -> Result<Source, FlowsError> {
-    if let Some(wanted) = &args.node {
-        let here = this_node(&args.status_file);
-        if here.as_deref() != Some(wanted.as_str()) {
-            return Err(FlowsError::NotThisNode {
-                wanted: wanted.clone(),
-                here: here.unwrap_or_else(|| "no agent status here".into()),
-            });
+/// This node's agent when `--node` is absent or names this node; else the cluster
+/// path to that node's agent.
+pub fn source(args: &Args) -> Source {
+    match &args.node {
+        Some(wanted) if this_node(&args.status_file).as_deref() != Some(wanted.as_str()) => {
+            Source::Remote {
+                node: wanted.clone(),
+                kube: args.kube.clone(),
+            }
         }
+        _ => Source::Local(args.agent_socket.clone()),
     }
-    Ok(Source::Local(args.agent_socket.clone()))
 }
 
 /// Reads records from `source`, handing each to `each` (false stops).
@@ -127,6 +135,22 @@ pub fn read(
 ) -> Result<(), FlowsError> {
     match source {
         Source::Local(socket) => local::read(socket, query, each),
+        Source::Remote { node, kube } => {
+            let mut each = each;
+            // `each` saying stop (stdout gone) ends the stream like a closed pipe.
+            let stop = std::io::ErrorKind::BrokenPipe;
+            let r = remote::read(kube, node, query, |record| {
+                if each(record) {
+                    Ok(())
+                } else {
+                    Err(stop.into())
+                }
+            });
+            match r {
+                Err(remote::RemoteError::Output(e)) if e.kind() == stop => Ok(()),
+                r => Ok(r?),
+            }
+        }
     }
 }
 
@@ -148,7 +172,7 @@ pub fn print_each(output: Output) -> impl FnMut(FlowRecord) -> bool {
 
 pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
     let query = args.query.query()?;
-    let source = source(&args)?;
+    let source = source(&args);
     read(&source, &query, print_each(args.output))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -182,10 +206,10 @@ mod tests {
     }
 
     #[test]
-    fn another_node_is_refused_with_where_to_run_instead() {
+    fn another_node_is_read_through_the_cluster_and_this_one_over_the_socket() {
         let dir = std::env::temp_dir().join(format!("sluicectl-flows-{}", std::process::id()));
-        let args = Args {
-            node: Some("node-9".into()),
+        let args = |node: Option<&str>| Args {
+            node: node.map(str::to_string),
             query: QueryArgs {
                 follow: false,
                 denied: false,
@@ -196,8 +220,11 @@ mod tests {
             agent_socket: dir.join("agent.sock"),
             status_file: dir.join("missing.json"),
             output: Output::Text,
+            kube: KubeArgs::default(),
         };
-        let e = source(&args).err().unwrap().to_string();
-        assert!(e.contains("node-9"), "{e}");
+        assert!(
+            matches!(source(&args(Some("node-9"))), Source::Remote { node, .. } if node == "node-9")
+        );
+        assert!(matches!(source(&args(None)), Source::Local(_)));
     }
 }

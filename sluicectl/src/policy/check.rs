@@ -5,6 +5,7 @@
 //!     --from NS/POD|ip:ADDR|node:NAME --to NS/POD|ip:ADDR \
 //!     --port N [--protocol TCP|UDP|SCTP] [-o text|json]
 //! sluicectl policy check -f PATH ... --probes FILE [-o json]
+//! sluicectl policy check [--kubeconfig PATH] [--context NAME] --from … (the live cluster)
 //! ```
 //! JSON for one probe is `{"verdict":"allow"|"deny","reason":"..."}`; for `--probes`
 //! an array of those in input order. When a ClusterNetworkPolicy rule took part in a
@@ -44,10 +45,8 @@ addresses in an ipBlock admits every forwarded flow, not just the client's.";
 #[derive(clap::Args)]
 #[command(after_help = AFTER_HELP)]
 pub struct Args {
-    /// Manifests: YAML or JSON files, or directories of them (recursively),
-    /// multi-document, as `kubectl get -o yaml` writes them.
-    #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
-    files: Vec<PathBuf>,
+    #[command(flatten)]
+    source: super::Source,
     /// Source: NS/POD, ip:ADDR or node:NAME.
     #[arg(
         long,
@@ -97,7 +96,7 @@ struct ProbeLine {
 }
 
 pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
-    let (cluster, warnings) = super::load_cluster(&args.files)?;
+    let (cluster, warnings) = super::load_cluster(&args.source)?;
     for w in &warnings {
         eprintln!("warning: {w}");
     }

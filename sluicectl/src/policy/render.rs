@@ -1,4 +1,4 @@
-//! `sluicectl policy render -f PATH ... --node NAME`: the `ipset restore` and
+//! `sluicectl policy render [-f PATH ...] --node NAME`: the `ipset restore` and
 //! `iptables-restore --noflush -w` text of everything the agent programs on that
 //! node (policy chains, tunnel guard, NAT outgoing, held pods), and the jumps it
 //! keeps at the top of the built-in chains. The rules come from the same function
@@ -38,9 +38,8 @@ const DEFAULT_VXLAN_PORT: u16 = 4799;
 #[derive(clap::Args)]
 #[command(after_help = AFTER_HELP)]
 pub struct Args {
-    /// Manifests: YAML or JSON files, or directories of them (recursively).
-    #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
-    files: Vec<std::path::PathBuf>,
+    #[command(flatten)]
+    source: super::Source,
     /// The node whose rules to print (its pods are those with this spec.nodeName).
     #[arg(long, value_name = "NAME")]
     node: String,
@@ -111,7 +110,7 @@ impl Args {
 }
 
 pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
-    let (cluster, warnings) = super::load_cluster(&args.files)?;
+    let (cluster, warnings) = super::load_cluster(&args.source)?;
     for w in &warnings {
         eprintln!("warning: {w}");
     }

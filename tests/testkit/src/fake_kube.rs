@@ -11,6 +11,10 @@
 //! (`application/apply-patch+yaml`): its conditions replace those of the same `type`,
 //! the object gets a new resourceVersion and a MODIFIED event, and the PATCH is
 //! recorded ([`Fake::status_patches`]); [`Fake::status_patch_error`] refuses it.
+//! Pods are also listed per namespace with `labelSelector` (equality terms) and
+//! `fieldSelector=spec.nodeName=…`, and the pod proxy
+//! (`/api/v1/namespaces/NS/pods/NAME:PORT/proxy/REST`) forwards to the local server a
+//! test registers in [`Fake::pod_proxies`], streaming its response back.
 //!
 //! Faults, as a real API server shows them: Pods, Namespaces and NetworkPolicies
 //! changed with [`Fake::apply`] are kept in a watch history, so a watch that resumes
@@ -75,6 +79,9 @@ pub struct Fake {
     pub status_patches: Vec<StatusPatch>,
     /// Answer status PATCHes with this code (403 Forbidden, say) instead of applying.
     pub status_patch_error: Option<u16>,
+    /// Where the pod proxy sends `NS/NAME:PORT`: a local server standing in for the
+    /// pod (an unregistered pod answers 503, as an unreachable one does).
+    pub pod_proxies: BTreeMap<String, SocketAddr>,
 }
 
 /// One PATCH of a ClusterNetworkPolicy's `status` subresource, as the fake received it.
@@ -128,6 +135,7 @@ impl Fake {
             cluster_policy_lists: 0,
             status_patches: Vec::new(),
             status_patch_error: None,
+            pod_proxies: BTreeMap::new(),
         }))
     }
 
@@ -248,6 +256,13 @@ fn list(kind: &str, api_version: &str, rv: u64, items: Vec<Value>) -> Response {
 async fn handle(shared: Shared, req: Request) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let query = req.uri().query().unwrap_or("").to_string();
+    if let Some((pod, rest)) = proxied(&path) {
+        let target = shared.lock().unwrap().pod_proxies.get(&pod).copied();
+        return match target {
+            Some(addr) if method == Method::GET => forward(addr, &rest, &query).await,
+            _ => status(503, "ServiceUnavailable"),
+        };
+    }
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -314,6 +329,16 @@ async fn handle(shared: Shared, req: Request) -> Response {
         f.lists += 1;
     }
     match (method, path.as_str()) {
+        (Method::GET, p) if namespaced_pods(p).is_some() => {
+            let ns = namespaced_pods(p).unwrap_or_default();
+            let items = f
+                .items(PODS)
+                .into_iter()
+                .filter(|pod| pod["metadata"]["namespace"] == ns)
+                .filter(|pod| selected(pod, &query))
+                .collect();
+            list("Pod", "v1", rv, items)
+        }
         (Method::GET, "/api/v1/nodes") => {
             list("Node", "v1", rv, f.nodes.values().cloned().collect())
         }
@@ -431,6 +456,99 @@ impl Fake {
             .get(path)
             .map(|c| c.values().cloned().collect())
             .unwrap_or_default()
+    }
+}
+
+/// `NS` of `/api/v1/namespaces/NS/pods`.
+fn namespaced_pods(path: &str) -> Option<&str> {
+    let ns = path
+        .strip_prefix("/api/v1/namespaces/")?
+        .strip_suffix("/pods")?;
+    (!ns.contains('/')).then_some(ns)
+}
+
+/// `(NS/NAME:PORT, /REST)` of a pod proxy path.
+fn proxied(path: &str) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once("/pods/")?;
+    let (pod, rest) = rest.split_once("/proxy")?;
+    Some((
+        format!("{ns}/{pod}"),
+        format!("/{}", rest.trim_start_matches('/')),
+    ))
+}
+
+/// Whether `pod` matches the query's `labelSelector` (comma-separated `k=v` terms)
+/// and `fieldSelector` (`spec.nodeName=…` only).
+fn selected(pod: &Value, query: &str) -> bool {
+    let labels = query_param(query, "labelSelector").map(|s| unescape(&s));
+    let fields = query_param(query, "fieldSelector").map(|s| unescape(&s));
+    let terms = |s: &Option<String>| -> Vec<(String, String)> {
+        s.iter()
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| t.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    terms(&labels)
+        .iter()
+        .all(|(k, v)| pod["metadata"]["labels"][k] == v.as_str())
+        && terms(&fields).iter().all(|(k, v)| match k.as_str() {
+            "spec.nodeName" => pod["spec"]["nodeName"] == v.as_str(),
+            other => panic!("the fake API server has no field selector {other}"),
+        })
+}
+
+/// Percent-decoding of a query value.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The pod proxy's request to the local stand-in for the pod, its response (status,
+/// headers, body) streamed back as it arrives.
+async fn forward(addr: SocketAddr, path: &str, query: &str) -> Response {
+    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+        return status(503, "ServiceUnavailable");
+    };
+    let Ok((mut sender, conn)) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
+    else {
+        return status(503, "ServiceUnavailable");
+    };
+    tokio::spawn(conn);
+    let uri = if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{query}")
+    };
+    let request = axum::http::Request::get(uri)
+        .header(header::HOST, addr.to_string())
+        .body(Body::empty())
+        .unwrap();
+    match sender.send_request(request).await {
+        Ok(response) => response.map(Body::new),
+        Err(_) => status(503, "ServiceUnavailable"),
     }
 }
 
@@ -643,14 +761,19 @@ impl FakeApi {
     /// system's trust store, and an image without `ca-certificates` has none, so the
     /// client could not even be created.
     pub fn kubeconfig(&self) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
-             \x20   certificate-authority-data: {UNUSED_CA_PEM_BASE64}\n\
-             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
-             current-context: fake\n",
-            self.addr
-        )
+        kubeconfig(self.addr)
     }
+}
+
+/// A kubeconfig whose one context `fake` points kube clients at a fake server on
+/// `addr` over plain HTTP (see [`FakeApi::kubeconfig`] for the CA it names).
+pub fn kubeconfig(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
+         \x20   certificate-authority-data: {UNUSED_CA_PEM_BASE64}\n\
+         users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+         current-context: fake\n"
+    )
 }
 
 /// A self-signed CA certificate (PEM, base64), never used to verify anything: the
