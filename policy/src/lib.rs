@@ -53,8 +53,8 @@ pub mod evaluate;
 pub mod manifest;
 pub mod model;
 pub mod selector;
-pub mod wire;
 pub mod sources;
+pub mod wire;
 
 // The dataplane half: rule model, compiler, renderers, planner and the in-process
 // classifier.

@@ -122,10 +122,11 @@ fn lab_e2e_runs_with_ipip_under_qemu() {
     );
 }
 
-/// The ClusterNetworkPolicy admin-ingress SCTP conformance scenarios (upstream's
-/// `standard-ingress-sctp-rules`: Accept, Deny and Pass in rule order, and at a
-/// port), which need SCTP sockets this host's kernel lacks: `lab_cnp`'s conformance
-/// test in the guest, narrowed to them, on each dataplane in turn. Its own VM, so it can be
+/// Every ClusterNetworkPolicy SCTP conformance scenario (upstream's admin and
+/// baseline `standard-{ingress,egress}-sctp-rules`: Accept, Deny and Pass in rule
+/// order, and at a port), which need SCTP sockets this host's kernel lacks:
+/// `lab_cnp`'s conformance test in the guest, narrowed to them, on each dataplane in
+/// turn. Its own VM, so it can be
 /// run alone.
 #[test]
 fn cluster_network_policy_sctp_scenarios_hold_with_ipip_under_qemu() {
@@ -135,13 +136,17 @@ fn cluster_network_policy_sctp_scenarios_hold_with_ipip_under_qemu() {
     let cnp = sibling_test("lab_cnp");
     let script = format!(
         "set -e\n\
-         echo '== ClusterNetworkPolicy admin ingress SCTP, nftables'\n\
+         echo '== ClusterNetworkPolicy SCTP scenarios, nftables'\n\
          {c} --exact cluster_network_policy_conformance_scenarios_hold_with_real_packets_on_nftables --nocapture\n\
-         echo '== ClusterNetworkPolicy admin ingress SCTP, iptables'\n\
+         echo '== ClusterNetworkPolicy SCTP scenarios, iptables'\n\
          {c} --exact cluster_network_policy_conformance_scenarios_hold_with_real_packets_on_iptables --nocapture\n",
         c = cnp.display(),
     );
-    let status = run_in_vm(&script, "cnp-admin-ingress-sctp", 900);
+    let status = run_in_vm(
+        &script,
+        "cnp-admin-ingress-sctp,cnp-admin-egress-sctp,cnp-baseline-ingress-sctp,cnp-baseline-egress-sctp",
+        1800,
+    );
     assert!(
         status.success(),
         "the ClusterNetworkPolicy SCTP scenarios under QEMU failed: {status}"
