@@ -45,26 +45,9 @@ status: {podIP: 10.0.0.31}
 
 /// The page's ```yaml blocks, in order.
 fn recipes() -> Vec<String> {
-    let page = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cluster-network-policy.md"),
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    let mut current: Option<String> = None;
-    for line in page.lines() {
-        match (&mut current, line.trim_end()) {
-            (None, "```yaml") => current = Some(String::new()),
-            (Some(block), "```") => {
-                out.push(std::mem::take(block));
-                current = None;
-            }
-            (Some(block), l) => {
-                block.push_str(l);
-                block.push('\n');
-            }
-            _ => {}
-        }
-    }
+    let out = sluice_testkit::yaml_blocks(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cluster-network-policy.md"),
+    );
     assert_eq!(out.len(), 3, "the page has three recipes");
     out
 }

@@ -111,27 +111,11 @@ fn conformance(dataplane: Dataplane) {
     assert_clean(dataplane, "cnp conformance", &total);
 }
 
-/// The page's ```yaml blocks, in order (the policy crate's recipe test reads them the
-/// same way, so the page, the evaluator's test and this one cannot drift apart).
+/// The page's ```yaml blocks, in order (the policy crate's recipe test reads them
+/// through the same reader, so the page, the evaluator's test and this one cannot
+/// drift apart).
 fn recipes() -> Vec<String> {
-    let page = std::fs::read_to_string(workspace_root().join("docs/cluster-network-policy.md"))
-        .expect("docs/cluster-network-policy.md");
-    let mut out = Vec::new();
-    let mut current: Option<String> = None;
-    for line in page.lines() {
-        match (&mut current, line.trim_end()) {
-            (None, "```yaml") => current = Some(String::new()),
-            (Some(block), "```") => {
-                out.push(std::mem::take(block));
-                current = None;
-            }
-            (Some(block), l) => {
-                block.push_str(l);
-                block.push('\n');
-            }
-            _ => {}
-        }
-    }
+    let out = sluice_testkit::yaml_blocks(&workspace_root().join("docs/cluster-network-policy.md"));
     assert_eq!(out.len(), 3, "the page has three recipes");
     out
 }

@@ -9,6 +9,7 @@
 //!   it by `/proc/<pid>/ns/net`, the form runtimes pass as `CNI_NETNS`.
 //! - [`NamedNetns`] is an `ip netns add` namespace, removed on drop.
 //! - [`bin_path`] finds a binary built by `cargo build --workspace --bins`.
+//! - [`yaml_blocks`] reads a docs page's ```yaml blocks, so tests run what the docs show.
 //! - [`containerd::Containerd`] is a hermetic containerd (private mounts, own state).
 //! - [`node`] makes a namespace look like a node and checks nothing was left on it.
 //! - `fake_kube` (feature `fake-kube`): a fake Kubernetes API server.
@@ -300,3 +301,28 @@ pub fn bin_path(name: &str) -> PathBuf {
 
 pub mod containerd;
 pub mod node;
+
+/// The ```yaml blocks of the Markdown file at `path`, in order: docs pages whose
+/// examples are also tests are read through this one reader, so the page and every
+/// test of it see the same text.
+pub fn yaml_blocks(path: &Path) -> Vec<String> {
+    let page =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    for line in page.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```yaml") => current = Some(String::new()),
+            (Some(block), "```") => {
+                out.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), l) => {
+                block.push_str(l);
+                block.push('\n');
+            }
+            _ => {}
+        }
+    }
+    out
+}
