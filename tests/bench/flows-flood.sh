@@ -21,7 +21,8 @@ DATAPLANE=${DATAPLANE:-nftables}
 # allowed one (TARGET=shop/web DPORT=80) tells the flood's own cost from logging's.
 TARGET=${TARGET:-shop/db}
 DPORT=${DPORT:-5432}
-T=${CARGO_TARGET_DIR:-target}/debug
+# Absolute: the lab runs the binaries from other directories.
+T=$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)
 SLUICECTL=${SLUICECTL:-$T/sluicectl}
 export SLUICE_BIN_SLUICE=${SLUICE_BIN_SLUICE:-$T/sluice}
 export SLUICE_BIN_SLUICE_IPAM=${SLUICE_BIN_SLUICE_IPAM:-$T/sluice-ipam}
