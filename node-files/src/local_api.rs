@@ -233,37 +233,45 @@ pub enum CallError {
     },
 }
 
-/// One request, one answer, all within `timeout` (the plugin's side).
-pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Response, CallError> {
-    let deadline = Instant::now() + timeout;
-    let io = |source: std::io::Error| {
-        if matches!(
-            source.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ) {
-            CallError::Timeout {
-                path: path.to_owned(),
-                ms: timeout.as_millis(),
-            }
-        } else {
-            CallError::Io {
-                path: path.to_owned(),
-                source,
-            }
+/// A call's I/O error: a timed-out read or write is [`CallError::Timeout`].
+fn io_error(path: &Path, timeout: Duration, source: std::io::Error) -> CallError {
+    if matches!(
+        source.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ) {
+        CallError::Timeout {
+            path: path.to_owned(),
+            ms: timeout.as_millis(),
         }
-    };
-    let left = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| CallError::Timeout {
-                path: path.to_owned(),
-                ms: timeout.as_millis(),
-            })
-    };
-    // connect(2) on a Unix socket does not block on a live listener (the backlog
-    // takes it) and fails at once on a missing one, so only write and read need
-    // the deadline.
+    } else {
+        CallError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// What is left of `timeout` until `deadline`, or the timeout error.
+fn time_left(path: &Path, timeout: Duration, deadline: Instant) -> Result<Duration, CallError> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| CallError::Timeout {
+            path: path.to_owned(),
+            ms: timeout.as_millis(),
+        })
+}
+
+/// Connect, write `request` as one line and shut the write half, by `deadline`.
+/// connect(2) on a Unix socket does not block on a live listener (the backlog takes
+/// it) and fails at once on a missing one, so only the write needs the deadline.
+fn send(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<UnixStream, CallError> {
+    let io = |e| io_error(path, timeout, e);
     let mut s = UnixStream::connect(path).map_err(io)?;
     let mut line = serde_json::to_vec(&Envelope {
         v: VERSION,
@@ -271,13 +279,23 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Respons
     })
     .expect("requests serialize");
     line.push(b'\n');
-    s.set_write_timeout(Some(left()?)).map_err(io)?;
+    s.set_write_timeout(Some(time_left(path, timeout, deadline)?))
+        .map_err(io)?;
     s.write_all(&line).map_err(io)?;
     s.shutdown(std::net::Shutdown::Write).map_err(io)?;
+    Ok(s)
+}
+
+/// One request, one answer, all within `timeout` (the plugin's side).
+pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Response, CallError> {
+    let deadline = Instant::now() + timeout;
+    let io = |e| io_error(path, timeout, e);
+    let mut s = send(path, request, timeout, deadline)?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        s.set_read_timeout(Some(left()?)).map_err(io)?;
+        s.set_read_timeout(Some(time_left(path, timeout, deadline)?))
+            .map_err(io)?;
         let n = s.read(&mut chunk).map_err(io)?;
         if n == 0 {
             break;
@@ -306,44 +324,19 @@ pub fn flows(
     mut each: impl FnMut(crate::flows::FlowRecord) -> bool,
 ) -> Result<(), CallError> {
     use std::io::BufRead;
-    let io = |source: std::io::Error| {
-        if matches!(
-            source.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ) {
-            CallError::Timeout {
-                path: path.to_owned(),
-                ms: timeout.as_millis(),
-            }
-        } else {
-            CallError::Io {
-                path: path.to_owned(),
-                source,
-            }
-        }
-    };
-    let mut s = UnixStream::connect(path).map_err(io)?;
-    let mut line = serde_json::to_vec(&Envelope {
-        v: VERSION,
-        request: Request::Flows(query.clone()),
-    })
-    .expect("requests serialize");
-    line.push(b'\n');
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
-    s.write_all(&line).map_err(io)?;
-    s.shutdown(std::net::Shutdown::Write).map_err(io)?;
+    let io = |e| io_error(path, timeout, e);
+    let s = send(
+        path,
+        &Request::Flows(query.clone()),
+        timeout,
+        Instant::now() + timeout,
+    )?;
     let deadline = Instant::now() + timeout;
     let mut reader = std::io::BufReader::new(s);
     let mut text = String::new();
     loop {
         if !query.follow {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| CallError::Timeout {
-                    path: path.to_owned(),
-                    ms: timeout.as_millis(),
-                })?;
+            let left = time_left(path, timeout, deadline)?;
             reader.get_ref().set_read_timeout(Some(left)).map_err(io)?;
         }
         text.clear();
