@@ -480,10 +480,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn in_a_cluster_a_requested_address_outside_the_published_blocks_is_refused() {
-        let d = tempfile::tempdir().unwrap();
-        let file = d.path().join("node-blocks.json");
+    /// A cluster node's published blocks: node a holds 10.50.0.0/24.
+    fn published(dir: &Path) -> std::path::PathBuf {
+        let file = dir.join("node-blocks.json");
         node_blocks::write(
             &file,
             &node_blocks::NodeBlocks {
@@ -493,6 +492,13 @@ mod tests {
             },
         )
         .unwrap();
+        file
+    }
+
+    #[test]
+    fn in_a_cluster_a_requested_address_outside_the_published_blocks_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let file = published(d.path());
         let a = NodeIpam::new(IpamSettings {
             node: "a".into(),
             pool: Pool::new("10.50.0.0/22".parse().unwrap(), 24).unwrap(),
@@ -538,16 +544,7 @@ mod tests {
     #[test]
     fn in_a_cluster_the_agent_claims_the_block_of_a_requested_address() {
         let d = tempfile::tempdir().unwrap();
-        let file = d.path().join("node-blocks.json");
-        node_blocks::write(
-            &file,
-            &node_blocks::NodeBlocks {
-                node: "a".into(),
-                blocks: vec!["10.50.0.0/24".parse().unwrap()],
-                updated_unix: 0,
-            },
-        )
-        .unwrap();
+        let file = published(d.path());
         let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let a = NodeIpam::new(IpamSettings {
             node: "a".into(),
