@@ -93,9 +93,20 @@ pub struct Conn {
     pub port: u16,
     /// Source port for TCP, UDP and SCTP; 0 otherwise.
     pub sport: u16,
+    /// What tells one opening of this 5-tuple from another: a TCP SYN's initial
+    /// sequence number, an SCTP INIT's initiate tag (a retransmission carries the
+    /// same, a new connection a new one); `None` for any other packet.
+    pub opening: Option<u32>,
 }
 
-/// Reads an IPv4 header and the destination port after it.
+/// Bytes of each logged packet the agent asks the kernel for: the longest IPv4
+/// header (60) plus what [`decode_ipv4`] reads after it (20: the TCP sequence number
+/// and flags, the SCTP INIT's initiate tag). The log rules set no size of their own
+/// (no `--nflog-size`, no `snaplen`), so this copy range is what the kernel sends.
+pub const COPY_RANGE: u32 = 128;
+
+/// Reads an IPv4 header, the ports after it, and what tells a new connection on
+/// them from a retransmission ([`Conn::opening`]).
 pub fn decode_ipv4(p: &[u8]) -> Option<Conn> {
     if p.len() < 20 || p[0] >> 4 != 4 {
         return None;
@@ -111,102 +122,179 @@ pub fn decode_ipv4(p: &[u8]) -> Option<Conn> {
         ),
         _ => (0, 0),
     };
+    let word = |at: usize| {
+        p.get(at..at + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
+    };
+    let opening = match protocol {
+        // A SYN without ACK: the sequence number is the connection's ISN.
+        6 => p
+            .get(ihl + 13)
+            .filter(|flags| *flags & 0x12 == 0x02)
+            .and_then(|_| word(ihl + 4)),
+        // Common header (12 bytes), then the first chunk: INIT (type 1) carries its
+        // initiate tag right after the chunk header.
+        132 if p.get(ihl + 12) == Some(&1) => word(ihl + 16),
+        _ => None,
+    };
     Some(Conn {
         src,
         dst,
         protocol,
         port,
         sport,
+        opening,
     })
 }
 
-/// How long a denied connection's 5-tuple stays "the same connection": a dropped
-/// first packet leaves no conntrack entry, so every retransmitted SYN (1, 3, 7 … s)
-/// or resent datagram is `ct state new` again and logged again. The kernel forgets
-/// an unanswered SYN after 120 s (`nf_conntrack_tcp_timeout_syn_sent`); so do we.
+/// How long a denied TCP or SCTP 5-tuple is remembered: a dropped first packet
+/// leaves no conntrack entry, so every retransmitted SYN (1, 3, 7 … s) or INIT is
+/// `ct state new` again and logged again. The kernel forgets an unanswered SYN after
+/// 120 s (`nf_conntrack_tcp_timeout_syn_sent`); so do we. Within it, the opening
+/// ([`Conn::opening`]) tells a retransmission (the same ISN or initiate tag) from a
+/// new connection reusing the 5-tuple (a new one).
 pub const SAME_CONNECTION_MS: u64 = 120_000;
+/// How long a denied UDP (or other untagged) 5-tuple stays one connection: nothing
+/// in a datagram tells a resend from a new socket on the same ports, so we count as
+/// conntrack counts an allowed flow: datagrams on one 5-tuple less than
+/// `nf_conntrack_udp_timeout` (30 s) apart are one connection.
+pub const SAME_FLOW_MS: u64 = 30_000;
 /// Most 5-tuples remembered; past it the least recently seen are forgotten.
 pub const MAX_REMEMBERED: usize = 65_536;
 
+/// How long a 5-tuple of `protocol` is remembered after its last packet.
+pub fn remembered_ms(protocol: u8) -> u64 {
+    match protocol {
+        6 | 132 => SAME_CONNECTION_MS,
+        _ => SAME_FLOW_MS,
+    }
+}
+
 /// (source, source port, destination, destination port, protocol).
 pub type ConnKey = (Ipv4Addr, u16, Ipv4Addr, u16, u8);
+
+/// What is remembered of a recorded 5-tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    /// Unix ms of its last logged packet.
+    last_ms: u64,
+    /// The opening of the connection recorded on it, once a packet carried one.
+    opening: Option<u32>,
+}
 
 /// Which logged packets open a new denied connection and which repeat one already
 /// recorded (pure: the caller passes the time).
 #[derive(Debug, Default, Clone)]
 pub struct Repeats {
-    last_seen: std::collections::HashMap<ConnKey, u64>,
+    seen: std::collections::HashMap<ConnKey, Seen>,
 }
 
 impl Repeats {
     /// Notes a packet of `conn` at `now_ms` (Unix ms); true when it opens a new
-    /// connection (record it), false when it repeats one seen within
-    /// [`SAME_CONNECTION_MS`]. Each sighting extends the window.
+    /// connection (record it), false when it repeats one recorded on the same 5-tuple
+    /// within [`remembered_ms`]. A packet whose opening differs from the recorded one
+    /// is a new connection reusing the 5-tuple; one without an opening (UDP, a TCP
+    /// segment that is no SYN), or on a 5-tuple whose opening is not known, repeats.
+    /// Each sighting extends the window.
     pub fn first_sight(&mut self, conn: &Conn, now_ms: u64) -> bool {
         let key = (conn.src, conn.sport, conn.dst, conn.port, conn.protocol);
-        let new = match self.last_seen.get(&key) {
-            Some(t) => now_ms.saturating_sub(*t) >= SAME_CONNECTION_MS,
-            None => true,
+        let window = remembered_ms(conn.protocol);
+        let earlier = self
+            .seen
+            .get(&key)
+            .filter(|s| now_ms.saturating_sub(s.last_ms) < window)
+            .copied();
+        let new = match (earlier, conn.opening) {
+            (None, _) => true,
+            (
+                Some(Seen {
+                    opening: Some(was), ..
+                }),
+                Some(now),
+            ) => was != now,
+            (Some(_), _) => false,
         };
-        self.last_seen.insert(key, now_ms);
-        if self.last_seen.len() > MAX_REMEMBERED {
-            self.forget_before(now_ms.saturating_sub(SAME_CONNECTION_MS));
-            if self.last_seen.len() > MAX_REMEMBERED {
+        let opening = match earlier {
+            Some(s) if !new => s.opening.or(conn.opening),
+            _ => conn.opening,
+        };
+        self.seen.insert(
+            key,
+            Seen {
+                last_ms: now_ms,
+                opening,
+            },
+        );
+        if self.seen.len() > MAX_REMEMBERED {
+            self.forget_expired(now_ms);
+            if self.seen.len() > MAX_REMEMBERED {
                 // Still full of live ones: drop the oldest half.
-                let mut times: Vec<u64> = self.last_seen.values().copied().collect();
+                let mut times: Vec<u64> = self.seen.values().map(|s| s.last_ms).collect();
                 times.sort_unstable();
                 let cut = times[times.len() / 2];
-                self.last_seen.retain(|_, t| *t > cut);
+                self.seen.retain(|_, s| s.last_ms > cut);
             }
         }
         new
     }
 
-    fn forget_before(&mut self, cutoff_ms: u64) {
-        self.last_seen.retain(|_, t| *t >= cutoff_ms);
+    fn forget_expired(&mut self, now_ms: u64) {
+        self.seen
+            .retain(|k, s| now_ms.saturating_sub(s.last_ms) < remembered_ms(k.4));
     }
 
     pub fn len(&self) -> usize {
-        self.last_seen.len()
+        self.seen.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.last_seen.is_empty()
+        self.seen.is_empty()
     }
 
-    /// The live entries as text lines (`src sport dst dport proto ms`), for the file
-    /// a stopping agent leaves to the next one.
+    /// The live entries as text lines (`src sport dst dport proto ms opening`, the
+    /// opening `-` when not known), for the file a stopping agent leaves to the next
+    /// one.
     pub fn save(&self, now_ms: u64) -> String {
         let mut out = String::new();
-        for ((s, sp, d, dp, p), t) in &self.last_seen {
-            if now_ms.saturating_sub(*t) < SAME_CONNECTION_MS {
-                out.push_str(&format!("{s} {sp} {d} {dp} {p} {t}\n"));
+        for ((s, sp, d, dp, p), seen) in &self.seen {
+            if now_ms.saturating_sub(seen.last_ms) < remembered_ms(*p) {
+                let opening = seen
+                    .opening
+                    .map_or_else(|| "-".to_string(), |o| o.to_string());
+                out.push_str(&format!(
+                    "{s} {sp} {d} {dp} {p} {} {opening}\n",
+                    seen.last_ms
+                ));
             }
         }
         out
     }
 
-    /// Reads [`Repeats::save`]'s text; bad lines are skipped.
+    /// Reads [`Repeats::save`]'s text; bad lines are skipped. A line of an older
+    /// agent (no opening field) loads with the opening not known.
     pub fn load(text: &str, now_ms: u64) -> Repeats {
         let mut r = Repeats::default();
         for line in text.lines() {
             let f: Vec<&str> = line.split(' ').collect();
             let parsed = (|| {
-                Some((
-                    (
-                        f.first()?.parse().ok()?,
-                        f.get(1)?.parse().ok()?,
-                        f.get(2)?.parse().ok()?,
-                        f.get(3)?.parse().ok()?,
-                        f.get(4)?.parse().ok()?,
-                    ),
-                    f.get(5)?.parse::<u64>().ok()?,
-                ))
+                let key: ConnKey = (
+                    f.first()?.parse().ok()?,
+                    f.get(1)?.parse().ok()?,
+                    f.get(2)?.parse().ok()?,
+                    f.get(3)?.parse().ok()?,
+                    f.get(4)?.parse().ok()?,
+                );
+                let last_ms = f.get(5)?.parse::<u64>().ok()?;
+                let opening = match f.get(6) {
+                    None | Some(&"-") => None,
+                    Some(o) => Some(o.parse::<u32>().ok()?),
+                };
+                Some((key, Seen { last_ms, opening }))
             })();
-            if let Some((k, t)) = parsed
-                && now_ms.saturating_sub(t) < SAME_CONNECTION_MS
+            if let Some((k, seen)) = parsed
+                && now_ms.saturating_sub(seen.last_ms) < remembered_ms(k.4)
             {
-                r.last_seen.insert(k, t);
+                r.seen.insert(k, seen);
             }
         }
         r
@@ -643,8 +731,8 @@ pub struct NflogSocket {
 }
 
 impl NflogSocket {
-    /// Binds `group` and asks for the first 128 bytes of each packet: the IPv4 and
-    /// transport headers are all a record needs.
+    /// Binds `group` and asks for the first [`COPY_RANGE`] bytes of each packet: the
+    /// IPv4 and transport headers are all a record and its deduplication need.
     pub fn bind(group: u16) -> std::io::Result<NflogSocket> {
         use std::os::fd::FromRawFd;
         // SAFETY: plain socket(2); the descriptor is owned from here on.
@@ -663,7 +751,7 @@ impl NflogSocket {
             fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) },
         };
         let bind_cmd = attr_bytes(1, &[1]); // NFULA_CFG_CMD: NFULNL_CFG_CMD_BIND
-        let mut mode = 128u32.to_be_bytes().to_vec();
+        let mut mode = COPY_RANGE.to_be_bytes().to_vec();
         mode.extend([2, 0]); // NFULNL_COPY_PACKET
         // Acked: a group another process holds (an agent still draining on its way
         // out) answers EBUSY, which the caller waits out.
@@ -868,6 +956,156 @@ mod tests {
         }
         let ports: Vec<u16> = log.recent().map(|r| r.port).collect();
         assert_eq!(ports, [2, 3]);
+    }
+
+    /// An IPv4 TCP segment head from `sport` with `flags` and sequence number `seq`.
+    fn tcp(sport: u16, port: u16, flags: u8, seq: u32) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        p.extend(sport.to_be_bytes());
+        p.extend(port.to_be_bytes());
+        p.extend(seq.to_be_bytes());
+        p.extend([0, 0, 0, 0, 0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+        p
+    }
+
+    /// An IPv4 SCTP packet head whose first chunk is of `chunk` type, with `tag`
+    /// where an INIT has its initiate tag.
+    fn sctp(sport: u16, chunk: u8, tag: u32) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 52, 0, 0, 0, 0, 64, 132, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        p.extend(sport.to_be_bytes());
+        p.extend(5000u16.to_be_bytes());
+        p.extend([0u8; 8]); // verification tag, checksum
+        p.extend([chunk, 0, 0, 20]);
+        p.extend(tag.to_be_bytes());
+        p
+    }
+
+    fn udp(sport: u16) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 29, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        p.extend(sport.to_be_bytes());
+        p.extend(53u16.to_be_bytes());
+        p.extend([0, 9, 0, 0, b'x']);
+        p
+    }
+
+    fn sight(r: &mut Repeats, packet: &[u8], at_ms: u64) -> bool {
+        r.first_sight(&decode_ipv4(packet).unwrap(), at_ms)
+    }
+
+    #[test]
+    fn the_opening_is_a_syns_sequence_number_or_an_inits_initiate_tag_and_nothing_else() {
+        let open = |p: &[u8]| decode_ipv4(p).unwrap().opening;
+        assert_eq!(open(&tcp(40000, 80, 0x02, 7)), Some(7), "SYN");
+        assert_eq!(open(&tcp(40000, 80, 0x12, 7)), None, "SYN-ACK");
+        assert_eq!(open(&tcp(40000, 80, 0x10, 7)), None, "ACK");
+        assert_eq!(open(&sctp(40000, 1, 9)), Some(9), "INIT");
+        assert_eq!(open(&sctp(40000, 0, 9)), None, "DATA");
+        assert_eq!(open(&udp(40000)), None);
+        // Options push the TCP header further: the IHL is honoured.
+        let mut long = tcp(40000, 80, 0x02, 11);
+        long[0] = 0x46;
+        long.splice(20..20, [1, 1, 1, 1]);
+        assert_eq!(open(&long), Some(11));
+        // A head cut before the sequence number still names the connection.
+        let cut = &tcp(40000, 80, 0x02, 7)[..24];
+        assert_eq!(
+            decode_ipv4(cut).map(|c| (c.port, c.opening)),
+            Some((80, None))
+        );
+    }
+
+    #[test]
+    fn retransmitted_syns_are_one_connection_and_a_new_syn_on_the_same_ports_is_another() {
+        let mut r = Repeats::default();
+        // Connection 1: its SYN and two retransmissions (same ISN) at 1 s and 3 s.
+        assert!(sight(&mut r, &tcp(40000, 80, 0x02, 1000), 0));
+        assert!(!sight(&mut r, &tcp(40000, 80, 0x02, 1000), 1_000));
+        assert!(!sight(&mut r, &tcp(40000, 80, 0x02, 1000), 3_000));
+        // Connection 2 reuses the 5-tuple: a new ISN, a new record; then its own
+        // retransmission is not.
+        assert!(sight(&mut r, &tcp(40000, 80, 0x02, 5555), 4_000));
+        assert!(!sight(&mut r, &tcp(40000, 80, 0x02, 5555), 5_000));
+        // A segment that is no SYN tells nothing apart.
+        assert!(!sight(&mut r, &tcp(40000, 80, 0x10, 123), 6_000));
+        // Past the SYN_SENT window even the same ISN is a new connection.
+        assert!(sight(
+            &mut r,
+            &tcp(40000, 80, 0x02, 5555),
+            6_000 + SAME_CONNECTION_MS
+        ));
+    }
+
+    #[test]
+    fn sctp_inits_are_told_apart_by_their_initiate_tag() {
+        let mut r = Repeats::default();
+        assert!(sight(&mut r, &sctp(40000, 1, 77), 0));
+        assert!(!sight(&mut r, &sctp(40000, 1, 77), 3_000));
+        assert!(sight(&mut r, &sctp(40000, 1, 78), 4_000));
+    }
+
+    #[test]
+    fn udp_datagrams_on_one_five_tuple_are_one_flow_until_they_pause_for_the_conntrack_udp_timeout()
+    {
+        let mut r = Repeats::default();
+        assert!(sight(&mut r, &udp(40000), 0));
+        assert!(!sight(&mut r, &udp(40000), 200));
+        // Each datagram extends the flow, as it would a conntrack entry.
+        assert!(!sight(&mut r, &udp(40000), 200 + SAME_FLOW_MS - 1));
+        assert!(sight(&mut r, &udp(40000), 200 + 2 * SAME_FLOW_MS));
+        assert!(
+            sight(&mut r, &udp(40001), 200 + 2 * SAME_FLOW_MS),
+            "another port"
+        );
+    }
+
+    #[test]
+    fn a_first_packet_without_an_opening_adopts_the_next_syns() {
+        let mut r = Repeats::default();
+        // A mid-stream segment first (ct state new by loose pick-up): recorded.
+        assert!(sight(&mut r, &tcp(40000, 80, 0x10, 1), 0));
+        // The SYN that follows is taken for the same connection, and its ISN kept:
+        assert!(!sight(&mut r, &tcp(40000, 80, 0x02, 42), 100));
+        assert!(!sight(&mut r, &tcp(40000, 80, 0x02, 42), 1_100));
+        assert!(sight(&mut r, &tcp(40000, 80, 0x02, 43), 2_000));
+    }
+
+    #[test]
+    fn the_seen_table_handed_to_the_next_agent_keeps_openings_and_reads_the_older_format() {
+        let mut r = Repeats::default();
+        assert!(sight(&mut r, &tcp(40000, 80, 0x02, 1000), 0));
+        assert!(sight(&mut r, &udp(40000), 0));
+        let text = r.save(10);
+        assert!(
+            text.contains("10.0.0.1 40000 10.0.0.2 80 6 0 1000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("10.0.0.1 40000 10.0.0.2 53 17 0 -\n"),
+            "{text}"
+        );
+        let mut next = Repeats::load(&text, 1_000);
+        assert_eq!(next.len(), 2);
+        assert!(
+            !sight(&mut next, &tcp(40000, 80, 0x02, 1000), 1_000),
+            "retransmission"
+        );
+        assert!(
+            sight(&mut next, &tcp(40000, 80, 0x02, 2000), 1_100),
+            "new connection"
+        );
+        assert!(!sight(&mut next, &udp(40000), 1_200));
+        // An older agent's lines (no opening): a repeat, whatever the opening.
+        let mut old = Repeats::load("10.0.0.1 40000 10.0.0.2 80 6 0\nbad line\n", 1_000);
+        assert_eq!(old.len(), 1);
+        assert!(!sight(&mut old, &tcp(40000, 80, 0x02, 9), 1_000));
+        // What expired while no agent ran is not loaded.
+        assert!(Repeats::load(&text, SAME_CONNECTION_MS).is_empty());
     }
 
     #[test]

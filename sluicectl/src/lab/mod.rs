@@ -21,7 +21,9 @@
 //! agents' policy dataplane; `status` shows each one's choice and why),
 //! `up --iptables-backend auto|nft|legacy` (which iptables the agents program), `up --nat-outgoing true` (off by default: the
 //! lab's outside network routes pod addresses, so outside hosts see pods' own
-//! addresses), `matrix --timeout-ms`, `apply --prune`.
+//! addresses), `matrix --timeout-ms`, `apply --prune`. Hidden, for the flood bench
+//! (`tests/bench/flows-flood.sh`): `flood` (paced SYNs from a pod) and `latency`
+//! (many timed connects from a pod).
 //!
 //! One file per subcommand; `state` is what they share, `netns` is the OS boundary,
 //! `cni` execs the node's plugin chain like kubelet's runtime, `services` is the
@@ -33,7 +35,9 @@ use std::process::ExitCode;
 pub mod agents;
 pub mod cni;
 pub mod external;
+pub mod flood;
 pub mod flows;
+pub mod latency;
 pub mod manifests;
 pub mod matrix;
 pub mod names;
@@ -74,6 +78,13 @@ enum Command {
     /// Echo server run inside pods and outside hosts (internal).
     #[command(hide = true)]
     Serve(serve::ServeArgs),
+    /// Paced raw-socket TCP SYNs from a pod (the flood bench's sender; internal).
+    #[command(hide = true)]
+    Flood(flood::FloodArgs),
+    /// Many timed connects from a pod in one process (the flood bench's prober;
+    /// internal).
+    #[command(hide = true)]
+    Latency(latency::LatencyArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -126,6 +137,8 @@ pub fn exec(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(a) => serve::exec(a),
+        Command::Flood(a) => flood::exec(a),
+        Command::Latency(a) => latency::exec(a),
     }
 }
 
