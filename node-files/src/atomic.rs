@@ -246,7 +246,10 @@ mod tests {
         w(b"4");
         assert_eq!(std::fs::read(&p).unwrap(), b"4");
         // The kept temporary file holds the previous content, cut to its length.
-        assert_eq!(std::fs::read(d.path().join(".state.json.tmp")).unwrap(), b"third!");
+        assert_eq!(
+            std::fs::read(d.path().join(".state.json.tmp")).unwrap(),
+            b"third!"
+        );
         assert_eq!(names(d.path()), [".state.json.tmp", "state.json"]);
         // A durable write still leaves no temporary file.
         write_atomic_locked(&p, b"five", None, Survives::PowerLoss).unwrap();
