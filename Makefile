@@ -1,6 +1,10 @@
 # Operator entry points. The test command is `bash tests/run.sh` (README); this file
-# only builds the image, assembles the install bundle and drives the kind e2e.
+# only builds the CNI binaries and the image, assembles the install bundle and drives
+# the kind e2e.
 #
+#   make cni              the CNI binaries as a node installs them (static, release):
+#                         scripts/build-cni.sh; `eval "$(scripts/build-cni.sh)"` also
+#                         points the lab, the tests and the ADD/DEL bench at them
 #   make image            build the sluice image ($(IMAGE)) with docker
 #                         (without a registry: podman, docs/image.md)
 #   make manifests        regenerate manifests/sluice.yaml from its parts
@@ -15,7 +19,10 @@ DOCKER ?= docker
 MANIFEST_PARTS := $(sort $(wildcard manifests/crds/*.yaml)) \
 	manifests/rbac.yaml manifests/config.yaml manifests/daemonset.yaml
 
-.PHONY: image manifests kind-e2e check-shell
+.PHONY: cni image manifests kind-e2e check-shell
+
+cni:
+	bash scripts/build-cni.sh
 
 # BuildKit builds only the stages the image uses (the Dockerfile's prebuilt-binaries
 # stage is for builds without a registry: docs/image.md); docker's default since 23.0.

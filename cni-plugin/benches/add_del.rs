@@ -7,10 +7,15 @@
 //! VERSION exec of each, and 100 ADDs started at once on one node (sluice with the
 //! default IPAM, then the reference), then their DELs, all at once too.
 //!
-//! Root only. Build the release binaries first, then run:
-//!   cargo build --release -p sluice-cni -p sluice-ipam
+//! Root only. Build the CNI binaries as they are installed (scripts/build-cni.sh:
+//! static, release) and point the bench at them, then run:
+//!   eval "$(scripts/build-cni.sh)"        # exports SLUICE_BIN_SLUICE, SLUICE_BIN_SLUICE_IPAM
 //!   cargo bench -p sluice-cni --bench add_del            (RUNS=100 to change N,
 //!                                                          BURST=100 the burst)
+//! Without those variables it measures this build's own `sluice` and the
+//! `sluice-ipam` beside it (`cargo build --release -p sluice-cni -p sluice-ipam`).
+//! `BASELINE_SLUICE=<an earlier sluice binary>` adds it as one more interleaved
+//! variant (default conflist) and VERSION, for a before/after within one run.
 //! Results go to stdout as Markdown tables (recorded in cni-plugin/BENCH.md).
 
 use std::io::Write;
@@ -159,9 +164,17 @@ fn main() {
     let dir = tmp.path();
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    let sluice = PathBuf::from(env!("CARGO_BIN_EXE_sluice"));
-    let profile = sluice.parent().unwrap().to_owned();
-    let ipam = profile.join("sluice-ipam");
+    // The lab's and the tests' convention (`SLUICE_BIN_<NAME>`) names the binaries.
+    let from_env = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    let sluice = from_env("SLUICE_BIN_SLUICE")
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sluice")));
+    let ipam = from_env("SLUICE_BIN_SLUICE_IPAM")
+        .unwrap_or_else(|| sluice.parent().unwrap().join("sluice-ipam"));
+    println!(
+        "sluice: {}\nsluice-ipam: {}\n",
+        sluice.display(),
+        ipam.display()
+    );
     std::os::unix::fs::symlink(&sluice, bin.join("sluice")).unwrap();
     let have_ipam = ipam.is_file();
     if have_ipam {
@@ -229,7 +242,25 @@ fn main() {
             },
         );
     }
+    // BASELINE_SLUICE=<an earlier `sluice` binary>: the default conflist run by it
+    // too, interleaved with everything else, for a before/after in one run.
+    let baseline = std::env::var_os("BASELINE_SLUICE").map(PathBuf::from);
+    if let Some(b) = &baseline {
+        std::os::unix::fs::symlink(b, bin.join("sluice-baseline")).unwrap();
+        println!("baseline sluice: {}\n", b.display());
+        variants.insert(
+            1,
+            Variant {
+                name: "baseline sluice + sluice-ipam in-process (default conflist)",
+                plugin: bin.join("sluice-baseline"),
+                conf: sluice_ipam("z", "sluice-ipam", "10.95.0.0/16"),
+                add: vec![],
+                del: vec![],
+            },
+        );
+    }
     let mut version: Vec<Duration> = Vec::new();
+    let mut version_baseline: Vec<Duration> = Vec::new();
     let mut version_bridge: Vec<Duration> = Vec::new();
     let mut bursts: Vec<(&str, Burst)> = Vec::new();
     in_new_netns(|| {
@@ -248,7 +279,14 @@ fn main() {
                     v.del.push(del);
                 }
             }
-            for (plugin, times) in [("sluice", &mut version), ("bridge", &mut version_bridge)] {
+            for (plugin, times) in [
+                ("sluice", &mut version),
+                ("sluice-baseline", &mut version_baseline),
+                ("bridge", &mut version_bridge),
+            ] {
+                if plugin == "sluice-baseline" && baseline.is_none() {
+                    continue;
+                }
                 let start = Instant::now();
                 let out = Command::new(bin.join(plugin))
                     .env("CNI_COMMAND", "VERSION")
@@ -308,6 +346,12 @@ fn main() {
         ms(percentile(&mut version, 0.5)),
         ms(percentile(&mut version_bridge, 0.5))
     );
+    if !version_baseline.is_empty() {
+        println!(
+            "VERSION median of the baseline sluice: {:.2} ms",
+            ms(percentile(&mut version_baseline, 0.5))
+        );
+    }
     if !bursts.is_empty() {
         println!(
             "\n{burst_n} ADDs started at once on one node, then their {burst_n} DELs at once:\n"

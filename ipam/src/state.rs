@@ -6,8 +6,10 @@
 //! A state file that does not parse or breaks an allocator invariant is reported,
 //! never reset: starting over would hand out addresses that running pods still hold.
 //!
-//! Durability: the state is replaced by rename without fsync. The rename alone
-//! survives kill -9 of the writer at any point; only a power loss (or kernel crash)
+//! Durability: the state is replaced without fsync, by swapping it with a kept
+//! temporary file (`sluice_node_files::atomic::write_atomic_locked`; every reader
+//! takes the lock, which that needs). The swap alone survives kill -9 of the writer
+//! at any point; only a power loss (or kernel crash)
 //! can lose or tear an unsynced write, and that also kills every pod of the node,
 //! so no running pod can hold an address from the lost state. What must not happen
 //! is that a torn file from before the reboot wedges the node. `<stateDir>/boot-id`
