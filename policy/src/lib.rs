@@ -73,7 +73,7 @@ pub use manifest::{
 };
 pub use model::{
     Action, Cluster, ClusterNetworkPolicy, ClusterPeer, ClusterRule, ContainerPort, IpBlock,
-    Labels, Namespace, NamespaceScope, NamespacedName, NetworkPolicy, Node, Peer, Peers, Pod,
+    Labels, LogAllowed, Namespace, NamespaceScope, NamespacedName, NetworkPolicy, Node, Peer, Peers, Pod,
     PodPeer, PolicyPort, PolicyType, PolicyTypes, PortMatch, Ports, Protocol, RejectedPolicy, Rule,
     Subject, Tier,
 };
