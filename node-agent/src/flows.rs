@@ -333,7 +333,11 @@ impl FlowContext {
                         .get(k)
                         .is_some_and(|p| p.log_allowed.covers(ingress))
                 });
-                (ALLOWED_BY_RULE, opted, by.iter().map(|k| k.to_string()).collect())
+                (
+                    ALLOWED_BY_RULE,
+                    opted,
+                    by.iter().map(|k| k.to_string()).collect(),
+                )
             }
             Side::ClusterPolicy { by } if by.action == Action::Accept => {
                 let opted = cluster
@@ -347,7 +351,11 @@ impl FlowContext {
             // Loopback, the node itself: never through a pod's chain.
             _ => return None,
         };
-        if !opted && !cluster.namespace_log_allowed(&pod.namespace).covers(ingress) {
+        if !opted
+            && !cluster
+                .namespace_log_allowed(&pod.namespace)
+                .covers(ingress)
+        {
             return None;
         }
         Some(FlowRecord {
@@ -965,6 +973,7 @@ mod tests {
                 vec!["prod/deny-all".to_string()],
             )]
             .into(),
+            ..Default::default()
         };
         let r = ctx.record(&packets[0], SystemTime::UNIX_EPOCH).unwrap();
         assert_eq!(
@@ -986,9 +995,8 @@ mod tests {
     /// A shop: `web` calls `api`, which two policies open to it on port 80 (one of
     /// them also on 81) under a default-deny; `out` is outside.
     fn shop(namespace_opt_in: &str, opted_policies: &[(&str, &str)]) -> FlowContext {
-        let annotate = |value: &str| {
-            format!(", annotations: {{sluice.dev/log-allowed: \"{value}\"}}")
-        };
+        let annotate =
+            |value: &str| format!(", annotations: {{sluice.dev/log-allowed: \"{value}\"}}");
         let policy = |name: &str, spec: &str| {
             let a = opted_policies
                 .iter()
@@ -1016,11 +1024,15 @@ mod tests {
         let from_web = "from: [{podSelector: {matchLabels: {app: web}}}]";
         text += &policy(
             "api-a",
-            &format!("{{podSelector: {{matchLabels: {{app: api}}}}, ingress: [{{{from_web}, ports: [{{port: 80}}]}}]}}"),
+            &format!(
+                "{{podSelector: {{matchLabels: {{app: api}}}}, ingress: [{{{from_web}, ports: [{{port: 80}}]}}]}}"
+            ),
         );
         text += &policy(
             "api-b",
-            &format!("{{podSelector: {{matchLabels: {{app: api}}}}, ingress: [{{{from_web}, ports: [{{port: 80}}, {{port: 81}}]}}]}}"),
+            &format!(
+                "{{podSelector: {{matchLabels: {{app: api}}}}, ingress: [{{{from_web}, ports: [{{port: 80}}, {{port: 81}}]}}]}}"
+            ),
         );
         let cluster = sluice_policy::parse_documents("t", &text)
             .unwrap()
@@ -1054,10 +1066,17 @@ mod tests {
         );
         assert_eq!((r.src.as_str(), r.dst.as_str()), ("prod/web", "prod/api"));
         assert_eq!(r.policies, ["prod/api-a", "prod/api-b"]);
-        assert_eq!(allow(&ctx, "i", [10, 0, 0, 2], 81).unwrap().policies, ["prod/api-b"]);
+        assert_eq!(
+            allow(&ctx, "i", [10, 0, 0, 2], 81).unwrap().policies,
+            ["prod/api-b"]
+        );
         assert_eq!(
             counter_labels(&r),
-            ("prod".into(), "prod/api-a,prod/api-b".into(), "ingress".into())
+            (
+                "prod".into(),
+                "prod/api-a,prod/api-b".into(),
+                "ingress".into()
+            )
         );
         // The namespace opts in ingress only: web's egress allows are not kept.
         assert_eq!(allow(&ctx, "e", [10, 0, 0, 2], 80), None);
@@ -1123,7 +1142,10 @@ mod tests {
             text.contains("sluice_policy_allowed_connections_total{namespace=\"prod\",policy=\"-\",direction=\"egress\"} 1"),
             "{text}"
         );
-        assert!(!text.contains("sluice_policy_denied_connections_total{"), "{text}");
+        assert!(
+            !text.contains("sluice_policy_denied_connections_total{"),
+            "{text}"
+        );
         let denied = sluice_node_files::flows::FlowQuery {
             denied: true,
             ..Default::default()

@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use crate::model::{
     Action, BadLogAllowed, ClusterNetworkPolicy, ClusterPeer, ClusterRule, ContainerPort, IpBlock,
-    Labels, LogAllowed, Namespace, NamespaceScope, NetworkPolicy, Node, Peer, Peers, Pod, PodPeer, PolicyPort,
-    PolicyType, PolicyTypes, PortMatch, Ports, Protocol, Rule, Subject, Tier,
+    Labels, LogAllowed, Namespace, NamespaceScope, NetworkPolicy, Node, Peer, Peers, Pod, PodPeer,
+    PolicyPort, PolicyType, PolicyTypes, PortMatch, Ports, Protocol, Rule, Subject, Tier,
 };
 use crate::selector::{LabelSelector, Operator, Requirement};
 use crate::wire::{self, MAX_ITEMS};

@@ -421,8 +421,11 @@ fn convert_one(raw: &RawObject, out: &mut Parsed) {
         && matches!(kind, "Namespace" | "NetworkPolicy" | "ClusterNetworkPolicy")
         && let Err(e) = convert::log_allowed(&meta)
     {
-        out.warnings
-            .push(format!("{}: {kind} {}: {e}", raw.origin, meta.display_name()));
+        out.warnings.push(format!(
+            "{}: {kind} {}: {e}",
+            raw.origin,
+            meta.display_name()
+        ));
     }
     match converted {
         Ok(object) => out.objects.push(object),
@@ -503,8 +506,7 @@ spec:
     }
 
     #[test]
-    fn the_log_allowed_annotation_is_read_on_all_three_kinds_and_a_bad_value_is_warned_not_fatal()
-    {
+    fn the_log_allowed_annotation_is_read_on_all_three_kinds_and_a_bad_value_is_warned_not_fatal() {
         let text = r#"
 apiVersion: v1
 kind: Namespace
@@ -549,7 +551,10 @@ spec:
         assert!(bad[1].contains("NetworkPolicy a/q"), "{bad:?}");
         let c = parsed.into_cluster();
         let both = LogAllowed::parse("true").unwrap();
-        assert_eq!(c.namespaces["a"].log_allowed, LogAllowed::parse("ingress").unwrap());
+        assert_eq!(
+            c.namespaces["a"].log_allowed,
+            LogAllowed::parse("ingress").unwrap()
+        );
         assert_eq!(c.namespaces["b"].log_allowed, both);
         // Ignored, not dropped: the object still applies.
         assert_eq!(c.namespaces["c"].log_allowed, LogAllowed::OFF);

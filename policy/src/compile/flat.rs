@@ -395,8 +395,8 @@ impl Flat<'_> {
         // place of `return`, in chains of its own (the marker keeps their names
         // apart from the same policies' unlogged chains); nobody else's path changes.
         let allowed = self.allowed_target(pod, direction);
-        let log_key = (allowed != Target::Return)
-            .then(|| NamespacedName::cluster_scoped(LOG_ALLOWED_KEY));
+        let log_key =
+            (allowed != Target::Return).then(|| NamespacedName::cluster_scoped(LOG_ALLOWED_KEY));
         if policies.is_empty() && admin.is_empty() && baseline.is_empty() {
             return match allowed {
                 Target::Goto(chain) => MapVerdict::Goto(chain),
@@ -1550,7 +1550,10 @@ mod tests {
                     };
                     assert_eq!(tags, [AllowTag { direction }], "{kind:?} {pod} {ingress}");
                 } else {
-                    assert!(tags.is_empty(), "{kind:?} {pod} ingress={ingress}: {tags:?}");
+                    assert!(
+                        tags.is_empty(),
+                        "{kind:?} {pod} ingress={ingress}: {tags:?}"
+                    );
                     let (_, _, before) = logged(&off, &p);
                     assert_eq!(walked, before, "{kind:?} {pod} ingress={ingress}: cost");
                 }

@@ -370,7 +370,11 @@ impl<'a> Compiler<'a> {
     /// an opt-in asks for allow records of it ([`Cluster::logs_allowed`]), a goto to
     /// the direction's allow log chain (added on first use), which logs and returns.
     fn allowed_target(&mut self, pod: &Pod, dir: Direction) -> Target {
-        if !self.index.cluster.logs_allowed(pod, dir == Direction::Ingress) {
+        if !self
+            .index
+            .cluster
+            .logs_allowed(pod, dir == Direction::Ingress)
+        {
             return Target::Return;
         }
         let name = names::allow_log_chain(dir);

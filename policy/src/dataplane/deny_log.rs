@@ -146,7 +146,10 @@ pub struct AllowTag {
 
 impl AllowTag {
     pub fn prefix(&self) -> String {
-        format!("{PREFIX_HEAD}{ALLOW_CODE}:{}", direction_code(self.direction))
+        format!(
+            "{PREFIX_HEAD}{ALLOW_CODE}:{}",
+            direction_code(self.direction)
+        )
     }
 
     /// Reads a prefix written by [`AllowTag::prefix`]; anything else is `None`.
