@@ -282,9 +282,9 @@ fn check_records(lab: &Lab, name: &str, want: &Truth) -> Vec<String> {
 
 /// The demo again with allow records asked for: on the `shop` namespace's ingress,
 /// then on two of its policies (one allowing nothing, so its pods' allows reach the
-/// agent and are dropped there). Each is checked like the deny records, and the
-/// per-policy case by hand as well.
-fn check_allow_records(lab: &Lab, predicted: &Truth) -> Vec<String> {
+/// agent and are dropped there), then with the opt-ins removed again. Each is
+/// checked like the deny records, and the per-policy case by hand as well.
+fn check_allow_records(lab: &Lab, policy: &Path, predicted: &Truth) -> Vec<String> {
     let mut failures = Vec::new();
     let namespace = |value: Option<&str>| {
         let annotations = value
@@ -347,6 +347,11 @@ fn check_allow_records(lab: &Lab, predicted: &Truth) -> Vec<String> {
             "per-policy opt-in: wanted only {web_to_api:?}, got {allows:?}"
         ));
     }
+
+    // Off again (the allow log chain goes away on both dataplanes): no allow record.
+    lab.apply(&[policy]);
+    settle(lab, |c| c.policies.values().all(|p| !p.log_allowed.ingress));
+    failures.extend(check_records(lab, "demo, opt-ins removed", predicted));
     failures
 }
 
@@ -398,7 +403,7 @@ fn flows_hold(dataplane: Dataplane) {
             "{}",
             sluicectl_out(&["lab", "flows", "--name", &lab.name, "--limit", "4"])
         );
-        failures.extend(check_allow_records(&lab, &predicted));
+        failures.extend(check_allow_records(&lab, &policy, &predicted));
     }
 
     // The upstream tables.
