@@ -194,6 +194,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
                 crate::flows::endpoints(&snap.cluster),
                 desired.dataplane.deny_policies.clone(),
             );
+            flows.set_snapshot(snap.clone());
         }
         self.metrics
             .rules_programmed

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::time::SystemTime;
 
 use sluice_node_files::flows::{FlowFile, FlowRecord, rfc3339};
-use sluice_policy::dataplane::deny_log::{DenyReason, DenyTag};
+use sluice_policy::dataplane::deny_log::{AllowTag, DenyReason, LogTag};
 use sluice_policy::names::Direction;
 
 /// `NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET`.
@@ -315,7 +315,15 @@ pub struct FlowContext {
     pub endpoints: BTreeMap<Ipv4Addr, String>,
     /// Isolation log id → `NS/NAME` of the isolating policies.
     pub deny_policies: BTreeMap<String, Vec<String>>,
+    /// The snapshot the last applied ruleset was compiled from: allow records are
+    /// named, and kept or not, by evaluating the connection in it.
+    pub snapshot: Option<std::sync::Arc<crate::datastore::Snapshot>>,
 }
+
+/// Why an allowed connection was allowed, as records spell it.
+pub const ALLOWED_BY_RULE: &str = "allowed-by-rule";
+/// An allowed connection of a pod no policy isolates in that direction.
+pub const NOT_ISOLATED: &str = "not-isolated";
 
 impl FlowContext {
     fn endpoint(&self, ip: Ipv4Addr) -> String {
@@ -328,7 +336,10 @@ impl FlowContext {
     /// The record of one logged packet; `None` when the prefix is not sluice's or the
     /// packet is not IPv4.
     pub fn record(&self, packet: &NflogPacket, time: SystemTime) -> Option<FlowRecord> {
-        let tag = DenyTag::parse(&packet.prefix)?;
+        let tag = match LogTag::parse(&packet.prefix)? {
+            LogTag::Deny(tag) => tag,
+            LogTag::Allow(tag) => return self.allow_record(&tag, packet, time),
+        };
         let conn = decode_ipv4(&packet.payload)?;
         let policies = match (tag.reason, &tag.id) {
             (DenyReason::Isolated | DenyReason::DeniedByRule, Some(id)) => {
@@ -347,16 +358,115 @@ impl FlowContext {
             .into(),
             src: self.endpoint(conn.src),
             dst: self.endpoint(conn.dst),
-            protocol: match conn.protocol {
-                6 => "TCP".into(),
-                17 => "UDP".into(),
-                132 => "SCTP".into(),
-                n => n.to_string(),
-            },
+            protocol: protocol_name(conn.protocol),
             port: conn.port,
             reason: tag.reason.as_str().into(),
             policies,
         })
+    }
+}
+
+impl FlowContext {
+    /// The record of an allowed connection an opt-in asks for, `None` otherwise.
+    /// The kernel logs every allow of an opted-in pod (its namespace's opt-in, or a
+    /// policy's that selects it); here the connection is evaluated in the snapshot
+    /// the rules came from, which names every policy that allowed it and says
+    /// whether an opt-in covers it: the pod's namespace's in that direction, or
+    /// that of one of the allowing policies. A connection the source's egress
+    /// allowed but the destination's ingress then denies is not an allow (its deny
+    /// record says what happened).
+    fn allow_record(
+        &self,
+        tag: &AllowTag,
+        packet: &NflogPacket,
+        time: SystemTime,
+    ) -> Option<FlowRecord> {
+        use sluice_policy::evaluate::{Side, allowing_policies};
+        use sluice_policy::model::{Action, Protocol};
+        use sluice_policy::{Endpoint, Probe, Verdict, evaluate};
+        let conn = decode_ipv4(&packet.payload)?;
+        let cluster = &self.snapshot.as_ref()?.cluster;
+        let (protocol, port) = match conn.protocol {
+            6 => (Protocol::Tcp, conn.port),
+            17 => (Protocol::Udp, conn.port),
+            132 => (Protocol::Sctp, conn.port),
+            1 => (Protocol::Icmp, 0),
+            _ => return None,
+        };
+        let probe = Probe {
+            from: Endpoint::Ip(conn.src.into()),
+            to: Endpoint::Ip(conn.dst.into()),
+            port,
+            protocol,
+        };
+        let e = evaluate(cluster, &probe).ok()?;
+        if e.verdict != Verdict::Allow {
+            return None;
+        }
+        let ingress = tag.direction == Direction::Ingress;
+        let (side, pod) = if ingress {
+            (&e.ingress, &e.to)
+        } else {
+            (&e.egress, &e.from)
+        };
+        let sluice_policy::evaluate::Resolved::Pod { pod, .. } = pod else {
+            return None;
+        };
+        let (reason, opted, policies) = match side {
+            Side::Allowed { .. } => {
+                let by = allowing_policies(cluster, &e, ingress);
+                let opted = by.iter().any(|k| {
+                    cluster
+                        .policies
+                        .get(k)
+                        .is_some_and(|p| p.log_allowed.covers(ingress))
+                });
+                (
+                    ALLOWED_BY_RULE,
+                    opted,
+                    by.iter().map(|k| k.to_string()).collect(),
+                )
+            }
+            Side::ClusterPolicy { by } if by.action == Action::Accept => {
+                let opted = cluster
+                    .cluster_policies
+                    .get(&by.policy)
+                    .is_some_and(|p| p.log_allowed.covers(ingress));
+                let name = format!("ClusterNetworkPolicy/{}", by.policy);
+                (ALLOWED_BY_RULE, opted, vec![name])
+            }
+            Side::NotIsolated => (NOT_ISOLATED, false, Vec::new()),
+            // Loopback, the node itself: never through a pod's chain.
+            _ => return None,
+        };
+        if !opted
+            && !cluster
+                .namespace_log_allowed(&pod.namespace)
+                .covers(ingress)
+        {
+            return None;
+        }
+        Some(FlowRecord {
+            time: rfc3339(time),
+            node: self.node.clone(),
+            verdict: "allow".into(),
+            direction: if ingress { "ingress" } else { "egress" }.into(),
+            src: self.endpoint(conn.src),
+            dst: self.endpoint(conn.dst),
+            protocol: protocol_name(conn.protocol),
+            port: conn.port,
+            reason: reason.into(),
+            policies,
+        })
+    }
+}
+
+fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        132 => "SCTP".into(),
+        n => n.to_string(),
     }
 }
 
@@ -438,6 +548,10 @@ pub struct FlowStore {
     live: tokio::sync::broadcast::Sender<std::sync::Arc<FlowRecord>>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     repeats: std::sync::Mutex<Repeats>,
+    /// The same for allow records, one table per direction ([ingress, egress]):
+    /// each opted-in side records a connection once, and an egress allow never
+    /// hides a deny record of the same 5-tuple.
+    allow_repeats: std::sync::Mutex<[Repeats; 2]>,
     /// The log group is bound: connections denied from now on are recorded.
     recording: std::sync::atomic::AtomicBool,
 }
@@ -458,6 +572,7 @@ impl FlowStore {
             live,
             metrics,
             repeats: std::sync::Mutex::new(Repeats::default()),
+            allow_repeats: std::sync::Mutex::new(Default::default()),
             recording: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -487,6 +602,13 @@ impl FlowStore {
         c.deny_policies = deny_policies;
     }
 
+    /// After each apply: the snapshot its rules came from, which allow records are
+    /// evaluated in.
+    pub fn set_snapshot(&self, snapshot: std::sync::Arc<crate::datastore::Snapshot>) {
+        let mut c = self.context.write().unwrap_or_else(|e| e.into_inner());
+        c.snapshot = Some(snapshot);
+    }
+
     /// Takes over the file: what it already holds becomes the memory (the last
     /// `capacity` records), and new records are appended to it.
     pub fn attach_file(&self, file: FlowFile, earlier: Vec<FlowRecord>) {
@@ -507,21 +629,31 @@ impl FlowStore {
         let Some(conn) = decode_ipv4(&packet.payload) else {
             return;
         };
-        if DenyTag::parse(&packet.prefix).is_none()
-            || !self.repeats().first_sight(&conn, unix_ms(time))
-        {
-            return;
-        }
-        let record = {
-            let c = self.context.read().unwrap_or_else(|e| e.into_inner());
-            match c.record(packet, time) {
-                Some(r) => r,
-                None => return,
+        let record = match LogTag::parse(&packet.prefix) {
+            None => return,
+            Some(LogTag::Deny(_)) => {
+                if !self.repeats().first_sight(&conn, unix_ms(time)) {
+                    return;
+                }
+                self.name(packet, time)
             }
+            // Evaluated first: only an allow that is kept takes its 5-tuple.
+            Some(LogTag::Allow(tag)) => self.name(packet, time).filter(|_| {
+                let mut seen = self.allow_repeats.lock().unwrap_or_else(|e| e.into_inner());
+                let side = usize::from(tag.direction == Direction::Egress);
+                seen[side].first_sight(&conn, unix_ms(time))
+            }),
+        };
+        let Some(record) = record else {
+            return;
         };
         let (namespace, policy, direction) = counter_labels(&record);
-        self.metrics
-            .denied_connections
+        let counters = if record.verdict == "allow" {
+            &self.metrics.allowed_connections
+        } else {
+            &self.metrics.denied_connections
+        };
+        counters
             .get_or_create(&vec![
                 ("namespace".to_string(), namespace),
                 ("policy".to_string(), policy),
@@ -535,6 +667,11 @@ impl FlowStore {
         // Under the log's lock: a follower that subscribed under it gets every
         // record exactly once, from the memory or from here.
         let _ = self.live.send(std::sync::Arc::new(record));
+    }
+
+    fn name(&self, packet: &NflogPacket, time: SystemTime) -> Option<FlowRecord> {
+        let c = self.context.read().unwrap_or_else(|e| e.into_inner());
+        c.record(packet, time)
     }
 
     /// The records `query` asks for now, and (for `follow`) a feed of every later
@@ -924,6 +1061,7 @@ mod tests {
                 vec!["prod/deny-all".to_string()],
             )]
             .into(),
+            ..Default::default()
         };
         let r = ctx.record(&packets[0], SystemTime::UNIX_EPOCH).unwrap();
         assert_eq!(
@@ -940,6 +1078,167 @@ mod tests {
             ("prod".into(), "prod/deny-all".into(), "ingress".into())
         );
         assert!(ctx.record(&packets[1], SystemTime::UNIX_EPOCH).is_none());
+    }
+
+    /// A shop: `web` calls `api`, which two policies open to it on port 80 (one of
+    /// them also on 81) under a default-deny; `out` is outside.
+    fn shop(namespace_opt_in: &str, opted_policies: &[(&str, &str)]) -> FlowContext {
+        let annotate =
+            |value: &str| format!(", annotations: {{sluice.dev/log-allowed: \"{value}\"}}");
+        let policy = |name: &str, spec: &str| {
+            let a = opted_policies
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| annotate(v))
+                .unwrap_or_default();
+            format!(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                 metadata: {{name: {name}, namespace: prod{a}}}\nspec: {spec}\n"
+            )
+        };
+        let pod = |name: &str, ip: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: prod, labels: {{app: {name}}}}}\n\
+                 spec: {{nodeName: n1, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n"
+            )
+        };
+        let mut text = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: prod{}}}\n",
+            annotate(namespace_opt_in)
+        );
+        text += &pod("web", "10.0.0.1");
+        text += &pod("api", "10.0.0.2");
+        text += &policy("default-deny", "{podSelector: {}, policyTypes: [Ingress]}");
+        let from_web = "from: [{podSelector: {matchLabels: {app: web}}}]";
+        text += &policy(
+            "api-a",
+            &format!(
+                "{{podSelector: {{matchLabels: {{app: api}}}}, ingress: [{{{from_web}, ports: [{{port: 80}}]}}]}}"
+            ),
+        );
+        text += &policy(
+            "api-b",
+            &format!(
+                "{{podSelector: {{matchLabels: {{app: api}}}}, ingress: [{{{from_web}, ports: [{{port: 80}}, {{port: 81}}]}}]}}"
+            ),
+        );
+        let cluster = sluice_policy::parse_documents("t", &text)
+            .unwrap()
+            .into_cluster();
+        FlowContext {
+            node: "n1".into(),
+            endpoints: crate::flows::endpoints(&cluster),
+            snapshot: Some(std::sync::Arc::new(crate::datastore::Snapshot {
+                cluster,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn allow(ctx: &FlowContext, dir: &str, dst: [u8; 4], port: u16) -> Option<FlowRecord> {
+        let p = NflogPacket {
+            prefix: format!("slc:allow:{dir}"),
+            payload: tcp_syn([10, 0, 0, 1], dst, port),
+        };
+        ctx.record(&p, SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn an_allow_record_names_every_policy_whose_rule_admits_the_connection() {
+        let ctx = shop("ingress", &[]);
+        let r = allow(&ctx, "i", [10, 0, 0, 2], 80).unwrap();
+        assert_eq!(
+            (r.verdict.as_str(), r.direction.as_str(), r.reason.as_str()),
+            ("allow", "ingress", "allowed-by-rule")
+        );
+        assert_eq!((r.src.as_str(), r.dst.as_str()), ("prod/web", "prod/api"));
+        assert_eq!(r.policies, ["prod/api-a", "prod/api-b"]);
+        assert_eq!(
+            allow(&ctx, "i", [10, 0, 0, 2], 81).unwrap().policies,
+            ["prod/api-b"]
+        );
+        assert_eq!(
+            counter_labels(&r),
+            (
+                "prod".into(),
+                "prod/api-a,prod/api-b".into(),
+                "ingress".into()
+            )
+        );
+        // The namespace opts in ingress only: web's egress allows are not kept.
+        assert_eq!(allow(&ctx, "e", [10, 0, 0, 2], 80), None);
+    }
+
+    #[test]
+    fn a_pod_no_policy_isolates_is_recorded_as_not_isolated_under_its_namespaces_opt_in() {
+        let ctx = shop("egress", &[]);
+        let r = allow(&ctx, "e", [192, 0, 2, 1], 443).unwrap();
+        assert_eq!(
+            (r.direction.as_str(), r.reason.as_str(), r.dst.as_str()),
+            ("egress", "not-isolated", "ip:192.0.2.1")
+        );
+        assert!(r.policies.is_empty());
+        assert_eq!(counter_labels(&r).1, "-");
+    }
+
+    #[test]
+    fn an_egress_allow_the_destination_then_denies_is_no_allow_record() {
+        let ctx = shop("true", &[]);
+        assert!(allow(&ctx, "e", [10, 0, 0, 2], 80).is_some());
+        assert_eq!(allow(&ctx, "e", [10, 0, 0, 2], 82), None);
+    }
+
+    #[test]
+    fn a_policys_opt_in_keeps_only_the_connections_that_policy_allows() {
+        // default-deny selects api and opts in, but allows nothing itself.
+        let ctx = shop("false", &[("default-deny", "true")]);
+        assert_eq!(allow(&ctx, "i", [10, 0, 0, 2], 80), None);
+        let ctx = shop("false", &[("default-deny", "true"), ("api-b", "ingress")]);
+        let r = allow(&ctx, "i", [10, 0, 0, 2], 81).unwrap();
+        assert_eq!(r.policies, ["prod/api-b"]);
+        // Allowed by api-a too: every allowing policy is named, opted in or not.
+        let r = allow(&ctx, "i", [10, 0, 0, 2], 80).unwrap();
+        assert_eq!(r.policies, ["prod/api-a", "prod/api-b"]);
+        let ctx = shop("false", &[("api-b", "egress")]);
+        assert_eq!(allow(&ctx, "i", [10, 0, 0, 2], 81), None);
+    }
+
+    #[test]
+    fn allow_records_are_counted_apart_and_repeats_of_one_side_are_recorded_once() {
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let store = FlowStore::new("n1", 16, metrics.clone());
+        let ctx = shop("true", &[]);
+        store.set_context(ctx.endpoints.clone(), Default::default());
+        store.set_snapshot(ctx.snapshot.clone().unwrap());
+        let now = SystemTime::now();
+        for prefix in ["slc:allow:e", "slc:allow:e", "slc:allow:i"] {
+            let p = NflogPacket {
+                prefix: prefix.into(),
+                payload: tcp_syn([10, 0, 0, 1], [10, 0, 0, 2], 80),
+            };
+            store.ingest(&p, now);
+        }
+        let (records, _) = store.query(&Default::default());
+        let sides: Vec<(&str, &str)> = records
+            .iter()
+            .map(|r| (r.verdict.as_str(), r.direction.as_str()))
+            .collect();
+        assert_eq!(sides, [("allow", "egress"), ("allow", "ingress")]);
+        let text = metrics.encode();
+        assert!(
+            text.contains("sluice_policy_allowed_connections_total{namespace=\"prod\",policy=\"-\",direction=\"egress\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("sluice_policy_denied_connections_total{"),
+            "{text}"
+        );
+        let denied = sluice_node_files::flows::FlowQuery {
+            denied: true,
+            ..Default::default()
+        };
+        assert!(store.query(&denied).0.is_empty());
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct Metrics {
     /// `sluice_policy_denied_connections_total{namespace,policy,direction}`: one
     /// increment per denied-connection record (docs/flows.md, "Counters").
     pub denied_connections: Family<Vec<(String, String)>, Counter>,
+    /// `sluice_policy_allowed_connections_total{namespace,policy,direction}`: the
+    /// same for allow records, made only where an opt-in asks for them.
+    pub allowed_connections: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -69,6 +72,7 @@ impl Metrics {
             local_reports: Counter::default(),
             local_reports_pending: Gauge::default(),
             denied_connections: Family::default(),
+            allowed_connections: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -146,6 +150,11 @@ impl Metrics {
             "sluice_policy_denied_connections",
             "Denied new connections recorded from the kernel's log rules, by the protected pod's namespace, the deciding policies (- for isolation by none) and direction",
             m.denied_connections.clone(),
+        );
+        root.register(
+            "sluice_policy_allowed_connections",
+            "Allowed new connections recorded where sluice.dev/log-allowed asks for them, by the protected pod's namespace, the allowing policies (- for a pod no policy isolates) and direction",
+            m.allowed_connections.clone(),
         );
         Metrics {
             registry: root,

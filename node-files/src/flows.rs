@@ -14,13 +14,13 @@ use serde::{Deserialize, Serialize};
 /// Size at which the record file is rotated.
 pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
-/// One denied (or, later, allowed) connection.
+/// One denied connection, or an allowed one where `sluice.dev/log-allowed` asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowRecord {
     /// RFC 3339, UTC.
     pub time: String,
     pub node: String,
-    /// `deny` (or `allow`).
+    /// `deny` or `allow`.
     pub verdict: String,
     /// `ingress` or `egress`, seen from the pod the decision protects.
     pub direction: String,
@@ -31,9 +31,9 @@ pub struct FlowRecord {
     pub protocol: String,
     pub port: u16,
     /// `isolated`, `denied-by-rule`, `pod-not-yet-programmed`, `spoofed`,
-    /// `tunnel-guard`.
+    /// `tunnel-guard`; for an allow, `allowed-by-rule` or `not-isolated`.
     pub reason: String,
-    /// `NS/NAME` of each deciding policy.
+    /// `NS/NAME` (or `ClusterNetworkPolicy/NAME`) of each deciding policy.
     pub policies: Vec<String>,
 }
 
@@ -170,7 +170,7 @@ pub struct FlowQuery {
     /// Only records at or after this RFC 3339 instant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
-    /// Only denied connections (today every record is one).
+    /// Only denied connections (allow records left out).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub denied: bool,
     /// Only records whose source or destination pod is in this namespace.

@@ -53,6 +53,7 @@ fn cluster(pods: usize, policies: usize, namespaces: usize, nodes: usize) -> Clu
     let mut c = Cluster::default();
     for n in 0..namespaces {
         c.add_namespace(Namespace {
+            log_allowed: Default::default(),
             name: format!("ns-{n}"),
             labels: lbl(&[
                 ("team", format!("t{}", n % 10)),
@@ -183,6 +184,7 @@ fn cluster(pods: usize, policies: usize, namespaces: usize, nodes: usize) -> Clu
             ),
         };
         c.add_policy(NetworkPolicy {
+            log_allowed: Default::default(),
             namespace: ns,
             name: format!("np-{p}"),
             pod_selector,

@@ -13,9 +13,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::model::{
-    Action, ClusterNetworkPolicy, ClusterPeer, ClusterRule, ContainerPort, IpBlock, Labels,
-    Namespace, NamespaceScope, NetworkPolicy, Node, Peer, Peers, Pod, PodPeer, PolicyPort,
-    PolicyType, PolicyTypes, PortMatch, Ports, Protocol, Rule, Subject, Tier,
+    Action, BadLogAllowed, ClusterNetworkPolicy, ClusterPeer, ClusterRule, ContainerPort, IpBlock,
+    Labels, LogAllowed, Namespace, NamespaceScope, NetworkPolicy, Node, Peer, Peers, Pod, PodPeer,
+    PolicyPort, PolicyType, PolicyTypes, PortMatch, Ports, Protocol, Rule, Subject, Tier,
 };
 use crate::selector::{LabelSelector, Operator, Requirement};
 use crate::wire::{self, MAX_ITEMS};
@@ -56,6 +56,10 @@ pub(crate) struct ObjectMeta {
     pub namespace: Option<String>,
     #[serde(default)]
     pub labels: Option<Labels>,
+    /// Any values: the API allows only strings, but a hand-written manifest's
+    /// unquoted `true` must not make the whole object unreadable.
+    #[serde(default)]
+    pub annotations: Option<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 impl ObjectMeta {
@@ -66,6 +70,24 @@ impl ObjectMeta {
             Some(ns) => format!("{ns}/{name}"),
             None => name.to_string(),
         }
+    }
+}
+
+/// The object's [`LogAllowed::ANNOTATION`]: off when missing; a YAML boolean reads
+/// as its text. A value that is not one of the annotation's words is an error the
+/// reader reports as a warning (the object itself still applies, not logged).
+pub(crate) fn log_allowed(meta: &ObjectMeta) -> Result<LogAllowed, BadLogAllowed> {
+    let Some(value) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LogAllowed::ANNOTATION))
+    else {
+        return Ok(LogAllowed::OFF);
+    };
+    match value {
+        serde_json::Value::String(s) => LogAllowed::parse(s),
+        serde_json::Value::Bool(b) => LogAllowed::parse(if *b { "true" } else { "false" }),
+        other => Err(BadLogAllowed(other.to_string())),
     }
 }
 
@@ -120,6 +142,7 @@ pub fn namespace(object: &serde_json::Value) -> Result<Namespace, ConvertError> 
     let raw: Raw = parse(object)?;
     Ok(Namespace {
         name: name_of(&raw.metadata)?,
+        log_allowed: log_allowed(&raw.metadata).unwrap_or_default(),
         labels: raw.metadata.labels.unwrap_or_default(),
     })
 }
@@ -566,6 +589,7 @@ pub fn network_policy(object: &serde_json::Value) -> Result<NetworkPolicy, Conve
         ingress,
         egress,
         policy_types,
+        log_allowed: log_allowed(&raw.metadata).unwrap_or_default(),
     })
 }
 
@@ -1138,6 +1162,7 @@ pub fn cluster_network_policy(
     }
     let raw: Raw = parse(object)?;
     let name = name_of(&raw.metadata)?;
+    let log_allowed = log_allowed(&raw.metadata).unwrap_or_default();
     let spec: wire::ClusterNetworkPolicySpec = match &raw.spec {
         None => return Err(ConvertError::Shape("spec is missing".into())),
         Some(s) => parse(s)?,
@@ -1210,6 +1235,7 @@ pub fn cluster_network_policy(
         ingress,
         egress,
         not_implemented,
+        log_allowed,
     })
 }
 

@@ -683,6 +683,35 @@ fn held(cluster: &Cluster, pod: &Pod) -> Option<Side> {
     (!rejected.is_empty()).then_some(Side::Held { rejected })
 }
 
+/// Every NetworkPolicy one of whose rules admits the connection `e` judged, on its
+/// ingress side (`ingress`) or egress side, in key order: the rule of
+/// [`Side::Allowed`] and those it counts in `also`, by policy. Empty when that side
+/// is not allowed by a NetworkPolicy rule. Allow records name these.
+pub fn allowing_policies(cluster: &Cluster, e: &Evaluation, ingress: bool) -> Vec<NamespacedName> {
+    let (side, other) = if ingress {
+        (&e.ingress, &e.from)
+    } else {
+        (&e.egress, &e.to)
+    };
+    let Side::Allowed { isolating, .. } = side else {
+        return Vec::new();
+    };
+    let dst_pod = pod_of(cluster, &e.to);
+    isolating
+        .iter()
+        .filter(|key| {
+            cluster.policies.get(key).is_some_and(|p| {
+                let rules = if ingress { &p.ingress } else { &p.egress };
+                rules.iter().any(|r| {
+                    peers_match(cluster, &p.namespace, &r.peers, other)
+                        && ports_match(&r.ports, e.port, e.protocol, dst_pod)
+                })
+            })
+        })
+        .cloned()
+        .collect()
+}
+
 /// Evaluates `probe` against `cluster`.
 pub fn evaluate(cluster: &Cluster, probe: &Probe) -> Result<Evaluation, EvaluateError> {
     if probe.port == 0 && probe.protocol != Protocol::Icmp {

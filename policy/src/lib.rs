@@ -73,8 +73,8 @@ pub use manifest::{
 };
 pub use model::{
     Action, Cluster, ClusterNetworkPolicy, ClusterPeer, ClusterRule, ContainerPort, IpBlock,
-    Labels, Namespace, NamespaceScope, NamespacedName, NetworkPolicy, Node, Peer, Peers, Pod,
-    PodPeer, PolicyPort, PolicyType, PolicyTypes, PortMatch, Ports, Protocol, RejectedPolicy, Rule,
-    Subject, Tier,
+    Labels, LogAllowed, Namespace, NamespaceScope, NamespacedName, NetworkPolicy, Node, Peer,
+    Peers, Pod, PodPeer, PolicyPort, PolicyType, PolicyTypes, PortMatch, Ports, Protocol,
+    RejectedPolicy, Rule, Subject, Tier,
 };
 pub use selector::{LabelSelector, Operator, Requirement};

@@ -415,6 +415,18 @@ fn convert_one(raw: &RawObject, out: &mut Parsed) {
             return;
         }
     };
+    // A bad opt-in to allow records is reported, never a reason to drop or hold
+    // the object: the object applies, its allows are not logged.
+    if converted.is_ok()
+        && matches!(kind, "Namespace" | "NetworkPolicy" | "ClusterNetworkPolicy")
+        && let Err(e) = convert::log_allowed(&meta)
+    {
+        out.warnings.push(format!(
+            "{}: {kind} {}: {e}",
+            raw.origin,
+            meta.display_name()
+        ));
+    }
     match converted {
         Ok(object) => out.objects.push(object),
         Err(error) => out.rejected.push(failed(error)),
@@ -446,6 +458,7 @@ fn rejected_policy(meta: &ObjectMeta, value: &serde_json::Value, error: &Convert
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::LogAllowed;
 
     const LIST_YAML: &str = r#"
 apiVersion: v1
@@ -490,6 +503,66 @@ spec:
         assert_eq!(c.namespaces.len(), 1);
         assert_eq!(c.pods.len(), 1);
         assert_eq!(c.policies.len(), 1);
+    }
+
+    #[test]
+    fn the_log_allowed_annotation_is_read_on_all_three_kinds_and_a_bad_value_is_warned_not_fatal() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: a, annotations: {sluice.dev/log-allowed: "ingress"}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: b, annotations: {sluice.dev/log-allowed: true}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: c, annotations: {sluice.dev/log-allowed: "yes", other: x}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: a, annotations: {sluice.dev/log-allowed: "egress"}}
+spec: {podSelector: {}, egress: []}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: q, namespace: a, annotations: {sluice.dev/log-allowed: "Ingress"}}
+spec: {podSelector: {}, ingress: []}
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: cnp, annotations: {sluice.dev/log-allowed: "true"}}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  ingress: [{action: Accept, from: [{namespaces: {}}]}]
+"#;
+        let parsed = parse_documents("t.yaml", text).unwrap();
+        // Kubernetes would refuse the bare `true`; a hand-written manifest means it.
+        let bad: Vec<&String> = parsed.warnings.iter().collect();
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(
+            bad[0].contains("Namespace c")
+                && bad[0].contains("sluice.dev/log-allowed: \"yes\" is not one of"),
+            "{bad:?}"
+        );
+        assert!(bad[1].contains("NetworkPolicy a/q"), "{bad:?}");
+        let c = parsed.into_cluster();
+        let both = LogAllowed::parse("true").unwrap();
+        assert_eq!(
+            c.namespaces["a"].log_allowed,
+            LogAllowed::parse("ingress").unwrap()
+        );
+        assert_eq!(c.namespaces["b"].log_allowed, both);
+        // Ignored, not dropped: the object still applies.
+        assert_eq!(c.namespaces["c"].log_allowed, LogAllowed::OFF);
+        let key = |n: &str| NamespacedName::new("a", n);
+        assert!(c.policies[&key("p")].log_allowed.egress);
+        assert!(!c.policies[&key("p")].log_allowed.ingress);
+        assert_eq!(c.policies[&key("q")].log_allowed, LogAllowed::OFF);
+        assert_eq!(c.cluster_policies["cnp"].log_allowed, both);
     }
 
     #[test]

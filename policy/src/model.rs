@@ -133,6 +133,57 @@ impl fmt::Display for NamespacedName {
 pub struct Namespace {
     pub name: String,
     pub labels: Labels,
+    /// `sluice.dev/log-allowed`: record every allowed new connection to or from its
+    /// pods, in these directions.
+    pub log_allowed: LogAllowed,
+}
+
+/// The opt-in to allow records, read from the [`LogAllowed::ANNOTATION`] annotation
+/// of a Namespace, NetworkPolicy or ClusterNetworkPolicy (docs/flows.md): which
+/// directions' allowed new connections are recorded. Off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LogAllowed {
+    pub ingress: bool,
+    pub egress: bool,
+}
+
+/// An annotation value [`LogAllowed::parse`] does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "annotation {annotation}: {0:?} is not one of \"true\", \"ingress\", \"egress\", \"false\"; allowed connections are not logged for it",
+    annotation = LogAllowed::ANNOTATION
+)]
+pub struct BadLogAllowed(pub String);
+
+impl LogAllowed {
+    /// The annotation's name, exactly.
+    pub const ANNOTATION: &'static str = "sluice.dev/log-allowed";
+    pub const OFF: LogAllowed = LogAllowed {
+        ingress: false,
+        egress: false,
+    };
+
+    /// `true` (both directions), `ingress`, `egress`, or `false` (off); nothing else,
+    /// so a typo is reported rather than read as one of them.
+    pub fn parse(value: &str) -> Result<LogAllowed, BadLogAllowed> {
+        let (ingress, egress) = match value {
+            "true" => (true, true),
+            "ingress" => (true, false),
+            "egress" => (false, true),
+            "false" => (false, false),
+            _ => return Err(BadLogAllowed(value.to_string())),
+        };
+        Ok(LogAllowed { ingress, egress })
+    }
+
+    pub fn any(self) -> bool {
+        self.ingress || self.egress
+    }
+
+    /// Whether it covers the ingress (`true`) or the egress direction.
+    pub fn covers(self, ingress: bool) -> bool {
+        if ingress { self.ingress } else { self.egress }
+    }
 }
 
 /// A port one of the pod's containers declares (`spec.containers[].ports[]`). Only
@@ -349,6 +400,8 @@ pub struct NetworkPolicy {
     pub egress: Vec<Rule>,
     /// Effective policy types (defaulting applied).
     pub policy_types: PolicyTypes,
+    /// `sluice.dev/log-allowed`: record the connections this policy allows.
+    pub log_allowed: LogAllowed,
 }
 
 impl NetworkPolicy {
@@ -413,6 +466,41 @@ impl RejectedPolicy {
 }
 
 impl Cluster {
+    /// The opt-in of namespace `namespace` (off for one the snapshot lacks).
+    pub fn namespace_log_allowed(&self, namespace: &str) -> LogAllowed {
+        self.namespaces
+            .get(namespace)
+            .map(|n| n.log_allowed)
+            .unwrap_or_default()
+    }
+
+    /// Whether any allowed new connection of `pod` in this direction (`ingress`, else
+    /// egress) may need a record: its namespace opts in, or a NetworkPolicy or
+    /// ClusterNetworkPolicy selecting it in that direction does. The dataplane logs
+    /// such a pod's allows; which policy allowed is the agent's to tell.
+    pub fn logs_allowed(&self, pod: &Pod, ingress: bool) -> bool {
+        if self.namespace_log_allowed(&pod.namespace).covers(ingress) {
+            return true;
+        }
+        let policy = self.policies_selecting(pod).any(|p| {
+            p.log_allowed.covers(ingress)
+                && if ingress {
+                    p.policy_types.ingress
+                } else {
+                    p.policy_types.egress
+                }
+        });
+        policy
+            || [Tier::Admin, Tier::Baseline].into_iter().any(|tier| {
+                self.cluster_policies_selecting(tier, pod)
+                    .into_iter()
+                    .any(|p| {
+                        p.log_allowed.covers(ingress)
+                            && !if ingress { &p.ingress } else { &p.egress }.is_empty()
+                    })
+            })
+    }
+
     /// Inserts or replaces by key.
     pub fn add_namespace(&mut self, ns: Namespace) {
         self.namespaces.insert(ns.name.clone(), ns);
@@ -672,4 +760,7 @@ pub struct ClusterNetworkPolicy {
     /// What of the policy sluice does not implement (field paths, e.g.
     /// `spec.egress[0].to[1].domainNames`): reported, while the rest applies.
     pub not_implemented: Vec<String>,
+    /// `sluice.dev/log-allowed`: record the connections this policy's Accept rules
+    /// allow.
+    pub log_allowed: LogAllowed,
 }

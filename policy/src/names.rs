@@ -127,6 +127,20 @@ pub fn group_chain(
     format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
 }
 
+/// Where an opted-in pod's allowed connections go before they are allowed: new ones
+/// logged (`deny_log::allow_log_chain`), then back to the caller, allowed.
+pub const CHAIN_ALLOW_LOG_INGRESS: &str = "SLUICE-ALLOW-LOG-I";
+/// The egress counterpart of [`CHAIN_ALLOW_LOG_INGRESS`].
+pub const CHAIN_ALLOW_LOG_EGRESS: &str = "SLUICE-ALLOW-LOG-E";
+
+/// [`CHAIN_ALLOW_LOG_INGRESS`] or [`CHAIN_ALLOW_LOG_EGRESS`].
+pub fn allow_log_chain(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => CHAIN_ALLOW_LOG_INGRESS,
+        Direction::Egress => CHAIN_ALLOW_LOG_EGRESS,
+    }
+}
+
 /// iptables form of ClusterNetworkPolicy: an Accept rule goes here (`-g`), which
 /// marks the packet allowed and decided, and returns to the tier's group chain.
 pub const CHAIN_CNP_ACCEPT: &str = "SLUICE-CNP-ACCEPT";

@@ -145,6 +145,7 @@ fn apply(c: &mut Cluster, op: Op, serial: usize) {
         }
         Op::RelabelNamespace(i, labels) => {
             c.add_namespace(Namespace {
+                log_allowed: Default::default(),
                 name: NAMESPACES[i].to_string(),
                 labels,
             });

@@ -215,6 +215,7 @@ fn the_differential_harness_sees_denials() {
         assert!(verdict_of(&c, dataplane));
     }
     c.add_policy(NetworkPolicy {
+        log_allowed: Default::default(),
         namespace: "x".into(),
         name: "deny".into(),
         pod_selector: LabelSelector::everything(),

@@ -180,6 +180,7 @@ fn changed_cluster() -> Cluster {
         ),
     ] {
         c.add_cluster_policy(ClusterNetworkPolicy {
+            log_allowed: Default::default(),
             name: name.into(),
             tier,
             priority: 10,

@@ -121,6 +121,7 @@ fn policy_strategy(index: usize) -> impl Strategy<Value = NetworkPolicy> {
     )
         .prop_map(
             move |(ns, pod_selector, ingress, egress, (i, e))| NetworkPolicy {
+                log_allowed: Default::default(),
                 namespace: ns.into(),
                 name: format!("np{index}"),
                 pod_selector,
@@ -160,6 +161,7 @@ fn cluster_strategy() -> impl Strategy<Value = Cluster> {
                 labels.insert("region".into(), r.into());
             }
             c.add_namespace(Namespace {
+                log_allowed: Default::default(),
                 name: ns.to_string(),
                 labels,
             });
@@ -317,6 +319,7 @@ proptest! {
         let mut open = c.clone();
         for ns in NAMESPACES {
             open.add_policy(NetworkPolicy {
+                log_allowed: Default::default(),
                 namespace: ns.into(),
                 name: "allow-all".into(),
                 pod_selector: LabelSelector::everything(),
@@ -340,6 +343,7 @@ proptest! {
         closed.policies.clear();
         for ns in NAMESPACES {
             closed.add_policy(NetworkPolicy {
+                log_allowed: Default::default(),
                 namespace: ns.into(),
                 name: "deny-all".into(),
                 pod_selector: LabelSelector::everything(),

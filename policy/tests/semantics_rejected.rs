@@ -136,6 +136,7 @@ fn an_unreadable_selector_holds_the_whole_namespace() {
     );
     // A good policy of the same name replaces the rejected one.
     c.add_policy(sluice_policy::NetworkPolicy {
+        log_allowed: Default::default(),
         namespace: "x".into(),
         name: "broken".into(),
         pod_selector: LabelSelector::everything(),

@@ -9,6 +9,11 @@
 //! packet never reaches the ingress side), else the ingress side's; `isolated` with
 //! every isolating policy, or `denied-by-rule` with `ClusterNetworkPolicy/NAME`.
 //!
+//! Allow records (opt-in, `sluice.dev/log-allowed`) on the demo: with the opt-in on
+//! a namespace, every allowed cell yields one `allow` record per opted-in side
+//! (denied cells still their deny record); on a policy, only what that policy
+//! allows; with none, no allow record at all.
+//!
 //! CI runs the demo and a representative subset of the upstream tables (see
 //! [`CI_CASES`]); `SLUICE_E2E_FLOW_CASES=all` runs all 42 (docs/flows.md), or a
 //! comma-separated list of case prefixes some of them.
@@ -20,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use sluice_e2e::scenario;
 use sluice_e2e::{Dataplane, Lab, Matrix, Truth, policy_data, sluicectl_out};
 use sluice_node_files::flows::{FlowRecord, rfc3339};
-use sluice_policy::evaluate::Side;
+use sluice_policy::evaluate::{Resolved, Side, allowing_policies};
 use sluice_policy::model::Action;
 use sluice_policy::{Cluster, Endpoint, Probe, evaluate};
 
@@ -38,6 +43,13 @@ const CI_CASES: &[&str] = &[
     "upstream-20",
     "upstream-35",
 ];
+
+/// `flows-agent-<what>`, or `$SLUICE_E2E_LAB_PREFIX-<what>` so runs side by side
+/// on one machine keep their labs apart.
+fn lab_base(what: &str) -> String {
+    let prefix = std::env::var("SLUICE_E2E_LAB_PREFIX").unwrap_or_else(|_| "flows-agent".into());
+    format!("{prefix}-{what}")
+}
 
 fn encap() -> String {
     std::env::var("SLUICE_E2E_ENCAP").unwrap_or_else(|_| "auto".into())
@@ -114,13 +126,61 @@ fn side_record(side: &Side, direction: &str) -> Option<(String, String, Vec<Stri
     }
 }
 
-/// The one record each denied cell of `truth` must yield.
+/// The allow records one side of an allowed connection makes: one when an opt-in
+/// covers it (the protected pod's namespace, or a policy that allowed it), naming
+/// every policy that allowed it (docs/flows.md, "Allow records").
+fn allow_side_record(
+    cluster: &Cluster,
+    e: &sluice_policy::Evaluation,
+    ingress: bool,
+) -> Option<(String, String, Vec<String>)> {
+    let (side, end) = if ingress {
+        (&e.ingress, &e.to)
+    } else {
+        (&e.egress, &e.from)
+    };
+    let Resolved::Pod { pod, .. } = end else {
+        return None;
+    };
+    let (reason, opted, mut policies) = match side {
+        Side::Allowed { .. } => {
+            let by = allowing_policies(cluster, e, ingress);
+            let opted = by
+                .iter()
+                .any(|k| cluster.policies[k].log_allowed.covers(ingress));
+            (
+                "allowed-by-rule",
+                opted,
+                by.iter().map(|k| k.to_string()).collect(),
+            )
+        }
+        Side::ClusterPolicy { by } if by.action == Action::Accept => (
+            "allowed-by-rule",
+            cluster.cluster_policies[&by.policy]
+                .log_allowed
+                .covers(ingress),
+            vec![format!("ClusterNetworkPolicy/{}", by.policy)],
+        ),
+        Side::NotIsolated => ("not-isolated", false, Vec::new()),
+        _ => return None,
+    };
+    if !opted
+        && !cluster
+            .namespace_log_allowed(&pod.namespace)
+            .covers(ingress)
+    {
+        return None;
+    }
+    policies.sort();
+    let direction = if ingress { "ingress" } else { "egress" };
+    Some((direction.into(), reason.into(), policies))
+}
+
+/// The record each denied cell of `truth` must yield, and the allow records each
+/// allowed cell must (none unless an opt-in asks).
 fn expected_records(cluster: &Cluster, truth: &Truth) -> Vec<Key> {
     let mut out = Vec::new();
     for ((from, to, port, protocol), allowed) in truth {
-        if *allowed {
-            continue;
-        }
         let probe = Probe {
             from: from.parse::<Endpoint>().unwrap(),
             to: to.parse::<Endpoint>().unwrap(),
@@ -128,6 +188,16 @@ fn expected_records(cluster: &Cluster, truth: &Truth) -> Vec<Key> {
             protocol: protocol.parse().unwrap(),
         };
         let e = evaluate(cluster, &probe).unwrap();
+        if *allowed {
+            for ingress in [false, true] {
+                if let Some((direction, reason, policies)) = allow_side_record(cluster, &e, ingress)
+                {
+                    let (f, t, p) = (from.clone(), to.clone(), protocol.clone());
+                    out.push((f, t, *port, p, direction, reason, policies));
+                }
+            }
+            continue;
+        }
         let (direction, reason, policies) = side_record(&e.egress, "egress")
             .or_else(|| side_record(&e.ingress, "ingress"))
             .unwrap_or_else(|| {
@@ -156,8 +226,8 @@ fn records_since(lab: &Lab, since: &str) -> Vec<FlowRecord> {
     .collect()
 }
 
-/// Runs the matrix and compares the records made since with the blocked cells.
-/// Returns failures.
+/// Runs the matrix and compares the records made since with the blocked cells
+/// (and the allowed cells an opt-in covers). Returns failures.
 fn check_records(lab: &Lab, name: &str, want: &Truth) -> Vec<String> {
     let since = rfc3339(SystemTime::now());
     let m: Matrix = lab.matrix();
@@ -173,7 +243,17 @@ fn check_records(lab: &Lab, name: &str, want: &Truth) -> Vec<String> {
     std::thread::sleep(Duration::from_secs(1));
     let cluster = lab_cluster(lab);
     let want_records = expected_records(&cluster, want);
-    let mut got: Vec<Key> = records_since(lab, &since).iter().map(key).collect();
+    let records = records_since(lab, &since);
+    for r in &records {
+        let allow = r.reason == "allowed-by-rule" || r.reason == "not-isolated";
+        if (r.verdict == "allow") != allow {
+            failures.push(format!(
+                "{name}: verdict {} with reason {}",
+                r.verdict, r.reason
+            ));
+        }
+    }
+    let mut got: Vec<Key> = records.iter().map(key).collect();
     got.sort();
     // Multisets: each expected once, nothing else.
     let mut left: BTreeMap<Key, i64> = BTreeMap::new();
@@ -191,12 +271,99 @@ fn check_records(lab: &Lab, name: &str, want: &Truth) -> Vec<String> {
         }
     }
     eprintln!(
-        "{name}: {} cells, {} blocked, {} records",
+        "{name}: {} cells, {} blocked, {} records expected, {} made",
         want.len(),
+        want.values().filter(|a| !**a).count(),
         want_records.len(),
         got.len()
     );
     failures
+}
+
+/// The demo again with allow records asked for: on the `shop` namespace's ingress,
+/// then on two of its policies (one allowing nothing, so its pods' allows reach the
+/// agent and are dropped there), then with the opt-ins removed again. Each is
+/// checked like the deny records, and the per-policy case by hand as well.
+fn check_allow_records(lab: &Lab, policy: &Path, predicted: &Truth) -> Vec<String> {
+    let mut failures = Vec::new();
+    let namespace = |value: Option<&str>| {
+        let annotations = value
+            .map(|v| format!(", annotations: {{sluice.dev/log-allowed: \"{v}\"}}"))
+            .unwrap_or_default();
+        // Block style at the top: a document starting with `{` is read as JSON.
+        format!(
+            "apiVersion: v1\nkind: Namespace\n\
+             metadata: {{name: shop, labels: {{team: shop}}{annotations}}}\n"
+        )
+    };
+    lab.apply_yaml(&namespace(Some("ingress")));
+    settle(lab, |c| c.namespace_log_allowed("shop").ingress);
+    failures.extend(check_records(
+        lab,
+        "demo, shop logs allowed ingress",
+        predicted,
+    ));
+
+    lab.apply_yaml(&namespace(None));
+    lab.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: default-deny, namespace: shop, annotations: {sluice.dev/log-allowed: \"true\"}}\n\
+         spec: {podSelector: {}, policyTypes: [Ingress]}\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: api-from-web, namespace: shop, annotations: {sluice.dev/log-allowed: ingress}}\n\
+         spec: {podSelector: {matchLabels: {app: api}}, \
+         ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: api}]}]}\n",
+    );
+    settle(lab, |c| {
+        !c.namespace_log_allowed("shop").ingress
+            && c.policies
+                .values()
+                .filter(|p| p.log_allowed.ingress)
+                .count()
+                == 2
+    });
+    let since = rfc3339(SystemTime::now());
+    failures.extend(check_records(
+        lab,
+        "demo, two policies log allowed",
+        predicted,
+    ));
+    let allows: Vec<Key> = records_since(lab, &since)
+        .iter()
+        .filter(|r| r.verdict == "allow")
+        .map(key)
+        .collect();
+    let web_to_api = (
+        "shop/web".to_string(),
+        "shop/api".to_string(),
+        8080,
+        "TCP".to_string(),
+        "ingress".to_string(),
+        "allowed-by-rule".to_string(),
+        vec!["shop/api-from-web".to_string()],
+    );
+    if allows != [web_to_api.clone()] {
+        failures.push(format!(
+            "per-policy opt-in: wanted only {web_to_api:?}, got {allows:?}"
+        ));
+    }
+
+    // Off again (the allow log chain goes away on both dataplanes): no allow record.
+    lab.apply(&[policy]);
+    settle(lab, |c| c.policies.values().all(|p| !p.log_allowed.ingress));
+    failures.extend(check_records(lab, "demo, opt-ins removed", predicted));
+    failures
+}
+
+/// Waits until the lab's manifests say what `ready` wants, then a little for the
+/// agents to apply them (the matrix would otherwise race the new rules).
+fn settle(lab: &Lab, ready: impl Fn(&Cluster) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ready(&lab_cluster(lab)) {
+        assert!(std::time::Instant::now() < deadline, "opt-in never landed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
 }
 
 /// The demo's manifests, from scripts/demo.sh itself.
@@ -223,7 +390,7 @@ fn flows_hold(dataplane: Dataplane) {
 
     // The demo: its truth is what the evaluator predicts (the lab must agree).
     {
-        let lab = Lab::up_on("flows-agent-demo", 2, &encap(), dataplane);
+        let lab = Lab::up_on(&lab_base("demo"), 2, &encap(), dataplane);
         let dir = tempfile::tempdir().unwrap();
         let (cluster, policy) = demo_files(dir.path());
         lab.apply(&[&cluster]);
@@ -236,10 +403,11 @@ fn flows_hold(dataplane: Dataplane) {
             "{}",
             sluicectl_out(&["lab", "flows", "--name", &lab.name, "--limit", "4"])
         );
+        failures.extend(check_allow_records(&lab, &policy, &predicted));
     }
 
     // The upstream tables.
-    let lab = Lab::up_on("flows-agent-up", 2, &encap(), dataplane);
+    let lab = Lab::up_on(&lab_base("up"), 2, &encap(), dataplane);
     let cluster = policy_data("upstream-cluster/cluster.yaml");
     lab.apply(&[&cluster]);
     let fx = scenario::fixture(&[cluster]);

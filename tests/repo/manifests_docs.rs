@@ -257,14 +257,15 @@ fn the_sample_conflist_is_what_install_cni_writes_and_every_key_is_documented() 
 fn metrics_doc_lists_exactly_the_registered_metrics() {
     let metrics = sluice_agent::metrics::Metrics::new();
     // A labelled family is exposed only once it has a series.
-    metrics
-        .denied_connections
-        .get_or_create(&vec![
-            ("namespace".into(), "ns".into()),
-            ("policy".into(), "-".into()),
-            ("direction".into(), "ingress".into()),
-        ])
-        .inc();
+    for family in [&metrics.denied_connections, &metrics.allowed_connections] {
+        family
+            .get_or_create(&vec![
+                ("namespace".into(), "ns".into()),
+                ("policy".into(), "-".into()),
+                ("direction".into(), "ingress".into()),
+            ])
+            .inc();
+    }
     let text = metrics.encode();
     let mut in_code = BTreeMap::new();
     for line in text.lines() {

@@ -156,6 +156,9 @@ impl ManifestCache {
                     for s in &conv.skipped {
                         tracing::warn!(object = %s, "manifest object skipped");
                     }
+                    for a in &conv.ignored_annotations {
+                        tracing::warn!("{a}");
+                    }
                     for r in &conv.rejected {
                         tracing::error!(object = %r, "NetworkPolicy rejected; the pods it selects are held fail-closed");
                     }

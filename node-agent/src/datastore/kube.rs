@@ -568,6 +568,9 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
                     for s in &conv.skipped {
                         tracing::warn!(object = %s, "API object skipped");
                     }
+                    for a in &conv.ignored_annotations {
+                        tracing::warn!("{a}");
+                    }
                     for r in &conv.rejected {
                         tracing::error!(object = %r, "policy rejected; the pods it selects are held fail-closed");
                     }
@@ -629,5 +632,28 @@ spec: {podSelector: {matchLabels: {app: web}}, ingress: [{ports: [{port: http}]}
         assert_eq!(from_api, from_yaml);
         assert_eq!(from_api.cluster.pods.len(), 1);
         assert_eq!(from_api.cluster.policies.len(), 1);
+    }
+
+    #[test]
+    fn the_log_allowed_annotation_survives_the_typed_objects_of_all_three_kinds() {
+        let ann = "annotations: {sluice.dev/log-allowed: ingress}";
+        let ns = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: prod, {ann}}}\n");
+        let policy = POLICY.replace("namespace: prod}", &format!("namespace: prod, {ann}}}"));
+        let cnp = format!(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n\
+             metadata: {{name: c, {ann}}}\nspec: {{tier: Admin, priority: 1, subject: {{namespaces: {{}}}}, \
+             ingress: [{{action: Accept, from: [{{namespaces: {{}}}}]}}]}}\n"
+        );
+        let namespace: Namespace = serde_yaml_ng::from_str(&ns).unwrap();
+        let policy: NetworkPolicy = serde_yaml_ng::from_str(&policy).unwrap();
+        let cnp: ClusterNetworkPolicy = serde_yaml_ng::from_str(&cnp).unwrap();
+        let mut objects = to_json(&[Arc::new(namespace)]);
+        objects.extend(to_json(&[Arc::new(policy)]));
+        objects.extend(to_json(&[Arc::new(cnp)]));
+        let c = convert(&objects).cluster;
+        let ingress = sluice_policy::LogAllowed::parse("ingress").unwrap();
+        assert_eq!(c.namespaces["prod"].log_allowed, ingress);
+        assert_eq!(c.policies.values().next().unwrap().log_allowed, ingress);
+        assert_eq!(c.cluster_policies["c"].log_allowed, ingress);
     }
 }

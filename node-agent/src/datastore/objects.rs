@@ -22,6 +22,20 @@ pub struct Conversion {
     pub rejected: Vec<String>,
     /// Pods' address annotations, for the node-local API's `pod-annotations`.
     pub annotations: BTreeMap<NamespacedName, AddressAnnotations>,
+    /// Objects that apply with an annotation of sluice's ignored (a bad
+    /// `sluice.dev/log-allowed` value), as lines for the log.
+    pub ignored_annotations: Vec<String>,
+}
+
+/// The reader's warnings about sluice's own annotations (the others, objects of
+/// kinds policy does not use, are expected in a manifests directory: not logged).
+fn ignored_annotations(parsed: &manifest::Parsed) -> Vec<String> {
+    parsed
+        .warnings
+        .iter()
+        .filter(|w| w.contains(sluice_policy::LogAllowed::ANNOTATION))
+        .cloned()
+        .collect()
 }
 
 /// Splits a manifest file (JSON, or YAML with `---` separated documents) into
@@ -39,6 +53,7 @@ pub fn convert(objects: &[RawObject]) -> Conversion {
     let (rejected, skipped): (Vec<_>, Vec<_>) =
         parsed.rejected.iter().partition(|e| e.holds_pods());
     Conversion {
+        ignored_annotations: ignored_annotations(&parsed),
         annotations: address_annotations(objects),
         skipped: skipped.iter().map(|e| e.to_string()).collect(),
         rejected: rejected.iter().map(|e| e.to_string()).collect(),
@@ -53,6 +68,7 @@ pub fn convert_source(objects: &[RawObject]) -> SourceConversion {
     let (rejected, skipped): (Vec<_>, Vec<_>) =
         parsed.rejected.iter().partition(|e| e.holds_pods());
     SourceConversion {
+        ignored_annotations: ignored_annotations(&parsed),
         annotations: address_annotations(objects),
         skipped: skipped.iter().map(|e| e.to_string()).collect(),
         rejected: rejected.iter().map(|e| e.to_string()).collect(),
@@ -67,6 +83,7 @@ pub struct SourceConversion {
     pub skipped: Vec<String>,
     pub rejected: Vec<String>,
     pub annotations: BTreeMap<NamespacedName, AddressAnnotations>,
+    pub ignored_annotations: Vec<String>,
 }
 
 /// The address annotations of every pod that has one: what the plugin asks the agent

@@ -75,6 +75,12 @@
 //!   a comment holds, with the count of the rest), to trace a drop to its policies.
 //! - Anti-spoofing, fail-closed unknown pods, conntrack first and the INPUT path
 //!   back to the host's rules are the same as the per-policy form's.
+//! - Allow records (`sluice.dev/log-allowed`, docs/flows.md): the allowed tuples of
+//!   a group's policies are one set, so the kernel cannot tell which policy allowed.
+//!   A pod an opt-in covers gets chains of its own (the group key carries a
+//!   marker) whose `return`s are `goto SLUICE-ALLOW-LOG-<I|E>` (log new, return),
+//!   and `goto` that chain instead of a `return` map element when not isolated; the
+//!   agent names the allowing policies and keeps what an opt-in asked for.
 //!
 //! Why the iptables dataplane does not use this form: ipset `hash:net,port` holds
 //! one port per member, so a port range (`endPort`, or every port of a protocol)
@@ -209,6 +215,22 @@ pub(super) fn compile_with(
     }
     c.ruleset.jumps = builtin_jumps();
     Ok(c.ruleset)
+}
+
+/// The group key marking chains whose allows are logged (no policy has this
+/// cluster-scoped name: a ClusterNetworkPolicy key is `<tier>:<name>`).
+const LOG_ALLOWED_KEY: &str = "log-allowed";
+
+/// `keys`, with the log marker when there is one.
+fn with_log(keys: &[NamespacedName], log: &Option<NamespacedName>) -> Vec<NamespacedName> {
+    keys.iter().cloned().chain(log.clone()).collect()
+}
+
+/// Where a tier chain sends what it allows (`Accept`) and what it leaves to what
+/// follows (`Pass`, no match): `return`, the allow log chain, or the next part.
+struct TierExits {
+    accept: Target,
+    on_pass: Target,
 }
 
 /// The set a tier rule's one match looks up.
@@ -369,8 +391,17 @@ impl Flat<'_> {
         } else {
             Vec::new()
         };
+        // An opted-in pod's allows go through the direction's allow log chain in
+        // place of `return`, in chains of its own (the marker keeps their names
+        // apart from the same policies' unlogged chains); nobody else's path changes.
+        let allowed = self.allowed_target(pod, direction);
+        let log_key =
+            (allowed != Target::Return).then(|| NamespacedName::cluster_scoped(LOG_ALLOWED_KEY));
         if policies.is_empty() && admin.is_empty() && baseline.is_empty() {
-            return MapVerdict::Return;
+            return match allowed {
+                Target::Goto(chain) => MapVerdict::Goto(chain),
+                _ => MapVerdict::Return,
+            };
         }
         let named: Vec<(String, Protocol, Vec<u16>)> = match direction {
             Direction::Ingress => {
@@ -392,17 +423,21 @@ impl Flat<'_> {
         // ClusterNetworkPolicy), else the Baseline chain, else allowed.
         let tail = if !policies.is_empty() {
             let keys: Vec<NamespacedName> = policies.iter().map(|p| p.key()).collect();
-            let chain = names::group_chain(direction, &keys, &named);
+            let chain = names::group_chain(direction, &with_log(&keys, &log_key), &named);
             if self.ruleset.chain(Table::Filter, &chain).is_none() {
                 let pairs = contributions(&policies, direction, pod);
-                self.add_group(&chain, direction, &keys, &pairs);
+                self.add_group(&chain, direction, &keys, &pairs, &allowed);
             }
             Some(chain)
         } else if !baseline.is_empty() {
-            let keys = tier_keys(Tier::Baseline, &baseline);
+            let keys = with_log(&tier_keys(Tier::Baseline, &baseline), &log_key);
             let chain = names::group_chain(direction, &keys, &named);
             if self.ruleset.chain(Table::Filter, &chain).is_none() {
-                self.add_tier(&chain, Tier::Baseline, direction, &baseline, pod, None);
+                let exits = TierExits {
+                    accept: allowed.clone(),
+                    on_pass: allowed.clone(),
+                };
+                self.add_tier(&chain, Tier::Baseline, direction, &baseline, pod, &exits);
             }
             Some(chain)
         } else {
@@ -414,15 +449,35 @@ impl Flat<'_> {
                 None => MapVerdict::Return,
             };
         }
-        let mut keys = tier_keys(Tier::Admin, &admin);
+        let mut keys = with_log(&tier_keys(Tier::Admin, &admin), &log_key);
         if let Some(tail) = &tail {
             keys.push(NamespacedName::cluster_scoped(format!("then:{tail}")));
         }
         let chain = names::group_chain(direction, &keys, &named);
         if self.ruleset.chain(Table::Filter, &chain).is_none() {
-            self.add_tier(&chain, Tier::Admin, direction, &admin, pod, tail.as_deref());
+            let exits = TierExits {
+                on_pass: tail.map(Target::Goto).unwrap_or_else(|| allowed.clone()),
+                accept: allowed,
+            };
+            self.add_tier(&chain, Tier::Admin, direction, &admin, pod, &exits);
         }
         MapVerdict::Goto(chain)
+    }
+
+    /// How `pod`'s verdict of `direction` lets an allowed connection go: `return`,
+    /// or, when an opt-in asks for allow records of it, a goto to the direction's
+    /// allow log chain (added on first use), which logs and returns.
+    fn allowed_target(&mut self, pod: &Pod, direction: Direction) -> Target {
+        let ingress = direction == Direction::Ingress;
+        if !self.index.cluster.logs_allowed(pod, ingress) {
+            return Target::Return;
+        }
+        let name = names::allow_log_chain(direction);
+        if self.ruleset.chain(Table::Filter, name).is_none() {
+            self.ruleset
+                .add_chain(Table::Filter, deny_log::allow_log_chain(direction));
+        }
+        Target::Goto(name.to_string())
     }
 
     /// A chain deciding one tier of ClusterNetworkPolicy for one group (see
@@ -437,17 +492,14 @@ impl Flat<'_> {
         direction: Direction,
         policies: &[&ClusterNetworkPolicy],
         pod: &Pod,
-        then: Option<&str>,
+        exits: &TierExits,
     ) {
         let (tuples, any) = self.tier_decisions(policies, direction, pod);
         let set_dir = match direction {
             Direction::Ingress => SetDirection::Src,
             Direction::Egress => SetDirection::Dst,
         };
-        let on_pass = match then {
-            Some(c) => Target::Goto(c.to_string()),
-            None => Target::Return,
-        };
+        let on_pass = exits.on_pass.clone();
         let mut rules = Vec::new();
         // TCP/UDP/SCTP: every rule is in the tuple boxes (a rule on every protocol as
         // 0-65535 of each), so a packet in none of them matched no rule and the
@@ -513,7 +565,7 @@ impl Flat<'_> {
             }
         }
         for (action, target) in [
-            (Action::Accept, Target::Return),
+            (Action::Accept, exits.accept.clone()),
             (Action::Pass, on_pass.clone()),
         ] {
             let key = format!("{chain};{}", action.as_str());
@@ -878,6 +930,7 @@ impl Flat<'_> {
         direction: Direction,
         policies: &[NamespacedName],
         pairs: &[(PeerRef<'_>, PortRef)],
+        allowed: &Target,
     ) {
         let set_dir = match direction {
             Direction::Ingress => SetDirection::Src,
@@ -897,7 +950,7 @@ impl Flat<'_> {
                     set,
                     direction: set_dir,
                 }],
-                Target::Return,
+                allowed.clone(),
             ));
         }
         if !any.is_empty() {
@@ -908,7 +961,7 @@ impl Flat<'_> {
                     direction: set_dir,
                     negated: false,
                 }],
-                Target::Return,
+                allowed.clone(),
             ));
         }
         let tag = DenyTag::new(DenyReason::Isolated, direction, Some(chain.to_string()));
@@ -1071,6 +1124,7 @@ mod tests {
 
     fn ingress_policy(name: &str, block: &str, except: &[&str], port: PortMatch) -> NetworkPolicy {
         NetworkPolicy {
+            log_allowed: Default::default(),
             namespace: "prod".into(),
             name: name.into(),
             pod_selector: LabelSelector::everything(),
@@ -1229,6 +1283,7 @@ mod tests {
         port: u16,
     ) -> ClusterNetworkPolicy {
         ClusterNetworkPolicy {
+            log_allowed: Default::default(),
             name: name.into(),
             tier: Tier::Admin,
             priority,
@@ -1377,5 +1432,137 @@ mod tests {
         let (few, many) = (trace_len(2), trace_len(100));
         assert_eq!(few.0, many.0);
         assert!(few.1.abs_diff(many.1) <= 1, "{few:?} vs {many:?}");
+    }
+
+    /// Allow logging on both dataplanes: only the pods an opt-in covers (their
+    /// namespace's, or a policy's selecting them) pass an allow log rule, in the
+    /// direction opted in, and every other pod's new connection walks exactly the
+    /// rules it walks with no opt-in anywhere.
+    #[test]
+    fn allows_are_logged_only_on_opted_in_pods_paths_and_cost_the_others_nothing() {
+        use crate::compile::compile_for;
+        use crate::dataplane::DataplaneKind;
+        use crate::dataplane::deny_log::{AllowTag, LogTag};
+        use crate::model::{LogAllowed, Namespace};
+        let cluster = |opt_in: bool| {
+            let mut c = Cluster::default();
+            for (name, ip, ns) in [
+                ("a", "10.244.1.2", "prod"),
+                ("b", "10.244.1.3", "prod"),
+                ("c", "10.244.1.4", "dev"),
+                ("d", "10.244.1.5", "web"),
+            ] {
+                let mut p = pod(name, ip, "n1", vec![]);
+                p.namespace = ns.into();
+                c.add_pod(p);
+            }
+            let on = |v: &str| {
+                if opt_in {
+                    LogAllowed::parse(v).unwrap()
+                } else {
+                    LogAllowed::OFF
+                }
+            };
+            c.add_namespace(Namespace {
+                name: "dev".into(),
+                labels: Default::default(),
+                log_allowed: on("ingress"),
+            });
+            // prod/to-a selects a only and opts in; prod/to-b selects b, does not.
+            for (name, opted) in [("a", true), ("b", false)] {
+                let mut p = ingress_policy(
+                    &format!("to-{name}"),
+                    "172.16.0.0/16",
+                    &[],
+                    PortMatch::Numbers { start: 80, end: 80 },
+                );
+                p.pod_selector = LabelSelector::from_labels([("app", name)]);
+                p.log_allowed = if opted { on("true") } else { LogAllowed::OFF };
+                c.add_policy(p);
+            }
+            c
+        };
+        let packet = |to: &str, ip: &str, ingress: bool| {
+            let (src, dst) = if ingress {
+                ("172.16.0.9", ip)
+            } else {
+                (ip, "192.0.2.1")
+            };
+            let (in_iface, out_iface) = if ingress {
+                ("eth0".to_string(), format!("slc{to}"))
+            } else {
+                (format!("slc{to}"), "eth0".to_string())
+            };
+            Packet {
+                hook: Hook::Forward,
+                in_iface: Some(in_iface),
+                out_iface: Some(out_iface),
+                src: src.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+                protocol: Protocol::Tcp,
+                dport: 80,
+                ct: CtState::New,
+            }
+        };
+        for kind in [DataplaneKind::Iptables, DataplaneKind::Nftables] {
+            let on = compile_for(kind, &cluster(true), "n1", &Veths).unwrap();
+            let off = compile_for(kind, &cluster(false), "n1", &Veths).unwrap();
+            assert!(
+                !off.tables[&Table::Filter]
+                    .keys()
+                    .any(|c| c.starts_with("SLUICE-ALLOW-LOG")),
+                "{kind:?}: an allow log chain with no opt-in"
+            );
+            let logged = |rs: &Ruleset, p: &Packet| -> (Verdict, Vec<AllowTag>, usize) {
+                let cls = classify(rs, Table::Filter, p).unwrap();
+                let tags = cls
+                    .trace
+                    .iter()
+                    .filter_map(|(chain, i)| {
+                        match &rs.chain(Table::Filter, chain)?.rules[*i].target {
+                            Target::Log(spec) => match LogTag::parse(&spec.prefix)? {
+                                LogTag::Allow(t) => Some(t),
+                                LogTag::Deny(_) => None,
+                            },
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                (cls.verdict, tags, cls.trace.len())
+            };
+            for (pod, ip, ingress, opted) in [
+                ("a", "10.244.1.2", true, true),   // its policy opts in
+                ("a", "10.244.1.2", false, false), // its policy polices ingress only
+                ("b", "10.244.1.3", true, false),  // same namespace, other policy
+                ("c", "10.244.1.4", true, true),   // its namespace opts in ingress
+                ("c", "10.244.1.4", false, false), // ... not egress
+                ("d", "10.244.1.5", true, false),
+                ("d", "10.244.1.5", false, false),
+            ] {
+                let p = packet(pod, ip, ingress);
+                let (verdict, tags, walked) = logged(&on, &p);
+                assert_eq!(verdict, Verdict::Accept, "{kind:?} {pod} ingress={ingress}");
+                if opted {
+                    let direction = if ingress {
+                        Direction::Ingress
+                    } else {
+                        Direction::Egress
+                    };
+                    assert_eq!(tags, [AllowTag { direction }], "{kind:?} {pod} {ingress}");
+                } else {
+                    assert!(
+                        tags.is_empty(),
+                        "{kind:?} {pod} ingress={ingress}: {tags:?}"
+                    );
+                    let (_, _, before) = logged(&off, &p);
+                    assert_eq!(walked, before, "{kind:?} {pod} ingress={ingress}: cost");
+                }
+            }
+            // A denied connection of an opted-in pod is a deny, never an allow record.
+            let mut p = packet("a", "10.244.1.2", true);
+            p.src = "192.0.2.9".parse().unwrap();
+            let (verdict, tags, _) = logged(&on, &p);
+            assert_eq!((verdict, tags.len()), (Verdict::Drop, 0), "{kind:?}");
+        }
     }
 }

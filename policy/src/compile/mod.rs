@@ -60,6 +60,10 @@
 //!   (drop); [`MARK_ALLOW`] is cleared before each direction is evaluated.
 //! - IPv4 only: IPv6 pod addresses and ipBlocks are ignored by this (iptables, not
 //!   ip6tables) rule model.
+//! - Allow records (`sluice.dev/log-allowed`, docs/flows.md): a pod an opt-in covers
+//!   in a direction has `-g SLUICE-ALLOW-LOG-<I|E>` where its chain would return
+//!   allowed (and at the end of a chain that allows by falling off), a chain that
+//!   logs new connections and returns; every other pod's chain is unchanged.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -323,11 +327,14 @@ impl<'a> Compiler<'a> {
         } else {
             None
         };
+        // An opted-in pod's allows go through the direction's allow log chain in
+        // place of the return; nobody else's path gains a rule.
+        let allowed = self.allowed_target(pod, dir);
         let mut rules = Vec::new();
         if let Some(admin) = admin {
             rules.push(jump_rule(&admin));
             if !policies.is_empty() || baseline.is_some() {
-                rules.push(Rule::new(vec![mark_is_allow()], Target::Return));
+                rules.push(Rule::new(vec![mark_is_allow()], allowed.clone()));
             }
         }
         if !policies.is_empty() {
@@ -339,7 +346,7 @@ impl<'a> Compiler<'a> {
                     self.ruleset.add_chain(Table::Filter, chain);
                 }
                 rules.push(Rule::new(vec![], Target::Jump(chain_name)));
-                rules.push(Rule::new(vec![mark_is_allow()], Target::Return));
+                rules.push(Rule::new(vec![mark_is_allow()], allowed.clone()));
             }
             let tag = DenyTag::new(DenyReason::Isolated, dir, Some(name.clone()));
             rules.extend(deny_log::deny(vec![], &tag));
@@ -347,11 +354,35 @@ impl<'a> Compiler<'a> {
                 name.clone(),
                 policies.iter().map(|p| p.key().to_string()).collect(),
             );
-        } else if let Some(baseline) = baseline {
-            // Deny drops in there; Accept, Pass and no match fall off: allowed.
-            rules.push(jump_rule(&baseline));
+        } else {
+            if let Some(baseline) = baseline {
+                // Deny drops in there; Accept, Pass and no match fall off: allowed.
+                rules.push(jump_rule(&baseline));
+            }
+            if allowed != Target::Return {
+                rules.push(Rule::new(vec![], allowed));
+            }
         }
         Chain { name, rules }
+    }
+
+    /// How `pod`'s chain of `dir` lets an allowed connection go: `return`, or, when
+    /// an opt-in asks for allow records of it ([`Cluster::logs_allowed`]), a goto to
+    /// the direction's allow log chain (added on first use), which logs and returns.
+    fn allowed_target(&mut self, pod: &Pod, dir: Direction) -> Target {
+        if !self
+            .index
+            .cluster
+            .logs_allowed(pod, dir == Direction::Ingress)
+        {
+            return Target::Return;
+        }
+        let name = names::allow_log_chain(dir);
+        if self.ruleset.chain(Table::Filter, name).is_none() {
+            self.ruleset
+                .add_chain(Table::Filter, deny_log::allow_log_chain(dir));
+        }
+        Target::Goto(name.to_string())
     }
 }
 

@@ -270,6 +270,7 @@ mod tests {
 
     fn admin(name: &str, priority: u16, action: Action, cidr: &str) -> ClusterNetworkPolicy {
         ClusterNetworkPolicy {
+            log_allowed: Default::default(),
             name: name.into(),
             tier: Tier::Admin,
             priority,

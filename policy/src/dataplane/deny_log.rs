@@ -11,6 +11,13 @@
 //! Every log rule matches `ct state new` only (one record per connection, not per
 //! packet) and is rate-limited in the kernel, so a flood costs bounded work and
 //! never delays what is allowed.
+//!
+//! Allowed connections are logged only where an operator opted in
+//! (`sluice.dev/log-allowed`, [`crate::model::LogAllowed`]): an opted-in pod's
+//! "allowed" verdicts go through [`allow_log_chain`] of their direction, which logs
+//! new connections as `slc:allow:<i|e>` ([`AllowTag`]) and returns. The prefix
+//! names no policy: the agent evaluates the connection to name every policy that
+//! allowed it, and keeps only what an opt-in asked for (docs/flows.md).
 
 use super::{CtState, Match, Rule, Target};
 use crate::names::Direction;
@@ -98,10 +105,7 @@ impl DenyTag {
     }
 
     pub fn prefix(&self) -> String {
-        let dir = match self.direction {
-            Direction::Ingress => "i",
-            Direction::Egress => "e",
-        };
+        let dir = direction_code(self.direction);
         let mut out = format!("{PREFIX_HEAD}{}:{dir}", self.reason.code());
         if let Some(id) = &self.id {
             out.push(':');
@@ -128,6 +132,76 @@ impl DenyTag {
             direction,
             id,
         })
+    }
+}
+
+/// The code of allow prefixes, `slc:allow:<i|e>`.
+const ALLOW_CODE: &str = "allow";
+
+/// What an allow log prefix says: the direction that allowed a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowTag {
+    pub direction: Direction,
+}
+
+impl AllowTag {
+    pub fn prefix(&self) -> String {
+        format!(
+            "{PREFIX_HEAD}{ALLOW_CODE}:{}",
+            direction_code(self.direction)
+        )
+    }
+
+    /// Reads a prefix written by [`AllowTag::prefix`]; anything else is `None`.
+    pub fn parse(prefix: &str) -> Option<AllowTag> {
+        let rest = prefix.strip_prefix(PREFIX_HEAD)?.strip_prefix(ALLOW_CODE)?;
+        let direction = match rest {
+            ":i" => Direction::Ingress,
+            ":e" => Direction::Egress,
+            _ => return None,
+        };
+        Some(AllowTag { direction })
+    }
+}
+
+/// Any sluice log prefix, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTag {
+    Deny(DenyTag),
+    Allow(AllowTag),
+}
+
+impl LogTag {
+    pub fn parse(prefix: &str) -> Option<LogTag> {
+        DenyTag::parse(prefix)
+            .map(LogTag::Deny)
+            .or_else(|| AllowTag::parse(prefix).map(LogTag::Allow))
+    }
+}
+
+fn direction_code(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "i",
+        Direction::Egress => "e",
+    }
+}
+
+/// The chain an opted-in pod's allowed connections of `direction` go to (by goto,
+/// in place of the `return` that allows them): logs the new ones and falls off its
+/// end, back to where the pod's chain was called from, allowed. One per direction
+/// per node, so all opted-in pods share its rate limit ([`LOG_RATE_PER_SECOND`]),
+/// apart from every deny log rule's.
+pub fn allow_log_chain(direction: Direction) -> super::Chain {
+    let tag = AllowTag { direction };
+    super::Chain {
+        name: crate::names::allow_log_chain(direction).to_string(),
+        rules: vec![Rule::new(
+            vec![Match::CtState(vec![CtState::New])],
+            Target::Log(LogSpec {
+                group: LOG_GROUP,
+                prefix: tag.prefix(),
+            }),
+        )],
     }
 }
 
@@ -174,6 +248,20 @@ mod tests {
             Some("x".repeat(28)),
         );
         assert!(tag.prefix().len() < 64, "{}", tag.prefix());
+    }
+
+    #[test]
+    fn an_allow_prefix_reads_back_as_an_allow_and_never_as_a_deny() {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let tag = AllowTag { direction };
+            assert_eq!(LogTag::parse(&tag.prefix()), Some(LogTag::Allow(tag)));
+            assert_eq!(DenyTag::parse(&tag.prefix()), None);
+        }
+        for p in ["slc:allow", "slc:allow:x", "slc:allow:i:x", "slc:allowi"] {
+            assert_eq!(LogTag::parse(p), None, "{p}");
+        }
+        let deny = DenyTag::new(DenyReason::Spoofed, Direction::Egress, None);
+        assert_eq!(LogTag::parse(&deny.prefix()), Some(LogTag::Deny(deny)));
     }
 
     #[test]

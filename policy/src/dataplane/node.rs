@@ -99,6 +99,7 @@ pub struct NodeSettings {
 /// allowed in object names).
 fn fail_closed_policy(key: &NamespacedName, selector: Option<&LabelSelector>) -> NetworkPolicy {
     NetworkPolicy {
+        log_allowed: Default::default(),
         namespace: key.namespace.clone(),
         name: format!("rejected:{}", key.name),
         pod_selector: selector.cloned().unwrap_or_else(LabelSelector::everything),

@@ -93,6 +93,7 @@ pub fn mk_policy(
     egress: Option<Vec<Rule>>,
 ) -> NetworkPolicy {
     NetworkPolicy {
+        log_allowed: Default::default(),
         namespace: ns.into(),
         name: name.into(),
         pod_selector: selector,
@@ -124,10 +125,12 @@ pub fn rule(peers: Vec<Peer>, ports: Vec<PolicyPort>) -> Rule {
 pub fn feature_cluster() -> Cluster {
     let mut c = Cluster::default();
     c.add_namespace(Namespace {
+        log_allowed: Default::default(),
         name: "web".into(),
         labels: labels(&[("region", "foo")]),
     });
     c.add_namespace(Namespace {
+        log_allowed: Default::default(),
         name: "db".into(),
         labels: labels(&[("region", "bar")]),
     });
@@ -410,6 +413,7 @@ pub fn arb_policy(index: usize) -> impl Strategy<Value = NetworkPolicy> {
         .prop_map(move |(ns, pod_selector, ingress, egress, declared)| {
             let policy_types = PolicyTypes::defaulted(declared.as_deref(), !egress.is_empty());
             NetworkPolicy {
+                log_allowed: Default::default(),
                 namespace: ns.to_string(),
                 name: format!("np{index}"),
                 pod_selector,
@@ -460,6 +464,7 @@ pub fn arb_cluster() -> impl Strategy<Value = Cluster> {
             let mut c = Cluster::default();
             for (name, labels) in NAMESPACES.iter().zip(ns_labels) {
                 c.add_namespace(Namespace {
+                    log_allowed: Default::default(),
                     name: name.to_string(),
                     labels,
                 });
@@ -689,6 +694,7 @@ pub fn arb_cluster_policy(index: usize) -> impl Strategy<Value = ClusterNetworkP
     )
         .prop_map(
             move |(tier, priority, subject, ingress, egress)| ClusterNetworkPolicy {
+                log_allowed: Default::default(),
                 name: format!("cnp{index}"),
                 tier,
                 priority,
