@@ -88,6 +88,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::IpNet;
 
+use super::classes::{MAX_CLASS, TooManyClasses};
 use super::incremental::{self, Dependency, Recipe, SetCache};
 use super::intervals::{AddrSet, Box3, BoxSet, Painter};
 use super::members::{Index, v4, v4_excepts};
@@ -97,8 +98,9 @@ use super::{
 };
 use crate::dataplane::deny_log::{self, DenyReason, DenyTag};
 use crate::dataplane::{
-    AddrRange, Chain, InterfaceNames, IpSet, MapKey, MapKeyValue, MapVerdict, Match, PortRange,
-    Rule, Ruleset, SetDirection, SetKind, SetMember, Table, Target, VerdictMap,
+    AddrRange, Chain, ClassRange, InterfaceNames, IpSet, MARK_CLASS_MASK, MapKey, MapKeyValue,
+    MapVerdict, Match, PortRange, Rule, Ruleset, SetDirection, SetKind, SetMember, Table, Target,
+    VerdictMap,
 };
 use crate::model::{
     Action, Cluster, ClusterNetworkPolicy, ClusterPeer, ClusterRule, IpBlock, NamespacedName,
@@ -114,6 +116,17 @@ pub const MAP_FROM_POD: &str = "SLUICE-M-FROM-POD";
 pub const MAP_VETHS: &str = "SLUICE-M-VETHS";
 /// Where [`MAP_VETHS`] sends a pod's packets with a source not its own: logged, dropped.
 pub const CHAIN_SPOOFED: &str = "SLUICE-SPOOFED";
+/// Peer address → `jump` to the chain setting its class ([`super::classes`]).
+pub const MAP_CLASSES: &str = "SLUICE-M-CLASSES";
+
+/// How a group's sets name peer addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// By address class, with at most `capacity` classes.
+    Classes { capacity: u32 },
+    /// By address: what a node with more classes than ids falls back to.
+    Addresses,
+}
 
 /// Longest chain comment written (nft keeps at most 128 bytes of it).
 const MAX_COMMENT: usize = 120;
@@ -143,11 +156,39 @@ pub(super) fn compile_with(
     ifaces: &dyn InterfaceNames,
     cache: Option<&mut SetCache>,
 ) -> Result<Ruleset, CompileError> {
+    compile_form(cluster, node, ifaces, cache, MAX_CLASS)
+}
+
+/// [`compile_with`] with at most `capacity` address classes, else the address form.
+fn compile_form(
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+    mut cache: Option<&mut SetCache>,
+    capacity: u32,
+) -> Result<Ruleset, CompileError> {
+    let form = Form::Classes { capacity };
+    match compile_in(cluster, node, ifaces, cache.as_deref_mut(), form)? {
+        Ok(ruleset) => Ok(ruleset),
+        Err(_) => compile_in(cluster, node, ifaces, cache, Form::Addresses)?
+            .map_err(|_| unreachable!("the address form has no classes to run out of")),
+    }
+}
+
+fn compile_in(
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+    cache: Option<&mut SetCache>,
+    form: Form,
+) -> Result<Result<Ruleset, TooManyClasses>, CompileError> {
     let mut c = Flat {
         index: Index::new(cluster),
         ruleset: Ruleset::default(),
         named_cache: BTreeMap::new(),
         cache,
+        form,
+        pending: Vec::new(),
     };
     let mut to_pod = VerdictMap {
         name: MAP_TO_POD.into(),
@@ -207,8 +248,11 @@ pub(super) fn compile_with(
     for map in [to_pod, from_pod, veths] {
         c.ruleset.maps.insert(map.name.clone(), map);
     }
+    if let Err(e) = c.fill_class_sets() {
+        return Ok(Err(e));
+    }
     c.ruleset.jumps = builtin_jumps();
-    Ok(c.ruleset)
+    Ok(Ok(c.ruleset))
 }
 
 /// The set a tier rule's one match looks up.
@@ -236,7 +280,14 @@ struct Flat<'a> {
     named_cache: BTreeMap<(String, Protocol), Vec<(Ipv4Addr, u16)>>,
     /// Shared sets' contents from earlier compiles (an incremental compile).
     cache: Option<&'a mut SetCache>,
+    form: Form,
+    /// Class form: the sets declared by the group walk, filled once every group is
+    /// known ([`Flat::fill_class_sets`]): (name, every protocol?, pairs).
+    pending: Vec<PendingSet<'a>>,
 }
+
+/// A class set waiting for the node's classes: (name, every protocol?, pairs).
+type PendingSet<'a> = (String, bool, Vec<(PeerRef<'a>, PortRef)>);
 
 /// The named ports (name, protocol) that `policies` reference in `direction`.
 fn referenced_names(
@@ -343,12 +394,12 @@ impl PortRef {
     }
 }
 
-impl Flat<'_> {
+impl<'a> Flat<'a> {
     /// The map verdict of `pod` in `direction`: `return` when no policy isolates it,
     /// else a goto to its group's chain (built on first use).
-    fn group_verdict(&mut self, pod: &Pod, direction: Direction) -> MapVerdict {
-        let cluster = self.index.cluster;
-        let policies: Vec<&NetworkPolicy> = cluster
+    fn group_verdict(&mut self, pod: &'a Pod, direction: Direction) -> MapVerdict {
+        let cluster: &'a Cluster = self.index.cluster;
+        let policies: Vec<&'a NetworkPolicy> = cluster
             .policies_selecting(pod)
             .filter(|p| match direction {
                 Direction::Ingress => p.policy_types.ingress,
@@ -812,13 +863,33 @@ impl Flat<'_> {
     /// A set named after the pairs it is built from, created (and filled) on first
     /// use: groups whose policies allow the same pairs share it, and its content
     /// changes only by elements when pods and labels change.
-    fn shared_set(&mut self, any: bool, pairs: &[(PeerRef<'_>, PortRef)]) -> String {
+    fn shared_set(&mut self, any: bool, pairs: &[(PeerRef<'a>, PortRef)]) -> String {
         let mut key = String::new();
         for (peer, port) in pairs {
             key.push_str(&peer.key());
             key.push(' ');
             key.push_str(&port.key());
             key.push(';');
+        }
+        if let Form::Classes { .. } = self.form {
+            let name = names::class_set(any, &key);
+            if !self.ruleset.sets.contains_key(&name) {
+                let kind = if any {
+                    SetKind::ClassIntervals
+                } else {
+                    SetKind::ClassProtoPortIntervals
+                };
+                self.ruleset.sets.insert(
+                    name.clone(),
+                    IpSet {
+                        name: name.clone(),
+                        kind,
+                        members: BTreeSet::new(),
+                    },
+                );
+                self.pending.push((name.clone(), any, pairs.to_vec()));
+            }
+            return name;
         }
         let name = names::flat_set(any, &key);
         if !self.ruleset.sets.contains_key(&name) {
@@ -877,7 +948,7 @@ impl Flat<'_> {
         chain: &str,
         direction: Direction,
         policies: &[NamespacedName],
-        pairs: &[(PeerRef<'_>, PortRef)],
+        pairs: &[(PeerRef<'a>, PortRef)],
     ) {
         let set_dir = match direction {
             Direction::Ingress => SetDirection::Src,
@@ -887,29 +958,52 @@ impl Flat<'_> {
             .iter()
             .cloned()
             .partition(|(_, port)| *port == PortRef::Any);
+        let classes = matches!(self.form, Form::Classes { .. });
         let mut rules = Vec::new();
+        if classes && !pairs.is_empty() {
+            // The peer's class into the mark's class bits, cleared first: an
+            // address in no class is class 0, whatever an earlier lookup left.
+            rules.push(Rule::new(
+                vec![],
+                Target::SetMark {
+                    value: 0,
+                    mask: MARK_CLASS_MASK,
+                },
+            ));
+            rules.push(Rule::new(
+                vec![],
+                Target::AddrVmap {
+                    map: MAP_CLASSES.into(),
+                    direction: set_dir,
+                },
+            ));
+        }
         // A lookup only where some pair can ever put an element in the set: which
         // pairs a group has changes only with its policies, and so does its name.
         if !tuples.is_empty() {
             let set = self.shared_set(false, &tuples);
-            rules.push(Rule::new(
-                vec![Match::Tuple {
+            let lookup = if classes {
+                Match::ClassTuple { set }
+            } else {
+                Match::Tuple {
                     set,
                     direction: set_dir,
-                }],
-                Target::Return,
-            ));
+                }
+            };
+            rules.push(Rule::new(vec![lookup], Target::Return));
         }
         if !any.is_empty() {
             let set = self.shared_set(true, &any);
-            rules.push(Rule::new(
-                vec![Match::Set {
+            let lookup = if classes {
+                Match::ClassSet { set }
+            } else {
+                Match::Set {
                     name: set,
                     direction: set_dir,
                     negated: false,
-                }],
-                Target::Return,
-            ));
+                }
+            };
+            rules.push(Rule::new(vec![lookup], Target::Return));
         }
         let tag = DenyTag::new(DenyReason::Isolated, direction, Some(chain.to_string()));
         rules.extend(deny_log::deny(vec![], &tag));
@@ -927,6 +1021,215 @@ impl Flat<'_> {
         self.ruleset
             .chain_comments
             .insert(chain.to_string(), group_comment(direction, policies));
+    }
+}
+
+impl Flat<'_> {
+    /// Class form, after the group walk: the node's classes from every region the
+    /// declared sets' pairs name, then the sets' elements (classes × ports), the
+    /// class map and one chain per class. Nothing when no group needs classes.
+    fn fill_class_sets(&mut self) -> Result<(), TooManyClasses> {
+        let Form::Classes { capacity } = self.form else {
+            return Ok(());
+        };
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        // Address regions: every peer but "any", and per egress named port one
+        // region per number it resolves to (the pods declaring it with that number).
+        let mut regions: BTreeMap<String, AddrSet> = BTreeMap::new();
+        let mut named: BTreeMap<(Protocol, String), BTreeMap<u16, String>> = BTreeMap::new();
+        for (_, _, pairs) in &pending {
+            for (peer, port) in pairs {
+                if *peer != PeerRef::Any && !regions.contains_key(&peer.key()) {
+                    let region = self.cached_peer_region(peer);
+                    regions.insert(peer.key(), region);
+                }
+                if let PortRef::Named(proto, name) = port
+                    && !named.contains_key(&(*proto, name.clone()))
+                {
+                    let mut numbers: BTreeMap<u16, String> = BTreeMap::new();
+                    for (ip, number) in self.cached_named_ports(name, *proto) {
+                        let key = format!("named;{};{name};{number}", proto.as_str());
+                        let ip = u32::from(ip);
+                        regions.entry(key.clone()).or_default().insert(ip, ip);
+                        numbers.insert(number, key);
+                    }
+                    named.insert((*proto, name.clone()), numbers);
+                }
+            }
+        }
+        // What each set tells apart: per set and ports (and named port number), the
+        // union of its peers' regions. An "any" peer there means every class, 0
+        // included, whatever classes come and go: no union needed.
+        let mut unions: BTreeMap<String, super::classes::Union> = BTreeMap::new();
+        let mut every: BTreeSet<String> = BTreeSet::new();
+        for (name, _, pairs) in &pending {
+            for (peer, port) in pairs {
+                let key = format!("{name} {}", port.key());
+                match port {
+                    PortRef::Any | PortRef::Range(..) => match peer {
+                        PeerRef::Any => {
+                            every.insert(key);
+                        }
+                        p => unions.entry(key).or_default().push(vec![p.key()]),
+                    },
+                    PortRef::Named(proto, port_name) => {
+                        for (number, region) in &named[&(*proto, port_name.clone())] {
+                            let mut term = vec![region.clone()];
+                            if *peer != PeerRef::Any {
+                                term.push(peer.key());
+                            }
+                            unions
+                                .entry(format!("{key} {number}"))
+                                .or_default()
+                                .push(term);
+                        }
+                    }
+                }
+            }
+        }
+        let classes = super::classes::partition(&regions, &unions, capacity)?;
+        let class_set = |key: &str| {
+            let mut out = AddrSet::default();
+            if every.contains(key) {
+                out.insert(0, MAX_CLASS);
+            }
+            for id in classes.of(key) {
+                out.insert(id, id);
+            }
+            out
+        };
+        for (name, any, pairs) in pending {
+            // The class axis rides on the box set's address axis: the same interval
+            // arithmetic, disjoint and canonical.
+            let mut tuples: BoxSet<()> = BoxSet::default();
+            let mut all = AddrSet::default();
+            let ports: BTreeSet<&PortRef> = pairs.iter().map(|(_, port)| port).collect();
+            for port in ports {
+                let key = format!("{name} {}", port.key());
+                match port {
+                    PortRef::Any => all.insert_set(&class_set(&key)),
+                    PortRef::Range(proto, a, b) => {
+                        tuples.insert(&class_set(&key), *proto, *a, *b, ())
+                    }
+                    PortRef::Named(proto, port_name) => {
+                        for number in named[&(*proto, port_name.clone())].keys() {
+                            let ids = class_set(&format!("{key} {number}"));
+                            tuples.insert(&ids, *proto, *number, *number, ());
+                        }
+                    }
+                }
+            }
+            let members: BTreeSet<SetMember> = if any {
+                all.bounds()
+                    .map(|(start, end)| SetMember::Classes(ClassRange { start, end }))
+                    .collect()
+            } else {
+                tuples
+                    .boxes()
+                    .into_iter()
+                    .map(|(b, ())| SetMember::ClassTuple {
+                        classes: ClassRange {
+                            start: u32::from(b.addrs.start),
+                            end: u32::from(b.addrs.end),
+                        },
+                        protocol: b.protocol,
+                        ports: PortRange {
+                            start: b.ports.start,
+                            end: b.ports.end,
+                        },
+                    })
+                    .collect()
+            };
+            if let Some(set) = self.ruleset.sets.get_mut(&name) {
+                set.members = members;
+            }
+        }
+        let mut map = VerdictMap {
+            name: MAP_CLASSES.into(),
+            key: MapKey::Addr,
+            elements: BTreeMap::new(),
+        };
+        for &(start, end, class) in &classes.ranges {
+            map.elements.insert(
+                MapKeyValue::Range(AddrRange {
+                    start: Ipv4Addr::from(start),
+                    end: Ipv4Addr::from(end),
+                }),
+                MapVerdict::Jump(names::class_chain(class)),
+            );
+        }
+        self.ruleset.maps.insert(map.name.clone(), map);
+        for class in classes.ids() {
+            self.ruleset.add_chain(
+                Table::Filter,
+                Chain {
+                    name: names::class_chain(class),
+                    rules: vec![Rule::new(
+                        vec![],
+                        Target::SetMark {
+                            value: class,
+                            mask: MARK_CLASS_MASK,
+                        },
+                    )],
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// A peer's region, through the cache: a pod peer's addresses are the
+    /// iptables form's hash:ip set, under the same recipe.
+    fn cached_peer_region(&mut self, peer: &PeerRef<'_>) -> AddrSet {
+        let PeerRef::Pods(ns, pp) = peer else {
+            return self.peer_region(peer);
+        };
+        let index = &self.index;
+        let members = incremental::through(
+            &mut self.cache,
+            || {
+                let (namespace, peer) = (ns.to_string(), (*pp).clone());
+                let dep = Dependency::PodPeer {
+                    namespace: namespace.clone(),
+                    peer: peer.clone(),
+                };
+                (Recipe::PodPeer { namespace, peer }, vec![dep])
+            },
+            || index.pod_peer_members(ns, pp),
+        );
+        let mut out = AddrSet::default();
+        for m in members {
+            if let SetMember::Ip(ip) = m {
+                out.insert(u32::from(ip), u32::from(ip));
+            }
+        }
+        out
+    }
+
+    /// Every pod's (address, number) of a named port, through the cache (the
+    /// iptables form's hash:ip,port set, under the same recipe).
+    fn cached_named_ports(&mut self, name: &str, protocol: Protocol) -> Vec<(Ipv4Addr, u16)> {
+        let index = &self.index;
+        incremental::through(
+            &mut self.cache,
+            || {
+                let name = name.to_string();
+                let dep = Dependency::NamedPort {
+                    name: name.clone(),
+                    protocol,
+                };
+                (Recipe::NamedPort { name, protocol }, vec![dep])
+            },
+            || index.named_port_members(name, protocol),
+        )
+        .into_iter()
+        .filter_map(|m| match m {
+            SetMember::IpPort { ip, port, .. } => Some((ip, port)),
+            _ => None,
+        })
+        .collect()
     }
 }
 
@@ -1099,10 +1402,15 @@ mod tests {
             .iter()
             .flat_map(|r| &r.matches)
             .find_map(|m| match m {
-                Match::Tuple { set, .. } => Some(set.clone()),
+                Match::Tuple { set, .. } | Match::ClassTuple { set } => Some(set.clone()),
                 _ => None,
             })
             .unwrap()
+    }
+
+    /// The address form, which a node with more classes than ids falls back to.
+    fn compile_addresses(c: &Cluster) -> Ruleset {
+        compile_form(c, "n1", &Veths, None, 0).unwrap()
     }
 
     fn elements(rs: &Ruleset, set: &str) -> Vec<String> {
@@ -1114,7 +1422,8 @@ mod tests {
     }
 
     #[test]
-    fn one_pods_ingress_is_one_disjoint_tuple_set_and_named_ports_split_groups() {
+    fn in_the_address_form_one_pods_ingress_is_one_disjoint_tuple_set_and_named_ports_split_groups()
+    {
         let mut c = Cluster::default();
         c.add_pod(pod("a", "10.244.1.2", "n1", http(8080)));
         c.add_pod(pod("b", "10.244.1.3", "n1", http(8080)));
@@ -1134,7 +1443,9 @@ mod tests {
                 end: 8100,
             },
         ));
-        let rs = compile(&c, "n1", &Veths).unwrap();
+        let rs = compile_addresses(&c);
+        assert!(rs.sets.values().all(|s| s.kind != SetKind::ClassIntervals
+            && s.kind != SetKind::ClassProtoPortIntervals));
         let to_pod = &rs.maps[MAP_TO_POD];
         let group = |p: &str| to_pod.elements[&MapKeyValue::Iface(format!("slc{p}"))].clone();
         assert_eq!(group("a"), group("b"), "same policies, same named port");
