@@ -26,10 +26,27 @@
 //!                  iifname "<nsprefix>*" drop    (unknown pod, egress policy in ns)
 //! SLUICE-TO-POD:   oifname vmap @SLUICE-M-TO-POD "<veth>" : goto SLUICE-GI-<h> | return
 //!                  oifname "<nsprefix>*" drop    (unknown pod, ingress policy in ns)
-//! SLUICE-GI-<h>:   ip saddr . meta l4proto . th dport @SLUICE-FT-<t> return
-//!                  ip saddr @SLUICE-FA-<a> return
+//! SLUICE-GI-<h>:   meta mark set meta mark & ~0x3fff        (class 0)
+//!                  ip saddr vmap @SLUICE-M-CLASSES          (address → jump SLUICE-C-<n>)
+//!                  meta mark & 0x3fff . meta l4proto . th dport @SLUICE-CT-<t> return
+//!                  meta mark & 0x3fff @SLUICE-CA-<a> return
 //!                  drop
+//! SLUICE-C-<n>:    meta mark set meta mark & ~0x3fff | <n>
 //! ```
+//!
+//! The sets hold *address classes* ([`super::classes`]), not addresses: the node's
+//! IPv4 addresses partitioned by what its group sets tell apart (per set and port,
+//! the union of its peers), each class an id in the mark bits
+//! [`MARK_CLASS_MASK`]. One node-wide interval map sends a peer address to the chain
+//! that sets its class (egress looks up `ip daddr`), so a group's tuple set is
+//! (class . protocol . port), a few elements per peer, and a thousand peer pods are
+//! one class-map element each once, not one tuple element each per group. The class
+//! bits are cleared before every lookup, so an address in no class is class 0 (which
+//! only an "every address" peer allows) and a class an earlier lookup left (the
+//! source's egress, before the destination's ingress) never decides. A new pod in an
+//! existing class is one class-map element; a node with more classes than ids (16,383)
+//! falls back to the address form, where the group sets hold addresses themselves
+//! (`ip saddr . meta l4proto . th dport @SLUICE-FT-<t>`, `ip saddr @SLUICE-FA-<a>`).
 //!
 //! ClusterNetworkPolicy (issue 13) wraps that NetworkPolicy part. A pod's group also
 //! keys on the Admin (and, when no NetworkPolicy isolates it in the direction, the
@@ -58,6 +75,8 @@
 //! lookups per tier however many ClusterNetworkPolicies there are. The tier sets
 //! are named after their chain and are looked up only when not empty, so unlike the
 //! NetworkPolicy sets a pod or label change can add or drop a lookup rule there.
+//! The tier sets keep the address form (their boxes are painted per group, not
+//! shared, and are few at the scales measured); the same classes could key them.
 //!
 //! Decisions, and why:
 //! - A pod that is not isolated in a direction has a `return` element, so its
@@ -131,8 +150,8 @@ enum Form {
 /// Longest chain comment written (nft keeps at most 128 bytes of it).
 const MAX_COMMENT: usize = 120;
 
-/// What one group allows: tuples with ports, and peers allowed on every port of
-/// every protocol.
+/// What one group allows (address form): tuples with ports, and peers allowed on
+/// every port of every protocol.
 #[derive(Debug, Default)]
 pub struct Allowed {
     pub tuples: BoxSet<()>,
@@ -1470,6 +1489,100 @@ mod tests {
                 "172.16.9.0-172.16.255.255 . tcp . 9090",
             ]
         );
+    }
+
+    /// `name` in namespace prod allows `direction` to or from the pods labelled
+    /// app=`peer`, on TCP 80.
+    fn pods_policy(name: &str, direction: Direction, selected: &str, peer: &str) -> NetworkPolicy {
+        let rule = NpRule {
+            peers: Peers::Listed(vec![Peer::Pods(PodPeer {
+                namespaces: crate::model::NamespaceScope::PolicyNamespace,
+                pods: LabelSelector::from_labels([("app", peer)]),
+            })]),
+            ports: Ports::Listed(vec![PolicyPort {
+                protocol: Protocol::Tcp,
+                port: PortMatch::Numbers { start: 80, end: 80 },
+            }]),
+        };
+        let ingress = direction == Direction::Ingress;
+        NetworkPolicy {
+            namespace: "prod".into(),
+            name: name.into(),
+            pod_selector: LabelSelector::from_labels([("app", selected)]),
+            ingress: if ingress { vec![rule.clone()] } else { vec![] },
+            egress: if ingress { vec![] } else { vec![rule] },
+            policy_types: PolicyTypes {
+                ingress,
+                egress: !ingress,
+            },
+        }
+    }
+
+    #[test]
+    fn a_group_set_holds_classes_and_a_new_peer_pod_is_one_class_map_element() {
+        let mut c = Cluster::default();
+        c.add_pod(pod("web", "10.244.1.2", "n1", vec![]));
+        for i in 0..50 {
+            let mut api = pod(&format!("api{i}"), &format!("10.244.2.{}", 2 * i), "n2", vec![]);
+            api.labels = [("app".to_string(), "api".to_string())].into();
+            c.add_pod(api);
+        }
+        c.add_policy(pods_policy("web", Direction::Ingress, "web", "api"));
+        let rs = compile(&c, "n1", &Veths).unwrap();
+        let MapVerdict::Goto(chain) =
+            rs.maps[MAP_TO_POD].elements[&MapKeyValue::Iface("slcweb".into())].clone()
+        else {
+            panic!()
+        };
+        // Fifty peer addresses, one class: one element in the group's set.
+        let set = tuple_set_of(&rs, &chain);
+        assert_eq!(rs.sets[&set].kind, SetKind::ClassProtoPortIntervals);
+        assert_eq!(rs.sets[&set].members.len(), 1);
+        assert_eq!(rs.maps[MAP_CLASSES].elements.len(), 50);
+        let mut next = c.clone();
+        let mut api = pod("api50", "10.244.3.9", "n2", vec![]);
+        api.labels = [("app".to_string(), "api".to_string())].into();
+        next.add_pod(api);
+        let after = compile(&next, "n1", &Veths).unwrap();
+        assert_eq!(after.sets, rs.sets);
+        assert_eq!(after.tables, rs.tables);
+        let added: Vec<_> = after.maps[MAP_CLASSES]
+            .elements
+            .iter()
+            .filter(|(k, _)| !rs.maps[MAP_CLASSES].elements.contains_key(*k))
+            .collect();
+        assert_eq!(added.len(), 1, "{added:?}");
+        assert_eq!(after.maps[MAP_CLASSES].elements.len(), 51);
+    }
+
+    #[test]
+    fn the_class_an_egress_lookup_left_never_decides_the_ingress_of_a_source_in_no_class() {
+        // b may send to a (egress: a's address has a class); a admits only itself.
+        // b's address is in no class: a's ingress must see class 0, not a's class.
+        let mut c = Cluster::default();
+        c.add_pod(pod("a", "10.244.1.2", "n1", vec![]));
+        c.add_pod(pod("b", "10.244.1.3", "n1", vec![]));
+        c.add_policy(pods_policy("b-out", Direction::Egress, "b", "a"));
+        c.add_policy(pods_policy("a-in", Direction::Ingress, "a", "a"));
+        let rs = compile(&c, "n1", &Veths).unwrap();
+        let packet = |src: &str, dst: &str, in_iface: &str, out_iface: &str| Packet {
+            hook: Hook::Forward,
+            in_iface: Some(in_iface.into()),
+            out_iface: Some(out_iface.into()),
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            dport: 80,
+            ct: CtState::New,
+        };
+        let b_to_a = packet("10.244.1.3", "10.244.1.2", "slcb", "slca");
+        assert_eq!(
+            classify(&rs, Table::Filter, &b_to_a).unwrap().verdict,
+            Verdict::Drop
+        );
+        // Passed b's egress by the class of a's address: the mark held it.
+        let trace = classify(&rs, Table::Filter, &b_to_a).unwrap().trace;
+        assert!(trace.iter().any(|(chain, _)| chain.starts_with("SLUICE-C-")));
     }
 
     #[test]
