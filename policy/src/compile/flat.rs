@@ -1463,8 +1463,9 @@ mod tests {
             },
         ));
         let rs = compile_addresses(&c);
-        assert!(rs.sets.values().all(|s| s.kind != SetKind::ClassIntervals
-            && s.kind != SetKind::ClassProtoPortIntervals));
+        assert!(rs.sets.values().all(
+            |s| s.kind != SetKind::ClassIntervals && s.kind != SetKind::ClassProtoPortIntervals
+        ));
         let to_pod = &rs.maps[MAP_TO_POD];
         let group = |p: &str| to_pod.elements[&MapKeyValue::Iface(format!("slc{p}"))].clone();
         assert_eq!(group("a"), group("b"), "same policies, same named port");
@@ -1523,7 +1524,12 @@ mod tests {
         let mut c = Cluster::default();
         c.add_pod(pod("web", "10.244.1.2", "n1", vec![]));
         for i in 0..50 {
-            let mut api = pod(&format!("api{i}"), &format!("10.244.2.{}", 2 * i), "n2", vec![]);
+            let mut api = pod(
+                &format!("api{i}"),
+                &format!("10.244.2.{}", 2 * i),
+                "n2",
+                vec![],
+            );
             api.labels = [("app".to_string(), "api".to_string())].into();
             c.add_pod(api);
         }
@@ -1582,7 +1588,11 @@ mod tests {
         );
         // Passed b's egress by the class of a's address: the mark held it.
         let trace = classify(&rs, Table::Filter, &b_to_a).unwrap().trace;
-        assert!(trace.iter().any(|(chain, _)| chain.starts_with("SLUICE-C-")));
+        assert!(
+            trace
+                .iter()
+                .any(|(chain, _)| chain.starts_with("SLUICE-C-"))
+        );
     }
 
     #[test]

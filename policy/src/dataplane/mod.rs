@@ -181,10 +181,14 @@ pub enum Match {
     /// nftables only: `meta mark & MARK_CLASS_MASK . meta l4proto . th dport @set`
     /// in a [`SetKind::ClassProtoPortIntervals`] set: the peer's address class (set
     /// by a [`Target::AddrVmap`] lookup just before), protocol and port.
-    ClassTuple { set: String },
+    ClassTuple {
+        set: String,
+    },
     /// nftables only: `meta mark & MARK_CLASS_MASK @set` in a
     /// [`SetKind::ClassIntervals`] set.
-    ClassSet { set: String },
+    ClassSet {
+        set: String,
+    },
 }
 
 /// What a rule does when it matches.
