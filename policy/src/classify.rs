@@ -11,15 +11,16 @@
 //! most specific entry deciding (so `nomatch` excludes), hash:ip,port. And the
 //! nftables form's constructs: address interval sets, (address . protocol . port)
 //! interval tuple lookups, and verdict maps (`vmap`: the element's verdict, or the
-//! next rule when there is no element). sluice's nftables table has base chains of
+//! next rule when there is no element; an address-keyed map by range), and the address
+//! class lookups (`meta mark & MARK_CLASS_MASK . …`). sluice's nftables table has base chains of
 //! its own at the same hooks, with policy accept: its verdict is modelled the same
 //! way as the built-in chain's.
 
 use std::net::Ipv4Addr;
 
 use crate::dataplane::{
-    CtState, MapKey, MapKeyValue, MapVerdict, Match, Ruleset, SetDirection, SetKind, SetMember,
-    Table, Target,
+    CtState, MARK_CLASS_MASK, MapKey, MapKeyValue, MapVerdict, Match, Ruleset, SetDirection,
+    SetKind, SetMember, Table, Target,
 };
 use crate::model::Protocol;
 
@@ -150,7 +151,31 @@ fn set_contains(
             } => addrs.contains(ip) && *protocol == proto && ports.contains(port),
             _ => false,
         }),
+        // Looked up by class, never by address: see class_set_contains.
+        SetKind::ClassProtoPortIntervals | SetKind::ClassIntervals => false,
     }
+}
+
+/// Whether a class set holds (class, protocol, port); an address set never does.
+fn class_set_contains(
+    kind: SetKind,
+    members: &std::collections::BTreeSet<SetMember>,
+    class: u32,
+    proto: Protocol,
+    port: u16,
+) -> bool {
+    members.iter().any(|m| match (kind, m) {
+        (
+            SetKind::ClassProtoPortIntervals,
+            SetMember::ClassTuple {
+                classes,
+                protocol,
+                ports,
+            },
+        ) => classes.contains(class) && *protocol == proto && ports.contains(port),
+        (SetKind::ClassIntervals, SetMember::Classes(c)) => c.contains(class),
+        _ => false,
+    })
 }
 
 struct Frame<'a> {
@@ -241,6 +266,24 @@ pub fn classify(
                     };
                     set_contains(s.kind, &s.members, ip, packet.protocol, packet.dport)
                 }
+                Match::ClassTuple { set } | Match::ClassSet { set } => {
+                    let s = ruleset
+                        .sets
+                        .get(set)
+                        .ok_or_else(|| ClassifyError::NoSuchSet {
+                            chain: chain_name.to_string(),
+                            index,
+                            set: set.clone(),
+                        })?;
+                    // No element names ICMP, which has no port.
+                    class_set_contains(
+                        s.kind,
+                        &s.members,
+                        mark & MARK_CLASS_MASK,
+                        packet.protocol,
+                        packet.dport,
+                    )
+                }
                 Match::CtState(states) => states.contains(&packet.ct),
                 Match::Mark { value, mask } => mark & mask == *value,
                 Match::Comment(_) => true,
@@ -257,7 +300,7 @@ pub fn classify(
         // `continue`): on to the next rule.
         let mapped;
         let target = match &rule.target {
-            Target::Vmap(name) => {
+            Target::Vmap(name) | Target::AddrVmap { map: name, .. } => {
                 let map = ruleset
                     .maps
                     .get(name)
@@ -266,15 +309,33 @@ pub fn classify(
                         index,
                         map: name.clone(),
                     })?;
-                let key = match map.key {
-                    MapKey::OutIface => packet.out_iface.clone().map(MapKeyValue::Iface),
-                    MapKey::InIface => packet.in_iface.clone().map(MapKeyValue::Iface),
+                let addr = match &rule.target {
+                    Target::AddrVmap {
+                        direction: SetDirection::Src,
+                        ..
+                    } => packet.src,
+                    _ => packet.dst,
+                };
+                let element = match map.key {
+                    MapKey::OutIface => packet
+                        .out_iface
+                        .clone()
+                        .and_then(|i| map.elements.get(&MapKeyValue::Iface(i))),
+                    MapKey::InIface => packet
+                        .in_iface
+                        .clone()
+                        .and_then(|i| map.elements.get(&MapKeyValue::Iface(i))),
                     MapKey::InIfaceSource => packet
                         .in_iface
                         .clone()
-                        .map(|i| MapKeyValue::IfaceAddr(i, packet.src)),
+                        .and_then(|i| map.elements.get(&MapKeyValue::IfaceAddr(i, packet.src))),
+                    // Disjoint ranges: the one containing the address, if any.
+                    MapKey::Addr => map.elements.iter().find_map(|(k, v)| match k {
+                        MapKeyValue::Range(r) if r.contains(addr) => Some(v),
+                        _ => None,
+                    }),
                 };
-                mapped = match key.and_then(|k| map.elements.get(&k)) {
+                mapped = match element {
                     None | Some(MapVerdict::Continue) => continue,
                     Some(MapVerdict::Accept) => Target::Accept,
                     Some(MapVerdict::Drop) => Target::Drop,
@@ -298,7 +359,9 @@ pub fn classify(
                 })
         };
         match target {
-            Target::Vmap(_) => unreachable!("resolved to its element's verdict above"),
+            Target::Vmap(_) | Target::AddrVmap { .. } => {
+                unreachable!("resolved to its element's verdict above")
+            }
             Target::Accept => {
                 return Ok(Classification {
                     verdict: Verdict::Accept,

@@ -209,6 +209,20 @@ pub fn flat_set(any: bool, key: &str) -> String {
     format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
 }
 
+/// A flat-form set of address classes ([`crate::compile::classes`]) built from the
+/// (peer, ports) pairs `key` names: `SLUICE-CA-<hash>` (every protocol) or
+/// `SLUICE-CT-<hash>` (class . protocol . port).
+pub fn class_set(any: bool, key: &str) -> String {
+    let kind = if any { "CA" } else { "CT" };
+    format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
+}
+
+/// The chain that gives a packet's peer address class `class` in the mark:
+/// `SLUICE-C-<class>`.
+pub fn class_chain(class: u32) -> String {
+    format!("{PREFIX}C-{class}")
+}
+
 /// The hash:ip set of the pods a pod peer names. The policy's namespace is part of the
 /// identity only when the peer is scoped to it, so the same namespaceSelector peer
 /// written in two namespaces shares one set.

@@ -26,10 +26,27 @@
 //!                  iifname "<nsprefix>*" drop    (unknown pod, egress policy in ns)
 //! SLUICE-TO-POD:   oifname vmap @SLUICE-M-TO-POD "<veth>" : goto SLUICE-GI-<h> | return
 //!                  oifname "<nsprefix>*" drop    (unknown pod, ingress policy in ns)
-//! SLUICE-GI-<h>:   ip saddr . meta l4proto . th dport @SLUICE-FT-<t> return
-//!                  ip saddr @SLUICE-FA-<a> return
+//! SLUICE-GI-<h>:   meta mark set meta mark & ~0x3fff        (class 0)
+//!                  ip saddr vmap @SLUICE-M-CLASSES          (address → jump SLUICE-C-<n>)
+//!                  meta mark & 0x3fff . meta l4proto . th dport @SLUICE-CT-<t> return
+//!                  meta mark & 0x3fff @SLUICE-CA-<a> return
 //!                  drop
+//! SLUICE-C-<n>:    meta mark set meta mark & ~0x3fff | <n>
 //! ```
+//!
+//! The sets hold *address classes* ([`super::classes`]), not addresses: the node's
+//! IPv4 addresses partitioned by what its group sets tell apart (per set and port,
+//! the union of its peers), each class an id in the mark bits
+//! [`MARK_CLASS_MASK`]. One node-wide interval map sends a peer address to the chain
+//! that sets its class (egress looks up `ip daddr`), so a group's tuple set is
+//! (class . protocol . port), a few elements per peer, and a thousand peer pods are
+//! one class-map element each once, not one tuple element each per group. The class
+//! bits are cleared before every lookup, so an address in no class is class 0 (which
+//! only an "every address" peer allows) and a class an earlier lookup left (the
+//! source's egress, before the destination's ingress) never decides. A new pod in an
+//! existing class is one class-map element; a node with more classes than ids (16,383)
+//! falls back to the address form, where the group sets hold addresses themselves
+//! (`ip saddr . meta l4proto . th dport @SLUICE-FT-<t>`, `ip saddr @SLUICE-FA-<a>`).
 //!
 //! ClusterNetworkPolicy (issue 13) wraps that NetworkPolicy part. A pod's group also
 //! keys on the Admin (and, when no NetworkPolicy isolates it in the direction, the
@@ -58,6 +75,8 @@
 //! lookups per tier however many ClusterNetworkPolicies there are. The tier sets
 //! are named after their chain and are looked up only when not empty, so unlike the
 //! NetworkPolicy sets a pod or label change can add or drop a lookup rule there.
+//! The tier sets keep the address form (their boxes are painted per group, not
+//! shared, and are few at the scales measured); the same classes could key them.
 //!
 //! Decisions, and why:
 //! - A pod that is not isolated in a direction has a `return` element, so its
@@ -94,6 +113,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::IpNet;
 
+use super::classes::{MAX_CLASS, TooManyClasses};
 use super::incremental::{self, Dependency, Recipe, SetCache};
 use super::intervals::{AddrSet, Box3, BoxSet, Painter};
 use super::members::{Index, v4, v4_excepts};
@@ -103,8 +123,9 @@ use super::{
 };
 use crate::dataplane::deny_log::{self, DenyReason, DenyTag};
 use crate::dataplane::{
-    AddrRange, Chain, InterfaceNames, IpSet, MapKey, MapKeyValue, MapVerdict, Match, PortRange,
-    Rule, Ruleset, SetDirection, SetKind, SetMember, Table, Target, VerdictMap,
+    AddrRange, Chain, ClassRange, InterfaceNames, IpSet, MARK_CLASS_MASK, MapKey, MapKeyValue,
+    MapVerdict, Match, PortRange, Rule, Ruleset, SetDirection, SetKind, SetMember, Table, Target,
+    VerdictMap,
 };
 use crate::model::{
     Action, Cluster, ClusterNetworkPolicy, ClusterPeer, ClusterRule, IpBlock, NamespacedName,
@@ -120,12 +141,23 @@ pub const MAP_FROM_POD: &str = "SLUICE-M-FROM-POD";
 pub const MAP_VETHS: &str = "SLUICE-M-VETHS";
 /// Where [`MAP_VETHS`] sends a pod's packets with a source not its own: logged, dropped.
 pub const CHAIN_SPOOFED: &str = "SLUICE-SPOOFED";
+/// Peer address → `jump` to the chain setting its class ([`super::classes`]).
+pub const MAP_CLASSES: &str = "SLUICE-M-CLASSES";
+
+/// How a group's sets name peer addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// By address class, with at most `capacity` classes.
+    Classes { capacity: u32 },
+    /// By address: what a node with more classes than ids falls back to.
+    Addresses,
+}
 
 /// Longest chain comment written (nft keeps at most 128 bytes of it).
 const MAX_COMMENT: usize = 120;
 
-/// What one group allows: tuples with ports, and peers allowed on every port of
-/// every protocol.
+/// What one group allows (address form): tuples with ports, and peers allowed on
+/// every port of every protocol.
 #[derive(Debug, Default)]
 pub struct Allowed {
     pub tuples: BoxSet<()>,
@@ -149,11 +181,39 @@ pub(super) fn compile_with(
     ifaces: &dyn InterfaceNames,
     cache: Option<&mut SetCache>,
 ) -> Result<Ruleset, CompileError> {
+    compile_form(cluster, node, ifaces, cache, MAX_CLASS)
+}
+
+/// [`compile_with`] with at most `capacity` address classes, else the address form.
+fn compile_form(
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+    mut cache: Option<&mut SetCache>,
+    capacity: u32,
+) -> Result<Ruleset, CompileError> {
+    let form = Form::Classes { capacity };
+    match compile_in(cluster, node, ifaces, cache.as_deref_mut(), form)? {
+        Ok(ruleset) => Ok(ruleset),
+        Err(_) => compile_in(cluster, node, ifaces, cache, Form::Addresses)?
+            .map_err(|_| unreachable!("the address form has no classes to run out of")),
+    }
+}
+
+fn compile_in(
+    cluster: &Cluster,
+    node: &str,
+    ifaces: &dyn InterfaceNames,
+    cache: Option<&mut SetCache>,
+    form: Form,
+) -> Result<Result<Ruleset, TooManyClasses>, CompileError> {
     let mut c = Flat {
         index: Index::new(cluster),
         ruleset: Ruleset::default(),
         named_cache: BTreeMap::new(),
         cache,
+        form,
+        pending: Vec::new(),
     };
     let mut to_pod = VerdictMap {
         name: MAP_TO_POD.into(),
@@ -213,8 +273,11 @@ pub(super) fn compile_with(
     for map in [to_pod, from_pod, veths] {
         c.ruleset.maps.insert(map.name.clone(), map);
     }
+    if let Err(e) = c.fill_class_sets() {
+        return Ok(Err(e));
+    }
     c.ruleset.jumps = builtin_jumps();
-    Ok(c.ruleset)
+    Ok(Ok(c.ruleset))
 }
 
 /// The group key marking chains whose allows are logged (no policy has this
@@ -258,7 +321,14 @@ struct Flat<'a> {
     named_cache: BTreeMap<(String, Protocol), Vec<(Ipv4Addr, u16)>>,
     /// Shared sets' contents from earlier compiles (an incremental compile).
     cache: Option<&'a mut SetCache>,
+    form: Form,
+    /// Class form: the sets declared by the group walk, filled once every group is
+    /// known ([`Flat::fill_class_sets`]): (name, every protocol?, pairs).
+    pending: Vec<PendingSet<'a>>,
 }
+
+/// A class set waiting for the node's classes: (name, every protocol?, pairs).
+type PendingSet<'a> = (String, bool, Vec<(PeerRef<'a>, PortRef)>);
 
 /// The named ports (name, protocol) that `policies` reference in `direction`.
 fn referenced_names(
@@ -365,12 +435,12 @@ impl PortRef {
     }
 }
 
-impl Flat<'_> {
+impl<'a> Flat<'a> {
     /// The map verdict of `pod` in `direction`: `return` when no policy isolates it,
     /// else a goto to its group's chain (built on first use).
-    fn group_verdict(&mut self, pod: &Pod, direction: Direction) -> MapVerdict {
-        let cluster = self.index.cluster;
-        let policies: Vec<&NetworkPolicy> = cluster
+    fn group_verdict(&mut self, pod: &'a Pod, direction: Direction) -> MapVerdict {
+        let cluster: &'a Cluster = self.index.cluster;
+        let policies: Vec<&'a NetworkPolicy> = cluster
             .policies_selecting(pod)
             .filter(|p| match direction {
                 Direction::Ingress => p.policy_types.ingress,
@@ -864,13 +934,33 @@ impl Flat<'_> {
     /// A set named after the pairs it is built from, created (and filled) on first
     /// use: groups whose policies allow the same pairs share it, and its content
     /// changes only by elements when pods and labels change.
-    fn shared_set(&mut self, any: bool, pairs: &[(PeerRef<'_>, PortRef)]) -> String {
+    fn shared_set(&mut self, any: bool, pairs: &[(PeerRef<'a>, PortRef)]) -> String {
         let mut key = String::new();
         for (peer, port) in pairs {
             key.push_str(&peer.key());
             key.push(' ');
             key.push_str(&port.key());
             key.push(';');
+        }
+        if let Form::Classes { .. } = self.form {
+            let name = names::class_set(any, &key);
+            if !self.ruleset.sets.contains_key(&name) {
+                let kind = if any {
+                    SetKind::ClassIntervals
+                } else {
+                    SetKind::ClassProtoPortIntervals
+                };
+                self.ruleset.sets.insert(
+                    name.clone(),
+                    IpSet {
+                        name: name.clone(),
+                        kind,
+                        members: BTreeSet::new(),
+                    },
+                );
+                self.pending.push((name.clone(), any, pairs.to_vec()));
+            }
+            return name;
         }
         let name = names::flat_set(any, &key);
         if !self.ruleset.sets.contains_key(&name) {
@@ -929,7 +1019,7 @@ impl Flat<'_> {
         chain: &str,
         direction: Direction,
         policies: &[NamespacedName],
-        pairs: &[(PeerRef<'_>, PortRef)],
+        pairs: &[(PeerRef<'a>, PortRef)],
         allowed: &Target,
     ) {
         let set_dir = match direction {
@@ -940,29 +1030,52 @@ impl Flat<'_> {
             .iter()
             .cloned()
             .partition(|(_, port)| *port == PortRef::Any);
+        let classes = matches!(self.form, Form::Classes { .. });
         let mut rules = Vec::new();
+        if classes && !pairs.is_empty() {
+            // The peer's class into the mark's class bits, cleared first: an
+            // address in no class is class 0, whatever an earlier lookup left.
+            rules.push(Rule::new(
+                vec![],
+                Target::SetMark {
+                    value: 0,
+                    mask: MARK_CLASS_MASK,
+                },
+            ));
+            rules.push(Rule::new(
+                vec![],
+                Target::AddrVmap {
+                    map: MAP_CLASSES.into(),
+                    direction: set_dir,
+                },
+            ));
+        }
         // A lookup only where some pair can ever put an element in the set: which
         // pairs a group has changes only with its policies, and so does its name.
         if !tuples.is_empty() {
             let set = self.shared_set(false, &tuples);
-            rules.push(Rule::new(
-                vec![Match::Tuple {
+            let lookup = if classes {
+                Match::ClassTuple { set }
+            } else {
+                Match::Tuple {
                     set,
                     direction: set_dir,
-                }],
-                allowed.clone(),
-            ));
+                }
+            };
+            rules.push(Rule::new(vec![lookup], allowed.clone()));
         }
         if !any.is_empty() {
             let set = self.shared_set(true, &any);
-            rules.push(Rule::new(
-                vec![Match::Set {
+            let lookup = if classes {
+                Match::ClassSet { set }
+            } else {
+                Match::Set {
                     name: set,
                     direction: set_dir,
                     negated: false,
-                }],
-                allowed.clone(),
-            ));
+                }
+            };
+            rules.push(Rule::new(vec![lookup], allowed.clone()));
         }
         let tag = DenyTag::new(DenyReason::Isolated, direction, Some(chain.to_string()));
         rules.extend(deny_log::deny(vec![], &tag));
@@ -980,6 +1093,215 @@ impl Flat<'_> {
         self.ruleset
             .chain_comments
             .insert(chain.to_string(), group_comment(direction, policies));
+    }
+}
+
+impl Flat<'_> {
+    /// Class form, after the group walk: the node's classes from every region the
+    /// declared sets' pairs name, then the sets' elements (classes × ports), the
+    /// class map and one chain per class. Nothing when no group needs classes.
+    fn fill_class_sets(&mut self) -> Result<(), TooManyClasses> {
+        let Form::Classes { capacity } = self.form else {
+            return Ok(());
+        };
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        // Address regions: every peer but "any", and per egress named port one
+        // region per number it resolves to (the pods declaring it with that number).
+        let mut regions: BTreeMap<String, AddrSet> = BTreeMap::new();
+        let mut named: BTreeMap<(Protocol, String), BTreeMap<u16, String>> = BTreeMap::new();
+        for (_, _, pairs) in &pending {
+            for (peer, port) in pairs {
+                if *peer != PeerRef::Any && !regions.contains_key(&peer.key()) {
+                    let region = self.cached_peer_region(peer);
+                    regions.insert(peer.key(), region);
+                }
+                if let PortRef::Named(proto, name) = port
+                    && !named.contains_key(&(*proto, name.clone()))
+                {
+                    let mut numbers: BTreeMap<u16, String> = BTreeMap::new();
+                    for (ip, number) in self.cached_named_ports(name, *proto) {
+                        let key = format!("named;{};{name};{number}", proto.as_str());
+                        let ip = u32::from(ip);
+                        regions.entry(key.clone()).or_default().insert(ip, ip);
+                        numbers.insert(number, key);
+                    }
+                    named.insert((*proto, name.clone()), numbers);
+                }
+            }
+        }
+        // What each set tells apart: per set and ports (and named port number), the
+        // union of its peers' regions. An "any" peer there means every class, 0
+        // included, whatever classes come and go: no union needed.
+        let mut unions: BTreeMap<String, super::classes::Union> = BTreeMap::new();
+        let mut every: BTreeSet<String> = BTreeSet::new();
+        for (name, _, pairs) in &pending {
+            for (peer, port) in pairs {
+                let key = format!("{name} {}", port.key());
+                match port {
+                    PortRef::Any | PortRef::Range(..) => match peer {
+                        PeerRef::Any => {
+                            every.insert(key);
+                        }
+                        p => unions.entry(key).or_default().push(vec![p.key()]),
+                    },
+                    PortRef::Named(proto, port_name) => {
+                        for (number, region) in &named[&(*proto, port_name.clone())] {
+                            let mut term = vec![region.clone()];
+                            if *peer != PeerRef::Any {
+                                term.push(peer.key());
+                            }
+                            unions
+                                .entry(format!("{key} {number}"))
+                                .or_default()
+                                .push(term);
+                        }
+                    }
+                }
+            }
+        }
+        let classes = super::classes::partition(&regions, &unions, capacity)?;
+        let class_set = |key: &str| {
+            let mut out = AddrSet::default();
+            if every.contains(key) {
+                out.insert(0, MAX_CLASS);
+            }
+            for id in classes.of(key) {
+                out.insert(id, id);
+            }
+            out
+        };
+        for (name, any, pairs) in pending {
+            // The class axis rides on the box set's address axis: the same interval
+            // arithmetic, disjoint and canonical.
+            let mut tuples: BoxSet<()> = BoxSet::default();
+            let mut all = AddrSet::default();
+            let ports: BTreeSet<&PortRef> = pairs.iter().map(|(_, port)| port).collect();
+            for port in ports {
+                let key = format!("{name} {}", port.key());
+                match port {
+                    PortRef::Any => all.insert_set(&class_set(&key)),
+                    PortRef::Range(proto, a, b) => {
+                        tuples.insert(&class_set(&key), *proto, *a, *b, ())
+                    }
+                    PortRef::Named(proto, port_name) => {
+                        for number in named[&(*proto, port_name.clone())].keys() {
+                            let ids = class_set(&format!("{key} {number}"));
+                            tuples.insert(&ids, *proto, *number, *number, ());
+                        }
+                    }
+                }
+            }
+            let members: BTreeSet<SetMember> = if any {
+                all.bounds()
+                    .map(|(start, end)| SetMember::Classes(ClassRange { start, end }))
+                    .collect()
+            } else {
+                tuples
+                    .boxes()
+                    .into_iter()
+                    .map(|(b, ())| SetMember::ClassTuple {
+                        classes: ClassRange {
+                            start: u32::from(b.addrs.start),
+                            end: u32::from(b.addrs.end),
+                        },
+                        protocol: b.protocol,
+                        ports: PortRange {
+                            start: b.ports.start,
+                            end: b.ports.end,
+                        },
+                    })
+                    .collect()
+            };
+            if let Some(set) = self.ruleset.sets.get_mut(&name) {
+                set.members = members;
+            }
+        }
+        let mut map = VerdictMap {
+            name: MAP_CLASSES.into(),
+            key: MapKey::Addr,
+            elements: BTreeMap::new(),
+        };
+        for &(start, end, class) in &classes.ranges {
+            map.elements.insert(
+                MapKeyValue::Range(AddrRange {
+                    start: Ipv4Addr::from(start),
+                    end: Ipv4Addr::from(end),
+                }),
+                MapVerdict::Jump(names::class_chain(class)),
+            );
+        }
+        self.ruleset.maps.insert(map.name.clone(), map);
+        for class in classes.ids() {
+            self.ruleset.add_chain(
+                Table::Filter,
+                Chain {
+                    name: names::class_chain(class),
+                    rules: vec![Rule::new(
+                        vec![],
+                        Target::SetMark {
+                            value: class,
+                            mask: MARK_CLASS_MASK,
+                        },
+                    )],
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// A peer's region, through the cache: a pod peer's addresses are the
+    /// iptables form's hash:ip set, under the same recipe.
+    fn cached_peer_region(&mut self, peer: &PeerRef<'_>) -> AddrSet {
+        let PeerRef::Pods(ns, pp) = peer else {
+            return self.peer_region(peer);
+        };
+        let index = &self.index;
+        let members = incremental::through(
+            &mut self.cache,
+            || {
+                let (namespace, peer) = (ns.to_string(), (*pp).clone());
+                let dep = Dependency::PodPeer {
+                    namespace: namespace.clone(),
+                    peer: peer.clone(),
+                };
+                (Recipe::PodPeer { namespace, peer }, vec![dep])
+            },
+            || index.pod_peer_members(ns, pp),
+        );
+        let mut out = AddrSet::default();
+        for m in members {
+            if let SetMember::Ip(ip) = m {
+                out.insert(u32::from(ip), u32::from(ip));
+            }
+        }
+        out
+    }
+
+    /// Every pod's (address, number) of a named port, through the cache (the
+    /// iptables form's hash:ip,port set, under the same recipe).
+    fn cached_named_ports(&mut self, name: &str, protocol: Protocol) -> Vec<(Ipv4Addr, u16)> {
+        let index = &self.index;
+        incremental::through(
+            &mut self.cache,
+            || {
+                let name = name.to_string();
+                let dep = Dependency::NamedPort {
+                    name: name.clone(),
+                    protocol,
+                };
+                (Recipe::NamedPort { name, protocol }, vec![dep])
+            },
+            || index.named_port_members(name, protocol),
+        )
+        .into_iter()
+        .filter_map(|m| match m {
+            SetMember::IpPort { ip, port, .. } => Some((ip, port)),
+            _ => None,
+        })
+        .collect()
     }
 }
 
@@ -1153,10 +1475,15 @@ mod tests {
             .iter()
             .flat_map(|r| &r.matches)
             .find_map(|m| match m {
-                Match::Tuple { set, .. } => Some(set.clone()),
+                Match::Tuple { set, .. } | Match::ClassTuple { set } => Some(set.clone()),
                 _ => None,
             })
             .unwrap()
+    }
+
+    /// The address form, which a node with more classes than ids falls back to.
+    fn compile_addresses(c: &Cluster) -> Ruleset {
+        compile_form(c, "n1", &Veths, None, 0).unwrap()
     }
 
     fn elements(rs: &Ruleset, set: &str) -> Vec<String> {
@@ -1168,7 +1495,8 @@ mod tests {
     }
 
     #[test]
-    fn one_pods_ingress_is_one_disjoint_tuple_set_and_named_ports_split_groups() {
+    fn in_the_address_form_one_pods_ingress_is_one_disjoint_tuple_set_and_named_ports_split_groups()
+    {
         let mut c = Cluster::default();
         c.add_pod(pod("a", "10.244.1.2", "n1", http(8080)));
         c.add_pod(pod("b", "10.244.1.3", "n1", http(8080)));
@@ -1188,7 +1516,10 @@ mod tests {
                 end: 8100,
             },
         ));
-        let rs = compile(&c, "n1", &Veths).unwrap();
+        let rs = compile_addresses(&c);
+        assert!(rs.sets.values().all(
+            |s| s.kind != SetKind::ClassIntervals && s.kind != SetKind::ClassProtoPortIntervals
+        ));
         let to_pod = &rs.maps[MAP_TO_POD];
         let group = |p: &str| to_pod.elements[&MapKeyValue::Iface(format!("slc{p}"))].clone();
         assert_eq!(group("a"), group("b"), "same policies, same named port");
@@ -1212,6 +1543,110 @@ mod tests {
                 "172.16.0.0-172.31.255.255 . tcp . 8000-8100",
                 "172.16.9.0-172.16.255.255 . tcp . 9090",
             ]
+        );
+    }
+
+    /// `name` in namespace prod allows `direction` to or from the pods labelled
+    /// app=`peer`, on TCP 80.
+    fn pods_policy(name: &str, direction: Direction, selected: &str, peer: &str) -> NetworkPolicy {
+        let rule = NpRule {
+            peers: Peers::Listed(vec![Peer::Pods(PodPeer {
+                namespaces: crate::model::NamespaceScope::PolicyNamespace,
+                pods: LabelSelector::from_labels([("app", peer)]),
+            })]),
+            ports: Ports::Listed(vec![PolicyPort {
+                protocol: Protocol::Tcp,
+                port: PortMatch::Numbers { start: 80, end: 80 },
+            }]),
+        };
+        let ingress = direction == Direction::Ingress;
+        NetworkPolicy {
+            namespace: "prod".into(),
+            name: name.into(),
+            pod_selector: LabelSelector::from_labels([("app", selected)]),
+            ingress: if ingress { vec![rule.clone()] } else { vec![] },
+            egress: if ingress { vec![] } else { vec![rule] },
+            policy_types: PolicyTypes {
+                ingress,
+                egress: !ingress,
+            },
+            log_allowed: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_group_set_holds_classes_and_a_new_peer_pod_is_one_class_map_element() {
+        let mut c = Cluster::default();
+        c.add_pod(pod("web", "10.244.1.2", "n1", vec![]));
+        for i in 0..50 {
+            let mut api = pod(
+                &format!("api{i}"),
+                &format!("10.244.2.{}", 2 * i),
+                "n2",
+                vec![],
+            );
+            api.labels = [("app".to_string(), "api".to_string())].into();
+            c.add_pod(api);
+        }
+        c.add_policy(pods_policy("web", Direction::Ingress, "web", "api"));
+        let rs = compile(&c, "n1", &Veths).unwrap();
+        let MapVerdict::Goto(chain) =
+            rs.maps[MAP_TO_POD].elements[&MapKeyValue::Iface("slcweb".into())].clone()
+        else {
+            panic!()
+        };
+        // Fifty peer addresses, one class: one element in the group's set.
+        let set = tuple_set_of(&rs, &chain);
+        assert_eq!(rs.sets[&set].kind, SetKind::ClassProtoPortIntervals);
+        assert_eq!(rs.sets[&set].members.len(), 1);
+        assert_eq!(rs.maps[MAP_CLASSES].elements.len(), 50);
+        let mut next = c.clone();
+        let mut api = pod("api50", "10.244.3.9", "n2", vec![]);
+        api.labels = [("app".to_string(), "api".to_string())].into();
+        next.add_pod(api);
+        let after = compile(&next, "n1", &Veths).unwrap();
+        assert_eq!(after.sets, rs.sets);
+        assert_eq!(after.tables, rs.tables);
+        let added: Vec<_> = after.maps[MAP_CLASSES]
+            .elements
+            .iter()
+            .filter(|(k, _)| !rs.maps[MAP_CLASSES].elements.contains_key(*k))
+            .collect();
+        assert_eq!(added.len(), 1, "{added:?}");
+        assert_eq!(after.maps[MAP_CLASSES].elements.len(), 51);
+    }
+
+    #[test]
+    fn the_class_an_egress_lookup_left_never_decides_the_ingress_of_a_source_in_no_class() {
+        // b may send to a (egress: a's address has a class); a admits only itself.
+        // b's address is in no class: a's ingress must see class 0, not a's class.
+        let mut c = Cluster::default();
+        c.add_pod(pod("a", "10.244.1.2", "n1", vec![]));
+        c.add_pod(pod("b", "10.244.1.3", "n1", vec![]));
+        c.add_policy(pods_policy("b-out", Direction::Egress, "b", "a"));
+        c.add_policy(pods_policy("a-in", Direction::Ingress, "a", "a"));
+        let rs = compile(&c, "n1", &Veths).unwrap();
+        let packet = |src: &str, dst: &str, in_iface: &str, out_iface: &str| Packet {
+            hook: Hook::Forward,
+            in_iface: Some(in_iface.into()),
+            out_iface: Some(out_iface.into()),
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            dport: 80,
+            ct: CtState::New,
+        };
+        let b_to_a = packet("10.244.1.3", "10.244.1.2", "slcb", "slca");
+        assert_eq!(
+            classify(&rs, Table::Filter, &b_to_a).unwrap().verdict,
+            Verdict::Drop
+        );
+        // Passed b's egress by the class of a's address: the mark held it.
+        let trace = classify(&rs, Table::Filter, &b_to_a).unwrap().trace;
+        assert!(
+            trace
+                .iter()
+                .any(|(chain, _)| chain.starts_with("SLUICE-C-"))
         );
     }
 

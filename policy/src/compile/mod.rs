@@ -73,6 +73,7 @@ use crate::dataplane::deny_log::{self, DenyReason, DenyTag};
 use crate::model::{Cluster, NetworkPolicy, Peer, Peers, Pod, PortMatch, Ports, Protocol, Tier};
 use crate::names::{self, Direction};
 
+pub mod classes;
 pub mod flat;
 pub mod incremental;
 pub mod intervals;

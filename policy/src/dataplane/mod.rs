@@ -38,6 +38,12 @@ pub const MARK_DECIDED: u32 = 0x20000;
 /// All mark bits sluice may use (allow and decided), disjoint from kube-proxy's
 /// 0x4000 (masquerade) and 0x8000 (drop).
 pub const MARK_MASK: u32 = 0x30000;
+/// nftables only: the mark bits holding a packet's peer address class while a group
+/// chain decides it ([`crate::compile::classes`]). Clear of [`MARK_MASK`], of
+/// kube-proxy's 0x4000 and 0x8000, and of Calico's default mark mask 0xffff0000.
+/// Cleared before every class lookup, so an address in no class is class 0 and a
+/// class left by an earlier lookup never decides.
+pub const MARK_CLASS_MASK: u32 = 0x3fff;
 
 /// The kernel dataplane a node's ruleset is built for and written with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -172,6 +178,17 @@ pub enum Match {
     /// ClusterNetworkPolicy rule a drop enforces; always matches. Part of the rule's
     /// text, so of its identity hash too; the nftables renderer leaves it out.
     Comment(String),
+    /// nftables only: `meta mark & MARK_CLASS_MASK . meta l4proto . th dport @set`
+    /// in a [`SetKind::ClassProtoPortIntervals`] set: the peer's address class (set
+    /// by a [`Target::AddrVmap`] lookup just before), protocol and port.
+    ClassTuple {
+        set: String,
+    },
+    /// nftables only: `meta mark & MARK_CLASS_MASK @set` in a
+    /// [`SetKind::ClassIntervals`] set.
+    ClassSet {
+        set: String,
+    },
 }
 
 /// What a rule does when it matches.
@@ -194,6 +211,12 @@ pub enum Target {
     /// [`MapKey`] says with what) and take the element's verdict; no element: the
     /// rule does not apply and the next rule is evaluated.
     Vmap(String),
+    /// nftables only: the same with a [`MapKey::Addr`] map, looked up by the
+    /// packet's source ([`SetDirection::Src`]) or destination address.
+    AddrVmap {
+        map: String,
+        direction: SetDirection,
+    },
     /// Non-terminal: emit a kernel log record (NFLOG / `log group`), rate-limited,
     /// and go on with the next rule. See [`deny_log`].
     Log(deny_log::LogSpec),
@@ -245,6 +268,11 @@ pub enum SetKind {
     /// nftables only: `type ipv4_addr . inet_proto . inet_service; flags interval` of
     /// [`SetMember::Tuple`]s, disjoint (the kernel refuses overlapping elements).
     AddrProtoPortIntervals,
+    /// nftables only: `type mark . inet_proto . inet_service; flags interval` of
+    /// [`SetMember::ClassTuple`]s, disjoint: address classes × protocol × ports.
+    ClassProtoPortIntervals,
+    /// nftables only: `type mark; flags interval` of [`SetMember::Classes`].
+    ClassIntervals,
 }
 
 /// One member of an ipset.
@@ -269,6 +297,27 @@ pub enum SetMember {
         protocol: Protocol,
         ports: PortRange,
     },
+    /// Address classes × protocol × inclusive port range (nftables class sets).
+    ClassTuple {
+        classes: ClassRange,
+        protocol: Protocol,
+        ports: PortRange,
+    },
+    /// An inclusive range of address classes.
+    Classes(ClassRange),
+}
+
+/// An inclusive range of address class ids ([`MARK_CLASS_MASK`] bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClassRange {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl ClassRange {
+    pub fn contains(&self, class: u32) -> bool {
+        self.start <= class && class <= self.end
+    }
 }
 
 /// An inclusive IPv4 address range.
@@ -306,6 +355,9 @@ pub enum MapKey {
     InIface,
     /// `iifname . ip saddr`: a pod's veth and one of its own addresses.
     InIfaceSource,
+    /// `ip saddr` or `ip daddr` (the [`Target::AddrVmap`] says which), keys
+    /// disjoint address ranges (`flags interval`).
+    Addr,
 }
 
 /// One key of a verdict map, matching its [`MapKey`].
@@ -313,6 +365,7 @@ pub enum MapKey {
 pub enum MapKeyValue {
     Iface(String),
     IfaceAddr(String, Ipv4Addr),
+    Range(AddrRange),
 }
 
 /// The verdict of a map element.
@@ -409,7 +462,10 @@ impl Ruleset {
         for set in self.sets.values() {
             if matches!(
                 set.kind,
-                SetKind::AddrIntervals | SetKind::AddrProtoPortIntervals
+                SetKind::AddrIntervals
+                    | SetKind::AddrProtoPortIntervals
+                    | SetKind::ClassProtoPortIntervals
+                    | SetKind::ClassIntervals
             ) {
                 return nft_only(format!("interval set {}", set.name));
             }
@@ -421,11 +477,13 @@ impl Ruleset {
             .flat_map(|c| c.rules.iter().map(move |r| (&c.name, r)))
             .chain(self.jumps.iter().map(|j| (&j.chain, &j.rule)));
         for (chain, rule) in rules {
-            let tuple = rule
-                .matches
-                .iter()
-                .any(|m| matches!(m, Match::Tuple { .. }));
-            if tuple || matches!(rule.target, Target::Vmap(_)) {
+            let tuple = rule.matches.iter().any(|m| {
+                matches!(
+                    m,
+                    Match::Tuple { .. } | Match::ClassTuple { .. } | Match::ClassSet { .. }
+                )
+            });
+            if tuple || matches!(rule.target, Target::Vmap(_) | Target::AddrVmap { .. }) {
                 return nft_only(format!("a rule of chain {chain}"));
             }
         }
@@ -490,9 +548,19 @@ impl Ruleset {
                 }
                 for rule in &chain.rules {
                     let lookup = match &rule.target {
-                        Target::Vmap(m) if !self.maps.contains_key(m) => Some(m),
+                        Target::Vmap(m) | Target::AddrVmap { map: m, .. }
+                            if !self.maps.contains_key(m) =>
+                        {
+                            Some(m)
+                        }
                         _ => rule.matches.iter().find_map(|m| match m {
-                            Match::Tuple { set, .. } if !self.sets.contains_key(set) => Some(set),
+                            Match::Tuple { set, .. }
+                            | Match::ClassTuple { set }
+                            | Match::ClassSet { set }
+                                if !self.sets.contains_key(set) =>
+                            {
+                                Some(set)
+                            }
                             _ => None,
                         }),
                     };

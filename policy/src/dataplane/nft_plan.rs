@@ -180,7 +180,11 @@ fn parse_set(keyword: &str, s: &Value) -> Result<NftSetState, NftParseError> {
     let joined = types.join(" . ");
     let decl = if keyword == "map" {
         let data = s.get("map").and_then(Value::as_str).unwrap_or("?");
-        format!("map type {joined} : {data};")
+        if interval {
+            format!("map type {joined} : {data}; flags interval;")
+        } else {
+            format!("map type {joined} : {data};")
+        }
     } else {
         format!("set {}", nft::set_decl(&joined, interval))
     };
@@ -258,6 +262,10 @@ fn component(ty: &str, v: &Value) -> Result<String, NftParseError> {
             _ => Err(bad()),
         },
         "ifname" => v.as_str().map(nft::iface_text).ok_or_else(bad),
+        "mark" => {
+            let (a, b) = mark_bounds(v).ok_or_else(bad)?;
+            Ok(nft::class_text(a, b))
+        }
         _ => Err(bad()),
     }
 }
@@ -285,6 +293,23 @@ fn addr_bounds(v: &Value) -> Option<(u32, u32)> {
     }
     let r = v.get("range")?.as_array()?;
     Some((addr(r.first()?)?, addr(r.get(1)?)?))
+}
+
+/// A mark, mark prefix (`0x00000000/18`, listed as `{"prefix": {"addr": 0, "len":
+/// 18}}`) or mark range as inclusive bounds.
+fn mark_bounds(v: &Value) -> Option<(u32, u32)> {
+    let mark = |v: &Value| v.as_u64().and_then(|m| u32::try_from(m).ok());
+    if let Some(m) = mark(v) {
+        return Some((m, m));
+    }
+    if let Some(p) = v.get("prefix") {
+        let a = mark(p.get("addr")?)?;
+        let len = u8::try_from(p.get("len")?.as_u64()?).ok()?;
+        let net = ipnet::Ipv4Net::new(Ipv4Addr::from(a), len).ok()?;
+        return Some(crate::compile::intervals::net_bounds(net));
+    }
+    let r = v.get("range")?.as_array()?;
+    Some((mark(r.first()?)?, mark(r.get(1)?)?))
 }
 
 fn verdict(v: &Value) -> Result<String, NftParseError> {

@@ -23,7 +23,10 @@ pub fn kind_text(kind: SetKind) -> &'static str {
         SetKind::HashIp => "hash:ip",
         SetKind::HashNet => "hash:net",
         SetKind::HashIpPort => "hash:ip,port",
-        SetKind::AddrIntervals | SetKind::AddrProtoPortIntervals => unreachable!(
+        SetKind::AddrIntervals
+        | SetKind::AddrProtoPortIntervals
+        | SetKind::ClassProtoPortIntervals
+        | SetKind::ClassIntervals => unreachable!(
             "interval sets are nftables-only; the iptables planner refuses such a model \
              (Ruleset::check_iptables)"
         ),
@@ -58,7 +61,10 @@ pub fn member_text(member: &SetMember) -> String {
             };
             format!("{ip},{p}:{port}")
         }
-        SetMember::Range(_) | SetMember::Tuple { .. } => unreachable!(
+        SetMember::Range(_)
+        | SetMember::Tuple { .. }
+        | SetMember::ClassTuple { .. }
+        | SetMember::Classes(_) => unreachable!(
             "interval members are nftables-only; the iptables planner refuses such a \
              model (Ruleset::check_iptables)"
         ),
@@ -134,7 +140,10 @@ pub fn parse_member(kind: SetKind, text: &str) -> Option<SetMember> {
             })
         }
         // ipset has no such type: nothing it prints is one of these.
-        SetKind::AddrIntervals | SetKind::AddrProtoPortIntervals => None,
+        SetKind::AddrIntervals
+        | SetKind::AddrProtoPortIntervals
+        | SetKind::ClassProtoPortIntervals
+        | SetKind::ClassIntervals => None,
     }
 }
 

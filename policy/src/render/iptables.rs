@@ -111,10 +111,12 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
                 // Quoted as iptables-save prints it (always, for text with a `/`).
                 rest.push(format!("-m comment --comment \"{text}\""));
             }
-            Match::Tuple { .. } => unreachable!(
-                "tuple lookups are nftables-only; the iptables planner refuses such a \
+            Match::Tuple { .. } | Match::ClassTuple { .. } | Match::ClassSet { .. } => {
+                unreachable!(
+                    "tuple lookups are nftables-only; the iptables planner refuses such a \
                  model (Ruleset::check_iptables) and its compiler never makes one"
-            ),
+                )
+            }
         }
     }
     rest.push(match &rule.target {
@@ -132,7 +134,7 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
             prefix = spec.prefix,
             group = spec.group,
         ),
-        Target::Vmap(_) => unreachable!(
+        Target::Vmap(_) | Target::AddrVmap { .. } => unreachable!(
             "verdict maps are nftables-only; the iptables planner refuses such a model \
              (Ruleset::check_iptables) and its compiler never makes one"
         ),

@@ -19,8 +19,11 @@
 //!   and [`SetKind::AddrProtoPortIntervals`] an `ipv4_addr . inet_proto .
 //!   inet_service` interval set; [`SetKind::AddrIntervals`] an `ipv4_addr` interval
 //!   set;
+//!   [`SetKind::ClassProtoPortIntervals`] a `mark . inet_proto . inet_service`
+//!   interval set and [`SetKind::ClassIntervals`] a `mark` interval set (address
+//!   classes in [`crate::dataplane::MARK_CLASS_MASK`]);
 //! - verdict maps become `map`s (`type ifname : verdict`, `type ifname . ipv4_addr :
-//!   verdict`).
+//!   verdict`, `type ipv4_addr : verdict; flags interval` for the address class map).
 //!
 //! Every rule carries `comment "sluice:<hash>"`, the same identity scheme as the
 //! iptables renderer's ([`iptables::rule_hash`]: chain, previous hash, rule text),
@@ -39,8 +42,8 @@ use super::super::dataplane::Ruleset;
 use super::iptables;
 use crate::compile::intervals::Painter;
 use crate::dataplane::{
-    BuiltinJump, Chain, CtState, Interface, IpSet, MapKey, MapKeyValue, MapVerdict, Match, Rule,
-    SetDirection, SetKind, SetMember, Table, Target, VerdictMap,
+    BuiltinJump, Chain, CtState, Interface, IpSet, MARK_CLASS_MASK, MapKey, MapKeyValue,
+    MapVerdict, Match, Rule, SetDirection, SetKind, SetMember, Table, Target, VerdictMap,
 };
 use crate::model::Protocol;
 
@@ -98,7 +101,7 @@ pub fn probe_script() -> String {
 
 /// A small model with one of everything the renderer can emit.
 pub(crate) fn probe_ruleset() -> Ruleset {
-    use crate::dataplane::{AddrRange, PortRange};
+    use crate::dataplane::{AddrRange, ClassRange, PortRange};
     let ip = |s: &str| s.parse::<Ipv4Addr>().expect("literal address");
     let mut rs = Ruleset::default();
     let set = |name: &str, kind, members: Vec<SetMember>| IpSet {
@@ -126,6 +129,20 @@ pub(crate) fn probe_ruleset() -> Ruleset {
                 start: ip("10.0.0.0"),
                 end: ip("10.0.0.9"),
             })],
+        ),
+        set(
+            "SLUICE-CT",
+            SetKind::ClassProtoPortIntervals,
+            vec![SetMember::ClassTuple {
+                classes: ClassRange { start: 0, end: 7 },
+                protocol: Protocol::Tcp,
+                ports: PortRange { start: 80, end: 90 },
+            }],
+        ),
+        set(
+            "SLUICE-CA",
+            SetKind::ClassIntervals,
+            vec![SetMember::Classes(ClassRange { start: 3, end: 3 })],
         ),
         set(
             "SLUICE-I",
@@ -180,6 +197,17 @@ pub(crate) fn probe_ruleset() -> Ruleset {
             ],
         ),
         map(
+            "SLUICE-MC",
+            MapKey::Addr,
+            vec![(
+                MapKeyValue::Range(AddrRange {
+                    start: ip("10.0.0.0"),
+                    end: ip("10.0.0.9"),
+                }),
+                MapVerdict::Jump("SLUICE-C".into()),
+            )],
+        ),
+        map(
             "SLUICE-MI",
             MapKey::InIface,
             vec![(MapKeyValue::Iface("slc0".into()), MapVerdict::Drop)],
@@ -198,8 +226,47 @@ pub(crate) fn probe_ruleset() -> Ruleset {
     rs.add_chain(
         Table::Filter,
         chain(
+            "SLUICE-C",
+            vec![Rule::new(
+                vec![],
+                Target::SetMark {
+                    value: 3,
+                    mask: MARK_CLASS_MASK,
+                },
+            )],
+        ),
+    );
+    rs.add_chain(
+        Table::Filter,
+        chain(
             group,
             vec![
+                Rule::new(
+                    vec![],
+                    Target::SetMark {
+                        value: 0,
+                        mask: MARK_CLASS_MASK,
+                    },
+                ),
+                Rule::new(
+                    vec![],
+                    Target::AddrVmap {
+                        map: "SLUICE-MC".into(),
+                        direction: SetDirection::Dst,
+                    },
+                ),
+                Rule::new(
+                    vec![Match::ClassTuple {
+                        set: "SLUICE-CT".into(),
+                    }],
+                    Target::Return,
+                ),
+                Rule::new(
+                    vec![Match::ClassSet {
+                        set: "SLUICE-CA".into(),
+                    }],
+                    Target::Return,
+                ),
                 Rule::new(
                     vec![Match::Tuple {
                         set: "SLUICE-T".into(),
@@ -457,6 +524,8 @@ pub fn sets(ruleset: &Ruleset) -> BTreeMap<String, NftSet> {
 }
 
 pub const TUPLE_TYPE: &str = "ipv4_addr . inet_proto . inet_service";
+/// The type of a class tuple set: address class (mark bits), protocol, port.
+pub const CLASS_TUPLE_TYPE: &str = "mark . inet_proto . inet_service";
 
 /// The set declaration for a type list and its interval flag.
 pub fn set_decl(types: &str, interval: bool) -> String {
@@ -473,6 +542,8 @@ pub fn set_decl_of(kind: SetKind) -> String {
         SetKind::HashIp => set_decl("ipv4_addr", false),
         SetKind::HashNet | SetKind::AddrIntervals => set_decl("ipv4_addr", true),
         SetKind::HashIpPort | SetKind::AddrProtoPortIntervals => set_decl(TUPLE_TYPE, true),
+        SetKind::ClassProtoPortIntervals => set_decl(CLASS_TUPLE_TYPE, true),
+        SetKind::ClassIntervals => set_decl("mark", true),
     }
 }
 
@@ -516,6 +587,20 @@ pub fn element_text(kind: SetKind, member: &SetMember) -> Option<String> {
             ports.start,
             ports.end,
         )),
+        (
+            SetKind::ClassProtoPortIntervals,
+            SetMember::ClassTuple {
+                classes,
+                protocol,
+                ports,
+            },
+        ) => Some(format!(
+            "{} . {} . {}",
+            class_text(classes.start, classes.end),
+            proto_text(*protocol),
+            port_text(ports.start, ports.end)
+        )),
+        (SetKind::ClassIntervals, SetMember::Classes(c)) => Some(class_text(c.start, c.end)),
         _ => None,
     }
 }
@@ -614,12 +699,16 @@ fn map_key_type(key: MapKey) -> &'static str {
     match key {
         MapKey::OutIface | MapKey::InIface => "ifname",
         MapKey::InIfaceSource => "ifname . ipv4_addr",
+        MapKey::Addr => "ipv4_addr",
     }
 }
 
 /// The declaration of a verdict map keyed by `key` in nft.
 pub fn map_decl_of(key: MapKey) -> String {
-    format!("type {} : verdict;", map_key_type(key))
+    match key {
+        MapKey::Addr => format!("type {} : verdict; flags interval;", map_key_type(key)),
+        _ => format!("type {} : verdict;", map_key_type(key)),
+    }
 }
 
 /// A verdict map element as written and read back: `key : verdict`.
@@ -647,6 +736,15 @@ pub fn addr_text(start: u32, end: u32) -> String {
         Ipv4Addr::from(start).to_string()
     } else {
         format!("{}-{}", Ipv4Addr::from(start), Ipv4Addr::from(end))
+    }
+}
+
+/// A range of address classes as written and as read back: `a` or `a-b`, decimal.
+pub fn class_text(start: u32, end: u32) -> String {
+    if start == end {
+        start.to_string()
+    } else {
+        format!("{start}-{end}")
     }
 }
 
@@ -684,6 +782,7 @@ pub fn map_key_text(k: &MapKeyValue) -> String {
     match k {
         MapKeyValue::Iface(i) => iface_text(i),
         MapKeyValue::IfaceAddr(i, a) => format!("{} . {a}", iface_text(i)),
+        MapKeyValue::Range(r) => addr_text(u32::from(r.start), u32::from(r.end)),
     }
 }
 
@@ -765,6 +864,10 @@ pub fn rule_text(ruleset: &Ruleset, rule: &Rule) -> String {
                 format!("ct state {}", list.join(","))
             }
             Match::Mark { value, mask } => format!("meta mark & {mask:#x} == {value:#x}"),
+            Match::ClassTuple { set } => {
+                format!("meta mark & {MARK_CLASS_MASK:#x} . meta l4proto . th dport @{set}")
+            }
+            Match::ClassSet { set } => format!("meta mark & {MARK_CLASS_MASK:#x} @{set}"),
             // The flat form never writes one; a rule's nft comment is its identity.
             Match::Comment(_) => continue,
         });
@@ -797,11 +900,14 @@ pub fn rule_text(ruleset: &Ruleset, rule: &Rule) -> String {
                 Some(MapKey::OutIface) => "oifname",
                 Some(MapKey::InIface) => "iifname",
                 Some(MapKey::InIfaceSource) => "iifname . ip saddr",
+                // Looked up with Target::AddrVmap, which says by which address.
+                Some(MapKey::Addr) => "ip saddr",
                 // validate() refuses this before any render that reaches the kernel.
                 None => "oifname",
             };
             format!("{key} vmap @{name}")
         }
+        Target::AddrVmap { map, direction } => format!("{} vmap @{map}", addr_field(*direction)),
     });
     parts.join(" ")
 }
