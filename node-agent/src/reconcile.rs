@@ -13,7 +13,7 @@ use sluice_policy::compile::CompileError;
 use sluice_policy::compile::incremental::SetCache;
 use sluice_policy::dataplane::Ruleset;
 use sluice_policy::dataplane::node::node_ruleset_with;
-use sluice_policy::{NamespacedName, Pod};
+use sluice_policy::NamespacedName;
 
 use crate::datastore::Snapshot;
 
@@ -179,7 +179,7 @@ fn desired_with(
         .filter(|p| {
             !p.host_network && p.node.as_deref() == Some(&settings.node) && !p.ips.is_empty()
         })
-        .map(Pod::key)
+        .map(|p| p.key())
         .collect();
     Ok(out)
 }
