@@ -130,7 +130,11 @@ pub(crate) struct Selected<'c> {
 impl<'c> Selected<'c> {
     fn compute(cluster: &'c Cluster, pod: &Pod) -> Self {
         Selected {
-            policies: cluster.policies.values().filter(|p| p.selects(pod)).collect(),
+            policies: cluster
+                .policies
+                .values()
+                .filter(|p| p.selects(pod))
+                .collect(),
             admin: cluster.cluster_policies_selecting(Tier::Admin, pod),
             baseline: cluster.cluster_policies_selecting(Tier::Baseline, pod),
         }
@@ -150,7 +154,10 @@ impl<'c> Selected<'c> {
     /// leaves; then the caller computes afresh.
     fn resolve(cluster: &'c Cluster, keys: &SelectedKeys) -> Option<Self> {
         let cnps = |names: &[String]| -> Option<Vec<&'c ClusterNetworkPolicy>> {
-            names.iter().map(|n| cluster.cluster_policies.get(n)).collect()
+            names
+                .iter()
+                .map(|n| cluster.cluster_policies.get(n))
+                .collect()
         };
         Some(Selected {
             policies: keys

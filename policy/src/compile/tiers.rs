@@ -45,8 +45,8 @@
 
 use std::collections::BTreeSet;
 
-use super::members::ip_block_members;
 use super::incremental::Selected;
+use super::members::ip_block_members;
 use super::{Compiler, jump_rule, port_spec_matches};
 use crate::dataplane::deny_log::{self, DenyReason, DenyTag};
 use crate::dataplane::{
@@ -238,7 +238,9 @@ mod tests {
     use crate::classify::{Hook, Packet, Verdict, classify};
     use crate::compile::compile;
     use crate::dataplane::{CtState, InterfaceNames, Ruleset};
-    use crate::model::{Cluster, ClusterPeer, Pod, PolicyPort, PortMatch, Ports, Protocol, Subject};
+    use crate::model::{
+        Cluster, ClusterPeer, Pod, PolicyPort, PortMatch, Ports, Protocol, Subject,
+    };
     use crate::selector::LabelSelector;
 
     struct Veths;
