@@ -415,10 +415,13 @@ fn incremental(
     let mut sources: Sources<usize> = Sources::default();
     sources.replace(0, convert_source(&raw(objs)).parsed);
     let base = snapshot(objs);
+    // As the directory datastore publishes: the cluster copied, the rest its own.
     let snap = |cluster: Cluster| {
         Arc::new(Snapshot {
             cluster,
-            ..base.clone()
+            blocks: base.blocks.clone(),
+            annotations: base.annotations.clone(),
+            reported: Default::default(),
         })
     };
     let mut compiler = reconcile::Compiler::default();

@@ -9,11 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
+use sluice_policy::NamespacedName;
 use sluice_policy::compile::CompileError;
 use sluice_policy::compile::incremental::SetCache;
 use sluice_policy::dataplane::Ruleset;
 use sluice_policy::dataplane::node::node_ruleset_with;
-use sluice_policy::{NamespacedName, Pod};
 
 use crate::datastore::Snapshot;
 
@@ -179,7 +179,7 @@ fn desired_with(
         .filter(|p| {
             !p.host_network && p.node.as_deref() == Some(&settings.node) && !p.ips.is_empty()
         })
-        .map(Pod::key)
+        .map(|p| p.key())
         .collect();
     Ok(out)
 }

@@ -206,7 +206,7 @@ fn render_all(rs: &Ruleset) -> (String, String) {
 /// `c` with pod `key`'s `app` label moved to the next value.
 fn relabel(c: &Cluster, key: &NamespacedName) -> Cluster {
     let mut c = c.clone();
-    let pod = c.pods.get_mut(key).expect("pod");
+    let pod = c.pod_mut(key).expect("pod");
     let app = pod.labels["app"]
         .trim_start_matches('a')
         .parse::<u32>()
@@ -409,7 +409,7 @@ fn stress_nft() {
     );
     // One more local pod, as a new pod's sync would plan it.
     let mut more = c.clone();
-    let mut pod = c.pods.values().next().unwrap().clone();
+    let mut pod = Pod::clone(c.pods.values().next().unwrap());
     pod.name = "pod-new".into();
     pod.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2))];
     more.add_pod(pod);

@@ -481,7 +481,7 @@ fn resolve(
 
 fn pod_of<'a>(cluster: &'a Cluster, r: &Resolved) -> Option<&'a Pod> {
     match r {
-        Resolved::Pod { pod, .. } => cluster.pods.get(pod),
+        Resolved::Pod { pod, .. } => cluster.pods.get(pod).map(|p| &**p),
         _ => None,
     }
 }

@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -424,7 +425,11 @@ impl NetworkPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cluster {
     pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<NamespacedName, Pod>,
+    /// Behind `Arc`, so that copying a cluster of 10,000 pods (each snapshot a
+    /// datastore publishes) copies pointers, not pods, and comparing two copies
+    /// skips the pods they share (`Arc` equality of `Eq` values checks the pointer
+    /// first). Change one through [`Cluster::pod_mut`].
+    pub pods: BTreeMap<NamespacedName, Arc<Pod>>,
     pub nodes: BTreeMap<String, Node>,
     pub policies: BTreeMap<NamespacedName, NetworkPolicy>,
     /// Policies that could not be expressed, with the reason. The pods they select
@@ -506,7 +511,12 @@ impl Cluster {
         self.namespaces.insert(ns.name.clone(), ns);
     }
     pub fn add_pod(&mut self, pod: Pod) {
-        self.pods.insert(pod.key(), pod);
+        self.pods.insert(pod.key(), Arc::new(pod));
+    }
+    /// The pod of `key` to change in place: copied first when another cluster
+    /// (an earlier snapshot) shares it.
+    pub fn pod_mut(&mut self, key: &NamespacedName) -> Option<&mut Pod> {
+        self.pods.get_mut(key).map(Arc::make_mut)
     }
     pub fn add_node(&mut self, node: Node) {
         self.nodes.insert(node.name.clone(), node);
@@ -567,7 +577,7 @@ impl Cluster {
     pub fn cluster_policies_selecting<'a>(
         &'a self,
         tier: Tier,
-        pod: &'a Pod,
+        pod: &Pod,
     ) -> Vec<&'a ClusterNetworkPolicy> {
         let mut out: Vec<&ClusterNetworkPolicy> = self
             .cluster_policies
@@ -621,6 +631,7 @@ impl Cluster {
         self.pods
             .values()
             .find(|p| !p.host_network && p.ips.contains(&ip))
+            .map(|p| &**p)
     }
 
     /// The node owning `ip` as one of its addresses, if any.

@@ -1,7 +1,7 @@
 //! An incremental compile ([`sluice_policy::compile::incremental`]) equals the full
 //! compile exactly, on both compiled forms, after any sequence of pod adds, deletes,
-//! relabels, address and port changes, policy and ClusterNetworkPolicy adds and
-//! removals, rejected policies and namespace relabels.
+//! relabels, address and port changes, policy and ClusterNetworkPolicy adds,
+//! rewrites and removals, rejected policies and namespace relabels.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -34,9 +34,14 @@ enum Op {
     Reports(usize, Vec<ContainerPort>),
     Move(usize, usize),
     AddPolicy(NetworkPolicy),
+    /// A policy's spec rewritten under its own key: what the per-pod memo of
+    /// selecting policies must notice without any pod changing.
+    ChangePolicy(usize, NetworkPolicy),
     DeletePolicy(usize),
     RejectPolicy(usize),
     AddClusterPolicy(ClusterNetworkPolicy),
+    ChangeClusterPolicy(usize, ClusterNetworkPolicy),
+    DeleteClusterPolicy(usize),
     RelabelNamespace(usize, Labels),
 }
 
@@ -50,9 +55,12 @@ fn arb_op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), arb_container_ports()).prop_map(|(i, p)| Op::Reports(i, p)),
         1 => (any::<usize>(), 0..NODES.len()).prop_map(|(i, n)| Op::Move(i, n)),
         1 => (5..9usize).prop_flat_map(arb_policy).prop_map(Op::AddPolicy),
+        1 => (any::<usize>(), (5..9usize).prop_flat_map(arb_policy)).prop_map(|(i, p)| Op::ChangePolicy(i, p)),
         1 => any::<usize>().prop_map(Op::DeletePolicy),
         1 => any::<usize>().prop_map(Op::RejectPolicy),
         1 => (5..7usize).prop_flat_map(arb_cluster_policy).prop_map(Op::AddClusterPolicy),
+        1 => (any::<usize>(), (5..7usize).prop_flat_map(arb_cluster_policy)).prop_map(|(i, p)| Op::ChangeClusterPolicy(i, p)),
+        1 => any::<usize>().prop_map(Op::DeleteClusterPolicy),
         1 => (0..NAMESPACES.len(), arb_ns_labels()).prop_map(|(i, l)| Op::RelabelNamespace(i, l)),
     ]
 }
@@ -102,12 +110,12 @@ fn apply(c: &mut Cluster, op: Op, serial: usize) {
         }
         Op::Relabel(i, labels) => {
             if let Some(k) = pod_key(c, i) {
-                c.pods.get_mut(&k).unwrap().labels = labels;
+                c.pod_mut(&k).unwrap().labels = labels;
             }
         }
         Op::Readdress(i, ip) => {
             if let Some(k) = pod_key(c, i) {
-                let p = c.pods.get_mut(&k).unwrap();
+                let p = c.pod_mut(&k).unwrap();
                 if !p.host_network {
                     p.ips = vec![addr(serial % NODES.len(), ip)];
                 }
@@ -115,17 +123,23 @@ fn apply(c: &mut Cluster, op: Op, serial: usize) {
         }
         Op::Reports(i, ports) => {
             if let Some(k) = pod_key(c, i) {
-                c.pods.get_mut(&k).unwrap().ports = ports;
+                c.pod_mut(&k).unwrap().ports = ports;
             }
         }
         Op::Move(i, node) => {
             if let Some(k) = pod_key(c, i) {
-                c.pods.get_mut(&k).unwrap().node = Some(NODES[node].0.to_string());
+                c.pod_mut(&k).unwrap().node = Some(NODES[node].0.to_string());
             }
         }
         Op::AddPolicy(mut p) => {
             p.name = format!("np{serial}");
             c.add_policy(p);
+        }
+        Op::ChangePolicy(i, mut p) => {
+            if let Some(k) = nth_key(&c.policies, i) {
+                (p.namespace, p.name) = (k.namespace, k.name);
+                c.add_policy(p);
+            }
         }
         Op::DeletePolicy(i) => {
             if let Some(k) = nth_key(&c.policies, i) {
@@ -142,6 +156,17 @@ fn apply(c: &mut Cluster, op: Op, serial: usize) {
         Op::AddClusterPolicy(mut p) => {
             p.name = format!("cnp{serial}");
             c.add_cluster_policy(p);
+        }
+        Op::ChangeClusterPolicy(i, mut p) => {
+            if let Some(name) = nth_key(&c.cluster_policies, i) {
+                p.name = name;
+                c.add_cluster_policy(p);
+            }
+        }
+        Op::DeleteClusterPolicy(i) => {
+            if let Some(name) = nth_key(&c.cluster_policies, i) {
+                c.cluster_policies.remove(&name);
+            }
         }
         Op::RelabelNamespace(i, labels) => {
             c.add_namespace(Namespace {

@@ -127,8 +127,7 @@ fn changed_cluster() -> Cluster {
     let mut c = feature_cluster();
     // A label change (set members only), a new policy (new chain, new set), a removed
     // policy (chain deleted, set destroyed) and a new local pod (dispatch rewrite).
-    c.pods
-        .get_mut(&NamespacedName::new("db", "cache"))
+    c.pod_mut(&NamespacedName::new("db", "cache"))
         .unwrap()
         .labels = labels(&[("app", "pg")]);
     c.policies.remove(&NamespacedName::new("web", "front-in"));

@@ -153,8 +153,7 @@ fn pods_labels_and_peers_are_element_changes_and_every_plan_lands_exactly() {
 
         // A label change that makes a local pod a peer (cache joins pg, its
         // neighbouring address): a merged interval replaces its part, elements only.
-        c.pods
-            .get_mut(&NamespacedName::new("db", "cache"))
+        c.pod_mut(&NamespacedName::new("db", "cache"))
             .unwrap()
             .labels = labels(&[("app", "pg")]);
         let p = sync(&desired(&c));

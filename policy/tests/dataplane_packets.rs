@@ -479,6 +479,7 @@ fn scenario_on_node(
         .pods
         .values()
         .filter(|p| !p.host_network && p.ips.iter().any(|ip| ip.is_ipv4()))
+        .map(|p| &**p)
         .collect();
     let local: Vec<(&Pod, Pod_)> = pods
         .iter()

@@ -267,8 +267,7 @@ fn a_label_change_moves_set_members_and_touches_no_chain() {
     let old = feature_cluster();
     let mut new = old.clone();
     // cache becomes app=pg: it enters the db/app=pg peer set, nothing else changes.
-    new.pods
-        .get_mut(&NamespacedName::new("db", "cache"))
+    new.pod_mut(&NamespacedName::new("db", "cache"))
         .unwrap()
         .labels = labels(&[("app", "pg")]);
     let (a, b) = (compile_node(&old, "node-1"), compile_node(&new, "node-1"));
@@ -351,7 +350,7 @@ fn scrambled(c: &Cluster) -> Cluster {
         out.add_node(n.clone());
     }
     for p in c.pods.values().rev() {
-        out.add_pod(p.clone());
+        out.add_pod(Pod::clone(p));
     }
     for p in c.policies.values().rev() {
         let mut p = p.clone();

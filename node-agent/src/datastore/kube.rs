@@ -12,7 +12,8 @@
 //! its own, only when the object does not already say it (`docs/cluster-network-policy.md`).
 //!
 //! Every object is serialized to JSON and converted by [`super::objects`], the same
-//! path the directory datastore takes.
+//! path the directory datastore takes; only when its `resourceVersion` changed
+//! ([`Converted`]), so one new pod is not 10,000 pods converted again.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,7 +31,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use sluice_ipam::blocks::Pool;
 use sluice_ipam::store::BlockStore;
-use sluice_policy::RawObject;
+use sluice_node_files::local_api::AddressAnnotations;
+use sluice_policy::sources::Sources;
+use sluice_policy::{NamespacedName, RawObject};
 use tokio::sync::Notify;
 
 use super::block_lifecycle::{
@@ -41,7 +44,9 @@ use crate::metrics::Metrics;
 use super::cluster_network_policy::{
     ClusterNetworkPolicy, FIELD_MANAGER, condition_update, desired_condition,
 };
+#[cfg(test)]
 use super::objects::convert;
+use super::objects::convert_source;
 use super::{Datastore, DatastoreError, DatastoreHealth, Snapshot, SnapshotSender};
 
 /// How often the block list is re-read even without an IPAMBlock event (a safety net:
@@ -317,6 +322,79 @@ fn to_json<K: Serialize + Resource<DynamicType = ()>>(objs: &[Arc<K>]) -> Vec<Ra
         .collect()
 }
 
+/// An API object's identity: kind, namespace (empty when cluster-scoped), name.
+type ObjectKey = (&'static str, String, String);
+
+/// The API's objects converted one at a time ([`Sources`], one source per object),
+/// each again only when its `resourceVersion` changes: the cluster they make is
+/// the one [`super::objects::convert`] makes of all of them (an object touches only
+/// its own key).
+#[derive(Default)]
+struct Converted {
+    sources: Sources<ObjectKey>,
+    /// Each object's `resourceVersion` when it was converted (`None`: always again).
+    versions: BTreeMap<ObjectKey, Option<String>>,
+    annotations: BTreeMap<ObjectKey, BTreeMap<NamespacedName, AddressAnnotations>>,
+}
+
+impl Converted {
+    /// Converts the objects of one kind that are new or changed; adds every object's
+    /// key to `seen`.
+    fn update<K>(&mut self, objs: &[Arc<K>], seen: &mut std::collections::BTreeSet<ObjectKey>)
+    where
+        K: Serialize + Resource<DynamicType = ()>,
+    {
+        let kind = kind_name::<K>();
+        for o in objs {
+            let key: ObjectKey = (kind, o.namespace().unwrap_or_default(), o.name_any());
+            let version = o.meta().resource_version.clone();
+            seen.insert(key.clone());
+            if version.is_some() && self.versions.get(&key) == Some(&version) {
+                continue;
+            }
+            let conv = convert_source(&to_json(std::slice::from_ref(o)));
+            for s in &conv.skipped {
+                tracing::warn!(object = %s, "API object skipped");
+            }
+            for a in &conv.ignored_annotations {
+                tracing::warn!("{a}");
+            }
+            for r in &conv.rejected {
+                tracing::error!(object = %r, "policy rejected; the pods it selects are held fail-closed");
+            }
+            self.sources.replace(key.clone(), conv.parsed);
+            self.annotations.insert(key.clone(), conv.annotations);
+            self.versions.insert(key, version);
+        }
+    }
+
+    /// Forgets the objects not `seen` (deleted).
+    fn retain(&mut self, seen: &std::collections::BTreeSet<ObjectKey>) {
+        let gone: Vec<ObjectKey> = self
+            .versions
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.sources.remove(&k);
+            self.annotations.remove(&k);
+            self.versions.remove(&k);
+        }
+    }
+
+    fn cluster(&self) -> &sluice_policy::Cluster {
+        self.sources.cluster()
+    }
+
+    fn annotations(&self) -> BTreeMap<NamespacedName, AddressAnnotations> {
+        self.annotations
+            .values()
+            .flat_map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .collect()
+    }
+}
+
 /// The ClusterNetworkPolicies as the status writer sees them.
 type PolicyList = Vec<Arc<ClusterNetworkPolicy>>;
 
@@ -480,6 +558,7 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
         spawn_status_writer(Api::all(self.client.clone()), status_rx);
 
         let mut last: Option<Arc<Snapshot>> = None;
+        let mut converted = Converted::default();
         let mut blocks = BTreeMap::new();
         let mut own: Vec<Ipv4Net> = Vec::new();
         let mut orphans = OrphanTracker::default();
@@ -552,28 +631,21 @@ impl<S: BlockStore + Send + Sync + 'static> Datastore for KubeDatastore<S> {
             }
             // Until our block is known there is nothing sensible to program.
             if blocks.values().any(|n| *n == self.node) {
-                let mut objects = to_json(&nodes.state());
-                objects.extend(to_json(&namespaces.state()));
-                objects.extend(to_json(&pods.state()));
-                objects.extend(to_json(&policies.state()));
-                objects.extend(to_json(&cluster_policies.state()));
-                let conv = convert(&objects);
+                let mut seen = std::collections::BTreeSet::new();
+                converted.update(&nodes.state(), &mut seen);
+                converted.update(&namespaces.state(), &mut seen);
+                converted.update(&pods.state(), &mut seen);
+                converted.update(&policies.state(), &mut seen);
+                converted.update(&cluster_policies.state(), &mut seen);
+                converted.retain(&seen);
                 let snap = Snapshot {
-                    cluster: conv.cluster,
+                    // A cheap copy: pods are shared with the converted cluster.
+                    cluster: converted.cluster().clone(),
                     blocks: blocks.clone(),
-                    annotations: conv.annotations.clone(),
+                    annotations: converted.annotations(),
                     reported: Default::default(),
                 };
                 if last.as_deref() != Some(&snap) {
-                    for s in &conv.skipped {
-                        tracing::warn!(object = %s, "API object skipped");
-                    }
-                    for a in &conv.ignored_annotations {
-                        tracing::warn!("{a}");
-                    }
-                    for r in &conv.rejected {
-                        tracing::error!(object = %r, "policy rejected; the pods it selects are held fail-closed");
-                    }
                     let snap = Arc::new(snap);
                     last = Some(snap.clone());
                     if out.send(Some(snap)).is_err() {
@@ -655,5 +727,43 @@ spec: {podSelector: {matchLabels: {app: web}}, ingress: [{ports: [{port: http}]}
         assert_eq!(c.namespaces["prod"].log_allowed, ingress);
         assert_eq!(c.policies.values().next().unwrap().log_allowed, ingress);
         assert_eq!(c.cluster_policies["c"].log_allowed, ingress);
+    }
+
+    #[test]
+    fn objects_are_converted_again_only_when_their_version_changes() {
+        let versioned = |yaml: &str, v: &str| {
+            let mut o: serde_json::Value = serde_yaml_ng::from_str(yaml).unwrap();
+            o["metadata"]["resourceVersion"] = v.into();
+            o
+        };
+        let pod = |v: &str, app: &str| -> Pod {
+            let mut p: Pod = serde_json::from_value(versioned(POD, v)).unwrap();
+            p.labels_mut().insert("app".into(), app.into());
+            p
+        };
+        let policy: NetworkPolicy = serde_json::from_value(versioned(POLICY, "1")).unwrap();
+        let key = NamespacedName::new("prod", "web");
+        let mut c = Converted::default();
+        let sync = |c: &mut Converted, pods: &[Pod]| {
+            let mut seen = std::collections::BTreeSet::new();
+            let pods: Vec<Arc<Pod>> = pods.iter().cloned().map(Arc::new).collect();
+            c.update(&pods, &mut seen);
+            c.update(&[Arc::new(policy.clone())], &mut seen);
+            c.retain(&seen);
+        };
+
+        sync(&mut c, &[pod("1", "web")]);
+        let mut all = to_json(&[Arc::new(pod("1", "web"))]);
+        all.extend(to_json(&[Arc::new(policy.clone())]));
+        assert_eq!(c.cluster(), &convert(&all).cluster);
+        // The same version is the same object: not read again (the API server gives
+        // every change a new version, so a differing body here proves the cache).
+        sync(&mut c, &[pod("1", "api")]);
+        assert_eq!(c.cluster().pods[&key].labels["app"], "web");
+        sync(&mut c, &[pod("2", "api")]);
+        assert_eq!(c.cluster().pods[&key].labels["app"], "api");
+        sync(&mut c, &[]);
+        assert!(c.cluster().pods.is_empty());
+        assert_eq!(c.cluster().policies.len(), 1);
     }
 }

@@ -104,7 +104,7 @@ impl Reports {
                 _ if now.saturating_duration_since(r.at) > grace => Outcome::Expired,
                 Some(p) if p.ips.is_empty() && !p.host_network => {
                     let out = out.to_mut();
-                    if let Some(p) = out.cluster.pods.get_mut(key) {
+                    if let Some(p) = out.cluster.pod_mut(key) {
                         p.ips = vec![addr];
                         p.node.get_or_insert_with(|| node.to_owned());
                     }

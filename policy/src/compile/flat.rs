@@ -439,25 +439,12 @@ impl<'a> Flat<'a> {
     /// The map verdict of `pod` in `direction`: `return` when no policy isolates it,
     /// else a goto to its group's chain (built on first use).
     fn group_verdict(&mut self, pod: &'a Pod, direction: Direction) -> MapVerdict {
-        let cluster: &'a Cluster = self.index.cluster;
-        let policies: Vec<&'a NetworkPolicy> = cluster
-            .policies_selecting(pod)
-            .filter(|p| match direction {
-                Direction::Ingress => p.policy_types.ingress,
-                Direction::Egress => p.policy_types.egress,
-            })
-            .collect();
-        let tier = |tier: Tier| -> Vec<&ClusterNetworkPolicy> {
-            cluster
-                .cluster_policies_selecting(tier, pod)
-                .into_iter()
-                .filter(|p| !cluster_rules_of(p, direction).is_empty())
-                .collect()
-        };
-        let admin = tier(Tier::Admin);
+        let selected = incremental::selected(&mut self.cache, self.index.cluster, pod);
+        let policies = selected.policies(direction);
+        let admin = selected.tier(Tier::Admin, direction);
         // Baseline decides only for pods no NetworkPolicy isolates in this direction.
         let baseline = if policies.is_empty() {
-            tier(Tier::Baseline)
+            selected.tier(Tier::Baseline, direction)
         } else {
             Vec::new()
         };

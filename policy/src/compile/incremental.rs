@@ -26,13 +26,24 @@
 //!   afterwards ([`SetCache::finish`]). ClusterNetworkPolicy tier sets are never
 //!   cached: they are computed per chain each time.
 //!
+//! The cache also remembers which policies select each local pod ([`selected`]):
+//! 1,000 selector checks per pod otherwise. A pod's entry is dropped when the pod
+//! changes; every entry when a NetworkPolicy, a rejected policy, a
+//! ClusterNetworkPolicy or a namespace changes. (The compiled cluster's fail-closed
+//! stand-ins for rejected policies also depend on which namespaces hold pods, but
+//! only in namespaces a pod is added to or removed from: a pod that did not change
+//! keeps its namespace populated.)
+//!
 //! The result equals a full compile exactly (`tests/compile_incremental.rs` checks
 //! it over random sequences of changes, on both compiled forms).
 
 use std::collections::{BTreeSet, HashMap};
 
 use crate::dataplane::SetMember;
-use crate::model::{Cluster, Pod, PodPeer, Protocol};
+use crate::model::{
+    Cluster, ClusterNetworkPolicy, NamespacedName, NetworkPolicy, Pod, PodPeer, Protocol, Tier,
+};
+use crate::names::Direction;
 
 /// What a set's contents are computed from, besides the pods.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -92,14 +103,131 @@ pub struct CacheStats {
 #[derive(Debug, Clone, Default)]
 pub struct SetCache {
     entries: HashMap<Recipe, Entry>,
+    /// Which policies select each local pod, by the pod's key.
+    selections: HashMap<NamespacedName, SelectedKeys>,
     generation: u64,
     stats: CacheStats,
+}
+
+/// [`Selected`] by keys, as remembered between compiles.
+#[derive(Debug, Clone)]
+struct SelectedKeys {
+    policies: Vec<NamespacedName>,
+    admin: Vec<String>,
+    baseline: Vec<String>,
+    /// The compile that last asked for it.
+    used: u64,
+}
+
+/// The policies that select one pod, every direction: NetworkPolicies in key order,
+/// each tier's ClusterNetworkPolicies in evaluation order (priority, then name).
+pub(crate) struct Selected<'c> {
+    policies: Vec<&'c NetworkPolicy>,
+    admin: Vec<&'c ClusterNetworkPolicy>,
+    baseline: Vec<&'c ClusterNetworkPolicy>,
+}
+
+impl<'c> Selected<'c> {
+    fn compute(cluster: &'c Cluster, pod: &Pod) -> Self {
+        Selected {
+            policies: cluster
+                .policies
+                .values()
+                .filter(|p| p.selects(pod))
+                .collect(),
+            admin: cluster.cluster_policies_selecting(Tier::Admin, pod),
+            baseline: cluster.cluster_policies_selecting(Tier::Baseline, pod),
+        }
+    }
+
+    fn keys(&self) -> SelectedKeys {
+        let names = |l: &[&ClusterNetworkPolicy]| l.iter().map(|p| p.name.clone()).collect();
+        SelectedKeys {
+            policies: self.policies.iter().map(|p| p.key()).collect(),
+            admin: names(&self.admin),
+            baseline: names(&self.baseline),
+            used: 0,
+        }
+    }
+
+    /// `None` when a remembered policy is gone, which a correct invalidation never
+    /// leaves; then the caller computes afresh.
+    fn resolve(cluster: &'c Cluster, keys: &SelectedKeys) -> Option<Self> {
+        let cnps = |names: &[String]| -> Option<Vec<&'c ClusterNetworkPolicy>> {
+            names
+                .iter()
+                .map(|n| cluster.cluster_policies.get(n))
+                .collect()
+        };
+        Some(Selected {
+            policies: keys
+                .policies
+                .iter()
+                .map(|k| cluster.policies.get(k))
+                .collect::<Option<_>>()?,
+            admin: cnps(&keys.admin)?,
+            baseline: cnps(&keys.baseline)?,
+        })
+    }
+
+    /// The NetworkPolicies that isolate the pod in `direction`.
+    pub(crate) fn policies(&self, direction: Direction) -> Vec<&'c NetworkPolicy> {
+        self.policies
+            .iter()
+            .copied()
+            .filter(|p| match direction {
+                Direction::Ingress => p.policy_types.ingress,
+                Direction::Egress => p.policy_types.egress,
+            })
+            .collect()
+    }
+
+    /// The ClusterNetworkPolicies of `tier` with rules of `direction`, in order.
+    pub(crate) fn tier(&self, tier: Tier, direction: Direction) -> Vec<&'c ClusterNetworkPolicy> {
+        let list = match tier {
+            Tier::Admin => &self.admin,
+            Tier::Baseline => &self.baseline,
+        };
+        list.iter()
+            .copied()
+            .filter(|p| match direction {
+                Direction::Ingress => !p.ingress.is_empty(),
+                Direction::Egress => !p.egress.is_empty(),
+            })
+            .collect()
+    }
+}
+
+/// The policies selecting `pod` (a pod of `cluster`): remembered by the cache when
+/// there is one, else computed.
+pub(crate) fn selected<'c>(
+    cache: &mut Option<&mut SetCache>,
+    cluster: &'c Cluster,
+    pod: &Pod,
+) -> Selected<'c> {
+    let Some(cache) = cache else {
+        return Selected::compute(cluster, pod);
+    };
+    let key = pod.key();
+    let g = cache.generation;
+    if let Some(keys) = cache.selections.get_mut(&key)
+        && let Some(s) = Selected::resolve(cluster, keys)
+    {
+        keys.used = g;
+        return s;
+    }
+    let s = Selected::compute(cluster, pod);
+    let mut keys = s.keys();
+    keys.used = g;
+    cache.selections.insert(key, keys);
+    s
 }
 
 impl SetCache {
     /// Forgets everything: the next compile is a full one.
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.selections.clear();
     }
 
     /// Whether the next compile starts from nothing.
@@ -116,10 +244,22 @@ impl SetCache {
     /// the cache was last filled from). Call before compiling `next`.
     pub fn advance(&mut self, prev: &Cluster, next: &Cluster) {
         let before = self.entries.len();
+        if prev.namespaces != next.namespaces
+            || prev.policies != next.policies
+            || prev.rejected_policies != next.rejected_policies
+            || prev.cluster_policies != next.cluster_policies
+        {
+            self.selections.clear();
+        }
         if prev.namespaces != next.namespaces {
             self.entries.clear();
         } else if prev.pods != next.pods {
             let changed = changed_pods(prev, next);
+            for (old, new) in &changed {
+                for p in old.iter().chain(new) {
+                    self.selections.remove(&p.key());
+                }
+            }
             self.entries.retain(|_, e| {
                 !e.depends_on.iter().any(|d| {
                     changed.iter().any(|(old, new)| {
@@ -149,6 +289,7 @@ impl SetCache {
     pub(crate) fn finish(&mut self) {
         let g = self.generation;
         self.entries.retain(|_, e| e.used == g);
+        self.selections.retain(|_, s| s.used == g);
     }
 
     /// The members of the set made by `recipe`: the cached ones, or `compute`'s,
@@ -202,8 +343,8 @@ fn changed_pods<'a>(
     next: &'a Cluster,
 ) -> Vec<(Option<&'a Pod>, Option<&'a Pod>)> {
     let mut out = Vec::new();
-    let mut a = prev.pods.iter().peekable();
-    let mut b = next.pods.iter().peekable();
+    let mut a = prev.pods.iter().map(|(k, p)| (k, &**p)).peekable();
+    let mut b = next.pods.iter().map(|(k, p)| (k, &**p)).peekable();
     loop {
         match (a.peek(), b.peek()) {
             (None, None) => break,
@@ -225,7 +366,8 @@ fn changed_pods<'a>(
                     b.next();
                 }
                 std::cmp::Ordering::Equal => {
-                    if p != q {
+                    // Two snapshots share the pods that did not change.
+                    if !std::ptr::eq(*p, *q) && p != q {
                         out.push((Some(*p), Some(*q)));
                     }
                     a.next();

@@ -30,6 +30,7 @@ impl<'a> Index<'a> {
     pub(super) fn new(cluster: &'a Cluster) -> Self {
         let mut pods_by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
         for pod in cluster.pods.values().filter(|p| !p.host_network) {
+            let pod: &Pod = pod;
             pods_by_ns.entry(&pod.namespace).or_default().push(pod);
         }
         Index {

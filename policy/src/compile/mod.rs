@@ -79,7 +79,7 @@ pub mod incremental;
 pub mod intervals;
 mod members;
 pub mod tiers;
-use incremental::{Dependency, Recipe, SetCache};
+use incremental::{Dependency, Recipe, Selected, SetCache};
 use members::{Index, ip_block_members, v4, v4_excepts};
 
 // The model's types, reachable here too: the compiler's output is spelled in them.
@@ -319,12 +319,13 @@ impl<'a> Compiler<'a> {
         &mut self,
         name: String,
         pod: &Pod,
+        selected: &Selected<'_>,
         policies: &[&NetworkPolicy],
         dir: Direction,
     ) -> Chain {
-        let admin = self.tier_group(Tier::Admin, pod, dir);
+        let admin = self.tier_group(Tier::Admin, selected, dir);
         let baseline = if policies.is_empty() {
-            self.tier_group(Tier::Baseline, pod, dir)
+            self.tier_group(Tier::Baseline, selected, dir)
         } else {
             None
         };
@@ -515,19 +516,13 @@ impl Compiler<'_> {
     }
 
     fn local_pod(&mut self, pod: &Pod, veth: &str, dispatch: &mut Dispatch) {
-        let cluster = self.index.cluster;
-        let ingress: Vec<&NetworkPolicy> = cluster
-            .policies_selecting(pod)
-            .filter(|p| p.policy_types.ingress)
-            .collect();
-        let egress: Vec<&NetworkPolicy> = cluster
-            .policies_selecting(pod)
-            .filter(|p| p.policy_types.egress)
-            .collect();
+        let selected = incremental::selected(&mut self.cache, self.index.cluster, pod);
+        let ingress = selected.policies(Direction::Ingress);
+        let egress = selected.policies(Direction::Egress);
         let tw = names::pod_ingress_chain(veth);
         let fw = names::pod_egress_chain(veth);
-        let tw_chain = self.pod_chain(tw.clone(), pod, &ingress, Direction::Ingress);
-        let fw_chain = self.pod_chain(fw.clone(), pod, &egress, Direction::Egress);
+        let tw_chain = self.pod_chain(tw.clone(), pod, &selected, &ingress, Direction::Ingress);
+        let fw_chain = self.pod_chain(fw.clone(), pod, &selected, &egress, Direction::Egress);
         self.ruleset.add_chain(Table::Filter, tw_chain);
         self.ruleset.add_chain(Table::Filter, fw_chain);
 
@@ -566,7 +561,8 @@ pub(crate) fn local_pod_veths<'c>(
     let local = cluster
         .pods
         .values()
-        .filter(|p| !p.host_network && p.node.as_deref() == Some(node));
+        .filter(|p| !p.host_network && p.node.as_deref() == Some(node))
+        .map(|p| &**p);
     let mut seen_veths: BTreeMap<String, String> = BTreeMap::new();
     let mut out = Vec::new();
     for pod in local {

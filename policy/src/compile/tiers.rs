@@ -45,13 +45,14 @@
 
 use std::collections::BTreeSet;
 
+use super::incremental::Selected;
 use super::members::ip_block_members;
 use super::{Compiler, jump_rule, port_spec_matches};
 use crate::dataplane::deny_log::{self, DenyReason, DenyTag};
 use crate::dataplane::{
     Chain, MARK_ALLOW, MARK_DECIDED, Match, Rule, SetDirection, SetKind, SetMember, Table, Target,
 };
-use crate::model::{Action, ClusterNetworkPolicy, ClusterRule, Pod, Tier};
+use crate::model::{Action, ClusterNetworkPolicy, ClusterRule, Tier};
 use crate::names::{self, Direction};
 
 /// The longest `-m comment` text the kernel keeps (`XT_MAX_COMMENT_LEN` 256 with
@@ -89,21 +90,16 @@ fn is_decided() -> Match {
 }
 
 impl Compiler<'_> {
-    /// The group chain of `tier` for `pod` in `direction` (built on first use), or
-    /// `None` when no policy of the tier with rules of that direction selects it.
+    /// The group chain of `tier` for the pod `selected` is of, in `direction` (built
+    /// on first use), or `None` when no policy of the tier with rules of that
+    /// direction selects it.
     pub(super) fn tier_group(
         &mut self,
         tier: Tier,
-        pod: &Pod,
+        selected: &Selected<'_>,
         direction: Direction,
     ) -> Option<String> {
-        let policies: Vec<&ClusterNetworkPolicy> = self
-            .index
-            .cluster
-            .cluster_policies_selecting(tier, pod)
-            .into_iter()
-            .filter(|p| !rules_of(p, direction).is_empty())
-            .collect();
+        let policies = selected.tier(tier, direction);
         if policies.is_empty() {
             return None;
         }
@@ -242,7 +238,9 @@ mod tests {
     use crate::classify::{Hook, Packet, Verdict, classify};
     use crate::compile::compile;
     use crate::dataplane::{CtState, InterfaceNames, Ruleset};
-    use crate::model::{Cluster, ClusterPeer, PolicyPort, PortMatch, Ports, Protocol, Subject};
+    use crate::model::{
+        Cluster, ClusterPeer, Pod, PolicyPort, PortMatch, Ports, Protocol, Subject,
+    };
     use crate::selector::LabelSelector;
 
     struct Veths;
