@@ -10,6 +10,8 @@
 //! - [`nftables`]: nf_tables' ruleset generation (`NFT_MSG_GETGEN` over
 //!   `NETLINK_NETFILTER`), which tells the agent whether its last nftables write is
 //!   still exactly what the kernel holds.
+//! - [`nft_elements`]: set and map element changes sent to nf_tables as one NFNL
+//!   batch, without the `nft` program.
 //!
 //! A netlink socket belongs to the network namespace it was created in for its whole
 //! life, whichever thread then uses it: open it in the namespace you mean
@@ -17,6 +19,7 @@
 
 pub mod error;
 pub mod message;
+pub mod nft_elements;
 pub mod nftables;
 pub mod socket;
 pub mod types;

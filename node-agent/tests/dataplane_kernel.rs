@@ -630,3 +630,177 @@ fn auto_picks_nftables_on_this_kernel_because_nft_check_accepts_the_probe() {
         );
     });
 }
+
+/// The probe table (every set and map kind the renderer writes) with a few thousand
+/// more elements, then element-only changes of every kind, step by step.
+fn element_steps() -> Vec<Ruleset> {
+    use sluice_policy::dataplane::{AddrRange, MapKeyValue, MapVerdict, PortRange};
+    use sluice_policy::model::Protocol;
+    use std::net::Ipv4Addr;
+    let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    let range = |a: &str, b: &str| {
+        SetMember::Range(AddrRange {
+            start: ip(a),
+            end: ip(b),
+        })
+    };
+    let mut base = sluice_policy::render::nft::probe_ruleset();
+    {
+        let t = &mut base.sets.get_mut("SLUICE-T").unwrap().members;
+        for i in 0..2000u32 {
+            let a = Ipv4Addr::from(u32::from(ip("10.100.0.0")) + 2 * i);
+            t.insert(SetMember::Tuple {
+                addrs: AddrRange { start: a, end: a },
+                protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Sctp][i as usize % 3],
+                ports: PortRange {
+                    start: 8080,
+                    end: 8080 + (i % 3) as u16,
+                },
+            });
+        }
+    }
+    let mut one = base.clone();
+    {
+        let s = &mut one.sets;
+        let t = &mut s.get_mut("SLUICE-T").unwrap().members;
+        t.insert(SetMember::IpPort {
+            ip: ip("10.200.0.2"),
+            protocol: Protocol::Tcp,
+            port: 443,
+        });
+        t.insert(SetMember::Tuple {
+            addrs: AddrRange {
+                start: ip("172.16.0.0"),
+                end: ip("172.16.255.255"),
+            },
+            protocol: Protocol::Udp,
+            ports: PortRange {
+                start: 0,
+                end: 65535,
+            },
+        });
+        let a = &mut s.get_mut("SLUICE-A").unwrap().members;
+        a.insert(range("10.3.0.0", "10.3.0.127"));
+        a.insert(SetMember::Ip(ip("10.3.3.3")));
+        a.insert(range("200.0.0.0", "255.255.255.255"));
+        s.get_mut("SLUICE-I")
+            .unwrap()
+            .members
+            .insert(SetMember::Ip(ip("10.0.0.2")));
+        s.get_mut("SLUICE-N")
+            .unwrap()
+            .members
+            .insert(SetMember::Net {
+                net: "10.1.2.0/24".parse().unwrap(),
+                nomatch: false,
+            });
+        let mo = &mut one.maps.get_mut("SLUICE-MO").unwrap().elements;
+        mo.insert(
+            MapKeyValue::Iface("slc5aaaaaaaaaaa".into()),
+            MapVerdict::Goto("SLUICE-G".into()),
+        );
+        mo.insert(MapKeyValue::Iface("slc1".into()), MapVerdict::Drop);
+        one.maps.get_mut("SLUICE-MS").unwrap().elements.insert(
+            MapKeyValue::IfaceAddr("slc7".into(), ip("10.244.0.7")),
+            MapVerdict::Jump("SLUICE-G".into()),
+        );
+    }
+    let mut two = one.clone();
+    {
+        let s = &mut two.sets;
+        let t = &mut s.get_mut("SLUICE-T").unwrap().members;
+        let gone: Vec<SetMember> = t.iter().step_by(7).cloned().collect();
+        for m in gone {
+            t.remove(&m);
+        }
+        let a = &mut s.get_mut("SLUICE-A").unwrap().members;
+        a.remove(&range("200.0.0.0", "255.255.255.255"));
+        a.remove(&SetMember::Ip(ip("10.3.3.3")));
+        a.insert(range("10.3.3.0", "10.3.3.255"));
+        s.get_mut("SLUICE-I")
+            .unwrap()
+            .members
+            .remove(&SetMember::Ip(ip("10.0.0.1")));
+        s.get_mut("SLUICE-N")
+            .unwrap()
+            .members
+            .insert(SetMember::Net {
+                net: "10.1.2.128/25".parse().unwrap(),
+                nomatch: true,
+            });
+        let mo = &mut two.maps.get_mut("SLUICE-MO").unwrap().elements;
+        mo.remove(&MapKeyValue::Iface("slc3".into()));
+        mo.insert(MapKeyValue::Iface("slc4".into()), MapVerdict::Return);
+        two.maps
+            .get_mut("SLUICE-MI")
+            .unwrap()
+            .elements
+            .insert(MapKeyValue::Iface("slc8".into()), MapVerdict::Continue);
+        two.maps
+            .get_mut("SLUICE-MS")
+            .unwrap()
+            .elements
+            .remove(&MapKeyValue::IfaceAddr("slc0".into(), ip("10.0.0.1")));
+    }
+    vec![base, one, two.clone(), base_again(&two)]
+}
+
+/// Every element of `rs` removed but one per set (sets stay, as a group's would).
+fn base_again(rs: &Ruleset) -> Ruleset {
+    let mut out = rs.clone();
+    for s in out.sets.values_mut() {
+        let first = s.members.iter().next().cloned();
+        s.members = first.into_iter().collect();
+    }
+    for m in out.maps.values_mut() {
+        let first = m
+            .elements
+            .iter()
+            .next()
+            .map(|(k, v)| (k.clone(), v.clone()));
+        m.elements = first.into_iter().collect();
+    }
+    out
+}
+
+#[test]
+fn nft_element_changes_sent_over_netlink_leave_the_listing_nft_leaves() {
+    if !nft_available("nft_element_changes_over_netlink") {
+        return;
+    }
+    let steps = element_steps();
+    for w in steps.windows(2) {
+        let plan = sluice_policy::dataplane::nft_plan::plan_from_written(&w[1], &w[0]).unwrap();
+        assert!(
+            plan.element_changes.is_some() && !plan.is_empty(),
+            "each step after the first changes elements only:\n{}",
+            plan.script
+        );
+    }
+    // The same steps, each trusted from the last write (incremental), in two
+    // namespaces: one dataplane sends element changes over netlink, one runs nft.
+    let listings = |dp: NftDataplane<ExecRunner>| -> Vec<String> {
+        in_new_netns(|| {
+            steps
+                .iter()
+                .map(|rs| {
+                    let before = sluice_netlink::nftables::ruleset_generation().unwrap();
+                    let r = dp.sync_with(rs, SyncMode::Incremental).unwrap();
+                    assert_eq!(r.restores, 1);
+                    assert_eq!(
+                        sluice_netlink::nftables::ruleset_generation().unwrap(),
+                        before.wrapping_add(1),
+                        "one commit per step"
+                    );
+                    assert_eq!(nft_state(), Some(NftState::of(rs)), "read back = planned");
+                    sh("nft -j list table ip sluice")
+                })
+                .collect()
+        })
+    };
+    let by_netlink = listings(NftDataplane::new(ExecRunner));
+    let by_nft = listings(NftDataplane::nft_only(ExecRunner));
+    for (i, (a, b)) in by_netlink.iter().zip(&by_nft).enumerate() {
+        assert_eq!(a, b, "step {i}: netlink and nft listings differ");
+    }
+}

@@ -97,10 +97,11 @@ pub fn policy_chain(policy: &NamespacedName, direction: Direction) -> String {
     format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
 }
 
-/// The chain of a group of local pods (nftables flat form) isolated in `direction` by
-/// the same `policies` and, for ingress, resolving the named ports those policies
-/// reference to the same numbers (`named`: name, protocol, ports):
-/// `SLUICE-GI-<hash>` / `SLUICE-GE-<hash>`. Its sets are named by [`flat_set`].
+/// The chain of a ClusterNetworkPolicy tier of a group of local pods (nftables flat
+/// form) isolated in `direction` by the same `policies` and, for ingress, resolving
+/// the named ports those policies reference to the same numbers (`named`: name,
+/// protocol, ports): `SLUICE-GI-<hash>` / `SLUICE-GE-<hash>`. Its sets are named by
+/// [`flat_set`].
 pub fn group_chain(
     direction: Direction,
     policies: &[NamespacedName],
@@ -139,6 +140,30 @@ pub fn allow_log_chain(direction: Direction) -> &'static str {
         Direction::Ingress => CHAIN_ALLOW_LOG_INGRESS,
         Direction::Egress => CHAIN_ALLOW_LOG_EGRESS,
     }
+}
+
+/// The chain of a group of local pods (nftables flat form) isolated in `direction` by
+/// the same NetworkPolicies `policies`, which allow them the same (peer, ports) pairs
+/// (`pairs`, canonical, ingress named ports resolved): `SLUICE-GI-<hash>` /
+/// `SLUICE-GE-<hash>`. Pods resolving a named port differently but to the same pairs
+/// share it.
+pub fn policy_group_chain(
+    direction: Direction,
+    policies: &[NamespacedName],
+    pairs: &str,
+) -> String {
+    let kind = match direction {
+        Direction::Ingress => "GI",
+        Direction::Egress => "GE",
+    };
+    let mut key = String::from("pairs|");
+    for p in policies {
+        push_str(&mut key, &p.namespace);
+        push_str(&mut key, &p.name);
+    }
+    key.push('|');
+    push_str(&mut key, pairs);
+    format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
 }
 
 /// iptables form of ClusterNetworkPolicy: an Accept rule goes here (`-g`), which

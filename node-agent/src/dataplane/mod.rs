@@ -25,6 +25,7 @@
 
 pub mod backend;
 pub mod nft;
+mod nft_elements;
 pub mod runner;
 pub mod select;
 
@@ -46,6 +47,10 @@ pub enum DataplaneError {
     Plan(#[from] ModelError),
     #[error(transparent)]
     NftListing(#[from] sluice_policy::dataplane::nft_plan::NftParseError),
+    /// The kernel refused an element-only transaction sent over netlink (nothing of
+    /// it was committed).
+    #[error(transparent)]
+    Netlink(#[from] sluice_netlink::NetlinkError),
 }
 
 /// What a sync did.

@@ -81,8 +81,9 @@
 //! Decisions, and why:
 //! - A pod that is not isolated in a direction has a `return` element, so its
 //!   becoming isolated (or a policy change regrouping it) changes one map element.
-//! - A group chain is named after the group's identity (its policies, its named-port
-//!   resolution); its sets are named after the (peer, ports) pairs they are built
+//! - A group chain is named after the group's identity (its policies and the
+//!   (peer, ports) pairs they allow it, named ports resolved: a new pod that resolves
+//!   differently to the same pairs joins the chain, not a copy of it); its sets are named after the (peer, ports) pairs they are built
 //!   from, so groups whose policies allow the same pairs share one set (every
 //!   namespace's "DNS and everything in env=prod" egress policy, say) instead of
 //!   copying thousands of addresses per group. Neither name hashes contents: pods,
@@ -480,9 +481,17 @@ impl<'a> Flat<'a> {
         // ClusterNetworkPolicy), else the Baseline chain, else allowed.
         let tail = if !policies.is_empty() {
             let keys: Vec<NamespacedName> = policies.iter().map(|p| p.key()).collect();
-            let chain = names::group_chain(direction, &with_log(&keys, &log_key), &named);
+            // Named after what the chain holds, not after how the pod resolves named
+            // ports: a pod whose resolution yields the same pairs (a port named
+            // `http` it does not declare, next to the number 8080 it is also allowed)
+            // joins the existing chain, so adding it changes elements only.
+            let pairs = contributions(&policies, direction, pod);
+            let chain = names::policy_group_chain(
+                direction,
+                &with_log(&keys, &log_key),
+                &pairs_key(&pairs),
+            );
             if self.ruleset.chain(Table::Filter, &chain).is_none() {
-                let pairs = contributions(&policies, direction, pod);
                 self.add_group(&chain, direction, &keys, &pairs, &allowed);
             }
             Some(chain)
@@ -922,13 +931,7 @@ impl<'a> Flat<'a> {
     /// use: groups whose policies allow the same pairs share it, and its content
     /// changes only by elements when pods and labels change.
     fn shared_set(&mut self, any: bool, pairs: &[(PeerRef<'a>, PortRef)]) -> String {
-        let mut key = String::new();
-        for (peer, port) in pairs {
-            key.push_str(&peer.key());
-            key.push(' ');
-            key.push_str(&port.key());
-            key.push(';');
-        }
+        let key = pairs_key(pairs);
         if let Form::Classes { .. } = self.form {
             let name = names::class_set(any, &key);
             if !self.ruleset.sets.contains_key(&name) {
@@ -1344,6 +1347,19 @@ fn contributions<'p>(
         }
     }
     out.into_iter().collect()
+}
+
+/// The canonical text of (peer, ports) pairs: what shared sets and group chains are
+/// named after.
+fn pairs_key(pairs: &[(PeerRef<'_>, PortRef)]) -> String {
+    let mut key = String::new();
+    for (peer, port) in pairs {
+        key.push_str(&peer.key());
+        key.push(' ');
+        key.push_str(&port.key());
+        key.push(';');
+    }
+    key
 }
 
 /// What a shared set of `pairs` changes with: the pods its pod peers select, the

@@ -336,6 +336,10 @@ fn verdict(v: &Value) -> Result<String, NftParseError> {
 pub struct NftPlan {
     /// `nft -f` input, one transaction; empty when nothing changes.
     pub script: String,
+    /// The same transaction when it changes elements of existing sets and maps only
+    /// (no chain, set or map declared, rewritten or deleted): what a writer that
+    /// speaks netlink can send without `nft`. `None` otherwise.
+    pub element_changes: Option<Vec<NftElementChanges>>,
     pub chains_rewritten: usize,
     pub chains_deleted: usize,
     pub elements_added: usize,
@@ -348,6 +352,19 @@ impl NftPlan {
     pub fn is_empty(&self) -> bool {
         self.script.is_empty()
     }
+}
+
+/// The element changes of one existing set or map, as the script writes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NftElementChanges {
+    pub name: String,
+    /// Its declaration as [`NftSetState::decl`] says it (`set type ipv4_addr; flags
+    /// interval;`, `map type ifname : verdict;`): how to read the elements.
+    pub decl: String,
+    /// Keys to delete (a map element's key without its verdict), deleted first.
+    pub delete: Vec<String>,
+    /// Elements to add (a map element as `key : verdict`).
+    pub add: Vec<String>,
 }
 
 /// The model's own checks, plus one nft namespace for chains of every table and one
@@ -374,6 +391,7 @@ fn full(desired: &Ruleset) -> NftPlan {
     let sets = nft::sets(desired);
     NftPlan {
         script: nft::render(desired),
+        element_changes: None,
         chains_rewritten: chains.len(),
         chains_deleted: 0,
         elements_added: sets.values().map(|s| s.elements.len()).sum(),
@@ -396,6 +414,8 @@ fn element_key<'a>(keyword: &str, text: &'a str) -> &'a str {
 /// One set or map that a plan touches.
 struct SetDelta {
     name: String,
+    /// The declaration, as [`NftSetState::decl`].
+    decl: String,
     /// The `add set|map` line, when the set is new.
     declare: Option<String>,
     /// Keys of elements to delete (deduplicated: two members may write one element).
@@ -436,6 +456,7 @@ pub fn plan(desired: &Ruleset, kernel: Option<&NftState>) -> Result<NftPlan, Mod
         let had_elements = had.map_or(&empty, |h| &h.elements);
         let d = SetDelta {
             name: s.name.clone(),
+            decl: s.state_text(),
             declare: had.is_none().then(|| nft::add_set_line(TABLE, s)),
             delete: had_elements
                 .difference(&s.elements)
@@ -490,6 +511,7 @@ pub fn plan_from_written(desired: &Ruleset, written: &Ruleset) -> Result<NftPlan
             let new = nft::nft_set(s);
             delta.sets.push(SetDelta {
                 name: s.name.clone(),
+                decl: new.state_text(),
                 declare: Some(nft::add_set_line(TABLE, &new)),
                 delete: BTreeSet::new(),
                 add: new.elements,
@@ -503,6 +525,7 @@ pub fn plan_from_written(desired: &Ruleset, written: &Ruleset) -> Result<NftPlan
             let (old, new) = (nft::nft_set(w), nft::nft_set(s));
             delta.sets.push(SetDelta {
                 name: s.name.clone(),
+                decl: new.state_text(),
                 declare: None,
                 delete: old.elements.difference(&new.elements).cloned().collect(),
                 add: new.elements.difference(&old.elements).cloned().collect(),
@@ -517,6 +540,7 @@ pub fn plan_from_written(desired: &Ruleset, written: &Ruleset) -> Result<NftPlan
         };
         delta.sets.push(SetDelta {
             name: s.name.clone(),
+            decl: format!("set {}", nft::set_decl_of(kind)),
             declare: None,
             delete: w
                 .members
@@ -537,6 +561,7 @@ pub fn plan_from_written(desired: &Ruleset, written: &Ruleset) -> Result<NftPlan
             let new = nft::nft_map(m);
             delta.sets.push(SetDelta {
                 name: m.name.clone(),
+                decl: new.state_text(),
                 declare: Some(nft::add_set_line(TABLE, &new)),
                 delete: BTreeSet::new(),
                 add: new.elements,
@@ -549,6 +574,7 @@ pub fn plan_from_written(desired: &Ruleset, written: &Ruleset) -> Result<NftPlan
         // A key whose verdict changed is deleted and added again, as from a listing.
         delta.sets.push(SetDelta {
             name: m.name.clone(),
+            decl: format!("map {}", nft::map_decl_of(m.key)),
             declare: None,
             delete: w
                 .elements
@@ -655,6 +681,26 @@ fn write(
     for name in &gone_chains {
         out.push_str(&format!("delete chain {FAMILY} {table} {name}\n"));
         p.chains_deleted += 1;
+    }
+    let element_only = p.chains_rewritten == 0
+        && p.chains_deleted == 0
+        && p.sets_created == 0
+        && p.sets_deleted == 0
+        && !out.is_empty();
+    if element_only {
+        p.element_changes = Some(
+            delta
+                .sets
+                .into_iter()
+                .filter(|d| !d.delete.is_empty() || !d.add.is_empty())
+                .map(|d| NftElementChanges {
+                    name: d.name,
+                    decl: d.decl,
+                    delete: d.delete.into_iter().collect(),
+                    add: d.add.into_iter().collect(),
+                })
+                .collect(),
+        );
     }
     p.script = out;
     p
@@ -836,6 +882,56 @@ mod tests {
         assert_eq!(
             p.script,
             "delete element ip sluice SLUICE-NEW { 10.9.9.9 }\n"
+        );
+    }
+
+    #[test]
+    fn a_plan_of_element_changes_only_lists_them_per_set_and_any_other_change_does_not() {
+        use crate::dataplane::{MapKeyValue, MapVerdict};
+        let before = crate::render::nft::probe_ruleset();
+        let mut after = before.clone();
+        after
+            .sets
+            .get_mut("SLUICE-I")
+            .unwrap()
+            .members
+            .insert(SetMember::Ip("10.0.0.2".parse().unwrap()));
+        let m = after.maps.get_mut("SLUICE-MO").unwrap();
+        m.elements
+            .insert(MapKeyValue::Iface("slc1".into()), MapVerdict::Drop);
+        let want = vec![
+            NftElementChanges {
+                name: "SLUICE-I".into(),
+                decl: "set type ipv4_addr;".into(),
+                delete: vec![],
+                add: vec!["10.0.0.2".into()],
+            },
+            NftElementChanges {
+                name: "SLUICE-MO".into(),
+                decl: "map type ifname : verdict;".into(),
+                delete: vec!["\"slc1\"".into()],
+                add: vec!["\"slc1\" : drop".into()],
+            },
+        ];
+        let written = plan_from_written(&after, &before).unwrap();
+        assert_eq!(written.element_changes.as_ref(), Some(&want));
+        let listed = plan(&after, Some(&NftState::of(&before))).unwrap();
+        assert_eq!(listed.element_changes, Some(want));
+        // A new set, a chain, or nothing at all: not for an element writer.
+        let more = changed(before.clone());
+        assert_eq!(
+            plan_from_written(&more, &before).unwrap().element_changes,
+            None
+        );
+        let mut chain = before.clone();
+        chain.jumps.pop();
+        assert_eq!(
+            plan_from_written(&chain, &before).unwrap().element_changes,
+            None
+        );
+        assert_eq!(
+            plan_from_written(&before, &before).unwrap().element_changes,
+            None
         );
     }
 

@@ -99,8 +99,9 @@ pub fn probe_script() -> String {
     )
 }
 
-/// A small model with one of everything the renderer can emit.
-pub(crate) fn probe_ruleset() -> Ruleset {
+/// A small model with one of everything the renderer can emit (the probe's, and
+/// tests' of every set and map kind).
+pub fn probe_ruleset() -> Ruleset {
     use crate::dataplane::{AddrRange, ClassRange, PortRange};
     let ip = |s: &str| s.parse::<Ipv4Addr>().expect("literal address");
     let mut rs = Ruleset::default();
