@@ -10,12 +10,15 @@
 //! - [`nftables`]: nf_tables' ruleset generation (`NFT_MSG_GETGEN` over
 //!   `NETLINK_NETFILTER`), which tells the agent whether its last nftables write is
 //!   still exactly what the kernel holds.
+//! - [`ipset`]: ipset member adds and deletes over `NETLINK_NETFILTER`, which the
+//!   iptables dataplane writes on every pod event without an `ipset` process.
 //!
 //! A netlink socket belongs to the network namespace it was created in for its whole
 //! life, whichever thread then uses it: open it in the namespace you mean
 //! ([`Netlink::open`] in the caller's, [`Netlink::open_in`] in another one).
 
 pub mod error;
+pub mod ipset;
 pub mod message;
 pub mod nftables;
 pub mod socket;

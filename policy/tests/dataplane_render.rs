@@ -302,6 +302,7 @@ fn a_pod_becoming_isolated_rewrites_its_own_chain_not_the_dispatch() {
     let rewritten: BTreeSet<&str> = delta.rewrite[&Table::Filter]
         .iter()
         .map(|c| c.name.as_str())
+        .chain(delta.edit[&Table::Filter].iter().map(|e| e.chain.as_str()))
         .collect();
     let pg_veth = sluice_policy::compile::InterfaceNames::host_veth(
         &FakeVeths,
@@ -309,7 +310,8 @@ fn a_pod_becoming_isolated_rewrites_its_own_chain_not_the_dispatch() {
     );
     let db_prefix = FakeVeths_prefix("db");
     // pg's ingress chain, the new policy chain, and the ingress dispatch (db now has an
-    // ingress policy, so unknown db pods fail closed) — nothing else.
+    // ingress policy, so unknown db pods fail closed: one rule inserted) — nothing else.
+    assert_eq!(delta.edit[&Table::Filter][0].chain, "SLUICE-TO-POD");
     assert!(rewritten.contains(format!("SLUICE-TW-{pg_veth}").as_str()));
     assert!(rewritten.iter().any(|n| n.starts_with("SLUICE-PI-")));
     assert!(rewritten.contains("SLUICE-TO-POD"));
@@ -385,6 +387,19 @@ proptest! {
     }
 
     #[test]
+    fn the_agents_diff_equals_the_plan_against_what_the_old_model_left_in_the_kernel(
+        a in arb_cluster(),
+        b in arb_cluster(),
+    ) {
+        let (old, new) = (compile_node(&a, "node-a"), compile_node(&b, "node-a"));
+        let kernel = sluice_policy::dataplane::plan::KernelState::of(&old);
+        prop_assert_eq!(
+            diff(&old, &new),
+            sluice_policy::dataplane::plan::plan(&new, &kernel).unwrap()
+        );
+    }
+
+    #[test]
     fn applying_a_diff_reaches_the_new_ruleset(a in arb_cluster(), b in arb_cluster()) {
         let (old, new) = (compile_node(&a, "node-a"), compile_node(&b, "node-a"));
         let delta = diff(&old, &new);
@@ -393,6 +408,11 @@ proptest! {
         for (table, chains) in &delta.rewrite {
             for chain in chains {
                 replay.add_chain(*table, chain.clone());
+            }
+        }
+        for (table, edits) in &delta.edit {
+            for e in edits {
+                e.apply(replay.tables.get_mut(table).unwrap().get_mut(&e.chain).unwrap());
             }
         }
         for (table, names) in &delta.delete {
