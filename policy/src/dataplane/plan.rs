@@ -869,17 +869,16 @@ add SLUICE-NODES 10.0.0.2 -exist\ndel SLUICE-NODES 10.0.0.9 -exist\n"
         );
     }
 
-    /// `desired()` with `SLUICE-TO-POD` holding `rules`, and the kernel as a sync of
-    /// `before` left it.
+    /// `desired()` with `SLUICE-TO-POD` dispatching to one chain per name in `rules`.
     fn to_pod(rules: &[&str]) -> Ruleset {
         let mut rs = desired();
-        let chain = rs
+        let dispatch = rs
             .tables
             .get_mut(&Table::Filter)
             .unwrap()
             .get_mut("SLUICE-TO-POD")
             .unwrap();
-        chain.rules = rules
+        dispatch.rules = rules
             .iter()
             .map(|veth| {
                 Rule::new(
@@ -974,7 +973,7 @@ add SLUICE-NODES 10.0.0.2 -exist\ndel SLUICE-NODES 10.0.0.9 -exist\n"
             (&["a", "b", "c", "d"], &["a", "b", "c", "d", "e"]),
             (&["a", "b", "c", "d"], &["z", "a", "b", "c", "d"]),
             (&["a", "b", "b", "b"], &["a", "b", "b", "b", "b"]),
-            (&["a", "b", "c", "d"], &["a", "d"]),
+            (&["a", "b", "c", "d", "e"], &["a", "d", "e"]),
         ];
         for (old, new) in cases {
             let (o, n) = (to_pod(old), to_pod(new));
