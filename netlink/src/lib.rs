@@ -12,12 +12,15 @@
 //!   still exactly what the kernel holds.
 //! - [`nft_elements`]: set and map element changes sent to nf_tables as one NFNL
 //!   batch, without the `nft` program.
+//! - [`ipset`]: ipset member adds and deletes over `NETLINK_NETFILTER`, which the
+//!   iptables dataplane writes on every pod event without an `ipset` process.
 //!
 //! A netlink socket belongs to the network namespace it was created in for its whole
 //! life, whichever thread then uses it: open it in the namespace you mean
 //! ([`Netlink::open`] in the caller's, [`Netlink::open_in`] in another one).
 
 pub mod error;
+pub mod ipset;
 pub mod message;
 pub mod nft_elements;
 pub mod nftables;

@@ -7,7 +7,7 @@
 
 use sluice_agent::dataplane::nft::NftDataplane;
 use sluice_agent::dataplane::select::{DataplaneChoice, SelectedDataplane, decide};
-use sluice_agent::dataplane::{Backend, Dataplane, ExecRunner, SyncMode};
+use sluice_agent::dataplane::{Backend, CommandRunner, Dataplane, ExecRunner, SyncMode};
 use sluice_policy::dataplane::nft_plan::NftState;
 use sluice_policy::dataplane::{
     BuiltinJump, Chain, CtState, Interface, IpSet, Match, Rule, Ruleset, SetDirection, SetKind,
@@ -803,4 +803,140 @@ fn nft_element_changes_sent_over_netlink_leave_the_listing_nft_leaves() {
     for (i, (a, b)) in by_netlink.iter().zip(&by_nft).enumerate() {
         assert_eq!(a, b, "step {i}: netlink and nft listings differ");
     }
+}
+
+/// `desired(None)` with `SLUICE-TO-POD` holding one accept per port in `ports`
+/// before its final drop: a dispatch chain that grows and shrinks in the middle.
+fn dispatch(ports: &[u16]) -> Ruleset {
+    let mut d = desired(None);
+    let rules = &mut d
+        .tables
+        .get_mut(&Table::Filter)
+        .unwrap()
+        .get_mut("SLUICE-TO-POD")
+        .unwrap()
+        .rules;
+    for (i, port) in ports.iter().enumerate() {
+        rules.insert(
+            1 + i,
+            Rule::new(
+                vec![
+                    Match::Protocol(sluice_policy::Protocol::Tcp),
+                    Match::DestinationPorts {
+                        start: *port,
+                        end: *port,
+                    },
+                ],
+                Target::Accept,
+            ),
+        );
+    }
+    d
+}
+
+#[test]
+fn rules_inserted_and_deleted_mid_chain_are_edited_in_place_and_match_the_model() {
+    both_backends("rules_edited_in_place", |backend| {
+        install_foreign(backend);
+        let foreign = foreign_lines(backend);
+        let dp = Dataplane::new(ExecRunner, backend);
+        dp.sync(&dispatch(&[80, 443])).unwrap();
+        for (mode, ports) in [
+            (SyncMode::Incremental, &[80, 8080, 443][..]),
+            (SyncMode::Incremental, &[8080, 443]),
+            (SyncMode::Full, &[8080, 9090, 9091, 443]),
+            (SyncMode::Incremental, &[8080, 443]),
+        ] {
+            let d = dispatch(ports);
+            let r = dp.sync_with(&d, mode).unwrap();
+            assert_eq!(r.chains_rewritten, 1, "{backend:?} {ports:?}: {r:?}");
+            // Each chain's rules in order, by identity (iptables may print a rule's
+            // text in another layout than it was written).
+            let ids = |lines: Vec<String>| -> Vec<(String, Option<String>)> {
+                lines
+                    .iter()
+                    .map(|l| {
+                        (
+                            l.split(' ').nth(1).unwrap().to_string(),
+                            iptables::comment_hash(l),
+                        )
+                    })
+                    .collect()
+            };
+            assert_eq!(
+                ids(owned_lines(backend, "filter")),
+                ids(expected_owned(&d, "filter")),
+                "{backend:?} {ports:?}"
+            );
+            // What an edit leaves is what a full read finds equal to the model.
+            let again = dp.sync(&d).unwrap();
+            assert!(!again.changed_anything(), "{backend:?}: {again:?}");
+        }
+        assert_eq!(foreign_lines(backend), foreign, "{backend:?}");
+    });
+}
+
+#[test]
+fn set_members_written_over_netlink_are_what_ipset_restore_would_write() {
+    if !require_root("set_members_over_netlink") {
+        return;
+    }
+    in_new_netns(|| {
+        sh("ipset create SLUICE-A hash:ip family inet
+            ipset create SLUICE-B hash:net family inet
+            ipset create SLUICE-C hash:ip,port family inet
+            ipset add SLUICE-A 10.0.0.9");
+        let ip = |s: &str| SetMember::Ip(s.parse().unwrap());
+        let net = |s: &str, nomatch| SetMember::Net {
+            net: s.parse().unwrap(),
+            nomatch,
+        };
+        let port = |s: &str, protocol, port| SetMember::IpPort {
+            ip: s.parse().unwrap(),
+            protocol,
+            port,
+        };
+        use sluice_policy::Protocol::{Sctp, Tcp, Udp};
+        let add: Vec<(String, SetMember)> = vec![
+            ("SLUICE-A".into(), ip("10.0.0.1")),
+            // Already there: -exist.
+            ("SLUICE-A".into(), ip("10.0.0.9")),
+            ("SLUICE-B".into(), net("10.1.0.0/16", false)),
+            ("SLUICE-B".into(), net("10.1.2.0/24", true)),
+            ("SLUICE-B".into(), net("10.2.0.7/32", false)),
+            ("SLUICE-C".into(), port("10.0.0.3", Tcp, 8080)),
+            ("SLUICE-C".into(), port("10.0.0.3", Udp, 53)),
+            ("SLUICE-C".into(), port("10.0.0.4", Sctp, 9)),
+        ];
+        let remove: Vec<(String, SetMember)> = vec![
+            ("SLUICE-A".into(), ip("10.0.0.9")),
+            // Not there: -exist.
+            ("SLUICE-A".into(), ip("10.0.0.77")),
+        ];
+        ExecRunner.set_members(&add, &remove).unwrap();
+        let mut got: Vec<String> = sh("ipset save")
+            .lines()
+            .filter(|l| l.starts_with("add "))
+            .map(str::to_string)
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "add SLUICE-A 10.0.0.1",
+                "add SLUICE-B 10.1.0.0/16",
+                "add SLUICE-B 10.1.2.0/24 nomatch",
+                "add SLUICE-B 10.2.0.7",
+                "add SLUICE-C 10.0.0.3,tcp:8080",
+                "add SLUICE-C 10.0.0.3,udp:53",
+                "add SLUICE-C 10.0.0.4,sctp:9",
+            ]
+        );
+        // A set that does not exist is the kernel's refusal, named.
+        let err = ExecRunner
+            .set_members(&[("SLUICE-NONE".into(), ip("10.0.0.1"))], &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("SLUICE-NONE"), "{err}");
+        sh("ipset destroy SLUICE-A; ipset destroy SLUICE-B; ipset destroy SLUICE-C");
+    });
 }

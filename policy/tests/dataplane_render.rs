@@ -151,20 +151,20 @@ fn every_name_fits_and_every_rule_is_tagged_once() {
         assert!(name.len() <= MAX_SET_LEN, "{name}");
     }
     let text = iptables::render(&rs);
-    let tags: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("-A "))
-        .map(|l| {
-            l.split("sluice:")
-                .nth(1)
-                .expect("every rule has a tag")
-                .split('"')
-                .next()
-                .unwrap()
-        })
-        .collect();
-    let unique: BTreeSet<&&str> = tags.iter().collect();
-    assert_eq!(unique.len(), tags.len(), "rule tags must identify rules");
+    // A tag covers its chain and the rule's text, not its position: equal tags only
+    // on equal lines (the same rule twice in one chain), never on different rules.
+    let mut by_tag: std::collections::BTreeMap<&str, &str> = Default::default();
+    for l in text.lines().filter(|l| l.starts_with("-A ")) {
+        let tag = l
+            .split("sluice:")
+            .nth(1)
+            .expect("every rule has a tag")
+            .split('"')
+            .next()
+            .unwrap();
+        let first = by_tag.entry(tag).or_insert(l);
+        assert_eq!(*first, l, "rule tags must identify rules");
+    }
 }
 
 #[test]
@@ -301,6 +301,7 @@ fn a_pod_becoming_isolated_rewrites_its_own_chain_not_the_dispatch() {
     let rewritten: BTreeSet<&str> = delta.rewrite[&Table::Filter]
         .iter()
         .map(|c| c.name.as_str())
+        .chain(delta.edit[&Table::Filter].iter().map(|e| e.chain.as_str()))
         .collect();
     let pg_veth = sluice_policy::compile::InterfaceNames::host_veth(
         &FakeVeths,
@@ -308,7 +309,8 @@ fn a_pod_becoming_isolated_rewrites_its_own_chain_not_the_dispatch() {
     );
     let db_prefix = FakeVeths_prefix("db");
     // pg's ingress chain, the new policy chain, and the ingress dispatch (db now has an
-    // ingress policy, so unknown db pods fail closed) — nothing else.
+    // ingress policy, so unknown db pods fail closed: one rule inserted) — nothing else.
+    assert_eq!(delta.edit[&Table::Filter][0].chain, "SLUICE-TO-POD");
     assert!(rewritten.contains(format!("SLUICE-TW-{pg_veth}").as_str()));
     assert!(rewritten.iter().any(|n| n.starts_with("SLUICE-PI-")));
     assert!(rewritten.contains("SLUICE-TO-POD"));
@@ -384,6 +386,19 @@ proptest! {
     }
 
     #[test]
+    fn the_agents_diff_equals_the_plan_against_what_the_old_model_left_in_the_kernel(
+        a in arb_cluster(),
+        b in arb_cluster(),
+    ) {
+        let (old, new) = (compile_node(&a, "node-a"), compile_node(&b, "node-a"));
+        let kernel = sluice_policy::dataplane::plan::KernelState::of(&old);
+        prop_assert_eq!(
+            diff(&old, &new),
+            sluice_policy::dataplane::plan::plan(&new, &kernel).unwrap()
+        );
+    }
+
+    #[test]
     fn applying_a_diff_reaches_the_new_ruleset(a in arb_cluster(), b in arb_cluster()) {
         let (old, new) = (compile_node(&a, "node-a"), compile_node(&b, "node-a"));
         let delta = diff(&old, &new);
@@ -392,6 +407,11 @@ proptest! {
         for (table, chains) in &delta.rewrite {
             for chain in chains {
                 replay.add_chain(*table, chain.clone());
+            }
+        }
+        for (table, edits) in &delta.edit {
+            for e in edits {
+                e.apply(replay.tables.get_mut(table).unwrap().get_mut(&e.chain).unwrap());
             }
         }
         for (table, names) in &delta.delete {

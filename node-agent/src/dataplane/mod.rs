@@ -1,14 +1,18 @@
 //! The policy dataplane: the node's rule model ([`Ruleset`], built in the policy
 //! crate) applied atomically to the kernel.
 //!
-//! One sync = read (`iptables-save` per table, `ipset save`), plan (pure, in
+//! One sync = read (`iptables-save` per table, `ipset save`; or, between full
+//! resyncs, the model of the last complete sync), plan (pure, in
 //! [`sluice_policy::dataplane::plan`]), then write, in an order where every moment
 //! in between is safe (docs/reliability.md, "Agent killed mid-apply"):
 //! 1. `ipset restore`: new sets (no rule uses them yet) and members removed from
-//!    existing sets. Every set a filter rule matches grants (pod peers, ipBlocks,
-//!    named ports, node addresses), so a smaller set only allows less than before;
-//! 2. one `iptables-restore --noflush -w` per table that changed, each atomic;
-//! 3. `ipset restore`: members added to existing sets, now under the new rules;
+//!    existing sets (removals alone go over netlink, [`CommandRunner::set_members`]).
+//!    Every set a filter rule matches grants (pod peers, ipBlocks, named ports, node
+//!    addresses), so a smaller set only allows less than before;
+//! 2. one `iptables-restore --noflush -w` per table that changed, each atomic; a
+//!    chain changed in one run of rules (a pod's dispatch rules) is edited in place,
+//!    so a new pod's transaction inserts and deletes nothing;
+//! 3. members added to existing sets, now under the new rules (over netlink);
 //! 4. the destruction of sets nothing references any more.
 //!
 //! Removing before and adding after the rules keeps each intermediate within the old
@@ -29,7 +33,7 @@ mod nft_elements;
 pub mod runner;
 pub mod select;
 
-use sluice_policy::dataplane::plan::{self, KernelState, Plan};
+use sluice_policy::dataplane::plan::{self, Plan};
 use sluice_policy::dataplane::{ModelError, Ruleset};
 use sluice_policy::names;
 use sluice_policy::render::{ipset, iptables};
@@ -56,6 +60,7 @@ pub enum DataplaneError {
 /// What a sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncReport {
+    /// Owned chains written: rewritten whole, or (iptables) edited in place.
     pub chains_rewritten: usize,
     pub chains_deleted: usize,
     pub jumps_changed: usize,
@@ -85,7 +90,11 @@ pub enum SyncMode {
 pub struct Dataplane<R: CommandRunner> {
     runner: R,
     backend: Backend,
-    last: std::sync::Mutex<Option<KernelState>>,
+    /// The model of the last complete sync: what the kernel holds while nobody else
+    /// touched sluice's objects. An incremental sync plans against it
+    /// ([`plan::diff_checked`]), comparing chains and sets by value and hashing only
+    /// the few that changed.
+    last: std::sync::Mutex<Option<Ruleset>>,
 }
 
 impl<R: CommandRunner> Dataplane<R> {
@@ -103,13 +112,13 @@ impl<R: CommandRunner> Dataplane<R> {
         desired: &Ruleset,
         mode: SyncMode,
     ) -> Result<SyncReport, DataplaneError> {
-        let cached = match mode {
+        let last = match mode {
             SyncMode::Full => None,
             SyncMode::Incremental => self.last.lock().unwrap_or_else(|e| e.into_inner()).take(),
         };
-        let result = self.sync_from(desired, cached);
+        let result = self.sync_from(desired, last.as_ref());
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
-            result.as_ref().ok().map(|_| KernelState::of(desired));
+            result.as_ref().ok().map(|_| desired.clone());
         result
     }
 
@@ -129,48 +138,63 @@ impl<R: CommandRunner> Dataplane<R> {
     fn sync_from(
         &self,
         desired: &Ruleset,
-        mut cached: Option<KernelState>,
+        last: Option<&Ruleset>,
     ) -> Result<SyncReport, DataplaneError> {
+        let plan = match last {
+            Some(old) => plan::diff_checked(old, desired)?,
+            None => self.read_and_plan(desired)?,
+        };
+        self.write(&plan)
+    }
+
+    /// Read what the kernel holds of ours (`ipset save`, one `*-save` per table of
+    /// the model) and plan against it.
+    fn read_and_plan(&self, desired: &Ruleset) -> Result<Plan, DataplaneError> {
         desired.validate()?;
         let mut plan = Plan::default();
-        let mut report = SyncReport::default();
-
-        let sets = match cached.as_mut() {
-            Some(k) => std::mem::take(&mut k.sets),
-            None => ipset::parse_save(
-                &self.runner.run_ok("ipset", &["save"], None)?.stdout,
-                names::PREFIX,
-            ),
-        };
+        let sets = ipset::parse_save(
+            &self.runner.run_ok("ipset", &["save"], None)?.stdout,
+            names::PREFIX,
+        );
         plan::plan_sets(&mut plan, desired, &sets);
-        report.set_members_changed = plan.set_members_changed();
+        for table in desired.tables.keys().copied() {
+            let text = self
+                .runner
+                .run_ok(self.backend.save_cmd(), &["-t", table.as_str()], None)?
+                .stdout;
+            let saved = iptables::parse_save(&text)
+                .remove(table.as_str())
+                .unwrap_or_default();
+            plan::plan_table(&mut plan, desired, table, &saved);
+        }
+        Ok(plan)
+    }
+
+    /// Write `plan` in the order the module docs give.
+    fn write(&self, plan: &Plan) -> Result<SyncReport, DataplaneError> {
+        let mut report = SyncReport {
+            set_members_changed: plan.set_members_changed(),
+            // Edited chains count as rewritten: both are chains written.
+            chains_rewritten: plan.chains_rewritten() + plan.chains_edited(),
+            chains_deleted: plan.chains_deleted(),
+            jumps_changed: plan.jumps_changed(),
+            ..SyncReport::default()
+        };
         // Step 1: new sets and removals; the additions to existing sets wait for the
-        // rules (step 3).
-        let additions = std::mem::take(&mut plan.add);
-        let payload = plan.ipset_before();
-        if !payload.is_empty() {
-            self.runner.run_ok("ipset", &["restore"], Some(&payload))?;
+        // rules (step 3). Removals alone go over netlink, no process.
+        if plan.sets_before_rules_are_removals_only() {
+            if !plan.remove.is_empty() {
+                self.runner.set_members(&[], &plan.remove)?;
+                report.restores += 1;
+            }
+        } else {
+            self.runner
+                .run_ok("ipset", &["restore"], Some(&plan.ipset_before_rules()))?;
             report.restores += 1;
         }
-
-        for table in desired.tables.keys().copied() {
-            let saved = match cached.as_mut() {
-                Some(k) => k.tables.remove(&table).unwrap_or_default(),
-                None => {
-                    let text = self
-                        .runner
-                        .run_ok(self.backend.save_cmd(), &["-t", table.as_str()], None)?
-                        .stdout;
-                    iptables::parse_save(&text)
-                        .remove(table.as_str())
-                        .unwrap_or_default()
-                }
-            };
-            plan::plan_table(&mut plan, desired, table, &saved);
+        // Step 2: one atomic restore per table.
+        for table in plan.tables() {
             let payload = plan.iptables(table);
-            if payload.is_empty() {
-                continue;
-            }
             self.runner.run_ok(
                 self.backend.restore_cmd(),
                 &["--noflush", "-w"],
@@ -180,26 +204,19 @@ impl<R: CommandRunner> Dataplane<R> {
             tracing::debug!(
                 table = table.as_str(),
                 rewritten = plan.rewrite.get(&table).map_or(0, Vec::len),
+                edited = plan.edit.get(&table).map_or(0, Vec::len),
                 deleted = ?plan.delete.get(&table),
                 jumps_inserted = plan.insert_jumps.get(&table).map_or(0, Vec::len),
                 jumps_deleted = plan.delete_jumps.get(&table).map_or(0, Vec::len),
                 "iptables-restore applied"
             );
         }
-        report.chains_rewritten = plan.chains_rewritten();
-        report.chains_deleted = plan.chains_deleted();
-        report.jumps_changed = plan.jumps_changed();
-
-        let grow = Plan {
-            add: additions,
-            ..Plan::default()
-        };
-        let payload = grow.ipset_before();
-        if !payload.is_empty() {
-            self.runner.run_ok("ipset", &["restore"], Some(&payload))?;
+        // Step 3: members added to existing sets, now under the new rules.
+        if !plan.add.is_empty() {
+            self.runner.set_members(&plan.add, &[])?;
             report.restores += 1;
         }
-
+        // Step 4: sets nothing references any more.
         for set in &plan.destroy_sets {
             self.runner.run_ok("ipset", &["destroy", set], None)?;
             report.sets_destroyed += 1;
@@ -212,6 +229,7 @@ impl<R: CommandRunner> Dataplane<R> {
 pub(super) mod tests {
     use super::runner::{CommandOutput, RecordedCall};
     use super::*;
+    use sluice_policy::dataplane::plan::KernelState;
 
     use sluice_policy::dataplane::{
         BuiltinJump, Chain, IpSet, Rule, SetKind, SetMember, Table, Target,
@@ -254,8 +272,8 @@ pub(super) mod tests {
             lines,
             [
                 "ipset save",
-                "ipset restore",
                 "iptables-nft-save -t filter",
+                "ipset restore",
                 "iptables-nft-restore --noflush -w",
             ]
         );

@@ -3,10 +3,21 @@
 //! The dataplane decides what text to feed which tool; a [`CommandRunner`] runs it.
 //! [`ExecRunner`] execs for real; [`RecordingRunner`] records every call and answers
 //! from a script so reconcile logic is tested without a kernel.
+//!
+//! Set member adds and deletes ([`CommandRunner::set_members`]) are `ipset restore`
+//! text by default; [`ExecRunner`] sends them over netlink instead
+//! ([`sluice_netlink::ipset`]): a new pod's addresses enter its peers' sets without a
+//! process start on the way to its first allowed packet.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+
+use sluice_netlink::ipset as nl;
+use sluice_policy::Protocol;
+use sluice_policy::dataplane::SetMember;
+use sluice_policy::render::ipset::member_text;
 
 /// One finished command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +55,8 @@ pub enum RunError {
         status: i32,
         stderr: String,
     },
+    #[error(transparent)]
+    Netlink(#[from] sluice_netlink::NetlinkError),
 }
 
 /// Runs a program with arguments and optional stdin, waiting for it to finish.
@@ -54,6 +67,18 @@ pub trait CommandRunner: Send + Sync {
         args: &[&str],
         stdin: Option<&str>,
     ) -> Result<CommandOutput, RunError>;
+
+    /// Add then delete set members (`-exist`: an add of a member already there or a
+    /// delete of one that is not is no error), in order. By default one
+    /// `ipset restore`.
+    fn set_members(
+        &self,
+        add: &[(String, SetMember)],
+        remove: &[(String, SetMember)],
+    ) -> Result<(), RunError> {
+        let text = members_restore_text(add, remove);
+        self.run_ok("ipset", &["restore"], Some(&text)).map(|_| ())
+    }
 
     /// Like [`CommandRunner::run`] but a non-zero exit is an error.
     fn run_ok(
@@ -74,6 +99,45 @@ pub trait CommandRunner: Send + Sync {
             })
         }
     }
+}
+
+/// The `ipset restore` text of member additions then deletions, each `-exist`.
+pub fn members_restore_text(add: &[(String, SetMember)], remove: &[(String, SetMember)]) -> String {
+    let mut out = String::new();
+    for (name, m) in add {
+        let _ = writeln!(out, "add {name} {} -exist", member_text(m));
+    }
+    for (name, m) in remove {
+        let _ = writeln!(out, "del {name} {} -exist", member_text(m));
+    }
+    out
+}
+
+/// A member as the netlink writer takes it; `None` for what only `ipset`'s own
+/// parser spells (ICMP "ports") or only nftables holds.
+fn netlink_member(m: &SetMember) -> Option<nl::Member> {
+    Some(match *m {
+        SetMember::Ip(ip) => nl::Member::Ip(ip),
+        SetMember::Net { net, nomatch } => nl::Member::Net {
+            addr: net.network(),
+            prefix: net.prefix_len(),
+            nomatch,
+        },
+        SetMember::IpPort { ip, protocol, port } => nl::Member::IpPort {
+            ip,
+            protocol: match protocol {
+                Protocol::Tcp => libc::IPPROTO_TCP as u8,
+                Protocol::Udp => libc::IPPROTO_UDP as u8,
+                Protocol::Sctp => libc::IPPROTO_SCTP as u8,
+                Protocol::Icmp => return None,
+            },
+            port,
+        },
+        SetMember::Range(_)
+        | SetMember::Tuple { .. }
+        | SetMember::ClassTuple { .. }
+        | SetMember::Classes(_) => return None,
+    })
 }
 
 /// Execs the program for real, in the calling thread's network namespace.
@@ -114,6 +178,34 @@ impl CommandRunner for ExecRunner {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
+    }
+
+    /// Over netlink, in the calling thread's network namespace; through
+    /// `ipset restore` when a member has no netlink form here.
+    fn set_members(
+        &self,
+        add: &[(String, SetMember)],
+        remove: &[(String, SetMember)],
+    ) -> Result<(), RunError> {
+        let changes: Option<Vec<nl::Change>> = add
+            .iter()
+            .map(|m| (nl::Op::Add, m))
+            .chain(remove.iter().map(|m| (nl::Op::Del, m)))
+            .map(|(op, (set, m))| {
+                Some(nl::Change {
+                    op,
+                    set: set.clone(),
+                    member: netlink_member(m)?,
+                })
+            })
+            .collect();
+        match changes {
+            Some(changes) => Ok(nl::apply(&changes)?),
+            None => {
+                let text = members_restore_text(add, remove);
+                self.run_ok("ipset", &["restore"], Some(&text)).map(|_| ())
+            }
+        }
     }
 }
 

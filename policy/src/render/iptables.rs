@@ -9,8 +9,10 @@
 //! [`BuiltinJumpSpec`] once (`-I <chain> 1 <spec>`) when the kernel lacks it.
 //!
 //! Every rule carries `-m comment --comment "sluice:<hash>"`, where the hash covers
-//! the chain name, the previous rule's hash and the rule's own text (as Calico's felix
-//! does), so identical text at another position has another identity. Rules are
+//! the chain name and the rule's own text, not its position: a chain is the list of
+//! its rules' hashes, in order, so a rule inserted into a chain leaves every other
+//! rule's identity alone and the planner can write it as one `-I` instead of
+//! rewriting the chain (a new pod's dispatch rules, issue 12). Rules are
 //! written in `iptables-save`'s own layout (address/interface/protocol header, then the
 //! comment, then match modules and target) so that what the kernel prints back equals
 //! what was written, line for line.
@@ -164,7 +166,8 @@ pub fn rule_body(rule: &Rule) -> String {
     }
 }
 
-/// The identity hash of a rule at its position in `chain`.
+/// The identity hash of a rule after `previous` in `chain` (the nftables renderer
+/// chains it; the iptables rules pass `""`, see [`chain_rule_hashes`]).
 pub fn rule_hash(chain: &str, previous: &str, body: &str) -> String {
     let mut key = String::with_capacity(chain.len() + previous.len() + body.len() + 2);
     key.push_str(chain);
@@ -175,17 +178,26 @@ pub fn rule_hash(chain: &str, previous: &str, body: &str) -> String {
     names::hash16(key.as_bytes())
 }
 
-/// The identity hash of each rule of `chain`, in order: each covers the previous.
+/// The identity hash of `rule` in the chain named `chain`, wherever it stands there.
+pub fn chain_rule_hash(chain: &str, rule: &Rule) -> String {
+    rule_hash(chain, "", &rule_body(rule))
+}
+
+/// The identity hash of each rule of `chain`, in order. A rule's hash does not cover
+/// its position: the order is the list's, so inserting or deleting one rule changes
+/// only that rule's entry and the planner can edit the chain in place.
 pub fn chain_rule_hashes(chain: &Chain) -> Vec<String> {
-    let mut previous = String::new();
     chain
         .rules
         .iter()
-        .map(|r| {
-            previous = rule_hash(&chain.name, &previous, &rule_body(r));
-            previous.clone()
-        })
+        .map(|r| chain_rule_hash(&chain.name, r))
         .collect()
+}
+
+/// What follows `-A <chain> ` or `-I <chain> <n> ` for `rule` of the chain named
+/// `chain`, comment included.
+pub fn rule_spec(chain: &str, rule: &Rule) -> String {
+    with_comment(rule, &chain_rule_hash(chain, rule))
 }
 
 /// `rule` with its identity comment where `iptables-save` prints it: after the

@@ -25,9 +25,10 @@
 //! - verdict maps become `map`s (`type ifname : verdict`, `type ifname . ipv4_addr :
 //!   verdict`, `type ipv4_addr : verdict; flags interval` for the address class map).
 //!
-//! Every rule carries `comment "sluice:<hash>"`, the same identity scheme as the
-//! iptables renderer's ([`iptables::rule_hash`]: chain, previous hash, rule text),
-//! here over the nft text of the rule. The planner compares chains by these.
+//! Every rule carries `comment "sluice:<hash>"`, from the iptables renderer's hash
+//! ([`iptables::rule_hash`]: chain, previous hash, rule text), here over the nft text
+//! of the rule and chained over the previous rule's. The planner compares chains by
+//! these.
 //!
 //! The script is a list of commands, never a `table { }` block, so one vocabulary
 //! (`add chain`, `add set`, `add element`, `add rule`, …) serves the full render and
