@@ -433,8 +433,10 @@ fn encode_element(list: &mut Vec<u8>, e: &Element, add: bool) -> Result<(), Netl
                 &tuple_key(addrs.1.octets(), *protocol, ports.1),
             );
         }
-        // Always with its end, even a one-mark one-port element: nft 1.0.6 deletes that
-        // by its key alone with the mark in host order, which the kernel never finds.
+        // Always with its end, as nft sends every element of a command that has a
+        // range in it. A command deleting only one-mark one-port elements, nft 1.0.6
+        // sends by key alone with the mark in host order, which the kernel does not
+        // find (ENOENT).
         Key::MarkTuple {
             marks,
             protocol,
