@@ -17,9 +17,16 @@
 //! - `ipv4_addr . inet_proto . inet_service` with `flags interval`: one element,
 //!   `NFTA_SET_ELEM_KEY` and `NFTA_SET_ELEM_KEY_END` (inclusive), each field padded to
 //!   4 bytes (address big-endian, protocol one byte, port big-endian);
+//! - a `mark` set with `flags interval`: as an `ipv4_addr` interval set, the mark
+//!   big-endian (nft converts the host-order `meta mark` to network order for interval
+//!   sets, in the rule and in the elements alike);
+//! - `mark . inet_proto . inet_service` with `flags interval`: as the address tuple,
+//!   the mark big-endian in its field;
 //! - verdict maps keyed by `ifname` (16 bytes, zero-padded) or `ifname . ipv4_addr`
 //!   (16 + 4): key and `NFTA_SET_ELEM_DATA` holding the verdict (code, and chain for
 //!   jump and goto). A deletion names the key only.
+//! - an `ipv4_addr` verdict map with `flags interval`: the interval set's elements,
+//!   the verdict on the start (before the open-interval user data), none on the end.
 //!
 //! Every message asks for an ack; a `NFT_MSG_GETGEN` sent after the batch marks the
 //! end of the replies (the kernel handles the batch within our send, so every reply to
@@ -90,13 +97,22 @@ pub enum Verdict {
 pub enum Key {
     /// A plain `ipv4_addr` set.
     Addr(Ipv4Addr),
-    /// An `ipv4_addr` set with `flags interval`: an inclusive range (start = end for
-    /// one address).
+    /// An `ipv4_addr` set or verdict map with `flags interval`: an inclusive range
+    /// (start = end for one address).
     AddrRange(Ipv4Addr, Ipv4Addr),
     /// An `ipv4_addr . inet_proto . inet_service` interval set: inclusive ranges of
     /// addresses and ports, one protocol number.
     Tuple {
         addrs: (Ipv4Addr, Ipv4Addr),
+        protocol: u8,
+        ports: (u16, u16),
+    },
+    /// A `mark` set with `flags interval`: an inclusive range.
+    MarkRange(u32, u32),
+    /// A `mark . inet_proto . inet_service` interval set: inclusive ranges of marks
+    /// and ports, one protocol number.
+    MarkTuple {
+        marks: (u32, u32),
         protocol: u8,
         ports: (u16, u16),
     },
@@ -378,9 +394,9 @@ fn field(out: &mut Vec<u8>, value: &[u8]) {
     pad(out);
 }
 
-fn tuple_key(addr: Ipv4Addr, protocol: u8, port: u16) -> Vec<u8> {
+fn tuple_key(first: [u8; 4], protocol: u8, port: u16) -> Vec<u8> {
     let mut k = Vec::with_capacity(12);
-    field(&mut k, &addr.octets());
+    field(&mut k, &first);
     field(&mut k, &[protocol]);
     field(&mut k, &port.to_be_bytes());
     k
@@ -389,26 +405,17 @@ fn tuple_key(addr: Ipv4Addr, protocol: u8, port: u16) -> Vec<u8> {
 /// One element as nft sends it: one or (interval start and end) two list entries.
 fn encode_element(list: &mut Vec<u8>, e: &Element, add: bool) -> Result<(), NetlinkError> {
     let mut one = Vec::new();
+    // A one-field interval's end, exclusive (`None`: the range runs to the last value).
+    let mut interval_end: Option<Option<u32>> = None;
     match &e.key {
         Key::Addr(a) => data_value(&mut one, NFTA_SET_ELEM_KEY, &a.octets()),
         Key::AddrRange(start, end) => {
             data_value(&mut one, NFTA_SET_ELEM_KEY, &start.octets());
-            match u32::from(*end).checked_add(1) {
-                Some(after) => {
-                    attr(list, NFTA_LIST_ELEM | NLA_F_NESTED, &one);
-                    one.clear();
-                    attr(
-                        &mut one,
-                        NFTA_SET_ELEM_FLAGS,
-                        &NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
-                    );
-                    data_value(&mut one, NFTA_SET_ELEM_KEY, &Ipv4Addr::from(after).octets());
-                }
-                // Up to the last address: no end element; nft marks the start so its
-                // listing shows the range.
-                None if add => attr(&mut one, NFTA_SET_ELEM_USERDATA, &UDATA_INTERVAL_OPEN),
-                None => {}
-            }
+            interval_end = Some(u32::from(*end).checked_add(1));
+        }
+        Key::MarkRange(start, end) => {
+            data_value(&mut one, NFTA_SET_ELEM_KEY, &start.to_be_bytes());
+            interval_end = Some(end.checked_add(1));
         }
         Key::Tuple {
             addrs,
@@ -418,12 +425,32 @@ fn encode_element(list: &mut Vec<u8>, e: &Element, add: bool) -> Result<(), Netl
             data_value(
                 &mut one,
                 NFTA_SET_ELEM_KEY,
-                &tuple_key(addrs.0, *protocol, ports.0),
+                &tuple_key(addrs.0.octets(), *protocol, ports.0),
             );
             data_value(
                 &mut one,
                 NFTA_SET_ELEM_KEY_END,
-                &tuple_key(addrs.1, *protocol, ports.1),
+                &tuple_key(addrs.1.octets(), *protocol, ports.1),
+            );
+        }
+        // Always with its end, as nft sends every element of a command that has a
+        // range in it. A command deleting only one-mark one-port elements, nft 1.0.6
+        // sends by key alone with the mark in host order, which the kernel does not
+        // find (ENOENT).
+        Key::MarkTuple {
+            marks,
+            protocol,
+            ports,
+        } => {
+            data_value(
+                &mut one,
+                NFTA_SET_ELEM_KEY,
+                &tuple_key(marks.0.to_be_bytes(), *protocol, ports.0),
+            );
+            data_value(
+                &mut one,
+                NFTA_SET_ELEM_KEY_END,
+                &tuple_key(marks.1.to_be_bytes(), *protocol, ports.1),
             );
         }
         Key::Iface(name) => data_value(&mut one, NFTA_SET_ELEM_KEY, &ifname(name)?),
@@ -450,6 +477,24 @@ fn encode_element(list: &mut Vec<u8>, e: &Element, add: bool) -> Result<(), Netl
         let mut data = Vec::new();
         attr(&mut data, NFTA_DATA_VERDICT | NLA_F_NESTED, &verdict);
         attr(&mut one, NFTA_SET_ELEM_DATA | NLA_F_NESTED, &data);
+    }
+    match interval_end {
+        // The end: `end + 1` flagged, without the verdict (both key types are 4 bytes,
+        // big-endian).
+        Some(Some(after)) => {
+            attr(list, NFTA_LIST_ELEM | NLA_F_NESTED, &one);
+            one.clear();
+            attr(
+                &mut one,
+                NFTA_SET_ELEM_FLAGS,
+                &NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
+            );
+            data_value(&mut one, NFTA_SET_ELEM_KEY, &after.to_be_bytes());
+        }
+        // Up to the last value: no end element; nft marks the start so its listing
+        // shows the range.
+        Some(None) if add => attr(&mut one, NFTA_SET_ELEM_USERDATA, &UDATA_INTERVAL_OPEN),
+        _ => {}
     }
     attr(list, NFTA_LIST_ELEM | NLA_F_NESTED, &one);
     Ok(())
@@ -518,6 +563,98 @@ mod tests {
     }
 
     #[test]
+    fn a_mark_range_is_an_interval_of_big_endian_marks_as_an_address_range_is() {
+        // As nft 1.0.6 sends `5-9`, `3` and `10-4294967295` to a `mark` interval set.
+        let range = |a, b| Element {
+            key: Key::MarkRange(a, b),
+            verdict: None,
+        };
+        let want: Vec<u8> = [
+            &[16u8, 0, 1, 0x80, 12, 0, 1, 0x80, 8, 0, 1, 0, 0, 0, 0, 5][..],
+            &[24, 0, 1, 0x80, 8, 0, 3, 0, 0, 0, 0, 1],
+            &[12, 0, 1, 0x80, 8, 0, 1, 0, 0, 0, 0, 10],
+        ]
+        .concat();
+        assert_eq!(list_of(&range(5, 9), true), want);
+        assert_eq!(list_of(&range(5, 9), false), want, "a deletion too");
+        let one = list_of(&range(3, 3), true);
+        assert_eq!(
+            (&one[12..16], &one[36..40]),
+            (&[0, 0, 0, 3][..], &[0, 0, 0, 4][..])
+        );
+        let open: Vec<u8> = [
+            &[28u8, 0, 1, 0x80, 12, 0, 1, 0x80, 8, 0, 1, 0, 0, 0, 0, 10][..],
+            &[10, 0, 6, 0, 1, 4, 1, 0, 0, 0, 0, 0],
+        ]
+        .concat();
+        assert_eq!(list_of(&range(10, u32::MAX), true), open);
+    }
+
+    #[test]
+    fn a_mark_tuple_is_one_element_with_key_and_key_end_and_the_mark_big_endian() {
+        let e = |marks, ports| Element {
+            key: Key::MarkTuple {
+                marks,
+                protocol: 6,
+                ports,
+            },
+            verdict: None,
+        };
+        // As nft 1.0.6 sends `0-7 . tcp . 80-90` (--debug=mnl), added or deleted.
+        let want: Vec<u8> = [
+            &[44u8, 0, 1, 0x80][..],
+            &[20, 0, 1, 0x80, 16, 0, 1, 0],
+            &[0, 0, 0, 0, 6, 0, 0, 0, 0, 0x50, 0, 0],
+            &[20, 0, 10, 0x80, 16, 0, 1, 0],
+            &[0, 0, 0, 7, 6, 0, 0, 0, 0, 0x5a, 0, 0],
+        ]
+        .concat();
+        assert_eq!(list_of(&e((0, 7), (80, 90)), true), want);
+        assert_eq!(list_of(&e((0, 7), (80, 90)), false), want);
+        // One mark and port: as nft adds `3 . tcp . 53`, and deletes `3-3 . tcp . 53`.
+        let one = list_of(&e((3, 3), (53, 53)), false);
+        assert_eq!(one.len(), 44);
+        assert_eq!(&one[12..24], &one[32..44]);
+        assert_eq!(&one[12..16], &[0, 0, 0, 3]);
+    }
+
+    #[test]
+    fn an_interval_map_element_has_its_verdict_on_the_start_and_none_on_the_end() {
+        let jump = |a, b| Element {
+            key: Key::AddrRange(ip(a), ip(b)),
+            verdict: Some(Verdict::Jump("C1".into())),
+        };
+        // As nft 1.0.6 sends `10.0.0.0-10.0.0.9 : jump C1` to an interval verdict map.
+        let verdict: &[u8] = &[
+            24, 0, 2, 0x80, 20, 0, 2, 0x80, 8, 0, 1, 0, 0xff, 0xff, 0xff, 0xfd, 7, 0, 2, 0, b'C',
+            b'1', 0, 0,
+        ];
+        let want: Vec<u8> = [
+            &[40u8, 0, 1, 0x80, 12, 0, 1, 0x80, 8, 0, 1, 0, 10, 0, 0, 0][..],
+            verdict,
+            &[24, 0, 1, 0x80, 8, 0, 3, 0, 0, 0, 0, 1],
+            &[12, 0, 1, 0x80, 8, 0, 1, 0, 10, 0, 0, 10],
+        ]
+        .concat();
+        assert_eq!(list_of(&jump("10.0.0.0", "10.0.0.9"), true), want);
+        // Its deletion: the range's two elements without the verdict.
+        let del: Vec<u8> = [
+            &[16u8, 0, 1, 0x80, 12, 0, 1, 0x80, 8, 0, 1, 0, 10, 0, 0, 0][..],
+            &want[40..],
+        ]
+        .concat();
+        assert_eq!(list_of(&jump("10.0.0.0", "10.0.0.9"), false), del);
+        // `10.1.0.0-255.255.255.255 : jump C1`: the verdict, then the open-interval mark.
+        let open: Vec<u8> = [
+            &[52u8, 0, 1, 0x80, 12, 0, 1, 0x80, 8, 0, 1, 0, 10, 1, 0, 0][..],
+            verdict,
+            &[10, 0, 6, 0, 1, 4, 1, 0, 0, 0, 0, 0],
+        ]
+        .concat();
+        assert_eq!(list_of(&jump("10.1.0.0", "255.255.255.255"), true), open);
+    }
+
+    #[test]
     fn a_map_element_carries_a_sixteen_byte_name_and_its_verdict_and_a_deletion_only_the_key() {
         let e = Element {
             key: Key::Iface("slc0".into()),
@@ -582,6 +719,9 @@ add set ip nftnl-t A { type ipv4_addr; flags interval; }
 add set ip nftnl-t I { type ipv4_addr; }
 add map ip nftnl-t MO { type ifname : verdict; }
 add map ip nftnl-t MS { type ifname . ipv4_addr : verdict; }
+add set ip nftnl-t CT { type mark . inet_proto . inet_service; flags interval; }
+add set ip nftnl-t CA { type mark; flags interval; }
+add map ip nftnl-t MC { type ipv4_addr : verdict; flags interval; }
 add element ip nftnl-t I { 10.9.9.9 }
 EOF",
             );
@@ -632,6 +772,52 @@ EOF",
                         Some(Verdict::Accept),
                     )],
                 ),
+                add(
+                    "CT",
+                    vec![
+                        el(
+                            Key::MarkTuple {
+                                marks: (0, 7),
+                                protocol: 6,
+                                ports: (80, 90),
+                            },
+                            None,
+                        ),
+                        el(
+                            Key::MarkTuple {
+                                marks: (9, 9),
+                                protocol: 17,
+                                ports: (53, 53),
+                            },
+                            None,
+                        ),
+                    ],
+                ),
+                add(
+                    "CA",
+                    vec![
+                        el(Key::MarkRange(3, 3), None),
+                        el(Key::MarkRange(5, 9), None),
+                        el(Key::MarkRange(0x4000, u32::MAX), None),
+                    ],
+                ),
+                add(
+                    "MC",
+                    vec![
+                        el(
+                            Key::AddrRange(ip("10.0.0.0"), ip("10.0.0.9")),
+                            Some(Verdict::Jump("G".into())),
+                        ),
+                        el(
+                            Key::AddrRange(ip("10.0.1.1"), ip("10.0.1.1")),
+                            Some(Verdict::Jump("G".into())),
+                        ),
+                        el(
+                            Key::AddrRange(ip("10.1.0.0"), ip("255.255.255.255")),
+                            Some(Verdict::Goto("G".into())),
+                        ),
+                    ],
+                ),
             ];
             let g0 = crate::nftables::ruleset_generation().unwrap();
             let g1 = write_elements(libc::AF_INET as u8, "nftnl-t", &changes).expect("batch");
@@ -647,6 +833,11 @@ EOF",
                 "\"slc2\" : jump G",
                 "\"slc3\" : drop",
                 "\"slc0\" . 10.0.0.1 : accept",
+                "0x00000000/29 . tcp . 80-90",
+                "0x00000009 . udp . 53",
+                "0x00000003, 0x00000005-0x00000009, 0x00004000-0xffffffff",
+                "10.0.0.0-10.0.0.9 : jump G, 10.0.1.1 : jump G",
+                "10.1.0.0-255.255.255.255 : goto G",
             ] {
                 assert!(listing.contains(want), "{want} in\n{listing}");
             }

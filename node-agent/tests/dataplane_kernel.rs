@@ -634,12 +634,26 @@ fn auto_picks_nftables_on_this_kernel_because_nft_check_accepts_the_probe() {
 /// The probe table (every set and map kind the renderer writes) with a few thousand
 /// more elements, then element-only changes of every kind, step by step.
 fn element_steps() -> Vec<Ruleset> {
-    use sluice_policy::dataplane::{AddrRange, MapKeyValue, MapVerdict, PortRange};
+    use sluice_policy::dataplane::{AddrRange, ClassRange, MapKeyValue, MapVerdict, PortRange};
     use sluice_policy::model::Protocol;
     use std::net::Ipv4Addr;
     let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
     let range = |a: &str, b: &str| {
         SetMember::Range(AddrRange {
+            start: ip(a),
+            end: ip(b),
+        })
+    };
+    let classes = |start, end, protocol, ports: (u16, u16)| SetMember::ClassTuple {
+        classes: ClassRange { start, end },
+        protocol,
+        ports: PortRange {
+            start: ports.0,
+            end: ports.1,
+        },
+    };
+    let class_map = |a: &str, b: &str| {
+        MapKeyValue::Range(AddrRange {
             start: ip(a),
             end: ip(b),
         })
@@ -704,6 +718,29 @@ fn element_steps() -> Vec<Ruleset> {
             MapKeyValue::IfaceAddr("slc7".into(), ip("10.244.0.7")),
             MapVerdict::Jump("SLUICE-G".into()),
         );
+        let ct = &mut s.get_mut("SLUICE-CT").unwrap().members;
+        ct.insert(classes(8, 15, Protocol::Udp, (53, 53)));
+        ct.insert(classes(16, 16, Protocol::Tcp, (443, 443)));
+        ct.insert(classes(0, 0x3fff, Protocol::Sctp, (0, 65535)));
+        let ca = &mut s.get_mut("SLUICE-CA").unwrap().members;
+        ca.insert(SetMember::Classes(ClassRange { start: 5, end: 9 }));
+        ca.insert(SetMember::Classes(ClassRange {
+            start: 100,
+            end: 100,
+        }));
+        let mc = &mut one.maps.get_mut("SLUICE-MC").unwrap().elements;
+        mc.insert(
+            class_map("10.0.1.1", "10.0.1.1"),
+            MapVerdict::Jump("SLUICE-C".into()),
+        );
+        mc.insert(
+            class_map("10.244.0.0", "10.244.0.127"),
+            MapVerdict::Jump("SLUICE-C".into()),
+        );
+        mc.insert(
+            class_map("192.168.0.0", "255.255.255.255"),
+            MapVerdict::Jump("SLUICE-C".into()),
+        );
     }
     let mut two = one.clone();
     {
@@ -741,6 +778,19 @@ fn element_steps() -> Vec<Ruleset> {
             .unwrap()
             .elements
             .remove(&MapKeyValue::IfaceAddr("slc0".into(), ip("10.0.0.1")));
+        let ct = &mut s.get_mut("SLUICE-CT").unwrap().members;
+        ct.remove(&classes(8, 15, Protocol::Udp, (53, 53)));
+        ct.insert(classes(8, 9, Protocol::Udp, (53, 54)));
+        let ca = &mut s.get_mut("SLUICE-CA").unwrap().members;
+        ca.remove(&SetMember::Classes(ClassRange { start: 5, end: 9 }));
+        ca.insert(SetMember::Classes(ClassRange { start: 5, end: 6 }));
+        let mc = &mut two.maps.get_mut("SLUICE-MC").unwrap().elements;
+        mc.remove(&class_map("192.168.0.0", "255.255.255.255"));
+        mc.remove(&class_map("10.0.1.1", "10.0.1.1"));
+        mc.insert(
+            class_map("10.244.0.128", "10.244.0.255"),
+            MapVerdict::Jump("SLUICE-C".into()),
+        );
     }
     vec![base, one, two.clone(), base_again(&two)]
 }

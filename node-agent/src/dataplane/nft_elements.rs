@@ -18,8 +18,11 @@ enum Form {
     Addr,
     AddrRange,
     Tuple,
+    Marks,
+    MarkTuple,
     IfaceMap,
     IfaceAddrMap,
+    AddrRangeMap,
 }
 
 fn form(decl: &str) -> Option<Form> {
@@ -36,8 +39,14 @@ fn form(decl: &str) -> Option<Form> {
             set(nft::set_decl_of(SetKind::AddrProtoPortIntervals)),
             Form::Tuple,
         ),
+        (set(nft::set_decl_of(SetKind::ClassIntervals)), Form::Marks),
+        (
+            set(nft::set_decl_of(SetKind::ClassProtoPortIntervals)),
+            Form::MarkTuple,
+        ),
         (map(MapKey::OutIface), Form::IfaceMap),
         (map(MapKey::InIfaceSource), Form::IfaceAddrMap),
+        (map(MapKey::Addr), Form::AddrRangeMap),
     ]
     .into_iter()
     .find(|(d, _)| d == decl)
@@ -70,7 +79,10 @@ pub fn netlink_changes(changes: &[NftElementChanges]) -> Option<Vec<SetChanges>>
 
 /// One element's text: a key (a deletion), or for a map added to, `key : verdict`.
 fn element(form: Form, text: &str, add: bool) -> Option<Element> {
-    let is_map = matches!(form, Form::IfaceMap | Form::IfaceAddrMap);
+    let is_map = matches!(
+        form,
+        Form::IfaceMap | Form::IfaceAddrMap | Form::AddrRangeMap
+    );
     let (key, verdict) = match (is_map, add) {
         (true, true) => {
             let (k, v) = text.split_once(" : ")?;
@@ -80,9 +92,27 @@ fn element(form: Form, text: &str, add: bool) -> Option<Element> {
     };
     let key = match form {
         Form::Addr => Key::Addr(key.parse().ok()?),
-        Form::AddrRange => {
+        Form::AddrRange | Form::AddrRangeMap => {
             let (a, b) = addr_range(key)?;
             Key::AddrRange(a, b)
+        }
+        Form::Marks => {
+            let (a, b) = mark_range(key)?;
+            Key::MarkRange(a, b)
+        }
+        Form::MarkTuple => {
+            let mut parts = key.split(" . ");
+            let marks = mark_range(parts.next()?)?;
+            let protocol = protocol(parts.next()?)?;
+            let ports = port_range(parts.next()?)?;
+            if parts.next().is_some() {
+                return None;
+            }
+            Key::MarkTuple {
+                marks,
+                protocol,
+                ports,
+            }
         }
         Form::Tuple => {
             let mut parts = key.split(" . ");
@@ -115,6 +145,23 @@ fn addr_range(text: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
             Some((a, a))
         }
     }
+}
+
+/// Address classes as [`nft::class_text`] writes them: `a` or `a-b`, decimal (nft's
+/// own hexadecimal `0x…` is read too).
+fn mark_range(text: &str) -> Option<(u32, u32)> {
+    let mark = |t: &str| match t.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    };
+    let (a, b) = match text.split_once('-') {
+        Some((a, b)) => (mark(a)?, mark(b)?),
+        None => {
+            let a = mark(text)?;
+            (a, a)
+        }
+    };
+    (a <= b).then_some((a, b))
 }
 
 fn port_range(text: &str) -> Option<(u16, u16)> {
@@ -219,6 +266,47 @@ mod tests {
             }
         );
         assert_eq!(by_name("SLUICE-MI")[0].verdict, Some(Verdict::Drop));
+        assert_eq!(
+            by_name("SLUICE-CT")[0].key,
+            Key::MarkTuple {
+                marks: (0, 7),
+                protocol: 6,
+                ports: (80, 90)
+            }
+        );
+        assert_eq!(by_name("SLUICE-CA")[0].key, Key::MarkRange(3, 3));
+        assert_eq!(
+            by_name("SLUICE-MC")[0],
+            Element {
+                key: Key::AddrRange(ip("10.0.0.0"), ip("10.0.0.9")),
+                verdict: Some(Verdict::Jump("SLUICE-C".into()))
+            }
+        );
+    }
+
+    #[test]
+    fn address_classes_are_read_decimal_or_hexadecimal_and_a_reversed_range_is_not_read() {
+        let decl = nft::set_decl_of(sluice_policy::dataplane::SetKind::ClassIntervals);
+        let marks = |texts: &[&str]| {
+            netlink_changes(&[NftElementChanges {
+                name: "CA".into(),
+                decl: format!("set {decl}"),
+                delete: texts.iter().map(|t| t.to_string()).collect(),
+                add: vec![],
+            }])
+            .map(|c| {
+                c[0].delete
+                    .iter()
+                    .map(|e| e.key.clone())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            marks(&["12", "0x10-0x3fff"]),
+            Some(vec![Key::MarkRange(12, 12), Key::MarkRange(16, 0x3fff)])
+        );
+        assert_eq!(marks(&["9-3"]), None);
+        assert_eq!(marks(&["0x00000000/29"]), None);
     }
 
     #[test]
