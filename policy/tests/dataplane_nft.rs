@@ -262,3 +262,41 @@ fn random_sequences_of_clusters_sync_exactly() {
         apply(&nft::delete_script());
     });
 }
+
+#[test]
+fn a_one_class_one_port_tuple_is_deleted_by_nft_as_by_netlink() {
+    if skip("a_one_class_one_port_tuple_is_deleted_by_nft_as_by_netlink") {
+        return;
+    }
+    use sluice_policy::dataplane::{ClassRange, PortRange, SetMember};
+    use sluice_policy::model::Protocol;
+    let one = |class: u32, port: u16| SetMember::ClassTuple {
+        classes: ClassRange {
+            start: class,
+            end: class,
+        },
+        protocol: Protocol::Tcp,
+        ports: PortRange {
+            start: port,
+            end: port,
+        },
+    };
+    let mut before = nft::probe_ruleset();
+    let tuples = &mut before.sets.get_mut("SLUICE-CT").unwrap().members;
+    tuples.insert(one(16, 443));
+    tuples.insert(one(19, 1));
+    // Every plan with a chain change goes through `nft -f` (only element-only plans
+    // go over netlink). nft 1.0.6 names such an element by its key alone, mark in
+    // host order, unless the command spells a range: the kernel then answers ENOENT
+    // and the whole transaction (and every retry of it) would fail.
+    let mut after = before.clone();
+    let tuples = &mut after.sets.get_mut("SLUICE-CT").unwrap().members;
+    tuples.remove(&one(16, 443));
+    tuples.remove(&one(19, 1));
+    sluice_testkit::in_new_netns(|| {
+        sync(&before);
+        let p = sync(&after);
+        assert_eq!(p.elements_deleted, 2, "{}", p.script);
+        sync(&before);
+    });
+}

@@ -411,6 +411,25 @@ fn element_key<'a>(keyword: &str, text: &'a str) -> &'a str {
     }
 }
 
+/// How `delete element` must name `key` in a set declared `decl`. nft 1.0.6 sends a
+/// `mark . inet_proto . inet_service` interval element whose mark is one value, in a
+/// command that names no range, by its key alone with the mark in host byte order,
+/// which the kernel does not find (ENOENT: the whole transaction fails, and would
+/// again at every retry). Spelled as the range `N-N`, the element goes in its interval
+/// form, which the kernel finds; it is the same element.
+fn deletion_key(decl: &str, key: &str) -> String {
+    let class_tuples = format!(
+        "set {}",
+        nft::set_decl_of(crate::dataplane::SetKind::ClassProtoPortIntervals)
+    );
+    match key.split_once(" . ") {
+        Some((mark, rest)) if decl == class_tuples && !mark.contains('-') => {
+            format!("{mark}-{mark} . {rest}")
+        }
+        _ => key.to_string(),
+    }
+}
+
 /// One set or map that a plan touches.
 struct SetDelta {
     name: String,
@@ -645,7 +664,8 @@ fn write(
     // 3: elements, deletions first.
     for d in &delta.sets {
         p.elements_deleted += d.delete.len();
-        nft::push_elements(&mut out, "delete", table, &d.name, d.delete.iter());
+        let keys: Vec<String> = d.delete.iter().map(|k| deletion_key(&d.decl, k)).collect();
+        nft::push_elements(&mut out, "delete", table, &d.name, keys.iter());
     }
     for d in &delta.sets {
         p.elements_added += d.add.len();
