@@ -169,6 +169,12 @@ impl Node {
     fn ipam_state(&self) -> String {
         let mut all = String::new();
         for f in sluice_testkit::files_under(&self.dir.join("sluice-ipam")) {
+            // The state's kept temporary file (`.allocations.json.tmp`) holds the
+            // state before the last write: not state, as for every sluice reader.
+            let name = f.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                continue;
+            }
             let Ok(v) = serde_json::from_str::<serde_json::Value>(
                 &std::fs::read_to_string(&f).unwrap_or_default(),
             ) else {
