@@ -340,11 +340,31 @@ fn probe_tcp(p: &Resolved) -> Result<Outcome, LabError> {
     }
 }
 
+/// A UDP socket on a source port that moves with the clock (one port per
+/// millisecond over 10000-60999, so a port comes back after 51 s), else any port.
+/// A denied UDP 5-tuple is recorded once per 30 s (`docs/flows.md`: a new socket on
+/// the same 5-tuple is the same flow to conntrack and to the records), so probes
+/// that let the kernel pick a port could reuse one between two cases of a run and
+/// lose a record the run expects.
+fn udp_socket() -> Result<UdpSocket, LabError> {
+    const FIRST: u64 = 10_000;
+    const COUNT: u64 = 51_000;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for i in 0..16 {
+        let port = (FIRST + (ms + i) % COUNT) as u16;
+        if let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+            return Ok(s);
+        }
+    }
+    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| LabError::Probe(e.to_string()))
+}
+
 fn probe_udp(p: &Resolved) -> Result<Outcome, LabError> {
     let start = Instant::now();
     let deadline = start + p.timeout;
-    let sock =
-        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| LabError::Probe(e.to_string()))?;
+    let sock = udp_socket()?;
     sock.connect(p.dest)
         .map_err(|e| LabError::Probe(e.to_string()))?;
     let n = nonce();
