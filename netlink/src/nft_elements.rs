@@ -69,7 +69,6 @@ const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
-const NFTA_GEN_ID: u16 = 1;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 /// libnftnl's element user data: `NFTNL_UDATA_SET_ELEM_FLAGS` (type 1, 4 bytes) =
 /// `NFTNL_SET_ELEM_F_INTERVAL_OPEN`, as nft writes it on a range without an end.
@@ -232,19 +231,7 @@ fn read_replies(
             continue;
         }
         if seq == gen_seq && kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-            let mut a = 4; // after the nfgenmsg
-            while a + 4 <= body.len() {
-                let (alen, atype) = (u16_at(body, a) as usize, u16_at(body, a + 2) & 0x3fff);
-                if alen < 4 || a + alen > body.len() {
-                    return Err(decode("bad attribute length"));
-                }
-                if atype == NFTA_GEN_ID && alen >= 8 {
-                    let v = &body[a + 4..a + 8];
-                    return Ok(Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])));
-                }
-                a += (alen + 3) & !3;
-            }
-            return Err(decode("NEWGEN without NFTA_GEN_ID"));
+            return crate::nftables::generation_in(body, OP).map(Some);
         }
     }
     Ok(None)

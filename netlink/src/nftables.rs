@@ -64,6 +64,30 @@ fn getgen_request(seq: u32) -> Vec<u8> {
     buf
 }
 
+/// The generation a NEWGEN message's body (`body`, after the netlink header) carries;
+/// `op` names the caller's operation in a decoding error.
+pub(crate) fn generation_in(body: &[u8], op: &str) -> Result<u32, NetlinkError> {
+    let decode = |detail: &str| NetlinkError::Decode {
+        op: op.into(),
+        detail: detail.into(),
+    };
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    // Attributes after the nfgenmsg: {len u16, type u16, value}, 4-byte aligned.
+    let mut a = NFGENMSG_LEN;
+    while a + 4 <= body.len() {
+        let (alen, atype) = (u16_at(body, a) as usize, u16_at(body, a + 2) & 0x3fff);
+        if alen < 4 || a + alen > body.len() {
+            return Err(decode("bad attribute length"));
+        }
+        if atype == NFTA_GEN_ID && alen >= 8 {
+            let v = &body[a + 4..a + 8];
+            return Ok(u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+        }
+        a += (alen + 3) & !3;
+    }
+    Err(decode("NEWGEN without NFTA_GEN_ID"))
+}
+
 /// The generation in a datagram of replies, `None` when it holds no reply to `seq`.
 fn parse_reply(data: &[u8], seq: u32) -> Result<Option<u32>, NetlinkError> {
     let decode = |detail: &str| NetlinkError::Decode {
@@ -98,20 +122,7 @@ fn parse_reply(data: &[u8], seq: u32) -> Result<Option<u32>, NetlinkError> {
         if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
             continue;
         }
-        // Attributes after the nfgenmsg: {len u16, type u16, value}, 4-byte aligned.
-        let mut a = NFGENMSG_LEN;
-        while a + 4 <= body.len() {
-            let (alen, atype) = (u16_at(body, a) as usize, u16_at(body, a + 2) & 0x3fff);
-            if alen < 4 || a + alen > body.len() {
-                return Err(decode("bad attribute length"));
-            }
-            if atype == NFTA_GEN_ID && alen >= 8 {
-                let v = &body[a + 4..a + 8];
-                return Ok(Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])));
-            }
-            a += (alen + 3) & !3;
-        }
-        return Err(decode("NEWGEN without NFTA_GEN_ID"));
+        return generation_in(body, OP).map(Some);
     }
     Ok(None)
 }
