@@ -239,15 +239,25 @@ fn kill_9_at_random_moments_then_gc_leaves_exactly_the_live_allocations() {
                 (id, c)
             })
             .collect();
-        let mut waiting = Vec::new();
-        for (id, mut c) in children {
+        // Half of them killed, each at a random moment of the round's first 3 ms,
+        // measured from the round's start (not one after another: an ADD here takes
+        // about a millisecond, so sleeps that add up would kill only exited ones).
+        let start = std::time::Instant::now();
+        let mut kills: Vec<(Duration, usize)> = Vec::new();
+        for i in 0..children.len() {
             if rand() % 2 == 0 {
-                std::thread::sleep(Duration::from_micros(u64::from(rand() % 4000)));
-                let _ = c.kill();
+                kills.push((Duration::from_micros(u64::from(rand() % 3000)), i));
             }
-            waiting.push((id, c));
         }
-        for (id, c) in waiting {
+        kills.sort();
+        let mut children = children;
+        for (at, i) in kills {
+            if let Some(left) = at.checked_sub(start.elapsed()) {
+                std::thread::sleep(left);
+            }
+            let _ = children[i].1.kill();
+        }
+        for (id, c) in children {
             let out = c.wait_with_output().unwrap();
             if std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(9) {
                 killed += 1;

@@ -432,7 +432,7 @@ fn incremental(
             .collect()
     };
     let mut sources: Sources<usize> = Sources::default();
-    sources.replace(0, convert_source(&raw(objs)).parsed);
+    sources.set(0, convert_source(&raw(objs)).parsed);
     let base = snapshot(objs);
     // As the directory datastore publishes: the cluster copied, the rest its own.
     let snap = |cluster: Cluster| {
@@ -450,7 +450,7 @@ fn incremental(
     assert_eq!(kind, reconcile::CompileKind::Full);
 
     let t = Instant::now();
-    sources.replace(1, convert_source(&raw(&[newcomer()])).parsed);
+    sources.set(1, convert_source(&raw(&[newcomer()])).parsed);
     let converted = t.elapsed();
     let t = Instant::now();
     let next = snap(sources.cluster().clone());

@@ -103,7 +103,7 @@ impl<S: Ord + Clone> Sources<S> {
 
     /// Sets what `source` holds (a new or changed file); returns whether the
     /// cluster changed.
-    pub fn replace(&mut self, source: S, parsed: Parsed) -> bool {
+    pub fn set(&mut self, source: S, parsed: Parsed) -> bool {
         let mut touched = self.forget(&source);
         for o in &parsed.objects {
             let k = key(o);
@@ -249,7 +249,7 @@ mod tests {
                 let changed = match &text {
                     Some(t) => {
                         texts.insert(source, t.clone());
-                        incremental.replace(source, parsed("s", t))
+                        incremental.set(source, parsed("s", t))
                     }
                     None => {
                         texts.remove(&source);

@@ -169,7 +169,7 @@ impl ManifestCache {
                         changed |= self.annotations.get(&path) != Some(&conv.annotations);
                         self.annotations.insert(path.clone(), conv.annotations);
                     }
-                    changed |= self.sources.replace(path, conv.parsed);
+                    changed |= self.sources.set(path, conv.parsed);
                 }
                 Err(e) => {
                     // Not YAML/JSON: nothing in it can be attributed to an object, so

@@ -44,8 +44,6 @@ use crate::metrics::Metrics;
 use super::cluster_network_policy::{
     ClusterNetworkPolicy, FIELD_MANAGER, condition_update, desired_condition,
 };
-#[cfg(test)]
-use super::objects::convert;
 use super::objects::convert_source;
 use super::{Datastore, DatastoreError, DatastoreHealth, Snapshot, SnapshotSender};
 
@@ -362,7 +360,7 @@ impl Converted {
             for r in &conv.rejected {
                 tracing::error!(object = %r, "policy rejected; the pods it selects are held fail-closed");
             }
-            self.sources.replace(key.clone(), conv.parsed);
+            self.sources.set(key.clone(), conv.parsed);
             self.annotations.insert(key.clone(), conv.annotations);
             self.versions.insert(key, version);
         }
@@ -684,6 +682,7 @@ pub async fn client() -> Result<Client, DatastoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datastore::objects::convert;
     use crate::datastore::objects::parse_manifest_text;
 
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: prod, labels: {app: web}}\n\
