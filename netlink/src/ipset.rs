@@ -16,9 +16,8 @@
 
 use std::net::Ipv4Addr;
 
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
-
 use crate::error::NetlinkError;
+use crate::nfnl::{self, NLM_F_ACK, NLM_F_REQUEST, attr, nested};
 
 /// `NFNL_SUBSYS_IPSET`, the high byte of every ipset message type.
 const NFNL_SUBSYS_IPSET: u16 = 6;
@@ -40,13 +39,8 @@ const IPSET_ATTR_CADT_FLAGS: u16 = 8;
 const IPSET_ATTR_IPADDR_IPV4: u16 = 1;
 /// `IPSET_FLAG_NOMATCH` (bit 2 of the CADT flags).
 const IPSET_FLAG_NOMATCH: u32 = 1 << 2;
-const NLA_F_NESTED: u16 = 1 << 15;
 const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
 const NFPROTO_IPV4: u8 = 2;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLMSG_HDRLEN: usize = 16;
 const OP: &str = "changing ipset members";
 
 /// One member of a `hash:ip`, `hash:net` or `hash:ip,port` set.
@@ -88,11 +82,7 @@ pub fn apply(changes: &[Change]) -> Result<(), NetlinkError> {
     if changes.is_empty() {
         return Ok(());
     }
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NetlinkError::Socket)?;
-    socket.bind_auto().map_err(NetlinkError::Socket)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(NetlinkError::Socket)?;
+    let socket = nfnl::open()?;
     // A datagram's worth at a time: the kernel acks each, and the socket's receive
     // buffer must hold the acks of one datagram.
     for chunk in changes.chunks(256) {
@@ -123,30 +113,13 @@ pub fn apply(changes: &[Change]) -> Result<(), NetlinkError> {
     Ok(())
 }
 
-fn attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    let len = 4 + value.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(value);
-    buf.resize(buf.len() + (4 - len % 4) % 4, 0);
-}
-
-fn nested(buf: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
-    let start = buf.len();
-    buf.extend_from_slice(&[0; 4]);
-    fill(buf);
-    let len = (buf.len() - start) as u16;
-    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-    buf[start + 2..start + 4].copy_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-}
-
 /// The request for one change, with sequence number `seq`.
 fn request(change: &Change, seq: u32) -> Vec<u8> {
     let cmd = match change.op {
         Op::Add => IPSET_CMD_ADD,
         Op::Del => IPSET_CMD_DEL,
     };
-    let mut buf = vec![0; NLMSG_HDRLEN];
+    let mut buf = Vec::new();
     // nfgenmsg: family, NFNETLINK_V0, resource id 0.
     buf.extend_from_slice(&[NFPROTO_IPV4, 0, 0, 0]);
     attr(&mut buf, IPSET_ATTR_PROTOCOL, &[IPSET_PROTOCOL]);
@@ -189,38 +162,25 @@ fn request(change: &Change, seq: u32) -> Vec<u8> {
             attr(b, IPSET_ATTR_PROTO, &[protocol]);
         }
     });
-    let len = buf.len() as u32;
-    buf[0..4].copy_from_slice(&len.to_ne_bytes());
-    buf[4..6].copy_from_slice(&((NFNL_SUBSYS_IPSET << 8) | cmd).to_ne_bytes());
-    buf[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    buf[8..12].copy_from_slice(&seq.to_ne_bytes());
-    buf
+    let mut out = Vec::new();
+    nfnl::message(
+        &mut out,
+        (NFNL_SUBSYS_IPSET << 8) | cmd,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        &buf,
+    );
+    out
 }
 
 /// The (sequence number, errno) of every ack in a datagram (errno 0: success).
 fn acks(data: &[u8]) -> Result<Vec<(u32, i32)>, NetlinkError> {
-    let decode = |detail: &str| NetlinkError::Decode {
-        op: OP.into(),
-        detail: detail.into(),
-    };
-    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let mut out = Vec::new();
-    let mut offset = 0;
-    while offset + NLMSG_HDRLEN <= data.len() {
-        let msg = &data[offset..];
-        let len = u32_at(msg, 0) as usize;
-        if len < NLMSG_HDRLEN || len > msg.len() {
-            return Err(decode("bad message length"));
+    for reply in nfnl::replies(data, OP) {
+        let reply = reply?;
+        if let Some(errno) = reply.errno(OP)? {
+            out.push((reply.seq, errno));
         }
-        let kind = u16::from_ne_bytes([msg[4], msg[5]]);
-        if kind == NLMSG_ERROR {
-            if len < NLMSG_HDRLEN + 4 {
-                return Err(decode("short error message"));
-            }
-            let code = u32_at(msg, NLMSG_HDRLEN) as i32;
-            out.push((u32_at(msg, 8), -code));
-        }
-        offset += (len + 3) & !3;
     }
     Ok(out)
 }
@@ -277,7 +237,7 @@ mod tests {
     fn acks_are_read_with_their_errno() {
         let ack = |seq: u32, code: i32| {
             let mut m = 36u32.to_ne_bytes().to_vec();
-            m.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+            m.extend_from_slice(&nfnl::NLMSG_ERROR.to_ne_bytes());
             m.extend_from_slice(&0u16.to_ne_bytes());
             m.extend_from_slice(&seq.to_ne_bytes());
             m.extend_from_slice(&0u32.to_ne_bytes());

@@ -14,6 +14,8 @@
 //!   batch, without the `nft` program.
 //! - [`ipset`]: ipset member adds and deletes over `NETLINK_NETFILTER`, which the
 //!   iptables dataplane writes on every pod event without an `ipset` process.
+//! - `nfnl` (private): the `NETLINK_NETFILTER` framing those three share (socket,
+//!   header and attributes, the walk over a datagram of replies).
 //!
 //! A netlink socket belongs to the network namespace it was created in for its whole
 //! life, whichever thread then uses it: open it in the namespace you mean
@@ -22,6 +24,7 @@
 pub mod error;
 pub mod ipset;
 pub mod message;
+mod nfnl;
 pub mod nft_elements;
 pub mod nftables;
 pub mod socket;

@@ -37,9 +37,10 @@
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use netlink_sys::Socket;
 
 use crate::error::NetlinkError;
+use crate::nfnl::{self, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, attr, message, pad};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
@@ -47,14 +48,8 @@ const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFT_MSG_NEWGEN: u16 = 15;
-const NFT_MSG_GETGEN: u16 = 16;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_HDRLEN: usize = 16;
-const NLA_F_NESTED: u16 = 0x8000;
 
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -146,11 +141,7 @@ pub fn write_elements(
     changes: &[SetChanges],
 ) -> Result<u32, NetlinkError> {
     let (batch, acked) = batch(family, table, changes, 1)?;
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NetlinkError::Socket)?;
-    socket.bind_auto().map_err(NetlinkError::Socket)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(NetlinkError::Socket)?;
+    let socket = nfnl::open()?;
     // Room for the batch (the kernel refuses a message bigger than the send buffer)
     // and its acks; root may force it past the sysctl limits.
     let room = (batch.len() + 65536).max(1 << 20);
@@ -161,7 +152,7 @@ pub fn write_elements(
     socket.send(&batch, 0).map_err(NetlinkError::Socket)?;
     let gen_seq = acked.last().map_or(1, |s| s + 2);
     socket
-        .send(&getgen(gen_seq), 0)
+        .send(&crate::nftables::getgen_request(gen_seq), 0)
         .map_err(NetlinkError::Socket)?;
     let mut seen = vec![false; acked.len()];
     loop {
@@ -200,49 +191,29 @@ fn read_replies(
     seen: &mut [bool],
     gen_seq: u32,
 ) -> Result<Option<u32>, NetlinkError> {
-    let decode = |detail: &str| NetlinkError::Decode {
-        op: OP.into(),
-        detail: detail.into(),
-    };
-    let mut offset = 0;
-    while offset + NLMSG_HDRLEN <= data.len() {
-        let msg = &data[offset..];
-        let len = u32_at(msg, 0) as usize;
-        if len < NLMSG_HDRLEN || len > msg.len() {
-            return Err(decode("bad message length"));
-        }
-        let (kind, seq) = (u16_at(msg, 4), u32_at(msg, 8));
-        let body = &msg[NLMSG_HDRLEN..len];
-        offset += (len + 3) & !3;
-        if kind == NLMSG_ERROR {
-            if body.len() < 4 {
-                return Err(decode("short error message"));
+    for reply in nfnl::replies(data, OP) {
+        let reply = reply?;
+        match reply.errno(OP)? {
+            Some(0) => {
+                if let Some(i) = acked.iter().position(|s| *s == reply.seq) {
+                    seen[i] = true;
+                }
             }
-            let code = i32::from_ne_bytes([body[0], body[1], body[2], body[3]]);
-            if code != 0 {
+            Some(errno) => {
                 return Err(NetlinkError::Kernel {
                     op: OP.into(),
-                    errno: -code,
+                    errno,
                 });
             }
-            if let Some(i) = acked.iter().position(|s| *s == seq) {
-                seen[i] = true;
+            None if reply.seq == gen_seq
+                && reply.kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN =>
+            {
+                return crate::nftables::generation_in(reply.body, OP).map(Some);
             }
-            continue;
-        }
-        if seq == gen_seq && kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-            return crate::nftables::generation_in(body, OP).map(Some);
+            None => {}
         }
     }
     Ok(None)
-}
-
-fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_ne_bytes([b[i], b[i + 1]])
-}
-
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
 /// Elements per message: keeps every message far below netlink's size limits.
@@ -311,43 +282,6 @@ fn batch(
         &batch_genmsg,
     );
     Ok((out, acked))
-}
-
-/// `NFT_MSG_GETGEN` with sequence number `seq`.
-fn getgen(seq: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    message(
-        &mut out,
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
-        NLM_F_REQUEST,
-        seq,
-        &[0, 0, 0, 0],
-    );
-    out
-}
-
-fn message(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, body: &[u8]) {
-    let len = (NLMSG_HDRLEN + body.len()) as u32;
-    out.extend_from_slice(&len.to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.extend_from_slice(body);
-    pad(out);
-}
-
-fn pad(out: &mut Vec<u8>) {
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-}
-
-fn attr(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(value);
-    pad(out);
 }
 
 fn cstr(s: &str) -> Vec<u8> {
@@ -673,12 +607,10 @@ mod tests {
             }],
         }];
         let (b, acked) = batch(2, "sluice", &changes, 1).unwrap();
-        let mut kinds = Vec::new();
-        let mut o = 0;
-        while o < b.len() {
-            kinds.push((u16_at(&b, o + 4), u16_at(&b, o + 6)));
-            o += u32_at(&b, o) as usize;
-        }
+        let kinds: Vec<_> = nfnl::replies(&b, "t")
+            .map(|m| m.map(|m| (m.kind, m.flags)))
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(
             kinds,
             [

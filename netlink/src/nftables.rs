@@ -9,9 +9,8 @@
 //! `NFT_MSG_GETGEN` is one small request and reply, a few microseconds: a sync can
 //! ask before trusting what it last wrote instead of reading its table back.
 
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
-
 use crate::error::NetlinkError;
+use crate::nfnl::{self, NLM_F_REQUEST};
 
 /// `NFNL_SUBSYS_NFTABLES`, the high byte of every nf_tables message type.
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -21,9 +20,6 @@ const NFT_MSG_NEWGEN: u16 = 15;
 const NFT_MSG_GETGEN: u16 = 16;
 /// `NFTA_GEN_ID`: the generation, big-endian u32.
 const NFTA_GEN_ID: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_HDRLEN: usize = 16;
 /// `struct nfgenmsg`: family, version, resource id.
 const NFGENMSG_LEN: usize = 4;
 const OP: &str = "reading the nf_tables generation";
@@ -33,11 +29,7 @@ const OP: &str = "reading the nf_tables generation";
 /// A fresh socket per call: a netlink socket stays in the namespace it was made in,
 /// and the caller's thread may have entered another one since (tests, benches).
 pub fn ruleset_generation() -> Result<u32, NetlinkError> {
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NetlinkError::Socket)?;
-    socket.bind_auto().map_err(NetlinkError::Socket)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(NetlinkError::Socket)?;
+    let socket = nfnl::open()?;
     let seq = 1;
     socket
         .send(&getgen_request(seq), 0)
@@ -51,16 +43,16 @@ pub fn ruleset_generation() -> Result<u32, NetlinkError> {
 }
 
 /// `NFT_MSG_GETGEN` with sequence number `seq`.
-fn getgen_request(seq: u32) -> Vec<u8> {
-    let len = (NLMSG_HDRLEN + NFGENMSG_LEN) as u32;
-    let mut buf = Vec::with_capacity(len as usize);
-    buf.extend_from_slice(&len.to_ne_bytes());
-    buf.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
-    buf.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+pub(crate) fn getgen_request(seq: u32) -> Vec<u8> {
+    let mut buf = Vec::new();
     // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, resource id 0.
-    buf.extend_from_slice(&[0, 0, 0, 0]);
+    nfnl::message(
+        &mut buf,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+        NLM_F_REQUEST,
+        seq,
+        &[0; NFGENMSG_LEN],
+    );
     buf
 }
 
@@ -90,39 +82,20 @@ pub(crate) fn generation_in(body: &[u8], op: &str) -> Result<u32, NetlinkError> 
 
 /// The generation in a datagram of replies, `None` when it holds no reply to `seq`.
 fn parse_reply(data: &[u8], seq: u32) -> Result<Option<u32>, NetlinkError> {
-    let decode = |detail: &str| NetlinkError::Decode {
-        op: OP.into(),
-        detail: detail.into(),
-    };
-    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let mut offset = 0;
-    while offset + NLMSG_HDRLEN <= data.len() {
-        let msg = &data[offset..];
-        let len = u32_at(msg, 0) as usize;
-        if len < NLMSG_HDRLEN || len > msg.len() {
-            return Err(decode("bad message length"));
-        }
-        let (kind, msg_seq) = (u16_at(msg, 4), u32_at(msg, 8));
-        let body = &msg[NLMSG_HDRLEN..len];
-        offset += (len + 3) & !3;
-        if msg_seq != seq {
+    for reply in nfnl::replies(data, OP) {
+        let reply = reply?;
+        if reply.seq != seq {
             continue;
         }
-        if kind == NLMSG_ERROR {
-            if body.len() < 4 {
-                return Err(decode("short error message"));
-            }
-            let code = i32::from_ne_bytes([body[0], body[1], body[2], body[3]]);
+        if let Some(errno) = reply.errno(OP)? {
             return Err(NetlinkError::Kernel {
                 op: OP.into(),
-                errno: -code,
+                errno,
             });
         }
-        if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-            continue;
+        if reply.kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+            return generation_in(reply.body, OP).map(Some);
         }
-        return generation_in(body, OP).map(Some);
     }
     Ok(None)
 }
@@ -136,13 +109,9 @@ mod tests {
         body.extend_from_slice(&8u16.to_ne_bytes());
         body.extend_from_slice(&NFTA_GEN_ID.to_ne_bytes());
         body.extend_from_slice(&generation.to_be_bytes());
-        let len = (NLMSG_HDRLEN + body.len()) as u32;
-        let mut m = len.to_ne_bytes().to_vec();
-        m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN).to_ne_bytes());
-        m.extend_from_slice(&0u16.to_ne_bytes());
-        m.extend_from_slice(&seq.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(&body);
+        let mut m = Vec::new();
+        let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN;
+        nfnl::message(&mut m, kind, 0, seq, &body);
         m
     }
 
