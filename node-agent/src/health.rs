@@ -130,6 +130,15 @@ impl Health {
         i.last_error = Some(error);
     }
 
+    /// The datastore's out-of-sync age and failing watches (`DatastoreHealth::out_of_sync`);
+    /// zero and none for a datastore that reports no health (the directory).
+    pub fn datastore_out_of_sync(&self) -> (Duration, usize) {
+        self.datastore
+            .as_ref()
+            .map(|d| d.out_of_sync())
+            .unwrap_or_default()
+    }
+
     pub fn view(&self) -> HealthView {
         let i = self.lock().clone();
         HealthView {
@@ -290,6 +299,12 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
+    // Ages move without events: read them when asked, not when a watch last spoke.
+    let (age, failing) = s.health.datastore_out_of_sync();
+    s.metrics.datastore_out_of_sync.set(age.as_secs_f64());
+    s.metrics
+        .datastore_watches_failing
+        .set(i64::try_from(failing).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

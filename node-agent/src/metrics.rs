@@ -1,5 +1,7 @@
 //! Prometheus metrics of the agent, registered once and shared.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,6 +30,9 @@ pub struct Metrics {
     pub blocks_released: Counter,
     pub local_reports: Counter,
     pub local_reports_pending: Gauge,
+    /// Refreshed at each scrape from `DatastoreHealth` (see `health::metrics_text`).
+    pub datastore_out_of_sync: Gauge<f64, AtomicU64>,
+    pub datastore_watches_failing: Gauge,
     /// `sluice_policy_denied_connections_total{namespace,policy,direction}`: one
     /// increment per denied-connection record (docs/flows.md, "Counters").
     pub denied_connections: Family<Vec<(String, String)>, Counter>,
@@ -71,6 +76,8 @@ impl Metrics {
             blocks_released: Counter::default(),
             local_reports: Counter::default(),
             local_reports_pending: Gauge::default(),
+            datastore_out_of_sync: Gauge::default(),
+            datastore_watches_failing: Gauge::default(),
             denied_connections: Family::default(),
             allowed_connections: Family::default(),
             registry: Registry::default(),
@@ -145,6 +152,16 @@ impl Metrics {
             "local_reports_pending",
             "Reported attachments the datastore has not confirmed yet",
             m.local_reports_pending.clone(),
+        );
+        registry.register(
+            "datastore_out_of_sync_seconds",
+            "How long the datastore's longest-failing watch has failed, once past the 5 s grace (0 while in sync); the last state stays programmed meanwhile",
+            m.datastore_out_of_sync.clone(),
+        );
+        registry.register(
+            "datastore_watches_failing",
+            "Datastore watches failing now, at any age (a dropped watch that reconnects at once shows briefly)",
+            m.datastore_watches_failing.clone(),
         );
         root.register(
             "sluice_policy_denied_connections",

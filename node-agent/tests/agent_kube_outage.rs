@@ -156,17 +156,32 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    async fn readyz(&self) -> (u16, String) {
+    async fn get(&self, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(self.health_addr)
             .await
             .unwrap();
-        s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         let code = out[9..12].parse().unwrap();
         let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
         (code, body)
+    }
+
+    async fn readyz(&self) -> (u16, String) {
+        self.get("/readyz").await
+    }
+
+    /// The value of the unlabelled metric `name` as `/metrics` serves it.
+    async fn metric(&self, name: &str) -> f64 {
+        let (code, body) = self.get("/metrics").await;
+        assert_eq!(code, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
     }
 
     /// (list requests, watch requests) the server has served.
@@ -291,6 +306,10 @@ async fn api_server_unreachable_for_a_minute_keeps_the_state_reports_not_ready_a
     .await;
     let counts = watch_policy_counts(&a);
     let before = a.policies();
+    const OUT_OF_SYNC: &str = "sluice_agent_datastore_out_of_sync_seconds";
+    const FAILING: &str = "sluice_agent_datastore_watches_failing";
+    assert_eq!(a.metric(OUT_OF_SYNC).await, 0.0);
+    assert_eq!(a.metric(FAILING).await, 0.0);
 
     let down_at = Instant::now();
     a.api.go_down();
@@ -311,6 +330,13 @@ async fn api_server_unreachable_for_a_minute_keeps_the_state_reports_not_ready_a
             // Once detected it stays so for the whole outage, and the programmed
             // state stays: the ADD gate (`ready`) holds, the reason is `datastore`.
             assert_eq!(code, 503, "{body}");
+            // So does the metric an alert would fire on, with the outage's age.
+            let age = a.metric(OUT_OF_SYNC).await;
+            assert!(
+                age >= 5.0 && age <= down_at.elapsed().as_secs_f64(),
+                "{age}"
+            );
+            assert!(a.metric(FAILING).await >= 1.0);
             let s = a.status_file();
             if s.get("datastore").is_some() {
                 checks += 1;
@@ -353,6 +379,7 @@ async fn api_server_unreachable_for_a_minute_keeps_the_state_reports_not_ready_a
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ready = ready.expect("ready again after the outage");
+    assert_eq!(a.metric(OUT_OF_SYNC).await, 0.0, "in sync again");
     eventually(
         "status file without datastore",
         Duration::from_secs(10),

@@ -189,11 +189,61 @@ impl DatastoreHealth {
             )
         })
     }
+
+    /// How long the datastore has been out of sync (the age of the longest-failing
+    /// watch, once it is [`OUT_OF_SYNC_AFTER`] or older; zero otherwise) and how many
+    /// watches are failing at any age: what `/metrics` exports, so an alert can fire
+    /// on an API server outage without reading `/readyz`.
+    pub fn out_of_sync(&self) -> (Duration, usize) {
+        self.out_of_sync_at(Instant::now())
+    }
+
+    fn out_of_sync_at(&self, now: Instant) -> (Duration, usize) {
+        let failing = self.lock();
+        let age = failing
+            .values()
+            .map(|f| now.saturating_duration_since(f.since))
+            .max()
+            .filter(|age| *age >= OUT_OF_SYNC_AFTER)
+            .unwrap_or_default();
+        (age, failing.len())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_out_of_sync_age_counts_only_after_the_grace_and_clears_on_success() {
+        let h = DatastoreHealth::default();
+        let t0 = Instant::now();
+        assert_eq!(h.out_of_sync_at(t0), (Duration::ZERO, 0));
+        h.failed_at("pods", "connection refused".into(), t0);
+        h.failed_at(
+            "namespaces",
+            "connection refused".into(),
+            t0 + Duration::from_secs(3),
+        );
+        assert_eq!(
+            h.out_of_sync_at(t0 + Duration::from_secs(4)),
+            (Duration::ZERO, 2)
+        );
+        assert_eq!(
+            h.out_of_sync_at(t0 + Duration::from_secs(9)),
+            (Duration::from_secs(9), 2)
+        );
+        h.ok("pods");
+        assert_eq!(
+            h.out_of_sync_at(t0 + Duration::from_secs(9)),
+            (Duration::from_secs(6), 1)
+        );
+        h.ok("namespaces");
+        assert_eq!(
+            h.out_of_sync_at(t0 + Duration::from_secs(9)),
+            (Duration::ZERO, 0)
+        );
+    }
 
     #[test]
     fn a_failure_is_a_problem_only_after_the_grace_and_until_a_success() {
