@@ -619,7 +619,7 @@ pub struct Skip {
 }
 
 impl Skip {
-    fn probe(case: &str, p: &ProbeSpec, why: String) -> Skip {
+    fn of_probe(case: &str, p: &ProbeSpec, why: String) -> Skip {
         Skip {
             case: case.to_string(),
             probe: Some(format!("{} -> {} {}/{}", p.from, p.to, p.protocol, p.port)),
@@ -838,7 +838,7 @@ pub fn check(
         let route = match route(p, fx, layout, sctp) {
             Ok(r) => r,
             Err(why) => {
-                r.skipped.push(Skip::probe(name, p, why));
+                r.skipped.push(Skip::of_probe(name, p, why));
                 continue;
             }
         };
@@ -851,7 +851,7 @@ pub fn check(
             };
             let got = dest.and_then(|d| source_address(netns, d));
             if got != Some(*want) {
-                r.skipped.push(Skip::probe(
+                r.skipped.push(Skip::of_probe(
                     name,
                     p,
                     format!(
