@@ -1,16 +1,17 @@
 //! ClusterNetworkPolicy with real packets: the translated upstream conformance
 //! scenarios (every `policy/tests/data/cnp-*.expect.yaml`, found by listing) and the
 //! three operator recipes of `docs/cluster-network-policy.md` (read from the page),
-//! applied with `sluicectl lab apply` to a two-node lab, delivered to the real agents
-//! through the lab's datastore, and probed. Every probed cell is checked against the
+//! applied with `sluicectl lab apply` to a two-node lab (for the scenarios, one laid
+//! out as their cluster, node and pod addresses included: `scenario::stage`),
+//! delivered to the real agents through the lab's datastore, and probed. Every probed cell is checked against the
 //! hand-written expectation and against `sluicectl policy check` over what the agents
 //! see (the evaluator), on the nftables and the iptables dataplane. SCTP cells need
 //! SCTP sockets: on a kernel without them they are skipped with a reason, and the
 //! QEMU suite (`lab_qemu_ipip`) runs the SCTP scenarios in its guest.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use sluice_e2e::layout::Layout;
 use sluice_e2e::scenario::{self, Expect, ProbeSpec, Report};
 use sluice_e2e::{Dataplane, Lab, e2e_data, workspace_root};
 
@@ -39,9 +40,9 @@ fn cluster_network_policy_conformance_scenarios_hold_with_real_packets_on_iptabl
 }
 
 /// Whether a case has anything the lab can probe (a matrix on a protocol this kernel
-/// serves, or a probe [`scenario::unrunnable`] keeps) in a cluster it can build, so
+/// serves, or a probe [`scenario::route`] can send) in a cluster it can build, so
 /// that a case which probes nothing is noticed.
-fn runnable(case: &str, fx: &scenario::Fixture, sctp: bool) -> bool {
+fn runnable(case: &str, scene: &scenario::Scene, sctp: bool) -> bool {
     let e = scenario::load_expect(case);
     let matrix = e
         .matrix
@@ -50,7 +51,7 @@ fn runnable(case: &str, fx: &scenario::Fixture, sctp: bool) -> bool {
     let probes = e
         .probes
         .iter()
-        .any(|p| scenario::unrunnable(p, fx, sctp, scenario::POOL).is_none());
+        .any(|p| scenario::route(p, &scene.fx, &scene.layout, sctp).is_ok());
     scenario::unsupported(&e).is_none() && (matrix || probes)
 }
 
@@ -70,28 +71,16 @@ fn conformance(dataplane: Dataplane) {
     let mut want_run = 0;
     // One lab per fixture: cases written against different clusters never share pods.
     for (i, (cluster, group)) in scenario::by_cluster(&cases).into_iter().enumerate() {
-        let fx = scenario::fixture(&cluster);
-        let lab = Lab::up_on(
-            &format!("cnp-lab{i}"),
-            fx.nodes.len().max(2),
-            &encap(),
-            dataplane,
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let files = scenario::rewrite(&cluster, dir.path(), &fx, &BTreeMap::new());
-        let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-        lab.apply(&refs);
-        let sctp = lab.serves_sctp();
-        want_run += group.iter().filter(|c| runnable(c, &fx, sctp)).count();
+        let scene = scenario::stage(&format!("cnp-lab{i}"), &cluster, &encap(), dataplane);
+        let sctp = scene.lab.serves_sctp();
+        want_run += group.iter().filter(|c| runnable(c, &scene, sctp)).count();
         total.merge(scenario::run_cases(
-            &lab,
+            &scene,
             dataplane.as_str(),
             &group,
-            &files,
-            &fx,
             sctp,
         ));
-        lab.down();
+        scene.lab.down();
     }
     eprintln!(
         "cnp conformance on {}: {} of {} cases, {} cells, {} probes in {:.0} s; skipped: {:#?}",
@@ -109,6 +98,7 @@ fn conformance(dataplane: Dataplane) {
         total.cases
     );
     assert_clean(dataplane, "cnp conformance", &total);
+    total.assert_skips_known("lab_cnp");
 }
 
 /// The page's ```yaml blocks, in order (the policy crate's recipe test reads them
@@ -140,7 +130,14 @@ fn judge(lab: &Lab, what: &str, cells: Cells) -> Report {
             })
             .collect(),
     };
-    let mut r = scenario::check(lab, what, &e, &scenario::Fixture::default(), false);
+    let mut r = scenario::check(
+        lab,
+        what,
+        &e,
+        &scenario::Fixture::default(),
+        &Layout::unplanned(scenario::pool()),
+        false,
+    );
     let (cells, d) = scenario::differential(lab, what);
     r.cells += cells;
     r.differential.extend(d);

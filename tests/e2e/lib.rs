@@ -13,6 +13,8 @@ use std::process::{Command, Output};
 use serde::Deserialize;
 use serde_json::Value;
 
+pub mod fixture;
+pub mod layout;
 pub mod scenario;
 
 /// Where scenario files live: the policy engine's test data (shared with its own
@@ -238,18 +240,16 @@ impl Lab {
     /// one case never collide), after checking that every agent chose it.
     pub fn up_on(base: &str, nodes: usize, encap: &str, dataplane: Dataplane) -> Lab {
         let n = nodes.to_string();
+        Lab::up_laid_out(base, &["--nodes", &n], encap, dataplane)
+    }
+
+    /// [`Lab::up_on`] with the nodes given by `layout` (`--nodes N`, or `--node-ips`
+    /// and maybe `--underlay`).
+    pub fn up_laid_out(base: &str, layout: &[&str], encap: &str, dataplane: Dataplane) -> Lab {
         let name = dataplane.lab_name(base);
-        let lab = Lab::up_with(
-            &name,
-            &[
-                "--nodes",
-                &n,
-                "--encap",
-                encap,
-                "--dataplane",
-                dataplane.as_str(),
-            ],
-        );
+        let mut args = layout.to_vec();
+        args.extend(["--encap", encap, "--dataplane", dataplane.as_str()]);
+        let lab = Lab::up_with(&name, &args);
         lab.assert_dataplane(dataplane);
         lab
     }
@@ -268,7 +268,14 @@ impl Lab {
         }
     }
 
+    /// `lab up --name NAME EXTRA…`; `SLUICE_E2E_LAB_PREFIX` goes before the name, so
+    /// runs sharing a machine never take each other's labs down.
     pub fn up_with(name: &str, extra: &[&str]) -> Lab {
+        let name = format!(
+            "{}{name}",
+            std::env::var("SLUICE_E2E_LAB_PREFIX").unwrap_or_default()
+        );
+        let name = name.as_str();
         let _ = run(&["lab", "down", "--name", name]);
         let mut args = vec!["lab", "up", "--name", name];
         args.extend(extra);

@@ -25,7 +25,8 @@ pub struct ProbeArgs {
     /// NS/POD, ip:ADDR or node:NODE.
     #[arg(long, required_unless_present = "probes")]
     pub from: Option<String>,
-    /// NS/POD, ip:ADDR or node:NODE:PORT.
+    /// NS/POD, ip:ADDR or node:NODE:PORT (a NodePort, or else a port the node serves
+    /// on its own address, started on first use).
     #[arg(long, required_unless_present = "probes")]
     pub to: Option<String>,
     #[arg(long)]
@@ -211,9 +212,12 @@ pub fn resolve(
             *a
         }
         Endpoint::Node { name, .. } => {
-            st.node(name)
+            let ip = st
+                .node(name)
                 .ok_or_else(|| LabError::Probe(format!("no node {name} in lab {}", st.name)))?
-                .uplink_ip
+                .uplink_ip;
+            node_server(st, name, port, protocol)?;
+            ip
         }
     };
     Ok(Resolved {
@@ -251,6 +255,52 @@ fn extra_server(
     pod.extra_servers
         .retain(|s| !(s.port == port && s.protocol == protocol));
     pod.extra_servers.push(super::state::ExternalServer {
+        port,
+        protocol,
+        pid,
+    });
+    state::save(st)
+}
+
+/// A server on the node's own address for a port no NodePort Service takes, started
+/// on first use, so a probe to a node's address (a pod reaching its host, as
+/// upstream's egress cases do) gets an answer unless policy stops it. A NodePort's
+/// port is left to the kube-proxy stand-in: its DNAT runs before local delivery.
+fn node_server(
+    st: &mut LabState,
+    node: &str,
+    port: u16,
+    protocol: Protocol,
+) -> Result<(), LabError> {
+    let paths = LabPaths::new(&st.name);
+    if super::services::all_node_ports(&paths)?
+        .iter()
+        .any(|np| np.node_port == port && np.protocol == protocol)
+    {
+        return Ok(());
+    }
+    let n = st.node(node).expect("resolved above");
+    if n.servers
+        .iter()
+        .any(|s| s.port == port && s.protocol == protocol && netns::alive(s.pid))
+    {
+        return Ok(());
+    }
+    let tag = format!("{}-{}-{port}", n.netns, protocol.lower());
+    let decl = DeclaredPort {
+        port,
+        protocol,
+        name: None,
+    };
+    let pid = serve::spawn(&n.netns, std::slice::from_ref(&decl), &paths, &tag)?;
+    let n = st
+        .nodes
+        .iter_mut()
+        .find(|n| n.name == node)
+        .expect("present");
+    n.servers
+        .retain(|s| !(s.port == port && s.protocol == protocol));
+    n.servers.push(super::state::ExternalServer {
         port,
         protocol,
         pid,

@@ -148,6 +148,10 @@ pub struct NodeState {
     pub root: PathBuf,
     #[serde(default)]
     pub agent_pid: Option<u32>,
+    /// Servers on the node's own address for ports no NodePort takes, started on a
+    /// probe's first use (`lab probe --to node:NODE:PORT`).
+    #[serde(default)]
+    pub servers: Vec<ExternalServer>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

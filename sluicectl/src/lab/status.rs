@@ -64,6 +64,7 @@ pub fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "sctp": super::serve::sctp_supported(),
                 "pool": st.pool.to_string(),
                 "underlay": st.underlay_cidr.to_string(),
+                "gateway": st.gateway.to_string(),
                 "nodes": nodes.iter().map(|(n, h)| json!({
                     "name": n.name, "netns": n.netns, "uplinkIP": n.uplink_ip.to_string(),
                     "tunnelIP": tunnel_ip(&n.netns),

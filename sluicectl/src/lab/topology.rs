@@ -330,6 +330,7 @@ pub fn up(args: UpArgs) -> Result<LabState, LabError> {
             underlay_port: port.clone(),
             root: root.clone(),
             agent_pid: None,
+            servers: Vec::new(),
         });
         state::save(&st)?;
         netns::add(&ns)?;
