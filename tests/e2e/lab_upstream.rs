@@ -26,7 +26,10 @@ fn upstream_truth_tables(dataplane: Dataplane) {
         return;
     }
     let started = std::time::Instant::now();
-    let lab = Lab::up_on("e2e-upstream", 2, &encap(), dataplane);
+    // `$SLUICE_E2E_LAB_PREFIX-upstream` keeps runs side by side on one machine apart.
+    let base = std::env::var("SLUICE_E2E_LAB_PREFIX")
+        .map_or_else(|_| "e2e-upstream".into(), |p| format!("{p}-upstream"));
+    let lab = Lab::up_on(&base, 2, &encap(), dataplane);
     let cluster = policy_data("upstream-cluster/cluster.yaml");
     lab.apply(&[&cluster]);
     let fx = scenario::fixture(std::slice::from_ref(&cluster));
