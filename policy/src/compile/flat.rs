@@ -47,12 +47,12 @@
 //! only an "every address" peer allows) and a class an earlier lookup left (the
 //! source's egress, before the destination's ingress) never decides. The lookup is
 //! made once per direction, in the dispatch chain before the group's verdict (when
-//! some group of that direction reads a class), not in each group chain: the class
-//! map's elements are `jump`s, and the kernel validates every path from a base chain
-//! through every `jump` of a verdict map on each commit adding one, so a lookup in
-//! each of ~100 group chains, reached from ~100 dispatch elements, made a new pod's
-//! 4-element commit walk the ~1,000 class elements ~300 times ([`class_lookup`]). A new pod in an
-//! existing class is one class-map element; a node with more classes than ids (16,383)
+//! some group of that direction reads a class), not in each group chain: a commit that
+//! adds a `jump`/`goto` element (every new pod's does) makes the kernel validate every
+//! path from a base chain, walking a verdict map's elements each time a path meets it,
+//! and a lookup in each of 125 group chains (realistic node) made a new pod's
+//! 4-element commit walk the 5,032 class elements ~600 times ([`class_lookup`]). A new
+//! pod in an existing class is one class-map element; a node with more classes than ids (16,383)
 //! falls back to the address form, where the group sets hold addresses themselves
 //! (`ip saddr . meta l4proto . th dport @SLUICE-FT-<t>`, `ip saddr @SLUICE-FA-<a>`).
 //!
@@ -304,11 +304,11 @@ fn compile_in(
 /// The peer's class into the mark's class bits, cleared first (an address in no
 /// class is class 0, whatever an earlier lookup left): the peer is the source for
 /// ingress, the destination for egress. Looked up once per direction in the dispatch
-/// chain, before the group's verdict, not in every group chain: a `jump` element of
-/// the class map makes the kernel validate, on every commit that adds one (a new
-/// pod founding or joining a class), every path to that map, and from each of ~100
-/// group chains that is every class-map element ~100 times over (node-agent/BENCH.md,
-/// "Where a new pod's 45 ms went").
+/// chain, before the group's verdict, not in every group chain: on every commit that
+/// adds a `jump`/`goto` element (a new pod's does) the kernel validates every path
+/// from a base chain, walking the class map's elements wherever a path meets the
+/// map; from each group chain that was every class-map element hundreds of times per
+/// commit (node-agent/BENCH.md, "Where a new pod's 45 ms went").
 fn class_lookup(direction: Direction) -> Vec<Rule> {
     let direction = match direction {
         Direction::Ingress => SetDirection::Src,
