@@ -7,6 +7,7 @@
 //! pods cluster-wide, 110 on this node) and a stress case (every one of the 10,000
 //! pods on this node). `SLUICE_BENCH_DATAPLANES=iptables` (or `nftables`) measures one
 //! dataplane only, `SLUICE_BENCH_SCENARIOS=realistic` (or `stress`) one scenario.
+//! `SLUICE_BENCH_DUMP_NFT=DIR` writes the nftables table of each first apply there.
 //!
 //! Kernel memory is the growth of the machine's unreclaimable kernel memory
 //! (`/proc/meminfo` SUnreclaim + VmallocUsed + Percpu) across the first apply, and its
@@ -332,6 +333,13 @@ fn measure(kind: DataplaneKind, local: usize, kernel: bool) -> Vec<(String, Stri
             "first apply".into(),
             format!("{} ({})", ms(t.elapsed()), r.detail),
         ));
+        // SLUICE_BENCH_DUMP_NFT=DIR keeps the table as written (`nft -f`-able), for
+        // timing changes to it by hand in a netns of one's own.
+        if let (DataplaneKind::Nftables, Ok(dir)) = (kind, std::env::var("SLUICE_BENCH_DUMP_NFT")) {
+            let path = format!("{dir}/sluice-{local}-local.nft");
+            std::fs::write(&path, sluice_testkit::sh("nft list table ip sluice")).unwrap();
+            eprintln!("wrote the first apply's table to {path}");
+        }
         settle();
         let grown = kernel_kib() - before;
         let median = |distrust: bool| {

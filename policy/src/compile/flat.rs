@@ -20,15 +20,17 @@
 //!                  jump SLUICE-FROM-POD; jump SLUICE-TO-POD; accept
 //! SLUICE-IN-POD:   ct state established,related return; ct state invalid drop;
 //!                  jump SLUICE-FROM-POD          (then back to the host's INPUT)
-//! SLUICE-FROM-POD: iifname . ip saddr vmap @SLUICE-M-FROM-POD
+//! SLUICE-FROM-POD: meta mark set meta mark & ~0x3fff        (class 0)
+//!                  ip daddr vmap @SLUICE-M-CLASSES          (address → jump SLUICE-C-<n>)
+//!                  iifname . ip saddr vmap @SLUICE-M-FROM-POD
 //!                      "<veth>" . <pod ip> : goto SLUICE-GE-<h> | return
 //!                  iifname vmap @SLUICE-M-VETHS  "<veth>" : drop   (spoofed source)
 //!                  iifname "<nsprefix>*" drop    (unknown pod, egress policy in ns)
-//! SLUICE-TO-POD:   oifname vmap @SLUICE-M-TO-POD "<veth>" : goto SLUICE-GI-<h> | return
+//! SLUICE-TO-POD:   meta mark set meta mark & ~0x3fff
+//!                  ip saddr vmap @SLUICE-M-CLASSES
+//!                  oifname vmap @SLUICE-M-TO-POD "<veth>" : goto SLUICE-GI-<h> | return
 //!                  oifname "<nsprefix>*" drop    (unknown pod, ingress policy in ns)
-//! SLUICE-GI-<h>:   meta mark set meta mark & ~0x3fff        (class 0)
-//!                  ip saddr vmap @SLUICE-M-CLASSES          (address → jump SLUICE-C-<n>)
-//!                  meta mark & 0x3fff . meta l4proto . th dport @SLUICE-CT-<t> return
+//! SLUICE-GI-<h>:   meta mark & 0x3fff . meta l4proto . th dport @SLUICE-CT-<t> return
 //!                  meta mark & 0x3fff @SLUICE-CA-<a> return
 //!                  drop
 //! SLUICE-C-<n>:    meta mark set meta mark & ~0x3fff | <n>
@@ -43,8 +45,14 @@
 //! one class-map element each once, not one tuple element each per group. The class
 //! bits are cleared before every lookup, so an address in no class is class 0 (which
 //! only an "every address" peer allows) and a class an earlier lookup left (the
-//! source's egress, before the destination's ingress) never decides. A new pod in an
-//! existing class is one class-map element; a node with more classes than ids (16,383)
+//! source's egress, before the destination's ingress) never decides. The lookup is
+//! made once per direction, in the dispatch chain before the group's verdict (when
+//! some group of that direction reads a class), not in each group chain: a commit that
+//! adds a `jump`/`goto` element (every new pod's does) makes the kernel validate every
+//! path from a base chain, walking a verdict map's elements each time a path meets it,
+//! and a lookup in each of 125 group chains (realistic node) made a new pod's
+//! 4-element commit walk the 5,032 class elements ~600 times ([`class_lookup`]). A new
+//! pod in an existing class is one class-map element; a node with more classes than ids (16,383)
 //! falls back to the address form, where the group sets hold addresses themselves
 //! (`ip saddr . meta l4proto . th dport @SLUICE-FT-<t>`, `ip saddr @SLUICE-FA-<a>`).
 //!
@@ -215,6 +223,7 @@ fn compile_in(
         cache,
         form,
         pending: Vec::new(),
+        class_directions: BTreeSet::new(),
     };
     let mut to_pod = VerdictMap {
         name: MAP_TO_POD.into(),
@@ -248,9 +257,20 @@ fn compile_in(
         );
     }
     let vmap = |m: &str| Rule::new(vec![], Target::Vmap(m.to_string()));
+    let class = |direction| {
+        if c.class_directions.contains(&direction) {
+            class_lookup(direction)
+        } else {
+            Vec::new()
+        }
+    };
     let mut dispatch = Dispatch {
-        from_pod: vec![vmap(MAP_FROM_POD), vmap(MAP_VETHS)],
-        to_pod: vec![vmap(MAP_TO_POD)],
+        from_pod: [
+            class(Direction::Egress),
+            vec![vmap(MAP_FROM_POD), vmap(MAP_VETHS)],
+        ]
+        .concat(),
+        to_pod: [class(Direction::Ingress), vec![vmap(MAP_TO_POD)]].concat(),
     };
     fail_closed_unknown_pods(cluster, ifaces, &mut dispatch)?;
     let chains = dispatch
@@ -279,6 +299,37 @@ fn compile_in(
     }
     c.ruleset.jumps = builtin_jumps();
     Ok(Ok(c.ruleset))
+}
+
+/// The peer's class into the mark's class bits, cleared first (an address in no
+/// class is class 0, whatever an earlier lookup left): the peer is the source for
+/// ingress, the destination for egress. Looked up once per direction in the dispatch
+/// chain, before the group's verdict, not in every group chain: on every commit that
+/// adds a `jump`/`goto` element (a new pod's does) the kernel validates every path
+/// from a base chain, walking the class map's elements wherever a path meets the
+/// map; from each group chain that was every class-map element hundreds of times per
+/// commit (node-agent/BENCH.md, "Where a new pod's 45 ms went").
+fn class_lookup(direction: Direction) -> Vec<Rule> {
+    let direction = match direction {
+        Direction::Ingress => SetDirection::Src,
+        Direction::Egress => SetDirection::Dst,
+    };
+    vec![
+        Rule::new(
+            vec![],
+            Target::SetMark {
+                value: 0,
+                mask: MARK_CLASS_MASK,
+            },
+        ),
+        Rule::new(
+            vec![],
+            Target::AddrVmap {
+                map: MAP_CLASSES.into(),
+                direction,
+            },
+        ),
+    ]
 }
 
 /// The group key marking chains whose allows are logged (no policy has this
@@ -326,6 +377,9 @@ struct Flat<'a> {
     /// Class form: the sets declared by the group walk, filled once every group is
     /// known ([`Flat::fill_class_sets`]): (name, every protocol?, pairs).
     pending: Vec<PendingSet<'a>>,
+    /// Class form: the directions some group chain reads the peer's class in, so
+    /// the dispatch chain of that direction looks it up ([`class_lookup`]).
+    class_directions: BTreeSet<Direction>,
 }
 
 /// A class set waiting for the node's classes: (name, every protocol?, pairs).
@@ -1023,22 +1077,8 @@ impl<'a> Flat<'a> {
         let classes = matches!(self.form, Form::Classes { .. });
         let mut rules = Vec::new();
         if classes && !pairs.is_empty() {
-            // The peer's class into the mark's class bits, cleared first: an
-            // address in no class is class 0, whatever an earlier lookup left.
-            rules.push(Rule::new(
-                vec![],
-                Target::SetMark {
-                    value: 0,
-                    mask: MARK_CLASS_MASK,
-                },
-            ));
-            rules.push(Rule::new(
-                vec![],
-                Target::AddrVmap {
-                    map: MAP_CLASSES.into(),
-                    direction: set_dir,
-                },
-            ));
+            // The dispatch chain put the peer's class in the mark ([`class_lookup`]).
+            self.class_directions.insert(direction);
         }
         // A lookup only where some pair can ever put an element in the set: which
         // pairs a group has changes only with its policies, and so does its name.
@@ -1650,6 +1690,81 @@ mod tests {
             trace
                 .iter()
                 .any(|(chain, _)| chain.starts_with("SLUICE-C-"))
+        );
+    }
+
+    #[test]
+    fn the_class_map_is_looked_up_once_per_direction_however_many_groups_read_it() {
+        // Each of 30 pods isolated both ways by its own policy: 60 group chains that
+        // read a class. The kernel validates every path to the class map's `jump`
+        // elements on each commit adding one, so its lookups must not multiply with
+        // the groups (node-agent/BENCH.md, "Where a new pod's 45 ms went").
+        let mut c = Cluster::default();
+        for i in 0..30 {
+            let name = format!("p{i}");
+            c.add_pod(pod(&name, &format!("10.244.1.{}", i + 2), "n1", vec![]));
+            c.add_pod(pod(
+                &format!("q{i}"),
+                &format!("10.244.2.{}", i + 2),
+                "n2",
+                vec![],
+            ));
+            let peer = format!("q{i}");
+            c.add_policy(pods_policy(
+                &format!("{name}-in"),
+                Direction::Ingress,
+                &name,
+                &peer,
+            ));
+            c.add_policy(pods_policy(
+                &format!("{name}-out"),
+                Direction::Egress,
+                &name,
+                &peer,
+            ));
+        }
+        let rs = compile(&c, "n1", &Veths).unwrap();
+        let groups = rs.tables[&Table::Filter]
+            .keys()
+            .filter(|n| n.starts_with("SLUICE-GI-") || n.starts_with("SLUICE-GE-"))
+            .count();
+        assert_eq!(groups, 60);
+        let lookups: Vec<(&str, SetDirection)> = rs.tables[&Table::Filter]
+            .values()
+            .flat_map(|ch| ch.rules.iter().map(move |r| (ch.name.as_str(), r)))
+            .filter_map(|(chain, r)| match &r.target {
+                Target::AddrVmap { map, direction } if map == MAP_CLASSES => {
+                    Some((chain, *direction))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            lookups,
+            [
+                (names::CHAIN_FROM_POD, SetDirection::Dst),
+                (names::CHAIN_TO_POD, SetDirection::Src)
+            ]
+        );
+        // And the classes still decide: q3 → p3 is allowed, q4 → p3 is not.
+        let packet = |src: &str, dst: &str, out_iface: &str| Packet {
+            hook: Hook::Forward,
+            in_iface: Some("eth0".into()),
+            out_iface: Some(out_iface.into()),
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            dport: 80,
+            ct: CtState::New,
+        };
+        let verdict = |p: &Packet| classify(&rs, Table::Filter, p).unwrap().verdict;
+        assert_eq!(
+            verdict(&packet("10.244.2.5", "10.244.1.5", "slcp3")),
+            Verdict::Accept
+        );
+        assert_eq!(
+            verdict(&packet("10.244.2.6", "10.244.1.5", "slcp3")),
+            Verdict::Drop
         );
     }
 
