@@ -471,6 +471,38 @@ fn incremental(
         d == *full,
         "the incremental compile differs from the full one"
     );
+    // One shot is at the mercy of the machine's load: the same change undone and
+    // redone (the pod deleted, added again) many times, median of each part.
+    // `SLUICE_BENCH_INCR_REPEAT` sets how many (a large number to profile this path).
+    let repeat: usize = std::env::var("SLUICE_BENCH_INCR_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let (mut copies, mut compiles) = (Vec::new(), Vec::new());
+    for i in 0..repeat {
+        if i % 2 == 0 {
+            sources.remove(&1);
+        } else {
+            sources.set(1, convert_source(&raw(&[newcomer()])).parsed);
+        }
+        let t = Instant::now();
+        let next = snap(sources.cluster().clone());
+        copies.push(t.elapsed());
+        let t = Instant::now();
+        let (d, kind) = compiler.desired(&next, settings).unwrap();
+        compiles.push(t.elapsed());
+        assert_eq!(kind, reconcile::CompileKind::Incremental);
+        if i % 2 == 1 {
+            assert!(
+                d == *full,
+                "an incremental compile differs from the full one"
+            );
+        }
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
     vec![
         (
             "one new local pod: incremental convert + compile (pure)".into(),
@@ -479,6 +511,10 @@ fn incremental(
         (
             "… of which: convert the new pod's source / copy the cluster into the snapshot / compile + agent rules".into(),
             format!("{} / {} / {}", ms(converted), ms(copied), ms(compiled)),
+        ),
+        (
+            format!("… copy / compile + agent rules, median of {repeat} (the pod deleted and added again in turn)"),
+            format!("{} / {}", ms(median(copies)), ms(median(compiles))),
         ),
     ]
 }

@@ -431,7 +431,10 @@ pub struct Cluster {
     /// first). Change one through [`Cluster::pod_mut`].
     pub pods: BTreeMap<NamespacedName, Arc<Pod>>,
     pub nodes: BTreeMap<String, Node>,
-    pub policies: BTreeMap<NamespacedName, NetworkPolicy>,
+    /// Behind `Arc` for the same reason as `pods`: 1,000 policies copied into every
+    /// snapshot cost more than the incremental compile of a new pod. Change one
+    /// through [`Cluster::policy_mut`].
+    pub policies: BTreeMap<NamespacedName, Arc<NetworkPolicy>>,
     /// Policies that could not be expressed, with the reason. The pods they select
     /// are held fail-closed (denied both ways) until the policy is fixed: guessing
     /// what a broken policy meant could open a pod its author meant to close.
@@ -524,7 +527,12 @@ impl Cluster {
     /// Inserts or replaces by key; a rejected policy of the same key is gone.
     pub fn add_policy(&mut self, policy: NetworkPolicy) {
         self.rejected_policies.remove(&policy.key());
-        self.policies.insert(policy.key(), policy);
+        self.policies.insert(policy.key(), Arc::new(policy));
+    }
+    /// The policy of `key` to change in place: copied first when another cluster
+    /// shares it.
+    pub fn policy_mut(&mut self, key: &NamespacedName) -> Option<&mut NetworkPolicy> {
+        self.policies.get_mut(key).map(Arc::make_mut)
     }
     /// Records a policy that did not convert; a good one of the same key is gone
     /// (the newer object is what the author means now).
@@ -610,7 +618,10 @@ impl Cluster {
         &'a self,
         pod: &'a Pod,
     ) -> impl Iterator<Item = &'a NetworkPolicy> + 'a {
-        self.policies.values().filter(move |p| p.selects(pod))
+        self.policies
+            .values()
+            .map(|p| &**p)
+            .filter(move |p| p.selects(pod))
     }
 
     /// Whether the pod peer `peer`, written in a policy of `policy_namespace`, names

@@ -38,6 +38,9 @@ enum Op {
     /// selecting policies must notice without any pod changing.
     ChangePolicy(usize, NetworkPolicy),
     DeletePolicy(usize),
+    /// A policy converted again to the same value, not the same shared one (a
+    /// datastore reading the object anew): its chain may be reused by equality.
+    ReconvertPolicy(usize),
     RejectPolicy(usize),
     AddClusterPolicy(ClusterNetworkPolicy),
     ChangeClusterPolicy(usize, ClusterNetworkPolicy),
@@ -57,6 +60,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
         1 => (5..9usize).prop_flat_map(arb_policy).prop_map(Op::AddPolicy),
         1 => (any::<usize>(), (5..9usize).prop_flat_map(arb_policy)).prop_map(|(i, p)| Op::ChangePolicy(i, p)),
         1 => any::<usize>().prop_map(Op::DeletePolicy),
+        1 => any::<usize>().prop_map(Op::ReconvertPolicy),
         1 => any::<usize>().prop_map(Op::RejectPolicy),
         1 => (5..7usize).prop_flat_map(arb_cluster_policy).prop_map(Op::AddClusterPolicy),
         1 => (any::<usize>(), (5..7usize).prop_flat_map(arb_cluster_policy)).prop_map(|(i, p)| Op::ChangeClusterPolicy(i, p)),
@@ -144,6 +148,12 @@ fn apply(c: &mut Cluster, op: Op, serial: usize) {
         Op::DeletePolicy(i) => {
             if let Some(k) = nth_key(&c.policies, i) {
                 c.policies.remove(&k);
+            }
+        }
+        Op::ReconvertPolicy(i) => {
+            if let Some(k) = nth_key(&c.policies, i) {
+                let again = NetworkPolicy::clone(&c.policies[&k]);
+                c.add_policy(again);
             }
         }
         Op::RejectPolicy(i) => {
@@ -307,5 +317,19 @@ fn a_new_pod_recomputes_only_the_sets_of_the_peers_that_select_it() {
             (false, 1, 1, 1),
             "{kind:?}"
         );
+
+        // The per-policy form keeps a policy's chain while the policy is the same
+        // value, shared or converted again; a changed policy's chain is built anew.
+        let chains = usize::from(kind == DataplaneKind::Iptables);
+        assert_eq!(st.chains_reused, chains, "{kind:?}");
+        let key = NamespacedName::new("prod", "web");
+        let mut again = selected.clone();
+        again.add_policy(NetworkPolicy::clone(&selected.policies[&key]));
+        let st = step(&mut cache, &selected, &again);
+        assert_eq!(st.chains_reused, chains, "{kind:?}");
+        let mut changed = again.clone();
+        changed.policy_mut(&key).unwrap().ingress.pop();
+        let st = step(&mut cache, &again, &changed);
+        assert_eq!(st.chains_reused, 0, "{kind:?}");
     }
 }

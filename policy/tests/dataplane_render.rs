@@ -355,7 +355,7 @@ fn scrambled(c: &Cluster) -> Cluster {
         out.add_pod(Pod::clone(p));
     }
     for p in c.policies.values().rev() {
-        let mut p = p.clone();
+        let mut p = NetworkPolicy::clone(p);
         p.pod_selector.match_expressions.reverse();
         for r in p.ingress.iter_mut().chain(p.egress.iter_mut()) {
             if let Peers::Listed(peers) = &mut r.peers {

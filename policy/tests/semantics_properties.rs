@@ -273,7 +273,7 @@ proptest! {
         let before = verdicts(&c, &probes);
         let mut more = c.clone();
         let key = pick.get(&more.policies.keys().cloned().collect::<Vec<_>>()).clone();
-        let policy = more.policies.get_mut(&key).unwrap();
+        let policy = more.policy_mut(&key).unwrap();
         if to_egress { policy.egress.push(rule) } else { policy.ingress.push(rule) }
         let after = verdicts(&more, &probes);
         for ((p, b), a) in probes.iter().zip(before).zip(after) {
@@ -306,7 +306,7 @@ proptest! {
             .values()
             .map(|p| {
                 let mut p = p.clone();
-                p.name = format!("zz-{}", 99 - p.name.trim_start_matches("np").parse::<u32>().unwrap());
+                std::sync::Arc::make_mut(&mut p).name = format!("zz-{}", 99 - p.name.trim_start_matches("np").parse::<u32>().unwrap());
                 (NamespacedName::new(&p.namespace, &p.name), p)
             })
             .collect::<BTreeMap<_, _>>();

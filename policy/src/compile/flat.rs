@@ -506,7 +506,7 @@ impl<'a> Flat<'a> {
         // An opted-in pod's allows go through the direction's allow log chain in
         // place of `return`, in chains of its own (the marker keeps their names
         // apart from the same policies' unlogged chains); nobody else's path changes.
-        let allowed = self.allowed_target(pod, direction);
+        let allowed = self.allowed_target(pod, &selected, direction);
         let log_key =
             (allowed != Target::Return).then(|| NamespacedName::cluster_scoped(LOG_ALLOWED_KEY));
         if policies.is_empty() && admin.is_empty() && baseline.is_empty() {
@@ -587,9 +587,13 @@ impl<'a> Flat<'a> {
     /// How `pod`'s verdict of `direction` lets an allowed connection go: `return`,
     /// or, when an opt-in asks for allow records of it, a goto to the direction's
     /// allow log chain (added on first use), which logs and returns.
-    fn allowed_target(&mut self, pod: &Pod, direction: Direction) -> Target {
-        let ingress = direction == Direction::Ingress;
-        if !self.index.cluster.logs_allowed(pod, ingress) {
+    fn allowed_target(
+        &mut self,
+        pod: &Pod,
+        selected: &incremental::Selected<'_>,
+        direction: Direction,
+    ) -> Target {
+        if !selected.logs_allowed(self.index.cluster, pod, direction) {
             return Target::Return;
         }
         let name = names::allow_log_chain(direction);

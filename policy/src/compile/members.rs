@@ -28,10 +28,23 @@ pub(super) struct Index<'a> {
 
 impl<'a> Index<'a> {
     pub(super) fn new(cluster: &'a Cluster) -> Self {
+        // Pods come in key order, namespace first: one namespace's pods are a run,
+        // gathered before one map insert (not a map lookup for each of 10,000 pods).
         let mut pods_by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+        let mut run: Option<(&str, Vec<&Pod>)> = None;
         for pod in cluster.pods.values().filter(|p| !p.host_network) {
             let pod: &Pod = pod;
-            pods_by_ns.entry(&pod.namespace).or_default().push(pod);
+            match &mut run {
+                Some((ns, pods)) if *ns == pod.namespace => pods.push(pod),
+                _ => {
+                    if let Some((ns, pods)) = run.replace((&pod.namespace, vec![pod])) {
+                        pods_by_ns.entry(ns).or_default().extend(pods);
+                    }
+                }
+            }
+        }
+        if let Some((ns, pods)) = run {
+            pods_by_ns.entry(ns).or_default().extend(pods);
         }
         Index {
             cluster,

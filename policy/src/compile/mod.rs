@@ -79,7 +79,7 @@ pub mod incremental;
 pub mod intervals;
 mod members;
 pub mod tiers;
-use incremental::{Dependency, Recipe, Selected, SetCache};
+use incremental::{Dependency, Recipe, Selected, SetCache, SetSpec};
 use members::{Index, ip_block_members, v4, v4_excepts};
 
 // The model's types, reachable here too: the compiler's output is spelled in them.
@@ -176,6 +176,9 @@ struct Compiler<'a> {
     index: Index<'a>,
     ruleset: Ruleset,
     cache: Option<&'a mut SetCache>,
+    /// While a policy chain is built for the cache: the sets it looks up, and how
+    /// each is filled.
+    recording: Option<Vec<(String, SetSpec)>>,
 }
 
 impl<'a> Compiler<'a> {
@@ -189,39 +192,90 @@ impl<'a> Compiler<'a> {
             match peer {
                 Peer::Pods(pp) => {
                     let name = names::pod_peer_set(&policy.namespace, pp);
-                    if !self.ruleset.sets.contains_key(&name) {
-                        let index = &self.index;
-                        let members = incremental::through(
-                            &mut self.cache,
-                            || {
-                                let (namespace, peer) = (policy.namespace.clone(), pp.clone());
-                                let dep = Dependency::PodPeer {
-                                    namespace: namespace.clone(),
-                                    peer: peer.clone(),
-                                };
-                                (Recipe::PodPeer { namespace, peer }, vec![dep])
-                            },
-                            || index.pod_peer_members(&policy.namespace, pp),
-                        );
-                        self.add_set(name.clone(), SetKind::HashIp, members);
-                    }
+                    self.use_set(
+                        &name,
+                        SetSpec::Pods {
+                            namespace: policy.namespace.clone(),
+                            peer: pp.clone(),
+                        },
+                    );
                     out.push(PeerMatch::Set(name));
                 }
                 Peer::IpBlock(block) => {
-                    let IpNet::V4(cidr) = block.cidr else {
+                    if !matches!(block.cidr, IpNet::V4(_)) {
                         continue; // an IPv6 block names no IPv4 packet
-                    };
-                    let name = names::ip_block_set(block);
-                    if !self.ruleset.sets.contains_key(&name) {
-                        let except: Vec<Ipv4Net> = v4_excepts(block);
-                        let members = ip_block_members(cidr, &except);
-                        self.add_set(name.clone(), SetKind::HashNet, members);
                     }
+                    let name = names::ip_block_set(block);
+                    self.use_set(&name, SetSpec::Block(block.clone()));
                     out.push(PeerMatch::Set(name));
                 }
             }
         }
         out
+    }
+
+    /// The set `name`, filled as `spec` says, in the ruleset (added when it is not
+    /// there yet), and in the recording of the policy chain being built.
+    fn use_set(&mut self, name: &str, spec: SetSpec) {
+        if !self.ruleset.sets.contains_key(name) {
+            self.fill_set(name, &spec);
+        }
+        if let Some(r) = &mut self.recording {
+            r.push((name.to_string(), spec));
+        }
+    }
+
+    fn fill_set(&mut self, name: &str, spec: &SetSpec) {
+        let index = &self.index;
+        let (kind, members) = match spec {
+            SetSpec::Pods { namespace, peer } => (
+                SetKind::HashIp,
+                incremental::through(
+                    &mut self.cache,
+                    || {
+                        let dep = Dependency::PodPeer {
+                            namespace: namespace.clone(),
+                            peer: peer.clone(),
+                        };
+                        let recipe = Recipe::PodPeer {
+                            namespace: namespace.clone(),
+                            peer: peer.clone(),
+                        };
+                        (recipe, vec![dep])
+                    },
+                    || index.pod_peer_members(namespace, peer),
+                ),
+            ),
+            SetSpec::NamedPort {
+                name: port,
+                protocol,
+            } => (
+                SetKind::HashIpPort,
+                incremental::through(
+                    &mut self.cache,
+                    || {
+                        let dep = Dependency::NamedPort {
+                            name: port.clone(),
+                            protocol: *protocol,
+                        };
+                        let recipe = Recipe::NamedPort {
+                            name: port.clone(),
+                            protocol: *protocol,
+                        };
+                        (recipe, vec![dep])
+                    },
+                    || index.named_port_members(port, *protocol),
+                ),
+            ),
+            SetSpec::Block(block) => {
+                let IpNet::V4(cidr) = block.cidr else {
+                    return; // never recorded: an IPv6 block names no IPv4 packet
+                };
+                let except: Vec<Ipv4Net> = v4_excepts(block);
+                (SetKind::HashNet, ip_block_members(cidr, &except))
+            }
+        };
+        self.add_set(name.to_string(), kind, members);
     }
 
     fn port_specs(&mut self, ports: &Ports) -> Vec<PortSpec> {
@@ -240,22 +294,13 @@ impl<'a> Compiler<'a> {
                 }
                 PortMatch::Named(name) => {
                     let set = names::named_port_set(name, p.protocol);
-                    if !self.ruleset.sets.contains_key(&set) {
-                        let index = &self.index;
-                        let members = incremental::through(
-                            &mut self.cache,
-                            || {
-                                let (name, protocol) = (name.clone(), p.protocol);
-                                let dep = Dependency::NamedPort {
-                                    name: name.clone(),
-                                    protocol,
-                                };
-                                (Recipe::NamedPort { name, protocol }, vec![dep])
-                            },
-                            || index.named_port_members(name, p.protocol),
-                        );
-                        self.add_set(set, SetKind::HashIpPort, members);
-                    }
+                    self.use_set(
+                        &set,
+                        SetSpec::NamedPort {
+                            name: name.clone(),
+                            protocol: p.protocol,
+                        },
+                    );
                     out.push(PortSpec::Named(p.protocol, name.clone()));
                 }
             }
@@ -274,10 +319,48 @@ impl<'a> Compiler<'a> {
         );
     }
 
+    /// The name of `policy`'s chain in `direction`: the cached chain's when there is
+    /// one (no hashing per pod and policy).
+    fn policy_chain_name(&mut self, policy: &NetworkPolicy, direction: Direction) -> String {
+        if let Some(cache) = self.cache.as_deref_mut()
+            && let Some((chain, _)) = cache.policy_chain(policy, direction)
+        {
+            return chain.name.clone();
+        }
+        names::policy_chain(&policy.key(), direction)
+    }
+
+    /// [`Compiler::build_policy_chain`], taken from the cache when the policy did not
+    /// change since a previous compile (its sets added as that compile added them).
+    fn policy_chain(&mut self, policy: &NetworkPolicy, direction: Direction) -> Chain {
+        let Some(cache) = self.cache.as_deref_mut() else {
+            return self.build_policy_chain(policy, direction);
+        };
+        if let Some((chain, sets)) = cache.policy_chain(policy, direction) {
+            let (chain, sets) = (chain.clone(), sets.to_vec());
+            cache.chain_reused();
+            for (name, spec) in &sets {
+                if !self.ruleset.sets.contains_key(name) {
+                    self.fill_set(name, spec);
+                }
+            }
+            return chain;
+        }
+        self.recording = Some(Vec::new());
+        let chain = self.build_policy_chain(policy, direction);
+        let sets = self.recording.take().unwrap_or_default();
+        if let Some(shared) = self.index.cluster.policies.get(&policy.key())
+            && let Some(cache) = self.cache.as_deref_mut()
+        {
+            cache.keep_policy_chain(shared.clone(), direction, chain.clone(), sets);
+        }
+        chain
+    }
+
     /// The chain of one policy in one direction: every (peer, port) pair of every rule
     /// sets the allow mark. Order within the chain does not change the outcome (marks
     /// only accumulate), so duplicates are dropped.
-    fn policy_chain(&mut self, policy: &NetworkPolicy, direction: Direction) -> Chain {
+    fn build_policy_chain(&mut self, policy: &NetworkPolicy, direction: Direction) -> Chain {
         let (rules, set_dir) = match direction {
             Direction::Ingress => (&policy.ingress, SetDirection::Src),
             Direction::Egress => (&policy.egress, SetDirection::Dst),
@@ -331,7 +414,7 @@ impl<'a> Compiler<'a> {
         };
         // An opted-in pod's allows go through the direction's allow log chain in
         // place of the return; nobody else's path gains a rule.
-        let allowed = self.allowed_target(pod, dir);
+        let allowed = self.allowed_target(pod, selected, dir);
         let mut rules = Vec::new();
         if let Some(admin) = admin {
             rules.push(jump_rule(&admin));
@@ -341,7 +424,7 @@ impl<'a> Compiler<'a> {
         }
         if !policies.is_empty() {
             for policy in policies {
-                let chain_name = names::policy_chain(&policy.key(), dir);
+                let chain_name = self.policy_chain_name(policy, dir);
                 let exists = self.ruleset.chain(Table::Filter, &chain_name).is_some();
                 if !exists {
                     let chain = self.policy_chain(policy, dir);
@@ -371,12 +454,8 @@ impl<'a> Compiler<'a> {
     /// How `pod`'s chain of `dir` lets an allowed connection go: `return`, or, when
     /// an opt-in asks for allow records of it ([`Cluster::logs_allowed`]), a goto to
     /// the direction's allow log chain (added on first use), which logs and returns.
-    fn allowed_target(&mut self, pod: &Pod, dir: Direction) -> Target {
-        if !self
-            .index
-            .cluster
-            .logs_allowed(pod, dir == Direction::Ingress)
-        {
+    fn allowed_target(&mut self, pod: &Pod, selected: &Selected<'_>, dir: Direction) -> Target {
+        if !selected.logs_allowed(self.index.cluster, pod, dir) {
             return Target::Return;
         }
         let name = names::allow_log_chain(dir);
@@ -457,6 +536,7 @@ fn compile_with(
         index: Index::new(cluster),
         ruleset: Ruleset::default(),
         cache,
+        recording: None,
     };
     let mut dispatch = Dispatch::default();
     c.local_pods(node, ifaces, &mut dispatch)?;
