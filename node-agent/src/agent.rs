@@ -158,6 +158,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
         compiler: &mut reconcile::Compiler,
         mode: SyncMode,
         since: Option<Instant>,
+        namer: Option<&Namer>,
     ) -> Result<(), String> {
         let started = Instant::now();
         let first_report = snap
@@ -201,12 +202,11 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
                 return Err(e.to_string());
             }
         };
-        if let Some(flows) = &self.flows {
-            flows.set_context(
-                crate::flows::endpoints(&snap.cluster),
+        if let Some(namer) = namer {
+            namer.send_replace(Some((
+                snap.clone(),
                 desired.dataplane.deny_policies.clone(),
-            );
-            flows.set_snapshot(snap.clone());
+            )));
         }
         self.metrics
             .rules_programmed
@@ -292,6 +292,7 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
         let mut mode = SyncMode::Full;
         let mut next_full = Instant::now();
         let mut previous: Option<Instant> = None;
+        let namer = self.flows.clone().map(spawn_namer);
         loop {
             self.health.heartbeat();
             let snap = rx.borrow_and_update().clone().expect("set before the loop");
@@ -306,7 +307,14 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
                 compiler.reset();
             }
             let wait = match self
-                .apply_once(&snap, &mut tracker, &mut compiler, mode, since)
+                .apply_once(
+                    &snap,
+                    &mut tracker,
+                    &mut compiler,
+                    mode,
+                    since,
+                    namer.as_ref(),
+                )
                 .await
             {
                 Ok(()) => {
@@ -343,6 +351,33 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
             }
         }
     }
+}
+
+/// What names denied-connection records after an apply: the snapshot its rules came
+/// from and the policies behind each log id.
+type Naming = (Arc<Snapshot>, BTreeMap<String, Vec<String>>);
+type Namer = tokio::sync::watch::Sender<Option<Naming>>;
+
+/// Hands each apply's naming to the flow store off the loop: the address → pod map
+/// of a 10,000-pod cluster took 13 ms a sync (load 25), which a pod reported during
+/// the sync waited for. The latest apply's wins; one overtaken is never set. The task
+/// ends with the loop (the sender dropped).
+fn spawn_namer(flows: Arc<crate::flows::FlowStore>) -> Namer {
+    let (tx, mut rx) = tokio::sync::watch::channel::<Option<Naming>>(None);
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let Some((snap, deny)) = rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let flows = flows.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                flows.set_context(crate::flows::endpoints(&snap.cluster), deny);
+                flows.set_snapshot(snap);
+            })
+            .await;
+        }
+    });
+    tx
 }
 
 impl<P, N> Loop<P, N> {

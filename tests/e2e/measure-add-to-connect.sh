@@ -89,15 +89,16 @@ YAML
     "$S" lab apply --name "$name" -f "$tmp/base.yaml" >/dev/null
     local ns="$name-node-1"
     if [ "$SCALE" = realistic ]; then
-        # The scale cluster is in force once node-1 has the synthetic pods' set
-        # members: wait for them to pass 4,000 (iptables ~17,500; nftables, whose
-        # group sets hold address classes, ~5,900; the lab alone a few hundred).
+        # The scale cluster is in force once node-1 has the synthetic policies'
+        # rules: wait for them to pass 500 (iptables ~10,000, nftables ~970; the lab
+        # alone a few dozen).
         for _ in $(seq 300); do
-            m=$(metrics "$ns" | awk '/^sluice_agent_set_members_programmed /{print $2}')
-            [ "${m:-0}" -gt 4000 ] && break
+            r=$(metrics "$ns" | awk '/^sluice_agent_rules_programmed /{print $2}')
+            [ "${r:-0}" -gt 500 ] && break
             sleep 0.2
         done
-        echo "node-1 programs ${m:-?} set members"
+        m=$(metrics "$ns" | awk '/^sluice_agent_set_members_programmed /{print $2}')
+        echo "node-1 programs ${r:-?} rules, ${m:-?} set members"
     fi
     metrics "$ns" > "$tmp/m0"
     local log="/run/sluice-lab/$name/logs/agent-node-1.log"
