@@ -3,10 +3,15 @@
 # (numbers for node-agent/BENCH.md; never asserted anywhere). Each server pod is
 # created with `lab apply --no-wait`, which returns as soon as its CNI ADD has (plus
 # the lab's bookkeeping: the echo server start and the manifest write); then an
-# allowed client probes it every few milliseconds until the connection goes through.
-# Also prints the agent's own metric of the same delay (add_to_enforced_seconds: from
-# the plugin's report, or the pod's first sight with an address, to its policy
-# applied) and its compile times, full and incremental, over the same pods.
+# allowed client starts a connection every millisecond, from one process in its
+# namespace (`lab latency --until-connected`, which reports when the first one went
+# through), so the figure's resolution is a millisecond, not a probe process per
+# attempt. Also prints the agent's own metric of the same delay
+# (add_to_enforced_seconds: from the plugin's report, or the pod's first sight with an
+# address, to its policy applied), its compile times, full and incremental, and from
+# its log the split of each reported pod's wait (the report's overlay; queued until
+# its sync starts, the overlay and any sync in flight included; compile; dataplane
+# apply; total = report → applied; then what the sync did after: flows, routes).
 #
 #   sudo tests/e2e/measure-add-to-connect.sh [path/to/sluicectl] [pods]   (default: target/debug, 50)
 #
@@ -84,26 +89,32 @@ YAML
     "$S" lab apply --name "$name" -f "$tmp/base.yaml" >/dev/null
     local ns="$name-node-1"
     if [ "$SCALE" = realistic ]; then
-        # The scale cluster is in force once node-1 has the synthetic pods' chains
-        # or map elements: wait for its set members to pass 50,000.
+        # The scale cluster is in force once node-1 has the synthetic policies'
+        # rules: wait for them to pass 500 (iptables ~10,000, nftables ~970; the lab
+        # alone a few dozen).
         for _ in $(seq 300); do
-            m=$(metrics "$ns" | awk '/^sluice_agent_set_members_programmed /{print $2}')
-            [ "${m:-0}" -gt 50000 ] && break
+            r=$(metrics "$ns" | awk '/^sluice_agent_rules_programmed /{print $2}')
+            [ "${r:-0}" -gt 500 ] && break
             sleep 0.2
         done
-        echo "node-1 programs ${m:-?} set members"
+        m=$(metrics "$ns" | awk '/^sluice_agent_set_members_programmed /{print $2}')
+        echo "node-1 programs ${r:-?} rules, ${m:-?} set members"
     fi
     metrics "$ns" > "$tmp/m0"
+    local log="/run/sluice-lab/$name/logs/agent-node-1.log"
+    local log0; log0=$(wc -l < "$log")
     : > "$tmp/ms"; : > "$tmp/ms_apply"
     for i in $(seq "$N"); do
         printf 'apiVersion: v1\nkind: Pod\nmetadata: {name: server-%s, namespace: bench, labels: {app: server}}\nspec: {nodeName: node-1, containers: [{name: c, ports: [{containerPort: 80}]}]}\n' "$i" > "$tmp/p.yaml"
         t0=$(now)
         "$S" lab apply --name "$name" -f "$tmp/p.yaml" --no-wait >/dev/null
         t=$(now)
-        until "$S" lab probe --name "$name" --from bench/client --to "bench/server-$i" --port 80 --timeout-ms 20 | grep -q connected; do
-            if [ $(( ($(now) - t) / 1000000 )) -gt 10000 ]; then echo "server-$i: not connected within 10 s" >&2; break; fi
-        done
-        t2=$(now)
+        if ! out=$("$S" lab latency --name "$name" --from bench/client --to "bench/server-$i" --port 80 \
+                --until-connected --interval-us 1000 --duration-ms 10000); then
+            echo "server-$i: not connected within 10 s" >&2
+        fi
+        t2=$(sed -n 's/.*"connected_unix_us":\([0-9]*\).*/\1/p' <<<"$out")
+        t2=$(( ${t2:-$(( $(now) / 1000 ))} * 1000 ))
         echo "$(( (t2 - t) / 1000 ))" | awk '{printf "%.1f\n", $1/1000}' >> "$tmp/ms"
         echo "$(( (t2 - t0) / 1000 ))" | awk '{printf "%.1f\n", $1/1000}' >> "$tmp/ms_apply"
     done
@@ -120,6 +131,15 @@ YAML
     for kind in incremental full; do
         echo "  compile_duration_seconds{compile=\"$kind\"}: $(hist_sum "$tmp/m0" "$tmp/m1" "${c}_count{compile=\"$kind\"}" "${c}_sum{compile=\"$kind\"}")"
     done
+    # The agent's lines for each report laid over the snapshot (local_api) and each
+    # sync that carried a newly reported pod (agent.rs).
+    tail -n +"$((log0 + 1))" "$log" | grep -E 'reported pod synced|report laid over' > "$tmp/synced" || true
+    echo "  syncs carrying a new report: $(grep -c 'reported pod synced' "$tmp/synced"); per phase, p50 / p99 / max ms:"
+    for f in overlay_ms queued_ms compile_ms dataplane_ms total_ms flows_ms routes_ms; do
+        sed -n "s/.* $f=\([0-9.]*\).*/\1/p" "$tmp/synced" > "$tmp/f"
+        [ -s "$tmp/f" ] && echo "    $f: $(pct 50 < "$tmp/f") / $(pct 99 < "$tmp/f") / $(pct 100 < "$tmp/f")"
+    done
+    sed -n 's/.* mode=\([A-Za-z]*\).*/\1/p' "$tmp/synced" | sort | uniq -c | sed 's/^/    syncs by mode: /'
     "$S" lab down --name "$name" >/dev/null
     trap 'rm -rf '"$tmp" EXIT
 }

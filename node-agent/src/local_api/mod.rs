@@ -235,6 +235,7 @@ pub async fn overlay(
     node: String,
     grace: Duration,
 ) {
+    let mut last_read = Instant::now();
     loop {
         let latest = datastore.borrow_and_update().clone();
         if let Some(snap) = latest.as_ref().filter(|_| api.reports().is_empty()) {
@@ -248,6 +249,8 @@ pub async fn overlay(
         } else if let Some(snap) = latest {
             let now = Instant::now();
             let (merged, outcomes) = api.reports().overlay(&snap, &node, now, grace);
+            let fresh = api.reports().newest().filter(|at| *at > last_read);
+            last_read = now;
             for (pod, o) in &outcomes {
                 match o {
                     Outcome::Expired => {
@@ -277,6 +280,12 @@ pub async fn overlay(
                 && out.send(Some(m)).is_err()
             {
                 return;
+            }
+            // A report since the last round: how long until the loop had it
+            // (tests/e2e/measure-add-to-connect.sh reads this).
+            if let Some(at) = fresh {
+                let ms = (at.elapsed().as_secs_f64() * 1e4).round() / 10.0;
+                tracing::info!(overlay_ms = ms, "report laid over the snapshot");
             }
         }
         let expiry = api.reports().next_expiry(grace);

@@ -79,6 +79,11 @@ impl Reports {
         self.by_pod.is_empty()
     }
 
+    /// When the newest report came, if any is held.
+    pub fn newest(&self) -> Option<Instant> {
+        self.by_pod.values().map(|r| r.at).max()
+    }
+
     /// When the oldest report expires, if any is held.
     pub fn next_expiry(&self, grace: Duration) -> Option<Instant> {
         self.by_pod.values().map(|r| r.at + grace).min()

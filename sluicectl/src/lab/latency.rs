@@ -7,6 +7,12 @@
 //! the probes sample the whole window rather than a burst of it, and add no load of
 //! their own. One process for all of them: `sluicectl lab probe` per connection would
 //! time a fork and exec in every sample.
+//!
+//! With `--until-connected` it times one thing instead: when the first connection to
+//! a pod that is still fail-closed goes through (`tests/e2e/measure-add-to-connect.sh`).
+//! An attempt starts every `--interval-us` without waiting for the earlier ones (a
+//! dropped SYN is not retried by the kernel for a second), so the answer's resolution
+//! is the interval, not a connect timeout plus a process start per attempt.
 
 use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
@@ -41,6 +47,21 @@ pub struct LatencyArgs {
     /// Print every sample (microseconds) too, for pooling windows.
     #[arg(long)]
     pub samples: bool,
+    /// Instead of timing connects: start one every `--interval-us` until one goes
+    /// through (at most `--duration-ms`, default 10 s), and print when it did.
+    #[arg(long)]
+    pub until_connected: bool,
+}
+
+/// `--until-connected`'s answer.
+#[derive(Debug, Serialize)]
+pub struct FirstConnection {
+    /// When the first connection was seen established, wall clock (Unix µs): a
+    /// script compares it with its own clock, so this process's start is no part of
+    /// the figure.
+    pub connected_unix_us: Option<u128>,
+    /// Attempts started, the successful one included.
+    pub attempts: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,6 +128,147 @@ fn measure(
     (samples, failed)
 }
 
+/// A non-blocking connect in flight.
+struct Attempt {
+    fd: std::os::fd::OwnedFd,
+    started: Instant,
+}
+
+/// Start a non-blocking connect to `dest`; None when no socket could be made.
+fn start_attempt(dest: std::net::SocketAddrV4) -> Option<Attempt> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned from here on.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: dest.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*dest.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: connect(2) on a valid socket with a correctly sized sockaddr_in.
+    let r = unsafe {
+        libc::connect(
+            raw,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    let in_progress = std::io::Error::last_os_error().raw_os_error() == Some(libc::EINPROGRESS);
+    (r == 0 || in_progress).then_some(Attempt {
+        fd,
+        started: Instant::now(),
+    })
+}
+
+/// The pending error of a socket whose connect finished (0: connected).
+fn socket_error(fd: &std::os::fd::OwnedFd) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) on a valid socket into a correctly sized int.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 { -1 } else { err }
+}
+
+/// One attempt every `interval` until one connects or `limit` passes. An attempt
+/// still unanswered after a second is given up (its SYN was dropped: the kernel would
+/// only send it again after a second).
+fn first_connection(
+    dest: std::net::SocketAddrV4,
+    interval: Duration,
+    limit: Duration,
+) -> FirstConnection {
+    use std::os::fd::AsRawFd;
+    const GIVE_UP: Duration = Duration::from_secs(1);
+    let start = Instant::now();
+    let mut pending: Vec<Attempt> = Vec::new();
+    let mut attempts = 0;
+    let mut next = start;
+    while start.elapsed() < limit {
+        let now = Instant::now();
+        if now >= next {
+            if let Some(a) = start_attempt(dest) {
+                pending.push(a);
+                attempts += 1;
+            }
+            next += interval;
+        }
+        pending.retain(|a| a.started.elapsed() < GIVE_UP);
+        let mut fds: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|a| libc::pollfd {
+                fd: a.fd.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        let wait = next.saturating_duration_since(Instant::now());
+        let ts = libc::timespec {
+            tv_sec: wait.as_secs() as libc::time_t,
+            tv_nsec: wait.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: ppoll(2) over a live array of pollfds, no signal mask.
+        let n = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        let mut finished = Vec::new();
+        for (i, p) in fds.iter().enumerate() {
+            if p.revents == 0 {
+                continue;
+            }
+            if socket_error(&pending[i].fd) == 0 {
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros());
+                let s = TcpStream::from(pending.swap_remove(i).fd);
+                close_with_rst(s);
+                return FirstConnection {
+                    connected_unix_us: Some(at),
+                    attempts,
+                };
+            }
+            finished.push(i);
+        }
+        // Refused or unreachable: that attempt is over; later ones go on.
+        for i in finished.into_iter().rev() {
+            pending.swap_remove(i);
+        }
+    }
+    FirstConnection {
+        connected_unix_us: None,
+        attempts,
+    }
+}
+
 pub fn exec(args: LatencyArgs) -> anyhow::Result<ExitCode> {
     let paths = LabPaths::new(&args.name);
     let r = {
@@ -125,6 +287,19 @@ pub fn exec(args: LatencyArgs) -> anyhow::Result<ExitCode> {
     };
     let (count, interval) = (args.count, Duration::from_micros(args.interval_us));
     let duration = args.duration_ms.map(Duration::from_millis);
+    if args.until_connected {
+        let limit = duration.unwrap_or(Duration::from_secs(10));
+        let dest = r.dest;
+        let first = netns::on_thread_in(&r.source_netns, move || {
+            first_connection(dest, interval, limit)
+        })?;
+        println!("{}", serde_json::to_string(&first)?);
+        return Ok(if first.connected_unix_us.is_some() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     let dest = SocketAddr::V4(r.dest);
     let (mut samples, failed) = netns::on_thread_in(&r.source_netns, move || {
         measure(dest, count, interval, duration)
