@@ -19,9 +19,12 @@ use crate::log::log;
 /// The deadline of a report (connect + write + read).
 pub const REPORT_TIMEOUT: Duration = local_api::DEFAULT_TIMEOUT;
 /// The deadline of the annotation lookup: longer than a report's, because a missed
-/// answer gives the pod an address it did not ask for; still short enough that an
-/// agent that hangs does not hold ADD up.
-pub const ANNOTATIONS_TIMEOUT: Duration = Duration::from_millis(50);
+/// answer gives the pod an address it did not ask for, and longer than the agent's
+/// own wait for a pod its datastore has not delivered yet (1 s,
+/// `sluice_agent::local_api::POD_LOOKUP_WAIT`): a runtime may start the sandbox a
+/// moment before the agent's watch sees the pod. An agent that is down answers at
+/// once (connection refused); one that hangs holds ADD up this long at most.
+pub const ANNOTATIONS_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// The pod's namespace and name from `CNI_ARGS` (Kubernetes runtimes send them).
 fn pod(ctx: &Ctx<'_>) -> Option<(String, String)> {

@@ -53,6 +53,10 @@ pub enum LocalApiError {
 pub type BlockClaims =
     Arc<dyn Fn(Ipv4Addr) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync>;
 
+/// How long a `pod-annotations` lookup waits for the datastore to deliver a pod it
+/// does not know yet (the plugin's deadline, `ANNOTATIONS_TIMEOUT`, is longer).
+pub const POD_LOOKUP_WAIT: Duration = Duration::from_secs(1);
+
 /// The state the socket and the overlay share.
 pub struct LocalApi {
     reports: Mutex<Reports>,
@@ -117,8 +121,18 @@ impl LocalApi {
                 Response::Ok
             }
             Request::PodAnnotations { namespace, name } => {
-                let snap = self.datastore.borrow().clone();
                 let key = sluice_policy::NamespacedName::new(&namespace, &name);
+                // The runtime may ADD a pod a moment before the datastore's watch (or
+                // poll) delivers it: wait for it, bounded, rather than answer "not
+                // known" and let the plugin hand out an address the pod did not ask
+                // for.
+                let mut datastore = self.datastore.clone();
+                let knows = |s: &Option<Arc<crate::datastore::Snapshot>>| {
+                    s.as_ref()
+                        .is_some_and(|s| s.cluster.pods.contains_key(&key))
+                };
+                let _ = tokio::time::timeout(POD_LOOKUP_WAIT, datastore.wait_for(knows)).await;
+                let snap = datastore.borrow().clone();
                 match snap {
                     None => Response::Annotations {
                         known: false,
@@ -420,6 +434,35 @@ mod tests {
                 .values()
                 .all(|p| p.ips.is_empty())
         );
+    }
+
+    #[tokio::test]
+    async fn a_lookup_waits_for_a_pod_the_datastore_delivers_a_moment_later() {
+        // The runtime ADDs before the watch has the pod: the lookup must not answer
+        // "not known" (the plugin would then give the pod an address it did not ask
+        // for) while the datastore is about to deliver it.
+        let (ds_tx, ds_rx) = tokio::sync::watch::channel(Some(Arc::new(Snapshot::default())));
+        let api = LocalApi::new(ds_rx, Arc::new(Metrics::new()));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            ds_tx.send(Some(Arc::new(pod_snapshot()))).unwrap();
+            // Keep the sender alive past the lookup.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let r = api
+            .handle(Request::PodAnnotations {
+                namespace: "prod".into(),
+                name: "web".into(),
+            })
+            .await;
+        match r {
+            Response::Annotations {
+                known: true,
+                ip_addrs_no_ipam: Some(a),
+                ..
+            } => assert!(a.contains("192.0.2.7"), "{a}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
