@@ -89,14 +89,29 @@ pub fn exec(path: &Path, command: Command, stdin: &[u8]) -> Result<Vec<u8>, Dele
         path: path.to_owned(),
         source,
     };
-    let mut child = Process::new(path)
-        .env("CNI_COMMAND", command.as_str())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        // The spec: the delegate's stderr goes to the delegating plugin's stderr.
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(spawn_err)?;
+    let spawn = || {
+        Process::new(path)
+            .env("CNI_COMMAND", command.as_str())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            // The spec: the delegate's stderr goes to the delegating plugin's stderr.
+            .stderr(Stdio::inherit())
+            .spawn()
+    };
+    // ETXTBSY: the binary is open for writing somewhere, usually for an instant (an
+    // installer copying it into CNI_PATH, or a process that forked while another
+    // thread had it open and has not exec'd yet, which is how a test's fresh script
+    // meets it). A short retry rides that out; a binary held open longer still fails.
+    let mut attempt = 0;
+    let mut child = loop {
+        match spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < 20 => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => break other.map_err(spawn_err)?,
+        }
+    };
     // A plugin that exits without reading all of stdin makes this write fail with
     // EPIPE; its exit status and stdout are what count, so ignore that here.
     if let Some(mut sin) = child.stdin.take() {
