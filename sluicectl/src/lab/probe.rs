@@ -244,22 +244,40 @@ fn extra_server(
         return Ok(());
     }
     let paths = LabPaths::new(&st.name);
-    let tag = format!("{}-{}-{port}", pod.netns, protocol.lower());
+    let server = spawn_server(&pod.netns, port, protocol, &paths)?;
+    let pod = st.pods.get_mut(key).expect("present");
+    record_server(&mut pod.extra_servers, server);
+    state::save(st)
+}
+
+/// One echo server for `port`/`protocol` in `netns`, as a probe starts it on first use.
+fn spawn_server(
+    netns: &str,
+    port: u16,
+    protocol: Protocol,
+    paths: &LabPaths,
+) -> Result<super::state::ExternalServer, LabError> {
+    let tag = format!("{netns}-{}-{port}", protocol.lower());
     let decl = DeclaredPort {
         port,
         protocol,
         name: None,
     };
-    let pid = serve::spawn(&pod.netns, std::slice::from_ref(&decl), &paths, &tag)?;
-    let pod = st.pods.get_mut(key).expect("present");
-    pod.extra_servers
-        .retain(|s| !(s.port == port && s.protocol == protocol));
-    pod.extra_servers.push(super::state::ExternalServer {
+    let pid = serve::spawn(netns, std::slice::from_ref(&decl), paths, &tag)?;
+    Ok(super::state::ExternalServer {
         port,
         protocol,
         pid,
-    });
-    state::save(st)
+    })
+}
+
+/// Keep `server` in `servers`, replacing a dead one of the same port and protocol.
+fn record_server(
+    servers: &mut Vec<super::state::ExternalServer>,
+    server: super::state::ExternalServer,
+) {
+    servers.retain(|s| !(s.port == server.port && s.protocol == server.protocol));
+    servers.push(server);
 }
 
 /// A server on the node's own address for a port no NodePort Service takes, started
@@ -286,25 +304,13 @@ fn node_server(
     {
         return Ok(());
     }
-    let tag = format!("{}-{}-{port}", n.netns, protocol.lower());
-    let decl = DeclaredPort {
-        port,
-        protocol,
-        name: None,
-    };
-    let pid = serve::spawn(&n.netns, std::slice::from_ref(&decl), &paths, &tag)?;
+    let server = spawn_server(&n.netns, port, protocol, &paths)?;
     let n = st
         .nodes
         .iter_mut()
         .find(|n| n.name == node)
         .expect("present");
-    n.servers
-        .retain(|s| !(s.port == port && s.protocol == protocol));
-    n.servers.push(super::state::ExternalServer {
-        port,
-        protocol,
-        pid,
-    });
+    record_server(&mut n.servers, server);
     state::save(st)
 }
 
