@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use sluice_netlink::Netlink;
 use sluice_node_files::local_api::{
-    self, AddressAnnotations, Attachment, Detachment, Request, RequestedAddress, Response,
+    self, AddressAnnotations, Attachment, Detachment, POD_ANNOTATIONS_CAPABILITY, Request,
+    RequestedAddress, Response,
 };
 
 use crate::commands::Ctx;
@@ -34,10 +35,15 @@ fn pod(ctx: &Ctx<'_>) -> Option<(String, String)> {
     ))
 }
 
-/// The address the pod's annotations ask for. Without Kubernetes pod arguments, or
-/// when the agent cannot answer, nothing is requested (logged): the plugin holds no
-/// API credentials of its own.
+/// The address the pod's annotations ask for. The runtime's copy of the annotations
+/// (`runtimeConfig["io.kubernetes.cri.pod-annotations"]`, from containerd's and
+/// CRI-O's CRI) decides when it is there; otherwise the agent is asked. Without
+/// Kubernetes pod arguments, or when the agent cannot answer, nothing is requested
+/// (logged): the plugin holds no API credentials of its own.
 pub fn requested_address(ctx: &Ctx<'_>) -> Result<Option<RequestedAddress>, PluginError> {
+    if let Some(annotations) = ctx.conf.runtime_config.get(POD_ANNOTATIONS_CAPABILITY) {
+        return from_runtime(annotations);
+    }
     let Some((namespace, name)) = pod(ctx) else {
         return Ok(None);
     };
@@ -70,6 +76,25 @@ pub fn requested_address(ctx: &Ctx<'_>) -> Result<Option<RequestedAddress>, Plug
             Ok(None)
         }
     }
+}
+
+/// The address the runtime's copy of the pod's annotations asks for (pure). It is
+/// the pod's own as the sandbox is created, so it is taken as it stands: no
+/// annotation there means none asked for, and the agent is not asked again.
+/// containerd 1.6 sends `null` for a sandbox without annotations.
+fn from_runtime(annotations: &serde_json::Value) -> Result<Option<RequestedAddress>, PluginError> {
+    if annotations.is_null() {
+        return Ok(None);
+    }
+    if !annotations.is_object() {
+        return Err(PluginError::Config(format!(
+            "runtimeConfig[\"{POD_ANNOTATIONS_CAPABILITY}\"] must be an object of pod annotations, not {annotations}"
+        )));
+    }
+    Ok(AddressAnnotations::from_metadata(annotations)
+        .map(|a| a.requested())
+        .transpose()?
+        .flatten())
 }
 
 /// Refuse a no-IPAM address this node already uses: a host address (the tunnel
@@ -193,6 +218,47 @@ pub fn no_ipam_alone(address: Ipv4Addr, requested: &[Ipv4Addr]) -> Result<(), Pl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_runtimes_copy_of_the_annotations_decides_what_is_requested() {
+        let ask = |v: serde_json::Value| from_runtime(&v);
+        assert_eq!(ask(serde_json::json!({})).unwrap(), None);
+        // containerd 1.6, for a sandbox without annotations (the CRI suite saw it).
+        assert_eq!(ask(serde_json::Value::Null).unwrap(), None);
+        assert_eq!(
+            ask(serde_json::json!({"kubernetes.io/config.seen": "x"})).unwrap(),
+            None
+        );
+        assert_eq!(
+            ask(serde_json::json!({"sluice.dev/ip-addrs": "[\"10.244.1.9\"]"})).unwrap(),
+            Some(RequestedAddress::Ipam("10.244.1.9".parse().unwrap()))
+        );
+        assert_eq!(
+            ask(serde_json::json!({"sluice.dev/ip-addrs-no-ipam": "[\"192.0.2.7\"]"})).unwrap(),
+            Some(RequestedAddress::NoIpam("192.0.2.7".parse().unwrap()))
+        );
+        let code = |v: serde_json::Value| {
+            ask(v)
+                .map(|_| ())
+                .map_err(|e| sluice_cni::protocol::CniError::from(e).code)
+                .unwrap_err()
+        };
+        assert_eq!(
+            code(serde_json::json!({"sluice.dev/ip-addrs": "10.244.1.9"})),
+            sluice_cni::protocol::ErrorCode::AddressAnnotationInvalid.code()
+        );
+        assert_eq!(
+            code(serde_json::json!({
+                "sluice.dev/ip-addrs": "[\"10.244.1.9\"]",
+                "sluice.dev/ip-addrs-no-ipam": "[\"192.0.2.7\"]"
+            })),
+            sluice_cni::protocol::ErrorCode::AddressAnnotationInvalid.code()
+        );
+        assert_eq!(
+            code(serde_json::json!(["sluice.dev/ip-addrs"])),
+            sluice_cni::protocol::ErrorCode::InvalidNetworkConfig.code()
+        );
+    }
 
     #[test]
     fn a_no_ipam_address_and_another_runtime_request_are_refused() {

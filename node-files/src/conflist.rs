@@ -60,10 +60,14 @@ struct Sluice<'a> {
 }
 
 /// What the runtime may pass in `runtimeConfig`: `ips` is a requested address
-/// (podman `--ip`).
+/// (podman `--ip`); the pod's annotations (containerd's and CRI-O's CRI,
+/// [`crate::local_api::POD_ANNOTATIONS_CAPABILITY`]) carry `sluice.dev/ip-addrs`
+/// and `sluice.dev/ip-addrs-no-ipam` straight to the plugin.
 #[derive(Serialize)]
 struct SluiceCapabilities {
     ips: bool,
+    #[serde(rename = "io.kubernetes.cri.pod-annotations")]
+    pod_annotations: bool,
 }
 
 #[derive(Serialize)]
@@ -145,7 +149,10 @@ impl NodeConflist {
                         node_blocks_file,
                         block_store,
                     },
-                    capabilities: SluiceCapabilities { ips: true },
+                    capabilities: SluiceCapabilities {
+                        ips: true,
+                        pod_annotations: true,
+                    },
                 },
                 Portmap {
                     kind: "portmap",
@@ -225,8 +232,12 @@ mod tests {
             "/var/lib/sluice/ipam/node-blocks.json"
         );
         assert!(p["ipam"].get("blockStore").is_none());
-        // podman --ip (and any runtime's `ips`) reaches the plugin as runtimeConfig.ips.
-        assert_eq!(p["capabilities"], serde_json::json!({"ips": true}));
+        // podman --ip (and any runtime's `ips`) reaches the plugin as runtimeConfig.ips;
+        // containerd's and CRI-O's CRI pass the pod's annotations.
+        assert_eq!(
+            p["capabilities"],
+            serde_json::json!({"ips": true, "io.kubernetes.cri.pod-annotations": true})
+        );
         assert_eq!(v["plugins"][1]["type"], "portmap");
         let parsed: serde_json::Value = serde_json::from_str(&cluster().to_text()).unwrap();
         assert_eq!(parsed, v);

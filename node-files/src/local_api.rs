@@ -44,6 +44,11 @@ pub const ANNOTATION_IP_ADDRS: &str = "sluice.dev/ip-addrs";
 /// Pod annotation: a JSON list holding one IPv4 address, used as given with IPAM
 /// bypassed (Calico's `cni.projectcalico.org/ipAddrsNoIpam`).
 pub const ANNOTATION_IP_ADDRS_NO_IPAM: &str = "sluice.dev/ip-addrs-no-ipam";
+/// The CNI capability (and `runtimeConfig` key) under which containerd's and CRI-O's
+/// CRI hand a plugin that declares it the pod sandbox's annotations, which kubelet
+/// fills with the pod's own. With it the plugin reads the two annotations above
+/// without asking the agent.
+pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 
 /// A request with its version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -657,3 +657,73 @@ fn stop_twice_and_remove_without_stop_leave_nothing() {
         node.assert_clean(&[x.id, y.id], &[x.ip, y.ip]);
     });
 }
+
+/// Issue 12's address annotations on the path a kubeadm node takes: kubelet copies a
+/// pod's annotations into its sandbox config, and containerd's CRI hands them to a
+/// plugin that declares `io.kubernetes.cri.pod-annotations` (the conflist does). No
+/// agent runs here, so the addresses can only have come that way. A malformed
+/// annotation fails RunPodSandbox with the plugin's error and leaves nothing.
+#[test]
+fn address_annotations_reach_the_plugin_from_containerd_without_the_agent() {
+    with_node("cri annotations", |node| {
+        let annotated = |name: &str, key: &str, value: &str| {
+            let mut c = pod_config("default", name, 0, vec![]);
+            c.annotations.insert(key.to_owned(), value.to_owned());
+            c
+        };
+        let pinned = node.run_pod(annotated(
+            "pinned",
+            "sluice.dev/ip-addrs",
+            r#"["10.244.9.77"]"#,
+        ));
+        let outside = node.run_pod(annotated(
+            "outside",
+            "sluice.dev/ip-addrs-no-ipam",
+            r#"["192.0.2.50"]"#,
+        ));
+        let plain = node.run_pod(pod_config("default", "plain", 0, vec![]));
+        assert_eq!(pinned.ip, "10.244.9.77", "{}", node.logs());
+        assert_eq!(outside.ip, "192.0.2.50", "{}", node.logs());
+        for p in [&pinned, &outside, &plain] {
+            p.assert_wired(node);
+        }
+        let ipam = node.ipam_state();
+        assert!(
+            ipam.contains(&pinned.id) && ipam.contains("\"10.244.9.77\""),
+            "IPAM does not hold the pinned address:\n{ipam}"
+        );
+        assert!(
+            !ipam.contains(&outside.id) && !ipam.contains("192.0.2.50"),
+            "IPAM holds the no-IPAM address:\n{ipam}"
+        );
+
+        // Not a JSON list: the runtime sees the plugin's error, nothing is created.
+        let before = (sluice_links(), node.ipam_state());
+        let err = node
+            .rt
+            .block_on(node.cri.run_pod_sandbox(annotated(
+                "malformed",
+                "sluice.dev/ip-addrs",
+                "10.244.9.200",
+            )))
+            .expect_err("a malformed annotation must fail RunPodSandbox");
+        assert!(
+            err.to_string().contains("sluice.dev/ip-addrs"),
+            "RunPodSandbox's error does not name the annotation: {err}"
+        );
+        assert_eq!(
+            (sluice_links(), node.ipam_state()),
+            before,
+            "links or IPAM changed\n{}",
+            node.logs()
+        );
+
+        let ids = [pinned.id.clone(), outside.id.clone(), plain.id.clone()];
+        let ips = [pinned.ip.clone(), outside.ip.clone(), plain.ip.clone()];
+        for id in &ids {
+            node.delete(id);
+        }
+        // containerd keeps no sandbox of the failed RunPodSandbox either.
+        node.assert_clean(&ids, &ips);
+    });
+}
