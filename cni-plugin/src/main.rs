@@ -35,6 +35,7 @@ fn main() {
 }
 
 fn run(stdin: &mut Vec<u8>) -> Result<Option<Value>, CniError> {
+    let started = std::time::Instant::now();
     // VERSION first and without touching stdin: podman calls it for every plugin
     // on every command, and it must have no side effects.
     if std::env::var("CNI_COMMAND").as_deref() == Ok("VERSION") {
@@ -60,7 +61,10 @@ fn run(stdin: &mut Vec<u8>) -> Result<Option<Value>, CniError> {
         plugin: &plugin,
     };
     let r: Result<Option<Value>, PluginError> = match env.command {
-        Command::Add => commands::add::exec(&ctx).map(Some),
+        Command::Add => commands::add::exec(&ctx).map(|result| {
+            log_added(&env, &result, started);
+            Some(result)
+        }),
         Command::Del => commands::del::exec(&ctx).map(|()| None),
         Command::Check => commands::check::exec(&ctx).map(|()| None),
         Command::Status => commands::status::exec(&ctx).map(|()| None),
@@ -68,6 +72,27 @@ fn run(stdin: &mut Vec<u8>) -> Result<Option<Value>, CniError> {
         Command::Version => Ok(Some(protocol::version_info())),
     };
     r.map_err(CniError::from)
+}
+
+/// One line per successful ADD, the last before the result is printed: what the
+/// pod got and how long the plugin took. Its time is when ADD returned, to the
+/// millisecond (`tests/e2e/measure-add-to-connect.sh` reads it as such).
+fn log_added(env: &Env, result: &Value, started: std::time::Instant) {
+    let pod = match (&env.args.k8s_pod_namespace, &env.args.k8s_pod_name) {
+        (Some(ns), Some(name)) => format!("pod {ns}/{name}"),
+        _ => "container".to_owned(),
+    };
+    let addresses: Vec<&str> = result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str())
+        .collect();
+    log!(
+        "ADD done: {pod} has {} ({:.1} ms)",
+        addresses.join(", "),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
 }
 
 /// CHECK exists from 0.4.0, STATUS and GC from 1.1.0; a runtime asking for them in
