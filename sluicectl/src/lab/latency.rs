@@ -14,13 +14,13 @@
 //! dropped SYN is not retried by the kernel for a second), so the answer's resolution
 //! is the interval, not a connect timeout plus a process start per attempt.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::probe::{parse_endpoint, resolve};
+use super::probe::{self, parse_endpoint, resolve};
 use super::state::{self, LabPaths, Protocol};
 use super::{LabError, netns};
 
@@ -30,8 +30,14 @@ pub struct LatencyArgs {
     pub name: String,
     #[arg(long)]
     pub from: String,
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, required_unless_present = "to_address")]
+    pub to: Option<String>,
+    /// With `--until-connected`: the destination as a bare address, no pod or server
+    /// looked up, so the prober can start before the pod exists (a pod that asks
+    /// for this address with `sluice.dev/ip-addrs`): ADD's return to the first
+    /// connection is then timed with no process start in it.
+    #[arg(long, hide = true, requires = "until_connected", conflicts_with = "to")]
+    pub to_address: Option<std::net::Ipv4Addr>,
     #[arg(long)]
     pub port: u16,
     /// Connections timed (at most).
@@ -271,26 +277,36 @@ fn first_connection(
 
 pub fn exec(args: LatencyArgs) -> anyhow::Result<ExitCode> {
     let paths = LabPaths::new(&args.name);
-    let r = {
+    let (source_netns, dest) = {
         let _lock = state::lock(&paths)?;
         let mut st = state::load(&args.name)?;
-        let r = resolve(
-            &mut st,
-            &parse_endpoint(&args.from)?,
-            &parse_endpoint(&args.to)?,
-            Some(args.port),
-            Protocol::Tcp,
-            Duration::from_secs(1),
-        )?;
+        let from = parse_endpoint(&args.from)?;
+        let resolved = match (&args.to, args.to_address) {
+            (_, Some(addr)) => (
+                probe::source_netns(&mut st, &from)?,
+                SocketAddrV4::new(addr, args.port),
+            ),
+            (Some(to), None) => {
+                let r = resolve(
+                    &mut st,
+                    &from,
+                    &parse_endpoint(to)?,
+                    Some(args.port),
+                    Protocol::Tcp,
+                    Duration::from_secs(1),
+                )?;
+                (r.source_netns, r.dest)
+            }
+            (None, None) => unreachable!("clap requires --to or --to-address"),
+        };
         state::save(&st)?;
-        r
+        resolved
     };
     let (count, interval) = (args.count, Duration::from_micros(args.interval_us));
     let duration = args.duration_ms.map(Duration::from_millis);
     if args.until_connected {
         let limit = duration.unwrap_or(Duration::from_secs(10));
-        let dest = r.dest;
-        let first = netns::on_thread_in(&r.source_netns, move || {
+        let first = netns::on_thread_in(&source_netns, move || {
             first_connection(dest, interval, limit)
         })?;
         println!("{}", serde_json::to_string(&first)?);
@@ -300,8 +316,8 @@ pub fn exec(args: LatencyArgs) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
-    let dest = SocketAddr::V4(r.dest);
-    let (mut samples, failed) = netns::on_thread_in(&r.source_netns, move || {
+    let dest = SocketAddr::V4(dest);
+    let (mut samples, failed) = netns::on_thread_in(&source_netns, move || {
         measure(dest, count, interval, duration)
     })?;
     if samples.is_empty() {

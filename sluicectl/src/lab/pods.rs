@@ -255,30 +255,6 @@ fn create_pod(
     let cid = names::container_id(&st.name, &ns, &name, &uid);
     netns::add(&pod_ns)?;
     let netns_path = netns::path(&pod_ns);
-    let sb = cni::Sandbox {
-        namespace: &ns,
-        name: &name,
-        uid: &uid,
-        container_id: &cid,
-        netns_path: &netns_path,
-    };
-    let result = match cni::add(&node, &sb) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = netns::delete(&pod_ns);
-            remove_manifest(paths, &o.key);
-            return Err(e);
-        }
-    };
-    let Some(ip) = cni::result_ipv4(&result) else {
-        let _ = cni::del(&node, &sb);
-        let _ = netns::delete(&pod_ns);
-        return Err(LabError::Cni {
-            command: "ADD".into(),
-            pod: format!("{ns}/{name}"),
-            message: format!("result has no IPv4 address: {result}"),
-        });
-    };
     let sctp = serve::sctp_supported();
     let (served, unserved): (Vec<_>, Vec<_>) = ports
         .iter()
@@ -290,7 +266,46 @@ fn create_pod(
             p.port
         );
     }
-    let mut pod = PodState {
+    // The echo server listens before ADD (sockets bind in a namespace without its
+    // interface): the first connection after ADD then waits on the network alone,
+    // not on the lab starting a process, so ADD → first connection measures sluice.
+    let server_pid = if served.is_empty() {
+        None
+    } else {
+        match serve::spawn(&pod_ns, &served, paths, &pod_ns) {
+            Ok(pid) => Some(pid),
+            Err(e) => {
+                let _ = netns::delete(&pod_ns);
+                remove_manifest(paths, &o.key);
+                return Err(e);
+            }
+        }
+    };
+    let undo = |e: LabError| {
+        if let Some(pid) = server_pid {
+            netns::kill_pid(pid);
+        }
+        let _ = netns::delete(&pod_ns);
+        remove_manifest(paths, &o.key);
+        e
+    };
+    let sb = cni::Sandbox {
+        namespace: &ns,
+        name: &name,
+        uid: &uid,
+        container_id: &cid,
+        netns_path: &netns_path,
+    };
+    let result = cni::add(&node, &sb).map_err(undo)?;
+    let Some(ip) = cni::result_ipv4(&result) else {
+        let _ = cni::del(&node, &sb);
+        return Err(undo(LabError::Cni {
+            command: "ADD".into(),
+            pod: format!("{ns}/{name}"),
+            message: format!("result has no IPv4 address: {result}"),
+        }));
+    };
+    let pod = PodState {
         namespace: ns.clone(),
         name: name.clone(),
         uid,
@@ -298,21 +313,15 @@ fn create_pod(
         netns: pod_ns.clone(),
         container_id: cid,
         ip,
-        ports: served.clone(),
+        ports: served,
         labels: manifests::labels(v),
-        server_pid: None,
+        server_pid,
         unserved,
         extra_servers: Vec::new(),
     };
-    // Record before starting anything else so a failure below is still cleaned up.
+    // Recorded before anything else so a failure below is still cleaned up.
     st.pods.insert(pod.key(), pod.clone());
     state::save(st)?;
-    if !served.is_empty() {
-        let pid = serve::spawn(&pod_ns, &served, paths, &pod_ns)?;
-        pod.server_pid = Some(pid);
-        st.pods.insert(pod.key(), pod.clone());
-        state::save(st)?;
-    }
     external::route_pod(st, ip, node.uplink_ip)?;
     write_manifest(
         paths,

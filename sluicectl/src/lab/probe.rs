@@ -161,18 +161,7 @@ pub fn resolve(
             "this kernel has no SCTP sockets (SCTP probes run under the QEMU kernel)".into(),
         ));
     }
-    let source_netns = match from {
-        Endpoint::Pod { namespace, name } => st
-            .pods
-            .get(&format!("{namespace}/{name}"))
-            .map(|p| p.netns.clone())
-            .ok_or_else(|| LabError::Probe(format!("no pod {from} in lab {}", st.name)))?,
-        Endpoint::Ip(a) => external::ensure(st, *a)?.netns.clone(),
-        Endpoint::Node { name, .. } => st
-            .node(name)
-            .map(|n| n.netns.clone())
-            .ok_or_else(|| LabError::Probe(format!("no node {name} in lab {}", st.name)))?,
-    };
+    let source_netns = source_netns(st, from)?;
     let dest_ip = match to {
         Endpoint::Pod { namespace, name } => {
             let pod = st
@@ -225,6 +214,23 @@ pub fn resolve(
         dest: SocketAddrV4::new(dest_ip, port),
         protocol,
         timeout,
+    })
+}
+
+/// The network namespace a probe from `from` starts in (an outside host is made on
+/// first use, hence `&mut`).
+pub fn source_netns(st: &mut LabState, from: &Endpoint) -> Result<String, LabError> {
+    Ok(match from {
+        Endpoint::Pod { namespace, name } => st
+            .pods
+            .get(&format!("{namespace}/{name}"))
+            .map(|p| p.netns.clone())
+            .ok_or_else(|| LabError::Probe(format!("no pod {from} in lab {}", st.name)))?,
+        Endpoint::Ip(a) => external::ensure(st, *a)?.netns.clone(),
+        Endpoint::Node { name, .. } => st
+            .node(name)
+            .map(|n| n.netns.clone())
+            .ok_or_else(|| LabError::Probe(format!("no node {name} in lab {}", st.name)))?,
     })
 }
 
