@@ -1151,12 +1151,9 @@ impl Flat<'_> {
         if let Some(cache) = self.cache.as_deref_mut() {
             let recipes = region_recipes(&pending);
             let serials: Option<Vec<u64>> = recipes.iter().map(|r| cache.serial(r)).collect();
-            if let Some(memo) = serials.and_then(|s| {
-                cache
-                    .class_memo(&key)
-                    .filter(|m| m.serials == s)
-                    .cloned()
-            }) {
+            if let Some(memo) =
+                serials.and_then(|s| cache.class_memo(&key).filter(|m| m.serials == s).cloned())
+            {
                 cache.class_memo_reused(recipes.len());
                 self.put_classes(memo.members, memo.map, &memo.ids);
                 return Ok(());

@@ -540,7 +540,7 @@ pub(crate) fn through_serial(
 
 /// The pods that differ between two clusters, as (before, after); `None` where the
 /// pod does not exist. One merge walk over both key-ordered maps.
-fn changed_pods<'a>(
+pub fn changed_pods<'a>(
     prev: &'a Cluster,
     next: &'a Cluster,
 ) -> Vec<(Option<&'a Pod>, Option<&'a Pod>)> {
