@@ -142,17 +142,20 @@ pub fn off_block_pods(
     memo.update(None, cluster, blocks, local_node, node_ips)
 }
 
+/// What [`OffBlockPods`] was computed for: the blocks, the nodes' addresses, this node.
+type OffBlockInputs = (
+    BTreeMap<Ipv4Net, String>,
+    BTreeMap<String, Ipv4Addr>,
+    String,
+);
+
 /// [`off_block_pods`] kept between syncs: each /32's pods by node, updated from the
 /// pods that changed since the previous cluster instead of walking 10,000 pods and
 /// sorting their routes on every sync (a new local pod changes none of them).
 #[derive(Debug, Default)]
 pub struct OffBlockPods {
     /// What the routes were computed for: the blocks, the nodes' addresses, this node.
-    inputs: Option<(
-        BTreeMap<Ipv4Net, String>,
-        BTreeMap<String, Ipv4Addr>,
-        String,
-    )>,
+    inputs: Option<OffBlockInputs>,
     /// Each off-block /32, the nodes whose pods hold it and how many.
     by_block: BTreeMap<Ipv4Net, BTreeMap<String, usize>>,
 }
