@@ -16,6 +16,7 @@ use sluice_policy::dataplane::Ruleset;
 use sluice_policy::dataplane::node::node_ruleset_with;
 
 use crate::datastore::Snapshot;
+use crate::routes::OffBlockPods;
 
 pub use sluice_policy::dataplane::node::{
     CHAIN_HELD, CHAIN_NAT_OUTGOING, CHAIN_TUNNEL_IN, NodeSettings, SET_NODES, SET_POOLS,
@@ -66,7 +67,7 @@ fn first_v4(addrs: &[IpAddr]) -> Option<Ipv4Addr> {
 
 /// Compute the desired state. Pure: no I/O, same input → same output.
 pub fn desired(snapshot: &Snapshot, settings: &NodeSettings) -> Result<Desired, ReconcileError> {
-    desired_with(snapshot, settings, None)
+    desired_with(snapshot, settings, None, None)
 }
 
 /// Which compile produced a desired state: from nothing, or reusing the sets of the
@@ -93,6 +94,8 @@ impl CompileKind {
 #[derive(Default)]
 pub struct Compiler {
     cache: SetCache,
+    /// The off-block pod routes, kept like the sets.
+    off_block: OffBlockPods,
     last: Option<std::sync::Arc<Snapshot>>,
 }
 
@@ -111,7 +114,8 @@ impl Compiler {
         snapshot: &std::sync::Arc<Snapshot>,
         settings: &NodeSettings,
     ) -> Result<(Desired, CompileKind), ReconcileError> {
-        let kind = match self.last.take() {
+        let prev = self.last.take();
+        let kind = match &prev {
             Some(prev) => {
                 self.cache.advance(&prev.cluster, &snapshot.cluster);
                 CompileKind::Incremental
@@ -122,16 +126,20 @@ impl Compiler {
             }
         };
         // On an error `last` stays empty: the next compile is a full one.
-        let out = desired_with(snapshot, settings, Some(&mut self.cache))?;
+        let off_block = (&mut self.off_block, prev.as_ref().map(|p| &p.cluster));
+        let out = desired_with(snapshot, settings, Some(&mut self.cache), Some(off_block))?;
         self.last = Some(snapshot.clone());
         Ok((out, kind))
     }
 }
 
+/// `off_block`: the routes kept between compiles, and the cluster they were last
+/// computed for.
 fn desired_with(
     snapshot: &Snapshot,
     settings: &NodeSettings,
     cache: Option<&mut SetCache>,
+    off_block: Option<(&mut OffBlockPods, Option<&sluice_policy::Cluster>)>,
 ) -> Result<Desired, ReconcileError> {
     let mut out = Desired::default();
     let cluster = &snapshot.cluster;
@@ -170,8 +178,12 @@ fn desired_with(
         }
     }
 
-    out.pod_routes =
-        crate::routes::off_block_pods(cluster, &snapshot.blocks, &settings.node, &node_ips);
+    out.pod_routes = match off_block {
+        Some((memo, prev)) => {
+            memo.update(prev, cluster, &snapshot.blocks, &settings.node, &node_ips)
+        }
+        None => crate::routes::off_block_pods(cluster, &snapshot.blocks, &settings.node, &node_ips),
+    };
 
     out.local_pods = cluster
         .pods

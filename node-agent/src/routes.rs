@@ -138,36 +138,138 @@ pub fn off_block_pods(
     local_node: &str,
     node_ips: &BTreeMap<&str, Ipv4Addr>,
 ) -> Vec<BlockOwner> {
-    // Each node's blocks, once: this runs over every pod of the cluster on every
-    // sync, and every block for every pod is 10,000 × 100 checks.
-    let mut blocks_of: BTreeMap<&str, Vec<Ipv4Net>> = BTreeMap::new();
-    for (b, owner) in blocks {
-        blocks_of.entry(owner).or_default().push(*b);
-    }
-    let mut out: Vec<BlockOwner> = cluster
-        .pods
-        .values()
-        .filter(|p| !p.host_network)
-        .filter_map(|p| {
-            let node = p.node.as_deref().filter(|n| *n != local_node)?;
-            let node_ip = *node_ips.get(node)?;
-            let own = blocks_of.get(node).map_or(&[][..], Vec::as_slice);
-            p.ips.iter().find_map(|ip| match ip {
-                std::net::IpAddr::V4(a) => {
-                    let in_own_block = own.iter().any(|b| b.contains(a));
-                    (!in_own_block).then(|| BlockOwner {
-                        node: node.to_owned(),
-                        node_ip,
-                        block: Ipv4Net::from(*a),
-                    })
+    let mut memo = OffBlockPods::default();
+    memo.update(None, cluster, blocks, local_node, node_ips)
+}
+
+/// What [`OffBlockPods`] was computed for: the blocks, the nodes' addresses, this node.
+type OffBlockInputs = (
+    BTreeMap<Ipv4Net, String>,
+    BTreeMap<String, Ipv4Addr>,
+    String,
+);
+
+/// [`off_block_pods`] kept between syncs: each /32's pods by node, updated from the
+/// pods that changed since the previous cluster instead of walking 10,000 pods and
+/// sorting their routes on every sync (a new local pod changes none of them).
+#[derive(Debug, Default)]
+pub struct OffBlockPods {
+    /// What the routes were computed for: the blocks, the nodes' addresses, this node.
+    inputs: Option<OffBlockInputs>,
+    /// Each off-block /32, the nodes whose pods hold it and how many.
+    by_block: BTreeMap<Ipv4Net, BTreeMap<String, usize>>,
+}
+
+impl OffBlockPods {
+    /// The off-block pods of `cluster`; `prev`, the cluster of the previous call,
+    /// lets unchanged inputs be updated from the changed pods only.
+    pub fn update(
+        &mut self,
+        prev: Option<&sluice_policy::Cluster>,
+        cluster: &sluice_policy::Cluster,
+        blocks: &BTreeMap<Ipv4Net, String>,
+        local_node: &str,
+        node_ips: &BTreeMap<&str, Ipv4Addr>,
+    ) -> Vec<BlockOwner> {
+        // Each node's blocks, once: this runs over every pod of the cluster on a
+        // full update, and every block for every pod is 10,000 × 100 checks.
+        let mut blocks_of: BTreeMap<&str, Vec<Ipv4Net>> = BTreeMap::new();
+        for (b, owner) in blocks {
+            blocks_of.entry(owner).or_default().push(*b);
+        }
+        let route = |p| off_block_route(p, local_node, node_ips, &blocks_of);
+        let same_inputs = self.inputs.as_ref().is_some_and(|(b, ips, node)| {
+            b == blocks
+                && node == local_node
+                && ips.len() == node_ips.len()
+                && ips
+                    .iter()
+                    .zip(node_ips)
+                    .all(|(a, b)| (a.0.as_str(), a.1) == (*b.0, b.1))
+        });
+        match prev.filter(|_| same_inputs) {
+            Some(prev) => {
+                for (old, new) in sluice_policy::compile::incremental::changed_pods(prev, cluster) {
+                    if let Some((block, node)) = old.and_then(route) {
+                        let nodes = self.by_block.entry(block).or_default();
+                        if let Some(n) = nodes.get_mut(node) {
+                            *n -= 1;
+                            if *n == 0 {
+                                nodes.remove(node);
+                            }
+                        }
+                        if nodes.is_empty() {
+                            self.by_block.remove(&block);
+                        }
+                    }
+                    if let Some((block, node)) = new.and_then(route) {
+                        *self
+                            .by_block
+                            .entry(block)
+                            .or_default()
+                            .entry(node.to_owned())
+                            .or_default() += 1;
+                    }
                 }
-                std::net::IpAddr::V6(_) => None,
+            }
+            None => {
+                self.by_block.clear();
+                for p in cluster.pods.values() {
+                    if let Some((block, node)) = route(p) {
+                        *self
+                            .by_block
+                            .entry(block)
+                            .or_default()
+                            .entry(node.to_owned())
+                            .or_default() += 1;
+                    }
+                }
+                self.inputs = Some((
+                    blocks.clone(),
+                    node_ips
+                        .iter()
+                        .map(|(n, ip)| (n.to_string(), *ip))
+                        .collect(),
+                    local_node.to_owned(),
+                ));
+            }
+        }
+        // One route per address: the first node by name when two nodes' pods
+        // claim it (a stale object).
+        self.by_block
+            .iter()
+            .filter_map(|(block, nodes)| {
+                let node = nodes.keys().next()?;
+                Some(BlockOwner {
+                    node: node.clone(),
+                    node_ip: node_ips[node.as_str()],
+                    block: *block,
+                })
             })
-        })
-        .collect();
-    out.sort_by(|a, b| a.block.cmp(&b.block).then(a.node.cmp(&b.node)));
-    out.dedup_by(|a, b| a.block == b.block);
-    out
+            .collect()
+    }
+}
+
+/// The /32 of `p` and its node, when `p` is a pod of another (known) node whose
+/// address lies in none of that node's blocks.
+fn off_block_route<'p>(
+    p: &'p sluice_policy::Pod,
+    local_node: &str,
+    node_ips: &BTreeMap<&str, Ipv4Addr>,
+    blocks_of: &BTreeMap<&str, Vec<Ipv4Net>>,
+) -> Option<(Ipv4Net, &'p str)> {
+    if p.host_network {
+        return None;
+    }
+    let node = p.node.as_deref().filter(|n| *n != local_node)?;
+    node_ips.get(node)?;
+    let own = blocks_of.get(node).map_or(&[][..], Vec::as_slice);
+    p.ips.iter().find_map(|ip| match ip {
+        std::net::IpAddr::V4(a) => {
+            (!own.iter().any(|b| b.contains(a))).then(|| (Ipv4Net::from(*a), node))
+        }
+        std::net::IpAddr::V6(_) => None,
+    })
 }
 
 /// Add a /32 per off-block pod, through its node the way that node's blocks are
@@ -472,6 +574,74 @@ mod tests {
         assert_eq!(d.routes[&net("192.0.2.7/32")], via_tunl0("192.168.0.2"));
         assert_eq!(d.routes[&net("10.244.2.200/32")], via_tunl0("192.168.0.3"));
         assert_eq!(d.routes[&net("10.244.2.0/24")], via_tunl0("192.168.0.2"));
+    }
+
+    #[test]
+    fn off_block_routes_kept_between_syncs_equal_a_fresh_walk_after_each_change() {
+        use crate::datastore::objects::{convert, parse_manifest_text};
+        let pod = |name: &str, node: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: d}}\n\
+                 spec: {{nodeName: {node}, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: {ip}}}\n"
+            )
+        };
+        let cluster_of = |pods: &[(&str, &str, &str)]| {
+            let text: Vec<String> = pods.iter().map(|(n, node, ip)| pod(n, node, ip)).collect();
+            convert(&parse_manifest_text("t", &text.join("---\n")).unwrap()).cluster
+        };
+        let blocks: BTreeMap<Ipv4Net, String> = cluster_blocks_by_net();
+        let node_ips: BTreeMap<&str, Ipv4Addr> = [
+            ("node-1", ip("192.168.0.1")),
+            ("node-2", ip("192.168.0.2")),
+            ("node-3", ip("192.168.0.3")),
+        ]
+        .into();
+        // Each step adds, moves, readdresses or deletes a pod; two pods of two nodes
+        // share an address for a while (the first node by name keeps the route).
+        let steps: Vec<Vec<(&str, &str, &str)>> = vec![
+            vec![
+                ("a", "node-2", "192.0.2.7"),
+                ("b", "node-3", "10.244.2.200"),
+            ],
+            vec![
+                ("a", "node-2", "192.0.2.7"),
+                ("b", "node-3", "10.244.2.200"),
+                ("c", "node-3", "192.0.2.7"),
+            ],
+            vec![
+                ("a", "node-2", "10.244.2.9"),
+                ("b", "node-3", "10.244.2.200"),
+                ("c", "node-3", "192.0.2.7"),
+            ],
+            vec![
+                ("b", "node-1", "10.244.2.200"),
+                ("c", "node-3", "192.0.2.7"),
+            ],
+            vec![
+                ("b", "node-2", "198.51.100.9"),
+                ("c", "node-3", "192.0.2.7"),
+                ("d", "node-1", "203.0.113.1"),
+            ],
+            vec![],
+        ];
+        let mut kept = OffBlockPods::default();
+        let mut prev: Option<sluice_policy::Cluster> = None;
+        for (i, step) in steps.iter().enumerate() {
+            let c = cluster_of(step);
+            let got = kept.update(prev.as_ref(), &c, &blocks, "node-1", &node_ips);
+            assert_eq!(
+                got,
+                off_block_pods(&c, &blocks, "node-1", &node_ips),
+                "step {i}"
+            );
+            prev = Some(c);
+        }
+        // New inputs (another block owner) walk the pods again.
+        let c = cluster_of(&steps[1]);
+        let mut moved = blocks.clone();
+        moved.insert(net("192.0.2.0/24"), "node-3".into());
+        let got = kept.update(prev.as_ref(), &c, &moved, "node-1", &node_ips);
+        assert_eq!(got, off_block_pods(&c, &moved, "node-1", &node_ips));
     }
 
     fn cluster_blocks_by_net() -> BTreeMap<Ipv4Net, String> {

@@ -333,3 +333,133 @@ fn a_new_pod_recomputes_only_the_sets_of_the_peers_that_select_it() {
         assert_eq!(st.chains_reused, 0, "{kind:?}");
     }
 }
+
+/// The flat form's class partition is taken from the previous compile exactly when
+/// no region and no declared set changed, and every step still equals the full
+/// compile: a pod joining an existing group, a pod founding a new group, a relabel
+/// moving a pod between groups, a pod a peer selects, a policy change.
+#[test]
+fn the_class_partition_is_reused_only_when_its_sets_and_regions_are_unchanged() {
+    let sel = |k: &str, v: &str| sluice_policy::LabelSelector {
+        match_labels: dataplane_support::labels(&[(k, v)]),
+        match_expressions: vec![],
+    };
+    let node = NODES[0].0;
+    let mut c = Cluster::default();
+    c.add_pod(mk_pod(
+        "prod",
+        "web-1",
+        &[("app", "web")],
+        "10.244.0.2",
+        node,
+    ));
+    c.add_pod(mk_pod(
+        "prod",
+        "api",
+        &[("app", "api")],
+        "10.244.1.2",
+        "node-b",
+    ));
+    c.add_pod(mk_pod("prod", "db", &[("app", "db")], "10.244.0.3", node));
+    let from_api = |name: &str, app: &str, p: u16| {
+        mk_policy(
+            "prod",
+            name,
+            sel("app", app),
+            Some(vec![rule(
+                vec![pods_in(None, sel("app", "api"))],
+                vec![port(Protocol::Tcp, num(p))],
+            )]),
+            None,
+        )
+    };
+    c.add_policy(from_api("web", "web", 80));
+    let s = settings(node, DataplaneKind::Nftables);
+    let mut cache = SetCache::default();
+    node_ruleset_with(&c, &s, &FakeVeths, Some(&mut cache)).unwrap();
+    let mut step = |prev: &Cluster, next: &Cluster| {
+        cache.advance(prev, next);
+        let rs = node_ruleset_with(next, &s, &FakeVeths, Some(&mut cache)).unwrap();
+        assert_eq!(rs, node_ruleset(next, &s, &FakeVeths).unwrap());
+        cache.stats().classes_reused
+    };
+
+    let mut joined = c.clone();
+    joined.add_pod(mk_pod(
+        "prod",
+        "web-2",
+        &[("app", "web")],
+        "10.244.0.4",
+        node,
+    ));
+    assert!(
+        step(&c, &joined),
+        "a pod joining its group reuses the classes"
+    );
+
+    let mut founded = joined.clone();
+    founded.add_policy(from_api("db", "db", 80));
+    assert!(
+        step(&joined, &founded),
+        "a new group of the same pairs shares their sets"
+    );
+    let mut other = founded.clone();
+    other.add_policy(from_api("db", "db", 5432));
+    assert!(
+        !step(&founded, &other),
+        "a new group's own sets partition anew"
+    );
+
+    let mut moved = other.clone();
+    moved
+        .pod_mut(&NamespacedName::new("prod", "web-2"))
+        .unwrap()
+        .labels = dataplane_support::labels(&[("app", "db")]);
+    assert!(
+        step(&other, &moved),
+        "a pod moving between existing groups reuses them"
+    );
+
+    let mut lonely = moved.clone();
+    lonely.add_pod(mk_pod(
+        "prod",
+        "cache",
+        &[("app", "cache")],
+        "10.244.0.5",
+        node,
+    ));
+    assert!(step(&moved, &lonely), "a pod no policy selects reuses them");
+
+    let mut selected = lonely.clone();
+    selected.add_pod(mk_pod(
+        "prod",
+        "api-2",
+        &[("app", "api")],
+        "10.244.1.3",
+        "node-b",
+    ));
+    assert!(
+        !step(&lonely, &selected),
+        "a pod a peer selects changes a region"
+    );
+
+    let mut changed = selected.clone();
+    changed
+        .policy_mut(&NamespacedName::new("prod", "web"))
+        .unwrap()
+        .ingress[0]
+        .ports = Ports::Any;
+    assert!(
+        !step(&selected, &changed),
+        "a policy change declares other sets"
+    );
+
+    let mut same = changed.clone();
+    same.pod_mut(&NamespacedName::new("prod", "db"))
+        .unwrap()
+        .labels = dataplane_support::labels(&[("app", "db"), ("v", "2")]);
+    assert!(
+        step(&changed, &same),
+        "a relabel no selector sees reuses them"
+    );
+}

@@ -1134,6 +1134,8 @@ impl Flat<'_> {
     /// Class form, after the group walk: the node's classes from every region the
     /// declared sets' pairs name, then the sets' elements (classes × ports), the
     /// class map and one chain per class. Nothing when no group needs classes.
+    /// Taken whole from the previous compile when it declared the same sets and
+    /// every region is the same cache entry ([`incremental::ClassMemo`]).
     fn fill_class_sets(&mut self) -> Result<(), TooManyClasses> {
         let Form::Classes { capacity } = self.form else {
             return Ok(());
@@ -1142,21 +1144,49 @@ impl Flat<'_> {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
+        let key = (
+            pending.iter().map(|(name, _, _)| name.clone()).collect(),
+            capacity,
+        );
+        if let Some(cache) = self.cache.as_deref_mut() {
+            let recipes = region_recipes(&pending);
+            let serials: Option<Vec<u64>> = recipes.iter().map(|r| cache.serial(r)).collect();
+            if let Some(memo) =
+                serials.and_then(|s| cache.class_memo(&key).filter(|m| m.serials == s).cloned())
+            {
+                cache.class_memo_reused(recipes.len());
+                self.put_classes(memo.members, memo.map, &memo.ids);
+                return Ok(());
+            }
+        }
         // Address regions: every peer but "any", and per egress named port one
         // region per number it resolves to (the pods declaring it with that number).
+        // Every recipe is asked for (two peers of one key, a namespaceSelector peer
+        // written in two namespaces, fill one region), so the memo's serials are
+        // those of every region entry, in [`region_recipes`]' order.
         let mut regions: BTreeMap<String, AddrSet> = BTreeMap::new();
         let mut named: BTreeMap<(Protocol, String), BTreeMap<u16, String>> = BTreeMap::new();
+        let mut serials: Vec<u64> = Vec::new();
+        let mut asked = RecipeSeen::default();
         for (_, _, pairs) in &pending {
             for (peer, port) in pairs {
-                if *peer != PeerRef::Any && !regions.contains_key(&peer.key()) {
-                    let region = self.cached_peer_region(peer);
+                if let PeerRef::Pods(ns, pp) = peer {
+                    if asked.first_pod_peer(ns, pp).is_some() {
+                        let (region, serial) = self.cached_peer_region(peer);
+                        serials.extend(serial);
+                        regions.entry(peer.key()).or_insert(region);
+                    }
+                } else if *peer != PeerRef::Any && !regions.contains_key(&peer.key()) {
+                    let (region, _) = self.cached_peer_region(peer);
                     regions.insert(peer.key(), region);
                 }
                 if let PortRef::Named(proto, name) = port
                     && !named.contains_key(&(*proto, name.clone()))
                 {
+                    let (members, serial) = self.cached_named_ports(name, *proto);
+                    serials.extend(serial);
                     let mut numbers: BTreeMap<u16, String> = BTreeMap::new();
-                    for (ip, number) in self.cached_named_ports(name, *proto) {
+                    for (ip, number) in members {
                         let key = format!("named;{};{name};{number}", proto.as_str());
                         let ip = u32::from(ip);
                         regions.entry(key.clone()).or_default().insert(ip, ip);
@@ -1207,6 +1237,7 @@ impl Flat<'_> {
             }
             out
         };
+        let mut filled: Vec<(String, BTreeSet<SetMember>)> = Vec::new();
         for (name, any, pairs) in pending {
             // The class axis rides on the box set's address axis: the same interval
             // arithmetic, disjoint and canonical.
@@ -1249,9 +1280,7 @@ impl Flat<'_> {
                     })
                     .collect()
             };
-            if let Some(set) = self.ruleset.sets.get_mut(&name) {
-                set.members = members;
-            }
+            filled.push((name, members));
         }
         let mut map = VerdictMap {
             name: MAP_CLASSES.into(),
@@ -1267,8 +1296,93 @@ impl Flat<'_> {
                 MapVerdict::Jump(names::class_chain(class)),
             );
         }
+        let ids: Vec<u32> = classes.ids().into_iter().collect();
+        if let Some(cache) = self.cache.as_deref_mut() {
+            cache.keep_class_memo(incremental::ClassMemo {
+                key,
+                serials,
+                members: filled.clone(),
+                map: map.clone(),
+                ids: ids.clone(),
+            });
+        }
+        self.put_classes(filled, map, &ids);
+        Ok(())
+    }
+
+    /// A peer's region, through the cache: a pod peer's addresses are the
+    /// iptables form's hash:ip set, under the same recipe. With the cache entry's
+    /// serial, for a pod peer through a cache.
+    fn cached_peer_region(&mut self, peer: &PeerRef<'_>) -> (AddrSet, Option<u64>) {
+        let PeerRef::Pods(ns, pp) = peer else {
+            return (self.peer_region(peer), None);
+        };
+        let index = &self.index;
+        let (members, serial) = incremental::through_serial(
+            &mut self.cache,
+            || {
+                let dep = Dependency::PodPeer {
+                    namespace: ns.to_string(),
+                    peer: (*pp).clone(),
+                };
+                (pod_peer_recipe(ns, pp), vec![dep])
+            },
+            || index.pod_peer_members(ns, pp),
+        );
+        let mut out = AddrSet::default();
+        for m in members {
+            if let SetMember::Ip(ip) = m {
+                out.insert(u32::from(ip), u32::from(ip));
+            }
+        }
+        (out, serial)
+    }
+
+    /// Every pod's (address, number) of a named port, through the cache (the
+    /// iptables form's hash:ip,port set, under the same recipe), with the cache
+    /// entry's serial.
+    fn cached_named_ports(
+        &mut self,
+        name: &str,
+        protocol: Protocol,
+    ) -> (Vec<(Ipv4Addr, u16)>, Option<u64>) {
+        let index = &self.index;
+        let (members, serial) = incremental::through_serial(
+            &mut self.cache,
+            || {
+                let dep = Dependency::NamedPort {
+                    name: name.to_string(),
+                    protocol,
+                };
+                (named_port_recipe(name, protocol), vec![dep])
+            },
+            || index.named_port_members(name, protocol),
+        );
+        let members = members
+            .into_iter()
+            .filter_map(|m| match m {
+                SetMember::IpPort { ip, port, .. } => Some((ip, port)),
+                _ => None,
+            })
+            .collect();
+        (members, serial)
+    }
+
+    /// Puts a class partition's output in the ruleset: each declared set's
+    /// members, the class map, one chain per class.
+    fn put_classes(
+        &mut self,
+        members: Vec<(String, BTreeSet<SetMember>)>,
+        map: VerdictMap,
+        ids: &[u32],
+    ) {
+        for (name, members) in members {
+            if let Some(set) = self.ruleset.sets.get_mut(&name) {
+                set.members = members;
+            }
+        }
         self.ruleset.maps.insert(map.name.clone(), map);
-        for class in classes.ids() {
+        for &class in ids {
             self.ruleset.add_chain(
                 Table::Filter,
                 Chain {
@@ -1283,60 +1397,66 @@ impl Flat<'_> {
                 },
             );
         }
-        Ok(())
+    }
+}
+
+fn pod_peer_recipe(namespace: &str, peer: &PodPeer) -> Recipe {
+    Recipe::PodPeer {
+        namespace: namespace.to_string(),
+        peer: peer.clone(),
+    }
+}
+
+fn named_port_recipe(name: &str, protocol: Protocol) -> Recipe {
+    Recipe::NamedPort {
+        name: name.to_string(),
+        protocol,
+    }
+}
+
+/// Which region recipes a class fill has asked for already. Peers are compared by
+/// address first (most pairs repeat the same policy's peer), then by value.
+#[derive(Default)]
+struct RecipeSeen<'p> {
+    pointers: std::collections::HashSet<(*const PodPeer, *const u8)>,
+    recipes: std::collections::HashSet<Recipe>,
+    _peers: std::marker::PhantomData<&'p PodPeer>,
+}
+
+impl<'p> RecipeSeen<'p> {
+    /// The recipe of pod peer `peer` of namespace `ns`, when not asked for before.
+    fn first_pod_peer(&mut self, ns: &'p str, peer: &'p PodPeer) -> Option<Recipe> {
+        if !self.pointers.insert((peer as *const PodPeer, ns.as_ptr())) {
+            return None;
+        }
+        let recipe = pod_peer_recipe(ns, peer);
+        self.recipes.insert(recipe.clone()).then_some(recipe)
     }
 
-    /// A peer's region, through the cache: a pod peer's addresses are the
-    /// iptables form's hash:ip set, under the same recipe.
-    fn cached_peer_region(&mut self, peer: &PeerRef<'_>) -> AddrSet {
-        let PeerRef::Pods(ns, pp) = peer else {
-            return self.peer_region(peer);
-        };
-        let index = &self.index;
-        let members = incremental::through(
-            &mut self.cache,
-            || {
-                let (namespace, peer) = (ns.to_string(), (*pp).clone());
-                let dep = Dependency::PodPeer {
-                    namespace: namespace.clone(),
-                    peer: peer.clone(),
-                };
-                (Recipe::PodPeer { namespace, peer }, vec![dep])
-            },
-            || index.pod_peer_members(ns, pp),
-        );
-        let mut out = AddrSet::default();
-        for m in members {
-            if let SetMember::Ip(ip) = m {
-                out.insert(u32::from(ip), u32::from(ip));
+    /// The recipe of named port `name`, when not asked for before.
+    fn first_named_port(&mut self, name: &str, protocol: Protocol) -> Option<Recipe> {
+        let recipe = named_port_recipe(name, protocol);
+        self.recipes.insert(recipe.clone()).then_some(recipe)
+    }
+}
+
+/// The cache recipes of the regions the declared class sets `pending` name, each
+/// once, in the order [`Flat::fill_class_sets`] asks for them: per pair, its pod
+/// peer, then its named port.
+fn region_recipes(pending: &[PendingSet<'_>]) -> Vec<Recipe> {
+    let mut seen = RecipeSeen::default();
+    let mut out = Vec::new();
+    for (_, _, pairs) in pending {
+        for (peer, port) in pairs {
+            if let PeerRef::Pods(ns, pp) = peer {
+                out.extend(seen.first_pod_peer(ns, pp));
+            }
+            if let PortRef::Named(proto, name) = port {
+                out.extend(seen.first_named_port(name, *proto));
             }
         }
-        out
     }
-
-    /// Every pod's (address, number) of a named port, through the cache (the
-    /// iptables form's hash:ip,port set, under the same recipe).
-    fn cached_named_ports(&mut self, name: &str, protocol: Protocol) -> Vec<(Ipv4Addr, u16)> {
-        let index = &self.index;
-        incremental::through(
-            &mut self.cache,
-            || {
-                let name = name.to_string();
-                let dep = Dependency::NamedPort {
-                    name: name.clone(),
-                    protocol,
-                };
-                (Recipe::NamedPort { name, protocol }, vec![dep])
-            },
-            || index.named_port_members(name, protocol),
-        )
-        .into_iter()
-        .filter_map(|m| match m {
-            SetMember::IpPort { ip, port, .. } => Some((ip, port)),
-            _ => None,
-        })
-        .collect()
-    }
+    out
 }
 
 /// The (peer, ports) pairs `policies` allow in `direction`, sorted and deduplicated;

@@ -111,6 +111,29 @@ struct Entry {
     members: BTreeSet<SetMember>,
     /// The compile that last asked for it.
     used: u64,
+    /// Unique to this computation of the members: what [`ClassMemo`] checks its
+    /// regions by.
+    serial: u64,
+}
+
+/// The flat form's class partition and what it filled, as the last compile that
+/// partitioned left it (`flat::Flat::fill_class_sets`). It is a function of the
+/// declared class sets (their names, each the hash of its (peer, ports) pairs) and
+/// of the regions their pod peers and named ports name: when both are what they
+/// were (the same sets, and every region the same cache entry, by serial), the
+/// partition is the same, and a new pod no peer selects costs no partition at all.
+#[derive(Debug, Clone)]
+pub(crate) struct ClassMemo {
+    /// The declared sets, in declaration order, and the class capacity.
+    pub key: (Vec<String>, u32),
+    /// The serials of the region entries it was computed from, in the order the
+    /// fill asked for them.
+    pub serials: Vec<u64>,
+    /// Each declared set's members.
+    pub members: Vec<(String, BTreeSet<SetMember>)>,
+    /// The class map and the class ids (one chain each).
+    pub map: crate::dataplane::VerdictMap,
+    pub ids: Vec<u32>,
 }
 
 /// How the last compile went: whether the cache was empty (a full compile), and how
@@ -125,6 +148,9 @@ pub struct CacheStats {
     /// Policy chains (the per-policy form) taken from the previous compile because
     /// their policy did not change.
     pub chains_reused: usize,
+    /// Whether the flat form took its class partition and class sets from the
+    /// previous compile (no region and no declared set changed).
+    pub classes_reused: bool,
 }
 
 /// Set contents kept between compiles of one node (see the module doc). Start with
@@ -138,7 +164,11 @@ pub struct SetCache {
     /// Policy chains by the policy's namespace and name, ingress then egress
     /// (nested so a lookup borrows the policy's strings instead of building a key).
     policy_chains: HashMap<String, HashMap<String, [Option<PolicyChain>; 2]>>,
+    /// The flat form's last class partition ([`ClassMemo`]).
+    classes: Option<ClassMemo>,
     generation: u64,
+    /// The next entry's serial.
+    serial: u64,
     stats: CacheStats,
 }
 
@@ -281,6 +311,7 @@ impl SetCache {
         self.entries.clear();
         self.selections.clear();
         self.policy_chains.clear();
+        self.classes = None;
     }
 
     /// Whether the next compile starts from nothing.
@@ -411,23 +442,60 @@ impl SetCache {
         depends_on: impl FnOnce() -> Vec<Dependency>,
         compute: impl FnOnce() -> BTreeSet<SetMember>,
     ) -> BTreeSet<SetMember> {
+        self.members_serial(recipe, depends_on, compute).0
+    }
+
+    /// [`SetCache::members`], with the entry's serial.
+    pub(crate) fn members_serial(
+        &mut self,
+        recipe: Recipe,
+        depends_on: impl FnOnce() -> Vec<Dependency>,
+        compute: impl FnOnce() -> BTreeSet<SetMember>,
+    ) -> (BTreeSet<SetMember>, u64) {
         let g = self.generation;
         if let Some(e) = self.entries.get_mut(&recipe) {
             e.used = g;
             self.stats.reused += 1;
-            return e.members.clone();
+            return (e.members.clone(), e.serial);
         }
         self.stats.computed += 1;
         let members = compute();
+        self.serial += 1;
         self.entries.insert(
             recipe,
             Entry {
                 depends_on: depends_on(),
                 members: members.clone(),
                 used: g,
+                serial: self.serial,
             },
         );
-        members
+        (members, self.serial)
+    }
+
+    /// The serial of the entry made by `recipe`, marked as asked for by this
+    /// compile; `None` when there is none (it must be computed).
+    pub(crate) fn serial(&mut self, recipe: &Recipe) -> Option<u64> {
+        let g = self.generation;
+        let e = self.entries.get_mut(recipe)?;
+        e.used = g;
+        Some(e.serial)
+    }
+
+    /// The last class partition, when it was made from the declared sets `key`.
+    pub(crate) fn class_memo(&self, key: &(Vec<String>, u32)) -> Option<&ClassMemo> {
+        self.classes.as_ref().filter(|m| m.key == *key)
+    }
+
+    /// Counts the class partition taken from the memo, with its `regions` entries.
+    pub(crate) fn class_memo_reused(&mut self, regions: usize) {
+        self.stats.classes_reused = true;
+        self.stats.reused += regions;
+    }
+
+    /// Remembers the class partition just made.
+    pub(crate) fn keep_class_memo(&mut self, memo: ClassMemo) {
+        self.classes = Some(memo);
     }
 }
 
@@ -454,9 +522,25 @@ pub(crate) fn through(
     }
 }
 
+/// [`through`], with the serial of the cache entry (`None` without a cache).
+pub(crate) fn through_serial(
+    cache: &mut Option<&mut SetCache>,
+    recipe: impl FnOnce() -> (Recipe, Vec<Dependency>),
+    compute: impl FnOnce() -> BTreeSet<SetMember>,
+) -> (BTreeSet<SetMember>, Option<u64>) {
+    match cache {
+        Some(c) => {
+            let (recipe, depends_on) = recipe();
+            let (members, serial) = c.members_serial(recipe, || depends_on, compute);
+            (members, Some(serial))
+        }
+        None => (compute(), None),
+    }
+}
+
 /// The pods that differ between two clusters, as (before, after); `None` where the
 /// pod does not exist. One merge walk over both key-ordered maps.
-fn changed_pods<'a>(
+pub fn changed_pods<'a>(
     prev: &'a Cluster,
     next: &'a Cluster,
 ) -> Vec<(Option<&'a Pod>, Option<&'a Pod>)> {
