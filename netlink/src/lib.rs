@@ -12,6 +12,8 @@
 //!   still exactly what the kernel holds.
 //! - [`nft_elements`]: set and map element changes sent to nf_tables as one NFNL
 //!   batch, without the `nft` program.
+//! - [`nft_table`]: a whole table (chains, sets, elements, rules) replaced in one NFNL
+//!   batch, without the `nft` program.
 //! - [`ipset`]: ipset member adds and deletes over `NETLINK_NETFILTER`, which the
 //!   iptables dataplane writes on every pod event without an `ipset` process.
 //! - `nfnl` (private): the `NETLINK_NETFILTER` framing those three share (socket,
@@ -26,6 +28,7 @@ pub mod ipset;
 pub mod message;
 mod nfnl;
 pub mod nft_elements;
+pub mod nft_table;
 pub mod nftables;
 pub mod socket;
 pub mod types;

@@ -42,29 +42,29 @@ use netlink_sys::Socket;
 use crate::error::NetlinkError;
 use crate::nfnl::{self, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, attr, message, pad};
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFNL_MSG_BATCH_BEGIN: u16 = 16;
-const NFNL_MSG_BATCH_END: u16 = 17;
-const NFT_MSG_NEWSETELEM: u16 = 12;
+pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub(crate) const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+pub(crate) const NFNL_MSG_BATCH_END: u16 = 17;
+pub(crate) const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFT_MSG_NEWGEN: u16 = 15;
 
-const NLM_F_CREATE: u16 = 0x400;
+pub(crate) const NLM_F_CREATE: u16 = 0x400;
 
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+pub(crate) const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+pub(crate) const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+pub(crate) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
-const NFTA_SET_ELEM_KEY: u16 = 1;
+pub(crate) const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
-const NFTA_SET_ELEM_FLAGS: u16 = 3;
+pub(crate) const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_SET_ELEM_USERDATA: u16 = 6;
 const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_DATA_VALUE: u16 = 1;
-const NFTA_DATA_VERDICT: u16 = 2;
+pub(crate) const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
-const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
+pub(crate) const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 /// libnftnl's element user data: `NFTNL_UDATA_SET_ELEM_FLAGS` (type 1, 4 bytes) =
 /// `NFTNL_SET_ELEM_F_INTERVAL_OPEN`, as nft writes it on a range without an end.
 const UDATA_INTERVAL_OPEN: [u8; 6] = [1, 4, 1, 0, 0, 0];
@@ -141,6 +141,13 @@ pub fn write_elements(
     changes: &[SetChanges],
 ) -> Result<u32, NetlinkError> {
     let (batch, acked) = batch(family, table, changes, 1)?;
+    send_batch(&batch, &acked)
+}
+
+/// Send one NFNL batch whose messages numbered `acked` must each be acked, then a
+/// `NFT_MSG_GETGEN`; returns the generation after the commit. Any error, or a message
+/// without its ack, fails the write (the kernel has then aborted the whole batch).
+pub(crate) fn send_batch(batch: &[u8], acked: &[u32]) -> Result<u32, NetlinkError> {
     let socket = nfnl::open()?;
     // Room for the batch (the kernel refuses a message bigger than the send buffer)
     // and its acks; root may force it past the sysctl limits.
@@ -149,7 +156,7 @@ pub fn write_elements(
     set_buffer(&socket, libc::SO_RCVBUFFORCE, room);
     // Success acks carry no payload anyway; errors then carry only the header.
     let _ = socket.set_cap_ack(true);
-    socket.send(&batch, 0).map_err(NetlinkError::Socket)?;
+    socket.send(batch, 0).map_err(NetlinkError::Socket)?;
     let gen_seq = acked.last().map_or(1, |s| s + 2);
     socket
         .send(&crate::nftables::getgen_request(gen_seq), 0)
@@ -157,7 +164,7 @@ pub fn write_elements(
     let mut seen = vec![false; acked.len()];
     loop {
         let (data, _) = socket.recv_from_full().map_err(NetlinkError::Socket)?;
-        if let Some(generation) = read_replies(&data, &acked, &mut seen, gen_seq)? {
+        if let Some(generation) = read_replies(&data, acked, &mut seen, gen_seq)? {
             if let Some(i) = seen.iter().position(|s| !s) {
                 return Err(NetlinkError::Decode {
                     op: OP.into(),
@@ -217,7 +224,7 @@ fn read_replies(
 }
 
 /// Elements per message: keeps every message far below netlink's size limits.
-const ELEMENTS_PER_MESSAGE: usize = 256;
+pub(crate) const ELEMENTS_PER_MESSAGE: usize = 256;
 
 /// The batch as bytes, sequence numbers from `first_seq`, and the sequence numbers of
 /// the messages that must be acked (every set-element message).
@@ -284,20 +291,20 @@ fn batch(
     Ok((out, acked))
 }
 
-fn cstr(s: &str) -> Vec<u8> {
+pub(crate) fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     v
 }
 
 /// `NFTA_DATA_VALUE` holding `bytes`, nested in an attribute of `kind`.
-fn data_value(out: &mut Vec<u8>, kind: u16, bytes: &[u8]) {
+pub(crate) fn data_value(out: &mut Vec<u8>, kind: u16, bytes: &[u8]) {
     let mut inner = Vec::new();
     attr(&mut inner, NFTA_DATA_VALUE, bytes);
     attr(out, kind | NLA_F_NESTED, &inner);
 }
 
-fn ifname(name: &str) -> Result<[u8; IFNAMSIZ], NetlinkError> {
+pub(crate) fn ifname(name: &str) -> Result<[u8; IFNAMSIZ], NetlinkError> {
     if name.len() > MAX_IFNAME || name.as_bytes().contains(&0) {
         return Err(NetlinkError::Decode {
             op: OP.into(),
@@ -323,8 +330,30 @@ fn tuple_key(first: [u8; 4], protocol: u8, port: u16) -> Vec<u8> {
     k
 }
 
+/// `NFTA_DATA_VERDICT` holding `v`: the code, and the chain of a jump or goto.
+pub(crate) fn verdict_data(out: &mut Vec<u8>, v: &Verdict) {
+    let (code, chain): (i32, Option<&str>) = match v {
+        Verdict::Accept => (1, None),
+        Verdict::Drop => (0, None),
+        Verdict::Continue => (-1, None),
+        Verdict::Jump(c) => (-3, Some(c)),
+        Verdict::Goto(c) => (-4, Some(c)),
+        Verdict::Return => (-5, None),
+    };
+    let mut verdict = Vec::new();
+    attr(&mut verdict, NFTA_VERDICT_CODE, &code.to_be_bytes());
+    if let Some(c) = chain {
+        attr(&mut verdict, NFTA_VERDICT_CHAIN, &cstr(c));
+    }
+    attr(out, NFTA_DATA_VERDICT | NLA_F_NESTED, &verdict);
+}
+
 /// One element as nft sends it: one or (interval start and end) two list entries.
-fn encode_element(list: &mut Vec<u8>, e: &Element, add: bool) -> Result<(), NetlinkError> {
+pub(crate) fn encode_element(
+    list: &mut Vec<u8>,
+    e: &Element,
+    add: bool,
+) -> Result<(), NetlinkError> {
     let mut one = Vec::new();
     // A one-field interval's end, exclusive (`None`: the range runs to the last value).
     let mut interval_end: Option<Option<u32>> = None;
@@ -382,21 +411,8 @@ fn encode_element(list: &mut Vec<u8>, e: &Element, add: bool) -> Result<(), Netl
         }
     }
     if add && let Some(v) = &e.verdict {
-        let (code, chain): (i32, Option<&str>) = match v {
-            Verdict::Accept => (1, None),
-            Verdict::Drop => (0, None),
-            Verdict::Continue => (-1, None),
-            Verdict::Jump(c) => (-3, Some(c)),
-            Verdict::Goto(c) => (-4, Some(c)),
-            Verdict::Return => (-5, None),
-        };
-        let mut verdict = Vec::new();
-        attr(&mut verdict, NFTA_VERDICT_CODE, &code.to_be_bytes());
-        if let Some(c) = chain {
-            attr(&mut verdict, NFTA_VERDICT_CHAIN, &cstr(c));
-        }
         let mut data = Vec::new();
-        attr(&mut data, NFTA_DATA_VERDICT | NLA_F_NESTED, &verdict);
+        verdict_data(&mut data, v);
         attr(&mut one, NFTA_SET_ELEM_DATA | NLA_F_NESTED, &data);
     }
     match interval_end {

@@ -843,7 +843,7 @@ fn nft_element_changes_sent_over_netlink_leave_the_listing_nft_leaves() {
                         "one commit per step"
                     );
                     assert_eq!(nft_state(), Some(NftState::of(rs)), "read back = planned");
-                    sh("nft -j list table ip sluice")
+                    listing_as_sets()
                 })
                 .collect()
         })
@@ -988,5 +988,240 @@ fn set_members_written_over_netlink_are_what_ipset_restore_would_write() {
             .unwrap_err();
         assert!(err.to_string().contains("SLUICE-NONE"), "{err}");
         sh("ipset destroy SLUICE-A; ipset destroy SLUICE-B; ipset destroy SLUICE-C");
+    });
+}
+
+/// The probe table with one more rule of every match and target the renderer writes
+/// that the probe leaves out (a prefix that is not whole bytes, a port range, a mark
+/// test, a log rule, a `hash:ip,port` lookup, …).
+fn every_form() -> Ruleset {
+    use sluice_policy::dataplane::deny_log::LogSpec;
+    use sluice_policy::model::Protocol;
+    let mut rs = sluice_policy::render::nft::probe_ruleset();
+    rs.sets.insert(
+        "SLUICE-IP".into(),
+        IpSet {
+            name: "SLUICE-IP".into(),
+            kind: SetKind::HashIpPort,
+            members: [SetMember::IpPort {
+                ip: "10.0.0.7".parse().unwrap(),
+                protocol: Protocol::Udp,
+                port: 53,
+            }]
+            .into_iter()
+            .collect(),
+        },
+    );
+    rs.add_chain(
+        Table::Filter,
+        chain(
+            "SLUICE-X",
+            vec![
+                Rule::new(
+                    vec![
+                        Match::Source {
+                            net: "10.16.0.0/12".parse().unwrap(),
+                            negated: false,
+                        },
+                        Match::Destination {
+                            net: "10.1.2.3/32".parse().unwrap(),
+                            negated: true,
+                        },
+                        Match::Protocol(Protocol::Tcp),
+                        Match::DestinationPorts { start: 80, end: 90 },
+                    ],
+                    Target::Accept,
+                ),
+                Rule::new(
+                    vec![
+                        Match::Destination {
+                            net: "192.168.0.0/16".parse().unwrap(),
+                            negated: false,
+                        },
+                        Match::InInterface(Interface::exact("eth0")),
+                        Match::Protocol(Protocol::Sctp),
+                        Match::DestinationPorts { start: 53, end: 53 },
+                    ],
+                    Target::Drop,
+                ),
+                Rule::new(
+                    vec![
+                        Match::CtState(vec![CtState::New]),
+                        Match::Mark {
+                            value: 0x4000,
+                            mask: 0x4000,
+                        },
+                    ],
+                    Target::Log(LogSpec {
+                        group: 5,
+                        prefix: "sluice-x ".into(),
+                    }),
+                ),
+                Rule::new(
+                    vec![set("SLUICE-IP", SetDirection::DstDstPort, false)],
+                    Target::Return,
+                ),
+                Rule::new(
+                    vec![set("SLUICE-IP", SetDirection::Dst, true)],
+                    Target::Return,
+                ),
+                Rule::new(
+                    vec![Match::Protocol(Protocol::Udp)],
+                    Target::SetMark {
+                        value: 0x4000,
+                        mask: 0x4000,
+                    },
+                ),
+                Rule::new(
+                    vec![],
+                    Target::AddrVmap {
+                        map: "SLUICE-MC".into(),
+                        direction: SetDirection::Src,
+                    },
+                ),
+                Rule::new(vec![], Target::Goto("SLUICE-G".into())),
+            ],
+        ),
+    );
+    rs.jumps.push(jump(Table::Filter, "OUTPUT", "SLUICE-X"));
+    rs
+}
+
+/// `nft -j list table ip sluice` with each set's elements sorted: a concatenated
+/// interval set lists its elements in the order they went in, which for a set of
+/// more than one `add element` command of nft's is nft's own merge order.
+fn listing_as_sets() -> String {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&sh("nft -j list table ip sluice")).unwrap();
+    for o in v["nftables"].as_array_mut().unwrap() {
+        for kind in ["set", "map"] {
+            if let Some(elem) = o
+                .get_mut(kind)
+                .and_then(|s| s.get_mut("elem"))
+                .and_then(|e| e.as_array_mut())
+            {
+                elem.sort_by_key(|e| e.to_string());
+            }
+        }
+    }
+    serde_json::to_string_pretty(&v).unwrap()
+}
+
+/// `nft --debug=netlink list table ip sluice` without its closing listing: every
+/// rule's expressions and every set's raw elements as the kernel holds them. A hash
+/// set's elements come in the kernel's hash order (its seed is per set), so each
+/// set's elements are sorted.
+fn kernel_objects() -> String {
+    let all = sh("nft --debug=netlink list table ip sluice");
+    // The listing comes last, from its `table` line on.
+    let text = all.split("\ntable ").next().unwrap();
+    let mut blocks: Vec<Vec<String>> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with(char::is_whitespace) && !blocks.is_empty() {
+            blocks.last_mut().unwrap().push(line.to_string());
+        } else {
+            blocks.push(vec![line.to_string()]);
+        }
+    }
+    for b in &mut blocks {
+        if b[0].contains(" @") {
+            b[1..].sort();
+        }
+    }
+    blocks.concat().join("\n")
+}
+
+#[test]
+fn nft_a_whole_table_sent_over_netlink_is_what_nft_makes_of_its_text() {
+    if !nft_available("nft_whole_table_over_netlink") {
+        return;
+    }
+    let cases = [
+        ("probe", sluice_policy::render::nft::probe_ruleset()),
+        (
+            "probe with thousands of elements",
+            element_steps().remove(0),
+        ),
+        ("every form", every_form()),
+        ("dispatch", desired(Some("10.0.0.9"))),
+    ];
+    for (name, rs) in &cases {
+        assert!(
+            sluice_agent::dataplane::nft_table::table(rs).is_some(),
+            "{name}: every form is encoded"
+        );
+        let first_write = |dp: NftDataplane<ExecRunner>| {
+            in_new_netns(|| {
+                // A table to replace: its FORWARD chain hooks elsewhere, which cannot
+                // change in place.
+                sh(
+                    "nft add table ip sluice; nft 'add chain ip sluice FORWARD { type filter hook input priority 0; policy accept; }'",
+                );
+                let kernel = dp.read().unwrap();
+                let plan = sluice_policy::dataplane::nft_plan::plan(rs, kernel.as_ref()).unwrap();
+                assert!(plan.replaces_table, "{name}: the table is replaced");
+                let before = sluice_netlink::nftables::ruleset_generation().unwrap();
+                let r = dp.sync(rs).unwrap();
+                assert_eq!(r.restores, 1);
+                assert_eq!(
+                    sluice_netlink::nftables::ruleset_generation().unwrap(),
+                    before.wrapping_add(1),
+                    "{name}: one commit"
+                );
+                assert_eq!(
+                    nft_state(),
+                    Some(NftState::of(rs)),
+                    "{name}: read back = planned"
+                );
+                (kernel_objects(), listing_as_sets())
+            })
+        };
+        let (nl_objects, nl_json) = first_write(NftDataplane::new(ExecRunner));
+        let (nft_objects, nft_json) = first_write(NftDataplane::nft_only(ExecRunner));
+        let first_difference = nl_objects
+            .lines()
+            .zip(nft_objects.lines())
+            .enumerate()
+            .find(|(_, (a, b))| a != b);
+        assert!(
+            nl_objects == nft_objects,
+            "{name}: expressions or elements differ, first at line (netlink, nft) {first_difference:?}"
+        );
+        assert_eq!(nl_json, nft_json, "{name}: listings differ");
+    }
+}
+
+#[test]
+fn nft_a_refused_whole_table_leaves_the_previous_one_whole() {
+    if !nft_available("nft_refused_whole_table") {
+        return;
+    }
+    in_new_netns(|| {
+        let dp = NftDataplane::new(ExecRunner);
+        let good = desired(None);
+        dp.sync(&good).unwrap();
+        let listing = sh("nft -j list table ip sluice");
+        let generation = sluice_netlink::nftables::ruleset_generation().unwrap();
+        // The whole table with one more rule jumping to a chain it does not hold:
+        // the kernel refuses the batch.
+        let mut table = sluice_agent::dataplane::nft_table::table(&every_form()).unwrap();
+        table.rules.push(sluice_netlink::nft_table::Rule {
+            chain: "SLUICE-X".into(),
+            exprs: vec![sluice_netlink::nft_table::Expr::Verdict(
+                sluice_netlink::nft_elements::Verdict::Jump("SLUICE-ABSENT".into()),
+            )],
+            comment: None,
+        });
+        let err = sluice_netlink::nft_table::replace_table(libc::AF_INET as u8, "sluice", &table)
+            .unwrap_err();
+        assert_eq!(err.errno(), Some(libc::ENOENT), "{err}");
+        assert_eq!(sh("nft -j list table ip sluice"), listing);
+        assert_eq!(
+            sluice_netlink::nftables::ruleset_generation().unwrap(),
+            generation
+        );
+        // The next sync goes through.
+        dp.sync(&every_form()).unwrap();
+        assert_eq!(nft_state(), Some(NftState::of(&every_form())));
     });
 }

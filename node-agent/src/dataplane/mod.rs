@@ -30,6 +30,7 @@
 pub mod backend;
 pub mod nft;
 mod nft_elements;
+pub mod nft_table;
 pub mod runner;
 pub mod select;
 

@@ -31,8 +31,13 @@
 //! load every element of the big interval sets into its cache, tens of milliseconds
 //! for a one-element change on a realistic node. The batch is atomic like `nft -f`
 //! and commits one generation, so failure handling and the generation bookkeeping
-//! are the same. Every other plan (chains, declarations, a first write) goes through
-//! `nft -f`; so does every plan of a dataplane made without an element writer.
+//! are the same. A plan that replaces the whole table (the first write, a declaration
+//! that cannot change in place) goes over netlink too, as one batch holding the table,
+//! its chains, sets, elements and rules ([`sluice_netlink::nft_table`], a
+//! [`TableWriter`]): `nft -f` of a realistic node's table spends twice the kernel's
+//! time parsing and expanding the text. Every other plan (a chain or declaration
+//! changed in place) goes through `nft -f`; so does every plan of a dataplane made
+//! without these writers.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -97,6 +102,29 @@ impl ElementWriter for NetlinkElements {
     }
 }
 
+/// Writes a plan that replaces the whole table without `nft`, in the namespace of the
+/// calling thread.
+pub trait TableWriter: Send + Sync {
+    /// `Ok(false)`: the table holds a form this writer does not encode; nothing was
+    /// written and the plan goes to `nft -f`. An error means the kernel refused the
+    /// whole transaction (the previous table is untouched).
+    fn replace(&self, desired: &Ruleset) -> Result<bool, DataplaneError>;
+}
+
+/// The whole table as one netlink batch ([`sluice_netlink::nft_table`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NetlinkTable;
+
+impl TableWriter for NetlinkTable {
+    fn replace(&self, desired: &Ruleset) -> Result<bool, DataplaneError> {
+        let Some(table) = super::nft_table::table(desired) else {
+            return Ok(false);
+        };
+        sluice_netlink::nft_table::replace_table(libc::AF_INET as u8, nft::TABLE, &table)?;
+        Ok(true)
+    }
+}
+
 /// Plans with more element changes than this go to `nft -f` (one batch of them would
 /// approach netlink's message size limits; a change this big is a resync's, rarely a
 /// pod's).
@@ -118,6 +146,8 @@ pub struct NftDataplane<R: CommandRunner> {
     generation: Box<dyn RulesetGeneration>,
     /// `None`: every plan goes through `nft -f`.
     elements: Option<Box<dyn ElementWriter>>,
+    /// `None`: a plan replacing the table goes through `nft -f`.
+    tables: Option<Box<dyn TableWriter>>,
     /// `None` before the first successful write or after a failure, so the next
     /// sync reads the kernel.
     last: Mutex<Option<Written>>,
@@ -125,10 +155,16 @@ pub struct NftDataplane<R: CommandRunner> {
 
 impl<R: CommandRunner> NftDataplane<R> {
     /// A dataplane that trusts the kernel's generation ([`KernelGeneration`]) and
-    /// sends element-only plans over netlink ([`NetlinkElements`]).
+    /// sends element-only plans ([`NetlinkElements`]) and whole tables
+    /// ([`NetlinkTable`]) over netlink.
+    /// (Only beside a runner that writes the kernel: [`CommandRunner::writes_kernel`].)
     pub fn new(runner: R) -> Self {
-        Self::with_generation(runner, Box::new(KernelGeneration))
-            .with_element_writer(Box::new(NetlinkElements))
+        let dp = Self::with_generation(runner, Box::new(KernelGeneration));
+        if !dp.runner.writes_kernel() {
+            return dp;
+        }
+        dp.with_element_writer(Box::new(NetlinkElements))
+            .with_table_writer(Box::new(NetlinkTable))
     }
 
     /// The same, writing every plan with `nft -f` (tests comparing the two paths).
@@ -143,6 +179,7 @@ impl<R: CommandRunner> NftDataplane<R> {
             runner,
             generation,
             elements: None,
+            tables: None,
             last: Mutex::new(None),
         }
     }
@@ -150,6 +187,12 @@ impl<R: CommandRunner> NftDataplane<R> {
     /// Send element-only plans through `writer`.
     pub fn with_element_writer(mut self, writer: Box<dyn ElementWriter>) -> Self {
         self.elements = Some(writer);
+        self
+    }
+
+    /// Send plans that replace the whole table through `writer`.
+    pub fn with_table_writer(mut self, writer: Box<dyn TableWriter>) -> Self {
+        self.tables = Some(writer);
         self
     }
 
@@ -234,7 +277,7 @@ impl<R: CommandRunner> NftDataplane<R> {
                 )
             }
         };
-        let report = self.write(&plan)?;
+        let report = self.write(&plan, desired)?;
         // Ours was the only commit since `before` (none when nothing was written):
         // the generation now names exactly the state we planned.
         let after = self.generation.current();
@@ -245,7 +288,7 @@ impl<R: CommandRunner> NftDataplane<R> {
         Ok((report, generation, read_at))
     }
 
-    fn write(&self, plan: &NftPlan) -> Result<SyncReport, DataplaneError> {
+    fn write(&self, plan: &NftPlan, desired: &Ruleset) -> Result<SyncReport, DataplaneError> {
         let mut report = SyncReport {
             chains_rewritten: plan.chains_rewritten,
             chains_deleted: plan.chains_deleted,
@@ -263,6 +306,11 @@ impl<R: CommandRunner> NftDataplane<R> {
             }
             _ => false,
         };
+        let by_netlink = by_netlink
+            || match &self.tables {
+                Some(writer) if plan.replaces_table => writer.replace(desired)?,
+                _ => false,
+            };
         if !by_netlink {
             self.runner.run_ok(NFT, &["-f", "-"], Some(&plan.script))?;
         }

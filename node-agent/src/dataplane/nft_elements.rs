@@ -14,7 +14,7 @@ use sluice_policy::render::nft;
 
 /// How the elements of a set or map of one declaration are spelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Form {
+pub(super) enum Form {
     Addr,
     AddrRange,
     Tuple,
@@ -25,7 +25,8 @@ enum Form {
     AddrRangeMap,
 }
 
-fn form(decl: &str) -> Option<Form> {
+/// The form of the elements of a set or map declared `decl` ([`nft::NftSet::state_text`]).
+pub(super) fn form(decl: &str) -> Option<Form> {
     let set = |d: String| format!("set {d}");
     let map = |key| format!("map {}", nft::map_decl_of(key));
     use sluice_policy::dataplane::{MapKey, SetKind};
@@ -78,7 +79,7 @@ pub fn netlink_changes(changes: &[NftElementChanges]) -> Option<Vec<SetChanges>>
 }
 
 /// One element's text: a key (a deletion), or for a map added to, `key : verdict`.
-fn element(form: Form, text: &str, add: bool) -> Option<Element> {
+pub(super) fn element(form: Form, text: &str, add: bool) -> Option<Element> {
     let is_map = matches!(
         form,
         Form::IfaceMap | Form::IfaceAddrMap | Form::AddrRangeMap

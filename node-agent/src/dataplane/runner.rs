@@ -68,6 +68,14 @@ pub trait CommandRunner: Send + Sync {
         stdin: Option<&str>,
     ) -> Result<CommandOutput, RunError>;
 
+    /// Whether this runner changes the kernel of the namespace it runs in (a
+    /// recording runner only records). The nftables writers that speak netlink
+    /// themselves instead of running a program are used only beside a runner that
+    /// does, so a test's recording runner never writes the host's tables through them.
+    fn writes_kernel(&self) -> bool {
+        false
+    }
+
     /// Add then delete set members (`-exist`: an add of a member already there or a
     /// delete of one that is not is no error), in order. By default one
     /// `ipset restore`.
@@ -145,6 +153,10 @@ fn netlink_member(m: &SetMember) -> Option<nl::Member> {
 pub struct ExecRunner;
 
 impl CommandRunner for ExecRunner {
+    fn writes_kernel(&self) -> bool {
+        true
+    }
+
     fn run(
         &self,
         program: &str,

@@ -340,6 +340,9 @@ pub struct NftPlan {
     /// (no chain, set or map declared, rewritten or deleted): what a writer that
     /// speaks netlink can send without `nft`. `None` otherwise.
     pub element_changes: Option<Vec<NftElementChanges>>,
+    /// The transaction replaces the whole table ([`nft::render`]): what a writer that
+    /// encodes whole tables can send without `nft`, from the desired model alone.
+    pub replaces_table: bool,
     pub chains_rewritten: usize,
     pub chains_deleted: usize,
     pub elements_added: usize,
@@ -392,6 +395,7 @@ fn full(desired: &Ruleset) -> NftPlan {
     NftPlan {
         script: nft::render(desired),
         element_changes: None,
+        replaces_table: true,
         chains_rewritten: chains.len(),
         chains_deleted: 0,
         elements_added: sets.values().map(|s| s.elements.len()).sum(),
