@@ -220,7 +220,7 @@ impl<R: CommandRunner> NftDataplane<R> {
         // Before anything is read or written: what our own transaction is checked
         // against afterwards.
         let before = self.generation.current();
-        let trusted = last.filter(|w| match mode {
+        let trusted = last.as_ref().filter(|w| match mode {
             SyncMode::Incremental => true,
             SyncMode::Full => {
                 w.generation.is_some()
@@ -228,14 +228,22 @@ impl<R: CommandRunner> NftDataplane<R> {
                     && w.read_at.elapsed() < KERNEL_READ_EVERY
             }
         });
-        let result = self.sync_from(desired, trusted.as_ref(), before);
+        let result = self.sync_from(desired, trusted, before);
+        let trusted_read_at = trusted.map(|w| w.read_at);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = match result {
             Ok((_, generation_ok, read_at)) => Some(Written {
-                ruleset: desired.clone(),
+                // The last write's model brought up to this one: only what changed is
+                // copied (a whole clone cost a new pod more than its planning).
+                ruleset: match last {
+                    Some(w) => {
+                        let mut ruleset = w.ruleset;
+                        ruleset.assign(desired);
+                        ruleset
+                    }
+                    None => desired.clone(),
+                },
                 generation: generation_ok,
-                read_at: read_at
-                    .or(trusted.map(|w| w.read_at))
-                    .unwrap_or_else(Instant::now),
+                read_at: read_at.or(trusted_read_at).unwrap_or_else(Instant::now),
             }),
             Err(_) => None,
         };
@@ -260,7 +268,8 @@ impl<R: CommandRunner> NftDataplane<R> {
         trusted: Option<&Written>,
         before: Option<u32>,
     ) -> Result<(SyncReport, Option<u32>, Option<Instant>), DataplaneError> {
-        desired.validate()?;
+        // The planner validates `desired` (`nft_plan::check`) before anything is
+        // written; a read of the table for an invalid model is only wasted.
         let (plan, read_at, base_known) = match trusted {
             Some(w) => (
                 nft_plan::plan_from_written(desired, &w.ruleset)?,

@@ -451,6 +451,38 @@ impl Ruleset {
         self.maps.values().map(|m| m.elements.len()).sum()
     }
 
+    /// Make `self` equal to `desired`, copying only what differs: a chain, set
+    /// member or map element equal in both is kept, not cloned again. What a
+    /// dataplane that remembers its last write does after each write: a new pod
+    /// changes a handful of the model's thousands of elements, and copying the
+    /// whole model for it costs more than planning the change.
+    pub fn assign(&mut self, desired: &Ruleset) {
+        assign_map(&mut self.tables, &desired.tables, |have, want| {
+            assign_map(have, want, Clone::clone_from)
+        });
+        assign_map(&mut self.sets, &desired.sets, |have, want| {
+            have.kind = want.kind;
+            assign_set(&mut have.members, &want.members);
+        });
+        if self.jumps != desired.jumps {
+            self.jumps.clone_from(&desired.jumps);
+        }
+        assign_map(&mut self.maps, &desired.maps, |have, want| {
+            have.key = want.key;
+            assign_map(&mut have.elements, &want.elements, Clone::clone_from);
+        });
+        assign_map(
+            &mut self.chain_comments,
+            &desired.chain_comments,
+            Clone::clone_from,
+        );
+        assign_map(
+            &mut self.deny_policies,
+            &desired.deny_policies,
+            Clone::clone_from,
+        );
+    }
+
     /// Whether iptables and ipset can hold this model: none of the nftables-only
     /// constructs (verdict maps, tuple lookups, interval sets). The iptables planner
     /// checks it, so an nftables-form model never reaches `iptables-restore`.
@@ -488,6 +520,37 @@ impl Ruleset {
             }
         }
         Ok(())
+    }
+}
+
+/// `have` made equal to `want`: keys `want` lacks removed, values that differ
+/// brought over by `update` (which leaves them equal), missing ones cloned.
+fn assign_map<K: Ord + Clone, V: PartialEq + Clone>(
+    have: &mut BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    update: impl Fn(&mut V, &V),
+) {
+    have.retain(|k, _| want.contains_key(k));
+    for (k, w) in want {
+        match have.get_mut(k) {
+            Some(h) if h == w => {}
+            Some(h) => update(h, w),
+            None => {
+                have.insert(k.clone(), w.clone());
+            }
+        }
+    }
+}
+
+fn assign_set<T: Ord + Clone>(have: &mut BTreeSet<T>, want: &BTreeSet<T>) {
+    if have == want {
+        return;
+    }
+    have.retain(|m| want.contains(m));
+    for m in want {
+        if !have.contains(m) {
+            have.insert(m.clone());
+        }
     }
 }
 

@@ -508,11 +508,7 @@ pub fn plan(desired: &Ruleset, kernel: Option<&NftState>) -> Result<NftPlan, Mod
 /// from all its members together, renders whole both times).
 pub fn plan_from_written(desired: &Ruleset, written: &Ruleset) -> Result<NftPlan, ModelError> {
     check(desired)?;
-    let chains = nft::chains(desired);
-    let had_chains: BTreeMap<String, NftChainState> = nft::chains(written)
-        .into_values()
-        .map(|c| (c.name, chain_state(c.hook, &c.rules)))
-        .collect();
+    let (chains, had_chains) = changed_chains(desired, written);
     let set_redeclared = desired.sets.values().any(|s| {
         written.maps.contains_key(&s.name)
             || written.sets.get(&s.name).is_some_and(|w| {
@@ -628,6 +624,45 @@ pub fn plan_from_written(desired: &Ruleset, written: &Ruleset) -> Result<NftPlan
         delta.gone_sets.push(("map", name.clone()));
     }
     Ok(write(&chains, &had_chains, delta))
+}
+
+/// The chains that differ between `written` and `desired`, rendered: those of
+/// `desired` that are new or changed, and the state `written` left of those changed
+/// or gone. A chain equal in both by value (hook, and rules that render alike) is in
+/// neither: [`write`] then plans for it what it would after rendering both sides and
+/// finding the same hashes, nothing. That is what keeps a sync's cost the change's,
+/// not the table's.
+fn changed_chains(
+    desired: &Ruleset,
+    written: &Ruleset,
+) -> (
+    BTreeMap<String, nft::NftChain>,
+    BTreeMap<String, NftChainState>,
+) {
+    let want = nft::model_chains(desired);
+    let had = nft::model_chains(written);
+    let same = |name: &str, c: &nft::ModelChain<'_>| {
+        had.get(name).is_some_and(|h| {
+            h == c
+                && c.rules
+                    .iter()
+                    .all(|r| nft::renders_alike(desired, written, r))
+        })
+    };
+    let chains = want
+        .iter()
+        .filter(|(name, c)| !same(name, c))
+        .map(|(name, c)| (name.clone(), nft::chain(desired, name, c.hook, &c.rules)))
+        .collect();
+    let had_chains = had
+        .iter()
+        .filter(|(name, _)| want.get(*name).is_none_or(|c| !same(name, c)))
+        .map(|(name, h)| {
+            let c = nft::chain(written, name, h.hook, &h.rules);
+            (name.clone(), chain_state(c.hook, &c.rules))
+        })
+        .collect();
+    (chains, had_chains)
 }
 
 fn chain_state(hook: Option<nft::BaseHook>, rules: &[(String, String)]) -> NftChainState {
@@ -957,6 +992,127 @@ mod tests {
             plan_from_written(&before, &before).unwrap().element_changes,
             None
         );
+    }
+
+    /// The same plan, from the last write and from a listing of what that write left.
+    fn same_plan_both_ways(from: &Ruleset, to: &Ruleset) -> NftPlan {
+        let listed = plan(to, Some(&NftState::of(from))).unwrap();
+        let written = plan_from_written(to, from).unwrap();
+        assert_eq!(sorted_lines(&written.script), sorted_lines(&listed.script));
+        assert_eq!(
+            (written.chains_rewritten, written.chains_deleted),
+            (listed.chains_rewritten, listed.chains_deleted)
+        );
+        written
+    }
+
+    #[test]
+    fn a_chain_changed_in_place_under_the_same_name_is_still_rewritten() {
+        use crate::dataplane::{Match, Table, Target};
+        let before = crate::render::nft::probe_ruleset();
+        // One rule's verdict, the chain's name and length unchanged.
+        let mut after = before.clone();
+        let g = after
+            .tables
+            .get_mut(&Table::Filter)
+            .unwrap()
+            .get_mut("SLUICE-G")
+            .unwrap();
+        *g.rules.last_mut().unwrap() = crate::dataplane::Rule::new(vec![], Target::Accept);
+        let p = same_plan_both_ways(&before, &after);
+        assert_eq!(p.chains_rewritten, 1);
+        assert!(
+            p.script.contains("flush chain ip sluice SLUICE-G\n"),
+            "{}",
+            p.script
+        );
+        assert_eq!(p.element_changes, None, "a chain is not an element change");
+        // One match of one rule.
+        let mut after = before.clone();
+        let f = after
+            .tables
+            .get_mut(&Table::Filter)
+            .unwrap()
+            .get_mut("SLUICE-F")
+            .unwrap();
+        f.rules[1].matches = vec![Match::CtState(vec![crate::dataplane::CtState::Related])];
+        assert_eq!(same_plan_both_ways(&before, &after).chains_rewritten, 1);
+        // A base chain's rule (a built-in jump) changed in place.
+        let mut after = before.clone();
+        after.jumps[1].rule = crate::dataplane::Rule::new(vec![], Target::Jump("SLUICE-G".into()));
+        let p = same_plan_both_ways(&before, &after);
+        assert_eq!(p.chains_rewritten, 1);
+        assert!(
+            p.script.contains("flush chain ip sluice INPUT\n"),
+            "{}",
+            p.script
+        );
+    }
+
+    #[test]
+    fn a_chain_equal_by_value_is_rewritten_when_a_set_it_names_renders_it_otherwise() {
+        use crate::dataplane::{SetKind, Table};
+        // SLUICE-F matches `@SLUICE-I` by source address. As `hash:ip,port` the same
+        // rule is looked up by destination address, protocol and port; as a tuple
+        // interval set, by source address, protocol and port: one declaration (the
+        // set changes in place), two rule texts.
+        let mut before = crate::render::nft::probe_ruleset();
+        let i = before.sets.get_mut("SLUICE-I").unwrap();
+        i.kind = SetKind::HashIpPort;
+        i.members.clear();
+        let mut after = before.clone();
+        after.sets.get_mut("SLUICE-I").unwrap().kind = SetKind::AddrProtoPortIntervals;
+        assert_eq!(
+            before.chain(Table::Filter, "SLUICE-F"),
+            after.chain(Table::Filter, "SLUICE-F")
+        );
+        let p = same_plan_both_ways(&before, &after);
+        assert_eq!(p.chains_rewritten, 1, "{}", p.script);
+        assert!(
+            p.script.contains("flush chain ip sluice SLUICE-F\n"),
+            "{}",
+            p.script
+        );
+        let (chains, _) = changed_chains(&after, &before);
+        assert!(
+            !chains.contains_key("SLUICE-G"),
+            "a chain that renders alike"
+        );
+    }
+
+    #[test]
+    fn chains_added_removed_and_renamed_plan_as_from_the_listing() {
+        use crate::dataplane::{Chain, Rule, Table, Target};
+        let before = crate::render::nft::probe_ruleset();
+        let mut after = before.clone();
+        let filter = after.tables.get_mut(&Table::Filter).unwrap();
+        // SLUICE-C renamed SLUICE-C2 (same rules), and the map that jumps there with it.
+        let mut c = filter.remove("SLUICE-C").unwrap();
+        c.name = "SLUICE-C2".into();
+        filter.insert(c.name.clone(), c);
+        filter.insert(
+            "SLUICE-NEWC".into(),
+            Chain {
+                name: "SLUICE-NEWC".into(),
+                rules: vec![Rule::new(vec![], Target::Drop)],
+            },
+        );
+        for v in after
+            .maps
+            .get_mut("SLUICE-MC")
+            .unwrap()
+            .elements
+            .values_mut()
+        {
+            *v = crate::dataplane::MapVerdict::Jump("SLUICE-C2".into());
+        }
+        let p = same_plan_both_ways(&before, &after);
+        assert_eq!((p.chains_rewritten, p.chains_deleted), (2, 1));
+        let back = same_plan_both_ways(&after, &before);
+        assert_eq!((back.chains_rewritten, back.chains_deleted), (1, 2));
+        // Nothing changed: nothing rendered, nothing planned.
+        let (chains, had) = changed_chains(&after, &after);
+        assert!(chains.is_empty() && had.is_empty());
     }
 
     #[test]

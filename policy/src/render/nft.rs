@@ -445,36 +445,51 @@ pub fn base_chain(table: Table, builtin: &str) -> (String, BaseHook) {
 
 /// Every chain of the nft table, base chains included, by name.
 pub fn chains(ruleset: &Ruleset) -> BTreeMap<String, NftChain> {
-    let mut out = BTreeMap::new();
+    model_chains(ruleset)
+        .into_iter()
+        .map(|(name, c)| {
+            let rendered = chain(ruleset, &name, c.hook, &c.rules);
+            (name, rendered)
+        })
+        .collect()
+}
+
+/// A chain of the nft table as the model holds it, before any rendering: what the
+/// planner compares by value, rendering only the chains that differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelChain<'a> {
+    pub hook: Option<BaseHook>,
+    pub rules: Vec<&'a Rule>,
+}
+
+/// Every chain of the nft table, base chains included, by name, unrendered: a table
+/// chain's rules, or the [`BuiltinJump`]s a base chain gathers, in order.
+pub fn model_chains(ruleset: &Ruleset) -> BTreeMap<String, ModelChain<'_>> {
+    let mut out: BTreeMap<String, ModelChain<'_>> = BTreeMap::new();
     for chains in ruleset.tables.values() {
         for c in chains.values() {
             out.insert(
                 c.name.clone(),
-                NftChain {
-                    name: c.name.clone(),
+                ModelChain {
                     hook: None,
-                    comment: ruleset.chain_comments.get(&c.name).cloned(),
-                    rules: rules_with_hashes(ruleset, &c.name, &c.rules),
+                    rules: c.rules.iter().collect(),
                 },
             );
         }
     }
-    let mut base: BTreeMap<String, (BaseHook, Vec<Rule>)> = BTreeMap::new();
+    let mut base: BTreeMap<String, (BaseHook, Vec<&Rule>)> = BTreeMap::new();
     for j in &ruleset.jumps {
         let (name, hook) = base_chain(j.table, &j.chain);
         base.entry(name)
             .or_insert_with(|| (hook, Vec::new()))
             .1
-            .push(j.rule.clone());
+            .push(&j.rule);
     }
     for (name, (hook, rules)) in base {
-        let rules = rules_with_hashes(ruleset, &name, &rules);
         out.insert(
-            name.clone(),
-            NftChain {
-                name,
+            name,
+            ModelChain {
                 hook: Some(hook),
-                comment: None,
                 rules,
             },
         );
@@ -482,7 +497,39 @@ pub fn chains(ruleset: &Ruleset) -> BTreeMap<String, NftChain> {
     out
 }
 
-fn rules_with_hashes(ruleset: &Ruleset, chain: &str, rules: &[Rule]) -> Vec<(String, String)> {
+/// One chain rendered: `rules` in order with their chained identity hashes, and the
+/// model's comment for it.
+pub fn chain(ruleset: &Ruleset, name: &str, hook: Option<BaseHook>, rules: &[&Rule]) -> NftChain {
+    NftChain {
+        name: name.to_string(),
+        hook,
+        comment: if hook.is_none() {
+            ruleset.chain_comments.get(name).cloned()
+        } else {
+            None
+        },
+        rules: rules_with_hashes(ruleset, name, rules),
+    }
+}
+
+/// Whether `rule` renders to the same text in `a` as in `b`. [`rule_text`] reads the
+/// ruleset besides the rule only for the kind of a set a [`Match::Set`] names and the
+/// key of a map a [`Target::Vmap`] looks up; keep the two in step.
+pub fn renders_alike(a: &Ruleset, b: &Ruleset, rule: &Rule) -> bool {
+    let sets_alike = rule.matches.iter().all(|m| match m {
+        Match::Set { name, .. } => {
+            a.sets.get(name).map(|s| s.kind) == b.sets.get(name).map(|s| s.kind)
+        }
+        _ => true,
+    });
+    let maps_alike = match &rule.target {
+        Target::Vmap(name) => a.maps.get(name).map(|m| m.key) == b.maps.get(name).map(|m| m.key),
+        _ => true,
+    };
+    sets_alike && maps_alike
+}
+
+fn rules_with_hashes(ruleset: &Ruleset, chain: &str, rules: &[&Rule]) -> Vec<(String, String)> {
     let mut previous = String::new();
     rules
         .iter()
