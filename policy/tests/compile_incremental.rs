@@ -233,7 +233,7 @@ proptest! {
 
 /// The cache must actually be reused, or the property above proves nothing about
 /// incrementality: a new pod no peer selects recomputes no set, one a peer selects
-/// recomputes that peer's set only.
+/// is added to that peer's set, one leaving it recomputes that set only.
 #[test]
 fn a_new_pod_recomputes_only_the_sets_of_the_peers_that_select_it() {
     let sel = |k: &str, v: &str| sluice_policy::LabelSelector {
@@ -313,10 +313,23 @@ fn a_new_pod_recomputes_only_the_sets_of_the_peers_that_select_it() {
         ));
         let st = step(&mut cache, &lonely, &selected);
         assert_eq!(
-            (st.full, st.invalidated, st.computed, st.reused),
-            (false, 1, 1, 1),
-            "{kind:?}"
+            (st.full, st.invalidated, st.patched, st.computed, st.reused),
+            (false, 0, 1, 0, 2),
+            "{kind:?}: a pod joining a peer's set adds its address to the entry"
         );
+
+        // A pod leaving a peer's set (deleted, or relabelled out of it) drops the
+        // entry: the set is computed again.
+        let mut left = selected.clone();
+        left.pods.remove(&NamespacedName::new("prod", "api-2"));
+        let st = step(&mut cache, &selected, &left);
+        assert_eq!(
+            (st.full, st.invalidated, st.patched, st.computed, st.reused),
+            (false, 1, 0, 1, 1),
+            "{kind:?}: a pod leaving"
+        );
+        let st = step(&mut cache, &left, &selected);
+        assert_eq!((st.invalidated, st.patched), (0, 1), "{kind:?}");
 
         // The per-policy form keeps a policy's chain while the policy is the same
         // value, shared or converted again; a changed policy's chain is built anew.

@@ -71,8 +71,8 @@ pub type Union = Vec<Vec<String>>;
 /// Two steps: the partition of IPv4 the address regions generate (one sweep over
 /// their boundaries), then its parts merged by the unions holding them, so ten
 /// adjacent ipBlocks every group allows together are one class, not ten.
-pub fn partition(
-    regions: &BTreeMap<String, AddrSet>,
+pub fn partition<R: std::borrow::Borrow<AddrSet>>(
+    regions: &BTreeMap<String, R>,
     unions: &BTreeMap<String, Union>,
     capacity: u32,
 ) -> Result<Classes, TooManyClasses> {
@@ -151,12 +151,12 @@ type Parts = (
     usize,
 );
 
-fn parts(regions: &BTreeMap<String, AddrSet>) -> Parts {
+fn parts<R: std::borrow::Borrow<AddrSet>>(regions: &BTreeMap<String, R>) -> Parts {
     let keys: Vec<&String> = regions.keys().collect();
     // Boundaries: where a region's range starts (+) or ends (-, one past its end).
     let mut events: Vec<(u64, usize, bool)> = Vec::new();
     for (i, set) in regions.values().enumerate() {
-        for (a, b) in set.bounds() {
+        for (a, b) in set.borrow().bounds() {
             events.push((u64::from(a), i, true));
             events.push((u64::from(b) + 1, i, false));
         }

@@ -119,6 +119,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -492,8 +493,35 @@ impl PortRef {
 
 impl<'a> Flat<'a> {
     /// The map verdict of `pod` in `direction`: `return` when no policy isolates it,
-    /// else a goto to its group's chain (built on first use).
+    /// else a goto to its group's chain (built on first use). Through the cache,
+    /// the verdict an earlier compile made for the pod is taken while nothing it
+    /// depends on changed ([`SetCache::group_verdict`]) and this compile already
+    /// built the chain it names; else it is made, as for the first pod of a group.
     fn group_verdict(&mut self, pod: &'a Pod, direction: Direction) -> MapVerdict {
+        let Some(cache) = self.cache.as_deref_mut() else {
+            return self.make_group_verdict(pod, direction);
+        };
+        let key = pod.key();
+        if let Some(verdict) = cache.group_verdict(&key, direction) {
+            let built = match &verdict {
+                MapVerdict::Goto(chain) | MapVerdict::Jump(chain) => {
+                    self.ruleset.chain(Table::Filter, chain).is_some()
+                }
+                _ => true,
+            };
+            if built {
+                return verdict;
+            }
+        }
+        let verdict = self.make_group_verdict(pod, direction);
+        if let Some(cache) = self.cache.as_deref_mut() {
+            cache.keep_group_verdict(&key, direction, verdict.clone());
+        }
+        verdict
+    }
+
+    /// [`Flat::group_verdict`], made from the pod's policies.
+    fn make_group_verdict(&mut self, pod: &'a Pod, direction: Direction) -> MapVerdict {
         let selected = incremental::selected(&mut self.cache, self.index.cluster, pod);
         let policies = selected.policies(direction);
         let admin = selected.tier(Tier::Admin, direction);
@@ -1164,7 +1192,7 @@ impl Flat<'_> {
         // Every recipe is asked for (two peers of one key, a namespaceSelector peer
         // written in two namespaces, fill one region), so the memo's serials are
         // those of every region entry, in [`region_recipes`]' order.
-        let mut regions: BTreeMap<String, AddrSet> = BTreeMap::new();
+        let mut regions: BTreeMap<String, Arc<AddrSet>> = BTreeMap::new();
         let mut named: BTreeMap<(Protocol, String), BTreeMap<u16, String>> = BTreeMap::new();
         let mut serials: Vec<u64> = Vec::new();
         let mut asked = RecipeSeen::default();
@@ -1183,14 +1211,13 @@ impl Flat<'_> {
                 if let PortRef::Named(proto, name) = port
                     && !named.contains_key(&(*proto, name.clone()))
                 {
-                    let (members, serial) = self.cached_named_ports(name, *proto);
+                    let (by_number, serial) = self.cached_named_ports(name, *proto);
                     serials.extend(serial);
                     let mut numbers: BTreeMap<u16, String> = BTreeMap::new();
-                    for (ip, number) in members {
+                    for (number, addrs) in by_number.iter() {
                         let key = format!("named;{};{name};{number}", proto.as_str());
-                        let ip = u32::from(ip);
-                        regions.entry(key.clone()).or_default().insert(ip, ip);
-                        numbers.insert(number, key);
+                        regions.insert(key.clone(), addrs.clone());
+                        numbers.insert(*number, key);
                     }
                     named.insert((*proto, name.clone()), numbers);
                 }
@@ -1311,12 +1338,19 @@ impl Flat<'_> {
     }
 
     /// A peer's region, through the cache: a pod peer's addresses are the
-    /// iptables form's hash:ip set, under the same recipe. With the cache entry's
-    /// serial, for a pod peer through a cache.
-    fn cached_peer_region(&mut self, peer: &PeerRef<'_>) -> (AddrSet, Option<u64>) {
+    /// iptables form's hash:ip set, under the same recipe, and the region built
+    /// from them is kept beside the entry ([`incremental::Region`]). With the cache
+    /// entry's serial, for a pod peer through a cache.
+    fn cached_peer_region(&mut self, peer: &PeerRef<'_>) -> (Arc<AddrSet>, Option<u64>) {
         let PeerRef::Pods(ns, pp) = peer else {
-            return (self.peer_region(peer), None);
+            return (Arc::new(self.peer_region(peer)), None);
         };
+        if let Some(cache) = self.cache.as_deref_mut()
+            && let Some((incremental::Region::Addrs(region), serial)) =
+                cache.region(&pod_peer_recipe(ns, pp))
+        {
+            return (region, Some(serial));
+        }
         let index = &self.index;
         let (members, serial) = incremental::through_serial(
             &mut self.cache,
@@ -1335,17 +1369,27 @@ impl Flat<'_> {
                 out.insert(u32::from(ip), u32::from(ip));
             }
         }
+        let out = Arc::new(out);
+        if let (Some(cache), Some(serial)) = (self.cache.as_deref_mut(), serial) {
+            cache.keep_region(serial, incremental::Region::Addrs(out.clone()));
+        }
         (out, serial)
     }
 
-    /// Every pod's (address, number) of a named port, through the cache (the
-    /// iptables form's hash:ip,port set, under the same recipe), with the cache
-    /// entry's serial.
+    /// The addresses of the pods declaring a named port, per number it resolves to,
+    /// through the cache (the iptables form's hash:ip,port set, under the same
+    /// recipe; the regions kept beside the entry), with the cache entry's serial.
     fn cached_named_ports(
         &mut self,
         name: &str,
         protocol: Protocol,
-    ) -> (Vec<(Ipv4Addr, u16)>, Option<u64>) {
+    ) -> (Arc<BTreeMap<u16, Arc<AddrSet>>>, Option<u64>) {
+        if let Some(cache) = self.cache.as_deref_mut()
+            && let Some((incremental::Region::Numbered(numbers), serial)) =
+                cache.region(&named_port_recipe(name, protocol))
+        {
+            return (numbers, Some(serial));
+        }
         let index = &self.index;
         let (members, serial) = incremental::through_serial(
             &mut self.cache,
@@ -1358,14 +1402,19 @@ impl Flat<'_> {
             },
             || index.named_port_members(name, protocol),
         );
-        let members = members
-            .into_iter()
-            .filter_map(|m| match m {
-                SetMember::IpPort { ip, port, .. } => Some((ip, port)),
-                _ => None,
-            })
-            .collect();
-        (members, serial)
+        let mut numbers: BTreeMap<u16, AddrSet> = BTreeMap::new();
+        for m in members {
+            if let SetMember::IpPort { ip, port, .. } = m {
+                let ip = u32::from(ip);
+                numbers.entry(port).or_default().insert(ip, ip);
+            }
+        }
+        let numbers: Arc<BTreeMap<u16, Arc<AddrSet>>> =
+            Arc::new(numbers.into_iter().map(|(n, a)| (n, Arc::new(a))).collect());
+        if let (Some(cache), Some(serial)) = (self.cache.as_deref_mut(), serial) {
+            cache.keep_region(serial, incremental::Region::Numbered(numbers.clone()));
+        }
+        (numbers, serial)
     }
 
     /// Puts a class partition's output in the ruleset: each declared set's
