@@ -31,7 +31,8 @@
 //! load every element of the big interval sets into its cache, tens of milliseconds
 //! for a one-element change on a realistic node. The batch is atomic like `nft -f`
 //! and commits one generation, so failure handling and the generation bookkeeping
-//! are the same. A plan that replaces the whole table (the first write, a declaration
+//! are the same; the writer reads the generation on its own socket right after the
+//! batch ([`Sent::Committed`]), so the dataplane does not open another to read it. A plan that replaces the whole table (the first write, a declaration
 //! that cannot change in place) goes over netlink too, as one batch holding the table,
 //! its chains, sets, elements and rules ([`sluice_netlink::nft_table`], a
 //! [`TableWriter`]): `nft -f` of a realistic node's table spends twice the kernel's
@@ -80,12 +81,22 @@ impl RulesetGeneration for KernelGeneration {
     }
 }
 
+/// What a writer that speaks netlink did with a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// The plan holds a form this writer does not send: nothing was written, and the
+    /// plan goes to `nft -f`.
+    Declined,
+    /// The plan was committed as one transaction. `generation`: the ruleset generation
+    /// the writer read on its own socket right after its batch (`None`: it has none,
+    /// and the dataplane reads it itself).
+    Committed { generation: Option<u32> },
+}
+
 /// Writes an element-only plan without `nft`, in the namespace of the calling thread.
 pub trait ElementWriter: Send + Sync {
-    /// `Ok(false)`: the changes hold a form this writer does not send; nothing was
-    /// written and the plan goes to `nft -f`. An error means the kernel refused the
-    /// whole transaction.
-    fn write(&self, changes: &[NftElementChanges]) -> Result<bool, DataplaneError>;
+    /// An error means the kernel refused the whole transaction.
+    fn write(&self, changes: &[NftElementChanges]) -> Result<Sent, DataplaneError>;
 }
 
 /// Element changes as one netlink batch ([`sluice_netlink::nft_elements`]).
@@ -93,22 +104,25 @@ pub trait ElementWriter: Send + Sync {
 pub struct NetlinkElements;
 
 impl ElementWriter for NetlinkElements {
-    fn write(&self, changes: &[NftElementChanges]) -> Result<bool, DataplaneError> {
+    fn write(&self, changes: &[NftElementChanges]) -> Result<Sent, DataplaneError> {
         let Some(sets) = super::nft_elements::netlink_changes(changes) else {
-            return Ok(false);
+            return Ok(Sent::Declined);
         };
-        sluice_netlink::nft_elements::write_elements(libc::AF_INET as u8, nft::TABLE, &sets)?;
-        Ok(true)
+        let generation =
+            sluice_netlink::nft_elements::write_elements(libc::AF_INET as u8, nft::TABLE, &sets)?;
+        Ok(Sent::Committed {
+            generation: Some(generation),
+        })
     }
 }
 
 /// Writes a plan that replaces the whole table without `nft`, in the namespace of the
 /// calling thread.
 pub trait TableWriter: Send + Sync {
-    /// `Ok(false)`: the table holds a form this writer does not encode; nothing was
-    /// written and the plan goes to `nft -f`. An error means the kernel refused the
-    /// whole transaction (the previous table is untouched).
-    fn replace(&self, desired: &Ruleset) -> Result<bool, DataplaneError>;
+    /// [`Sent::Declined`] when the table holds a form this writer does not encode. An
+    /// error means the kernel refused the whole transaction (the previous table is
+    /// untouched).
+    fn replace(&self, desired: &Ruleset) -> Result<Sent, DataplaneError>;
 }
 
 /// The whole table as one netlink batch ([`sluice_netlink::nft_table`]).
@@ -116,12 +130,15 @@ pub trait TableWriter: Send + Sync {
 pub struct NetlinkTable;
 
 impl TableWriter for NetlinkTable {
-    fn replace(&self, desired: &Ruleset) -> Result<bool, DataplaneError> {
+    fn replace(&self, desired: &Ruleset) -> Result<Sent, DataplaneError> {
         let Some(table) = super::nft_table::table(desired) else {
-            return Ok(false);
+            return Ok(Sent::Declined);
         };
-        sluice_netlink::nft_table::replace_table(libc::AF_INET as u8, nft::TABLE, &table)?;
-        Ok(true)
+        let generation =
+            sluice_netlink::nft_table::replace_table(libc::AF_INET as u8, nft::TABLE, &table)?;
+        Ok(Sent::Committed {
+            generation: Some(generation),
+        })
     }
 }
 
@@ -286,10 +303,11 @@ impl<R: CommandRunner> NftDataplane<R> {
                 )
             }
         };
-        let report = self.write(&plan, desired)?;
+        let (report, seen) = self.write(&plan, desired)?;
         // Ours was the only commit since `before` (none when nothing was written):
-        // the generation now names exactly the state we planned.
-        let after = self.generation.current();
+        // the generation now names exactly the state we planned. A netlink writer
+        // read it on its own socket right after its batch; otherwise read it here.
+        let after = seen.or_else(|| self.generation.current());
         let expected = before.map(|g| g.wrapping_add(report.restores as u32));
         let generation = (base_known && before.is_some() && after == expected)
             .then_some(after)
@@ -297,7 +315,13 @@ impl<R: CommandRunner> NftDataplane<R> {
         Ok((report, generation, read_at))
     }
 
-    fn write(&self, plan: &NftPlan, desired: &Ruleset) -> Result<SyncReport, DataplaneError> {
+    /// Write `plan`; also returns the generation a netlink writer read right after its
+    /// batch, if one wrote it.
+    fn write(
+        &self,
+        plan: &NftPlan,
+        desired: &Ruleset,
+    ) -> Result<(SyncReport, Option<u32>), DataplaneError> {
         let mut report = SyncReport {
             chains_rewritten: plan.chains_rewritten,
             chains_deleted: plan.chains_deleted,
@@ -307,19 +331,24 @@ impl<R: CommandRunner> NftDataplane<R> {
             restores: 0,
         };
         if plan.is_empty() {
-            return Ok(report);
+            return Ok((report, None));
         }
-        let by_netlink = match (&self.elements, &plan.element_changes) {
+        let mut sent = match (&self.elements, &plan.element_changes) {
             (Some(writer), Some(changes)) if report.set_members_changed <= NETLINK_MAX_ELEMENTS => {
                 writer.write(changes)?
             }
-            _ => false,
+            _ => Sent::Declined,
         };
-        let by_netlink = by_netlink
-            || match &self.tables {
+        if sent == Sent::Declined {
+            sent = match &self.tables {
                 Some(writer) if plan.replaces_table => writer.replace(desired)?,
-                _ => false,
+                _ => Sent::Declined,
             };
+        }
+        let (by_netlink, generation) = match sent {
+            Sent::Committed { generation } => (true, generation),
+            Sent::Declined => (false, None),
+        };
         if !by_netlink {
             self.runner.run_ok(NFT, &["-f", "-"], Some(&plan.script))?;
         }
@@ -334,7 +363,7 @@ impl<R: CommandRunner> NftDataplane<R> {
             sets_deleted = plan.sets_deleted,
             "nft transaction applied"
         );
-        Ok(report)
+        Ok((report, generation))
     }
 }
 
@@ -408,10 +437,13 @@ mod tests {
     struct FakeKernel {
         generation: Arc<AtomicU32>,
         fail: Arc<AtomicBool>,
+        /// Reads of the generation through [`RulesetGeneration`].
+        reads: Arc<AtomicU32>,
     }
 
     impl RulesetGeneration for FakeKernel {
         fn current(&self) -> Option<u32> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
             Some(self.generation.load(Ordering::SeqCst))
         }
     }
@@ -610,11 +642,15 @@ mod tests {
     struct FakeElements {
         kernel: FakeKernel,
         refuse: Arc<AtomicBool>,
+        /// Report the generation read after the batch, as the netlink writer does.
+        reports: Arc<AtomicBool>,
+        /// Commits another writer makes right after the next batch.
+        racing: Arc<AtomicU32>,
         writes: Arc<Mutex<Vec<Vec<NftElementChanges>>>>,
     }
 
     impl ElementWriter for FakeElements {
-        fn write(&self, changes: &[NftElementChanges]) -> Result<bool, DataplaneError> {
+        fn write(&self, changes: &[NftElementChanges]) -> Result<Sent, DataplaneError> {
             if self.refuse.load(Ordering::SeqCst) {
                 return Err(sluice_netlink::NetlinkError::Kernel {
                     op: "writing nf_tables set elements".into(),
@@ -623,8 +659,13 @@ mod tests {
                 .into());
             }
             self.writes.lock().unwrap().push(changes.to_vec());
-            self.kernel.generation.fetch_add(1, Ordering::SeqCst);
-            Ok(true)
+            let generation = self.kernel.generation.fetch_add(1, Ordering::SeqCst) + 1;
+            // Another writer's commit between ours and the writer's own read.
+            let generation = generation + self.racing.swap(0, Ordering::SeqCst);
+            self.kernel.generation.store(generation, Ordering::SeqCst);
+            Ok(Sent::Committed {
+                generation: self.reports.load(Ordering::SeqCst).then_some(generation),
+            })
         }
     }
 
@@ -654,6 +695,51 @@ mod tests {
         // That commit was ours alone: a no-op full sync still reads nothing.
         dp.sync(&with_member("10.0.0.2")).unwrap();
         assert!(rec.calls().is_empty(), "{:?}", rec.calls());
+    }
+
+    #[test]
+    fn the_generation_the_element_writer_read_after_its_batch_is_not_read_again() {
+        let kernel = FakeKernel::default();
+        let elements = FakeElements {
+            kernel: kernel.clone(),
+            ..Default::default()
+        };
+        elements.reports.store(true, Ordering::SeqCst);
+        let rec = kernel.runner();
+        let dp = NftDataplane::with_generation(rec.clone(), Box::new(kernel.clone()))
+            .with_element_writer(Box::new(elements.clone()));
+        dp.sync(&desired()).unwrap();
+        kernel.reads.store(0, Ordering::SeqCst);
+        dp.sync(&with_member("10.0.0.2")).unwrap();
+        assert_eq!(elements.writes.lock().unwrap().len(), 1);
+        assert_eq!(
+            kernel.reads.load(Ordering::SeqCst),
+            1,
+            "the read before planning only"
+        );
+        // The writer's generation was ours alone: the next full sync trusts it.
+        rec.clear();
+        dp.sync(&with_member("10.0.0.2")).unwrap();
+        assert!(rec.calls().is_empty(), "{:?}", rec.calls());
+    }
+
+    #[test]
+    fn a_commit_between_the_element_writers_batch_and_its_read_leaves_the_next_full_sync_reading() {
+        let kernel = FakeKernel::default();
+        let elements = FakeElements {
+            kernel: kernel.clone(),
+            ..Default::default()
+        };
+        elements.reports.store(true, Ordering::SeqCst);
+        let rec = kernel.runner();
+        let dp = NftDataplane::with_generation(rec.clone(), Box::new(kernel.clone()))
+            .with_element_writer(Box::new(elements.clone()));
+        dp.sync(&desired()).unwrap();
+        elements.racing.store(1, Ordering::SeqCst);
+        dp.sync(&with_member("10.0.0.2")).unwrap();
+        rec.clear();
+        dp.sync(&with_member("10.0.0.2")).unwrap();
+        assert_eq!(lines(&rec)[0], "nft -j list table ip sluice");
     }
 
     #[test]

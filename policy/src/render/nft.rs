@@ -718,9 +718,9 @@ pub fn nft_set(set: &IpSet) -> NftSet {
     }
 }
 
-/// hash:net members as the disjoint ranges that match: the most specific entry
-/// containing an address decides, so paint from the most specific down.
-fn net_ranges(members: &BTreeSet<SetMember>) -> Vec<(u32, u32)> {
+/// hash:net members as the disjoint ranges that match, ascending: the most specific
+/// entry containing an address decides, so paint from the most specific down.
+pub fn net_ranges(members: &BTreeSet<SetMember>) -> Vec<(u32, u32)> {
     let mut nets: Vec<(u8, u32, u32, bool)> = members
         .iter()
         .filter_map(|m| match m {
