@@ -98,10 +98,12 @@ pub fn pod_group_set(direction: Direction, chain: &str) -> String {
     format!("{PREFIX}{kind}-{}", hash16(chain.as_bytes()))
 }
 
-/// The hash:net,iface set of every local pod's veth (any address): what the
-/// dispatch's spoofed-source drop matches, after every pod's own addresses went to
-/// its group chain.
-pub const SET_POD_VETHS: &str = "SLUICE-POD-VETHS";
+/// One shard of the hash:net,iface sets of every local pod's veth (any address):
+/// what the dispatch's spoofed-source drop matches, after every pod's own addresses
+/// went to its group chain. `SLUICE-POD-VETHS-<shard>`.
+pub fn pod_veths_set(shard: usize) -> String {
+    format!("{PREFIX}POD-VETHS-{shard}")
+}
 
 /// The chain holding one policy's rules for one direction, shared by every local pod
 /// the policy selects: `SLUICE-PI-<hash>` / `SLUICE-PE-<hash>` of `namespace/name`.
@@ -365,7 +367,7 @@ mod tests {
         let group = pod_group_chain(Direction::Egress, &[key.clone()], Some(&long), None, true);
         assert!(group.len() <= MAX_CHAIN_LEN);
         assert!(temp_set(&pod_group_set(Direction::Egress, &group)).len() <= MAX_SET_LEN);
-        assert!(temp_set(SET_POD_VETHS).len() <= MAX_SET_LEN);
+        assert!(temp_set(&pod_veths_set(1 << 20)).len() <= MAX_SET_LEN);
         let peer = PodPeer {
             namespaces: NamespaceScope::PolicyNamespace,
             pods: LabelSelector::from_labels([(long.clone(), long.clone())]),

@@ -242,10 +242,10 @@ fn anti_spoofing_sends_only_a_pods_own_addresses_to_its_group_and_drops_the_rest
     );
     let bodies: Vec<String> = from_pod.rules.iter().map(iptables::rule_body).collect();
     let dispatch = format!("-m set --match-set {set} src,src -g {}", group.name);
-    let spoof_log = "-m set --match-set SLUICE-POD-VETHS src,src -m conntrack --ctstate NEW \
+    let spoof_log = "-m set --match-set SLUICE-POD-VETHS-0 src,src -m conntrack --ctstate NEW \
                      -m limit --limit 100/sec --limit-burst 100 -j NFLOG --nflog-prefix \
                      \"slc:spoof:e\" --nflog-group 7";
-    let spoof_drop = "-m set --match-set SLUICE-POD-VETHS src,src -j DROP";
+    let spoof_drop = "-m set --match-set SLUICE-POD-VETHS-0 src,src -j DROP";
     let at = |body: &str| bodies.iter().position(|b| b == body);
     assert!(
         at(&dispatch).unwrap() < at(spoof_log).unwrap(),
@@ -253,7 +253,7 @@ fn anti_spoofing_sends_only_a_pods_own_addresses_to_its_group_and_drops_the_rest
     );
     assert_eq!(at(spoof_log).unwrap() + 1, at(spoof_drop).unwrap());
     assert!(
-        rs.sets["SLUICE-POD-VETHS"]
+        rs.sets["SLUICE-POD-VETHS-0"]
             .members
             .contains(&SetMember::NetIface {
                 net: Default::default(),
@@ -281,6 +281,52 @@ fn anti_spoofing_sends_only_a_pods_own_addresses_to_its_group_and_drops_the_rest
         Verdict::Drop,
         "cache's address, from pg's veth"
     );
+}
+
+/// The kernel keeps at most 64 hash:net,iface members of one network in a set (it
+/// does not hash the interface): a node of 1,000 local pods in one group must not
+/// put more than that on one network in any set.
+#[test]
+fn no_interface_set_holds_more_members_of_one_network_than_the_kernel_can() {
+    let mut c = feature_cluster();
+    for i in 0..1000u32 {
+        c.add_pod(mk_pod(
+            "db",
+            &format!("many-{i}"),
+            &[("app", "pg")],
+            &format!("10.244.{}.{}", 10 + i / 250, 1 + i % 250),
+            "node-1",
+        ));
+    }
+    let rs = compile_node(&c, "node-1");
+    for set in rs.sets.values() {
+        let mut per_net = std::collections::BTreeMap::new();
+        for m in &set.members {
+            if let SetMember::NetIface { net, .. } = m {
+                *per_net.entry(*net).or_insert(0usize) += 1;
+            }
+        }
+        let most = per_net.values().max().copied().unwrap_or(0);
+        assert!(most <= 64, "{}: {most} members of one network", set.name);
+    }
+    let group = names::pod_group_set(
+        Direction::Ingress,
+        &pod_group_chain_of(&rs, &pg_veth(&c), Direction::Ingress)
+            .unwrap()
+            .name,
+    );
+    assert_eq!(
+        rs.sets[&group].members.len(),
+        1002,
+        "pg, cache and the 1,000"
+    );
+}
+
+fn pg_veth(c: &Cluster) -> String {
+    sluice_policy::compile::InterfaceNames::host_veth(
+        &FakeVeths,
+        &c.pods[&NamespacedName::new("db", "pg")],
+    )
 }
 
 /// Rule count grows with policies and local pods; pods elsewhere only add set members.
@@ -378,12 +424,12 @@ fn a_pod_becoming_isolated_moves_to_a_new_group_chain() {
             .any(|r| iptables::rule_body(r) == format!("-o {db_prefix}+ -j DROP"))
     );
     // pg's veth left the old group's set; the new group's set is created with it.
-    let pg_any = SetMember::NetIface {
-        net: Default::default(),
+    let pg_own = SetMember::NetIface {
+        net: "10.244.1.3/32".parse().unwrap(),
         iface: IfaceName::new(&pg_veth).unwrap(),
     };
     let old_set = names::pod_group_set(Direction::Ingress, &cache_group.name);
-    assert_eq!(delta.remove, [(old_set, pg_any)]);
+    assert_eq!(delta.remove, [(old_set, pg_own)]);
     let created: Vec<&str> = delta.create_sets.iter().map(|s| s.name.as_str()).collect();
     let pg_set = names::pod_group_set(Direction::Ingress, &pg_group.name);
     assert!(created.contains(&pg_set.as_str()), "{created:?}");
@@ -438,9 +484,9 @@ fn a_pod_joining_an_existing_group_is_set_members_only() {
     added.retain(|(_, m)| matches!(m, SetMember::NetIface { .. }));
     added.sort();
     let mut want = vec![
-        (names::pod_group_set(Direction::Ingress, &ingress.name), any),
+        (names::pod_group_set(Direction::Ingress, &ingress.name), own),
         (names::pod_group_set(Direction::Egress, &egress.name), own),
-        (names::SET_POD_VETHS.to_string(), any),
+        (names::pod_veths_set(0), any),
     ];
     want.sort();
     assert_eq!(added, want);

@@ -17,11 +17,12 @@
 //! SLUICE-FROM-POD: -m set --match-set SLUICE-FD-<group> src,src -g SLUICE-FW-<group>;
 //!                  ... one per egress group (members `<podIP>,<veth>`: a pod's own
 //!                  addresses from its veth); then log + DROP of `-m set --match-set
-//!                  SLUICE-POD-VETHS src,src` (every local veth, any address: spoofed);
+//!                  SLUICE-POD-VETHS-<n> src,src` (every local veth, any address:
+//!                  spoofed; in shards of ~32 veths, see SAME_NET_PER_SET);
 //!                  then -i <nsprefix>+ -j DROP for every namespace with an egress
 //!                  policy (a pod we do not know yet).
 //! SLUICE-TO-POD:   -m set --match-set SLUICE-TD-<group> dst,dst -g SLUICE-TW-<group>;
-//!                  ... one per ingress group (members `0.0.0.0/0,<veth>`); then -o
+//!                  ... one per ingress group (members `<podIP>,<veth>`); then -o
 //!                  <nsprefix>+ -j DROP for every namespace with an ingress policy.
 //! SLUICE-TW-<group> (isolated): -j SLUICE-PI-<policy>; mark? RETURN; ...; DROP
 //! SLUICE-TW-<group> (not isolated): empty (or the Baseline tier, below).
@@ -616,12 +617,25 @@ impl Dispatch {
 /// hash:net,iface members, and every local pod's veth.
 #[derive(Default)]
 struct Groups {
-    /// Ingress group chain → `0.0.0.0/0,<veth>` of each of its pods.
+    /// Ingress group chain → `<pod address>,<veth>` of each of its pods' addresses.
     ingress: BTreeMap<String, BTreeSet<SetMember>>,
-    /// Egress group chain → `<pod address>,<veth>` of each of its pods' addresses.
+    /// Egress group chain → the same, the pod's own addresses on its veth.
     egress: BTreeMap<String, BTreeSet<SetMember>>,
-    /// `0.0.0.0/0,<veth>` of every local pod.
-    veths: BTreeSet<SetMember>,
+    /// Every local pod's veth.
+    veths: Vec<IfaceName>,
+}
+
+/// At most this many members of one hash:net,iface set share a network: the kernel
+/// hashes the address and prefix but not the interface, so `0.0.0.0/0` on every veth
+/// lands in one bucket, which holds 64 (`ipset add` answers "Hash is full" at the
+/// 65th). Half of that, so a shard's share of a hash split stays clear of it.
+const SAME_NET_PER_SET: usize = 32;
+
+/// The shard of the local veth set ([`names::pod_veths_set`]) `veth` goes to, of
+/// `shards` (a power of two).
+fn veth_shard(veth: &IfaceName, shards: usize) -> usize {
+    let h = names::hash16(veth.as_str().as_bytes());
+    usize::from_str_radix(&h[..8], 16).unwrap_or(0) & (shards - 1)
 }
 
 impl Compiler<'_> {
@@ -650,20 +664,24 @@ impl Compiler<'_> {
         let fw = self.pod_group(pod, &selected, &egress, Direction::Egress);
 
         let iface = IfaceName::new(veth).expect("local_pod_veths checked the name");
-        let any = SetMember::NetIface {
-            net: Ipv4Net::default(),
-            iface,
-        };
-        groups.ingress.entry(tw).or_default().insert(any);
-        groups.veths.insert(any);
-        // Anti-spoofing: only the pod's own addresses from its veth reach its chain.
-        let own = groups.egress.entry(fw).or_default();
-        for ip in pod.ips.iter().filter_map(v4) {
-            own.insert(SetMember::NetIface {
+        groups.veths.push(iface);
+        // Only the pod's own addresses: to them out of its veth (what its /32 route
+        // sends there), from them in from its veth (anti-spoofing).
+        let own: BTreeSet<SetMember> = pod
+            .ips
+            .iter()
+            .filter_map(v4)
+            .map(|ip| SetMember::NetIface {
                 net: Ipv4Net::from(ip),
                 iface,
-            });
-        }
+            })
+            .collect();
+        groups
+            .ingress
+            .entry(tw)
+            .or_default()
+            .extend(own.iter().copied());
+        groups.egress.entry(fw).or_default().extend(own);
     }
 
     /// The dispatch rules and sets of the groups: `-m set --match-set <group set>
@@ -690,19 +708,34 @@ impl Compiler<'_> {
                 self.add_set(set, SetKind::HashNetIface, members);
             }
         }
-        if groups.veths.is_empty() {
-            return;
+        // Anything else from a known veth is spoofed. Its set holds `0.0.0.0/0` per
+        // veth, so it is split in shards of about SAME_NET_PER_SET veths (a power of
+        // two, by a hash of the name: a new pod lands in a shard that exists unless
+        // the count doubles).
+        let shards = groups
+            .veths
+            .len()
+            .div_ceil(SAME_NET_PER_SET)
+            .next_power_of_two();
+        let mut sharded: BTreeMap<usize, BTreeSet<SetMember>> = BTreeMap::new();
+        for veth in groups.veths {
+            sharded
+                .entry(veth_shard(&veth, shards))
+                .or_default()
+                .insert(SetMember::NetIface {
+                    net: Ipv4Net::default(),
+                    iface: veth,
+                });
         }
         let spoofed = DenyTag::new(DenyReason::Spoofed, Direction::Egress, None);
-        dispatch.from_pod.extend(deny_log::deny(
-            vec![lookup(names::SET_POD_VETHS, SetDirection::SrcInIface)],
-            &spoofed,
-        ));
-        self.add_set(
-            names::SET_POD_VETHS.to_string(),
-            SetKind::HashNetIface,
-            groups.veths,
-        );
+        for (shard, members) in sharded {
+            let set = names::pod_veths_set(shard);
+            dispatch.from_pod.extend(deny_log::deny(
+                vec![lookup(&set, SetDirection::SrcInIface)],
+                &spoofed,
+            ));
+            self.add_set(set, SetKind::HashNetIface, members);
+        }
     }
 }
 
