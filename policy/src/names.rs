@@ -364,7 +364,13 @@ mod tests {
         let long = "x".repeat(300);
         let key = NamespacedName::new(&long, &long);
         assert!(policy_chain(&key, Direction::Ingress).len() <= MAX_CHAIN_LEN);
-        let group = pod_group_chain(Direction::Egress, &[key.clone()], Some(&long), None, true);
+        let group = pod_group_chain(
+            Direction::Egress,
+            std::slice::from_ref(&key),
+            Some(&long),
+            None,
+            true,
+        );
         assert!(group.len() <= MAX_CHAIN_LEN);
         assert!(temp_set(&pod_group_set(Direction::Egress, &group)).len() <= MAX_SET_LEN);
         assert!(temp_set(&pod_veths_set(1 << 20)).len() <= MAX_SET_LEN);
@@ -399,20 +405,21 @@ mod tests {
     fn a_pod_group_chain_is_named_by_every_part_of_its_key() {
         let a = NamespacedName::new("ns", "a");
         let b = NamespacedName::new("ns", "b");
-        let base = pod_group_chain(Direction::Ingress, &[a.clone()], None, None, false);
+        let only_a = std::slice::from_ref(&a);
+        let base = pod_group_chain(Direction::Ingress, only_a, None, None, false);
         assert!(base.starts_with("SLUICE-TW-"));
         for other in [
-            pod_group_chain(Direction::Egress, &[a.clone()], None, None, false),
+            pod_group_chain(Direction::Egress, only_a, None, None, false),
             pod_group_chain(Direction::Ingress, &[a.clone(), b], None, None, false),
-            pod_group_chain(Direction::Ingress, &[a.clone()], Some("X"), None, false),
-            pod_group_chain(Direction::Ingress, &[a.clone()], None, Some("X"), false),
-            pod_group_chain(Direction::Ingress, &[a.clone()], None, None, true),
+            pod_group_chain(Direction::Ingress, only_a, Some("X"), None, false),
+            pod_group_chain(Direction::Ingress, only_a, None, Some("X"), false),
+            pod_group_chain(Direction::Ingress, only_a, None, None, true),
         ] {
             assert_ne!(base, other);
         }
         assert_eq!(
             base,
-            pod_group_chain(Direction::Ingress, &[a], None, None, false)
+            pod_group_chain(Direction::Ingress, only_a, None, None, false)
         );
     }
 
