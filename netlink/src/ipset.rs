@@ -35,6 +35,9 @@ const IPSET_ATTR_CIDR: u16 = 3;
 const IPSET_ATTR_PORT: u16 = 4;
 const IPSET_ATTR_PROTO: u16 = 7;
 const IPSET_ATTR_CADT_FLAGS: u16 = 8;
+/// `IPSET_ATTR_CADT_MAX + 7`: the interface of a hash:net,iface member, a
+/// NUL-terminated name.
+const IPSET_ATTR_IFACE: u16 = 23;
 /// Inside IPSET_ATTR_IP.
 const IPSET_ATTR_IPADDR_IPV4: u16 = 1;
 /// `IPSET_FLAG_NOMATCH` (bit 2 of the CADT flags).
@@ -43,8 +46,8 @@ const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
 const NFPROTO_IPV4: u8 = 2;
 const OP: &str = "changing ipset members";
 
-/// One member of a `hash:ip`, `hash:net` or `hash:ip,port` set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One member of a `hash:ip`, `hash:net`, `hash:ip,port` or `hash:net,iface` set.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Member {
     Ip(Ipv4Addr),
     Net {
@@ -57,6 +60,12 @@ pub enum Member {
         ip: Ipv4Addr,
         protocol: u8,
         port: u16,
+    },
+    /// A network on an interface (`hash:net,iface`); `iface` at most 15 bytes.
+    NetIface {
+        addr: Ipv4Addr,
+        prefix: u8,
+        iface: String,
     },
 }
 
@@ -133,6 +142,17 @@ fn request(change: &Change, seq: u32) -> Vec<u8> {
     };
     nested(&mut buf, IPSET_ATTR_DATA, |b| match change.member {
         Member::Ip(a) => ip(b, a),
+        Member::NetIface {
+            addr,
+            prefix,
+            ref iface,
+        } => {
+            ip(b, addr);
+            attr(b, IPSET_ATTR_CIDR, &[prefix]);
+            let mut name = iface.as_bytes().to_vec();
+            name.push(0);
+            attr(b, IPSET_ATTR_IFACE, &name);
+        }
         Member::Net {
             addr,
             prefix,
@@ -231,6 +251,28 @@ mod tests {
         let cidr = [5, 0, IPSET_ATTR_CIDR as u8, 0, 8];
         assert!(r.windows(5).any(|w| w == cidr));
         assert!(r.ends_with(&IPSET_FLAG_NOMATCH.to_be_bytes()));
+    }
+
+    #[test]
+    fn a_net_on_an_interface_carries_its_prefix_and_the_nul_terminated_name() {
+        let r = request(
+            &Change {
+                op: Op::Add,
+                set: "S".into(),
+                member: Member::NetIface {
+                    addr: Ipv4Addr::new(0, 0, 0, 0),
+                    prefix: 0,
+                    iface: "slc1a2b".into(),
+                },
+            },
+            1,
+        );
+        let cidr = [5, 0, IPSET_ATTR_CIDR as u8, 0, 0];
+        assert!(r.windows(5).any(|w| w == cidr));
+        // header (len 4 + 8 bytes of name with its NUL = 12), then the name.
+        let mut iface = vec![12, 0, IPSET_ATTR_IFACE as u8, 0];
+        iface.extend_from_slice(b"slc1a2b\0");
+        assert!(r.ends_with(&iface), "{r:?}");
     }
 
     #[test]

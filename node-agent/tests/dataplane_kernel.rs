@@ -935,6 +935,7 @@ fn set_members_written_over_netlink_are_what_ipset_restore_would_write() {
         sh("ipset create SLUICE-A hash:ip family inet
             ipset create SLUICE-B hash:net family inet
             ipset create SLUICE-C hash:ip,port family inet
+            ipset create SLUICE-D hash:net,iface family inet
             ipset add SLUICE-A 10.0.0.9");
         let ip = |s: &str| SetMember::Ip(s.parse().unwrap());
         let net = |s: &str, nomatch| SetMember::Net {
@@ -946,8 +947,15 @@ fn set_members_written_over_netlink_are_what_ipset_restore_would_write() {
             protocol,
             port,
         };
+        let on = |s: &str, iface| SetMember::NetIface {
+            net: s.parse().unwrap(),
+            iface: sluice_policy::compile::IfaceName::new(iface).unwrap(),
+        };
         use sluice_policy::Protocol::{Sctp, Tcp, Udp};
         let add: Vec<(String, SetMember)> = vec![
+            ("SLUICE-D".into(), on("0.0.0.0/0", "slc1a2b3c4d5e6f")),
+            ("SLUICE-D".into(), on("10.244.1.3/32", "slc1a2b3c4d5e6f")),
+            ("SLUICE-D".into(), on("10.244.0.0/16", "slx0")),
             ("SLUICE-A".into(), ip("10.0.0.1")),
             // Already there: -exist.
             ("SLUICE-A".into(), ip("10.0.0.9")),
@@ -980,14 +988,24 @@ fn set_members_written_over_netlink_are_what_ipset_restore_would_write() {
                 "add SLUICE-C 10.0.0.3,tcp:8080",
                 "add SLUICE-C 10.0.0.3,udp:53",
                 "add SLUICE-C 10.0.0.4,sctp:9",
+                "add SLUICE-D 0.0.0.0/0,slc1a2b3c4d5e6f",
+                "add SLUICE-D 10.244.0.0/16,slx0",
+                "add SLUICE-D 10.244.1.3,slc1a2b3c4d5e6f",
             ]
         );
+        // What the kernel prints back reads as what was written.
+        let saved = sluice_policy::render::ipset::parse_save(&sh("ipset save SLUICE-D"), "SLUICE-");
+        assert_eq!(saved["SLUICE-D"].members.len(), 3, "{saved:?}");
+        assert!(saved["SLUICE-D"].unreadable.is_empty(), "{saved:?}");
         // A set that does not exist is the kernel's refusal, named.
         let err = ExecRunner
             .set_members(&[("SLUICE-NONE".into(), ip("10.0.0.1"))], &[])
             .unwrap_err();
         assert!(err.to_string().contains("SLUICE-NONE"), "{err}");
-        sh("ipset destroy SLUICE-A; ipset destroy SLUICE-B; ipset destroy SLUICE-C");
+        sh(
+            "ipset destroy SLUICE-A; ipset destroy SLUICE-B; ipset destroy SLUICE-C; \
+            ipset destroy SLUICE-D",
+        );
     });
 }
 

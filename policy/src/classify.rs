@@ -8,7 +8,9 @@
 //! since the rest of the host's rules are not sluice's), interface matches with `+`
 //! wildcards, addresses, protocol and destination port, conntrack state, the
 //! packet mark (`MARK --set-xmark`), and ipset lookups: hash:ip, hash:net with the
-//! most specific entry deciding (so `nomatch` excludes), hash:ip,port. And the
+//! most specific entry deciding (so `nomatch` excludes), hash:ip,port, hash:net,iface
+//! (`src,src`: source and incoming interface; `dst,dst`: destination and outgoing
+//! interface). And the
 //! nftables form's constructs: address interval sets, (address . protocol . port)
 //! interval tuple lookups, and verdict maps (`vmap`: the element's verdict, or the
 //! next rule when there is no element; an address-keyed map by range), and the address
@@ -111,10 +113,14 @@ fn ip_protocol_number(p: Protocol) -> u8 {
     }
 }
 
+/// Whether a set holds the packet's (address, protocol, port), or, for a
+/// hash:net,iface set, its (address, interface): `iface` is the interface the
+/// lookup's direction names, `None` when the packet has none there.
 fn set_contains(
     kind: SetKind,
     members: &std::collections::BTreeSet<SetMember>,
     ip: Ipv4Addr,
+    iface: Option<&str>,
     proto: Protocol,
     port: u16,
 ) -> bool {
@@ -138,6 +144,13 @@ fn set_contains(
                 .max_by_key(|(len, _)| *len);
             matches!(best, Some((_, false)))
         }
+        // Any entry of that interface containing the address (sluice writes no
+        // `nomatch` entries into these).
+        SetKind::HashNetIface => iface.is_some_and(|iface| {
+            members.iter().any(|m| {
+                matches!(m, SetMember::NetIface { net, iface: i } if i.as_str() == iface && net.contains(&ip))
+            })
+        }),
         SetKind::AddrIntervals => members.iter().any(|m| match m {
             SetMember::Range(r) => r.contains(ip),
             SetMember::Ip(a) => *a == ip,
@@ -244,12 +257,21 @@ pub fn classify(
                             index,
                             set: name.clone(),
                         })?;
-                    let ip = match direction {
-                        SetDirection::Src => packet.src,
-                        SetDirection::Dst | SetDirection::DstDstPort => packet.dst,
+                    let (ip, iface) = match direction {
+                        SetDirection::Src => (packet.src, None),
+                        SetDirection::SrcInIface => (packet.src, packet.in_iface.as_deref()),
+                        SetDirection::Dst | SetDirection::DstDstPort => (packet.dst, None),
+                        SetDirection::DstOutIface => (packet.dst, packet.out_iface.as_deref()),
                     };
-                    set_contains(set.kind, &set.members, ip, packet.protocol, packet.dport)
-                        != *negated
+                    let hit = set_contains(
+                        set.kind,
+                        &set.members,
+                        ip,
+                        iface,
+                        packet.protocol,
+                        packet.dport,
+                    );
+                    hit != *negated
                 }
                 Match::Tuple { set, direction } => {
                     let s = ruleset
@@ -261,10 +283,12 @@ pub fn classify(
                             set: set.clone(),
                         })?;
                     let ip = match direction {
-                        SetDirection::Src => packet.src,
-                        SetDirection::Dst | SetDirection::DstDstPort => packet.dst,
+                        SetDirection::Src | SetDirection::SrcInIface => packet.src,
+                        SetDirection::Dst
+                        | SetDirection::DstDstPort
+                        | SetDirection::DstOutIface => packet.dst,
                     };
-                    set_contains(s.kind, &s.members, ip, packet.protocol, packet.dport)
+                    set_contains(s.kind, &s.members, ip, None, packet.protocol, packet.dport)
                 }
                 Match::ClassTuple { set } | Match::ClassSet { set } => {
                     let s = ruleset

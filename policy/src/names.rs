@@ -49,39 +49,60 @@ pub fn hash16(data: &[u8]) -> String {
     out
 }
 
-/// Characters that may appear verbatim in a chain name derived from an interface name.
-fn plain_iface(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-}
-
-fn iface_chain(kind: &str, veth: &str) -> String {
-    let readable = format!("{PREFIX}{kind}-{veth}");
-    if readable.len() <= MAX_CHAIN_LEN && plain_iface(veth) {
-        readable
-    } else {
-        format!("{PREFIX}{kind}-{}", hash16(veth.as_bytes()))
-    }
-}
-
-/// The per-pod ingress chain ("to workload"), named after its host-side veth when the
-/// name fits (`SLUICE-TW-slc0123abcdef01`), hashed otherwise.
-pub fn pod_ingress_chain(veth: &str) -> String {
-    iface_chain("TW", veth)
-}
-
-/// The per-pod egress chain ("from workload").
-pub fn pod_egress_chain(veth: &str) -> String {
-    iface_chain("FW", veth)
-}
-
 /// Direction of a policy chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Direction {
     Ingress,
     Egress,
+}
+
+/// The chain of a group of local pods (iptables form) whose chain of `direction`
+/// is the same: selected by the same NetworkPolicies `policies` (in key order), in
+/// the same ClusterNetworkPolicy tier group chains (`admin`, and `baseline` when no
+/// NetworkPolicy isolates them), with allowed connections logged or not
+/// (`log_allowed`): `SLUICE-TW-<hash>` ("to workload") / `SLUICE-FW-<hash>` ("from
+/// workload"). Nothing of a pod is in it, so a new pod joining an existing group
+/// adds no chain, only members of [`pod_group_set`].
+pub fn pod_group_chain(
+    direction: Direction,
+    policies: &[NamespacedName],
+    admin: Option<&str>,
+    baseline: Option<&str>,
+    log_allowed: bool,
+) -> String {
+    let kind = match direction {
+        Direction::Ingress => "TW",
+        Direction::Egress => "FW",
+    };
+    let mut key = String::from("pod-group|");
+    for p in policies {
+        push_str(&mut key, &p.namespace);
+        push_str(&mut key, &p.name);
+    }
+    for tier in [admin, baseline] {
+        key.push('|');
+        push_str(&mut key, tier.unwrap_or(""));
+    }
+    key.push_str(if log_allowed { "|log" } else { "|" });
+    format!("{PREFIX}{kind}-{}", hash16(key.as_bytes()))
+}
+
+/// The hash:net,iface set whose members are sent to the pod group chain `chain` of
+/// `direction` ([`pod_group_chain`]) by the dispatch chain: `SLUICE-TD-<hash>` /
+/// `SLUICE-FD-<hash>`.
+pub fn pod_group_set(direction: Direction, chain: &str) -> String {
+    let kind = match direction {
+        Direction::Ingress => "TD",
+        Direction::Egress => "FD",
+    };
+    format!("{PREFIX}{kind}-{}", hash16(chain.as_bytes()))
+}
+
+/// One shard of the hash:net,iface sets of every local pod's veth (any address):
+/// what the dispatch's spoofed-source drop matches, after every pod's own addresses
+/// went to its group chain. `SLUICE-POD-VETHS-<shard>`.
+pub fn pod_veths_set(shard: usize) -> String {
+    format!("{PREFIX}POD-VETHS-{shard}")
 }
 
 /// The chain holding one policy's rules for one direction, shared by every local pod
@@ -343,8 +364,16 @@ mod tests {
         let long = "x".repeat(300);
         let key = NamespacedName::new(&long, &long);
         assert!(policy_chain(&key, Direction::Ingress).len() <= MAX_CHAIN_LEN);
-        assert!(pod_ingress_chain(&long).len() <= MAX_CHAIN_LEN);
-        assert!(pod_egress_chain("slc0123456789ab").len() <= MAX_CHAIN_LEN);
+        let group = pod_group_chain(
+            Direction::Egress,
+            std::slice::from_ref(&key),
+            Some(&long),
+            None,
+            true,
+        );
+        assert!(group.len() <= MAX_CHAIN_LEN);
+        assert!(temp_set(&pod_group_set(Direction::Egress, &group)).len() <= MAX_SET_LEN);
+        assert!(temp_set(&pod_veths_set(1 << 20)).len() <= MAX_SET_LEN);
         let peer = PodPeer {
             namespaces: NamespaceScope::PolicyNamespace,
             pods: LabelSelector::from_labels([(long.clone(), long.clone())]),
@@ -373,14 +402,25 @@ mod tests {
     }
 
     #[test]
-    fn veth_names_stay_readable_and_odd_ones_are_hashed() {
+    fn a_pod_group_chain_is_named_by_every_part_of_its_key() {
+        let a = NamespacedName::new("ns", "a");
+        let b = NamespacedName::new("ns", "b");
+        let only_a = std::slice::from_ref(&a);
+        let base = pod_group_chain(Direction::Ingress, only_a, None, None, false);
+        assert!(base.starts_with("SLUICE-TW-"));
+        for other in [
+            pod_group_chain(Direction::Egress, only_a, None, None, false),
+            pod_group_chain(Direction::Ingress, &[a.clone(), b], None, None, false),
+            pod_group_chain(Direction::Ingress, only_a, Some("X"), None, false),
+            pod_group_chain(Direction::Ingress, only_a, None, Some("X"), false),
+            pod_group_chain(Direction::Ingress, only_a, None, None, true),
+        ] {
+            assert_ne!(base, other);
+        }
         assert_eq!(
-            pod_ingress_chain("slc1a2b3c4d5e6f"),
-            "SLUICE-TW-slc1a2b3c4d5e6f"
+            base,
+            pod_group_chain(Direction::Ingress, only_a, None, None, false)
         );
-        // A space or quote would break the restore text; such names get hashed.
-        let odd = pod_egress_chain("eth 0\"");
-        assert!(odd.starts_with("SLUICE-FW-") && !odd.contains(' '));
     }
 
     #[test]

@@ -5,10 +5,13 @@
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
-use sluice_policy::compile::{Ruleset, SetMember, Table, compile};
+use sluice_policy::classify::{Hook, Packet, Verdict, classify};
+use sluice_policy::compile::{
+    CtState, IfaceName, Ruleset, SetMember, Table, compile, pod_group_chain_of,
+};
 use sluice_policy::dataplane::plan::diff;
 use sluice_policy::model::*;
-use sluice_policy::names::{MAX_CHAIN_LEN, MAX_SET_LEN, PREFIX};
+use sluice_policy::names::{self, Direction, MAX_CHAIN_LEN, MAX_SET_LEN, PREFIX};
 use sluice_policy::render::{ipset, iptables};
 use sluice_policy::selector::LabelSelector;
 
@@ -214,29 +217,116 @@ fn FakeVeths_prefix(ns: &str) -> String {
 }
 
 #[test]
-fn anti_spoofing_drops_other_sources_from_a_pod_veth() {
+fn anti_spoofing_sends_only_a_pods_own_addresses_to_its_group_and_drops_the_rest() {
     let c = feature_cluster();
     let rs = compile_node(&c, "node-1");
     let pg = c.pods[&NamespacedName::new("db", "pg")].clone();
     let veth = sluice_policy::compile::InterfaceNames::host_veth(&FakeVeths, &pg);
+    let iface = IfaceName::new(&veth).unwrap();
     let from_pod = rs.chain(Table::Filter, "SLUICE-FROM-POD").unwrap();
-    let rules: Vec<String> = from_pod
-        .rules
+    // pg's egress group set holds its own address on its veth, and nothing else of it.
+    let group = pod_group_chain_of(&rs, &veth, Direction::Egress).unwrap();
+    let set = names::pod_group_set(Direction::Egress, &group.name);
+    let of_pg: Vec<SetMember> = rs.sets[&set]
+        .members
         .iter()
-        .map(iptables::rule_body)
-        .filter(|r| r.contains(&veth))
+        .filter(|m| matches!(m, SetMember::NetIface { iface: i, .. } if *i == iface))
+        .copied()
         .collect();
     assert_eq!(
-        rules,
-        [
-            format!("-s 10.244.1.3/32 -i {veth} -g SLUICE-FW-{veth}"),
-            format!(
-                "-i {veth} -m conntrack --ctstate NEW -m limit --limit 100/sec --limit-burst 100 \
-                 -j NFLOG --nflog-prefix \"slc:spoof:e\" --nflog-group 7"
-            ),
-            format!("-i {veth} -j DROP"),
-        ]
+        of_pg,
+        [SetMember::NetIface {
+            net: "10.244.1.3/32".parse().unwrap(),
+            iface
+        }]
     );
+    let bodies: Vec<String> = from_pod.rules.iter().map(iptables::rule_body).collect();
+    let dispatch = format!("-m set --match-set {set} src,src -g {}", group.name);
+    let spoof_log = "-m set --match-set SLUICE-POD-VETHS-0 src,src -m conntrack --ctstate NEW \
+                     -m limit --limit 100/sec --limit-burst 100 -j NFLOG --nflog-prefix \
+                     \"slc:spoof:e\" --nflog-group 7";
+    let spoof_drop = "-m set --match-set SLUICE-POD-VETHS-0 src,src -j DROP";
+    let at = |body: &str| bodies.iter().position(|b| b == body);
+    assert!(
+        at(&dispatch).unwrap() < at(spoof_log).unwrap(),
+        "{bodies:#?}"
+    );
+    assert_eq!(at(spoof_log).unwrap() + 1, at(spoof_drop).unwrap());
+    assert!(
+        rs.sets["SLUICE-POD-VETHS-0"]
+            .members
+            .contains(&SetMember::NetIface {
+                net: Default::default(),
+                iface
+            })
+    );
+    // And as the kernel would run it: pg's own address reaches its egress policy
+    // (DNS allowed), another source from its veth is dropped.
+    let from = |src: &str| {
+        let packet = Packet {
+            hook: Hook::Forward,
+            in_iface: Some(veth.clone()),
+            out_iface: Some("eth0".into()),
+            src: src.parse().unwrap(),
+            dst: "8.8.8.8".parse().unwrap(),
+            protocol: Protocol::Udp,
+            dport: 53,
+            ct: CtState::New,
+        };
+        classify(&rs, Table::Filter, &packet).unwrap().verdict
+    };
+    assert_eq!(from("10.244.1.3"), Verdict::Accept);
+    assert_eq!(
+        from("10.244.1.4"),
+        Verdict::Drop,
+        "cache's address, from pg's veth"
+    );
+}
+
+/// The kernel keeps at most 64 hash:net,iface members of one network in a set (it
+/// does not hash the interface): a node of 1,000 local pods in one group must not
+/// put more than that on one network in any set.
+#[test]
+fn no_interface_set_holds_more_members_of_one_network_than_the_kernel_can() {
+    let mut c = feature_cluster();
+    for i in 0..1000u32 {
+        c.add_pod(mk_pod(
+            "db",
+            &format!("many-{i}"),
+            &[("app", "pg")],
+            &format!("10.244.{}.{}", 10 + i / 250, 1 + i % 250),
+            "node-1",
+        ));
+    }
+    let rs = compile_node(&c, "node-1");
+    for set in rs.sets.values() {
+        let mut per_net = std::collections::BTreeMap::new();
+        for m in &set.members {
+            if let SetMember::NetIface { net, .. } = m {
+                *per_net.entry(*net).or_insert(0usize) += 1;
+            }
+        }
+        let most = per_net.values().max().copied().unwrap_or(0);
+        assert!(most <= 64, "{}: {most} members of one network", set.name);
+    }
+    let group = names::pod_group_set(
+        Direction::Ingress,
+        &pod_group_chain_of(&rs, &pg_veth(&c), Direction::Ingress)
+            .unwrap()
+            .name,
+    );
+    assert_eq!(
+        rs.sets[&group].members.len(),
+        1002,
+        "pg, cache and the 1,000"
+    );
+}
+
+fn pg_veth(c: &Cluster) -> String {
+    sluice_policy::compile::InterfaceNames::host_veth(
+        &FakeVeths,
+        &c.pods[&NamespacedName::new("db", "pg")],
+    )
 }
 
 /// Rule count grows with policies and local pods; pods elsewhere only add set members.
@@ -283,7 +373,7 @@ fn a_label_change_moves_set_members_and_touches_no_chain() {
 }
 
 #[test]
-fn a_pod_becoming_isolated_rewrites_its_own_chain_not_the_dispatch() {
+fn a_pod_becoming_isolated_moves_to_a_new_group_chain() {
     let old = feature_cluster();
     let mut new = old.clone();
     new.add_policy(mk_policy(
@@ -301,17 +391,28 @@ fn a_pod_becoming_isolated_rewrites_its_own_chain_not_the_dispatch() {
     let rewritten: BTreeSet<&str> = delta.rewrite[&Table::Filter]
         .iter()
         .map(|c| c.name.as_str())
-        .chain(delta.edit[&Table::Filter].iter().map(|e| e.chain.as_str()))
+        .chain(delta.edit.values().flatten().map(|e| e.chain.as_str()))
         .collect();
-    let pg_veth = sluice_policy::compile::InterfaceNames::host_veth(
-        &FakeVeths,
-        &new.pods[&NamespacedName::new("db", "pg")],
-    );
+    let veth = |pod: &str| {
+        sluice_policy::compile::InterfaceNames::host_veth(
+            &FakeVeths,
+            &new.pods[&NamespacedName::new("db", pod)],
+        )
+    };
+    let (pg_veth, cache_veth) = (veth("pg"), veth("cache"));
     let db_prefix = FakeVeths_prefix("db");
-    // pg's ingress chain, the new policy chain, and the ingress dispatch (db now has an
-    // ingress policy, so unknown db pods fail closed: one rule inserted) — nothing else.
-    assert_eq!(delta.edit[&Table::Filter][0].chain, "SLUICE-TO-POD");
-    assert!(rewritten.contains(format!("SLUICE-TW-{pg_veth}").as_str()));
+    // pg leaves the group it shared with cache for a group of its own: that group's
+    // chain, the new policy chain, and the ingress dispatch (its rule, and, db now
+    // having an ingress policy, the fail-closed drop of unknown db pods) — nothing
+    // else; cache's chain stays.
+    let pg_group = pod_group_chain_of(&b, &pg_veth, Direction::Ingress).unwrap();
+    let cache_group = pod_group_chain_of(&b, &cache_veth, Direction::Ingress).unwrap();
+    assert_eq!(
+        pod_group_chain_of(&a, &pg_veth, Direction::Ingress).unwrap(),
+        cache_group
+    );
+    assert_ne!(pg_group, cache_group);
+    assert!(rewritten.contains(pg_group.name.as_str()));
     assert!(rewritten.iter().any(|n| n.starts_with("SLUICE-PI-")));
     assert!(rewritten.contains("SLUICE-TO-POD"));
     assert_eq!(rewritten.len(), 3, "{rewritten:?}");
@@ -322,12 +423,130 @@ fn a_pod_becoming_isolated_rewrites_its_own_chain_not_the_dispatch() {
             .iter()
             .any(|r| iptables::rule_body(r) == format!("-o {db_prefix}+ -j DROP"))
     );
-    // And back: the policy chain is deleted after the chains that used it are rewritten.
+    // pg's veth left the old group's set; the new group's set is created with it.
+    let pg_own = SetMember::NetIface {
+        net: "10.244.1.3/32".parse().unwrap(),
+        iface: IfaceName::new(&pg_veth).unwrap(),
+    };
+    let old_set = names::pod_group_set(Direction::Ingress, &cache_group.name);
+    assert_eq!(delta.remove, [(old_set, pg_own)]);
+    let created: Vec<&str> = delta.create_sets.iter().map(|s| s.name.as_str()).collect();
+    let pg_set = names::pod_group_set(Direction::Ingress, &pg_group.name);
+    assert!(created.contains(&pg_set.as_str()), "{created:?}");
+    // And back: the group and policy chains are deleted after the dispatch rule that
+    // sent packets there.
     let back = diff(&b, &a);
     let text = back.iptables(Table::Filter);
     let x = text.find("-X SLUICE-PI-").expect("policy chain deleted");
-    let rewrite = text.find(&format!(":SLUICE-TW-{pg_veth}")).unwrap();
-    assert!(rewrite < x);
+    assert!(text.contains(&format!("-X {}", pg_group.name)));
+    // (rewritten, or edited in place: either way before the deletions)
+    let dispatch = text.rfind("SLUICE-TO-POD").unwrap();
+    assert!(dispatch < x, "{text}");
+}
+
+/// Issue 12: a new local pod whose chains already exist (its group's) costs set
+/// members only — no iptables-restore, so no process and no table validation.
+#[test]
+fn a_pod_joining_an_existing_group_is_set_members_only() {
+    let old = feature_cluster();
+    let mut new = old.clone();
+    // Selected as pg and cache are: the same groups in both directions.
+    new.add_pod(mk_pod(
+        "db",
+        "pg-2",
+        &[("app", "pg")],
+        "10.244.1.9",
+        "node-1",
+    ));
+    let (a, b) = (compile_node(&old, "node-1"), compile_node(&new, "node-1"));
+    let delta = diff(&a, &b);
+    assert_eq!(delta.chains_touched(), 0, "{}", delta.iptables_all());
+    assert!(delta.iptables_all().is_empty());
+    assert!(delta.tables().is_empty());
+    assert!(delta.create_sets.is_empty() && delta.retyped_sets.is_empty());
+    assert!(delta.remove.is_empty() && delta.destroy_sets.is_empty());
+    let veth = sluice_policy::compile::InterfaceNames::host_veth(
+        &FakeVeths,
+        &new.pods[&NamespacedName::new("db", "pg-2")],
+    );
+    let iface = IfaceName::new(&veth).unwrap();
+    let ingress = pod_group_chain_of(&b, &veth, Direction::Ingress).unwrap();
+    let egress = pod_group_chain_of(&b, &veth, Direction::Egress).unwrap();
+    let any = SetMember::NetIface {
+        net: Default::default(),
+        iface,
+    };
+    let own = SetMember::NetIface {
+        net: "10.244.1.9/32".parse().unwrap(),
+        iface,
+    };
+    let mut added: Vec<(String, SetMember)> = delta.add.clone();
+    added.retain(|(_, m)| matches!(m, SetMember::NetIface { .. }));
+    added.sort();
+    let mut want = vec![
+        (names::pod_group_set(Direction::Ingress, &ingress.name), own),
+        (names::pod_group_set(Direction::Egress, &egress.name), own),
+        (names::pod_veths_set(0), any),
+    ];
+    want.sort();
+    assert_eq!(added, want);
+    // The rest are the peer sets that select app=pg (db/egress's pg peer).
+    assert!(
+        delta
+            .add
+            .iter()
+            .all(|(_, m)| matches!(m, SetMember::NetIface { .. } | SetMember::Ip(_))),
+        "{:?}",
+        delta.add
+    );
+}
+
+/// A new local pod in a group no other local pod is in: its chains and sets, and
+/// the dispatch rules, in one iptables-restore of one table that deletes nothing.
+#[test]
+fn a_pod_in_a_new_group_is_one_restore_that_only_adds() {
+    let mut new = feature_cluster();
+    new.add_policy(mk_policy(
+        "db",
+        "batch-in",
+        LabelSelector::from_labels([("app", "batch")]),
+        Some(vec![rule(
+            vec![pods_in(None, LabelSelector::everything())],
+            vec![],
+        )]),
+        None,
+    ));
+    let with_policy = compile_node(&new, "node-1");
+    new.add_pod(mk_pod(
+        "db",
+        "batch",
+        &[("app", "batch")],
+        "10.244.1.9",
+        "node-1",
+    ));
+    let b = compile_node(&new, "node-1");
+    let delta = diff(&with_policy, &b);
+    assert_eq!(delta.tables(), [Table::Filter]);
+    assert!(delta.delete.values().all(Vec::is_empty));
+    for edit in delta.edit.values().flatten() {
+        assert_eq!(edit.delete, 0, "{edit:?}");
+    }
+    let veth = sluice_policy::compile::InterfaceNames::host_veth(
+        &FakeVeths,
+        &new.pods[&NamespacedName::new("db", "batch")],
+    );
+    let group = pod_group_chain_of(&b, &veth, Direction::Ingress).unwrap();
+    let rewritten: Vec<&str> = delta.rewrite[&Table::Filter]
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert!(rewritten.contains(&group.name.as_str()), "{rewritten:?}");
+    let created: Vec<&str> = delta.create_sets.iter().map(|s| s.name.as_str()).collect();
+    assert!(created.contains(&names::pod_group_set(Direction::Ingress, &group.name).as_str()));
+    // Sets come first (the rules reference them), then the one restore.
+    assert!(delta.ipset_before().contains("create "));
+    let text = delta.iptables_all();
+    assert_eq!(text.matches("COMMIT").count(), 1, "{text}");
 }
 
 #[test]

@@ -136,6 +136,10 @@ fn addr_offset(d: SetDirection) -> u32 {
     match d {
         SetDirection::Src => SADDR,
         SetDirection::Dst | SetDirection::DstDstPort => DADDR,
+        SetDirection::SrcInIface | SetDirection::DstOutIface => unreachable!(
+            "interface-keyed set lookups are the iptables dispatch's; the flat form never \
+             makes one"
+        ),
     }
 }
 

@@ -141,6 +141,11 @@ fn netlink_member(m: &SetMember) -> Option<nl::Member> {
             },
             port,
         },
+        SetMember::NetIface { net, iface } => nl::Member::NetIface {
+            addr: net.network(),
+            prefix: net.prefix_len(),
+            iface: iface.as_str().to_string(),
+        },
         SetMember::Range(_)
         | SetMember::Tuple { .. }
         | SetMember::ClassTuple { .. }

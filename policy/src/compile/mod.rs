@@ -14,14 +14,26 @@
 //! INPUT ───► SLUICE-INPUT ─(-i slc+|slx+)─► SLUICE-IN-POD
 //!              ESTABLISHED,RELATED RETURN, INVALID DROP, -j SLUICE-FROM-POD
 //!              (then back to the host's own INPUT rules)
-//! SLUICE-FROM-POD: -i <veth> -s <podIP> -g SLUICE-FW-<veth>; -i <veth> -j DROP (spoofed);
-//!                  ... one pair per local pod, then -i <nsprefix>+ -j DROP for every
-//!                  namespace with an egress policy (a pod we do not know yet).
-//! SLUICE-TO-POD:   -o <veth> -g SLUICE-TW-<veth>; ...; -o <nsprefix>+ -j DROP for every
-//!                  namespace with an ingress policy.
-//! SLUICE-TW-<veth> (isolated pod): -j SLUICE-PI-<policy>; mark? RETURN; ...; DROP
-//! SLUICE-TW-<veth> (not isolated): empty, so the pod's dispatch rule never changes
-//!                  when it becomes isolated: only its own chain is rewritten.
+//! SLUICE-FROM-POD: -m set --match-set SLUICE-FD-<group> src,src -g SLUICE-FW-<group>;
+//!                  ... one per egress group (members `<podIP>,<veth>`: a pod's own
+//!                  addresses from its veth); then log + DROP of `-m set --match-set
+//!                  SLUICE-POD-VETHS-<n> src,src` (every local veth, any address:
+//!                  spoofed; in shards of ~32 veths, see SAME_NET_PER_SET);
+//!                  then -i <nsprefix>+ -j DROP for every namespace with an egress
+//!                  policy (a pod we do not know yet).
+//! SLUICE-TO-POD:   -m set --match-set SLUICE-TD-<group> dst,dst -g SLUICE-TW-<group>;
+//!                  ... one per ingress group (members `<podIP>,<veth>`); then -o
+//!                  <nsprefix>+ -j DROP for every namespace with an ingress policy.
+//! SLUICE-TW-<group> (isolated): -j SLUICE-PI-<policy>; mark? RETURN; ...; DROP
+//! SLUICE-TW-<group> (not isolated): empty (or the Baseline tier, below).
+//!                  A group is the local pods whose chain would be the same: the same
+//!                  selecting policies, tier group chains and allow logging
+//!                  ([`names::pod_group_chain`]). A pod joining a group that exists
+//!                  is set members only: no rule, no chain, no table validation
+//!                  (nf_tables re-walks every path from the base chains when a
+//!                  transaction adds a jump). A pod becoming isolated moves to
+//!                  another group: members again, plus the group's chain and
+//!                  dispatch rule when it is the group's first pod.
 //!                  ClusterNetworkPolicy ([`tiers`]) adds `-j SLUICE-CGI-<Admin
 //!                  group>; mark? RETURN` in front, and (not isolated) `-j
 //!                  SLUICE-CGI-<Baseline group>` in place of nothing.
@@ -38,9 +50,10 @@
 //! set contents instead.
 //!
 //! Decisions, and why:
-//! - Rule count is O(policies selecting local pods + local pods): peers are ipsets, so
-//!   a pod joining a peer is one set member, and a policy's chain is shared by all the
-//!   local pods it selects (kube-router's pods × policies blow-up is what this avoids).
+//! - Rule count is O(policies selecting local pods + groups of local pods): peers are
+//!   ipsets, so a pod joining a peer is one set member, a policy's chain is shared by
+//!   all the local pods it selects (kube-router's pods × policies blow-up is what this
+//!   avoids), and so is a group's chain, dispatched to by a hash:net,iface set.
 //! - Named ports resolve per destination pod through one hash:ip,port set per
 //!   (name, protocol), keyed by the destination address, so policy chains stay shared
 //!   even when the name means a different number on each pod.
@@ -84,8 +97,8 @@ use members::{Index, ip_block_members, v4, v4_excepts};
 
 // The model's types, reachable here too: the compiler's output is spelled in them.
 pub use crate::dataplane::{
-    BuiltinJump, Chain, CtState, Interface, InterfaceNames, IpSet, MARK_ALLOW, MARK_MASK, Match,
-    Rule, Ruleset, SetDirection, SetKind, SetMember, Table, Target,
+    BuiltinJump, Chain, CtState, IfaceName, Interface, InterfaceNames, IpSet, MARK_ALLOW,
+    MARK_MASK, Match, Rule, Ruleset, SetDirection, SetKind, SetMember, Table, Target,
 };
 
 /// A name the caller handed in that would break the restore text or the kernel.
@@ -394,18 +407,19 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    /// A pod's chain for one direction: the Admin tier's group chain first (an
-    /// Accept there returns, allowed); then, isolated → each selecting policy in key
-    /// order, returning as soon as one allowed, and DROP when none did; not isolated
-    /// → the Baseline tier's group chain, else nothing (RETURN, allowed).
-    fn pod_chain(
+    /// The group chain of `pod` for one direction, built on the group's first pod:
+    /// pods whose chain would be the same share it ([`names::pod_group_chain`]).
+    /// The Admin tier's group chain first (an Accept there returns, allowed); then,
+    /// isolated → each selecting policy in key order, returning as soon as one
+    /// allowed, and DROP when none did; not isolated → the Baseline tier's group
+    /// chain, else nothing (RETURN, allowed).
+    fn pod_group(
         &mut self,
-        name: String,
         pod: &Pod,
         selected: &Selected<'_>,
         policies: &[&NetworkPolicy],
         dir: Direction,
-    ) -> Chain {
+    ) -> String {
         let admin = self.tier_group(Tier::Admin, selected, dir);
         let baseline = if policies.is_empty() {
             self.tier_group(Tier::Baseline, selected, dir)
@@ -415,6 +429,17 @@ impl<'a> Compiler<'a> {
         // An opted-in pod's allows go through the direction's allow log chain in
         // place of the return; nobody else's path gains a rule.
         let allowed = self.allowed_target(pod, selected, dir);
+        let keys: Vec<_> = policies.iter().map(|p| p.key()).collect();
+        let name = names::pod_group_chain(
+            dir,
+            &keys,
+            admin.as_deref(),
+            baseline.as_deref(),
+            allowed != Target::Return,
+        );
+        if self.ruleset.chain(Table::Filter, &name).is_some() {
+            return name;
+        }
         let mut rules = Vec::new();
         if let Some(admin) = admin {
             rules.push(jump_rule(&admin));
@@ -433,12 +458,13 @@ impl<'a> Compiler<'a> {
                 rules.push(Rule::new(vec![], Target::Jump(chain_name)));
                 rules.push(Rule::new(vec![mark_is_allow()], allowed.clone()));
             }
+            // Named by the group chain, which is what `deny_policies` maps to the
+            // policies isolating every pod of the group.
             let tag = DenyTag::new(DenyReason::Isolated, dir, Some(name.clone()));
             rules.extend(deny_log::deny(vec![], &tag));
-            self.ruleset.deny_policies.insert(
-                name.clone(),
-                policies.iter().map(|p| p.key().to_string()).collect(),
-            );
+            self.ruleset
+                .deny_policies
+                .insert(name.clone(), keys.iter().map(|k| k.to_string()).collect());
         } else {
             if let Some(baseline) = baseline {
                 // Deny drops in there; Accept, Pass and no match fall off: allowed.
@@ -448,7 +474,14 @@ impl<'a> Compiler<'a> {
                 rules.push(Rule::new(vec![], allowed));
             }
         }
-        Chain { name, rules }
+        self.ruleset.add_chain(
+            Table::Filter,
+            Chain {
+                name: name.clone(),
+                rules,
+            },
+        );
+        name
     }
 
     /// How `pod`'s chain of `dir` lets an allowed connection go: `return`, or, when
@@ -557,10 +590,10 @@ fn compile_with(
 /// The rules of the two dispatch chains, built up pod by pod.
 #[derive(Default)]
 pub(crate) struct Dispatch {
-    /// `SLUICE-FROM-POD`: per pod, its addresses to its egress chain, then a drop of
-    /// anything else from its veth (spoofed sources).
+    /// `SLUICE-FROM-POD`: local pods' own addresses from their veths to their egress
+    /// chains, then a drop of anything else from those veths (spoofed sources).
     pub(crate) from_pod: Vec<Rule>,
-    /// `SLUICE-TO-POD`: per pod, its veth to its ingress chain.
+    /// `SLUICE-TO-POD`: local pods' veths to their ingress chains.
     pub(crate) to_pod: Vec<Rule>,
 }
 
@@ -580,55 +613,156 @@ impl Dispatch {
     }
 }
 
+/// The iptables dispatch by group, gathered pod by pod: each group chain's
+/// hash:net,iface members, and every local pod's veth.
+#[derive(Default)]
+struct Groups {
+    /// Ingress group chain → `<pod address>,<veth>` of each of its pods' addresses.
+    ingress: BTreeMap<String, BTreeSet<SetMember>>,
+    /// Egress group chain → the same, the pod's own addresses on its veth.
+    egress: BTreeMap<String, BTreeSet<SetMember>>,
+    /// Every local pod's veth.
+    veths: Vec<IfaceName>,
+}
+
+/// At most this many members of one hash:net,iface set share a network: the kernel
+/// hashes the address and prefix but not the interface, so `0.0.0.0/0` on every veth
+/// lands in one bucket, which holds 64 (`ipset add` answers "Hash is full" at the
+/// 65th). Half of that, so a shard's share of a hash split stays clear of it.
+const SAME_NET_PER_SET: usize = 32;
+
+/// The shard of the local veth set ([`names::pod_veths_set`]) `veth` goes to, of
+/// `shards` (a power of two).
+fn veth_shard(veth: &IfaceName, shards: usize) -> usize {
+    let h = names::hash16(veth.as_str().as_bytes());
+    usize::from_str_radix(&h[..8], 16).unwrap_or(0) & (shards - 1)
+}
+
 impl Compiler<'_> {
-    /// Step 1: every local pod gets its two chains (and the policy chains they jump
-    /// to) and its dispatch rules.
+    /// Step 1: every local pod joins its group chain of each direction (built, with
+    /// the policy chains it jumps to, by the group's first pod); then one dispatch
+    /// rule per group, matching the group's set.
     fn local_pods(
         &mut self,
         node: &str,
         ifaces: &dyn InterfaceNames,
         dispatch: &mut Dispatch,
     ) -> Result<(), CompileError> {
+        let mut groups = Groups::default();
         for (pod, veth) in local_pod_veths(self.index.cluster, node, ifaces)? {
-            self.local_pod(pod, &veth, dispatch);
+            self.local_pod(pod, &veth, &mut groups);
         }
+        self.group_dispatch(groups, dispatch);
         Ok(())
     }
 
-    fn local_pod(&mut self, pod: &Pod, veth: &str, dispatch: &mut Dispatch) {
+    fn local_pod(&mut self, pod: &Pod, veth: &str, groups: &mut Groups) {
         let selected = incremental::selected(&mut self.cache, self.index.cluster, pod);
         let ingress = selected.policies(Direction::Ingress);
         let egress = selected.policies(Direction::Egress);
-        let tw = names::pod_ingress_chain(veth);
-        let fw = names::pod_egress_chain(veth);
-        let tw_chain = self.pod_chain(tw.clone(), pod, &selected, &ingress, Direction::Ingress);
-        let fw_chain = self.pod_chain(fw.clone(), pod, &selected, &egress, Direction::Egress);
-        self.ruleset.add_chain(Table::Filter, tw_chain);
-        self.ruleset.add_chain(Table::Filter, fw_chain);
+        let tw = self.pod_group(pod, &selected, &ingress, Direction::Ingress);
+        let fw = self.pod_group(pod, &selected, &egress, Direction::Egress);
 
-        let iface = Interface::exact(veth);
-        dispatch.to_pod.push(Rule::new(
-            vec![Match::OutInterface(iface.clone())],
-            Target::Goto(tw),
-        ));
-        // Anti-spoofing: only the pod's own addresses may leave its veth.
-        for ip in pod.ips.iter().filter_map(v4) {
-            dispatch.from_pod.push(Rule::new(
-                vec![
-                    Match::InInterface(iface.clone()),
-                    Match::Source {
-                        net: Ipv4Net::from(ip),
-                        negated: false,
-                    },
-                ],
-                Target::Goto(fw.clone()),
-            ));
+        let iface = IfaceName::new(veth).expect("local_pod_veths checked the name");
+        groups.veths.push(iface);
+        // Only the pod's own addresses: to them out of its veth (what its /32 route
+        // sends there), from them in from its veth (anti-spoofing).
+        let own: BTreeSet<SetMember> = pod
+            .ips
+            .iter()
+            .filter_map(v4)
+            .map(|ip| SetMember::NetIface {
+                net: Ipv4Net::from(ip),
+                iface,
+            })
+            .collect();
+        groups
+            .ingress
+            .entry(tw)
+            .or_default()
+            .extend(own.iter().copied());
+        groups.egress.entry(fw).or_default().extend(own);
+    }
+
+    /// The dispatch rules and sets of the groups: `-m set --match-set <group set>
+    /// dst,dst -g <group chain>` per ingress group, the same with `src,src` per
+    /// egress group, then the spoofed-source drop of every local veth. A pod joining
+    /// a group that exists changes set members only, never a rule.
+    fn group_dispatch(&mut self, groups: Groups, dispatch: &mut Dispatch) {
+        let lookup = |name: &str, direction| Match::Set {
+            name: name.to_string(),
+            direction,
+            negated: false,
+        };
+        for (dir, members) in [
+            (Direction::Ingress, groups.ingress),
+            (Direction::Egress, groups.egress),
+        ] {
+            for (chain, members) in members {
+                let set = names::pod_group_set(dir, &chain);
+                let (rules, set_dir) = match dir {
+                    Direction::Ingress => (&mut dispatch.to_pod, SetDirection::DstOutIface),
+                    Direction::Egress => (&mut dispatch.from_pod, SetDirection::SrcInIface),
+                };
+                rules.push(Rule::new(vec![lookup(&set, set_dir)], Target::Goto(chain)));
+                self.add_set(set, SetKind::HashNetIface, members);
+            }
+        }
+        // Anything else from a known veth is spoofed. Its set holds `0.0.0.0/0` per
+        // veth, so it is split in shards of about SAME_NET_PER_SET veths (a power of
+        // two, by a hash of the name: a new pod lands in a shard that exists unless
+        // the count doubles).
+        let shards = groups
+            .veths
+            .len()
+            .div_ceil(SAME_NET_PER_SET)
+            .next_power_of_two();
+        let mut sharded: BTreeMap<usize, BTreeSet<SetMember>> = BTreeMap::new();
+        for veth in groups.veths {
+            sharded
+                .entry(veth_shard(&veth, shards))
+                .or_default()
+                .insert(SetMember::NetIface {
+                    net: Ipv4Net::default(),
+                    iface: veth,
+                });
         }
         let spoofed = DenyTag::new(DenyReason::Spoofed, Direction::Egress, None);
-        dispatch
-            .from_pod
-            .extend(deny_log::deny(vec![Match::InInterface(iface)], &spoofed));
+        for (shard, members) in sharded {
+            let set = names::pod_veths_set(shard);
+            dispatch.from_pod.extend(deny_log::deny(
+                vec![lookup(&set, SetDirection::SrcInIface)],
+                &spoofed,
+            ));
+            self.add_set(set, SetKind::HashNetIface, members);
+        }
     }
+}
+
+/// The group chain (iptables form) the dispatch chain of `dir` sends the packets of
+/// the local pod on `veth` to: the goto of the rule whose set holds the veth.
+pub fn pod_group_chain_of<'r>(rs: &'r Ruleset, veth: &str, dir: Direction) -> Option<&'r Chain> {
+    let dispatch = match dir {
+        Direction::Ingress => names::CHAIN_TO_POD,
+        Direction::Egress => names::CHAIN_FROM_POD,
+    };
+    rs.chain(Table::Filter, dispatch)?
+        .rules
+        .iter()
+        .find_map(|rule| {
+            let (Some(Match::Set { name, .. }), Target::Goto(chain)) =
+                (rule.matches.first(), &rule.target)
+            else {
+                return None;
+            };
+            let set = rs.sets.get(name)?;
+            let member = set
+                .members
+                .iter()
+                .any(|m| matches!(m, SetMember::NetIface { iface, .. } if iface.as_str() == veth));
+            member.then_some(chain)
+        })
+        .and_then(|chain| rs.chain(Table::Filter, chain))
 }
 
 /// The local pods of `node` (non-hostNetwork, `spec.nodeName` is `node`) with their

@@ -3,7 +3,7 @@
 //! isolates the pod in that direction (`evaluate.rs` is the meaning).
 //!
 //! ```text
-//! SLUICE-TW-<veth>:  -j SLUICE-CGI-<admin group>
+//! SLUICE-TW-<group>: -j SLUICE-CGI-<admin group>
 //!                    -m mark --mark ALLOW -j RETURN         (an Admin Accept)
 //!                    NetworkPolicy part as before (isolated), else
 //!                    -j SLUICE-CGI-<baseline group>         (then fall off: allowed)
@@ -360,12 +360,17 @@ mod tests {
     fn pods_selected_by_the_same_cluster_policies_share_their_chains() {
         let rs = compile(&cluster_with_admin(2), "n1", &Veths).unwrap();
         let group = |veth: &str| {
-            rs.chain(Table::Filter, &names::pod_ingress_chain(veth))
+            crate::compile::pod_group_chain_of(&rs, veth, Direction::Ingress)
                 .unwrap()
                 .rules
                 .clone()
         };
         assert_eq!(group("slca"), group("slcb"));
+        let pod_groups = rs.tables[&Table::Filter]
+            .keys()
+            .filter(|c| c.starts_with("SLUICE-TW-"))
+            .count();
+        assert_eq!(pod_groups, 1, "one ingress group chain for both pods");
         let groups = rs.tables[&Table::Filter]
             .keys()
             .filter(|c| c.starts_with("SLUICE-CGI-"))
@@ -393,8 +398,7 @@ mod tests {
     fn admin_policies_cost_three_rules_each_and_a_walk_linear_in_them() {
         let count = |n: usize| {
             let rs = compile(&cluster_with_admin(n), "n1", &Veths).unwrap();
-            let pod_chain = rs
-                .chain(Table::Filter, &names::pod_ingress_chain("slca"))
+            let pod_chain = crate::compile::pod_group_chain_of(&rs, "slca", Direction::Ingress)
                 .unwrap()
                 .rules
                 .len();

@@ -126,6 +126,12 @@ pub enum SetDirection {
     Dst,
     /// Destination address and destination port (hash:ip,port).
     DstDstPort,
+    /// iptables only: source address and incoming interface (hash:net,iface,
+    /// `src,src`).
+    SrcInIface,
+    /// iptables only: destination address and outgoing interface (hash:net,iface,
+    /// `dst,dst`).
+    DstOutIface,
 }
 
 /// Conntrack states sluice matches on.
@@ -264,6 +270,9 @@ pub enum SetKind {
     HashNet,
     /// `hash:ip,port`: named ports resolved per pod.
     HashIpPort,
+    /// `hash:net,iface` of [`SetMember::NetIface`]s: the iptables dispatch of a group
+    /// of local pods (their veths, with the addresses they may use).
+    HashNetIface,
     /// nftables only: `type ipv4_addr; flags interval` of [`SetMember::Range`]s,
     /// disjoint.
     AddrIntervals,
@@ -291,6 +300,13 @@ pub enum SetMember {
         protocol: Protocol,
         port: u16,
     },
+    /// A network on one interface (hash:net,iface): a packet matches with its
+    /// address in `net` and its interface (incoming or outgoing, as the lookup's
+    /// [`SetDirection`] says) named `iface`.
+    NetIface {
+        net: Ipv4Net,
+        iface: IfaceName,
+    },
     /// An inclusive address range (nftables interval sets).
     Range(AddrRange),
     /// Addresses × protocol × inclusive port range (nftables tuple sets).
@@ -307,6 +323,48 @@ pub enum SetMember {
     },
     /// An inclusive range of address classes.
     Classes(ClassRange),
+}
+
+/// A Linux interface name held by value (at most `IFNAMSIZ - 1` bytes), so that a
+/// [`SetMember`] naming one stays `Copy` like the others.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IfaceName {
+    // NUL-padded: byte order is the names' order.
+    bytes: [u8; 15],
+    len: u8,
+}
+
+impl IfaceName {
+    /// `None` for a name the kernel would refuse as too long, or an empty one.
+    pub fn new(name: &str) -> Option<Self> {
+        let len = name.len();
+        if len == 0 || len > 15 || name.as_bytes().contains(&0) {
+            return None;
+        }
+        let mut bytes = [0; 15];
+        bytes[..len].copy_from_slice(name.as_bytes());
+        Some(IfaceName {
+            bytes,
+            len: len as u8,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Built from a `&str` only, cut at its own length.
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for IfaceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl std::fmt::Display for IfaceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An inclusive range of address class ids ([`MARK_CLASS_MASK`] bits).

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use crate::dataplane::{IpSet, Ruleset, SetKind, SetMember};
+use crate::dataplane::{IfaceName, IpSet, Ruleset, SetKind, SetMember};
 use crate::model::Protocol;
 use crate::names;
 
@@ -23,6 +23,7 @@ pub fn kind_text(kind: SetKind) -> &'static str {
         SetKind::HashIp => "hash:ip",
         SetKind::HashNet => "hash:net",
         SetKind::HashIpPort => "hash:ip,port",
+        SetKind::HashNetIface => "hash:net,iface",
         SetKind::AddrIntervals
         | SetKind::AddrProtoPortIntervals
         | SetKind::ClassProtoPortIntervals
@@ -61,6 +62,11 @@ pub fn member_text(member: &SetMember) -> String {
             };
             format!("{ip},{p}:{port}")
         }
+        // `ipset save` prints a /32 as the bare address; `add` takes either.
+        SetMember::NetIface { net, iface } if net.prefix_len() == 32 => {
+            format!("{},{iface}", net.addr())
+        }
+        SetMember::NetIface { net, iface } => format!("{net},{iface}"),
         SetMember::Range(_)
         | SetMember::Tuple { .. }
         | SetMember::ClassTuple { .. }
@@ -95,9 +101,14 @@ pub fn render(ruleset: &Ruleset) -> String {
 
 /// The set type `ipset` calls `text`, when sluice creates that type.
 pub fn parse_kind(text: &str) -> Option<SetKind> {
-    [SetKind::HashIp, SetKind::HashNet, SetKind::HashIpPort]
-        .into_iter()
-        .find(|k| kind_text(*k) == text)
+    [
+        SetKind::HashIp,
+        SetKind::HashNet,
+        SetKind::HashIpPort,
+        SetKind::HashNetIface,
+    ]
+    .into_iter()
+    .find(|k| kind_text(*k) == text)
 }
 
 /// A member as `ipset save` prints it for a set of `kind` (a hash:net member of /32
@@ -106,16 +117,20 @@ pub fn parse_member(kind: SetKind, text: &str) -> Option<SetMember> {
     let mut words = text.split_whitespace();
     let first = words.next()?;
     let flags: Vec<&str> = words.collect();
+    let net = |text: &str| match text.parse::<ipnet::Ipv4Net>() {
+        Ok(n) => Some(n),
+        Err(_) => text
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+            .map(ipnet::Ipv4Net::from),
+    };
     match kind {
         SetKind::HashIp => flags
             .is_empty()
             .then(|| first.parse().ok().map(SetMember::Ip))
             .flatten(),
         SetKind::HashNet => {
-            let net = match first.parse::<ipnet::Ipv4Net>() {
-                Ok(n) => n,
-                Err(_) => ipnet::Ipv4Net::from(first.parse::<std::net::Ipv4Addr>().ok()?),
-            };
+            let net = net(first)?;
             let nomatch = match flags.as_slice() {
                 [] => false,
                 ["nomatch"] => true,
@@ -137,6 +152,14 @@ pub fn parse_member(kind: SetKind, text: &str) -> Option<SetMember> {
                 ip: ip.parse().ok()?,
                 protocol,
                 port: port.parse().ok()?,
+            })
+        }
+        SetKind::HashNetIface => {
+            let (addr, iface) = first.split_once(',')?;
+            flags.is_empty().then_some(())?;
+            Some(SetMember::NetIface {
+                net: net(addr)?,
+                iface: IfaceName::new(iface)?,
             })
         }
         // ipset has no such type: nothing it prints is one of these.

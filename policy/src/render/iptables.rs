@@ -97,7 +97,8 @@ pub fn rule_parts(rule: &Rule) -> (String, String) {
                 let dir = match direction {
                     SetDirection::Src => "src",
                     SetDirection::Dst => "dst",
-                    SetDirection::DstDstPort => "dst,dst",
+                    SetDirection::DstDstPort | SetDirection::DstOutIface => "dst,dst",
+                    SetDirection::SrcInIface => "src,src",
                 };
                 let not = if *negated { "! " } else { "" };
                 rest.push(format!("-m set {not}--match-set {name} {dir}"));

@@ -593,6 +593,9 @@ pub fn set_decl_of(kind: SetKind) -> String {
         SetKind::HashIpPort | SetKind::AddrProtoPortIntervals => set_decl(TUPLE_TYPE, true),
         SetKind::ClassProtoPortIntervals => set_decl(CLASS_TUPLE_TYPE, true),
         SetKind::ClassIntervals => set_decl("mark", true),
+        SetKind::HashNetIface => {
+            unreachable!("hash:net,iface is the iptables dispatch's; the flat form never makes one")
+        }
     }
 }
 
@@ -867,6 +870,10 @@ fn addr_field(direction: SetDirection) -> &'static str {
     match direction {
         SetDirection::Src => "ip saddr",
         SetDirection::Dst | SetDirection::DstDstPort => "ip daddr",
+        SetDirection::SrcInIface | SetDirection::DstOutIface => unreachable!(
+            "interface-keyed set lookups are the iptables dispatch's; the flat form never \
+             makes one"
+        ),
     }
 }
 
