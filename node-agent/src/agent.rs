@@ -94,19 +94,58 @@ pub struct Loop<P, N> {
 pub struct EnforcementTracker {
     pending: BTreeMap<NamespacedName, Instant>,
     enforced: BTreeSet<NamespacedName>,
+    /// A snapshot was observed before: the pods of the first one were there before
+    /// this agent started, so none of them is new.
+    started: bool,
+}
+
+/// What [`EnforcementTracker::observe`] found in one snapshot.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// Local pods whose policy is not applied yet.
+    pub waiting: usize,
+    /// Pods new since the last snapshot that the CNI plugin never reported: their
+    /// address came from the datastore, and they waited for it fail-closed.
+    pub unreported: Vec<NamespacedName>,
 }
 
 impl EnforcementTracker {
-    /// Note the local pods of a new snapshot; returns how many wait for an apply.
-    pub fn observe(&mut self, local: &BTreeSet<NamespacedName>, now: Instant) -> usize {
+    /// Note the local pods of a new snapshot and the ones the CNI plugin reported
+    /// (node-local API). A pod's wait starts at its report, else at its first sight.
+    pub fn observe(
+        &mut self,
+        local: &BTreeSet<NamespacedName>,
+        reported: &BTreeMap<NamespacedName, Instant>,
+        now: Instant,
+    ) -> Observed {
         self.enforced.retain(|p| local.contains(p));
         self.pending.retain(|p, _| local.contains(p));
+        let mut unreported = Vec::new();
         for p in local {
-            if !self.enforced.contains(p) {
-                self.pending.entry(p.clone()).or_insert(now);
+            if self.enforced.contains(p) {
+                continue;
+            }
+            let report = reported.get(p).copied();
+            match self.pending.entry(p.clone()) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(report.map_or(now, |at| at.min(now)));
+                    if report.is_none() && self.started {
+                        unreported.push(p.clone());
+                    }
+                }
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    if let Some(at) = report {
+                        let t = e.get_mut();
+                        *t = (*t).min(at);
+                    }
+                }
             }
         }
-        self.pending.len()
+        self.started = true;
+        Observed {
+            waiting: self.pending.len(),
+            unreported,
+        }
     }
 
     /// An apply covering `local` succeeded: every pending pod is now enforced.
@@ -129,15 +168,6 @@ impl EnforcementTracker {
                 Some((p, now.saturating_duration_since(t)))
             })
             .collect()
-    }
-
-    /// Pods the CNI plugin reported (node-local API): their wait starts at the report.
-    pub fn reported(&mut self, reported: &BTreeMap<NamespacedName, Instant>) {
-        for (p, at) in reported {
-            if let Some(t) = self.pending.get_mut(p) {
-                *t = (*t).min(*at);
-            }
-        }
     }
 
     pub fn pending(&self) -> usize {
@@ -177,9 +207,17 @@ impl<P: PolicyDataplane, N: NodeNetwork> Loop<P, N> {
         for w in &desired.warnings {
             tracing::warn!("{w}");
         }
-        let waiting = tracker.observe(&desired.local_pods, started);
-        tracker.reported(&snap.reported);
-        self.metrics.pods_waiting_for_policy.set(waiting as i64);
+        let observed = tracker.observe(&desired.local_pods, &snap.reported, started);
+        for pod in &observed.unreported {
+            // The plugin gave up on its report (REPORT_TIMEOUT) or could not reach
+            // this agent: the pod waited for the datastore, on a cluster until
+            // kubelet wrote its status.
+            self.metrics.pods_without_report.inc();
+            tracing::debug!(%pod, "new local pod first seen in the datastore, without a report from the CNI plugin");
+        }
+        self.metrics
+            .pods_waiting_for_policy
+            .set(observed.waiting as i64);
         self.metrics
             .rejected_policies
             .set(snap.cluster.rejected_policies.len() as i64);
@@ -503,26 +541,74 @@ mod tests {
     #[test]
     fn tracker_measures_from_first_sight_to_apply() {
         let mut t = EnforcementTracker::default();
+        let none = BTreeMap::new();
         let t0 = Instant::now();
         let local: BTreeSet<_> = [key("a")].into();
-        assert_eq!(t.observe(&local, t0), 1);
+        let first = t.observe(&local, &none, t0);
+        // The first snapshot's pods were there before the agent: none is counted as
+        // unreported.
+        assert_eq!(
+            first,
+            Observed {
+                waiting: 1,
+                unreported: vec![]
+            }
+        );
         // Seen again before an apply: the clock does not restart.
-        assert_eq!(t.observe(&local, t0 + Duration::from_millis(50)), 1);
+        assert_eq!(
+            t.observe(&local, &none, t0 + Duration::from_millis(50))
+                .waiting,
+            1
+        );
         let done = t.applied(&local, t0 + Duration::from_millis(80));
         assert_eq!(done, vec![(key("a"), Duration::from_millis(80))]);
         assert_eq!(t.pending(), 0);
         // Already enforced pods are not pending again.
-        assert_eq!(t.observe(&local, t0 + Duration::from_secs(1)), 0);
-        // A pod the plugin reported is measured from its report.
+        assert_eq!(
+            t.observe(&local, &none, t0 + Duration::from_secs(1))
+                .waiting,
+            0
+        );
+        // A pod the plugin reported is measured from its report, and is not
+        // unreported.
         let b: BTreeSet<_> = [key("a"), key("b")].into();
         let t1 = t0 + Duration::from_secs(2);
-        t.observe(&b, t1 + Duration::from_millis(50));
-        t.reported(&[(key("b"), t1)].into());
+        let seen = t.observe(&b, &[(key("b"), t1)].into(), t1 + Duration::from_millis(50));
+        assert_eq!(
+            seen,
+            Observed {
+                waiting: 1,
+                unreported: vec![]
+            }
+        );
         let done = t.applied(&b, t1 + Duration::from_millis(60));
         assert_eq!(done, vec![(key("b"), Duration::from_millis(60))]);
+        // A pod first seen without a report is counted once, and measured from its
+        // first sight; a report that comes later still moves its start back.
+        let c: BTreeSet<_> = [key("a"), key("b"), key("c")].into();
+        let t2 = t0 + Duration::from_secs(3);
+        let seen = t.observe(&c, &none, t2);
+        assert_eq!(
+            seen,
+            Observed {
+                waiting: 1,
+                unreported: vec![key("c")]
+            }
+        );
+        let late = [(key("c"), t2 - Duration::from_millis(5))].into();
+        let seen = t.observe(&c, &late, t2 + Duration::from_millis(10));
+        assert_eq!(
+            seen,
+            Observed {
+                waiting: 1,
+                unreported: vec![]
+            }
+        );
+        let done = t.applied(&c, t2 + Duration::from_millis(20));
+        assert_eq!(done, vec![(key("c"), Duration::from_millis(25))]);
         // A pod that left and came back (new incarnation) is measured again.
-        t.observe(&BTreeSet::new(), t0);
-        assert_eq!(t.observe(&local, t0), 1);
+        t.observe(&BTreeSet::new(), &none, t0);
+        assert_eq!(t.observe(&local, &none, t0).waiting, 1);
     }
 }
 

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub rules_programmed: Gauge,
     pub set_members_programmed: Gauge,
     pub pods_waiting_for_policy: Gauge,
+    pub pods_without_report: Counter,
     pub routes_programmed: Gauge,
     pub rejected_policies: Gauge,
     pub blocks_claimed: Counter,
@@ -69,6 +70,7 @@ impl Metrics {
             rules_programmed: Gauge::default(),
             set_members_programmed: Gauge::default(),
             pods_waiting_for_policy: Gauge::default(),
+            pods_without_report: Counter::default(),
             routes_programmed: Gauge::default(),
             rejected_policies: Gauge::default(),
             blocks_claimed: Counter::default(),
@@ -117,6 +119,11 @@ impl Metrics {
             "pods_waiting_for_policy",
             "Local pods with an address whose policy is not applied yet (held fail-closed)",
             m.pods_waiting_for_policy.clone(),
+        );
+        registry.register(
+            "pods_without_report",
+            "New local pods first seen with an address in the datastore, without a report from the CNI plugin (the plugin gave up on it or could not reach the agent): each waited fail-closed for the datastore. Pods already there when the agent started are not counted",
+            m.pods_without_report.clone(),
         );
         registry.register(
             "routes_programmed",

@@ -13,7 +13,9 @@
 # address, to its policy applied), its compile times, full and incremental, and from
 # its log the split of each reported pod's wait (the report's overlay; queued until
 # its sync starts, the overlay and any sync in flight included; compile; dataplane
-# apply; total = report → applied; then what the sync did after: flows, routes).
+# apply; total = report → applied; then what the sync did after: flows, routes), all
+# over the measured pods only, and how many of them the agent saw without a report
+# (pods_without_report_total: they waited for the datastore).
 #
 #   sudo tests/e2e/measure-add-to-connect.sh [path/to/sluicectl] [pods]   (default: target/debug, 50)
 #
@@ -102,9 +104,7 @@ YAML
         m=$(metrics "$ns" | awk '/^sluice_agent_set_members_programmed /{print $2}')
         echo "node-1 programs ${r:-?} rules, ${m:-?} set members"
     fi
-    metrics "$ns" > "$tmp/m0"
     local log="/run/sluice-lab/$name/logs/agent-node-1.log"
-    local log0; log0=$(wc -l < "$log")
     : > "$tmp/ms_apply"; : > "$tmp/ms_add"; late=0
     local cnilog="/run/sluice-lab/$name/nodes/node-1/var/log/sluice/cni.log"
     # A first server pod shows node-1's block; each measured pod then asks for an
@@ -114,6 +114,10 @@ YAML
     local block
     block=$("$S" lab apply --name "$name" -f "$tmp/p.yaml" | sed -n 's/.*created on node-1 with \([0-9]*\.[0-9]*\.[0-9]*\)\.[0-9]*.*/\1/p')
     [ -n "$block" ] || { echo "no address for server-0" >&2; exit 1; }
+    # The agent's figures cover the measured pods only: server-0 (the first pod of its
+    # group, applied and settled above) is before the first scrape.
+    metrics "$ns" > "$tmp/m0"
+    local log0; log0=$(wc -l < "$log")
     for i in $(seq "$N"); do
         local addr="$block.$((100 + i))"
         printf 'apiVersion: v1\nkind: Pod\nmetadata: {name: server-%s, namespace: bench, labels: {app: server}, annotations: {sluice.dev/ip-addrs: '"'"'["%s"]'"'"'}}\nspec: {nodeName: node-1, containers: [{name: c, ports: [{containerPort: 80}]}]}\n' "$i" "$addr" > "$tmp/p.yaml"
@@ -136,15 +140,19 @@ YAML
         [ -n "$ta" ] && awk -v a="$ta" -v c="$t2" 'BEGIN{printf "%.1f\n", c/1e6 - a*1000}' >> "$tmp/ms_add"
     done
     metrics "$ns" > "$tmp/m1"
+    local pid
+    pid=$(pgrep -f -- "sluice-agent run --node-name node-1 .*/sluice-lab/$name/" | head -1)
     echo "== dataplane $dp, scale: $SCALE, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "ADD return → first allowed connection over $N pods (cross-node, policy in the namespace):"
     echo "  from ADD's return as the plugin logged it (to the millisecond; $(wc -l < "$tmp/ms_add") pods, prober late for $late):"
     echo "    p50 $(pct 50 < "$tmp/ms_add") ms, p99 $(pct 99 < "$tmp/ms_add") ms, max $(pct 100 < "$tmp/ms_add") ms"
     echo "  from apply's start (includes the ADD itself and the lab's bookkeeping):"
     echo "    p50 $(pct 50 < "$tmp/ms_apply") ms, p99 $(pct 99 < "$tmp/ms_apply") ms, max $(pct 100 < "$tmp/ms_apply") ms"
-    echo "agent on node-1, over the same pods:"
+    echo "agent on node-1, over the same pods (memory now: $(awk '/^VmRSS|^VmHWM/{printf "%s %.1f MiB ", $1, $2/1024}' "/proc/$pid/status" 2>/dev/null)):"
     local a=sluice_agent_add_to_enforced_seconds c=sluice_agent_compile_duration_seconds
     echo "  add_to_enforced_seconds: $(hist_sum "$tmp/m0" "$tmp/m1" "${a}_count" "${a}_sum") (p50 $(hist_pct "$tmp/m0" "$tmp/m1" $a 50), p99 $(hist_pct "$tmp/m0" "$tmp/m1" $a 99), bucket bounds)"
+    local u=sluice_agent_pods_without_report_total
+    echo "  pods_without_report_total: $(( $(awk -v m=$u '$1==m{print $2}' "$tmp/m1") - $(awk -v m=$u '$1==m{print $2}' "$tmp/m0") )) (pods that waited for the datastore: the plugin's report did not reach the agent)"
     for kind in incremental full; do
         echo "  compile_duration_seconds{compile=\"$kind\"}: $(hist_sum "$tmp/m0" "$tmp/m1" "${c}_count{compile=\"$kind\"}" "${c}_sum{compile=\"$kind\"}")"
     done
