@@ -29,3 +29,11 @@ pub mod kernel;
 pub mod mtu;
 pub mod routes;
 pub mod tunnel;
+
+/// The agent's allocator, for everything that links it (the binary, its tests and
+/// the sync bench, so that a bench figure is the agent's). A compile allocates and
+/// frees a node's worth of small objects every sync; in a long-running agent glibc's
+/// malloc spent a third of a new pod's compile in `_int_malloc` sorting its bins
+/// (`node-agent/BENCH.md`, "Session 9: the agent's allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
