@@ -399,12 +399,13 @@ type Namer = tokio::sync::watch::Sender<Option<Naming>>;
 /// of a 10,000-pod cluster took 13 ms a sync (load 25), which a pod reported during
 /// the sync waited for. The latest apply's wins; one overtaken is never set. The task
 /// ends with the loop (the sender dropped).
-/// CPU-bound work of the loop (the compile: tens of milliseconds at 10,000 pods,
-/// hundreds on a stress node) run with the worker handed back to the runtime, so the
+/// CPU-bound work on the async side (the loop's compile: tens of milliseconds at
+/// 10,000 pods, hundreds on a stress node; the report overlay's copy of the
+/// snapshot) run with the worker handed back to the runtime, so the
 /// node-local API keeps answering meanwhile: the plugin gives a report 5 ms, and a
 /// report not answered in time is lost (the pod then waits for the datastore). On a
 /// current-thread runtime (tests) it runs in place.
-fn off_the_workers<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn off_the_workers<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),

@@ -262,8 +262,28 @@ pub async fn overlay(
             api.metrics.local_reports_pending.set(0);
         } else if let Some(snap) = latest {
             let now = Instant::now();
-            let (merged, outcomes) = api.reports().overlay(&snap, &node, now, grace);
-            let fresh = api.reports().newest().filter(|at| *at > last_read);
+            // Laid over outside the lock: a report arriving meanwhile is answered at
+            // once (the plugin waits 5 ms at most) and wakes the next round.
+            // The copy and the comparison of 10,000 pods run off the async workers,
+            // which answer the plugin's reports.
+            let seen = api.reports().clone();
+            let (merged, outcomes) = crate::agent::off_the_workers(|| {
+                let (merged, outcomes) = seen.overlay(&snap, &node, now, grace);
+                let merged = match merged {
+                    // No report applies: the datastore's snapshot itself, as above.
+                    std::borrow::Cow::Borrowed(_) => {
+                        let same = out.borrow().as_ref().is_some_and(|o| Arc::ptr_eq(o, &snap));
+                        (!same).then(|| snap.clone())
+                    }
+                    std::borrow::Cow::Owned(merged) => {
+                        let changed = out.borrow().as_deref() != Some(&merged);
+                        changed.then(|| Arc::new(merged))
+                    }
+                };
+                (merged, outcomes)
+            });
+            api.reports().settle(&seen, &outcomes);
+            let fresh = seen.newest().filter(|at| *at > last_read);
             last_read = now;
             for (pod, o) in &outcomes {
                 match o {
@@ -279,17 +299,6 @@ pub async fn overlay(
             api.metrics
                 .local_reports_pending
                 .set(api.reports().len() as i64);
-            let merged = match merged {
-                // No report applies: the datastore's snapshot itself, as above.
-                std::borrow::Cow::Borrowed(_) => {
-                    let same = out.borrow().as_ref().is_some_and(|o| Arc::ptr_eq(o, &snap));
-                    (!same).then(|| snap.clone())
-                }
-                std::borrow::Cow::Owned(merged) => {
-                    let changed = out.borrow().as_deref() != Some(&merged);
-                    changed.then(|| Arc::new(merged))
-                }
-            };
             if let Some(m) = merged
                 && out.send(Some(m)).is_err()
             {

@@ -42,7 +42,7 @@ pub enum Outcome {
     Expired,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Reports {
     by_pod: BTreeMap<NamespacedName, Reported>,
 }
@@ -89,12 +89,14 @@ impl Reports {
         self.by_pod.values().map(|r| r.at + grace).min()
     }
 
-    /// `snap` with the reports laid over it; confirmed and expired reports are
-    /// dropped from `self`. Returns each report's outcome. `snap` itself (borrowed)
-    /// when no report applies: a copy of 10,000 pods per report would cost more than
-    /// the incremental compile that follows.
+    /// `snap` with the reports laid over it, and each report's outcome. Pure: the
+    /// caller lays a copy of the reports over the snapshot outside their lock (a
+    /// report arriving meanwhile must not wait for a copy of 10,000 pods: the plugin
+    /// gives up after 5 ms), then [`Reports::settle`]s the outcomes. `snap` itself
+    /// (borrowed) when no report applies: a copy of 10,000 pods per report would cost
+    /// more than the incremental compile that follows.
     pub fn overlay<'s>(
-        &mut self,
+        &self,
         snap: &'s Snapshot,
         node: &str,
         now: Instant,
@@ -102,7 +104,7 @@ impl Reports {
     ) -> (Cow<'s, Snapshot>, Vec<(NamespacedName, Outcome)>) {
         let mut out = Cow::Borrowed(snap);
         let mut outcomes = Vec::new();
-        self.by_pod.retain(|key, r| {
+        for (key, r) in &self.by_pod {
             let addr = IpAddr::V4(r.attachment.address);
             let outcome = match snap.cluster.pods.get(key) {
                 Some(p) if p.ips.contains(&addr) => Outcome::Confirmed,
@@ -119,9 +121,21 @@ impl Reports {
                 _ => Outcome::Waiting,
             };
             outcomes.push((key.clone(), outcome));
-            matches!(outcome, Outcome::Applied | Outcome::Waiting)
-        });
+        }
         (out, outcomes)
+    }
+
+    /// Drop the reports an overlay of `seen` (a copy of these reports) confirmed or
+    /// expired, but not one that a newer report of the same pod replaced since.
+    pub fn settle(&mut self, seen: &Reports, outcomes: &[(NamespacedName, Outcome)]) {
+        for (key, outcome) in outcomes {
+            if matches!(outcome, Outcome::Confirmed | Outcome::Expired)
+                && seen.by_pod.contains_key(key)
+                && self.by_pod.get(key) == seen.by_pod.get(key)
+            {
+                self.by_pod.remove(key);
+            }
+        }
     }
 }
 
@@ -180,6 +194,7 @@ mod tests {
         // kubelet caught up: the datastore is the truth and the report is done.
         let (_, o) = r.overlay(&snap(&[("web", Some("10.244.1.5"))]), "node-1", t0, grace);
         assert_eq!(o, vec![(key("web"), Outcome::Confirmed)]);
+        r.settle(&r.clone(), &o);
         assert!(r.is_empty());
     }
 
@@ -200,6 +215,41 @@ mod tests {
         let later = t0 + Duration::from_millis(150);
         let (_, o) = r.overlay(&snap(&[("ghost", None)]), "node-1", later, grace);
         assert_eq!(o, vec![(key("ghost"), Outcome::Expired)]);
+        r.settle(&r.clone(), &o);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_report_that_came_during_an_overlay_outlives_the_one_it_replaced() {
+        let t0 = Instant::now();
+        let mut r = Reports::default();
+        r.attach(attachment("web", "10.244.1.5"), t0);
+        r.attach(attachment("db", "10.244.1.6"), t0);
+        let seen = r.clone();
+        let s = snap(&[("web", Some("10.244.1.5")), ("db", None)]);
+        let (_, o) = seen.overlay(&s, "node-1", t0, DEFAULT_GRACE);
+        assert_eq!(
+            o,
+            vec![
+                (key("db"), Outcome::Applied),
+                (key("web"), Outcome::Confirmed)
+            ]
+        );
+        // While the overlay ran, web's pod got a new sandbox and reported again.
+        let t1 = t0 + Duration::from_millis(3);
+        r.attach(attachment("web", "10.244.1.7"), t1);
+        r.settle(&seen, &o);
+        assert_eq!(
+            r.len(),
+            2,
+            "the new report stays, and so does db's applied one"
+        );
+        assert_eq!(r.newest(), Some(t1));
+        // Settled against the copy it was taken from, a confirmed report goes.
+        let seen = r.clone();
+        let s = snap(&[("web", Some("10.244.1.7")), ("db", Some("10.244.1.6"))]);
+        let (_, o) = seen.overlay(&s, "node-1", t1, DEFAULT_GRACE);
+        r.settle(&seen, &o);
         assert!(r.is_empty());
     }
 
