@@ -262,10 +262,10 @@ pub async fn overlay(
             api.metrics.local_reports_pending.set(0);
         } else if let Some(snap) = latest {
             let now = Instant::now();
-            // Laid over outside the lock: a report arriving meanwhile is answered at
-            // once (the plugin waits 5 ms at most) and wakes the next round.
-            // The copy and the comparison of 10,000 pods run off the async workers,
-            // which answer the plugin's reports.
+            // A copy of the reports is laid over outside their lock, and the copy and
+            // comparison of 10,000 pods run off the async workers: a report arriving
+            // meanwhile is answered at once (the plugin waits 5 ms at most) and
+            // wakes the next round.
             let seen = api.reports().clone();
             let (merged, outcomes) = crate::agent::off_the_workers(|| {
                 let (merged, outcomes) = seen.overlay(&snap, &node, now, grace);
