@@ -723,6 +723,52 @@ mod loop_tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_pod_the_plugin_never_reported_is_counted_once() {
+        let f = start();
+        let without = |n: usize| {
+            f.metrics
+                .encode()
+                .contains(&format!("sluice_agent_pods_without_report_total {n}"))
+        };
+        // The first snapshot's pod was there before the agent: not counted.
+        f.tx.send(Some(Arc::new(snapshot()))).unwrap();
+        settle().await;
+        assert!(without(0), "{}", f.metrics.encode());
+        let with = |pods: &[(&str, &str)], reported: &[&str]| {
+            let mut s = snapshot();
+            for (name, ip) in pods {
+                let text = format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: prod}}\n\
+                     spec: {{nodeName: node-1, containers: [{{name: c, image: x}}]}}\n\
+                     status: {{podIP: {ip}}}\n"
+                );
+                let conv = convert(&parse_manifest_text("t", &text).unwrap());
+                s.cluster.pods.extend(conv.cluster.pods);
+            }
+            for name in reported {
+                s.reported
+                    .insert(NamespacedName::new("prod", *name), Instant::now());
+            }
+            s
+        };
+        // A pod with an address and no report: it came from the datastore.
+        let quiet = [("quiet", "10.244.1.11")];
+        f.tx.send(Some(Arc::new(with(&quiet, &[])))).unwrap();
+        settle().await;
+        assert!(without(1), "{}", f.metrics.encode());
+        // A reported pod is not counted, and the first one is not counted again.
+        let both = [("quiet", "10.244.1.11"), ("told", "10.244.1.12")];
+        f.tx.send(Some(Arc::new(with(&both, &["told"])))).unwrap();
+        settle().await;
+        assert!(without(1), "{}", f.metrics.encode());
+        assert!(
+            f.metrics
+                .encode()
+                .contains("sluice_agent_add_to_enforced_seconds_count 3")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pod_reported_during_the_coalescing_pause_ends_it() {
         // Pause and resync longer than any test: only the report can start a sync.
         let hour = Duration::from_secs(3600);
