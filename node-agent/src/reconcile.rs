@@ -39,7 +39,8 @@ pub struct Desired {
     pub blocks: Vec<BlockRoute>,
     /// Pods on other nodes whose address lies in none of their node's blocks
     /// (`sluice.dev/ip-addrs-no-ipam`), each as a /32 owned by the pod's node.
-    pub pod_routes: Vec<BlockRoute>,
+    /// Shared with the compiler's memo while unchanged.
+    pub pod_routes: std::sync::Arc<Vec<BlockRoute>>,
     /// This node's blocks, ascending; tunl0 gets IPAM's tunnel address of the first.
     pub own_blocks: Vec<Ipv4Net>,
     /// This node's address, when known.

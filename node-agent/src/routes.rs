@@ -27,6 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
@@ -137,7 +138,7 @@ pub fn off_block_pods(
     blocks: &BTreeMap<Ipv4Net, String>,
     local_node: &str,
     node_ips: &BTreeMap<&str, Ipv4Addr>,
-) -> Vec<BlockOwner> {
+) -> Arc<Vec<BlockOwner>> {
     let mut memo = OffBlockPods::default();
     memo.update(None, cluster, blocks, local_node, node_ips)
 }
@@ -158,6 +159,10 @@ pub struct OffBlockPods {
     inputs: Option<OffBlockInputs>,
     /// Each off-block /32, the nodes whose pods hold it and how many.
     by_block: BTreeMap<Ipv4Net, BTreeMap<String, usize>>,
+    /// The routes as last returned: shared, not rebuilt, while no pod with an
+    /// off-block address changed (thousands of them cost more to list again than
+    /// the rest of a new pod's compile).
+    routes: Option<Arc<Vec<BlockOwner>>>,
 }
 
 impl OffBlockPods {
@@ -170,7 +175,7 @@ impl OffBlockPods {
         blocks: &BTreeMap<Ipv4Net, String>,
         local_node: &str,
         node_ips: &BTreeMap<&str, Ipv4Addr>,
-    ) -> Vec<BlockOwner> {
+    ) -> Arc<Vec<BlockOwner>> {
         // Each node's blocks, once: this runs over every pod of the cluster on a
         // full update, and every block for every pod is 10,000 × 100 checks.
         let mut blocks_of: BTreeMap<&str, Vec<Ipv4Net>> = BTreeMap::new();
@@ -190,7 +195,12 @@ impl OffBlockPods {
         match prev.filter(|_| same_inputs) {
             Some(prev) => {
                 for (old, new) in sluice_policy::compile::incremental::changed_pods(prev, cluster) {
-                    if let Some((block, node)) = old.and_then(route) {
+                    let (old, new) = (old.and_then(route), new.and_then(route));
+                    if old == new {
+                        continue;
+                    }
+                    self.routes = None;
+                    if let Some((block, node)) = old {
                         let nodes = self.by_block.entry(block).or_default();
                         if let Some(n) = nodes.get_mut(node) {
                             *n -= 1;
@@ -202,7 +212,7 @@ impl OffBlockPods {
                             self.by_block.remove(&block);
                         }
                     }
-                    if let Some((block, node)) = new.and_then(route) {
+                    if let Some((block, node)) = new {
                         *self
                             .by_block
                             .entry(block)
@@ -213,6 +223,7 @@ impl OffBlockPods {
                 }
             }
             None => {
+                self.routes = None;
                 self.by_block.clear();
                 for p in cluster.pods.values() {
                     if let Some((block, node)) = route(p) {
@@ -236,17 +247,24 @@ impl OffBlockPods {
         }
         // One route per address: the first node by name when two nodes' pods
         // claim it (a stale object).
-        self.by_block
-            .iter()
-            .filter_map(|(block, nodes)| {
-                let node = nodes.keys().next()?;
-                Some(BlockOwner {
-                    node: node.clone(),
-                    node_ip: node_ips[node.as_str()],
-                    block: *block,
-                })
+        let by_block = &self.by_block;
+        self.routes
+            .get_or_insert_with(|| {
+                Arc::new(
+                    by_block
+                        .iter()
+                        .filter_map(|(block, nodes)| {
+                            let node = nodes.keys().next()?;
+                            Some(BlockOwner {
+                                node: node.clone(),
+                                node_ip: node_ips[node.as_str()],
+                                block: *block,
+                            })
+                        })
+                        .collect(),
+                )
             })
-            .collect()
+            .clone()
     }
 }
 
@@ -608,6 +626,13 @@ mod tests {
                 ("b", "node-3", "10.244.2.200"),
                 ("c", "node-3", "192.0.2.7"),
             ],
+            // Only an in-block pod arrives: the routes are the last ones, shared.
+            vec![
+                ("a", "node-2", "192.0.2.7"),
+                ("b", "node-3", "10.244.2.200"),
+                ("c", "node-3", "192.0.2.7"),
+                ("e", "node-2", "10.244.2.10"),
+            ],
             vec![
                 ("a", "node-2", "10.244.2.9"),
                 ("b", "node-3", "10.244.2.200"),
@@ -626,6 +651,7 @@ mod tests {
         ];
         let mut kept = OffBlockPods::default();
         let mut prev: Option<sluice_policy::Cluster> = None;
+        let mut last: Option<Arc<Vec<BlockOwner>>> = None;
         for (i, step) in steps.iter().enumerate() {
             let c = cluster_of(step);
             let got = kept.update(prev.as_ref(), &c, &blocks, "node-1", &node_ips);
@@ -634,6 +660,13 @@ mod tests {
                 off_block_pods(&c, &blocks, "node-1", &node_ips),
                 "step {i}"
             );
+            let shared = last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &got));
+            assert_eq!(
+                shared,
+                i == 2,
+                "step {i}: routes shared only while unchanged"
+            );
+            last = Some(got);
             prev = Some(c);
         }
         // New inputs (another block owner) walk the pods again.
