@@ -130,7 +130,6 @@ impl Reports {
     pub fn settle(&mut self, seen: &Reports, outcomes: &[(NamespacedName, Outcome)]) {
         for (key, outcome) in outcomes {
             if matches!(outcome, Outcome::Confirmed | Outcome::Expired)
-                && seen.by_pod.contains_key(key)
                 && self.by_pod.get(key) == seen.by_pod.get(key)
             {
                 self.by_pod.remove(key);
